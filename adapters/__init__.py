@@ -1,0 +1,2 @@
+"""Adapters between the ledger and payment providers (Lemon Squeezy lives in
+``adapters.lemonsqueezy``)."""

@@ -1,0 +1,431 @@
+"""The application layer: an eventsourcing application holding every ledger
+aggregate, and the engine that runs commands against it.
+
+A unit of work loads the accounts a batch touches, runs each command in memory
+(checking invariants after each), then saves every new event in one
+transaction. Idempotency is optimistic: the happy path never looks a key up; a
+reused key shows up as a clash on the key's ``CommandRecord`` (or as a business
+error), and only then is the record read and its first receipt returned.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+from uuid import UUID
+
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.persistence import IntegrityError, JSONTranscoder
+from eventsourcing.utils import Environment
+
+from ._clock import Clock
+from ._domain import (
+    CommandRecord,
+    CreditAccount,
+    Reservation,
+    account_id_for,
+    entry_id_for,
+    record_id_for,
+    reservation_id_for,
+)
+from ._errors import (
+    BatchRejected,
+    ConcurrencyExhausted,
+    IdempotencyConflict,
+    InvalidArgument,
+    LedgerError,
+    ReservationClosed,
+    UnknownAccount,
+    UnknownReservation,
+)
+from ._transcoding import BlockAsDict, HoldAsDict
+from ._types import (
+    AdjustCredits,
+    AnyCommand,
+    CreditKind,
+    GrantCredits,
+    Receipt,
+    ReleaseReservation,
+    ReserveCredits,
+    SettleReservation,
+    SpendCredits,
+)
+
+T = TypeVar("T")
+
+MAX_BATCH_COMMANDS = 10_000
+MAX_ATTEMPTS = 16
+SNAPSHOT_INTERVAL_EVENTS = 100
+ACCOUNT_CACHE_SIZE = 10_000
+
+
+class LedgerApplication(Application[UUID]):
+    """Event store, snapshots and repository for every ledger aggregate."""
+
+    name = "ledger"
+    snapshotting_intervals = {CreditAccount: SNAPSHOT_INTERVAL_EVENTS}
+
+    def construct_env(self, name: str, env: Any = None) -> Environment:
+        # Only the settings the ledger was opened with: a library must not be
+        # steered by whatever eventsourcing variables the host process exports.
+        settings = dict(env or {})
+        settings["IS_SNAPSHOTTING_ENABLED"] = "y"
+        return Environment(name, settings)
+
+    def register_transcodings(self, transcoder: JSONTranscoder) -> None:
+        super().register_transcodings(transcoder)
+        transcoder.register(BlockAsDict())
+        transcoder.register(HoldAsDict())
+
+
+def get_or_none(app: LedgerApplication, aggregate_id: UUID, cls: type[T]) -> T | None:
+    try:
+        aggregate = app.repository.get(aggregate_id)
+    except AggregateNotFoundError:
+        return None
+    if not isinstance(aggregate, cls):
+        return None
+    return aggregate
+
+
+class _Unit:
+    """One attempt at a batch: in-memory aggregates and the receipts so far."""
+
+    def __init__(self, app: LedgerApplication, now: datetime) -> None:
+        self.app = app
+        self.now = now
+        self.accounts: dict[UUID, CreditAccount] = {}
+        self.new_reservations: dict[UUID, Reservation] = {}
+        self.records: dict[str, CommandRecord] = {}
+        self.missing: set[UUID] = set()
+
+    def account(self, user_id: UUID, *, open_missing: bool = False) -> CreditAccount:
+        account = self.accounts.get(user_id)
+        if account is not None:
+            return account
+        account_id = account_id_for(user_id)
+        if user_id not in self.missing:
+            try:
+                account = self.app.repository.get(account_id)
+            except AggregateNotFoundError:
+                self.missing.add(user_id)
+        if account is None:
+            if not open_missing:
+                raise UnknownAccount(user_id)
+            account = CreditAccount._create(
+                CreditAccount.Opened, id=account_id, user_id=user_id, timestamp=self.now
+            )
+            self.missing.discard(user_id)
+        assert isinstance(account, CreditAccount)
+        account.apply_due(self.now)
+        self.accounts[user_id] = account
+        return account
+
+    def owner_of(self, reservation_id: UUID, hint: UUID | None) -> UUID:
+        if hint is not None:
+            return hint
+        new = self.new_reservations.get(reservation_id)
+        if new is not None:
+            return new.user_id
+        reservation = get_or_none(self.app, reservation_id, Reservation)
+        if reservation is None:
+            raise UnknownReservation(reservation_id)
+        return reservation.user_id
+
+    def closed_status(self, account: CreditAccount, reservation_id: UUID) -> ReservationClosed | UnknownReservation:
+        """Why a hold is not open on ``account``: closed before, or never there."""
+        for event in account.pending_events:
+            closed = getattr(event, "reservation_id", None) == reservation_id
+            if closed and isinstance(event, CreditAccount.Settled):
+                return ReservationClosed(reservation_id, "settled")
+            if closed and isinstance(event, CreditAccount.Released):
+                return ReservationClosed(reservation_id, "released")
+        reservation = get_or_none(self.app, reservation_id, Reservation)
+        if reservation is not None and reservation.user_id == account.user_id:
+            return ReservationClosed(reservation_id, reservation.status)
+        return UnknownReservation(reservation_id, account.user_id)
+
+    def run(self, command: AnyCommand) -> Receipt:
+        if isinstance(command, GrantCredits):
+            return self._grant(command)
+        if isinstance(command, SpendCredits):
+            return self._spend(command)
+        if isinstance(command, ReserveCredits):
+            return self._reserve(command)
+        if isinstance(command, SettleReservation | ReleaseReservation):
+            return self._close(command)
+        if isinstance(command, AdjustCredits):
+            return self._adjust(command)
+        raise InvalidArgument(f"not a ledger command: {type(command).__name__}")
+
+    def _grant(self, c: GrantCredits) -> Receipt:
+        account = self.account(c.user_id, open_missing=True)
+        entry_id = entry_id_for(c.key)
+        account.grant(
+            entry_id=entry_id,
+            amount=c.amount_credits,
+            kind=c.kind,
+            description=c.description,
+            reference_type=c.reference_type,
+            reference_id=c.reference_id,
+            expires_at=c.expires_at,
+            actor=c.actor,
+            key=c.key,
+            now=self.now,
+        )
+        return self._done(c, account, amount=c.amount_credits, entry_id=entry_id)
+
+    def _spend(self, c: SpendCredits) -> Receipt:
+        account = self.account(c.user_id)
+        entry_id = entry_id_for(c.key)
+        account.debit(
+            entry_id=entry_id,
+            amount=c.amount_credits,
+            kind=c.kind,
+            description=c.description,
+            reference_type=c.reference_type,
+            reference_id=c.reference_id,
+            actor=None,
+            key=c.key,
+            now=self.now,
+        )
+        return self._done(c, account, amount=-c.amount_credits, entry_id=entry_id)
+
+    def _adjust(self, c: AdjustCredits) -> Receipt:
+        account = self.account(c.user_id, open_missing=c.delta_credits > 0)
+        entry_id = entry_id_for(c.key)
+        common = dict(
+            entry_id=entry_id,
+            amount=abs(c.delta_credits),
+            kind=CreditKind.ADMIN_ADJUSTMENT,
+            description=c.reason,
+            reference_type=None,
+            reference_id=None,
+            actor=c.actor,
+            key=c.key,
+            now=self.now,
+        )
+        if c.delta_credits > 0:
+            account.grant(expires_at=None, **common)  # type: ignore[arg-type]
+        else:
+            account.debit(**common)  # type: ignore[arg-type]
+        return self._done(c, account, amount=c.delta_credits, entry_id=entry_id)
+
+    def _reserve(self, c: ReserveCredits) -> Receipt:
+        account = self.account(c.user_id)
+        reservation_id = reservation_id_for(c.key)
+        account.reserve(
+            reservation_id=reservation_id,
+            job_id=c.job_id,
+            amount=c.amount_credits,
+            expires_at=c.expires_at,
+            key=c.key,
+            now=self.now,
+        )
+        return self._done(c, account, amount=0, reservation_id=reservation_id)
+
+    def _close(self, c: SettleReservation | ReleaseReservation) -> Receipt:
+        account = self.account(self.owner_of(c.reservation_id, c.user_id))
+        if str(c.reservation_id) not in account.holds:
+            raise self.closed_status(account, c.reservation_id)
+        if isinstance(c, SettleReservation):
+            entry_id = entry_id_for(c.key)
+            account.settle(
+                reservation_id=c.reservation_id, entry_id=entry_id, actual=c.actual_credits, key=c.key, now=self.now
+            )
+            return self._done(c, account, amount=-c.actual_credits, entry_id=entry_id, reservation_id=c.reservation_id)
+        account.release(reservation_id=c.reservation_id, reason=c.reason, key=c.key, now=self.now)
+        return self._done(c, account, amount=0, reservation_id=c.reservation_id)
+
+    def _done(
+        self,
+        c: AnyCommand,
+        account: CreditAccount,
+        *,
+        amount: int,
+        entry_id: UUID | None = None,
+        reservation_id: UUID | None = None,
+    ) -> Receipt:
+        account.apply_due(self.now)
+        account.check_invariants()
+        receipt = Receipt(
+            key=c.key,
+            command=c.name,
+            user_id=account.user_id,
+            entry_id=entry_id,
+            reservation_id=reservation_id,
+            amount_credits=amount,
+            balance_credits=account.balance,
+            held_credits=account.held,
+            available_credits=account.available,
+            recorded_at=self.now,
+        )
+        self.records[c.key] = CommandRecord._create(
+            CommandRecord.Recorded,
+            id=record_id_for(c.key),
+            key=c.key,
+            command=c.name,
+            fingerprint=c.fingerprint(),
+            receipt=receipt.model_dump(mode="json"),
+            timestamp=self.now,
+        )
+        return receipt
+
+    def sweep(self, user_id: UUID) -> None:
+        """Loads an account so its due holds and lapsed blocks are recorded."""
+        account = self.account(user_id)
+        account.check_invariants()
+
+    def pending(self) -> list[Any]:
+        """Everything to save: accounts, the reservation records their events
+        imply, and the command records. One transaction."""
+        objs: list[Any] = list(self.accounts.values())
+        closes: list[Any] = []
+        for account in self.accounts.values():
+            for event in account.pending_events:
+                if isinstance(event, CreditAccount.Reserved):
+                    self.new_reservations[event.reservation_id] = Reservation._create(
+                        Reservation.Reserved,
+                        id=event.reservation_id,
+                        user_id=account.user_id,
+                        job_id=event.job_id,
+                        amount=event.amount,
+                        expires_at=event.expires_at,
+                        timestamp=event.timestamp,
+                    )
+                elif isinstance(event, CreditAccount.Settled | CreditAccount.Released):
+                    closes.append(self._close_event(event))
+        objs.extend(self.new_reservations.values())
+        objs.extend(e for e in closes if e is not None)
+        objs.extend(self.records.values())
+        return objs
+
+    def _close_event(self, event: CreditAccount.Settled | CreditAccount.Released) -> Any:
+        settled = isinstance(event, CreditAccount.Settled)
+        fields = dict(
+            status="settled" if settled else "released",
+            settled_credits=event.amount if settled else None,
+            release_reason=None if settled else event.reason,
+            timestamp=event.timestamp,
+        )
+        new = self.new_reservations.get(event.reservation_id)
+        if new is not None:
+            new.trigger_event(Reservation.Closed, **fields)
+            return None
+        # The account says the hold was open, so its reservation is at version 1:
+        # its close is version 2, and a second close clashes in the event store.
+        return Reservation.Closed(originator_id=event.reservation_id, originator_version=2, **fields)
+
+
+class Engine:
+    """Runs batches of commands with idempotency and bounded retries."""
+
+    def __init__(self, app: LedgerApplication, clock: Clock, *, max_attempts: int = MAX_ATTEMPTS) -> None:
+        if not 1 <= max_attempts <= 100:
+            raise InvalidArgument(f"max_attempts must be within 1..100, got {max_attempts}")
+        self.app = app
+        self.clock = clock
+        self.max_attempts = max_attempts
+
+    def find_record(self, key: str) -> CommandRecord | None:
+        return get_or_none(self.app, record_id_for(key), CommandRecord)
+
+    @staticmethod
+    def replay(record: CommandRecord, command: AnyCommand) -> Receipt:
+        if record.fingerprint != command.fingerprint():
+            raise IdempotencyConflict(command.key, record.command, command.name)
+        return Receipt.model_validate({**record.receipt, "replayed": True})
+
+    def execute(self, commands: Sequence[AnyCommand]) -> list[Receipt]:
+        if not commands:
+            return []
+        if len(commands) > MAX_BATCH_COMMANDS:
+            raise InvalidArgument(f"a batch holds at most {MAX_BATCH_COMMANDS} commands, got {len(commands)}")
+        single = len(commands) == 1
+        first_by_key: dict[str, AnyCommand] = {}
+        for c in commands:
+            first = first_by_key.setdefault(c.key, c)
+            if first.fingerprint() != c.fingerprint():
+                raise IdempotencyConflict(c.key, first.name, c.name)
+        known: dict[str, CommandRecord] = {}
+        if not single:
+            # A batch is often a re-run (the monthly renewal after a crash), so
+            # look its keys up once rather than fail and retry.
+            known = self._find_records(first_by_key)
+        for attempt in range(self.max_attempts):
+            unit = _Unit(self.app, self.clock.now())
+            try:
+                receipts = self._run(unit, commands, known)
+            except _Failed as failed:
+                record = self.find_record(failed.command.key) if failed.command.key not in known else None
+                if record is not None:
+                    known[failed.command.key] = record
+                    continue
+                if single:
+                    raise failed.cause from None
+                raise BatchRejected(failed.index, failed.cause) from None
+            try:
+                self.app.save(*unit.pending())
+            except IntegrityError:
+                # A concurrent writer moved an account on, or a key was used
+                # meanwhile: learn which keys now exist, then reload and re-run.
+                known.update(self._find_records({k: c for k, c in first_by_key.items() if k not in known}))
+                time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+                continue
+            return receipts
+        raise ConcurrencyExhausted(self.max_attempts)
+
+    def _find_records(self, by_key: dict[str, AnyCommand]) -> dict[str, CommandRecord]:
+        found = {}
+        for key in by_key:
+            record = self.find_record(key)
+            if record is not None:
+                found[key] = record
+        return found
+
+    def _run(self, unit: _Unit, commands: Sequence[AnyCommand], known: dict[str, CommandRecord]) -> list[Receipt]:
+        receipts: list[Receipt] = []
+        done: dict[str, Receipt] = {}
+        for index, command in enumerate(commands):
+            try:
+                if command.key in known:
+                    receipts.append(self.replay(known[command.key], command))
+                elif command.key in done:
+                    receipts.append(done[command.key].model_copy(update={"replayed": True}))
+                else:
+                    done[command.key] = unit.run(command)
+                    receipts.append(done[command.key])
+            except LedgerError as exc:
+                raise _Failed(index, command, exc) from exc
+        return receipts
+
+    def sweep(self, user_ids: Iterable[UUID], now: datetime) -> int:
+        """Records due hold releases and block expiries for these accounts in
+        one transaction; returns how many events that recorded."""
+        ids = list(user_ids)
+        if len(ids) > MAX_BATCH_COMMANDS:
+            raise InvalidArgument(f"a sweep batch holds at most {MAX_BATCH_COMMANDS} accounts")
+        for _ in range(self.max_attempts):
+            unit = _Unit(self.app, now)
+            for user_id in ids:
+                unit.sweep(user_id)
+            objs = unit.pending()
+            count = sum(len(a.pending_events) for a in unit.accounts.values())
+            if count == 0:
+                return 0
+            try:
+                self.app.save(*objs)
+            except IntegrityError:
+                continue
+            return count
+        raise ConcurrencyExhausted(self.max_attempts)
+
+
+class _Failed(Exception):
+    def __init__(self, index: int, command: AnyCommand, cause: LedgerError) -> None:
+        self.index = index
+        self.command = command
+        self.cause = cause

@@ -1,0 +1,284 @@
+"""The public facade: ``Ledger``, opened from a URL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import psycopg
+from psycopg import sql
+
+from ._app import MAX_BATCH_COMMANDS, Engine, LedgerApplication, get_or_none
+from ._clock import Clock, SystemClock, require_utc
+from ._domain import CreditAccount, Reservation, account_id_for
+from ._errors import ConfigurationError, InvalidArgument, UnknownAccount, UnknownReservation
+from ._storage import StoreConfig, parse_url
+from ._types import (
+    AccountEvent,
+    AdjustCredits,
+    AnyCommand,
+    Balance,
+    CreditBlock,
+    CreditKind,
+    GrantCredits,
+    Receipt,
+    ReleaseReservation,
+    ReserveCredits,
+    SettleReservation,
+    SpendCredits,
+    check_uuid,
+)
+from ._types import Reservation as ReservationView
+
+DEFAULT_URL = "sqlite:///pingvas-ledger.sqlite3"
+MAX_HISTORY_PAGE = 10_000
+SWEEP_PAGE = 1_000
+
+
+class Ledger:
+    """An event-sourced credit ledger.
+
+    >>> from uuid import UUID
+    >>> ledger = Ledger("memory://")
+    >>> alice = UUID(int=1)
+    >>> ledger.grant(alice, 100, "bonus", key="welcome:alice").balance_credits
+    100
+    >>> ledger.balance(alice).available_credits
+    100
+    """
+
+    def __init__(self, url: str = DEFAULT_URL, *, clock: Clock | None = None, max_attempts: int = 16) -> None:
+        self.config: StoreConfig = parse_url(url)
+        self.clock: Clock = clock or SystemClock()
+        if self.config.backend == "postgresql":
+            _ensure_schema(self.config)
+        if self.config.backend == "sqlite":
+            assert self.config.sqlite_path is not None
+            self.config.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.app = LedgerApplication(env=self.config.eventsourcing_env())
+        except Exception as exc:  # eventsourcing raises OSError and driver errors here
+            raise ConfigurationError(f"cannot open ledger store {self.config.backend}: {exc}") from exc
+        self.engine = Engine(self.app, self.clock, max_attempts=max_attempts)
+
+    # -- lifecycle --------------------------------------------------------------
+
+    def close(self) -> None:
+        self.app.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- commands -----------------------------------------------------------------
+
+    def execute(self, command: AnyCommand) -> Receipt:
+        """Runs one command; a retry with the same key returns the first receipt."""
+        return self.engine.execute([command])[0]
+
+    def execute_batch(self, commands: Sequence[AnyCommand]) -> list[Receipt]:
+        """Runs up to 10,000 commands in one transaction: all of them, or none."""
+        return self.engine.execute(list(commands))
+
+    def grant(
+        self,
+        user_id: UUID,
+        amount_credits: int,
+        kind: CreditKind | str,
+        *,
+        key: str,
+        description: str = "",
+        reference_type: str | None = None,
+        reference_id: str | None = None,
+        expires_at: datetime | None = None,
+    ) -> Receipt:
+        """Adds credits; with ``expires_at`` they form a block that lapses then."""
+        return self.execute(
+            GrantCredits(
+                key=key,
+                user_id=user_id,
+                amount_credits=amount_credits,
+                kind=kind,  # type: ignore[arg-type]  # validated into CreditKind
+                description=description,
+                reference_type=reference_type,
+                reference_id=reference_id,
+                expires_at=expires_at,
+            )
+        )
+
+    def spend(
+        self,
+        user_id: UUID,
+        amount_credits: int,
+        *,
+        key: str,
+        kind: CreditKind | str = CreditKind.API_USE,
+        description: str = "",
+        reference_type: str | None = None,
+        reference_id: str | None = None,
+    ) -> Receipt:
+        """Debits available credits at once."""
+        return self.execute(
+            SpendCredits(
+                key=key,
+                user_id=user_id,
+                amount_credits=amount_credits,
+                kind=kind,  # type: ignore[arg-type]
+                description=description,
+                reference_type=reference_type,
+                reference_id=reference_id,
+            )
+        )
+
+    def reserve(self, user_id: UUID, job_id: UUID, amount_credits: int, expires_at: datetime, *, key: str) -> Receipt:
+        """Holds credits for a job; ``receipt.reservation_id`` names the hold."""
+        return self.execute(
+            ReserveCredits(key=key, user_id=user_id, job_id=job_id, amount_credits=amount_credits, expires_at=expires_at)
+        )
+
+    def settle(
+        self, reservation_id: UUID, actual_credits: int, *, key: str, user_id: UUID | None = None
+    ) -> Receipt:
+        """Charges ``actual_credits`` for a hold and frees the rest of it."""
+        return self.execute(
+            SettleReservation(key=key, reservation_id=reservation_id, actual_credits=actual_credits, user_id=user_id)
+        )
+
+    def release(self, reservation_id: UUID, reason: str, *, key: str, user_id: UUID | None = None) -> Receipt:
+        """Frees a hold without charging it."""
+        return self.execute(ReleaseReservation(key=key, reservation_id=reservation_id, reason=reason, user_id=user_id))
+
+    def adjust(self, user_id: UUID, delta_credits: int, reason: str, actor: str, *, key: str) -> Receipt:
+        """An admin adjustment of either sign; never takes the balance below held credits."""
+        return self.execute(
+            AdjustCredits(key=key, user_id=user_id, delta_credits=delta_credits, reason=reason, actor=actor)
+        )
+
+    def expire_holds(self, now: datetime | None = None) -> int:
+        """Releases every hold whose ``expires_at`` has passed, and records the
+        expiry of lapsed credits on those accounts. Returns the number of events
+        recorded. For a scheduler; safe to run concurrently and repeatedly."""
+        moment = self.clock.now() if now is None else require_utc(now, "now")
+        due = sorted({user_id for user_id, expires_at in self._open_holds() if expires_at <= moment})
+        recorded = 0
+        for start in range(0, len(due), SWEEP_PAGE):
+            recorded += self.engine.sweep(due[start : start + SWEEP_PAGE], moment)
+        return recorded
+
+    def record_due(self, user_ids: Sequence[UUID], now: datetime | None = None) -> int:
+        """Records due hold releases and lapsed credit blocks for these accounts
+        (at most 10,000) in one transaction; returns the number of events."""
+        moment = self.clock.now() if now is None else require_utc(now, "now")
+        if len(user_ids) > MAX_BATCH_COMMANDS:
+            raise InvalidArgument(f"at most {MAX_BATCH_COMMANDS} accounts per call")
+        return self.engine.sweep([check_uuid(u, "user_id") for u in user_ids], moment)
+
+    def _open_holds(self) -> Iterator[tuple[UUID, datetime]]:
+        # Reads the reservation events from the notification log. Bounded pages;
+        # memory grows with the number of open holds only.
+        topics = [Reservation.Reserved.TOPIC, Reservation.Closed.TOPIC]
+        open_holds: dict[UUID, tuple[UUID, datetime]] = {}
+        start = 1
+        while True:
+            page = self.app.recorder.select_notifications(start=start, limit=SWEEP_PAGE, topics=topics)
+            for notification in page:
+                event: Any = self.app.mapper.to_domain_event(notification)
+                if isinstance(event, Reservation.Reserved):
+                    open_holds[event.originator_id] = (event.user_id, event.expires_at)
+                else:
+                    open_holds.pop(event.originator_id, None)
+            if len(page) < SWEEP_PAGE:
+                break
+            start = page[-1].id + 1
+        yield from open_holds.values()
+
+    # -- queries --------------------------------------------------------------------
+
+    def _account(self, user_id: UUID) -> CreditAccount:
+        account = get_or_none(self.app, account_id_for(check_uuid(user_id, "user_id")), CreditAccount)
+        if account is None:
+            raise UnknownAccount(user_id)
+        return account
+
+    def balance(self, user_id: UUID) -> Balance:
+        """Balance, held and available credits and the open blocks, as of now.
+        Holds past their expiry and lapsed credits are left out even before a
+        sweep records them."""
+        account = self._account(user_id)
+        now = self.clock.now()
+        account.apply_due(now)  # in memory only: a query records nothing
+        blocks = tuple(
+            CreditBlock(
+                block_id=UUID(b.block_id),
+                kind=CreditKind(b.kind),
+                granted_credits=b.granted,
+                remaining_credits=b.remaining,
+                granted_at=b.granted_at,
+                expires_at=b.expires_at,
+            )
+            for b in sorted(account.blocks.values(), key=lambda b: b.seq)
+        )
+        return Balance(
+            user_id=user_id,
+            balance_credits=account.balance,
+            held_credits=account.held,
+            available_credits=account.available,
+            blocks=blocks,
+            as_of=now,
+        )
+
+    def reservation(self, reservation_id: UUID) -> ReservationView:
+        """A hold as recorded: reserved, settled or released."""
+        r = get_or_none(self.app, check_uuid(reservation_id, "reservation_id"), Reservation)
+        if r is None:
+            raise UnknownReservation(reservation_id)
+        return ReservationView(
+            reservation_id=r.id,
+            user_id=r.user_id,
+            job_id=r.job_id,
+            amount_credits=r.amount,
+            expires_at=r.expires_at,
+            reserved_at=r.created_on,
+            status=r.status,  # type: ignore[arg-type]
+            settled_credits=r.settled_credits,
+            release_reason=r.release_reason,
+            closed_at=r.closed_at,
+        )
+
+    def history(self, user_id: UUID, *, after_version: int = 0, limit: int = 1_000) -> list[AccountEvent]:
+        """The account's recorded events, oldest first, a page at a time."""
+        if type(limit) is not int or not 1 <= limit <= MAX_HISTORY_PAGE:
+            raise InvalidArgument(f"limit must be within 1..{MAX_HISTORY_PAGE}, got {limit!r}")
+        if type(after_version) is not int or after_version < 0:
+            raise InvalidArgument(f"after_version must be an int >= 0, got {after_version!r}")
+        self._account(user_id)
+        events = self.app.events.get(account_id_for(user_id), gt=after_version or None, limit=limit)
+        return [_describe(user_id, e) for e in events]
+
+
+def _describe(user_id: UUID, event: Any) -> AccountEvent:
+    data = {
+        k: v
+        for k, v in vars(event).items()
+        if k not in ("originator_id", "originator_version", "timestamp", "originator_topic")
+    }
+    return AccountEvent(
+        user_id=user_id,
+        version=event.originator_version,
+        type=type(event).__name__.lower(),
+        recorded_at=event.timestamp,
+        data=data,
+    )
+
+
+def _ensure_schema(config: StoreConfig) -> None:
+    """Creates the configured PostgreSQL schema if it is missing."""
+    try:
+        with psycopg.connect(config.conninfo(), connect_timeout=int(config.pool_timeout_s)) as conn:
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(config.pg_schema)))
+    except psycopg.Error as exc:
+        raise ConfigurationError(f"cannot reach PostgreSQL at {config.pg_host}:{config.pg_port}: {exc}") from exc
