@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -52,15 +53,14 @@ class Ledger:
     def __init__(self, url: str = DEFAULT_URL, *, clock: Clock | None = None, max_attempts: int = 16) -> None:
         self.config: StoreConfig = parse_url(url)
         self.clock: Clock = clock or SystemClock()
-        if self.config.backend == "postgresql":
-            _ensure_schema(self.config)
         if self.config.backend == "sqlite":
             assert self.config.sqlite_path is not None
             self.config.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.app = LedgerApplication(env=self.config.eventsourcing_env())
-        except Exception as exc:  # eventsourcing raises OSError and driver errors here
-            raise ConfigurationError(f"cannot open ledger store {self.config.backend}: {exc}") from exc
+        with _schema_lock(self.config):
+            try:
+                self.app = LedgerApplication(env=self.config.eventsourcing_env())
+            except Exception as exc:  # eventsourcing raises OSError and driver errors here
+                raise ConfigurationError(f"cannot open ledger store {self.config.backend}: {exc}") from exc
         self.engine = Engine(self.app, self.clock, max_attempts=max_attempts)
 
     # -- lifecycle --------------------------------------------------------------
@@ -275,10 +275,25 @@ def _describe(user_id: UUID, event: Any) -> AccountEvent:
     )
 
 
-def _ensure_schema(config: StoreConfig) -> None:
-    """Creates the configured PostgreSQL schema if it is missing."""
+# Any fixed number: the key of the advisory lock that serialises table creation.
+_DDL_LOCK_KEY = 0x70696E6776
+
+@contextmanager
+def _schema_lock(config: StoreConfig) -> Iterator[None]:
+    """On PostgreSQL, creates the schema if missing and holds an advisory lock
+    while the tables are created: concurrent ``CREATE TABLE IF NOT EXISTS`` in
+    several processes otherwise fails with "tuple concurrently updated"."""
+    if config.backend != "postgresql":
+        yield
+        return
     try:
-        with psycopg.connect(config.conninfo(), connect_timeout=int(config.pool_timeout_s)) as conn:
-            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(config.pg_schema)))
+        conn = psycopg.connect(config.conninfo(), connect_timeout=round(config.pool_timeout_s), autocommit=True)
     except psycopg.Error as exc:
         raise ConfigurationError(f"cannot reach PostgreSQL at {config.pg_host}:{config.pg_port}: {exc}") from exc
+    with conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_DDL_LOCK_KEY,))
+        try:
+            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(config.pg_schema)))
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_DDL_LOCK_KEY,))

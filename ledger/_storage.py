@@ -62,8 +62,8 @@ class StoreConfig:
             "POSTGRES_POOL_SIZE": str(self.pool_size),
             "POSTGRES_MAX_OVERFLOW": str(self.max_overflow),
             # eventsourcing uses its connect timeout as the pool's wait timeout.
-            "POSTGRES_CONNECT_TIMEOUT": str(self.pool_timeout_s),
-            "POSTGRES_CONN_MAX_AGE": str(self.recycle_s),
+            "POSTGRES_CONNECT_TIMEOUT": str(round(self.pool_timeout_s)),
+            "POSTGRES_CONN_MAX_AGE": str(round(self.recycle_s)),
             "POSTGRES_PRE_PING": "y" if self.pre_ping else "n",
             # Off on purpose: in eventsourcing 9.5.6 the insert function mixes
             # the events of applications that share a schema.
