@@ -63,6 +63,7 @@ __all__ = [
     "Receipt",
     "ReleaseReservation",
     "Reservation",
+    "ReservationClosed",
     "ReserveCredits",
     "SettleReservation",
     "SpendCredits",

@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 from uuid import UUID
 
 from eventsourcing.application import AggregateNotFoundError, Application
@@ -66,7 +66,7 @@ class LedgerApplication(Application[UUID]):
     """Event store, snapshots and repository for every ledger aggregate."""
 
     name = "ledger"
-    snapshotting_intervals = {CreditAccount: SNAPSHOT_INTERVAL_EVENTS}
+    snapshotting_intervals: ClassVar[dict[type, int]] = {CreditAccount: SNAPSHOT_INTERVAL_EVENTS}
 
     def construct_env(self, name: str, env: Any = None) -> Environment:
         # Only the settings the ledger was opened with: a library must not be
@@ -83,7 +83,7 @@ class LedgerApplication(Application[UUID]):
 
 def get_or_none(app: LedgerApplication, aggregate_id: UUID, cls: type[T]) -> T | None:
     try:
-        aggregate = app.repository.get(aggregate_id)
+        aggregate: Any = app.repository.get(aggregate_id)
     except AggregateNotFoundError:
         return None
     if not isinstance(aggregate, cls):
@@ -115,9 +115,7 @@ class _Unit:
         if account is None:
             if not open_missing:
                 raise UnknownAccount(user_id)
-            account = CreditAccount._create(
-                CreditAccount.Opened, id=account_id, user_id=user_id, timestamp=self.now
-            )
+            account = CreditAccount._create(CreditAccount.Opened, id=account_id, user_id=user_id, timestamp=self.now)
             self.missing.discard(user_id)
         assert isinstance(account, CreditAccount)
         account.apply_due(self.now)
@@ -304,13 +302,11 @@ class _Unit:
         return objs
 
     def _close_event(self, event: CreditAccount.Settled | CreditAccount.Released) -> Any:
-        settled = isinstance(event, CreditAccount.Settled)
-        fields = dict(
-            status="settled" if settled else "released",
-            settled_credits=event.amount if settled else None,
-            release_reason=None if settled else event.reason,
-            timestamp=event.timestamp,
-        )
+        fields: dict[str, Any] = {"timestamp": event.timestamp}
+        if isinstance(event, CreditAccount.Settled):
+            fields.update(status="settled", settled_credits=event.amount, release_reason=None)
+        else:
+            fields.update(status="released", settled_credits=None, release_reason=event.reason)
         new = self.new_reservations.get(event.reservation_id)
         if new is not None:
             new.trigger_event(Reservation.Closed, **fields)

@@ -39,38 +39,58 @@ def run_demo(url: str, echo: Callable[[str], None] = print) -> Balance:
         step(
             "starter plan grants 5000 credits, expiring in 30 days",
             ledger.grant(
-                user, 5000, "subscription_grant", key="demo:grant:starter:2026-03",
-                description="Starter plan, March", expires_at=DEMO_START + timedelta(days=30),
+                user,
+                5000,
+                "subscription_grant",
+                key="demo:grant:starter:2026-03",
+                description="Starter plan, March",
+                expires_at=DEMO_START + timedelta(days=30),
             ),
         )
-        step("credit pack purchase: 1000 credits, never expire",
-             ledger.grant(user, 1000, "purchase", key="demo:order:1001", description="Credit pack 1000"))
-        step("welcome bonus: 200 credits",
-             ledger.grant(user, 200, "bonus", key="demo:bonus:welcome", description="Welcome bonus"))
+        step(
+            "credit pack purchase: 1000 credits, never expire",
+            ledger.grant(user, 1000, "purchase", key="demo:order:1001", description="Credit pack 1000"),
+        )
+        step(
+            "welcome bonus: 200 credits",
+            ledger.grant(user, 200, "bonus", key="demo:bonus:welcome", description="Welcome bonus"),
+        )
 
         clock.advance(timedelta(hours=1))
-        hold_a = step("job A queued: reserve 300 estimated credits",
-                      ledger.reserve(user, job_a, 300, clock.now() + timedelta(hours=1), key=f"job:{job_a}:reserve"))
-        hold_b = step("job B queued: reserve 800 estimated credits",
-                      ledger.reserve(user, job_b, 800, clock.now() + timedelta(hours=1), key=f"job:{job_b}:reserve"))
+        hold_a = step(
+            "job A queued: reserve 300 estimated credits",
+            ledger.reserve(user, job_a, 300, clock.now() + timedelta(hours=1), key=f"job:{job_a}:reserve"),
+        )
+        hold_b = step(
+            "job B queued: reserve 800 estimated credits",
+            ledger.reserve(user, job_b, 800, clock.now() + timedelta(hours=1), key=f"job:{job_b}:reserve"),
+        )
         clock.advance(timedelta(minutes=5))
         assert hold_a.reservation_id and hold_b.reservation_id
-        step("job A completed: settle 240 actual credits",
-             ledger.settle(hold_a.reservation_id, 240, key=f"job:{job_a}:settle"))
+        step(
+            "job A completed: settle 240 actual credits",
+            ledger.settle(hold_a.reservation_id, 240, key=f"job:{job_a}:settle"),
+        )
         again = ledger.settle(hold_a.reservation_id, 240, key=f"job:{job_a}:settle")
         echo(f"{'':18}the worker retries the settle: replayed={again.replayed}, nothing charged twice")
-        step("job B failed: release the hold",
-             ledger.release(hold_b.reservation_id, "job failed: out of memory", key=f"job:{job_b}:release"))
+        step(
+            "job B failed: release the hold",
+            ledger.release(hold_b.reservation_id, "job failed: out of memory", key=f"job:{job_b}:release"),
+        )
         try:
             ledger.settle(hold_b.reservation_id, 800, key=f"job:{job_b}:settle")
         except LedgerError as exc:
             echo(f"{'':18}a late settle of job B is refused: {type(exc).__name__}: {exc}")
 
         step("API call: spend 150 credits", ledger.spend(user, 150, key="demo:api:1", description="upscale API"))
-        hold_c = step("job C queued: reserve 500, hold for 2 hours",
-                      ledger.reserve(user, job_c, 500, clock.now() + timedelta(hours=2), key=f"job:{job_c}:reserve"))
-        step("support adjusts: -50 credits (duplicate refund)",
-             ledger.adjust(user, -50, "duplicate refund reversed", "support:kim", key="demo:adjust:1"))
+        hold_c = step(
+            "job C queued: reserve 500, hold for 2 hours",
+            ledger.reserve(user, job_c, 500, clock.now() + timedelta(hours=2), key=f"job:{job_c}:reserve"),
+        )
+        step(
+            "support adjusts: -50 credits (duplicate refund)",
+            ledger.adjust(user, -50, "duplicate refund reversed", "support:kim", key="demo:adjust:1"),
+        )
         try:
             ledger.spend(user, 999_999, key="demo:api:too-much")
         except LedgerError as exc:
@@ -78,7 +98,9 @@ def run_demo(url: str, echo: Callable[[str], None] = print) -> Balance:
 
         clock.advance(timedelta(hours=3))
         released = ledger.expire_holds()
-        echo(f"{clock.now():%Y-%m-%d %H:%M}  {'hold sweep: job C never reported back':<56} {_line(ledger.balance(user))}")
+        echo(
+            f"{clock.now():%Y-%m-%d %H:%M}  {'hold sweep: job C never reported back':<56} {_line(ledger.balance(user))}"
+        )
         echo(f"{'':18}{released} event(s) recorded; job C's hold is {ledger.reservation(hold_c.reservation_id).status}")  # type: ignore[arg-type]
 
         clock.set(DEMO_START + timedelta(days=30, hours=1))
@@ -90,11 +112,16 @@ def run_demo(url: str, echo: Callable[[str], None] = print) -> Balance:
         for event in ledger.history(user):
             amount = event.data.get("amount")
             detail = f"{amount:>6}" if isinstance(amount, int) else " " * 6
-            echo(f"  v{event.version:<3} {event.recorded_at:%Y-%m-%d %H:%M}  {event.type:<9} {detail}  "
-                 f"{event.data.get('kind') or event.data.get('reason') or ''}")
+            echo(
+                f"  v{event.version:<3} {event.recorded_at:%Y-%m-%d %H:%M}  {event.type:<9} {detail}  "
+                f"{event.data.get('kind') or event.data.get('reason') or ''}"
+            )
         echo("\nOpen credit blocks:")
         for block in final.blocks:
-            echo(f"  {block.kind:<18} {block.remaining_credits:>6} of {block.granted_credits:<6} "
-                 f"expires {block.expires_at:%Y-%m-%d}" if block.expires_at else
-                 f"  {block.kind:<18} {block.remaining_credits:>6} of {block.granted_credits:<6} never expires")
+            echo(
+                f"  {block.kind:<18} {block.remaining_credits:>6} of {block.granted_credits:<6} "
+                f"expires {block.expires_at:%Y-%m-%d}"
+                if block.expires_at
+                else f"  {block.kind:<18} {block.remaining_credits:>6} of {block.granted_credits:<6} never expires"
+            )
         return final

@@ -20,6 +20,7 @@ from typing import Any
 from uuid import UUID, uuid5
 
 from eventsourcing.domain import Aggregate
+from eventsourcing.domain import Snapshot as BaseSnapshot
 
 from ._errors import InsufficientCredits, InvalidAmount, InvariantViolation, UnknownReservation
 from ._types import MAX_CREDITS, CreditKind
@@ -143,7 +144,7 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         TOPIC = f"{TOPIC_PREFIX}:CreditAccount.Opened"
         user_id: UUID
 
-    class Snapshot(Aggregate.Snapshot):
+    class Snapshot(BaseSnapshot):
         TOPIC = f"{TOPIC_PREFIX}:CreditAccount.Snapshot"
 
     def __init__(self, user_id: UUID) -> None:
@@ -368,7 +369,9 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         self, *, reservation_id: UUID, job_id: UUID, amount: int, expires_at: datetime, key: str, now: datetime
     ) -> None:
         if expires_at <= now:
-            raise InvalidAmount(f"a hold expiring at {expires_at.isoformat()} would lapse at once (now {now.isoformat()})")
+            raise InvalidAmount(
+                f"a hold expiring at {expires_at.isoformat()} would lapse at once (now {now.isoformat()})"
+            )
         allocations = take(amount, self.free(now))
         if allocations is None:
             raise InsufficientCredits(self.user_id, amount, self.available)
@@ -432,8 +435,8 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
             if not 0 < block.remaining <= block.granted:
                 problems.append(f"block {block.block_id} remainder {block.remaining} outside (0, {block.granted}]")
         for block_id, credits in earmarks(self.holds.values()).items():
-            block = self.blocks.get(block_id)
-            if block is None or credits > block.remaining:
+            marked = self.blocks.get(block_id)
+            if marked is None or credits > marked.remaining:
                 problems.append(f"block {block_id} earmarks {credits} credits it does not have")
         for hold in self.holds.values():
             if sum(c for _, c in hold.allocations) != hold.amount:
@@ -458,7 +461,7 @@ class Reservation(Aggregate, created_event_name="Reserved"):
         amount: int
         expires_at: datetime
 
-    class Snapshot(Aggregate.Snapshot):
+    class Snapshot(BaseSnapshot):
         TOPIC = f"{TOPIC_PREFIX}:Reservation.Snapshot"
 
     def __init__(self, user_id: UUID, job_id: UUID, amount: int, expires_at: datetime) -> None:
@@ -500,7 +503,7 @@ class CommandRecord(Aggregate, created_event_name="Recorded"):
         fingerprint: str
         receipt: dict[str, Any]
 
-    class Snapshot(Aggregate.Snapshot):
+    class Snapshot(BaseSnapshot):
         TOPIC = f"{TOPIC_PREFIX}:CommandRecord.Snapshot"
 
     def __init__(self, key: str, command: str, fingerprint: str, receipt: dict[str, Any]) -> None:

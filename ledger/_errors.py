@@ -29,10 +29,7 @@ class InsufficientCredits(LedgerError):
         self.user_id = user_id
         self.requested_credits = requested_credits
         self.available_credits = available_credits
-        super().__init__(
-            f"account {user_id} has {available_credits} credits available, "
-            f"{requested_credits} requested"
-        )
+        super().__init__(f"account {user_id} has {available_credits} credits available, {requested_credits} requested")
 
 
 class UnknownAccount(LedgerError, LookupError):
@@ -68,8 +65,7 @@ class IdempotencyConflict(LedgerError):
     def __init__(self, key: str, recorded_command: str, command: str) -> None:
         self.key = key
         super().__init__(
-            f"idempotency key {key!r} was first used for {recorded_command}; "
-            f"it cannot be reused for {command}"
+            f"idempotency key {key!r} was first used for {recorded_command}; it cannot be reused for {command}"
         )
 
 

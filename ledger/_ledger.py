@@ -137,12 +137,12 @@ class Ledger:
     def reserve(self, user_id: UUID, job_id: UUID, amount_credits: int, expires_at: datetime, *, key: str) -> Receipt:
         """Holds credits for a job; ``receipt.reservation_id`` names the hold."""
         return self.execute(
-            ReserveCredits(key=key, user_id=user_id, job_id=job_id, amount_credits=amount_credits, expires_at=expires_at)
+            ReserveCredits(
+                key=key, user_id=user_id, job_id=job_id, amount_credits=amount_credits, expires_at=expires_at
+            )
         )
 
-    def settle(
-        self, reservation_id: UUID, actual_credits: int, *, key: str, user_id: UUID | None = None
-    ) -> Receipt:
+    def settle(self, reservation_id: UUID, actual_credits: int, *, key: str, user_id: UUID | None = None) -> Receipt:
         """Charges ``actual_credits`` for a hold and frees the rest of it."""
         return self.execute(
             SettleReservation(key=key, reservation_id=reservation_id, actual_credits=actual_credits, user_id=user_id)
@@ -277,6 +277,7 @@ def _describe(user_id: UUID, event: Any) -> AccountEvent:
 
 # Any fixed number: the key of the advisory lock that serialises table creation.
 _DDL_LOCK_KEY = 0x70696E6776
+
 
 @contextmanager
 def _schema_lock(config: StoreConfig) -> Iterator[None]:

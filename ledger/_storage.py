@@ -2,7 +2,8 @@
 
 ``sqlite:///path/to/file`` (the embedded default), ``postgresql://user@host:port/db``
 and ``memory://``. PostgreSQL takes the seed's pool settings unless the URL's
-query says otherwise: ``?schema=pingvas_dev&pool_size=5&max_overflow=10&pool_timeout_s=30&recycle_s=1800&pre_ping=true``.
+query says otherwise:
+``?schema=pingvas_dev&pool_size=5&max_overflow=10&pool_timeout_s=30&recycle_s=1800&pre_ping=true``.
 """
 
 from __future__ import annotations

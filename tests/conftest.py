@@ -51,10 +51,9 @@ def require_postgres() -> None:
 
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> None:
     # Under CI a skipped PostgreSQL test is a failure, whoever skipped it.
-    if IN_CI and call.excinfo is not None and call.excinfo.errisinstance(pytest.skip.Exception):
-        if item.get_closest_marker("postgres") is not None:
-            call.excinfo = None  # type: ignore[assignment]
-            raise AssertionError("a PostgreSQL test was skipped under CI=true")
+    skipped = call.excinfo is not None and call.excinfo.errisinstance(pytest.skip.Exception)
+    if IN_CI and skipped and item.get_closest_marker("postgres") is not None:
+        raise AssertionError("a PostgreSQL test was skipped under CI=true")
 
 
 def fresh_pg_schema() -> Iterator[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from uuid import UUID, uuid4
 
 import pytest
@@ -66,8 +67,10 @@ def test_debits_draw_soonest_expiring_block_first_then_oldest(ledger: Ledger, cl
     ledger.grant(user, 100, "subscription_grant", key="late", expires_at=now + 20 * 24 * HOUR)
     ledger.grant(user, 100, "subscription_grant", key="soon", expires_at=now + 10 * 24 * HOUR)
     ledger.spend(user, 250, key="big")
-    remaining = {b.kind.value + ("@" + str(b.expires_at.day) if b.expires_at else ""): b.remaining_credits
-                 for b in ledger.balance(user).blocks}
+    remaining = {
+        b.kind.value + ("@" + str(b.expires_at.day) if b.expires_at else ""): b.remaining_credits
+        for b in ledger.balance(user).blocks
+    }
     # soon (100) then late (100) then the oldest non-expiring (50 of 100)
     assert remaining == {"purchase": 50, "bonus": 100}
 
@@ -243,9 +246,12 @@ def test_same_key_different_arguments_is_a_conflict(ledger: Ledger, reuse: objec
     assert state(ledger, user) == (90, 0, 90)
 
 
-def test_keys_survive_reopening_the_store(ledger_url: str, clock: ManualClock) -> None:
-    if ledger_url == "memory://":
-        pytest.skip("a memory store does not outlive its process")
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_keys_survive_reopening_the_store(
+    backend: str, clock: ManualClock, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # A memory store does not outlive its Ledger, so only the durable stores.
+    ledger_url = f"sqlite:///{tmp_path / 'l.sqlite3'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
     user = uuid4()
     with Ledger(ledger_url, clock=clock) as first:
         receipt = first.grant(user, 7, "bonus", key="reopen")
@@ -349,15 +355,26 @@ def test_unknown_reservation(ledger: Ledger, clock: ManualClock) -> None:
 def test_every_error_is_a_ledger_error() -> None:
     import ledger as package
 
-    errors = [getattr(package, n) for n in package.__all__ if n.endswith(("Error", "Conflict", "Credits", "Closed",
-                                                                          "Rejected", "Exhausted", "Violation"))]
+    errors = [
+        getattr(package, n)
+        for n in package.__all__
+        if n.endswith(("Error", "Conflict", "Credits", "Closed", "Rejected", "Exhausted", "Violation"))
+    ]
     errors += [package.UnknownAccount, package.UnknownReservation, package.InvalidAmount, package.InvalidArgument]
     assert all(issubclass(e, LedgerError) for e in errors if isinstance(e, type) and issubclass(e, Exception))
 
 
 @pytest.mark.parametrize(
-    "url", ["", "ftp://x", "sqlite://host/x", "sqlite:///:memory:", "postgresql://h/db?bogus=1",
-            "postgresql://h/db?schema=Robert');--", "postgresql://h/"]
+    "url",
+    [
+        "",
+        "ftp://x",
+        "sqlite://host/x",
+        "sqlite:///:memory:",
+        "postgresql://h/db?bogus=1",
+        "postgresql://h/db?schema=Robert');--",
+        "postgresql://h/",
+    ],
 )
 def test_bad_urls_are_configuration_errors(url: str) -> None:
     with pytest.raises(ConfigurationError):
@@ -378,7 +395,7 @@ def test_batch_is_all_or_nothing(ledger: Ledger) -> None:
     assert [ledger.balance(u).balance_credits for u in users] == [10, 10, 10]
     receipts = ledger.execute_batch(bad[:3])
     assert [r.balance_credits for r in receipts] == [5, 5, 5]
-    rerun = ledger.execute_batch(bad[:3] + [GrantCredits(key="b2", user_id=users[1], amount_credits=1, kind="bonus")])  # type: ignore[arg-type]
+    rerun = ledger.execute_batch([*bad[:3], GrantCredits(key="b2", user_id=users[1], amount_credits=1, kind="bonus")])  # type: ignore[arg-type]
     assert [r.replayed for r in rerun] == [True, True, True, False]
     assert [ledger.balance(u).balance_credits for u in users] == [5, 6, 5]
 
@@ -399,6 +416,9 @@ def test_batch_key_reused_with_other_arguments_is_refused(ledger: Ledger) -> Non
     user = funded(ledger, 100)
     with pytest.raises(IdempotencyConflict):
         ledger.execute_batch(
-            [SpendCredits(key="dup", user_id=user, amount_credits=1), SpendCredits(key="dup", user_id=user, amount_credits=2)]
+            [
+                SpendCredits(key="dup", user_id=user, amount_credits=1),
+                SpendCredits(key="dup", user_id=user, amount_credits=2),
+            ]
         )
     assert state(ledger, user) == (100, 0, 100)

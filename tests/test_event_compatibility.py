@@ -61,7 +61,10 @@ def _load_fixture(ledger: Ledger, name: str, *, with_snapshots: bool) -> dict[st
         snaps = [r for r in data["rows"] if r["table"] == "snapshots"]
         assert snaps, "the fixture should carry a snapshot"
         ledger.app.snapshots.recorder.insert_events(
-            [StoredEvent(UUID(r["originator_id"]), r["originator_version"], r["topic"], r["state"].encode()) for r in snaps]
+            [
+                StoredEvent(UUID(r["originator_id"]), r["originator_version"], r["topic"], r["state"].encode())
+                for r in snaps
+            ]
         )
     return dict(data["expected"])
 
@@ -94,13 +97,21 @@ class NoteV2(CanMutateAggregate[UUID]):
 # free-standing event class is registered by hand.
 register_topic(NoteV2.TOPIC, NoteV2)
 
+
 def test_an_event_that_changed_shape_is_upcast_on_load(ledger: Ledger) -> None:
     """The path for evolving an event: bump ``class_version`` and add
     ``upcast_v1_v2``; version-1 records are upgraded as they are read."""
 
     ledger.app.recorder.insert_events(
-        [StoredEvent(UUID(int=7), 1, NoteV2.TOPIC, b'{"timestamp": {"_type_": "datetime_iso", "_data_": '
-                     b'"2026-01-01T00:00:00+00:00"}, "text": "written by version 1"}')]
+        [
+            StoredEvent(
+                UUID(int=7),
+                1,
+                NoteV2.TOPIC,
+                b'{"timestamp": {"_type_": "datetime_iso", "_data_": '
+                b'"2026-01-01T00:00:00+00:00"}, "text": "written by version 1"}',
+            )
+        ]
     )
     (event,) = ledger.app.events.get(UUID(int=7))
     assert (event.text, event.author) == ("written by version 1", "unknown")  # type: ignore[attr-defined]

@@ -1,0 +1,46 @@
+"""The examples run as written."""
+
+from __future__ import annotations
+
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_backend_service_example(ledger_url: str) -> None:
+    module = runpy.run_path(str(ROOT / "examples" / "backend_service.py"))
+    module["main"](ledger_url)
+
+
+def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "ledger", "demo", "--url", f"sqlite:///{tmp_path / 'demo.sqlite3'}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    for expected in (
+        "grants 5000",
+        "reserve 300",
+        "settle 240",
+        "replayed=True",
+        "release the hold",
+        "ReservationClosed",
+        "InsufficientCredits",
+        "hold sweep",
+        "expired",
+        "balance   1200",
+    ):
+        assert expected in out, expected
+
+
+@pytest.mark.parametrize("args", [["demo", "--help"], ["--help"]])
+def test_cli_help(args: list[str]) -> None:
+    result = subprocess.run([sys.executable, "-m", "ledger", *args], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "Usage" in result.stdout
