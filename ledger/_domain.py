@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 from uuid import UUID, uuid5
 
@@ -30,14 +31,18 @@ ACCOUNT_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b01")
 RECORD_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b02")
 RESERVATION_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b03")
 ENTRY_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b04")
+# Separate from ENTRY_NS so that no caller's key can derive an expiration's id.
+EXPIRATION_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b05")
 
 TOPIC_PREFIX = "pingvas.ledger"
 
 
+@lru_cache(maxsize=65_536)  # derived several times per command; uuid5 hashes
 def account_id_for(user_id: UUID) -> UUID:
     return uuid5(ACCOUNT_NS, user_id.hex)
 
 
+@lru_cache(maxsize=65_536)
 def record_id_for(key: str) -> UUID:
     return uuid5(RECORD_NS, key)
 
@@ -51,7 +56,7 @@ def entry_id_for(key: str) -> UUID:
 
 
 def expiration_entry_id(account_id: UUID, version: int) -> UUID:
-    return uuid5(ENTRY_NS, f"expiration:{account_id}:{version}")
+    return uuid5(EXPIRATION_NS, f"{account_id}:{version}")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from ._clock import Clock, SystemClock, require_utc
 from ._domain import CreditAccount, Reservation, account_id_for
 from ._errors import ConfigurationError, InvalidArgument, UnknownAccount, UnknownReservation
 from ._storage import StoreConfig, parse_url
+from ._streams import stream_reader
 from ._types import (
     AccountEvent,
     AdjustCredits,
@@ -51,6 +52,8 @@ class Ledger:
     """
 
     def __init__(self, url: str = DEFAULT_URL, *, clock: Clock | None = None, max_attempts: int = 16) -> None:
+        if type(max_attempts) is not int or not 1 <= max_attempts <= 100:
+            raise InvalidArgument(f"max_attempts must be an int within 1..100, got {max_attempts!r}")
         self.config: StoreConfig = parse_url(url)
         self.clock: Clock = clock or SystemClock()
         if self.config.backend == "sqlite":
@@ -61,7 +64,9 @@ class Ledger:
                 self.app = LedgerApplication(env=self.config.eventsourcing_env())
             except Exception as exc:  # eventsourcing raises OSError and driver errors here
                 raise ConfigurationError(f"cannot open ledger store {self.config.backend}: {exc}") from exc
-        self.engine = Engine(self.app, self.clock, max_attempts=max_attempts)
+        self.engine = Engine(
+            self.app, self.clock, stream_reader(self.app, self.config.backend), max_attempts=max_attempts
+        )
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -78,7 +83,7 @@ class Ledger:
 
     def execute(self, command: AnyCommand) -> Receipt:
         """Runs one command; a retry with the same key returns the first receipt."""
-        return self.engine.execute([command])[0]
+        return self.engine.execute([command], single=True)[0]
 
     def execute_batch(self, commands: Sequence[AnyCommand]) -> list[Receipt]:
         """Runs up to 10,000 commands in one transaction: all of them, or none."""
@@ -160,8 +165,9 @@ class Ledger:
 
     def expire_holds(self, now: datetime | None = None) -> int:
         """Releases every hold whose ``expires_at`` has passed, and records the
-        expiry of lapsed credits on those accounts. Returns the number of events
-        recorded. For a scheduler; safe to run concurrently and repeatedly."""
+        expiry of lapsed credits on those accounts. Returns the number of account
+        events recorded (releases and expirations). For a scheduler; safe to run
+        concurrently and repeatedly."""
         moment = self.clock.now() if now is None else require_utc(now, "now")
         due = sorted({user_id for user_id, expires_at in self._open_holds() if expires_at <= moment})
         recorded = 0
@@ -171,7 +177,8 @@ class Ledger:
 
     def record_due(self, user_ids: Sequence[UUID], now: datetime | None = None) -> int:
         """Records due hold releases and lapsed credit blocks for these accounts
-        (at most 10,000) in one transaction; returns the number of events."""
+        (at most 10,000) in one transaction; returns the number of account
+        events recorded (releases and expirations)."""
         moment = self.clock.now() if now is None else require_utc(now, "now")
         if len(user_ids) > MAX_BATCH_COMMANDS:
             raise InvalidArgument(f"at most {MAX_BATCH_COMMANDS} accounts per call")

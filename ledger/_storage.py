@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from psycopg.conninfo import make_conninfo
+
 from ._errors import ConfigurationError
 
 # The seed's connection-pool settings (SQLAlchemy QueuePool in the seed's service).
@@ -54,6 +56,7 @@ class StoreConfig:
             }
         return {
             "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "APPLICATION_RECORDER_TOPIC": "ledger._postgres:LedgerPostgresRecorder",
             "POSTGRES_DBNAME": self.pg_dbname,
             "POSTGRES_HOST": self.pg_host,
             "POSTGRES_PORT": str(self.pg_port),
@@ -77,15 +80,10 @@ class StoreConfig:
         """A psycopg connection string for this store's PostgreSQL database."""
         if self.backend != "postgresql":
             raise ConfigurationError(f"{self.backend} store has no PostgreSQL connection")
-        parts = {
-            "host": self.pg_host,
-            "port": str(self.pg_port),
-            "dbname": self.pg_dbname,
-            "user": self.pg_user,
-        }
+        parts = {"host": self.pg_host, "port": str(self.pg_port), "dbname": self.pg_dbname, "user": self.pg_user}
         if self.pg_password:
             parts["password"] = self.pg_password
-        return " ".join(f"{k}='{v}'" for k, v in parts.items())
+        return make_conninfo(**parts)  # escapes quotes and backslashes
 
 
 def check_identifier(name: str, what: str) -> str:
@@ -94,16 +92,26 @@ def check_identifier(name: str, what: str) -> str:
     return name
 
 
+def redact(url: str) -> str:
+    """The URL with its password replaced, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
 def parse_url(url: str) -> StoreConfig:
     if not isinstance(url, str) or "://" not in url:
-        raise ConfigurationError(f"not a ledger URL: {url!r}; use sqlite:///path, postgresql://… or memory://")
+        shown = redact(url) if isinstance(url, str) else type(url).__name__
+        raise ConfigurationError(f"not a ledger URL: {shown!r}; use sqlite:///path, postgresql://… or memory://")
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "memory":
         return StoreConfig(backend="memory")
     if scheme == "sqlite":
         if parts.netloc:
-            raise ConfigurationError(f"sqlite URLs take three slashes: sqlite:///path (got {url!r})")
+            raise ConfigurationError(f"sqlite URLs take three slashes: sqlite:///path (got {redact(url)!r})")
         path = unquote(parts.path)
         if path.startswith("/") and not path.startswith("//"):
             path = path[1:] or ""
@@ -124,7 +132,7 @@ def _parse_postgres(url: str) -> StoreConfig:
         raise ConfigurationError(f"unknown PostgreSQL URL options {sorted(unknown)}; known: {sorted(known)}")
     dbname = unquote(parts.path.lstrip("/"))
     if not dbname:
-        raise ConfigurationError(f"PostgreSQL URL names no database: {url!r}")
+        raise ConfigurationError(f"PostgreSQL URL names no database: {redact(url)!r}")
     try:
         config = StoreConfig(
             backend="postgresql",
@@ -141,7 +149,9 @@ def _parse_postgres(url: str) -> StoreConfig:
             pre_ping=query.get("pre_ping", "true").lower() in ("1", "true", "yes", "y", "on"),
         )
     except ValueError as exc:
-        raise ConfigurationError(f"bad PostgreSQL URL option in {url!r}: {exc}") from None
+        raise ConfigurationError(f"bad PostgreSQL URL option in {redact(url)!r}: {exc}") from None
     if not (1 <= config.pool_size <= 100 and 0 <= config.max_overflow <= 100):
         raise ConfigurationError("pool_size must be 1..100 and max_overflow 0..100")
+    if not (1 <= config.pool_timeout_s <= 600 and 60 <= config.recycle_s <= 86_400):
+        raise ConfigurationError("pool_timeout_s must be 1..600 and recycle_s 60..86400")
     return config

@@ -9,6 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from enum import StrEnum
+from functools import cached_property
 from typing import Any, ClassVar, Literal
 from uuid import UUID
 
@@ -108,6 +109,7 @@ class Command:
     hints: ClassVar[frozenset[str]] = frozenset()
     key: str
 
+    @cached_property
     def fingerprint(self) -> str:
         """A digest of the command's name and arguments (not its key)."""
         body = {

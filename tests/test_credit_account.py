@@ -422,3 +422,22 @@ def test_batch_key_reused_with_other_arguments_is_refused(ledger: Ledger) -> Non
             ]
         )
     assert state(ledger, user) == (100, 0, 100)
+
+
+def test_a_large_batch_is_one_transaction(ledger: Ledger) -> None:
+    """Past the PostgreSQL recorder's pipeline limit (256 events) too: all or
+    nothing, and a re-run replays keys recorded by an earlier run."""
+    users = [uuid4() for _ in range(400)]
+    grants = [GrantCredits(key=f"big:{u}", user_id=u, amount_credits=3, kind="bonus") for u in users]  # type: ignore[arg-type]
+    overdraw = SpendCredits(key="big:overdraw", user_id=users[0], amount_credits=4)
+    with pytest.raises(BatchRejected):
+        ledger.execute_batch([*grants, overdraw])
+    with pytest.raises(UnknownAccount):
+        ledger.balance(users[0])
+    ledger.execute(grants[7])  # recorded alone first: the batch below must replay it
+    receipts = ledger.execute_batch(grants)
+    assert [r.replayed for r in receipts].count(True) == 1 and receipts[7].replayed
+    assert {ledger.balance(u).balance_credits for u in users} == {3}
+    again = ledger.execute_batch(grants)
+    assert all(r.replayed for r in again)
+    assert {ledger.balance(u).balance_credits for u in users} == {3}

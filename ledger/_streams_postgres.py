@@ -1,0 +1,57 @@
+"""Bulk stream reads on PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import StoredEvent
+from psycopg import sql
+
+from ._streams import StreamReader
+
+
+class PostgresReader(StreamReader):
+    def _table(self, recorder: Any) -> sql.Composed:
+        return sql.SQL("{}.{}").format(
+            sql.Identifier(recorder.datastore.schema), sql.Identifier(recorder.events_table_name)
+        )
+
+    def _fetch(self, recorder: Any, query: sql.Composable, params: Sequence[Any]) -> list[Any]:
+        with recorder.datastore.transaction(commit=False) as curs:
+            curs.execute(query, params, binary=True)
+            return list(curs.fetchall())
+
+    def latest_snapshots(self, ids: Sequence[UUID]) -> dict[UUID, StoredEvent]:
+        assert self.app.snapshots is not None
+        recorder: Any = self.app.snapshots.recorder
+        query = sql.SQL(
+            "SELECT DISTINCT ON (originator_id) originator_id, originator_version, topic, state "
+            "FROM {} WHERE originator_id = ANY(%s) ORDER BY originator_id, originator_version DESC"
+        ).format(self._table(recorder))
+        rows = self._fetch(recorder, query, [list(ids)])
+        return {r["originator_id"]: _stored(r) for r in rows}
+
+    def events_after(self, after: dict[UUID, int]) -> dict[UUID, list[StoredEvent]]:
+        recorder: Any = self.app.recorder
+        query = sql.SQL(
+            "SELECT e.originator_id, e.originator_version, e.topic, e.state "
+            "FROM {} e JOIN unnest(%s::uuid[], %s::int[]) AS t(id, v) "
+            "ON e.originator_id = t.id AND e.originator_version > t.v "
+            "ORDER BY e.originator_id, e.originator_version"
+        ).format(self._table(recorder))
+        rows = self._fetch(recorder, query, [list(after), list(after.values())])
+        streams: dict[UUID, list[StoredEvent]] = {}
+        for r in rows:
+            streams.setdefault(r["originator_id"], []).append(_stored(r))
+        return streams
+
+
+def _stored(row: Any) -> StoredEvent:
+    return StoredEvent(
+        originator_id=row["originator_id"],
+        originator_version=row["originator_version"],
+        topic=row["topic"],
+        state=bytes(row["state"]),
+    )
