@@ -62,7 +62,7 @@ T = TypeVar("T")
 MAX_BATCH_COMMANDS = 10_000
 MAX_ATTEMPTS = 16
 SNAPSHOT_INTERVAL_EVENTS = 100
-ACCOUNT_CACHE_SIZE = 10_000
+AGGREGATE_CACHE_SIZE = 10_000
 
 
 class LedgerApplication(Application[UUID]):
@@ -76,7 +76,24 @@ class LedgerApplication(Application[UUID]):
         # steered by whatever eventsourcing variables the host process exports.
         settings = dict(env or {})
         settings["IS_SNAPSHOTTING_ENABLED"] = "y"
+        # Commands read aggregates from an LRU cache that is not fast-forwarded:
+        # a stale account cannot commit (its next version already exists, the
+        # save clashes), and the engine evicts and reloads on a clash. Queries
+        # never use the cache (see Ledger), so other processes' writes show.
+        settings["AGGREGATE_CACHE_MAXSIZE"] = str(AGGREGATE_CACHE_SIZE)
+        settings["AGGREGATE_CACHE_FASTFORWARD"] = "n"
         return Environment(name, settings)
+
+    def evict(self, aggregate_ids: Iterable[UUID]) -> None:
+        """Drops aggregates from the cache, so the next read goes to the store."""
+        cache = self.repository.cache
+        if cache is None:
+            return
+        for aggregate_id in aggregate_ids:
+            try:
+                cache.get(aggregate_id, evict=True)
+            except KeyError:
+                continue
 
     def save_all(self, objs: Sequence[Any]) -> None:
         """``save()`` for many aggregates and events in one transaction.
@@ -114,8 +131,9 @@ def get_or_none(app: LedgerApplication, aggregate_id: UUID, cls: type[T]) -> T |
 class _Unit:
     """One attempt at a batch: in-memory aggregates and the receipts so far."""
 
-    def __init__(self, app: LedgerApplication, now: datetime) -> None:
+    def __init__(self, app: LedgerApplication, reader: StreamReader, now: datetime) -> None:
         self.app = app
+        self.reader = reader
         self.now = now
         self.accounts: dict[UUID, CreditAccount] = {}
         self.new_reservations: dict[UUID, Reservation] = {}
@@ -123,10 +141,10 @@ class _Unit:
         self.missing: set[UUID] = set()
         self.preloaded: dict[UUID, CreditAccount] = {}
 
-    def preload(self, user_ids: Iterable[UUID], reader: StreamReader) -> None:
+    def preload(self, user_ids: Iterable[UUID]) -> None:
         """Reads many accounts in a few queries; the ones not found are known missing."""
         ids = list(dict.fromkeys(user_ids))
-        loaded = reader.load([account_id_for(u) for u in ids])
+        loaded = self.reader.load([account_id_for(u) for u in ids])
         for user_id in ids:
             account = loaded.get(account_id_for(user_id))
             if isinstance(account, CreditAccount):
@@ -174,8 +192,10 @@ class _Unit:
                 return ReservationClosed(reservation_id, "settled")
             if closed and isinstance(event, CreditAccount.Released):
                 return ReservationClosed(reservation_id, "released")
-        reservation = get_or_none(self.app, reservation_id, Reservation)
-        if reservation is not None and reservation.user_id == account.user_id:
+        # Fresh read: a reservation's close is saved as a bare event, which the
+        # cache does not see.
+        reservation = self.reader.load([reservation_id], snapshots=False).get(reservation_id)
+        if isinstance(reservation, Reservation) and reservation.user_id == account.user_id:
             return ReservationClosed(reservation_id, reservation.status)
         return UnknownReservation(reservation_id, account.user_id)
 
@@ -391,9 +411,9 @@ class Engine:
         # which triggers one bulk look-up of all of them below.
         known: dict[str, CommandRecord] = {}
         for attempt in range(self.max_attempts):
-            unit = _Unit(self.app, self.clock.now())
+            unit = _Unit(self.app, self.reader, self.clock.now())
             if len(commands) > 1:
-                unit.preload((c.user_id for c in commands if c.user_id is not None and c.key not in known), self.reader)
+                unit.preload(c.user_id for c in commands if c.user_id is not None and c.key not in known)
             try:
                 receipts = self._run(unit, commands, known)
             except _Failed as failed:
@@ -415,6 +435,7 @@ class Engine:
             except IntegrityError:
                 # A concurrent writer moved an account on, or a key was used
                 # meanwhile: learn which keys now exist, then reload and re-run.
+                self.app.evict(account_id_for(u) for u in unit.accounts)
                 known.update(self._find_records({k: c for k, c in first_by_key.items() if k not in known}))
                 time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
                 continue
@@ -453,8 +474,8 @@ class Engine:
         if len(ids) > MAX_BATCH_COMMANDS:
             raise InvalidArgument(f"a sweep batch holds at most {MAX_BATCH_COMMANDS} accounts")
         for _ in range(self.max_attempts):
-            unit = _Unit(self.app, now)
-            unit.preload(ids, self.reader)
+            unit = _Unit(self.app, self.reader, now)
+            unit.preload(ids)
             for user_id in ids:
                 unit.sweep(user_id)
             objs = unit.pending()
@@ -464,6 +485,7 @@ class Engine:
             try:
                 self.app.save_all(objs)
             except IntegrityError:
+                self.app.evict(account_id_for(u) for u in unit.accounts)
                 continue
             return count
         raise ConcurrencyExhausted(self.max_attempts)

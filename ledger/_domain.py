@@ -14,7 +14,7 @@ that does not depend on where the class lives in the code, and a
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -254,6 +254,17 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         def apply(self, account: CreditAccount) -> None:
             account.draw([[str(self.block_id), self.amount]])
             account.balance -= self.amount
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> CreditAccount:
+        # The command cache hands out a copy per command; the generic deepcopy
+        # cost 0.15 ms a command. Blocks and holds are the only mutable parts.
+        copied = object.__new__(type(self))
+        state = dict(self.__dict__)
+        state["blocks"] = {k: replace(b) for k, b in self.blocks.items()}
+        state["holds"] = {k: replace(h, allocations=[list(a) for a in h.allocations]) for k, h in self.holds.items()}
+        state["_pending_events"] = list(self._pending_events)
+        copied.__dict__.update(state)
+        return copied
 
     # -- state helpers ----------------------------------------------------------
 

@@ -11,7 +11,7 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from ._app import MAX_BATCH_COMMANDS, Engine, LedgerApplication, get_or_none
+from ._app import MAX_BATCH_COMMANDS, Engine, LedgerApplication
 from ._clock import Clock, SystemClock, require_utc
 from ._domain import CreditAccount, Reservation, account_id_for
 from ._errors import ConfigurationError, InvalidArgument, UnknownAccount, UnknownReservation
@@ -205,9 +205,14 @@ class Ledger:
 
     # -- queries --------------------------------------------------------------------
 
+    def _fresh(self, aggregate_id: UUID, *, snapshots: bool = True) -> Any:
+        # Queries read the store, not the command cache, so that writes made by
+        # other processes show at once.
+        return self.engine.reader.load([aggregate_id], snapshots=snapshots).get(aggregate_id)
+
     def _account(self, user_id: UUID) -> CreditAccount:
-        account = get_or_none(self.app, account_id_for(check_uuid(user_id, "user_id")), CreditAccount)
-        if account is None:
+        account = self._fresh(account_id_for(check_uuid(user_id, "user_id")))
+        if not isinstance(account, CreditAccount):
             raise UnknownAccount(user_id)
         return account
 
@@ -240,8 +245,8 @@ class Ledger:
 
     def reservation(self, reservation_id: UUID) -> ReservationView:
         """A hold as recorded: reserved, settled or released."""
-        r = get_or_none(self.app, check_uuid(reservation_id, "reservation_id"), Reservation)
-        if r is None:
+        r = self._fresh(check_uuid(reservation_id, "reservation_id"), snapshots=False)
+        if not isinstance(r, Reservation):
             raise UnknownReservation(reservation_id)
         return ReservationView(
             reservation_id=r.id,

@@ -1,11 +1,19 @@
 """PostgreSQL recorder for the ledger's event store.
 
-eventsourcing 9.5.6 inserts a save's events in psycopg's pipeline mode as one
-message. For a large batch (tens of thousands of events, megabytes of
-parameters) client and server were seen to wait on each other for ever in
-``Pipeline.sync``. Large saves therefore go through a plain transaction: the
-same statements (table lock, NOTIFY, one INSERT of all rows) without the
-pipeline. Small saves keep the pipelined path, which saves round trips.
+eventsourcing 9.5.6 inserts a save's events in psycopg's pipeline mode, as one
+INSERT binding an array of composite rows. Two problems for the ledger:
+
+- For a large batch (tens of megabytes of parameters) client and server were
+  seen to wait on each other for ever in ``Pipeline.sync``.
+- For a single command, the pipelined path cost 0.48 ms where a plain
+  transaction costs 0.33 ms, and binding composite arrays is slow.
+
+So this recorder runs the same statements (lock timeout, table lock, NOTIFY,
+one INSERT of all rows, in one transaction) without the pipeline: BEGIN and the
+three statements that take no parameters go in one round trip, then the INSERT
+(a VALUES list for a command's few rows; for a batch, binary COPY into a
+staging table and one INSERT … SELECT), then COMMIT. Three round trips for a
+command's save.
 """
 
 from __future__ import annotations
@@ -13,48 +21,91 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from eventsourcing.persistence import StoredEvent
+from eventsourcing.persistence import InternalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.utils import retry
 from psycopg import sql
 from psycopg.errors import InterfaceError, OperationalError
+from psycopg.pq import TransactionStatus
 
-#: Saves with more events than this skip pipeline mode.
-PIPELINE_MAX_EVENTS = 256
+#: Saves of up to this many events use a VALUES list instead of arrays.
+VALUES_MAX_ROWS = 32
 
 
 class LedgerPostgresRecorder(PostgresApplicationRecorder):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        table = sql.SQL("{}.{}").format(sql.Identifier(self.datastore.schema), sql.Identifier(self.events_table_name))
+        self._table = table
+        self._values_statements: dict[int, sql.Composed] = {}
+        self._prelude = sql.SQL(
+            "BEGIN; SET LOCAL lock_timeout = '{}s'; LOCK TABLE {} IN EXCLUSIVE MODE; NOTIFY {}"
+        ).format(sql.Literal(self.datastore.lock_timeout), table, sql.Identifier(self.channel_name))
+        # ON COMMIT DELETE ROWS: the staging rows vanish with the transaction.
+        self._staging_ddl = sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS pingvas_ledger_staging (ordinal int4, originator_id uuid, "
+            "originator_version int4, topic text, state bytea) ON COMMIT DELETE ROWS"
+        )
+        self._staging_copy = sql.SQL("COPY pingvas_ledger_staging FROM STDIN (FORMAT BINARY)")
+        # ORDER BY the ordinal: notification ids follow the order of the save.
+        self._insert_staged = sql.SQL(
+            "INSERT INTO {} (originator_id, originator_version, topic, state) "
+            "SELECT originator_id, originator_version, topic, state FROM pingvas_ledger_staging "
+            "ORDER BY ordinal RETURNING notification_id"
+        ).format(table)
+
+    def _insert_rows(self, curs: Any, stored_events: Sequence[StoredEvent]) -> None:
+        if len(stored_events) <= VALUES_MAX_ROWS:
+            # A few rows (one command's): scalar parameters bind far faster
+            # than arrays (0.3 ms for a command's three rows as arrays).
+            params: list[Any] = []
+            for e in stored_events:
+                params.extend((e.originator_id, e.originator_version, e.topic, e.state))
+            curs.execute(self._insert_values(len(stored_events)), params, binary=True)
+            return
+        # A batch: binary COPY into a per-session staging table, then one
+        # INSERT … SELECT. Binding 20,000 rows as arrays cost 0.4 s; this ~0.1 s.
+        curs.execute(self._staging_ddl)
+        with curs.copy(self._staging_copy) as copy:
+            copy.set_types(["int4", "uuid", "int4", "text", "bytea"])
+            for ordinal, e in enumerate(stored_events):
+                copy.write_row((ordinal, e.originator_id, e.originator_version, e.topic, e.state))
+        curs.execute(self._insert_staged)
+
+    def _insert_values(self, rows: int) -> sql.Composed:
+        statement: sql.Composed | None = self._values_statements.get(rows)
+        if statement is None:
+            values = sql.SQL(", ").join([sql.SQL("(%s, %s, %s, %s)")] * rows)
+            statement = sql.SQL(
+                "INSERT INTO {} (originator_id, originator_version, topic, state) VALUES {} RETURNING notification_id"
+            ).format(self._table, values)
+            self._values_statements[rows] = statement
+        return statement
+
     def insert_events(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
-        if len(stored_events) <= PIPELINE_MAX_EVENTS:
-            ids: Sequence[int] | None = super().insert_events(stored_events, **kwargs)
-            return ids
-        result: Sequence[int] | None = self._insert_without_pipeline(stored_events, **kwargs)
+        result: Sequence[int] | None = self._insert(stored_events, **kwargs)
         return result
 
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
-    def _insert_without_pipeline(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
-        with self.datastore.get_connection() as conn, conn.transaction(), conn.cursor() as curs:
-            self._insert_events(curs, stored_events, **kwargs)
-            self._lock_table(curs)
-            self._notify_channel(curs)
-            # Four arrays of plain types bind several times faster than one
-            # array of the composite row type eventsourcing uses.
-            curs.execute(  # binary: no hex-encoding of every state and id
-                self._insert_columns_statement(),
-                (
-                    [e.originator_id for e in stored_events],
-                    [e.originator_version for e in stored_events],
-                    [e.topic for e in stored_events],
-                    [e.state for e in stored_events],
-                ),
-                binary=True,
-            )
-            ids: Sequence[int] | None = self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
+    def _insert(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+        if not stored_events:
+            return []
+        # The pool's connections are in autocommit mode; the transaction is
+        # opened by the prelude's BEGIN and closed here, by COMMIT or ROLLBACK.
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            assert conn.autocommit
+            try:
+                curs.execute(self._prelude)
+                # The lock must be held until COMMIT, or notification ids could
+                # be committed out of order: insert only inside the transaction.
+                if conn.info.transaction_status != TransactionStatus.INTRANS:
+                    raise InternalError("the events insert is not inside the locked transaction")
+                self._insert_events(curs, stored_events, **kwargs)  # subclasses' hook (tracking)
+                self._insert_rows(curs, stored_events)
+                ids: Sequence[int] | None = self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
+                curs.execute("COMMIT")
+            except BaseException:
+                if not conn.closed:
+                    conn.execute("ROLLBACK")
+                raise
             return ids
-
-    def _insert_columns_statement(self) -> sql.Composed:
-        return sql.SQL(
-            "INSERT INTO {}.{} (originator_id, originator_version, topic, state) "
-            "SELECT * FROM unnest(%s::uuid[], %s::int[], %s::text[], %s::bytea[]) "
-            "RETURNING notification_id"
-        ).format(sql.Identifier(self.datastore.schema), sql.Identifier(self.events_table_name))

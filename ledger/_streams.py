@@ -53,25 +53,25 @@ class StreamReader(ABC):
         return found
 
 
-class RepositoryReader(StreamReader):
-    """For the in-memory store: one repository read per id is already cheap."""
+class PerIdReader(StreamReader):
+    """Any store, one query per id: for the in-memory store, where that is cheap."""
 
     def latest_snapshots(self, ids: Sequence[UUID]) -> dict[UUID, StoredEvent]:
-        raise NotImplementedError
+        assert self.app.snapshots is not None
+        found = {}
+        for aggregate_id in ids:
+            newest = self.app.snapshots.recorder.select_events(aggregate_id, desc=True, limit=1)
+            if newest:
+                found[aggregate_id] = newest[0]
+        return found
 
     def events_after(self, after: dict[UUID, int]) -> dict[UUID, list[StoredEvent]]:
-        raise NotImplementedError
-
-    def load(self, ids: Sequence[UUID], *, snapshots: bool = True) -> dict[UUID, Any]:
-        from eventsourcing.application import AggregateNotFoundError
-
-        found: dict[UUID, Any] = {}
-        for aggregate_id in dict.fromkeys(ids):
-            try:
-                found[aggregate_id] = self.app.repository.get(aggregate_id)
-            except AggregateNotFoundError:
-                continue
-        return found
+        streams = {}
+        for aggregate_id, version in after.items():
+            stream = self.app.recorder.select_events(aggregate_id, gt=version or None)
+            if stream:
+                streams[aggregate_id] = list(stream)
+        return streams
 
 
 def stream_reader(app: Application[UUID], backend: str) -> StreamReader:
@@ -83,4 +83,4 @@ def stream_reader(app: Application[UUID], backend: str) -> StreamReader:
         from ._streams_sqlite import SQLiteReader
 
         return SQLiteReader(app)
-    return RepositoryReader(app)
+    return PerIdReader(app)
