@@ -95,7 +95,7 @@ class LedgerApplication(Application[UUID]):
             except KeyError:
                 continue
 
-    def save_all(self, objs: Sequence[Any]) -> None:
+    def save_all(self, objs: Sequence[Any]) -> int | None:
         """``save()`` for many aggregates and events in one transaction.
 
         eventsourcing's ``save`` tells aggregates from events with a runtime
@@ -111,6 +111,8 @@ class LedgerApplication(Application[UUID]):
         recordings = self._record(processing)
         self._take_snapshots(processing)
         self._notify(recordings)
+        # The position of the save in the notification log, for read-your-writes.
+        return max((r.notification.id for r in recordings), default=None)
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)
@@ -431,7 +433,7 @@ class Engine:
                     raise failed.cause from None
                 raise BatchRejected(failed.index, failed.cause) from None
             try:
-                self.app.save_all(unit.pending())
+                position = self.app.save_all(unit.pending())
             except IntegrityError:
                 # A concurrent writer moved an account on, or a key was used
                 # meanwhile: learn which keys now exist, then reload and re-run.
@@ -439,7 +441,7 @@ class Engine:
                 known.update(self._find_records({k: c for k, c in first_by_key.items() if k not in known}))
                 time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
                 continue
-            return receipts
+            return [r if r.replayed else r.model_copy(update={"position": position}) for r in receipts]
         raise ConcurrencyExhausted(self.max_attempts)
 
     def _find_records(self, by_key: dict[str, AnyCommand]) -> dict[str, CommandRecord]:

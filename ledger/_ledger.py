@@ -15,6 +15,7 @@ from ._app import MAX_BATCH_COMMANDS, Engine, LedgerApplication
 from ._clock import Clock, SystemClock, require_utc
 from ._domain import CreditAccount, Reservation, account_id_for
 from ._errors import ConfigurationError, InvalidArgument, UnknownAccount, UnknownReservation
+from ._readmodels import Views
 from ._storage import StoreConfig, parse_url
 from ._streams import stream_reader
 from ._types import (
@@ -51,7 +52,19 @@ class Ledger:
     100
     """
 
-    def __init__(self, url: str = DEFAULT_URL, *, clock: Clock | None = None, max_attempts: int = 16) -> None:
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        *,
+        clock: Clock | None = None,
+        max_attempts: int = 16,
+        sync_views: bool = False,
+        sync_user_credits: bool = False,
+    ) -> None:
+        """``sync_views``: every command brings the read models up to date in
+        this process before it returns (read-your-writes for the embedded
+        default). ``sync_user_credits``: the views keep ``users.credits`` equal
+        to the balance (the host's table must exist)."""
         if type(max_attempts) is not int or not 1 <= max_attempts <= 100:
             raise InvalidArgument(f"max_attempts must be an int within 1..100, got {max_attempts!r}")
         self.config: StoreConfig = parse_url(url)
@@ -64,13 +77,25 @@ class Ledger:
                 self.app = LedgerApplication(env=self.config.eventsourcing_env())
             except Exception as exc:  # eventsourcing raises OSError and driver errors here
                 raise ConfigurationError(f"cannot open ledger store {self.config.backend}: {exc}") from exc
+        self.sync_views = sync_views
+        self.sync_user_credits = sync_user_credits
+        self._views: Views | None = None
         self.engine = Engine(
             self.app, self.clock, stream_reader(self.app, self.config.backend), max_attempts=max_attempts
         )
 
     # -- lifecycle --------------------------------------------------------------
 
+    @property
+    def views(self) -> Views:
+        """The read models (credit_transactions, credit_reservations, …)."""
+        if self._views is None:
+            self._views = Views(self.app, self.config, sync_user_credits=self.sync_user_credits)
+        return self._views
+
     def close(self) -> None:
+        if self._views is not None:
+            self._views.close()
         self.app.close()
 
     def __enter__(self) -> Ledger:
@@ -83,11 +108,17 @@ class Ledger:
 
     def execute(self, command: AnyCommand) -> Receipt:
         """Runs one command; a retry with the same key returns the first receipt."""
-        return self.engine.execute([command], single=True)[0]
+        receipt = self.engine.execute([command], single=True)[0]
+        if self.sync_views:
+            self.views.catch_up()
+        return receipt
 
     def execute_batch(self, commands: Sequence[AnyCommand]) -> list[Receipt]:
         """Runs up to 10,000 commands in one transaction: all of them, or none."""
-        return self.engine.execute(list(commands))
+        receipts = self.engine.execute(list(commands))
+        if self.sync_views:
+            self.views.catch_up()
+        return receipts
 
     def grant(
         self,
@@ -173,6 +204,8 @@ class Ledger:
         recorded = 0
         for start in range(0, len(due), SWEEP_PAGE):
             recorded += self.engine.sweep(due[start : start + SWEEP_PAGE], moment)
+        if self.sync_views:
+            self.views.catch_up()
         return recorded
 
     def record_due(self, user_ids: Sequence[UUID], now: datetime | None = None) -> int:
@@ -182,7 +215,10 @@ class Ledger:
         moment = self.clock.now() if now is None else require_utc(now, "now")
         if len(user_ids) > MAX_BATCH_COMMANDS:
             raise InvalidArgument(f"at most {MAX_BATCH_COMMANDS} accounts per call")
-        return self.engine.sweep([check_uuid(u, "user_id") for u in user_ids], moment)
+        recorded = self.engine.sweep([check_uuid(u, "user_id") for u in user_ids], moment)
+        if self.sync_views:
+            self.views.catch_up()
+        return recorded
 
     def _open_holds(self) -> Iterator[tuple[UUID, datetime]]:
         # Reads the reservation events from the notification log. Bounded pages;

@@ -274,6 +274,9 @@ class Receipt(_View):
     available_credits: int
     recorded_at: datetime
     replayed: bool = False
+    #: Where the command's events sit in the event log (None for a replay):
+    #: ``ledger.views.wait(position)`` waits until the read models include it.
+    position: int | None = None
 
 
 class CreditBlock(_View):

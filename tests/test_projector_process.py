@@ -1,0 +1,91 @@
+"""The long-running projector on PostgreSQL: exactly once through SIGKILL and
+restart while commands keep arriving, and a clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from uuid import uuid4
+
+import pytest
+
+from ledger import InsufficientCredits, Ledger
+from ledger._readmodels import drop_aside
+
+FAR = datetime(2099, 1, 1, tzinfo=UTC)
+
+
+def _start_projector(url: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ledger", "project", "--url", url, "--poll-s", "0.05", "--lag-every-s", "0.5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _write_commands(url: str, stop: threading.Event, counter: list[int]) -> None:
+    users = [uuid4() for _ in range(5)]
+    with Ledger(url) as ledger:
+        for u in users:
+            ledger.grant(u, 1_000_000, "bonus", key=f"{u}:fund")
+        i = 0
+        while not stop.is_set() and i < 20_000:
+            user = users[i % len(users)]
+            try:
+                hold = ledger.reserve(user, uuid4(), 10, FAR, key=f"{user}:r{i}")
+                if i % 3:
+                    ledger.settle(hold.reservation_id, 7, key=f"{user}:s{i}", user_id=user)  # type: ignore[arg-type]
+                else:
+                    ledger.release(hold.reservation_id, "job failed", key=f"{user}:x{i}", user_id=user)  # type: ignore[arg-type]
+                ledger.spend(user, 1, key=f"{user}:a{i}")
+            except InsufficientCredits:
+                pass
+            i += 1
+            counter[0] = i
+
+
+@pytest.mark.postgres
+def test_sigkilled_projector_resumes_exactly_once(pg_url: str) -> None:
+    with Ledger(pg_url) as ledger:
+        ledger.views.store.migrate()
+    stop = threading.Event()
+    counter = [0]
+    writer = threading.Thread(target=_write_commands, args=(pg_url, stop, counter))
+    writer.start()
+    rng = random.Random(20261124)
+    try:
+        for _ in range(6):
+            projector = _start_projector(pg_url)
+            time.sleep(rng.uniform(0.5, 1.5))
+            os.kill(projector.pid, signal.SIGKILL)
+            projector.wait(timeout=30)
+            assert projector.returncode == -signal.SIGKILL
+    finally:
+        stop.set()
+        writer.join(timeout=120)
+    assert counter[0] > 50, "commands kept arriving during the kills"
+
+    projector = _start_projector(pg_url)
+    with Ledger(pg_url) as ledger:
+        views = ledger.views
+        head = views.projector.head()
+        deadline = time.monotonic() + 120
+        while views.position() < head and time.monotonic() < deadline:
+            time.sleep(0.1)
+        projector.send_signal(signal.SIGTERM)
+        output = projector.communicate(timeout=60)[0].decode()
+        assert projector.returncode == 0, output
+        assert "stopped at position" in output and "lag" in output
+        assert views.position() >= head
+        aside = views.build_aside(until=views.position())
+        try:
+            assert {t: d for t, d in views.verify(aside).items() if d} == {}
+            assert views.checksums(aside) == views.checksums()
+        finally:
+            drop_aside(ledger.config, aside)
