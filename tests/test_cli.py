@@ -1,0 +1,78 @@
+"""The operator commands: schema, migrate, rebuild (with --verify), project."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+from uuid import uuid4
+
+import psycopg
+import pytest
+
+from ledger import Ledger
+from ledger._schema import SEED_INDEX_NAMES
+from tests.conftest import pg_base_url
+
+
+def ledger_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "ledger", *args], capture_output=True, text=True, timeout=300, check=False
+    )
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def _schema_of(url: str) -> str:
+    return parse_qs(urlsplit(url).query)["schema"][0]
+
+
+@pytest.mark.postgres
+def test_printed_schema_creates_every_seed_index_in_an_empty_schema(pg_url: str) -> None:
+    schema = _schema_of(pg_url)
+    ddl = ledger_cli("schema", "--schema", schema).stdout
+    with psycopg.connect(pg_base_url(), autocommit=True) as conn:
+        conn.execute(ddl)
+        conn.execute(ddl)  # a migration may run twice
+        names = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE schemaname = %s", [schema])}
+    assert names >= SEED_INDEX_NAMES
+    assert {"idx_credit_transactions_user_created", "idx_subscriptions_active"} <= names
+
+
+def test_sqlite_schema_is_printed() -> None:
+    assert "CREATE TABLE IF NOT EXISTS credit_transactions" in ledger_cli("schema", "--dialect", "sqlite").stdout
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'cli.sqlite3'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+def test_migrate_is_idempotent_and_records_the_version(durable_url: str) -> None:
+    assert "schema version 1" in ledger_cli("migrate", "--url", durable_url).stdout
+    assert "schema version 1" in ledger_cli("migrate", "--url", durable_url).stdout
+    with Ledger(durable_url) as ledger, ledger.views.store.transaction() as tx:
+        assert tx.fetchall("SELECT version FROM ledger_schema_version") == [(1,)]
+
+
+def test_rebuild_prints_checksums_and_verify_finds_an_edited_row(durable_url: str) -> None:
+    user = uuid4()
+    with Ledger(durable_url, sync_views=True) as ledger:
+        ledger.grant(user, 100, "bonus", key=f"{user}:g")
+        ledger.spend(user, 30, key=f"{user}:s")
+    out = ledger_cli("rebuild", "--url", durable_url).stdout
+    assert "credit_transactions" in out and "2 rows" in out and "sha256" in out and "swapped in" in out
+    assert "live tables equal the rebuild" in ledger_cli("rebuild", "--verify", "--url", durable_url).stdout
+    with Ledger(durable_url) as ledger, ledger.views.store.transaction() as tx:
+        tx.execute("UPDATE credit_transactions SET balance_after = 999 WHERE amount = -30")
+    result = ledger_cli("rebuild", "--verify", "--url", durable_url, check=False)
+    assert result.returncode == 1
+    assert "- credit_transactions" in result.stdout and "+ credit_transactions" in result.stdout
+    assert "999" in result.stdout
+    ledger_cli("rebuild", "--url", durable_url)  # the swap repairs it
+    assert ledger_cli("rebuild", "--verify", "--url", durable_url).returncode == 0
