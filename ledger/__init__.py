@@ -3,7 +3,22 @@
 The public surface is re-exported here; everything else is private.
 """
 
+from ._billing import (
+    ActivateSubscription,
+    CancelSubscription,
+    ChangePlan,
+    DefinePlan,
+    ExpireSubscription,
+    MarkPastDue,
+    PauseSubscription,
+    RecoverSubscription,
+    RenewSubscription,
+    ResumeSubscription,
+    StartSubscription,
+    UnpauseSubscription,
+)
 from ._clock import Clock, ManualClock, SystemClock
+from ._entitlements import Entitlements, PlanView, SubscriptionView
 from ._errors import (
     BatchRejected,
     ConcurrencyExhausted,
@@ -19,6 +34,16 @@ from ._errors import (
     UnknownReservation,
 )
 from ._ledger import DEFAULT_URL, Ledger
+from ._plans import DEFAULT_CATALOG, FREE_PLAN, Feature, PlanTerms
+from ._subscriptions import (
+    BillingCycle,
+    CreditPolicy,
+    InvalidTransition,
+    SubscriptionExists,
+    UnknownPlan,
+    UnknownSubscription,
+)
+from ._subscriptions import Status as SubscriptionStatus
 from ._types import (
     MAX_CREDITS,
     AccountEvent,
@@ -39,6 +64,32 @@ from ._types import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_CATALOG",
+    "FREE_PLAN",
+    "ActivateSubscription",
+    "BillingCycle",
+    "CancelSubscription",
+    "ChangePlan",
+    "CreditPolicy",
+    "DefinePlan",
+    "Entitlements",
+    "ExpireSubscription",
+    "Feature",
+    "InvalidTransition",
+    "MarkPastDue",
+    "PauseSubscription",
+    "PlanTerms",
+    "PlanView",
+    "RecoverSubscription",
+    "RenewSubscription",
+    "ResumeSubscription",
+    "StartSubscription",
+    "SubscriptionExists",
+    "SubscriptionStatus",
+    "SubscriptionView",
+    "UnknownPlan",
+    "UnknownSubscription",
+    "UnpauseSubscription",
     "DEFAULT_URL",
     "MAX_CREDITS",
     "AccountEvent",

@@ -22,6 +22,7 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError, JSONTranscoder
 from eventsourcing.utils import Environment
 
+from ._billing import UnitCommand
 from ._clock import Clock
 from ._domain import (
     CommandRecord,
@@ -43,10 +44,10 @@ from ._errors import (
     UnknownReservation,
 )
 from ._streams import StreamReader
+from ._subscriptions import CreditPolicy, SubscriberSlot, slot_id_for
 from ._transcoding import BlockAsDict, HoldAsDict
 from ._types import (
     AdjustCredits,
-    AnyCommand,
     Command,
     CreditKind,
     GrantCredits,
@@ -133,10 +134,15 @@ def get_or_none(app: LedgerApplication, aggregate_id: UUID, cls: type[T]) -> T |
 class _Unit:
     """One attempt at a batch: in-memory aggregates and the receipts so far."""
 
-    def __init__(self, app: LedgerApplication, reader: StreamReader, now: datetime) -> None:
+    def __init__(
+        self, app: LedgerApplication, reader: StreamReader, now: datetime, policy: CreditPolicy | None = None
+    ) -> None:
         self.app = app
         self.reader = reader
         self.now = now
+        self.policy = policy or CreditPolicy()
+        #: Other aggregates the unit loaded or created (subscriptions, plans, slots).
+        self.others: dict[UUID, Any] = {}
         self.accounts: dict[UUID, CreditAccount] = {}
         self.new_reservations: dict[UUID, Reservation] = {}
         self.records: dict[str, CommandRecord] = {}
@@ -175,6 +181,94 @@ class _Unit:
         self.accounts[user_id] = account
         return account
 
+    def aggregate(self, aggregate_id: UUID, cls: type[T]) -> T | None:
+        """An aggregate by id, loaded once per unit (from the command cache)."""
+        found = self.others.get(aggregate_id)
+        if found is None:
+            found = get_or_none(self.app, aggregate_id, cls)
+            if found is not None:
+                self.others[aggregate_id] = found
+        return found if isinstance(found, cls) else None
+
+    def add(self, aggregate: Any) -> None:
+        self.others[aggregate.id] = aggregate
+
+    def slot(self, user_id: UUID) -> SubscriberSlot:
+        slot = self.aggregate(slot_id_for(user_id), SubscriberSlot)
+        if slot is None:
+            slot = SubscriberSlot._create(
+                SubscriberSlot.Opened, id=slot_id_for(user_id), user_id=user_id, timestamp=self.now
+            )
+            self.add(slot)
+        return slot
+
+    def grant_once(
+        self,
+        user_id: UUID,
+        amount: int,
+        kind: CreditKind,
+        *,
+        key: str,
+        expires_at: datetime | None,
+        reference_type: str | None,
+        reference_id: str | None,
+        description: str,
+    ) -> int:
+        """Grants credits under a key derived from the business event; a key
+        recorded before means the credits were granted: nothing happens."""
+        if amount <= 0 or key in self.records:
+            return 0
+        if get_or_none(self.app, record_id_for(key), CommandRecord) is not None:
+            return 0
+        account = self.account(user_id, open_missing=True)
+        account.grant(
+            entry_id=entry_id_for(key),
+            amount=amount,
+            kind=kind,
+            description=description,
+            reference_type=reference_type,
+            reference_id=reference_id,
+            expires_at=expires_at,
+            actor=None,
+            key=key,
+            now=self.now,
+        )
+        internal = GrantCredits(
+            key=key,
+            user_id=user_id,
+            amount_credits=amount,
+            kind=kind,
+            description=description,
+            reference_type=reference_type,
+            reference_id=reference_id,
+            expires_at=expires_at,
+        )
+        self._done(internal, account, amount=amount, entry_id=entry_id_for(key))
+        return amount
+
+    def finish(self, c: Command, user_id: UUID | None, *, amount: int, subscription_id: UUID | None = None) -> Receipt:
+        """The receipt and key record of a command that is not a credit command."""
+        if user_id is not None and user_id in self.accounts:
+            account = self.accounts[user_id]
+            account.apply_due(self.now)
+            account.check_invariants()
+            balance, held = account.balance, account.held
+        else:
+            balance = held = 0
+        fields: dict[str, Any] = {
+            "key": c.key,
+            "command": c.name,
+            "user_id": user_id,
+            "amount_credits": amount,
+            "balance_credits": balance,
+            "held_credits": held,
+            "available_credits": balance - held,
+            "recorded_at": self.now,
+            "subscription_id": subscription_id,
+        }
+        self._record(c, fields)
+        return Receipt.model_construct(**fields, entry_id=None, reservation_id=None, replayed=False)
+
     def owner_of(self, reservation_id: UUID, hint: UUID | None) -> UUID:
         if hint is not None:
             return hint
@@ -201,7 +295,9 @@ class _Unit:
             return ReservationClosed(reservation_id, reservation.status)
         return UnknownReservation(reservation_id, account.user_id)
 
-    def run(self, command: AnyCommand) -> Receipt:
+    def run(self, command: Command) -> Receipt:
+        if isinstance(command, UnitCommand):
+            return command.apply(self)
         if isinstance(command, GrantCredits):
             return self._grant(command)
         if isinstance(command, SpendCredits):
@@ -210,7 +306,9 @@ class _Unit:
             return self._reserve(command)
         if isinstance(command, SettleReservation | ReleaseReservation):
             return self._close(command)
-        return self._adjust(command)
+        if isinstance(command, AdjustCredits):
+            return self._adjust(command)
+        raise InvalidArgument(f"not a ledger command: {type(command).__name__}")
 
     def _grant(self, c: GrantCredits) -> Receipt:
         account = self.account(c.user_id, open_missing=True)
@@ -293,7 +391,7 @@ class _Unit:
 
     def _done(
         self,
-        c: AnyCommand,
+        c: Command,
         account: CreditAccount,
         *,
         amount: int,
@@ -315,6 +413,11 @@ class _Unit:
             "available_credits": account.balance - held,
             "recorded_at": self.now,
         }
+        self._record(c, fields)
+        # The fields were built from checked state: skip pydantic's validation.
+        return Receipt.model_construct(**fields, replayed=False)
+
+    def _record(self, c: Command, fields: dict[str, Any]) -> None:
         self.records[c.key] = CommandRecord._create(
             CommandRecord.Recorded,
             id=record_id_for(c.key),
@@ -324,8 +427,6 @@ class _Unit:
             receipt=fields,
             timestamp=self.now,
         )
-        # The fields were built from checked state: skip pydantic's validation.
-        return Receipt.model_construct(**fields, replayed=False)
 
     def sweep(self, user_id: UUID) -> None:
         """Loads an account so its due holds and lapsed blocks are recorded."""
@@ -353,6 +454,7 @@ class _Unit:
                     closes.append(self._close_event(event))
         objs.extend(self.new_reservations.values())
         objs.extend(e for e in closes if e is not None)
+        objs.extend(self.others.values())
         objs.extend(self.records.values())
         return objs
 
@@ -375,7 +477,13 @@ class Engine:
     """Runs batches of commands with idempotency and bounded retries."""
 
     def __init__(
-        self, app: LedgerApplication, clock: Clock, reader: StreamReader, *, max_attempts: int = MAX_ATTEMPTS
+        self,
+        app: LedgerApplication,
+        clock: Clock,
+        reader: StreamReader,
+        *,
+        max_attempts: int = MAX_ATTEMPTS,
+        policy: CreditPolicy | None = None,
     ) -> None:
         if not 1 <= max_attempts <= 100:
             raise InvalidArgument(f"max_attempts must be within 1..100, got {max_attempts}")
@@ -383,17 +491,18 @@ class Engine:
         self.clock = clock
         self.reader = reader
         self.max_attempts = max_attempts
+        self.policy = policy or CreditPolicy()
 
     def find_record(self, key: str) -> CommandRecord | None:
         return get_or_none(self.app, record_id_for(key), CommandRecord)
 
     @staticmethod
-    def replay(record: CommandRecord, command: AnyCommand) -> Receipt:
+    def replay(record: CommandRecord, command: Command) -> Receipt:
         if record.fingerprint != command.fingerprint:
             raise IdempotencyConflict(command.key, record.command, command.name)
         return Receipt.model_validate({**record.receipt, "replayed": True})
 
-    def execute(self, commands: Sequence[AnyCommand], *, single: bool = False) -> list[Receipt]:
+    def execute(self, commands: Sequence[Command], *, single: bool = False) -> list[Receipt]:
         """Runs commands in one transaction. ``single`` raises a failing
         command's own error rather than wrapping it in BatchRejected."""
         if not commands:
@@ -403,7 +512,7 @@ class Engine:
         for c in commands:
             if not isinstance(c, Command):
                 raise InvalidArgument(f"not a ledger command: {type(c).__name__}")
-        first_by_key: dict[str, AnyCommand] = {}
+        first_by_key: dict[str, Command] = {}
         for c in commands:
             first = first_by_key.setdefault(c.key, c)
             if first.fingerprint != c.fingerprint:
@@ -413,9 +522,11 @@ class Engine:
         # which triggers one bulk look-up of all of them below.
         known: dict[str, CommandRecord] = {}
         for attempt in range(self.max_attempts):
-            unit = _Unit(self.app, self.reader, self.clock.now())
+            unit = _Unit(self.app, self.reader, self.clock.now(), self.policy)
             if len(commands) > 1:
-                unit.preload(c.user_id for c in commands if c.user_id is not None and c.key not in known)
+                unit.preload(
+                    u for c in commands if (u := getattr(c, "user_id", None)) is not None and c.key not in known
+                )
             try:
                 receipts = self._run(unit, commands, known)
             except _Failed as failed:
@@ -437,14 +548,14 @@ class Engine:
             except IntegrityError:
                 # A concurrent writer moved an account on, or a key was used
                 # meanwhile: learn which keys now exist, then reload and re-run.
-                self.app.evict(account_id_for(u) for u in unit.accounts)
+                self.app.evict([*(account_id_for(u) for u in unit.accounts), *unit.others])
                 known.update(self._find_records({k: c for k, c in first_by_key.items() if k not in known}))
                 time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
                 continue
             return [r if r.replayed else r.model_copy(update={"position": position}) for r in receipts]
         raise ConcurrencyExhausted(self.max_attempts)
 
-    def _find_records(self, by_key: dict[str, AnyCommand]) -> dict[str, CommandRecord]:
+    def _find_records(self, by_key: dict[str, Command]) -> dict[str, CommandRecord]:
         loaded = self.reader.load([record_id_for(key) for key in by_key], snapshots=False)
         found = {}
         for key in by_key:
@@ -453,7 +564,7 @@ class Engine:
                 found[key] = record
         return found
 
-    def _run(self, unit: _Unit, commands: Sequence[AnyCommand], known: dict[str, CommandRecord]) -> list[Receipt]:
+    def _run(self, unit: _Unit, commands: Sequence[Command], known: dict[str, CommandRecord]) -> list[Receipt]:
         receipts: list[Receipt] = []
         done: dict[str, Receipt] = {}
         for index, command in enumerate(commands):
@@ -476,7 +587,7 @@ class Engine:
         if len(ids) > MAX_BATCH_COMMANDS:
             raise InvalidArgument(f"a sweep batch holds at most {MAX_BATCH_COMMANDS} accounts")
         for _ in range(self.max_attempts):
-            unit = _Unit(self.app, self.reader, now)
+            unit = _Unit(self.app, self.reader, now, self.policy)
             unit.preload(ids)
             for user_id in ids:
                 unit.sweep(user_id)
@@ -494,7 +605,7 @@ class Engine:
 
 
 class _Failed(Exception):
-    def __init__(self, index: int, command: AnyCommand, cause: LedgerError) -> None:
+    def __init__(self, index: int, command: Command, cause: LedgerError) -> None:
         self.index = index
         self.command = command
         self.cause = cause

@@ -160,6 +160,25 @@ def rebuild(url: str | None, verify: bool) -> None:
             drop_aside(ledger.config, aside)
 
 
+@cli.command()
+@click.option("--url", default=None, help=URL_HELP)
+@click.option("--now", "now_iso", default=None, help="Act as of this ISO-8601 UTC time (default: now).")
+@click.option("--no-auto-renew", is_flag=True, help="Leave renewals to the payment provider's webhooks.")
+def tick(url: str | None, now_iso: str | None, no_auto_renew: bool) -> None:
+    """Perform what falls due: trial ends, renewals, expiries, stale holds, lapsed credits."""
+    from datetime import UTC, datetime
+
+    from ._ledger import Ledger
+    from ._subscriptions import CreditPolicy
+
+    now = datetime.fromisoformat(now_iso).astimezone(UTC) if now_iso else None
+    with Ledger(_url(url), credit_policy=CreditPolicy(auto_renew=not no_auto_renew)) as ledger:
+        done = ledger.tick(now)
+        click.echo(
+            f"subscription changes: {done['subscriptions']}; hold releases and expirations: {done['holds_and_lapses']}"
+        )
+
+
 def main() -> None:
     try:
         cli(standalone_mode=True)

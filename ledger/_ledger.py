@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -12,17 +13,43 @@ import psycopg
 from psycopg import sql
 
 from ._app import MAX_BATCH_COMMANDS, Engine, LedgerApplication
+from ._billing import (
+    ActivateSubscription,
+    CancelSubscription,
+    ChangePlan,
+    DefinePlan,
+    ExpireSubscription,
+    MarkPastDue,
+    PauseSubscription,
+    RecoverSubscription,
+    RenewSubscription,
+    ResumeSubscription,
+    StartSubscription,
+    UnpauseSubscription,
+    due_changes,
+)
 from ._clock import Clock, SystemClock, require_utc
 from ._domain import CreditAccount, Reservation, account_id_for
+from ._entitlements import Entitlements, PlanView, SubscriptionView, entitlements_for, plan_view, subscription_view
 from ._errors import ConfigurationError, InvalidArgument, UnknownAccount, UnknownReservation
+from ._plans import DEFAULT_CATALOG, Plan, PlanTerms, plan_id_for
 from ._readmodels import Views
 from ._storage import StoreConfig, parse_url
 from ._streams import stream_reader
+from ._subscriptions import (
+    CreditPolicy,
+    InvalidTransition,
+    SubscriberSlot,
+    Subscription,
+    UnknownPlan,
+    UnknownSubscription,
+    slot_id_for,
+)
 from ._types import (
     AccountEvent,
     AdjustCredits,
-    AnyCommand,
     Balance,
+    Command,
     CreditBlock,
     CreditKind,
     GrantCredits,
@@ -60,11 +87,17 @@ class Ledger:
         max_attempts: int = 16,
         sync_views: bool = False,
         sync_user_credits: bool = False,
+        sync_user_tier: bool = False,
+        credit_policy: CreditPolicy | None = None,
     ) -> None:
         """``sync_views``: every command brings the read models up to date in
         this process before it returns (read-your-writes for the embedded
         default). ``sync_user_credits``: the views keep ``users.credits`` equal
-        to the balance (the host's table must exist)."""
+        to the balance (the host's table must exist); ``sync_user_tier``: the
+        views keep ``users.tier`` and ``users.storage_quota`` on the user's
+        entitled plan. ``credit_policy``: how
+        subscription changes move credits (default: full upgrade difference,
+        subscription credits expire at the end of their period)."""
         if type(max_attempts) is not int or not 1 <= max_attempts <= 100:
             raise InvalidArgument(f"max_attempts must be an int within 1..100, got {max_attempts!r}")
         self.config: StoreConfig = parse_url(url)
@@ -79,9 +112,15 @@ class Ledger:
                 raise ConfigurationError(f"cannot open ledger store {self.config.backend}: {exc}") from exc
         self.sync_views = sync_views
         self.sync_user_credits = sync_user_credits
+        self.sync_user_tier = sync_user_tier
         self._views: Views | None = None
+        self.credit_policy = credit_policy or CreditPolicy()
         self.engine = Engine(
-            self.app, self.clock, stream_reader(self.app, self.config.backend), max_attempts=max_attempts
+            self.app,
+            self.clock,
+            stream_reader(self.app, self.config.backend),
+            max_attempts=max_attempts,
+            policy=self.credit_policy,
         )
 
     # -- lifecycle --------------------------------------------------------------
@@ -90,7 +129,9 @@ class Ledger:
     def views(self) -> Views:
         """The read models (credit_transactions, credit_reservations, …)."""
         if self._views is None:
-            self._views = Views(self.app, self.config, sync_user_credits=self.sync_user_credits)
+            self._views = Views(
+                self.app, self.config, sync_user_credits=self.sync_user_credits, sync_user_tier=self.sync_user_tier
+            )
         return self._views
 
     def close(self) -> None:
@@ -106,14 +147,14 @@ class Ledger:
 
     # -- commands -----------------------------------------------------------------
 
-    def execute(self, command: AnyCommand) -> Receipt:
+    def execute(self, command: Command) -> Receipt:
         """Runs one command; a retry with the same key returns the first receipt."""
         receipt = self.engine.execute([command], single=True)[0]
         if self.sync_views:
             self.views.catch_up()
         return receipt
 
-    def execute_batch(self, commands: Sequence[AnyCommand]) -> list[Receipt]:
+    def execute_batch(self, commands: Sequence[Command]) -> list[Receipt]:
         """Runs up to 10,000 commands in one transaction: all of them, or none."""
         receipts = self.engine.execute(list(commands))
         if self.sync_views:
@@ -306,6 +347,189 @@ class Ledger:
         self._account(user_id)
         events = self.app.events.get(account_id_for(user_id), gt=after_version or None, limit=limit)
         return [_describe(user_id, e) for e in events]
+
+    # -- plans and subscriptions -----------------------------------------------------
+
+    def define_plan(self, terms: PlanTerms, *, key: str | None = None, actor: str | None = None) -> Receipt:
+        """Adds a plan to the catalog or revises it; same terms change nothing."""
+        digest = hashlib.sha256(repr(terms.as_event_data()).encode()).hexdigest()[:16]
+        return self.execute(DefinePlan(key=key or f"plan:{terms.name}:{digest}", terms=terms, actor=actor))
+
+    def install_default_catalog(self) -> list[Receipt]:
+        """The seed's plans (starter, pro, studio, enterprise), once."""
+        return [self.define_plan(terms) for terms in DEFAULT_CATALOG]
+
+    def plan(self, name: str) -> PlanView:
+        plan = self._fresh(plan_id_for(name), snapshots=False)
+        if not isinstance(plan, Plan):
+            raise UnknownPlan(name)
+        return plan_view(plan.terms, plan.revision)
+
+    def plan_history(self, name: str) -> list[PlanView]:
+        """Every revision of a plan's terms, oldest first."""
+        self.plan(name)
+        views = []
+        for revision, event in enumerate(self.app.events.get(plan_id_for(name)), start=1):
+            views.append(plan_view(PlanTerms.from_event_data(event.terms), revision))  # type: ignore[attr-defined]
+        return views
+
+    def start_subscription(
+        self,
+        user_id: UUID,
+        plan: str,
+        *,
+        key: str,
+        billing_cycle: str = "monthly",
+        trial_days: int = 0,
+        lemon_squeezy_subscription_id: str | None = None,
+        lemon_squeezy_customer_id: str | None = None,
+        actor: str | None = None,
+    ) -> Receipt:
+        """Starts a trial (``trial_days``) or a paid period, granting the plan's credits."""
+        return self.execute(
+            StartSubscription(
+                key=key,
+                user_id=user_id,
+                plan=plan,
+                billing_cycle=billing_cycle,  # type: ignore[arg-type]  # validated
+                trial_days=trial_days,
+                lemon_squeezy_subscription_id=lemon_squeezy_subscription_id,
+                lemon_squeezy_customer_id=lemon_squeezy_customer_id,
+                actor=actor,
+            )
+        )
+
+    def change_plan(
+        self, subscription_id: UUID, plan: str, *, key: str, actor: str | None = None, reason: str | None = None
+    ) -> Receipt:
+        return self.execute(ChangePlan(key=key, subscription_id=subscription_id, plan=plan, actor=actor, reason=reason))
+
+    def activate_subscription(self, subscription_id: UUID, *, key: str) -> Receipt:
+        return self.execute(ActivateSubscription(key=key, subscription_id=subscription_id))
+
+    def renew_subscription(self, subscription_id: UUID, *, key: str) -> Receipt:
+        return self.execute(RenewSubscription(key=key, subscription_id=subscription_id))
+
+    def mark_past_due(self, subscription_id: UUID, *, key: str) -> Receipt:
+        return self.execute(MarkPastDue(key=key, subscription_id=subscription_id))
+
+    def recover_subscription(self, subscription_id: UUID, *, key: str) -> Receipt:
+        return self.execute(RecoverSubscription(key=key, subscription_id=subscription_id))
+
+    def cancel_subscription(
+        self,
+        subscription_id: UUID,
+        *,
+        key: str,
+        at_period_end: bool = True,
+        reason: str | None = None,
+        actor: str | None = None,
+    ) -> Receipt:
+        return self.execute(
+            CancelSubscription(
+                key=key, subscription_id=subscription_id, at_period_end=at_period_end, reason=reason, actor=actor
+            )
+        )
+
+    def resume_subscription(self, subscription_id: UUID, *, key: str) -> Receipt:
+        return self.execute(ResumeSubscription(key=key, subscription_id=subscription_id))
+
+    def pause_subscription(self, subscription_id: UUID, *, key: str) -> Receipt:
+        return self.execute(PauseSubscription(key=key, subscription_id=subscription_id))
+
+    def unpause_subscription(self, subscription_id: UUID, *, key: str) -> Receipt:
+        return self.execute(UnpauseSubscription(key=key, subscription_id=subscription_id))
+
+    def expire_subscription(self, subscription_id: UUID, *, key: str, reason: str = "period ended") -> Receipt:
+        return self.execute(ExpireSubscription(key=key, subscription_id=subscription_id, reason=reason))
+
+    def subscription(self, subscription_id: UUID) -> SubscriptionView:
+        s = self._fresh(check_uuid(subscription_id, "subscription_id"))
+        if not isinstance(s, Subscription):
+            raise UnknownSubscription(subscription_id)
+        return subscription_view(s)
+
+    def _live_subscription(self, user_id: UUID) -> Subscription | None:
+        slot = self._fresh(slot_id_for(check_uuid(user_id, "user_id")), snapshots=False)
+        if not isinstance(slot, SubscriberSlot) or slot.live is None:
+            return None
+        s = self._fresh(slot.live)
+        return s if isinstance(s, Subscription) else None
+
+    def subscription_of(self, user_id: UUID) -> SubscriptionView | None:
+        """The user's live subscription, if any."""
+        s = self._live_subscription(user_id)
+        return None if s is None else subscription_view(s)
+
+    def entitlements(self, user_id: UUID) -> Entitlements:
+        """Plan, features, credits per period, storage and queues the user has now."""
+        s = self._live_subscription(user_id)
+        now = self.clock.now()
+        terms = None
+        if s is not None:
+            plan = self._fresh(plan_id_for(s.plan), snapshots=False)
+            terms = plan.terms if isinstance(plan, Plan) else None
+        return entitlements_for(user_id, s, terms, now)
+
+    def tick(self, now: datetime | None = None) -> dict[str, int]:
+        """Performs what falls due: trial ends and renewals (when the policy
+        auto-renews), expiries at period end, stale holds, lapsed credits.
+        Safe to run repeatedly and concurrently: every change is keyed."""
+        moment = self.clock.now() if now is None else require_utc(now, "now")
+        done = {"subscriptions": 0, "holds_and_lapses": 0}
+        for chunk in _chunks(sorted(self._live_subscription_ids()), SWEEP_PAGE):
+            for s in self.engine.reader.load(chunk).values():
+                for command in due_changes(s, moment, auto_renew=self.credit_policy.auto_renew):
+                    try:
+                        self.execute(command)
+                        done["subscriptions"] += 1
+                    except InvalidTransition:
+                        continue  # changed meanwhile (another tick, a webhook)
+        done["holds_and_lapses"] = self.expire_holds(moment)
+        lapsing = sorted(self._users_with_lapsed_grants(moment))
+        for chunk in _chunks(lapsing, SWEEP_PAGE):
+            done["holds_and_lapses"] += self.engine.sweep(chunk, moment)
+        if self.sync_views:
+            self.views.catch_up()
+        return done
+
+    def _scan(self, topics: list[str]) -> Iterator[Any]:
+        start = 1
+        while True:
+            page = self.app.recorder.select_notifications(start=start, limit=SWEEP_PAGE, topics=topics)
+            for notification in page:
+                yield self.app.mapper.to_domain_event(notification)
+            if len(page) < SWEEP_PAGE:
+                return
+            start = page[-1].id + 1
+
+    def _live_subscription_ids(self) -> set[UUID]:
+        live: set[UUID] = set()
+        for event in self._scan([Subscription.Started.TOPIC, Subscription.Expired.TOPIC]):
+            if isinstance(event, Subscription.Started):
+                live.add(event.originator_id)
+            else:
+                live.discard(event.originator_id)
+        return live
+
+    def _users_with_lapsed_grants(self, now: datetime) -> set[UUID]:
+        # Accounts whose expiring grants have lapsed; recording is a no-op for
+        # those already recorded. Reads the grants in pages from the log.
+        accounts = {
+            e.originator_id
+            for e in self._scan([CreditAccount.Granted.TOPIC])
+            if e.expires_at is not None and e.expires_at <= now
+        }
+        users = set()
+        for event in self._scan([CreditAccount.Opened.TOPIC]):
+            if event.originator_id in accounts:
+                users.add(event.user_id)
+        return users
+
+
+def _chunks(items: Sequence[UUID], size: int) -> Iterator[list[UUID]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
 
 
 def _describe(user_id: UUID, event: Any) -> AccountEvent:

@@ -17,13 +17,14 @@ from ._app import LedgerApplication
 from ._projector import Progress, Projector, checksum, differences
 from ._storage import StoreConfig
 from ._views import CreditView, View
+from ._views_billing import SubscriptionView
 from ._viewstore import TRACKED_APPLICATION, ViewStore
 from ._viewstore_postgres import TRACKING_TABLE, PostgresViewStore
 from ._viewstore_sqlite import SQLiteViewStore
 
 
-def default_views(*, sync_user_credits: bool = False) -> list[View]:
-    return [CreditView(sync_user_credits=sync_user_credits)]
+def default_views(*, sync_user_credits: bool = False, sync_user_tier: bool = False) -> list[View]:
+    return [CreditView(sync_user_credits=sync_user_credits), SubscriptionView(sync_user_tier=sync_user_tier)]
 
 
 def views_path(config: StoreConfig) -> str:
@@ -78,13 +79,20 @@ def drop_aside(config: StoreConfig, store: ViewStore) -> None:
 class Views:
     """The read models of one ledger."""
 
-    def __init__(self, app: LedgerApplication, config: StoreConfig, *, sync_user_credits: bool = False) -> None:
+    def __init__(
+        self,
+        app: LedgerApplication,
+        config: StoreConfig,
+        *,
+        sync_user_credits: bool = False,
+        sync_user_tier: bool = False,
+    ) -> None:
         self.app = app
         self.config = config
-        self.sync_user_credits = sync_user_credits
         self.store = open_view_store(config, app)
         self.store.migrate()
-        self.projector = Projector(app, self.store, default_views(sync_user_credits=sync_user_credits))
+        views = default_views(sync_user_credits=sync_user_credits, sync_user_tier=sync_user_tier)
+        self.projector = Projector(app, self.store, views)
 
     def catch_up(self, progress: Callable[[Progress], None] | None = None) -> int:
         """Projects every event recorded so far, in this process."""

@@ -24,8 +24,10 @@ ledger._errors.ConfigurationError: schema 'Pingvas' must be a lowercase SQL iden
 from __future__ import annotations
 
 import re
+from uuid import UUID, uuid5
 
 from ._errors import ConfigurationError
+from ._plans import PLAN_NS
 from ._storage import check_identifier
 
 __all__ = [
@@ -496,24 +498,41 @@ def _rows_with_comments(rows: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _plan_id(name: str) -> UUID:
+    # The same id the ledger's Plan aggregate has: seeded and projected rows agree,
+    # and a rebuilt subscriptions.plan_id equals the live one.
+    return uuid5(PLAN_NS, name)
+
+
+def _feature_id(plan: str, feature: str) -> UUID:
+    return uuid5(PLAN_NS, f"{plan}:{feature}")
+
+
 def _pg_plan_rows() -> str:
     rows = [
-        (f"('{name}', '{display}', {monthly}, {yearly}, {credits}, {storage}, {queues}, {tier})", note)
+        (
+            f"('{_plan_id(name)}', '{name}', '{display}', {monthly}, {yearly}, {credits}, {storage}, {queues}, {tier})",
+            note,
+        )
         for name, display, monthly, yearly, credits, storage, queues, tier, note in _PLAN_ROWS
     ]
     return (
-        "INSERT INTO {S}.plans (name, display_name, monthly_price, yearly_price, credits, storage_bytes, "
+        "INSERT INTO {S}.plans (id, name, display_name, monthly_price, yearly_price, credits, storage_bytes, "
         "queue_count, tier_level) VALUES\n" + _rows_with_comments(rows) + "\nON CONFLICT (name) DO NOTHING;"
     )
 
 
 def _pg_feature_rows() -> str:
     rows = [
-        (f"((SELECT id FROM {{S}}.plans WHERE name = '{plan}'), '{key}', {'TRUE' if enabled else 'FALSE'})", "")
+        (
+            f"('{_feature_id(plan, key)}', (SELECT id FROM {{S}}.plans WHERE name = '{plan}'), '{key}', "
+            f"{'TRUE' if enabled else 'FALSE'})",
+            "",
+        )
         for plan, key, enabled in _PLAN_FEATURE_ROWS
     ]
     return (
-        "INSERT INTO {S}.plan_features (plan_id, feature_key, enabled) VALUES\n"
+        "INSERT INTO {S}.plan_features (id, plan_id, feature_key, enabled) VALUES\n"
         + _rows_with_comments(rows)
         + "\nON CONFLICT (plan_id, feature_key) DO NOTHING;"
     )
@@ -863,18 +882,26 @@ def _sqlite_updated_at_trigger(table: str, create_table: str) -> str:
 def _sqlite_seed_rows() -> str:
     # Prices as text literals: a numeric 25.00 would be stored as '25.0'.
     plans = [
-        (f"('{name}', '{display}', '{monthly}', '{yearly}', {credits}, {storage}, {queues}, {tier})", note)
+        (
+            f"('{_plan_id(name)}', '{name}', '{display}', '{monthly}', '{yearly}', {credits}, {storage}, "
+            f"{queues}, {tier})",
+            note,
+        )
         for name, display, monthly, yearly, credits, storage, queues, tier, note in _PLAN_ROWS
     ]
     features = [
-        (f"((SELECT id FROM plans WHERE name = '{plan}'), '{key}', {1 if enabled else 0})", "")
+        (
+            f"('{_feature_id(plan, key)}', (SELECT id FROM plans WHERE name = '{plan}'), '{key}', "
+            f"{1 if enabled else 0})",
+            "",
+        )
         for plan, key, enabled in _PLAN_FEATURE_ROWS
     ]
     return (
         "\n-- The seed's default catalog and feature flags; rows already there stay as they are.\n"
-        "INSERT OR IGNORE INTO plans (name, display_name, monthly_price, yearly_price, credits, storage_bytes, "
-        "queue_count, tier_level) VALUES\n" + _rows_with_comments(plans) + "\n;\n"
-        "INSERT OR IGNORE INTO plan_features (plan_id, feature_key, enabled) VALUES\n"
+        "INSERT OR IGNORE INTO plans (id, name, display_name, monthly_price, yearly_price, credits, "
+        "storage_bytes, queue_count, tier_level) VALUES\n" + _rows_with_comments(plans) + "\n;\n"
+        "INSERT OR IGNORE INTO plan_features (id, plan_id, feature_key, enabled) VALUES\n"
         + _rows_with_comments(features)
         + ";\n"
     )

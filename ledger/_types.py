@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from datetime import datetime
+from decimal import Decimal
 from enum import StrEnum
 from functools import cached_property
 from typing import Any, ClassVar, Literal
@@ -100,6 +101,14 @@ def _canonical(value: Any) -> Any:
     return value
 
 
+def _json_default(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    if isinstance(value, Decimal):
+        return str(value)
+    return _canonical(value)
+
+
 @dataclass(frozen=True)
 class Command:
     """A ledger command. ``key`` is the caller's idempotency key."""
@@ -117,7 +126,7 @@ class Command:
             for f in fields(self)
             if f.name != "key" and f.name not in self.hints
         }
-        text = json.dumps({"command": self.name, **body}, sort_keys=True)
+        text = json.dumps({"command": self.name, **body}, sort_keys=True, default=_json_default)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def describe(self) -> dict[str, Any]:
@@ -263,10 +272,12 @@ class Receipt(_View):
 
     key: str
     command: str
-    user_id: UUID
+    #: The account's user (None for catalog commands such as define_plan).
+    user_id: UUID | None
     #: The posted balance change (credit_transactions.id), when the command posted one.
     entry_id: UUID | None = None
     reservation_id: UUID | None = None
+    subscription_id: UUID | None = None
     #: Signed change to the balance made by this command (0 for reserve and release).
     amount_credits: int
     balance_credits: int

@@ -9,10 +9,12 @@ page can never be applied twice.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
@@ -93,4 +95,13 @@ def normalise(value: Any) -> Any:
         return int(value)
     if isinstance(value, memoryview | bytes):
         return bytes(value).hex()
+    if isinstance(value, dict):  # jsonb on PostgreSQL, JSON text on SQLite
+        return json.dumps(value, sort_keys=True, default=str)
+    if isinstance(value, str) and value[:1] == "{" and value[-1:] == "}":
+        try:
+            return json.dumps(json.loads(value), sort_keys=True, default=str)
+        except ValueError:
+            return value
+    if isinstance(value, Decimal):
+        return str(value)
     return value

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 from eventsourcing.postgres import PostgresDatastore, PostgresTrackingRecorder
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
 from ._schema import SCHEMA_VERSION, postgres_ddl
 from ._viewstore import ViewStore, ViewTx, naive_utc, normalise, tracking_for
@@ -18,9 +20,11 @@ MIGRATE_LOCK_KEY = 0x70696E6777
 
 
 def _adapt(value: Any) -> Any:
-    from datetime import datetime
-
-    return naive_utc(value) if isinstance(value, datetime) and value.tzinfo else value
+    if isinstance(value, datetime) and value.tzinfo:
+        return naive_utc(value)
+    if isinstance(value, dict):
+        return Jsonb(value)
+    return value
 
 
 class PostgresViewTx(ViewTx):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
@@ -19,6 +21,10 @@ def _adapt(value: Any) -> Any:
         return str(value)
     if isinstance(value, datetime):
         return (naive_utc(value) if value.tzinfo else value).isoformat(sep=" ")
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, default=str)
+    if isinstance(value, Decimal):
+        return str(value)
     return value
 
 

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from ledger._errors import ConfigurationError
+from ledger._plans import plan_id_for
 from ledger._schema import (
     ADDED_INDEX_NAMES,
     INDEX_NAMES,
@@ -629,7 +630,8 @@ def test_sqlite_seed_catalog(lite: sqlite3.Connection) -> None:
     ).fetchall()
     assert {r[1]: (Decimal(r[2]), Decimal(r[3]), *r[4:]) for r in rows} == SEED_PLANS
     assert {r[1]: r[2] for r in rows} == {"starter": "25.00", "pro": "75.00", "studio": "150.00", "enterprise": "0.00"}
-    assert all(uuid.UUID(r[0]).version == 4 and str(uuid.UUID(r[0])) == r[0] for r in rows)
+    # The seeded ids are the ledger's own plan ids, so seeded and projected rows agree.
+    assert {r[1]: r[0] for r in rows} == {name: str(plan_id_for(name)) for name in SEED_PLANS}
     features = lite.execute(
         "SELECT p.name, f.feature_key, f.enabled FROM plan_features f JOIN plans p ON p.id = f.plan_id"
     ).fetchall()
