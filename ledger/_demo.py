@@ -124,4 +124,64 @@ def run_demo(url: str, echo: Callable[[str], None] = print) -> Balance:
                 if block.expires_at
                 else f"  {block.kind:<18} {block.remaining_credits:>6} of {block.granted_credits:<6} never expires"
             )
+        echo("")
+        run_subscription_demo(ledger, clock, echo)
         return final
+
+
+def run_subscription_demo(ledger: Ledger, clock: ManualClock, echo: Callable[[str], None]) -> None:
+    """A second user subscribes, upgrades, renews, cancels and expires."""
+    user = UUID("00000000-0000-4000-8000-0000000000b0")
+    ledger.install_default_catalog()
+    echo(f"Subscription of user {user}\n")
+
+    def step(what: str, receipt: Receipt) -> None:
+        e = ledger.entitlements(user)
+        effect = f"{receipt.amount_credits:+d}" if receipt.amount_credits else "     0"
+        echo(
+            f"{clock.now():%Y-%m-%d}  {what:<44} credits {effect:>7}  balance {ledger.balance(user).balance_credits:>6}"
+            f"  plan {e.plan:<8} {e.status}"
+        )
+
+    started = ledger.start_subscription(user, "starter", key="demo:sub:start", trial_days=7)
+    sid = started.subscription_id
+    assert sid is not None
+    step("starts a 7-day Starter trial", started)
+    clock.advance(timedelta(days=7))
+    ledger.tick()
+    step("trial ends: first paid month (tick)", _last(ledger, sid))
+    clock.advance(timedelta(days=10))
+    step("upgrades to Pro: the full difference", ledger.change_plan(sid, "pro", key="demo:sub:upgrade"))
+    ledger.spend(user, 4000, key="demo:sub:use", description="a month of generations")
+    clock.set(ledger.subscription(sid).current_period_end)
+    ledger.tick()
+    step("renews: unused credits lapse, new month", _last(ledger, sid))
+    clock.advance(timedelta(days=3))
+    step(
+        "cancels at period end: keeps Pro until then",
+        ledger.cancel_subscription(sid, key="demo:sub:cancel", reason="switching tools"),
+    )
+    clock.set(ledger.subscription(sid).current_period_end)
+    ledger.tick()
+    step("period ends: expired, back to free", _last(ledger, sid))
+
+
+def _last(ledger: Ledger, subscription_id: UUID) -> Receipt:
+    """The receipt-like summary of the latest subscription change (made by tick)."""
+    s = ledger.subscription(subscription_id)
+    granted = 0
+    for event in reversed(ledger.history(s.user_id)):
+        if event.type == "granted" and event.data.get("reference_id") == str(subscription_id):
+            granted = int(event.data["amount"]) if event.recorded_at == ledger.clock.now() else 0
+            break
+    b = ledger.balance(s.user_id)
+    return Receipt(
+        key="tick",
+        command="tick",
+        user_id=s.user_id,
+        amount_credits=granted,
+        balance_credits=b.balance_credits,
+        held_credits=b.held_credits,
+        available_credits=b.available_credits,
+        recorded_at=ledger.clock.now(),
+    )
