@@ -36,6 +36,11 @@ def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
         "hold sweep",
         "expired",
         "balance   1200",
+        "7-day Starter trial",
+        "upgrades to Pro",
+        "credits  +10000",
+        "renews",
+        "back to free",
     ):
         assert expected in out, expected
 
