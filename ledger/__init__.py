@@ -15,6 +15,7 @@ from ._billing import (
     RenewSubscription,
     ResumeSubscription,
     StartSubscription,
+    SyncSubscription,
     UnpauseSubscription,
 )
 from ._clock import Clock, ManualClock, SystemClock
@@ -87,6 +88,7 @@ __all__ = [
     "SubscriptionExists",
     "SubscriptionStatus",
     "SubscriptionView",
+    "SyncSubscription",
     "UnknownPlan",
     "UnknownSubscription",
     "UnpauseSubscription",

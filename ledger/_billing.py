@@ -395,6 +395,110 @@ class DefinePlan(UnitCommand):
         return unit.finish(self, None, amount=0)
 
 
+@dataclass(frozen=True)
+class SyncSubscription(UnitCommand):
+    """Applies a payment provider's snapshot of a subscription, if it is newer
+    than the last one applied (``source_updated_at``); an older one changes
+    nothing. Creates the subscription on first sight, so an update that arrives
+    before its create is applied, not dropped. Moves no credits: the provider's
+    invoices do (see the Lemon Squeezy adapter)."""
+
+    name: ClassVar[str] = "sync_subscription"
+    subscription_id: UUID = field(kw_only=True)
+    user_id: UUID = field(kw_only=True)
+    plan: str = field(kw_only=True)
+    billing_cycle: BillingCycle = field(kw_only=True)
+    status: Status = field(kw_only=True)
+    period_start: datetime = field(kw_only=True)
+    period_end: datetime = field(kw_only=True)
+    trial_ends_at: datetime | None = field(default=None, kw_only=True)
+    cancel_at_period_end: bool = field(default=False, kw_only=True)
+    source_updated_at: datetime = field(kw_only=True)
+    external_id: str | None = field(default=None, kw_only=True)
+    customer_id: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        check_key(self.key)
+        check_uuid(self.subscription_id, "subscription_id")
+        check_uuid(self.user_id, "user_id")
+        object.__setattr__(self, "billing_cycle", _cycle(self.billing_cycle))
+        try:
+            object.__setattr__(self, "status", Status(self.status))
+        except ValueError:
+            raise InvalidArgument(f"unknown subscription status {self.status!r}") from None
+        for name in ("period_start", "period_end", "source_updated_at"):
+            object.__setattr__(self, name, require_utc(getattr(self, name), name))
+        if self.trial_ends_at is not None:
+            object.__setattr__(self, "trial_ends_at", require_utc(self.trial_ends_at, "trial_ends_at"))
+        if self.period_end < self.period_start:
+            raise InvalidArgument("period_end is before period_start")
+        check_optional_text(self.external_id, "external_id", 100)
+        check_optional_text(self.customer_id, "customer_id", 100)
+
+    def apply(self, unit: _Unit) -> Receipt:
+        plan = _plan(unit, self.plan)
+        s = unit.aggregate(self.subscription_id, Subscription)
+        if s is None:
+            slot = unit.slot(self.user_id)
+            if slot.live is not None and slot.live != self.subscription_id and self.status != Status.EXPIRED:
+                raise SubscriptionExists(self.user_id, slot.live)
+            s = Subscription._create(
+                Subscription.Started,
+                id=self.subscription_id,
+                user_id=self.user_id,
+                plan=self.plan,
+                plan_revision=plan.revision,
+                billing_cycle=str(self.billing_cycle),
+                status=str(self.status),
+                period_start=self.period_start,
+                period_end=self.period_end,
+                trial_ends_at=self.trial_ends_at,
+                lemon_squeezy_subscription_id=self.external_id,
+                lemon_squeezy_customer_id=self.customer_id,
+                granted_credits=0,
+                actor=None,
+                timestamp=unit.now,
+            )
+            unit.add(s)
+            if self.status != Status.EXPIRED:
+                slot.trigger_event(slot.Taken, subscription_id=s.id, timestamp=unit.now)
+        elif s.user_id != self.user_id:
+            raise InvalidArgument(f"subscription {s.id} belongs to user {s.user_id}, not {self.user_id}")
+        if s.source_updated_at is not None and self.source_updated_at <= s.source_updated_at:
+            return _done(unit, self, s, 0)  # an older or repeated snapshot: nothing to apply
+        if s.plan != self.plan:
+            old = _plan(unit, s.plan)
+            upgraded = plan.terms.tier_level > old.terms.tier_level
+            s.trigger_event(
+                s.PlanChanged,
+                from_plan=s.plan,
+                to_plan=self.plan,
+                to_revision=plan.revision,
+                change="upgraded" if upgraded else "downgraded",
+                granted_credits=0,
+                actor=None,
+                reason="changed at the payment provider",
+                timestamp=unit.now,
+            )
+        was_live = s.live
+        s.trigger_event(
+            s.Synced,
+            status=str(self.status),
+            period_start=self.period_start,
+            period_end=self.period_end,
+            trial_ends_at=self.trial_ends_at,
+            cancel_at_period_end=self.cancel_at_period_end,
+            source_updated_at=self.source_updated_at,
+            timestamp=unit.now,
+        )
+        slot = unit.slot(s.user_id)
+        if was_live and not s.live and slot.live == s.id:
+            slot.trigger_event(slot.Freed, subscription_id=s.id, timestamp=unit.now)
+        elif s.live and slot.live is None:
+            slot.trigger_event(slot.Taken, subscription_id=s.id, timestamp=unit.now)
+        return _done(unit, self, s, 0)
+
+
 def _cycle(value: object) -> BillingCycle:
     try:
         return BillingCycle(str(value))

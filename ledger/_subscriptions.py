@@ -220,6 +220,8 @@ class Subscription(Aggregate, created_event_name="Started"):
         self.paused_at: datetime | None = None
         self.ended_at: datetime | None = None
         self.periods = 1
+        #: The provider's updated_at of the newest snapshot applied (Synced).
+        self.source_updated_at: datetime | None = None
 
     @property
     def live(self) -> bool:
@@ -319,8 +321,13 @@ class Subscription(Aggregate, created_event_name="Started"):
             s.period_start, s.period_end = self.period_start, self.period_end
             s.trial_ends_at = self.trial_ends_at
             s.cancel_at_period_end = self.cancel_at_period_end
+            s.source_updated_at = self.source_updated_at
             if self.status == Status.EXPIRED:
                 s.ended_at = self.timestamp
+            elif self.status == Status.PAUSED and s.paused_at is None:
+                s.paused_at = self.timestamp
+            if self.status != Status.PAUSED:
+                s.paused_at = None
 
     # -- guards: pure checks, raising InvalidTransition ------------------------------
 
