@@ -152,29 +152,15 @@ class CreditView(View):
         balance.changed_at = event.timestamp
         if isinstance(event, CreditAccount.Opened):
             page.new_accounts.append([event.originator_id, user_id, event.timestamp])
-        elif isinstance(event, CreditAccount.Granted):
-            balance.balance += event.amount
+        elif isinstance(event, CreditAccount.Granted | CreditAccount.Debited):
+            signed = event.amount if isinstance(event, CreditAccount.Granted) else -event.amount
+            balance.balance += signed
             page.transactions.append(
                 self._transaction(
                     position,
                     event,
                     user_id,
-                    event.amount,
-                    event.kind,
-                    balance.balance,
-                    event.description,
-                    event.reference_type,
-                    event.reference_id,
-                )
-            )
-        elif isinstance(event, CreditAccount.Debited):
-            balance.balance -= event.amount
-            page.transactions.append(
-                self._transaction(
-                    position,
-                    event,
-                    user_id,
-                    -event.amount,
+                    signed,
                     event.kind,
                     balance.balance,
                     event.description,
