@@ -90,6 +90,10 @@ def _period_credits(
             account = unit.account(user_id, open_missing=True)
             unspent = sum(b.remaining for b in account.blocks.values() if b.kind in SUBSCRIPTION_KINDS)
             amount = min(amount, max(0, cap - unspent))
+    if expires_at is not None and expires_at <= unit.now:
+        # A period recorded after it ended (a tick that ran late): its credits
+        # would lapse unused, so none are granted.
+        return 0
     key = f"subscription:{subscription_id}:{purpose}:{period_start.isoformat()}"
     return unit.grant_once(
         user_id,

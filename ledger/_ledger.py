@@ -65,6 +65,8 @@ from ._types import Reservation as ReservationView
 DEFAULT_URL = "sqlite:///pingvas-ledger.sqlite3"
 MAX_HISTORY_PAGE = 10_000
 SWEEP_PAGE = 1_000
+#: Changes one tick makes to one subscription: renewals of missed periods.
+MAX_DUE_PER_TICK = 24
 
 
 class Ledger:
@@ -479,12 +481,7 @@ class Ledger:
         done = {"subscriptions": 0, "holds_and_lapses": 0}
         for chunk in _chunks(sorted(self._live_subscription_ids()), SWEEP_PAGE):
             for s in self.engine.reader.load(chunk).values():
-                for command in due_changes(s, moment, auto_renew=self.credit_policy.auto_renew):
-                    try:
-                        self.execute(command)
-                        done["subscriptions"] += 1
-                    except InvalidTransition:
-                        continue  # changed meanwhile (another tick, a webhook)
+                done["subscriptions"] += self._catch_up_subscription(s, moment)
         done["holds_and_lapses"] = self.expire_holds(moment)
         lapsing = sorted(self._users_with_lapsed_grants(moment))
         for chunk in _chunks(lapsing, SWEEP_PAGE):
@@ -492,6 +489,25 @@ class Ledger:
         if self.sync_views:
             self.views.catch_up()
         return done
+
+    def _catch_up_subscription(self, s: Subscription, now: datetime) -> int:
+        """Performs a subscription's due changes one at a time: a tick that ran
+        late renews each missed period (at most MAX_DUE_PER_TICK)."""
+        changes = 0
+        for _ in range(MAX_DUE_PER_TICK):
+            due = due_changes(s, now, auto_renew=self.credit_policy.auto_renew)
+            if not due:
+                break
+            try:
+                self.execute(due[0])
+            except InvalidTransition:
+                break  # changed meanwhile (another tick, a webhook)
+            changes += 1
+            fresh = self._fresh(s.id)
+            if not isinstance(fresh, Subscription):
+                break
+            s = fresh
+        return changes
 
     def _scan(self, topics: list[str]) -> Iterator[Any]:
         start = 1
