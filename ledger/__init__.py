@@ -33,6 +33,7 @@ from ._errors import (
     ReservationClosed,
     UnknownAccount,
     UnknownReservation,
+    ViewsBehind,
 )
 from ._ledger import DEFAULT_URL, Ledger
 from ._plans import DEFAULT_CATALOG, FREE_PLAN, Feature, PlanTerms
@@ -92,6 +93,7 @@ __all__ = [
     "UnknownPlan",
     "UnknownSubscription",
     "UnpauseSubscription",
+    "ViewsBehind",
     "DEFAULT_URL",
     "MAX_CREDITS",
     "AccountEvent",

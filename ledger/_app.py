@@ -181,6 +181,10 @@ class _Unit:
         self.accounts[user_id] = account
         return account
 
+    def aggregate_ids(self) -> list[UUID]:
+        """Every aggregate this unit read or wrote."""
+        return [*(account_id_for(u) for u in self.accounts), *self.others]
+
     def aggregate(self, aggregate_id: UUID, cls: type[T]) -> T | None:
         """An aggregate by id, loaded once per unit (from the command cache)."""
         found = self.others.get(aggregate_id)
@@ -521,7 +525,12 @@ class Engine:
         # needs no look-up, and a re-run clashes on its first recorded key,
         # which triggers one bulk look-up of all of them below.
         known: dict[str, CommandRecord] = {}
-        for attempt in range(self.max_attempts):
+        conflicts = 0
+        rechecked = False
+        # Each pass either returns, raises, records a clash (bounded by
+        # max_attempts), learns at least one recorded key (bounded by the
+        # batch's keys) or re-checks a refusal on fresh state (once).
+        while True:
             unit = _Unit(self.app, self.reader, self.clock.now(), self.policy)
             if len(commands) > 1:
                 unit.preload(
@@ -532,13 +541,15 @@ class Engine:
             except _Failed as failed:
                 # Replay wins over a business error: the failing command, or one
                 # before it, may have been recorded by another writer meanwhile.
-                unknown = {k: c for k, c in first_by_key.items() if k not in known}
-                found = self._find_records(unknown) if len(unknown) > 1 else {}
-                if len(unknown) == 1:
-                    record = self.find_record(failed.command.key)
-                    found = {failed.command.key: record} if record is not None else {}
+                found = self._new_records(first_by_key, known, failed.command.key)
                 if found:
                     known.update(found)
+                    continue
+                if not rechecked:
+                    # The refusal was decided on cached aggregates, which other
+                    # processes may have moved on: decide again on fresh state.
+                    rechecked = True
+                    self.app.evict(unit.aggregate_ids())
                     continue
                 if single:
                     raise failed.cause from None
@@ -546,14 +557,29 @@ class Engine:
             try:
                 position = self.app.save_all(unit.pending())
             except IntegrityError:
-                # A concurrent writer moved an account on, or a key was used
+                # A concurrent writer moved an aggregate on, or a key was used
                 # meanwhile: learn which keys now exist, then reload and re-run.
-                self.app.evict([*(account_id_for(u) for u in unit.accounts), *unit.others])
-                known.update(self._find_records({k: c for k, c in first_by_key.items() if k not in known}))
-                time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+                self.app.evict(unit.aggregate_ids())
+                found = self._new_records(first_by_key, known, None)
+                if found:
+                    known.update(found)
+                    continue
+                conflicts += 1
+                if conflicts >= self.max_attempts:
+                    raise ConcurrencyExhausted(conflicts) from None
+                time.sleep(random.uniform(0, min(0.05, 0.001 * 2**conflicts)))
                 continue
             return [r if r.replayed else r.model_copy(update={"position": position}) for r in receipts]
-        raise ConcurrencyExhausted(self.max_attempts)
+
+    def _new_records(
+        self, first_by_key: dict[str, Command], known: dict[str, CommandRecord], likely: str | None
+    ) -> dict[str, CommandRecord]:
+        """Records of the batch's keys that are not known yet."""
+        unknown = {k: c for k, c in first_by_key.items() if k not in known}
+        if len(unknown) == 1 and likely in unknown:
+            record = self.find_record(likely)
+            return {likely: record} if record is not None else {}
+        return self._find_records(unknown) if unknown else {}
 
     def _find_records(self, by_key: dict[str, Command]) -> dict[str, CommandRecord]:
         loaded = self.reader.load([record_id_for(key) for key in by_key], snapshots=False)

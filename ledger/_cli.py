@@ -72,8 +72,9 @@ def migrate(url: str | None, user_foreign_keys: bool) -> None:
 @click.option("--url", default=None, help=URL_HELP)
 @click.option("--poll-s", default=1.0, show_default=True, help="Polling interval when no notification arrives.")
 @click.option("--sync-user-credits", is_flag=True, help="Keep users.credits equal to the balance.")
+@click.option("--sync-user-tier", is_flag=True, help="Keep users.tier and users.storage_quota on the entitled plan.")
 @click.option("--lag-every-s", default=10.0, show_default=True, help="How often to log the lag.")
-def project(url: str | None, poll_s: float, sync_user_credits: bool, lag_every_s: float) -> None:
+def project(url: str | None, poll_s: float, sync_user_credits: bool, sync_user_tier: bool, lag_every_s: float) -> None:
     """Keep the read models current until SIGTERM or SIGINT."""
     from ._ledger import Ledger
 
@@ -82,7 +83,7 @@ def project(url: str | None, poll_s: float, sync_user_credits: bool, lag_every_s
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    with Ledger(_url(url), sync_user_credits=sync_user_credits) as ledger:
+    with Ledger(_url(url), sync_user_credits=sync_user_credits, sync_user_tier=sync_user_tier) as ledger:
         views = ledger.views
         wake = _listener(ledger, stop)
         last_log = [0.0]
@@ -119,13 +120,19 @@ def _listener(ledger: Any, stop: threading.Event) -> Any:
 
 @cli.command()
 @click.option("--url", default=None, help=URL_HELP)
-@click.option("--verify", is_flag=True, help="Compare the rebuilt tables with the live ones; change nothing.")
-def rebuild(url: str | None, verify: bool) -> None:
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Bring the live views up to date, compare them with a rebuild, print every differing row; swap nothing.",
+)
+@click.option("--sync-user-credits", is_flag=True, help="As the projector runs: keep users.credits in step.")
+@click.option("--sync-user-tier", is_flag=True, help="As the projector runs: keep users.tier and storage_quota.")
+def rebuild(url: str | None, verify: bool, sync_user_credits: bool, sync_user_tier: bool) -> None:
     """Replay the event store into fresh view tables, then swap them in."""
     from ._ledger import Ledger
     from ._readmodels import drop_aside
 
-    with Ledger(_url(url)) as ledger:
+    with Ledger(_url(url), sync_user_credits=sync_user_credits, sync_user_tier=sync_user_tier) as ledger:
         views = ledger.views
         head = views.projector.head()
         with click.progressbar(length=max(head, 1), label="replaying events", file=sys.stderr) as bar:

@@ -95,3 +95,14 @@ class ConfigurationError(LedgerError):
 
 class InvariantViolation(LedgerError, AssertionError):
     """An internal invariant broke. This is a bug; the state change was refused."""
+
+
+class ViewsBehind(LedgerError):
+    """The command was recorded, but bringing the read models up to date
+    (``sync_views``) failed. ``receipt`` is the command's receipt; the views
+    catch up on the next successful projection."""
+
+    def __init__(self, receipt: object, cause: BaseException) -> None:
+        self.receipt = receipt
+        self.cause = cause
+        super().__init__(f"recorded, but the read models could not catch up: {type(cause).__name__}: {cause}")

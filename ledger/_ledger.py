@@ -31,7 +31,7 @@ from ._billing import (
 from ._clock import Clock, SystemClock, require_utc
 from ._domain import CreditAccount, Reservation, account_id_for
 from ._entitlements import Entitlements, PlanView, SubscriptionView, entitlements_for, plan_view, subscription_view
-from ._errors import ConfigurationError, InvalidArgument, UnknownAccount, UnknownReservation
+from ._errors import ConfigurationError, InvalidArgument, UnknownAccount, UnknownReservation, ViewsBehind
 from ._plans import DEFAULT_CATALOG, Plan, PlanTerms, plan_id_for
 from ._readmodels import Views
 from ._storage import StoreConfig, parse_url
@@ -127,6 +127,16 @@ class Ledger:
 
     # -- lifecycle --------------------------------------------------------------
 
+    def _sync_views(self, result: object) -> None:
+        """With ``sync_views``, brings the read models up to date. The command
+        is already recorded: a failure here says so, with its result."""
+        if not self.sync_views:
+            return
+        try:
+            self.views.catch_up()
+        except Exception as exc:
+            raise ViewsBehind(result, exc) from exc
+
     @property
     def views(self) -> Views:
         """The read models (credit_transactions, credit_reservations, …)."""
@@ -152,15 +162,13 @@ class Ledger:
     def execute(self, command: Command) -> Receipt:
         """Runs one command; a retry with the same key returns the first receipt."""
         receipt = self.engine.execute([command], single=True)[0]
-        if self.sync_views:
-            self.views.catch_up()
+        self._sync_views(receipt)
         return receipt
 
     def execute_batch(self, commands: Sequence[Command]) -> list[Receipt]:
         """Runs up to 10,000 commands in one transaction: all of them, or none."""
         receipts = self.engine.execute(list(commands))
-        if self.sync_views:
-            self.views.catch_up()
+        self._sync_views(receipts)
         return receipts
 
     def grant(
@@ -247,8 +255,7 @@ class Ledger:
         recorded = 0
         for start in range(0, len(due), SWEEP_PAGE):
             recorded += self.engine.sweep(due[start : start + SWEEP_PAGE], moment)
-        if self.sync_views:
-            self.views.catch_up()
+        self._sync_views(recorded)
         return recorded
 
     def record_due(self, user_ids: Sequence[UUID], now: datetime | None = None) -> int:
@@ -259,8 +266,7 @@ class Ledger:
         if len(user_ids) > MAX_BATCH_COMMANDS:
             raise InvalidArgument(f"at most {MAX_BATCH_COMMANDS} accounts per call")
         recorded = self.engine.sweep([check_uuid(u, "user_id") for u in user_ids], moment)
-        if self.sync_views:
-            self.views.catch_up()
+        self._sync_views(recorded)
         return recorded
 
     def _open_holds(self) -> Iterator[tuple[UUID, datetime]]:
@@ -486,8 +492,7 @@ class Ledger:
         lapsing = sorted(self._users_with_lapsed_grants(moment))
         for chunk in _chunks(lapsing, SWEEP_PAGE):
             done["holds_and_lapses"] += self.engine.sweep(chunk, moment)
-        if self.sync_views:
-            self.views.catch_up()
+        self._sync_views(done)
         return done
 
     def _catch_up_subscription(self, s: Subscription, now: datetime) -> int:
@@ -582,7 +587,10 @@ def _schema_lock(config: StoreConfig) -> Iterator[None]:
     with conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (_DDL_LOCK_KEY,))
         try:
-            conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(config.pg_schema)))
+            try:
+                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(config.pg_schema)))
+            except psycopg.Error as exc:
+                raise ConfigurationError(f"cannot create schema {config.pg_schema!r}: {exc}") from exc
             yield
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (_DDL_LOCK_KEY,))

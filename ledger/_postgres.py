@@ -21,11 +21,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from eventsourcing.persistence import InternalError, StoredEvent
+from eventsourcing.persistence import InterfaceError, InternalError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder
 from eventsourcing.utils import retry
 from psycopg import sql
-from psycopg.errors import InterfaceError, OperationalError
 from psycopg.pq import TransactionStatus
 
 #: Saves of up to this many events use a VALUES list instead of arrays.
@@ -86,6 +85,8 @@ class LedgerPostgresRecorder(PostgresApplicationRecorder):
         result: Sequence[int] | None = self._insert(stored_events, **kwargs)
         return result
 
+    # eventsourcing's connection context turns psycopg's errors into its own
+    # classes, so those are the ones to retry on.
     @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def _insert(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
         if not stored_events:

@@ -63,6 +63,7 @@ class Projector:
         page_events: int = PAGE_EVENTS,
         progress: Callable[[Progress], None] | None = None,
         until: int | None = None,
+        stop: threading.Event | None = None,
     ) -> int:
         """Projects every event recorded so far (or up to position ``until``);
         returns how many events were projected."""
@@ -82,9 +83,10 @@ class Projector:
                         raise
                     continue
                 projected += count
+                stale = 0
                 if progress is not None:
                     progress(Progress(self.store.position(), self.head(), projected))
-                if done:
+                if done or (stop is not None and stop.is_set()):
                     return projected
 
     def _one_page(self, page_events: int, until: int | None) -> tuple[int, bool]:
@@ -129,7 +131,7 @@ class Projector:
         """Projects new events until ``stop`` is set. ``wake(timeout_s)`` blocks
         until new events may exist (LISTEN/NOTIFY); polling is the fallback."""
         while not stop.is_set():
-            self.catch_up()
+            self.catch_up(stop=stop)  # a SIGTERM ends a long backlog after the page in flight
             if on_lag is not None:
                 on_lag(self.store.position(), self.head())
             if wake is not None:

@@ -8,12 +8,14 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import psycopg
 from eventsourcing.postgres import PostgresDatastore
 from psycopg import sql
 
 from ._app import LedgerApplication
+from ._errors import ConfigurationError
 from ._projector import Progress, Projector, checksum, differences
 from ._storage import StoreConfig
 from ._views import CreditView, View
@@ -39,7 +41,8 @@ def open_view_store(config: StoreConfig, app: LedgerApplication, *, aside: bool 
     if config.backend == "postgresql":
         if not aside:
             return PostgresViewStore(app.recorder.datastore)  # type: ignore[attr-defined]
-        schema = f"{config.pg_schema}_rebuild"[:63]
+        # A fresh name per rebuild: two rebuilds at once do not clobber each other.
+        schema = f"{config.pg_schema[:40]}_rebuild_{uuid4().hex[:12]}"
         with psycopg.connect(config.conninfo(), autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
             conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
@@ -90,7 +93,7 @@ class Views:
         self.app = app
         self.config = config
         self.store = open_view_store(config, app)
-        self.store.migrate()
+        self.store.ensure_schema()
         views = default_views(sync_user_credits=sync_user_credits, sync_user_tier=sync_user_tier)
         self.projector = Projector(app, self.store, views)
 
@@ -137,6 +140,8 @@ class Views:
         position = aside.position()
         with self.store.transaction() as tx:
             if isinstance(self.store, PostgresViewStore) and isinstance(aside, PostgresViewStore):
+                _check_host_foreign_keys(tx, self.store.schema, tables)
+                tx.execute("SET CONSTRAINTS ALL DEFERRED")
                 tx.execute(f"LOCK TABLE {', '.join(tables)}, {TRACKING_TABLE} IN ACCESS EXCLUSIVE MODE")
                 for table in reversed(tables):
                     tx.execute(f"DELETE FROM {table}")
@@ -160,6 +165,32 @@ class Views:
     def close(self) -> None:
         if not isinstance(self.store, PostgresViewStore):  # PostgreSQL shares the ledger's pool
             self.store.close()
+
+
+def _check_host_foreign_keys(tx: Any, schema: str, tables: list[str]) -> None:
+    """The swap deletes and re-inserts the view rows in one transaction. A host
+    table referencing them must defer its check to the commit and take no
+    action on delete, or the swap would fail or, with ON DELETE CASCADE, delete
+    the host's rows."""
+    rows = tx.fetchall(
+        "SELECT con.conname, src_ns.nspname || '.' || src.relname, dst.relname, con.condeferrable, con.confdeltype "
+        "FROM pg_constraint con JOIN pg_class src ON src.oid = con.conrelid "
+        "JOIN pg_namespace src_ns ON src_ns.oid = src.relnamespace "
+        "JOIN pg_class dst ON dst.oid = con.confrelid JOIN pg_namespace n ON n.oid = dst.relnamespace "
+        "WHERE con.contype = 'f' AND n.nspname = %s AND dst.relname = ANY(%s) "
+        "AND NOT (src_ns.nspname = %s AND src.relname = ANY(%s))",
+        [schema, tables, schema, tables],
+    )
+    unsafe = [
+        f"{name} on {source} -> {target}"
+        for name, source, target, deferrable, on_delete in rows
+        if not deferrable or on_delete != "a"
+    ]
+    if unsafe:
+        raise ConfigurationError(
+            "cannot swap rebuilt views in: host foreign keys reference them and are not DEFERRABLE with "
+            f"NO ACTION on delete: {', '.join(unsafe)}; alter them, or use rebuild --verify"
+        )
 
 
 def _copy_rows(source: SQLiteViewStore, table: str, tx: Any) -> None:

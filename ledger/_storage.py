@@ -89,6 +89,8 @@ class StoreConfig:
 def check_identifier(name: str, what: str) -> str:
     if not name or len(name) > 63 or not set(name) <= _IDENTIFIER_CHARS or name[0].isdigit():
         raise ConfigurationError(f"{what} {name!r} must be a lowercase SQL identifier (a-z, 0-9, _; at most 63)")
+    if name.startswith("pg_"):
+        raise ConfigurationError(f"{what} {name!r}: names starting with pg_ are reserved by PostgreSQL")
     return name
 
 

@@ -18,7 +18,9 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import Tracking, TrackingRecorder
+from eventsourcing.persistence import PersistenceError, Tracking, TrackingRecorder
+
+from ._schema import SCHEMA_VERSION
 
 #: The name the projector tracks its position under.
 TRACKED_APPLICATION = "ledger"
@@ -57,6 +59,18 @@ class ViewStore(ABC):
     @abstractmethod
     def migrate(self, *, user_foreign_keys: bool = False) -> int:
         """Creates missing tables and indexes; returns the schema version."""
+
+    def ensure_schema(self) -> None:
+        """Applies the DDL only when this schema version is not recorded yet:
+        re-running it takes table locks (triggers are re-created) that would
+        contend with a running projector."""
+        try:
+            with self.transaction() as tx:
+                recorded = tx.fetchall("SELECT 1 FROM ledger_schema_version WHERE version = %s", [SCHEMA_VERSION])
+        except PersistenceError:  # the version table does not exist yet
+            recorded = []
+        if not recorded:
+            self.migrate()
 
     @abstractmethod
     def rows(self, table: str, order_by: str) -> Iterator[tuple[Any, ...]]:

@@ -151,3 +151,35 @@ def _settle_in_process(url: str, rid: str, n: int, queue: multiprocessing.Queue[
             queue.put("closed")
         except LedgerError as exc:
             queue.put(f"error:{exc}")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def shared_url(request: pytest.FixtureRequest, tmp_path: object) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/shared.sqlite3"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+def test_a_process_with_a_stale_cache_decides_on_fresh_state(shared_url: str) -> None:
+    """Process A has the account cached; process B changes it. A's refusals must
+    be decided on the store's state, not on its cache."""
+    user = uuid4()
+    with Ledger(shared_url) as a, Ledger(shared_url) as b:
+        a.grant(user, 10, "bonus", key=f"{user}:g1")
+        a.spend(user, 10, key=f"{user}:s1")  # A caches the account at balance 0
+        b.grant(user, 100, "bonus", key=f"{user}:g2")
+        assert a.spend(user, 50, key=f"{user}:s2").balance_credits == 50
+        hold = b.reserve(user, uuid4(), 20, FAR, key=f"{user}:r")
+        assert hold.reservation_id is not None
+        assert a.settle(hold.reservation_id, 20, key=f"{user}:settle", user_id=user).balance_credits == 30
+        with pytest.raises(InsufficientCredits):  # a true refusal stays a refusal
+            a.spend(user, 31, key=f"{user}:s3")
+
+
+def test_a_replay_needs_no_spare_attempt(shared_url: str) -> None:
+    user = uuid4()
+    with Ledger(shared_url) as a, Ledger(shared_url, max_attempts=1) as b:
+        first = a.grant(user, 10, "bonus", key=f"{user}:g")
+        again = b.grant(user, 10, "bonus", key=f"{user}:g")
+        assert again.replayed and again.entry_id == first.entry_id

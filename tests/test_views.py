@@ -141,3 +141,48 @@ def test_users_credits_follow_when_the_host_opts_in(ledger_url: str, clock: Manu
         ledger.views.catch_up()
         with ledger.views.store.transaction() as tx:
             assert tx.fetchall("SELECT credits FROM users WHERE id = %s", [user]) == [(40,)]
+
+
+@pytest.mark.postgres
+def test_the_swap_respects_host_foreign_keys(pg_url: str, clock: ManualClock) -> None:
+    from ledger import ConfigurationError
+    from ledger._readmodels import drop_aside
+
+    with Ledger(pg_url, clock=clock, sync_views=True) as ledger:
+        user = uuid4()
+        ledger.grant(user, 100, "bonus", key=f"{user}:g")
+        hold = ledger.reserve(user, uuid4(), 10, clock.now() + HOUR, key=f"{user}:r")
+        views = ledger.views
+        with views.store.transaction() as tx:  # the host's generation_jobs, reduced
+            tx.execute(
+                "CREATE TABLE generation_jobs (id UUID PRIMARY KEY, "
+                "reservation_id UUID REFERENCES credit_reservations(id) ON DELETE CASCADE)"
+            )
+            tx.execute("INSERT INTO generation_jobs VALUES (%s, %s)", [uuid4(), hold.reservation_id])
+        aside = views.build_aside(until=views.position())
+        try:
+            with pytest.raises(ConfigurationError, match="DEFERRABLE"):
+                views.swap_in(aside)
+            with views.store.transaction() as tx:
+                tx.execute("ALTER TABLE generation_jobs DROP CONSTRAINT generation_jobs_reservation_id_fkey")
+                tx.execute(
+                    "ALTER TABLE generation_jobs ADD FOREIGN KEY (reservation_id) REFERENCES credit_reservations(id) "
+                    "DEFERRABLE INITIALLY DEFERRED"
+                )
+            views.swap_in(aside)
+        finally:
+            drop_aside(ledger.config, aside)
+        with views.store.transaction() as tx:
+            assert tx.fetchall("SELECT count(*) FROM generation_jobs") == [(1,)]
+
+
+def test_a_failed_catch_up_after_a_recorded_command_says_so(ledger_url: str, clock: ManualClock) -> None:
+    from ledger import Receipt, ViewsBehind
+
+    # users.credits sync is on, but the host has no users table: the projection fails.
+    with Ledger(ledger_url, clock=clock, sync_views=True, sync_user_credits=True) as ledger:
+        user = uuid4()
+        with pytest.raises(ViewsBehind) as info:
+            ledger.grant(user, 10, "bonus", key=f"{user}:g")
+        assert isinstance(info.value.receipt, Receipt) and info.value.receipt.balance_credits == 10
+        assert ledger.balance(user).balance_credits == 10  # the grant is recorded
