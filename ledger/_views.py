@@ -20,6 +20,31 @@ from ._viewstore import ViewTx
 #: The seed's word for a released hold, kept in credit_reservations.status.
 RELEASED_STATUS = "refunded"
 
+RESERVATION_COLUMNS = (
+    "id",
+    "user_id",
+    "job_id",
+    "reserved_amount",
+    "status",
+    "created_at",
+    "expires_at",
+    "idempotency_key",
+)
+TRANSACTION_COLUMNS = (
+    "id",
+    "user_id",
+    "amount",
+    "type",
+    "description",
+    "reference_id",
+    "reference_type",
+    "reference_label",
+    "balance_after",
+    "created_at",
+    "idempotency_key",
+    "log_position",
+)
+
 
 class View(ABC):
     """A read model fed by the projector."""
@@ -259,20 +284,9 @@ class CreditView(View):
     # -- writing, a statement per kind ---------------------------------------------------
 
     def _write(self, tx: ViewTx, page: _Page) -> None:
-        tx.executemany(
-            "INSERT INTO credit_accounts (account_id, user_id, opened_at) VALUES (%s, %s, %s)", page.new_accounts
-        )
-        tx.executemany(
-            "INSERT INTO credit_reservations (id, user_id, job_id, reserved_amount, status, created_at, "
-            "expires_at, idempotency_key) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-            page.reservations,
-        )
-        tx.executemany(
-            "INSERT INTO credit_transactions (id, user_id, amount, type, description, reference_id, "
-            "reference_type, reference_label, balance_after, created_at, idempotency_key, log_position) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-            page.transactions,
-        )
+        tx.insert_rows("credit_accounts", ("account_id", "user_id", "opened_at"), page.new_accounts)
+        tx.insert_rows("credit_reservations", RESERVATION_COLUMNS, page.reservations)
+        tx.insert_rows("credit_transactions", TRANSACTION_COLUMNS, page.transactions)
         tx.executemany(
             "UPDATE credit_reservations SET status = %s, settled_amount = %s, settled_at = %s, "
             "release_reason = %s WHERE id = %s AND status = 'reserved'",

@@ -39,6 +39,11 @@ class ViewTx(ABC):
     @abstractmethod
     def fetchall(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
 
+    def insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Plain inserts of many rows (no conflict handling)."""
+        marks = ", ".join(["%s"] * len(columns))
+        self.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
+
     @abstractmethod
     def track(self, position: int) -> None:
         """Records the projector's new position in this same transaction."""

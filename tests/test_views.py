@@ -186,3 +186,22 @@ def test_a_failed_catch_up_after_a_recorded_command_says_so(ledger_url: str, clo
             ledger.grant(user, 10, "bonus", key=f"{user}:g")
         assert isinstance(info.value.receipt, Receipt) and info.value.receipt.balance_credits == 10
         assert ledger.balance(user).balance_credits == 10  # the grant is recorded
+
+
+def test_large_pages_equal_their_rebuild(ledger: Ledger) -> None:
+    """Pages of more rows than the COPY threshold (PostgreSQL) are written the
+    same way as small ones."""
+    from ledger import GrantCredits, SpendCredits
+    from ledger._readmodels import drop_aside
+
+    users = [uuid4() for _ in range(120)]
+    ledger.execute_batch([GrantCredits(key=f"{u}:g", user_id=u, amount_credits=9, kind="bonus") for u in users])  # type: ignore[arg-type]
+    ledger.execute_batch([SpendCredits(key=f"{u}:s", user_id=u, amount_credits=4) for u in users])
+    views = ledger.views
+    views.catch_up()
+    assert len(rows(ledger, "credit_transactions", "log_position")) == 240
+    aside = views.build_aside(until=views.position())
+    try:
+        assert all(not found for found in views.verify(aside).values())
+    finally:
+        drop_aside(ledger.config, aside)
