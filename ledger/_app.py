@@ -252,13 +252,15 @@ class _Unit:
 
     def finish(self, c: Command, user_id: UUID | None, *, amount: int, subscription_id: UUID | None = None) -> Receipt:
         """The receipt and key record of a command that is not a credit command."""
-        if user_id is not None and user_id in self.accounts:
-            account = self.accounts[user_id]
-            account.apply_due(self.now)
-            account.check_invariants()
-            balance, held = account.balance, account.held
-        else:
-            balance = held = 0
+        balance = held = 0
+        if user_id is not None:
+            try:
+                account = self.account(user_id)
+            except UnknownAccount:
+                account = None  # no credits yet: the receipt says 0
+            if account is not None:
+                account.check_invariants()
+                balance, held = account.balance, account.held
         fields: dict[str, Any] = {
             "key": c.key,
             "command": c.name,
@@ -506,7 +508,9 @@ class Engine:
             raise IdempotencyConflict(command.key, record.command, command.name)
         return Receipt.model_validate({**record.receipt, "replayed": True})
 
-    def execute(self, commands: Sequence[Command], *, single: bool = False) -> list[Receipt]:
+    def execute(
+        self, commands: Sequence[Command], *, single: bool = False, now: datetime | None = None
+    ) -> list[Receipt]:
         """Runs commands in one transaction. ``single`` raises a failing
         command's own error rather than wrapping it in BatchRejected."""
         if not commands:
@@ -531,7 +535,7 @@ class Engine:
         # max_attempts), learns at least one recorded key (bounded by the
         # batch's keys) or re-checks a refusal on fresh state (once).
         while True:
-            unit = _Unit(self.app, self.reader, self.clock.now(), self.policy)
+            unit = _Unit(self.app, self.reader, now or self.clock.now(), self.policy)
             if len(commands) > 1:
                 unit.preload(
                     u for c in commands if (u := getattr(c, "user_id", None)) is not None and c.key not in known

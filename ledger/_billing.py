@@ -189,9 +189,17 @@ class ActivateSubscription(_OnSubscription):
         s.require("activate", Status.TRIALING)
         start = unit.now
         end = add_cycle(start, BillingCycle(s.billing_cycle))
-        terms = _plan(unit, s.plan).terms
-        granted = _period_credits(unit, s.id, s.user_id, terms, CreditKind.SUBSCRIPTION_GRANT, start, end, "period")
-        s.trigger_event(s.Activated, period_start=start, period_end=end, granted_credits=granted, timestamp=start)
+        plan = _plan(unit, s.plan)
+        terms = plan.terms
+        granted = _period_credits(unit, s.id, s.user_id, terms, CreditKind.SUBSCRIPTION_GRANT, start, end, "activation")
+        s.trigger_event(
+            s.Activated,
+            period_start=start,
+            period_end=end,
+            plan_revision=plan.revision,
+            granted_credits=granted,
+            timestamp=start,
+        )
         return _done(unit, self, s, granted)
 
 
@@ -249,6 +257,8 @@ class ChangePlan(_OnSubscription):
             elif unit.policy.upgrade == "none":
                 difference = 0
             expires_at = None if unit.policy.expiry == "rollover" else s.period_end
+            if expires_at is not None and expires_at <= unit.now:
+                difference = 0  # the period is over: its credits would lapse at once
             key = f"subscription:{s.id}:upgrade:{self.plan}:{s.period_start.isoformat()}"
             granted = unit.grant_once(
                 s.user_id,
@@ -289,7 +299,8 @@ def _status_change(change: str, to: Status, *allowed: Status) -> Any:
             "unpause": "unpaused",
             "resume": "resumed",
         }
-        s.trigger_event(s.StatusChanged, change=names[change], status=str(to), timestamp=unit.now)
+        target = s.status_before_cancel or to if change == "resume" else to
+        s.trigger_event(s.StatusChanged, change=names[change], status=str(target), timestamp=unit.now)
         return _done(unit, self, s, 0)
 
     return apply
@@ -378,6 +389,8 @@ class DefinePlan(UnitCommand):
     """Adds a plan to the catalog, or revises its terms (history kept)."""
 
     name: ClassVar[str] = "define_plan"
+    #: Who defines the plan is recorded but is not part of what is defined.
+    hints: ClassVar[frozenset[str]] = frozenset({"actor"})
     terms: PlanTerms = field(kw_only=True)
     actor: str | None = field(default=None, kw_only=True)
 

@@ -110,7 +110,8 @@ def entitled(s: Subscription | None, now: datetime) -> bool:
     if s is None or s.status in (Status.EXPIRED, Status.PAUSED):
         return False
     if s.status == Status.CANCELLED:
-        return now < s.period_end
+        # Paid up until the period ends, unless it was paused when cancelled.
+        return now < s.period_end and s.status_before_cancel != Status.PAUSED
     return True
 
 

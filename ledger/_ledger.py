@@ -360,8 +360,17 @@ class Ledger:
 
     def define_plan(self, terms: PlanTerms, *, key: str | None = None, actor: str | None = None) -> Receipt:
         """Adds a plan to the catalog or revises it; same terms change nothing."""
-        digest = hashlib.sha256(repr(terms.as_event_data()).encode()).hexdigest()[:16]
-        return self.execute(DefinePlan(key=key or f"plan:{terms.name}:{digest}", terms=terms, actor=actor))
+        if key is None:
+            # Keyed by the revision it makes: the same terms as the current ones
+            # replay the current revision; other terms (earlier ones too) make
+            # the next one.
+            digest = hashlib.sha256(repr(terms.as_event_data()).encode()).hexdigest()[:16]
+            current = self._fresh(plan_id_for(terms.name), snapshots=False)
+            revision = 1
+            if isinstance(current, Plan):
+                revision = current.revision + (0 if current.terms_data == terms.as_event_data() else 1)
+            key = f"plan:{terms.name}:revision:{revision}:{digest}"
+        return self.execute(DefinePlan(key=key, terms=terms, actor=actor))
 
     def install_default_catalog(self) -> list[Receipt]:
         """The seed's plans (starter, pro, studio, enterprise), once."""
@@ -504,7 +513,8 @@ class Ledger:
             if not due:
                 break
             try:
-                self.execute(due[0])
+                # As of the tick's moment, which may differ from the clock's.
+                self.engine.execute(due, single=True, now=now)
             except InvalidTransition:
                 break  # changed meanwhile (another tick, a webhook)
             changes += 1

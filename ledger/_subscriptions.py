@@ -222,6 +222,9 @@ class Subscription(Aggregate, created_event_name="Started"):
         self.periods = 1
         #: The provider's updated_at of the newest snapshot applied (Synced).
         self.source_updated_at: datetime | None = None
+        #: What a resume returns to (a cancel can come from active, past_due,
+        #: paused or trialing).
+        self.status_before_cancel: str | None = None
 
     @property
     def live(self) -> bool:
@@ -235,11 +238,13 @@ class Subscription(Aggregate, created_event_name="Started"):
         TOPIC = f"{TOPIC_PREFIX}:Subscription.Activated"
         period_start: datetime
         period_end: datetime
+        plan_revision: int
         granted_credits: int
 
         def apply(self, s: Subscription) -> None:
             s.status = Status.ACTIVE
             s.period_start, s.period_end = self.period_start, self.period_end
+            s.plan_revision = self.plan_revision
             s.periods += 1
 
     class Renewed(Event):
@@ -284,6 +289,7 @@ class Subscription(Aggregate, created_event_name="Started"):
                 s.paused_at = None
             elif self.change == "resumed":
                 s.cancelled_at, s.cancel_reason, s.cancel_at_period_end = None, None, False
+                s.status_before_cancel = None
 
     class Cancelled(Event):
         TOPIC = f"{TOPIC_PREFIX}:Subscription.Cancelled"
@@ -292,6 +298,7 @@ class Subscription(Aggregate, created_event_name="Started"):
         actor: str | None
 
         def apply(self, s: Subscription) -> None:
+            s.status_before_cancel = s.status
             s.status = Status.CANCELLED
             s.cancelled_at = self.timestamp
             s.cancel_reason = self.reason

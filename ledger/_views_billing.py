@@ -98,7 +98,7 @@ class SubscriptionView(View):
                 change = self._apply(row, event)
                 subs[event.originator_id] = row
                 if change is not None:
-                    history.append(self._history(event, row, change))
+                    history.append(self._history(tx, event, row, change))
                 actor = getattr(event, "actor", None)
                 if actor:
                     audit.append(
@@ -176,6 +176,15 @@ class SubscriptionView(View):
             ],
         )
         plan_id = _plan_id(tx, terms.name)
+        # A revision that drops a feature drops its row.
+        keep = list(terms.features)
+        if keep:
+            tx.execute(
+                f"DELETE FROM plan_features WHERE plan_id = %s AND feature_key NOT IN ({tx.in_list(len(keep))})",
+                [plan_id, *keep],
+            )
+        else:
+            tx.execute("DELETE FROM plan_features WHERE plan_id = %s", [plan_id])
         for key, feature in terms.features.items():
             tx.execute(
                 "INSERT INTO plan_features (id, plan_id, feature_key, enabled, config) VALUES (%s, %s, %s, %s, %s) "
@@ -269,7 +278,7 @@ class SubscriptionView(View):
         return None
 
     @staticmethod
-    def _history(event: Any, row: dict[str, Any], change: str) -> list[Any]:
+    def _history(tx: ViewTx, event: Any, row: dict[str, Any], change: str) -> list[Any]:
         from_plan = row.pop("_from_plan", None) if change in ("upgraded", "downgraded") else None
         details = {
             **_details(event),
@@ -281,8 +290,8 @@ class SubscriptionView(View):
         return [
             row_id("history", event.originator_id, event.originator_version),
             event.originator_id,
-            plan_id_for(from_plan) if from_plan else None,
-            plan_id_for(row["_plan"]),
+            _plan_id(tx, from_plan) if from_plan else None,
+            _plan_id(tx, row["_plan"]),
             change,
             _jsonable(details),
             event.timestamp,
