@@ -11,9 +11,13 @@ by LEDGER_TEST_DATABASE_URL and drops it at the end, also on error.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
+import resource
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -29,14 +33,25 @@ from uuid import UUID
 import psycopg
 from psycopg import sql
 
-from ledger import (
+# Measure the ledger of this checkout, not whatever copy is installed: run as a
+# script, sys.path starts with benchmarks/, and an editable install may point at
+# another working tree. The ledger's path is printed at the start of a run.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import ledger as ledger_package  # noqa: E402
+from ledger import (  # noqa: E402
     CreditKind,
     GrantCredits,
     Ledger,
+    Receipt,
     ReserveCredits,
     SettleReservation,
     SpendCredits,
 )
+from ledger._readmodels import drop_aside  # noqa: E402
+from ledger._views import CreditView  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 MAX_BATCH = 10_000  # Ledger.execute_batch takes at most this many commands
@@ -44,13 +59,21 @@ MAX_BATCH = 10_000  # Ledger.execute_batch takes at most this many commands
 # a save this large could hang for ever in psycopg's pipeline mode; the
 # watchdog below turns such a hang into an error. --renew-batch overrides.)
 DEFAULT_RENEW_BATCH = MAX_BATCH
-DEFAULT_TIMEOUT_S = 280.0
+DEFAULT_TIMEOUT_S = 600.0
+TIME_BUDGET_S = 300.0  # a full run should take at most this long on a quiet 2-core machine
 ADMIN_APP_NAME = "ledger-bench-admin"
 
 # Targets: a figure is "met" when the check holds.
 TARGET_COMMANDS_VS_RAW = 0.4
 TARGET_BULK_GRANTS_PER_S = 10_000.0
 TARGET_LOAD_RATIO = 2.0
+TARGET_REBUILD_VS_DECODE = 0.3
+TARGET_REBUILD_PEAK_RSS_MB = 300.0
+
+# The read-model phase: notifications per select_notifications page when
+# decoding: the live projector's page (a rebuild reads pages of
+# ledger._readmodels.REBUILD_PAGE_EVENTS, 5,000 since commit 86e9e7a).
+DECODE_PAGE = 1_000
 
 
 @dataclass(frozen=True)
@@ -68,6 +91,8 @@ class Sizes:
     history_batch: int
     load_repeats: int
     statement_sample: int
+    log_events: int
+    log_users: int
 
     @classmethod
     def full(cls) -> Sizes:
@@ -83,6 +108,8 @@ class Sizes:
             history_batch=5_000,
             load_repeats=20,
             statement_sample=20,
+            log_events=1_000_000,
+            log_users=60_000,
         )
 
     @classmethod
@@ -99,6 +126,8 @@ class Sizes:
             history_batch=1_000,
             load_repeats=10,
             statement_sample=10,
+            log_events=30_000,
+            log_users=1_000,
         )
 
 
@@ -158,6 +187,7 @@ class Watchdog:
         self.deadline_s = deadline_s
         self.fired = threading.Event()
         self._done = threading.Event()
+        self._started = time.monotonic()
         self._thread = threading.Thread(target=self._watch, name="bench-watchdog", daemon=True)
 
     def start(self) -> None:
@@ -170,6 +200,10 @@ class Watchdog:
     def check(self) -> None:
         if self.fired.is_set():
             raise TimeoutError(f"benchmark run exceeded {self.deadline_s:.0f} s")
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (at least 0)."""
+        return max(0.0, self.deadline_s - (time.monotonic() - self._started))
 
     def _watch(self) -> None:
         if self._done.wait(self.deadline_s):
@@ -422,6 +456,328 @@ def load_times(ledger: Ledger, big_events: int, batch: int, repeats: int) -> tup
     return ms_small, ms_big
 
 
+# -------------------------------------------------------------- read models
+
+
+def fill_log(ledger: Ledger, target_events: int, user_count: int, batch: int) -> tuple[int, float]:
+    """Tops the event log up to at least ``target_events`` notifications through
+    ``execute_batch``; returns (events added, seconds).
+
+    ``user_count`` users, in rounds; per user and round a grant, a spend and a
+    reserve in one batch, then the settle of that hold (with the ``user_id``
+    hint) and a second spend in the next. A command records its account's event
+    plus a CommandRecord event; a reserve and a settle also record an event of
+    the Reservation aggregate. So 12 events per user and round (13 the first
+    time: the account's Opened), of which 5 (6) are CreditAccount events, the
+    ones the views project."""
+    users = [uuid.uuid4() for _ in range(user_count)]
+    per_batch = max(1, batch // 3)  # the first batch of a pair has 3 commands per user
+    expires_at = far_future()
+    head = ledger.app.recorder.max_notification_id() or 0
+    first_head = head
+    start = time.perf_counter()
+    round_no = 0
+    while head < target_events:
+        round_no += 1
+        for offset in range(0, len(users), per_batch):
+            if head >= target_events:
+                break
+            chunk = users[offset : offset + per_batch]
+            first: list[GrantCredits | SpendCredits | ReserveCredits] = []
+            for u in chunk:
+                tag = f"bench:log:{round_no}:{u}"
+                first.append(GrantCredits(key=f"{tag}:grant", user_id=u, amount_credits=100, kind=CreditKind.PURCHASE))
+                first.append(SpendCredits(key=f"{tag}:spend", user_id=u, amount_credits=10))
+                first.append(
+                    ReserveCredits(
+                        key=f"{tag}:reserve",
+                        user_id=u,
+                        job_id=uuid.uuid4(),
+                        amount_credits=20,
+                        expires_at=expires_at,
+                    )
+                )
+            receipts = ledger.execute_batch(first)
+            second: list[SettleReservation | SpendCredits] = []
+            for u, reserved in zip(chunk, receipts[2::3], strict=True):
+                assert reserved.reservation_id is not None
+                tag = f"bench:log:{round_no}:{u}"
+                second.append(
+                    SettleReservation(
+                        key=f"{tag}:settle", reservation_id=reserved.reservation_id, actual_credits=15, user_id=u
+                    )
+                )
+                second.append(SpendCredits(key=f"{tag}:spend2", user_id=u, amount_credits=5))
+            head = last_position(ledger.execute_batch(second))
+    return head - first_head, time.perf_counter() - start
+
+
+def last_position(receipts: list[Receipt]) -> int:
+    position = receipts[-1].position
+    assert position is not None
+    return position
+
+
+def log_counts(ledger: Ledger, topics: list[str]) -> tuple[int, int, int]:
+    """Events in the log; how many carry one of ``topics``; how many are
+    CreditAccount events (the CreditView's topics)."""
+    recorder: Any = ledger.app.recorder
+    table = sql.Identifier(recorder.datastore.schema, recorder.events_table_name)
+    query = sql.SQL(
+        "SELECT count(*), count(*) FILTER (WHERE topic = ANY(%s)), count(*) FILTER (WHERE topic = ANY(%s)) FROM {}"
+    ).format(table)
+    with psycopg.connect(ledger.config.conninfo()) as conn:
+        row = conn.execute(query, (topics, list(CreditView.topics))).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def events_table_statistics(ledger: Ledger, *, analyze: bool) -> bool:
+    """Says whether the planner has statistics for the events table (it reads
+    pages of the log by notification id and topic; without statistics a page of
+    5,000 can be planned as a scan of the whole rest of the log), and with
+    ``analyze`` first runs ANALYZE on it, as autovacuum would in time. Returns
+    whether the table has statistics."""
+    recorder: Any = ledger.app.recorder
+    schema, table = recorder.datastore.schema, recorder.events_table_name
+    with psycopg.connect(ledger.config.conninfo(), autocommit=True) as conn:
+        if analyze:
+            conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(schema, table)))
+        row = conn.execute(
+            "SELECT c.reltuples, current_setting('autovacuum') FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+            (schema, table),
+        ).fetchone()
+    assert row is not None
+    reltuples, autovacuum = float(row[0]), str(row[1])
+    analyzed = reltuples >= 0
+    state = f"about {reltuples:,.0f} rows" if analyzed else "none (never analyzed)"
+    how = " after ANALYZE (--analyze)" if analyze else ""
+    say(f"planner statistics of {table}{how}: {state}; autovacuum is {autovacuum} on this server")
+    return analyzed
+
+
+def drop_rebuild_schemas(base: str, schema: str) -> None:
+    """Drops the schemas ``Views.build_aside`` made for this run's schema and
+    left behind (the rebuild child drops its own unless it dies): their names
+    start with ``<schema>_rebuild``."""
+    prefix = f"{schema}_rebuild"
+    with admin_connect(base) as conn:
+        names = [
+            row[0]
+            for row in conn.execute(
+                "SELECT nspname FROM pg_namespace WHERE left(nspname, %s) = %s", (len(prefix), prefix)
+            )
+        ]
+        for name in names:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+CHILD_URL_ENV = "LEDGER_BENCH_CHILD_URL"  # the ledger URL, kept off the command line
+PROFILE_ENV = "LEDGER_BENCH_PROFILE_REBUILD"  # --profile-rebuild: where the child writes its cProfile stats
+
+
+def status_kb(field: str, pid: int | str = "self") -> int | None:
+    """A memory figure (kB) from /proc/<pid>/status (Linux), or None."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def own_peak_rss_kb() -> int:
+    """This process's peak resident memory in kB.
+
+    VmHWM, the high-water mark of the process's own address space, on Linux.
+    Not ``ru_maxrss``: Linux carries a parent's peak RSS over into a child it
+    spawns (fork and exec both keep it), so a child's ``ru_maxrss``, and the
+    parent's ``RUSAGE_CHILDREN`` figure, are at least the parent's RSS at the
+    time (179 MiB after filling the log, while the rebuild itself peaks lower).
+    Elsewhere ``ru_maxrss`` is the fallback: an upper bound."""
+    hwm = status_kb("VmHWM")
+    if hwm is not None:
+        return hwm
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss // 1024 if sys.platform == "darwin" else maxrss  # bytes on macOS
+
+
+def child_rebuild(url: str) -> dict[str, Any]:
+    """In a fresh process: ``Views.build_aside()`` over the whole log, timed;
+    the aside tables are dropped afterwards."""
+    with Ledger(url) as ledger:
+        views = ledger.views
+        head = views.projector.head()
+        projected = [0]
+
+        def progress(p: Any) -> None:
+            projected[0] = p.events
+
+        profile_path = os.environ.get(PROFILE_ENV)
+        profiler = cProfile.Profile() if profile_path else None
+        cpu = time.process_time()
+        start = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
+        aside = views.build_aside(progress)
+        if profiler is not None:
+            profiler.disable()
+        elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu
+        try:
+            position = aside.position()
+        finally:
+            drop_aside(ledger.config, aside)
+    if profiler is not None and profile_path:
+        profiler.dump_stats(profile_path)
+        print(f"cProfile of Views.build_aside() written to {profile_path}; the top 30 by own time:", file=sys.stderr)
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
+    return {
+        "events": projected[0],
+        "seconds": elapsed,
+        "cpu_seconds": cpu,
+        "head": head,
+        "position": position,
+        "peak_rss_kb": own_peak_rss_kb(),
+    }
+
+
+def child_decode(url: str) -> dict[str, Any]:
+    """In a fresh process: the same events read and decoded with the recorder
+    alone, a page of DECODE_PAGE at a time, no writes."""
+    with Ledger(url) as ledger:
+        topics = ledger.views.projector.topics
+        recorder, mapper = ledger.app.recorder, ledger.app.mapper
+        count = 0
+        position = 1
+        cpu = time.process_time()
+        start = time.perf_counter()
+        while True:
+            page = recorder.select_notifications(position, limit=DECODE_PAGE, topics=topics)
+            events = [(n.id, mapper.to_domain_event(n)) for n in page]
+            count += len(events)
+            if len(page) < DECODE_PAGE:
+                break
+            position = page[-1].id + 1
+        elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu
+    return {
+        "events": count,
+        "seconds": elapsed,
+        "cpu_seconds": cpu,
+        "peak_rss_kb": own_peak_rss_kb(),
+    }
+
+
+CHILDREN: dict[str, Callable[[str], dict[str, Any]]] = {"rebuild": child_rebuild, "decode": child_decode}
+
+
+def run_child(mode: str, url: str, timeout_s: float) -> dict[str, Any]:
+    """Runs ``mode`` in a fresh interpreter (this file, ``--child``); its stdout's
+    last line is a JSON object. Its connections inherit PGAPPNAME (the watchdog).
+    While it runs, its RSS is sampled every 0.1 s from outside (Linux), a check
+    on the peak it reports itself."""
+    started = time.perf_counter()
+    deadline = time.monotonic() + timeout_s
+    proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--child", mode],
+        env={**os.environ, CHILD_URL_ENV: url},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    sampled_kb = 0
+    while True:
+        sampled_kb = max(sampled_kb, status_kb("VmRSS", proc.pid) or 0)
+        try:
+            out, _ = proc.communicate(timeout=0.1)
+            break
+        except subprocess.TimeoutExpired:
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.communicate()
+                raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {mode} child process failed with exit code {proc.returncode}")
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    result["process_seconds"] = time.perf_counter() - started
+    result["sampled_rss_kb"] = sampled_kb
+    return result
+
+
+def decode_once(url: str, expected: int, watchdog: Watchdog, when: str) -> dict[str, Any]:
+    with timed(f"decode {when} (child process)", watchdog.check):
+        decode = run_child("decode", url, watchdog.remaining() + 60)
+    say(
+        f"decode {when} (select_notifications + to_domain_event): {decode['events']:,} events in "
+        f"{decode['seconds']:.2f} s -> {decode['events'] / decode['seconds']:,.0f} events/s, "
+        f"{decode['cpu_seconds']:.2f} s of CPU; peak RSS {decode['peak_rss_kb'] / 1024:,.1f} MiB"
+    )
+    if decode["events"] != expected:
+        say(f"!! decoded {decode['events']:,} events, the log holds {expected:,}")
+    return decode
+
+
+def read_model_figures(
+    ledger: Ledger, url: str, sizes: Sizes, watchdog: Watchdog, *, analyze: bool
+) -> dict[str, float]:
+    """Fills the log to ``sizes.log_events``, then rebuilds the views from it in
+    a child process, and decodes the same events in another, before the rebuild
+    and again after it."""
+    topics = ledger.views.projector.topics
+    with timed("fill log", watchdog.check):
+        added, seconds = fill_log(ledger, sizes.log_events, sizes.log_users, MAX_BATCH)
+        log_events, projectable, credit_events = log_counts(ledger, topics)
+    fill_rate = added / seconds if added else 0.0
+    say(
+        f"filled the log: {added:,} events in {seconds:.2f} s -> {fill_rate:,.0f} events/s "
+        f"({sizes.log_users:,} users, batches of up to {MAX_BATCH:,} commands)"
+    )
+    say(
+        f"log: {log_events:,} events, of which the views project {projectable:,} "
+        f"({credit_events:,} CreditAccount events; the other {log_events - projectable:,} events are "
+        "command records and reservations)"
+    )
+    with timed("events table statistics", watchdog.check):
+        analyzed = events_table_statistics(ledger, analyze=analyze)
+    decodes = [decode_once(url, projectable, watchdog, "before the rebuild")]
+    with timed("rebuild (child process)", watchdog.check):
+        rebuild = run_child("rebuild", url, watchdog.remaining() + 60)
+    rebuild_rate = rebuild["events"] / rebuild["seconds"]
+    rss_mb = rebuild["peak_rss_kb"] / 1024
+    say(
+        f"rebuild (Views.build_aside): {rebuild['events']:,} events projected in {rebuild['seconds']:.2f} s "
+        f"-> {rebuild_rate:,.0f} events/s, {rebuild['cpu_seconds']:.2f} s of CPU in the process (which took "
+        f"{rebuild['process_seconds']:.2f} s with start-up and clean-up); peak RSS {rss_mb:,.1f} MiB "
+        f"(sampled from outside: {rebuild['sampled_rss_kb'] / 1024:,.1f} MiB)"
+    )
+    if rebuild["events"] != projectable:
+        say(f"!! the rebuild projected {rebuild['events']:,} events, the log holds {projectable:,}")
+    decodes.append(decode_once(url, projectable, watchdog, "after the rebuild"))
+    # The faster decode is the baseline: a burst of outside load during one
+    # decode cannot flatter the ratio.
+    decode = min(decodes, key=lambda d: d["seconds"])
+    decode_rate = decode["events"] / decode["seconds"]
+    say(f"rebuild_vs_decode: {rebuild_rate / decode_rate:.3f} (against the faster decode)")
+    return {
+        "rebuild_events_per_s": round(rebuild_rate, 1),
+        "raw_decode_events_per_s": round(decode_rate, 1),
+        "rebuild_vs_decode": round(rebuild_rate / decode_rate, 3),
+        "rebuild_peak_rss_mb": round(rss_mb, 1),
+        # Context, not targets:
+        "log_events": log_events,
+        "projected_events": rebuild["events"],
+        "rebuild_s": round(rebuild["seconds"], 2),
+        "rebuild_cpu_s": round(rebuild["cpu_seconds"], 2),
+        "decode_s": round(decode["seconds"], 2),
+        "decode_cpu_s": round(decode["cpu_seconds"], 2),
+        "fill_log_events_per_s": round(fill_rate, 1),
+        "events_table_analyzed": int(analyzed),
+    }
+
+
 # -------------------------------------------------------------------- main
 
 
@@ -442,13 +798,27 @@ def report_targets(figures: dict[str, float]) -> None:
             figures["load_ms_100k_events"] <= TARGET_LOAD_RATIO * figures["load_ms_10_events"],
             f"{figures['load_ms_100k_events']:.2f} vs {figures['load_ms_10_events']:.2f} ms",
         ),
+        (
+            f"rebuild_vs_decode >= {TARGET_REBUILD_VS_DECODE}",
+            figures["rebuild_vs_decode"] >= TARGET_REBUILD_VS_DECODE,
+            f"{figures['rebuild_vs_decode']:.3f}: {figures['rebuild_events_per_s']:,.0f} vs "
+            f"{figures['raw_decode_events_per_s']:,.0f} events/s",
+        ),
+        (
+            f"rebuild_peak_rss_mb < {TARGET_REBUILD_PEAK_RSS_MB:g}",
+            figures["rebuild_peak_rss_mb"] < TARGET_REBUILD_PEAK_RSS_MB,
+            f"{figures['rebuild_peak_rss_mb']:,.0f} MiB over {figures['projected_events']:,.0f} projected events",
+        ),
     ]
     say("targets:")
     for label, met, value in checks:
         say(f"  {'met   ' if met else 'MISSED'}  {label}  ({value})")
 
 
-def measure(ledger: Ledger, schema: str, sizes: Sizes, check: Callable[[], None]) -> dict[str, float]:
+def measure(
+    ledger: Ledger, url: str, schema: str, sizes: Sizes, watchdog: Watchdog, *, analyze: bool
+) -> dict[str, float]:
+    check = watchdog.check
     with timed("raw baseline", check):
         raw = raw_insert_commit_per_s(ledger.config.conninfo(), schema, sizes.raw_rows, sizes.warmup_commands)
     with timed("commands", check):
@@ -475,22 +845,25 @@ def measure(ledger: Ledger, schema: str, sizes: Sizes, check: Callable[[], None]
         "bulk_open_accounts_per_s": round(opened, 1),
         "renew_batch": sizes.renew_batch,
         "big_history_events": sizes.big_history_events,
+        **read_model_figures(ledger, url, sizes, watchdog, analyze=analyze),
     }
 
 
-def run(sizes: Sizes, timeout_s: float) -> dict[str, float]:
+def run(sizes: Sizes, timeout_s: float, *, analyze: bool = False) -> dict[str, float]:
     """Measures everything on a fresh schema; drops it afterwards, also on error."""
     base = base_url()
     schema = f"bench_{uuid.uuid4().hex[:12]}"
     app_name = f"ledger-{schema}"
     os.environ["PGAPPNAME"] = app_name  # tags the ledger's pooled connections for the watchdog
-    say(f"PostgreSQL {admin_conninfo(base)}, schema {schema}; load average {load_average():.2f}")
+    say(f"ledger {os.path.dirname(ledger_package.__file__)}; PostgreSQL {admin_conninfo(base)}, schema {schema}")
+    say(f"load average {load_average():.2f}")
     started = time.perf_counter()
     watchdog = Watchdog(base, app_name, timeout_s)
     watchdog.start()
+    url = ledger_url(base, schema)
     try:
-        with Ledger(ledger_url(base, schema)) as ledger:
-            figures = measure(ledger, schema, sizes, watchdog.check)
+        with Ledger(url) as ledger:
+            figures = measure(ledger, url, schema, sizes, watchdog, analyze=analyze)
     except Exception:
         if watchdog.fired.is_set():
             say(f"!! aborted by the watchdog after {timeout_s:.0f} s (a call hung or the run was too slow)")
@@ -498,6 +871,7 @@ def run(sizes: Sizes, timeout_s: float) -> dict[str, float]:
     finally:
         watchdog.stop()
         with timed("drop schema"):
+            drop_rebuild_schemas(base, schema)
             drop_schema(base, schema)
         say(f"elapsed: {time.perf_counter() - started:.1f} s; load average {load_average():.2f}")
     figures["elapsed_s"] = round(time.perf_counter() - started, 1)
@@ -520,16 +894,41 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_TIMEOUT_S,
         help=f"abort the run after this many seconds (default {DEFAULT_TIMEOUT_S:.0f})",
     )
+    parser.add_argument(
+        "--profile-rebuild",
+        metavar="FILE",
+        default=None,
+        help="run the rebuild under cProfile, write the stats to FILE and print the top functions "
+        "(slows the rebuild: its figures are then not comparable)",
+    )
+    parser.add_argument(
+        "--analyze",
+        action="store_true",
+        help="ANALYZE the events table before the rebuild, as autovacuum would in time (off by default: "
+        "the run measures the server as it is)",
+    )
+    parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.child is not None:  # a child process of run_child
+        print(json.dumps(CHILDREN[args.child](os.environ[CHILD_URL_ENV])), flush=True)
+        return 0
     sizes = Sizes.quick() if args.quick else Sizes.full()
     if args.renew_batch is not None:
         if not 1 <= args.renew_batch <= MAX_BATCH:
             parser.error(f"--renew-batch must be within 1..{MAX_BATCH}")
         sizes = replace(sizes, renew_batch=args.renew_batch)
     if args.quick:
-        say(f"quick mode: load_ms_100k_events is measured on {sizes.big_history_events:,} events")
-    figures = run(sizes, args.timeout)
+        say(
+            f"quick mode: load_ms_100k_events is measured on {sizes.big_history_events:,} events, "
+            f"the rebuild on a log of about {sizes.log_events:,}"
+        )
+    if args.profile_rebuild:
+        os.environ[PROFILE_ENV] = os.path.abspath(args.profile_rebuild)
+        say("!! --profile-rebuild: the rebuild runs under cProfile; rebuild_events_per_s is not comparable")
+    figures = run(sizes, args.timeout, analyze=args.analyze)
     report_targets(figures)
+    if not args.quick and figures["elapsed_s"] > TIME_BUDGET_S:
+        say(f"!! the run took {figures['elapsed_s']:.0f} s, over the {TIME_BUDGET_S:.0f} s budget")
     print(json.dumps(figures), flush=True)
     return 0
 

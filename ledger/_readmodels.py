@@ -128,6 +128,16 @@ class Views:
         """Replays the whole log into fresh tables beside the live ones."""
         aside = open_view_store(self.config, self.app, aside=True)
         aside.migrate()
+        if isinstance(aside, PostgresViewStore):
+            # Fresh planner statistics: without them (autovacuum off, a restore)
+            # PostgreSQL reads large pages of the log by scanning the rest of it.
+            recorder: Any = self.app.recorder
+            with recorder.datastore.get_connection() as conn:
+                conn.execute(
+                    sql.SQL("ANALYZE {}.{}").format(
+                        sql.Identifier(recorder.datastore.schema), sql.Identifier(recorder.events_table_name)
+                    )
+                )
         Projector(self.app, aside, default_views(sync_user_credits=False)).catch_up(
             progress=progress, until=until, page_events=REBUILD_PAGE_EVENTS
         )
