@@ -13,7 +13,6 @@ from uuid import UUID, uuid4
 
 import psycopg
 import pytest
-from eventsourcing.persistence import IntegrityError
 
 from ledger import DEFAULT_CATALOG, Feature, Ledger, ManualClock
 from ledger._domain import account_id_for

@@ -26,7 +26,6 @@ from ledger import (
     CreditPolicy,
     Feature,
     IdempotencyConflict,
-    InvalidAmount,
     InvalidArgument,
     InvalidTransition,
     Ledger,
