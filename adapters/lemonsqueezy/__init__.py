@@ -1,0 +1,33 @@
+"""Lemon Squeezy for the ledger: verified, idempotent webhook ingestion that
+drives subscriptions and credits, a reconciler over the REST API, and an ASGI
+endpoint. See ``docs/lemonsqueezy.md``.
+
+    from adapters.lemonsqueezy import LemonSqueezy, WebhookApp
+    adapter = LemonSqueezy(ledger, signing_secret=os.environ["LEMONSQUEEZY_SIGNING_SECRET"])
+    app = WebhookApp(adapter)            # mount under /webhooks/lemonsqueezy
+"""
+
+from ._adapter import IngestResult, LemonSqueezy, Processor, RetryReport
+from ._asgi import WebhookApp
+from ._client import LemonSqueezyApiError, LemonSqueezyClient, TokenBucket
+from ._effects import RefundPolicy
+from ._inbox import SOURCE
+from ._reconcile import Reconciler, ReconcileReport
+from ._signature import sign, verify
+
+__all__ = [
+    "SOURCE",
+    "IngestResult",
+    "LemonSqueezy",
+    "LemonSqueezyApiError",
+    "LemonSqueezyClient",
+    "Processor",
+    "ReconcileReport",
+    "Reconciler",
+    "RefundPolicy",
+    "RetryReport",
+    "TokenBucket",
+    "WebhookApp",
+    "sign",
+    "verify",
+]

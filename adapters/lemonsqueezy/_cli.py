@@ -1,0 +1,188 @@
+"""``python -m ledger webhooks send|retry|list`` and ``python -m ledger
+reconcile``: registered on the ledger's command group when imported (the last
+line of ``ledger/_cli.py`` imports this module)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ledger._cli import URL_HELP, _url, cli
+
+MAX_SEND_BYTES = 16 * 1024 * 1024
+
+
+def _parse_packs(values: tuple[str, ...]) -> dict[str, int]:
+    """``VARIANT=CREDITS`` pairs from ``--credit-pack`` and from
+    ``$LEMONSQUEEZY_CREDIT_PACKS`` (comma-separated); the options win."""
+    pairs = [p for p in os.environ.get("LEMONSQUEEZY_CREDIT_PACKS", "").split(",") if p.strip()]
+    packs: dict[str, int] = {}
+    for pair in [*pairs, *values]:
+        variant, sep, credits = pair.strip().partition("=")
+        if not sep or not variant.strip().isdigit() or not credits.strip().isdigit():
+            raise click.BadParameter(f"credit packs are VARIANT=CREDITS (digits), got {pair!r}")
+        packs[variant.strip()] = int(credits)
+    return packs
+
+
+def _adapter_options(fn: Any) -> Any:
+    """The options that say how the host's adapter is configured."""
+    options = [
+        click.option("--url", default=None, help=URL_HELP),
+        click.option(
+            "--test-mode", is_flag=True, envvar="LEMONSQUEEZY_TEST_MODE", help="Apply test-mode events (not live)."
+        ),
+        click.option("--credit-pack", "packs", multiple=True, metavar="VARIANT=CREDITS", help="A credit pack variant."),
+        click.option(
+            "--upgrade",
+            type=click.Choice(["full", "prorated", "none"]),
+            default="full",
+            show_default=True,
+            help="The ledger's upgrade policy (as the webhook endpoint runs it).",
+        ),
+        click.option(
+            "--expiry",
+            type=click.Choice(["expire", "rollover"]),
+            default="expire",
+            show_default=True,
+            help="The ledger's credit expiry policy.",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@contextmanager
+def _processor(url: str | None, test_mode: bool, packs: tuple[str, ...], upgrade: str, expiry: str) -> Iterator[Any]:
+    from ledger import CreditPolicy, Ledger
+
+    from ._adapter import Processor
+
+    policy = CreditPolicy(upgrade=upgrade, expiry=expiry, auto_renew=False)  # type: ignore[arg-type]
+    with Ledger(_url(url), credit_policy=policy) as ledger:
+        yield Processor(ledger, test_mode=test_mode, credit_packs=_parse_packs(packs))
+
+
+@cli.group()
+def webhooks() -> None:
+    """Lemon Squeezy webhooks: send a signed test delivery, retry failed ones, list them."""
+
+
+@webhooks.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--secret", envvar="LEMONSQUEEZY_SIGNING_SECRET", required=True, help="The webhook's signing secret.")
+@click.option("--url", "target", required=True, help="The webhook endpoint, e.g. http://localhost:8000/webhooks/ls.")
+@click.option("--timeout-s", default=30.0, show_default=True)
+def send(file: Path, secret: str, target: str, timeout_s: float) -> None:
+    """Sign FILE's bytes, exactly as they are, and POST them like Lemon Squeezy does."""
+    import httpx
+
+    from ._signature import sign
+
+    body = file.read_bytes()
+    if len(body) > MAX_SEND_BYTES:
+        raise click.BadParameter(f"{file} is over {MAX_SEND_BYTES} bytes")
+    headers = {"Content-Type": "application/json", "X-Signature": sign(body, secret)}
+    event = _event_name(body)
+    if event:
+        headers["X-Event-Name"] = event
+    try:
+        response = httpx.post(target, content=body, headers=headers, timeout=timeout_s)
+    except httpx.HTTPError as exc:
+        click.echo(f"error: could not POST to {target}: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"HTTP {response.status_code} {response.text[:2000]}")
+    if not response.is_success:
+        sys.exit(1)
+
+
+def _event_name(body: bytes) -> str | None:
+    try:
+        name = json.loads(body)["meta"]["event_name"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return name if isinstance(name, str) and name.isprintable() and len(name) <= 50 else None
+
+
+@webhooks.command()
+@_adapter_options
+@click.option("--limit", default=500, show_default=True, help="At most this many deliveries per pass.")
+def retry(url: str | None, test_mode: bool, packs: tuple[str, ...], upgrade: str, expiry: str, limit: int) -> None:
+    """Reprocess failed deliveries (and ones a stopped process left received)."""
+    with _processor(url, test_mode, packs, upgrade, expiry) as processor:
+
+        def progress(row: Any, outcome: Any) -> None:
+            if outcome.status == "processed":
+                what = "processed" + (f" ({outcome.message})" if outcome.message else "")
+            else:
+                what = outcome.message or outcome.status
+            click.echo(f"{row.row_id} {row.event_type}: {what}")
+
+        report = processor.retry(limit=limit, progress=progress)
+    click.echo(
+        f"retried {report.attempted}: processed {report.processed}, failed {report.failed}, "
+        f"held {report.held}, ignored {report.ignored}"
+    )
+
+
+@webhooks.command("list")
+@click.option("--url", default=None, help=URL_HELP)
+@click.option("--status", type=click.Choice(["received", "processed", "failed"]), default=None)
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
+def list_(url: str | None, status: str | None, limit: int) -> None:
+    """Show the newest deliveries and the count per status."""
+    from ledger import Ledger
+
+    from ._inbox import Inbox
+
+    with Ledger(_url(url)) as ledger:
+        inbox = Inbox(ledger)
+        for row in inbox.listing(status=status, limit=limit):
+            error = f"  {row.error_message}" if row.error_message else ""
+            click.echo(f"{row.created_at} {row.row_id} {row.event_type:<32} {row.status:<9} x{row.attempts}{error}")
+        counts = inbox.counts()
+    click.echo(", ".join(f"{k} {v}" for k, v in counts.items()) or "no deliveries")
+
+
+@cli.command()
+@_adapter_options
+@click.option("--api-key", envvar="LEMONSQUEEZY_API_KEY", required=True, help="A Lemon Squeezy API key.")
+@click.option("--store-id", default=None, help="Only this store's objects.")
+@click.option("--since-days", default=45, show_default=True, type=click.IntRange(1, 3660), help="Invoices this recent.")
+@click.option("--api-url", default=None, help="The API's base URL (default https://api.lemonsqueezy.com/v1).")
+def reconcile(
+    url: str | None,
+    test_mode: bool,
+    packs: tuple[str, ...],
+    upgrade: str,
+    expiry: str,
+    api_key: str,
+    store_id: str | None,
+    since_days: int,
+    api_url: str | None,
+) -> None:
+    """Fetch subscriptions and recent invoices from Lemon Squeezy and bring the ledger in line."""
+    from ._client import API_URL, LemonSqueezyApiError, LemonSqueezyClient
+    from ._reconcile import Reconciler
+
+    with (
+        _processor(url, test_mode, packs, upgrade, expiry) as processor,
+        LemonSqueezyClient(api_key, base_url=api_url or API_URL) as client,
+    ):
+        try:
+            report = Reconciler(processor, client, store_id=store_id, since_days=since_days).run(echo=click.echo)
+        except LemonSqueezyApiError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+    click.echo(
+        f"{report.subscriptions_seen} subscriptions and {report.invoices_seen} invoices checked: "
+        f"{report.changed} changed, {len(report.notes)} noted, {len(report.problems)} not applied"
+    )

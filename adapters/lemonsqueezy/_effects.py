@@ -1,0 +1,736 @@
+"""How Lemon Squeezy's objects move the ledger.
+
+One command per kind of object, each a ``UnitCommand`` that runs in one ledger
+transaction: the adapter's own records (user mappings, the subscription's
+timeline, the payment's grant and refunds) change together with the
+subscription and the credits, or not at all.
+
+Every effect is keyed by the business object, never by the delivery: a
+subscription snapshot by its subscription id and ``updated_at``, a grant by its
+invoice or order id, a clawback by the object and the refunded amount it
+answers. The same event re-sent under a new ``webhook_id``, or replayed by the
+reconciler, finds its effect done and does nothing.
+
+A command that cannot run yet raises :class:`Held` (the subscription was not
+seen yet, no user is known, the snapshot from the invoice's time has not
+arrived); the delivery stays ``failed`` with the reason and is run again when
+what it waits for arrives, or by ``webhooks retry``.
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+from uuid import UUID
+
+from ledger import InvalidArgument, LedgerError, Receipt, SyncSubscription
+from ledger._app import get_or_none
+from ledger._billing import UnitCommand
+from ledger._domain import CommandRecord, CreditAccount, account_id_for, entry_id_for, record_id_for
+from ledger._plans import Plan, plan_id_for
+from ledger._subscriptions import (
+    BillingCycle,
+    Status,
+    SubscriberSlot,
+    Subscription,
+    SubscriptionExists,
+    add_cycle,
+    prorated,
+    slot_id_for,
+)
+from ledger._types import MAX_CREDITS, CreditKind
+
+from ._state import (
+    CustomerLink,
+    Payment,
+    Seen,
+    SubscriptionLink,
+    customer_link_id,
+    ledger_subscription_id,
+    payment_id,
+    subscription_link_id,
+)
+
+if TYPE_CHECKING:
+    from ledger._app import _Unit
+
+T = TypeVar("T")
+
+#: How far apart an invoice and the snapshot Lemon Squeezy sends with it may
+#: be: both are written in the same request, seconds apart.
+SLACK = timedelta(seconds=60)
+#: How far from its proration invoice a plan change may be (Lemon Squeezy
+#: charges the proration right after the change).
+CHANGE_WINDOW = timedelta(hours=1)
+#: How long an invoice waits for that snapshot before it is applied with what
+#: is known (a host that does not subscribe to subscription_updated).
+DEFAULT_HOLD_WINDOW_S = 3600
+PAID_STATUSES = frozenset({"paid", "refunded", "partial_refund"})
+
+STATUS_MAP: dict[str, Status] = {
+    "on_trial": Status.TRIALING,
+    "active": Status.ACTIVE,
+    "paused": Status.PAUSED,  # pause.mode void (no payment collected) and free (service continues) alike
+    "past_due": Status.PAST_DUE,
+    "unpaid": Status.PAST_DUE,  # dunning gave up; Lemon Squeezy's dunning rules expire it later
+    "cancelled": Status.CANCELLED,  # grace period until ends_at
+    "expired": Status.EXPIRED,
+}
+
+
+class Held(LedgerError):
+    """The command cannot run yet; ``waits_for`` names what it waits for
+    (``subscription 123``, ``customer 45``)."""
+
+    def __init__(self, waits_for: str, why: str) -> None:
+        self.waits_for = waits_for
+        super().__init__(f"{waits_for}: {why}")
+
+
+class UnknownVariant(LedgerError):
+    """No plan in the catalog lists this Lemon Squeezy variant."""
+
+    def __init__(self, variant_id: str) -> None:
+        self.variant_id = variant_id
+        super().__init__(
+            f"variant {variant_id} is not in the plan catalog (lemon_squeezy_variant_id_monthly/_yearly) "
+            "nor a configured credit pack"
+        )
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Lemon Squeezy variant id -> (plan name, billing cycle), from every
+    revision of every plan (a subscription keeps its variant after a revision)."""
+
+    variants: tuple[tuple[str, str, str], ...] = ()
+
+    def find(self, variant_id: str) -> tuple[str, BillingCycle] | None:
+        for variant, plan, cycle in self.variants:
+            if variant == variant_id:
+                return plan, BillingCycle(cycle)
+        return None
+
+
+@dataclass(frozen=True)
+class RefundPolicy:
+    """What a refund does to the credits the refunded payment granted.
+
+    The refunded share of the payment's total, applied to the credits it
+    granted and rounded down, is clawed back: first from that grant's own
+    unspent credits, then (``from_other_credits``) from the account's other
+    available credits in the ledger's draw order. Held credits are never
+    taken and the balance never goes below zero; what cannot be taken is
+    recorded as the payment's shortfall. ``claw_back=False`` records refunds
+    and takes nothing."""
+
+    claw_back: bool = True
+    from_other_credits: bool = True
+
+
+@dataclass
+class Report:
+    """What a command did, for the delivery's note. Filled by ``apply``;
+    left out of fingerprints."""
+
+    notes: list[str] = field(default_factory=list)
+    granted: int = 0
+    clawed: int = 0
+    shortfall: int = 0
+    applied: bool = False
+
+    def reset(self) -> None:
+        self.notes.clear()
+        self.granted = self.clawed = self.shortfall = 0
+        self.applied = False
+
+
+def content_key(kind: str, object_id: str, fields: dict[str, Any]) -> str:
+    """An idempotency key from an object's id and the fields that decide its
+    effect: the same content again (a re-send under a new webhook id) is the
+    same key, a changed object a new one."""
+    text = json.dumps(fields, sort_keys=True, default=str)
+    return f"lemonsqueezy:{kind}:{object_id}:{hashlib.sha256(text.encode()).hexdigest()[:24]}"
+
+
+def minus_cycle(end: datetime, cycle: BillingCycle) -> datetime:
+    """The start of a period ending at ``end``: ``add_cycle`` backwards."""
+    months = 1 if cycle == BillingCycle.MONTHLY else 12
+    index = end.year * 12 + end.month - 1 - months
+    year, month = divmod(index, 12)
+    day = min(end.day, calendar.monthrange(year, month + 1)[1])
+    return end.replace(year=year, month=month + 1, day=day)
+
+
+# --------------------------------------------------------------- shared steps
+
+
+def recorded(unit: _Unit, key: str) -> bool:
+    return key in unit.records or get_or_none(unit.app, record_id_for(key), CommandRecord) is not None
+
+
+class Loaded:
+    """The aggregates a command will read, loaded in one bulk read (a
+    snapshot query and an events query) instead of a query or two each; and
+    which of them do not exist, so that they are not looked up again. Found
+    aggregates join the unit; users' accounts go where ``unit.account``
+    looks first."""
+
+    def __init__(self, unit: _Unit, ids: Iterable[UUID], users: Iterable[UUID | None] = ()) -> None:
+        self.unit = unit
+        wanted = list(dict.fromkeys(ids))
+        accounts = {account_id_for(u): u for u in users if u is not None and u not in unit.accounts}
+        found = unit.reader.load([*wanted, *accounts], snapshots=bool(accounts))
+        self.missing = {i for i in wanted if i not in found}
+        self.records = {i for i in wanted if isinstance(found.get(i), CommandRecord)}
+        for i in wanted:
+            aggregate = found.get(i)
+            if aggregate is not None and i not in self.records and i not in unit.others:
+                unit.add(aggregate)
+        for account_id, user in accounts.items():
+            account = found.get(account_id)
+            if isinstance(account, CreditAccount):
+                unit.preloaded[user] = account
+            else:
+                unit.missing.add(user)
+
+    def get(self, aggregate_id: UUID, cls: type[T]) -> T | None:
+        hit = self.unit.others.get(aggregate_id)
+        if hit is not None:
+            return hit if isinstance(hit, cls) else None
+        if aggregate_id in self.missing:
+            return None
+        return self.unit.aggregate(aggregate_id, cls)
+
+    def recorded(self, key: str) -> bool:
+        record = record_id_for(key)
+        if key in self.unit.records or record in self.records:
+            return True
+        return record not in self.missing and recorded(self.unit, key)
+
+
+def resolve_user(
+    loaded: Loaded, custom_user: UUID | None, link: SubscriptionLink | None, customer_id: str, waits_for: str
+) -> UUID:
+    """``meta.custom_data.user_id``, else the user the subscription or the
+    customer was first seen with; Held when none is known."""
+    if custom_user is not None:
+        if link is not None and link.user_id != custom_user:
+            raise InvalidArgument(
+                f"meta.custom_data.user_id {custom_user} differs from user {link.user_id}, "
+                f"whom Lemon Squeezy subscription {link.ls_subscription_id} belongs to"
+            )
+        return custom_user
+    if link is not None:
+        return link.user_id
+    customer = loaded.get(customer_link_id(customer_id), CustomerLink)
+    if customer is not None:
+        return customer.user_id
+    raise Held(waits_for, "no meta.custom_data.user_id, and no user is mapped to this subscription or customer yet")
+
+
+def learn_customer(loaded: Loaded, customer_id: str, user_id: UUID) -> None:
+    """Maps a customer to the user it is first seen with (later users of the
+    same customer, one email with two app accounts, do not move it)."""
+    unit = loaded.unit
+    if loaded.get(customer_link_id(customer_id), CustomerLink) is None:
+        unit.add(
+            CustomerLink._create(
+                CustomerLink.Linked,
+                id=customer_link_id(customer_id),
+                customer_id=customer_id,
+                user_id=user_id,
+                timestamp=unit.now,
+            )
+        )
+
+
+def plan_for(unit: _Unit, catalog: Catalog, variant_id: str) -> tuple[Plan, BillingCycle]:
+    found = catalog.find(variant_id)
+    if found is None:
+        raise UnknownVariant(variant_id)
+    plan = unit.aggregate(plan_id_for(found[0]), Plan)
+    if plan is None:
+        raise UnknownVariant(variant_id)
+    return plan, found[1]
+
+
+def claw_back(
+    unit: _Unit,
+    payment: Payment,
+    refunded: int,
+    policy: RefundPolicy,
+    report: Report,
+    description: str,
+) -> None:
+    """Claws back the credits answering the growth of the refunded amount
+    from what was last seen to ``refunded`` (see RefundPolicy)."""
+    granted = payment.granted or 0
+    wanted = _share(granted, refunded, payment.total) - _share(granted, payment.refunded_seen, payment.total)
+    taken = 0
+    if wanted > 0 and policy.claw_back:
+        taken = _debit(unit, payment, wanted, policy, refunded, description)
+    shortfall = max(0, wanted - taken) if policy.claw_back else 0
+    payment.trigger_event(
+        Payment.Refunded, refunded_amount=refunded, clawed=taken, shortfall=shortfall, timestamp=unit.now
+    )
+    report.clawed += taken
+    report.shortfall += shortfall
+    if shortfall:
+        report.notes.append(f"{shortfall} of {wanted} credits to claw back were spent, held or lapsed; not taken")
+    if wanted > 0 and not policy.claw_back:
+        report.notes.append(f"refund recorded; the refund policy claws back nothing ({wanted} credits kept)")
+
+
+def _share(granted: int, refunded: int, total: int) -> int:
+    if total <= 0:
+        return granted if refunded > 0 else 0
+    return granted * min(refunded, total) // total
+
+
+def _debit(unit: _Unit, payment: Payment, wanted: int, policy: RefundPolicy, refunded: int, description: str) -> int:
+    account = unit.account(payment.user_id)
+    own = str(entry_id_for(payment.grant_key)) if payment.grant_key else None
+    free = account.free(unit.now)  # unearmarked credits of live blocks, in draw order
+    sources = [s for s in free if s[0] == own]
+    if policy.from_other_credits:
+        sources += [s for s in free if s[0] != own]
+    draws: list[list[Any]] = []
+    left = wanted
+    for block_id, credits in sources:
+        if left == 0:
+            break
+        part = min(credits, left)
+        draws.append([block_id, part])
+        left -= part
+    taken = wanted - left
+    if taken:
+        key = f"lemonsqueezy:{payment.kind}:{payment.object_id}:refund:{refunded}"
+        # The domain's debit draws soonest-expiring credits first; a clawback
+        # must take the refunded grant's own credits first, so it records its
+        # own draws. The unit checks the account's invariants before saving.
+        account.trigger_event(
+            CreditAccount.Debited,
+            entry_id=entry_id_for(key),
+            amount=taken,
+            kind=CreditKind.REFUND.value,
+            description=description,
+            reference_type=f"lemonsqueezy_{payment.kind}",
+            reference_id=payment.object_id,
+            actor=None,
+            draws=draws,
+            key=key,
+            timestamp=unit.now,
+        )
+    return taken
+
+
+def open_payment(loaded: Loaded, kind: str, object_id: str, user_id: UUID, total: int, currency: str) -> Payment:
+    unit = loaded.unit
+    payment = loaded.get(payment_id(kind, object_id), Payment)
+    if payment is None:
+        payment = Payment._create(
+            Payment.Opened,
+            id=payment_id(kind, object_id),
+            kind=kind,
+            object_id=object_id,
+            user_id=user_id,
+            total=total,
+            currency=currency,
+            timestamp=unit.now,
+        )
+        unit.add(payment)
+    return payment
+
+
+def record_grant(
+    unit: _Unit,
+    payment: Payment,
+    *,
+    amount: int,
+    kind: CreditKind,
+    key: str,
+    expires_at: datetime | None,
+    plan: str | None,
+    description: str,
+    report: Report,
+) -> None:
+    """Grants a payment's credits once (keyed by the payment), unless the
+    period they are for is already over when the payment is processed."""
+    note = None
+    granted = 0
+    amount = min(amount, MAX_CREDITS)
+    if expires_at is not None and expires_at <= unit.now:
+        note = f"the paid period ended at {expires_at.isoformat()} before the payment was processed; nothing granted"
+        report.notes.append(note)
+    else:
+        granted = unit.grant_once(
+            payment.user_id,
+            amount,
+            kind,
+            key=key,
+            expires_at=expires_at,
+            reference_type=f"lemonsqueezy_{payment.kind}",
+            reference_id=payment.object_id,
+            description=description,
+        )
+    payment.trigger_event(
+        Payment.Granted, credits=granted, key=key, plan=plan, expires_at=expires_at, note=note, timestamp=unit.now
+    )
+    report.granted += granted
+
+
+# ------------------------------------------------------------------ snapshots
+
+
+@dataclass(frozen=True)
+class ApplySubscription(UnitCommand):
+    """A subscription snapshot (``data.type`` subscriptions): its user and
+    timeline, then SyncSubscription, which applies it if newer than the last."""
+
+    name: ClassVar[str] = "lemonsqueezy_subscription"
+    hints: ClassVar[frozenset[str]] = frozenset({"catalog", "report"})
+    ls_subscription_id: str = field(kw_only=True)
+    customer_id: str = field(kw_only=True)
+    variant_id: str = field(kw_only=True)
+    status: Status = field(kw_only=True)
+    period_start: datetime = field(kw_only=True)
+    period_end: datetime = field(kw_only=True)
+    trial_ends_at: datetime | None = field(kw_only=True)
+    cancel_at_period_end: bool = field(kw_only=True)
+    source_updated_at: datetime = field(kw_only=True)
+    custom_user: UUID | None = field(kw_only=True)
+    catalog: Catalog = field(default=Catalog(), kw_only=True, compare=False)
+    report: Report = field(default_factory=Report, kw_only=True, compare=False)
+
+    def apply(self, unit: _Unit) -> Receipt:
+        self.report.reset()
+        sid = ledger_subscription_id(self.ls_subscription_id)
+        sync_key = content_key("subscription-sync", self.ls_subscription_id, self._fields())
+        ids = [subscription_link_id(self.ls_subscription_id), customer_link_id(self.customer_id), sid]
+        ids.append(record_id_for(sync_key))
+        if self.custom_user is not None:
+            ids.append(slot_id_for(self.custom_user))
+        loaded = Loaded(unit, ids)
+        link = loaded.get(subscription_link_id(self.ls_subscription_id), SubscriptionLink)
+        user = resolve_user(loaded, self.custom_user, link, self.customer_id, f"customer {self.customer_id}")
+        plan, cycle = plan_for(unit, self.catalog, self.variant_id)
+        if link is None:
+            link = SubscriptionLink._create(
+                SubscriptionLink.Linked,
+                id=subscription_link_id(self.ls_subscription_id),
+                ls_subscription_id=self.ls_subscription_id,
+                customer_id=self.customer_id,
+                user_id=user,
+                timestamp=unit.now,
+            )
+            unit.add(link)
+        learn_customer(loaded, self.customer_id, user)
+        link.see(self.source_updated_at, self.variant_id, self.period_end, unit.now)
+        before = loaded.get(sid, Subscription)
+        last = before.source_updated_at if before is not None else None
+        self.report.applied = last is None or self.source_updated_at > last
+        if not self.report.applied:
+            self.report.notes.append(f"older than the snapshot applied ({last.isoformat() if last else '-'}); kept")
+        sync = SyncSubscription(
+            key=sync_key,
+            subscription_id=sid,
+            user_id=user,
+            plan=plan.terms.name,
+            billing_cycle=cycle,
+            status=self.status,
+            period_start=self.period_start,
+            period_end=self.period_end,
+            trial_ends_at=self.trial_ends_at,
+            cancel_at_period_end=self.cancel_at_period_end,
+            source_updated_at=self.source_updated_at,
+            external_id=self.ls_subscription_id,
+            customer_id=self.customer_id,
+        )
+        if not loaded.recorded(sync.key):
+            if slot_id_for(user) in loaded.missing:
+                # What unit.slot() would create after looking it up again.
+                unit.add(
+                    SubscriberSlot._create(
+                        SubscriberSlot.Opened, id=slot_id_for(user), user_id=user, timestamp=unit.now
+                    )
+                )
+            try:
+                sync.apply(unit)
+            except SubscriptionExists as exc:
+                raise Held(
+                    f"user {user}",
+                    f"the user's subscription {exc.subscription_id} is still live; this one is applied when it ends",
+                ) from None
+        return unit.finish(self, user, amount=0, subscription_id=sid)
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "variant": self.variant_id,
+            "status": str(self.status),
+            "start": self.period_start,
+            "end": self.period_end,
+            "trial": self.trial_ends_at,
+            "cancel": self.cancel_at_period_end,
+            "updated": self.source_updated_at,
+        }
+
+
+# ------------------------------------------------------------------- invoices
+
+
+@dataclass(frozen=True)
+class ApplyInvoice(UnitCommand):
+    """A subscription invoice (``data.type`` subscription-invoices): grants
+    the credits a paid invoice pays for, once; a failed payment makes the
+    subscription past_due; a growing refunded amount claws credits back."""
+
+    name: ClassVar[str] = "lemonsqueezy_invoice"
+    hints: ClassVar[frozenset[str]] = frozenset({"catalog", "report", "refund_policy", "hold_window_s"})
+    invoice_id: str = field(kw_only=True)
+    ls_subscription_id: str = field(kw_only=True)
+    customer_id: str = field(kw_only=True)
+    payment_failed: bool = field(kw_only=True)
+    billing_reason: Literal["initial", "renewal", "updated"] = field(kw_only=True)
+    status: str = field(kw_only=True)
+    currency: str = field(kw_only=True)
+    total: int = field(kw_only=True)
+    refunded_amount: int = field(kw_only=True)
+    created_at: datetime = field(kw_only=True)
+    updated_at: datetime = field(kw_only=True)
+    custom_user: UUID | None = field(kw_only=True)
+    catalog: Catalog = field(default=Catalog(), kw_only=True, compare=False)
+    refund_policy: RefundPolicy = field(default=RefundPolicy(), kw_only=True, compare=False)
+    hold_window_s: int = field(default=DEFAULT_HOLD_WINDOW_S, kw_only=True, compare=False)
+    report: Report = field(default_factory=Report, kw_only=True, compare=False)
+
+    def apply(self, unit: _Unit) -> Receipt:
+        self.report.reset()
+        link_id = subscription_link_id(self.ls_subscription_id)
+        ids = [link_id, payment_id("invoice", self.invoice_id)]
+        if self.payment_failed:
+            ids.append(ledger_subscription_id(self.ls_subscription_id))
+        loaded = Loaded(unit, ids, [self.custom_user])
+        link = loaded.get(link_id, SubscriptionLink)
+        if link is None:
+            raise Held(f"subscription {self.ls_subscription_id}", "no snapshot of the subscription seen yet")
+        user = resolve_user(loaded, self.custom_user, link, self.customer_id, f"subscription {self.ls_subscription_id}")
+        payment = loaded.get(payment_id("invoice", self.invoice_id), Payment)
+        if self.status in PAID_STATUSES and (payment is None or payment.granted is None):
+            payment = open_payment(loaded, "invoice", self.invoice_id, user, self.total, self.currency)
+            self._grant(unit, link, payment)
+        if self.payment_failed:
+            self._past_due(loaded, user)
+        if payment is not None and payment.granted is not None and self.refunded_amount > payment.refunded_seen:
+            claw_back(
+                unit,
+                payment,
+                self.refunded_amount,
+                self.refund_policy,
+                self.report,
+                f"refund of Lemon Squeezy invoice {self.invoice_id}",
+            )
+        net = self.report.granted - self.report.clawed
+        return unit.finish(self, user, amount=net, subscription_id=ledger_subscription_id(self.ls_subscription_id))
+
+    # -- the grant ---------------------------------------------------------------
+
+    def _grant(self, unit: _Unit, link: SubscriptionLink, payment: Payment) -> None:
+        entries = link.entries()
+        entry = self._entry(entries, unit.now)
+        plan, cycle = plan_for(unit, self.catalog, entry.variant_id)
+        terms = plan.terms
+        key = f"lemonsqueezy:invoice:{self.invoice_id}"
+        if self.billing_reason == "updated":
+            amount, period_end = self._upgrade(unit, entries, entry, plan, cycle)
+            kind = CreditKind.SUBSCRIPTION_GRANT
+            what = f"plan change to {terms.display_name}"
+        else:
+            amount, period_end = self._period_credits(unit, payment, terms.credits), add_cycle(self.created_at, cycle)
+            kind = CreditKind.SUBSCRIPTION_GRANT if self.billing_reason == "initial" else CreditKind.SUBSCRIPTION_RENEW
+            what = f"{terms.display_name} plan, {self.billing_reason}"
+        expires_at = None if unit.policy.expiry == "rollover" else period_end
+        record_grant(
+            unit,
+            payment,
+            amount=amount,
+            kind=kind,
+            key=key,
+            expires_at=expires_at,
+            plan=terms.name,
+            description=f"{what} (Lemon Squeezy invoice {self.invoice_id})",
+            report=self.report,
+        )
+
+    def _entry(self, entries: list[Seen], now: datetime) -> Seen:
+        """The snapshot describing the subscription when the invoice was
+        created. Lemon Squeezy sends a snapshot with every invoice (created,
+        renews_at moved, variant changed), seconds apart: the snapshots within
+        SLACK of the invoice describe it, whatever else arrived. Until one
+        has arrived the invoice waits (at most the hold window), since a
+        snapshot that changed the plan may still be in flight."""
+        near = [e for e in entries if abs(e.updated_at - self.created_at) <= SLACK]
+        if not near and self._young(now):
+            raise Held(
+                f"subscription {self.ls_subscription_id}",
+                f"waiting for the subscription's snapshot from around {self.created_at.isoformat()}",
+            )
+        pool = near or entries
+        # A plan-change invoice follows the change; the change's snapshot may
+        # carry a slightly later updated_at than the invoice.
+        limit = self.created_at + SLACK if self.billing_reason == "updated" else self.created_at
+        before = [e for e in pool if e.updated_at <= limit]
+        return before[-1] if before else pool[0]
+
+    def _young(self, now: datetime) -> bool:
+        return now - self.created_at < timedelta(seconds=self.hold_window_s)
+
+    def _period_credits(self, unit: _Unit, payment: Payment, credits: int) -> int:
+        cap = unit.policy.rollover_cap_credits
+        if unit.policy.expiry != "rollover" or cap is None:
+            return credits
+        account = unit.account(payment.user_id, open_missing=True)
+        kinds = {CreditKind.SUBSCRIPTION_GRANT.value, CreditKind.SUBSCRIPTION_RENEW.value}
+        unspent = sum(b.remaining for b in account.blocks.values() if b.kind in kinds)
+        return min(credits, max(0, cap - unspent))
+
+    def _upgrade(
+        self, unit: _Unit, entries: list[Seen], entry: Seen, new: Plan, cycle: BillingCycle
+    ) -> tuple[int, datetime]:
+        """What a plan-change invoice grants: the ledger's upgrade policy
+        applied to the plans before and after the change. The change is where
+        the subscription's run of the new variant begins on the timeline; it
+        must be near the invoice, or the invoice prorates something else (a
+        quantity change) and grants nothing."""
+        period_end = entry.period_end
+        if period_end is None or period_end <= self.created_at:
+            period_end = add_cycle(self.created_at, cycle)
+        before = [e for e in entries if e.updated_at <= entry.updated_at]
+        start = len(before) - 1
+        while start > 0 and before[start - 1].variant_id == entry.variant_id:
+            start -= 1
+        if start == 0 and self._young(unit.now):
+            raise Held(
+                f"subscription {self.ls_subscription_id}",
+                "waiting for a snapshot from before the plan change this invoice prorates",
+            )
+        if start == 0:
+            self.report.notes.append("no earlier plan of the subscription is known; nothing granted for the change")
+            return 0, period_end
+        if abs(before[start].updated_at - self.created_at) > CHANGE_WINDOW:
+            self.report.notes.append("no plan change near this invoice; nothing granted")
+            return 0, period_end
+        old, _ = plan_for(unit, self.catalog, before[start - 1].variant_id)
+        if new.terms.tier_level <= old.terms.tier_level:
+            self.report.notes.append(f"{old.terms.name} -> {new.terms.name} is not an upgrade; nothing granted")
+            return 0, period_end
+        difference = max(0, new.terms.credits - old.terms.credits)
+        if unit.policy.upgrade == "prorated":
+            difference = prorated(difference, self.created_at, minus_cycle(period_end, cycle), period_end)
+        elif unit.policy.upgrade == "none":
+            difference = 0
+        return difference, period_end
+
+    # -- a failed payment --------------------------------------------------------
+
+    def _past_due(self, loaded: Loaded, user: UUID) -> None:
+        """past_due, as a snapshot dated by the invoice: it loses to any newer
+        snapshot (a recovery), whichever arrives first."""
+        unit = loaded.unit
+        sid = ledger_subscription_id(self.ls_subscription_id)
+        s = loaded.get(sid, Subscription)
+        if s is None or s.status not in (Status.ACTIVE, Status.TRIALING):
+            return
+        if s.source_updated_at is not None and self.updated_at <= s.source_updated_at:
+            return
+        sync = SyncSubscription(
+            key=f"lemonsqueezy:invoice:{self.invoice_id}:past_due:{self.updated_at.isoformat()}",
+            subscription_id=sid,
+            user_id=user,
+            plan=s.plan,
+            billing_cycle=BillingCycle(s.billing_cycle),
+            status=Status.PAST_DUE,
+            period_start=s.period_start,
+            period_end=s.period_end,
+            trial_ends_at=s.trial_ends_at,
+            cancel_at_period_end=s.cancel_at_period_end,
+            source_updated_at=self.updated_at,
+            external_id=self.ls_subscription_id,
+            customer_id=self.customer_id,
+        )
+        if not loaded.recorded(sync.key):
+            sync.apply(unit)
+            self.report.applied = True
+
+
+# --------------------------------------------------------------------- orders
+
+
+@dataclass(frozen=True)
+class ApplyOrder(UnitCommand):
+    """An order: a credit pack (a one-time variant configured as one) grants
+    its credits once when paid and is clawed back when refunded; any other
+    order (the checkout that starts a subscription) moves no credits."""
+
+    name: ClassVar[str] = "lemonsqueezy_order"
+    hints: ClassVar[frozenset[str]] = frozenset({"pack_credits", "plan_variant", "refund_policy", "report"})
+    order_id: str = field(kw_only=True)
+    customer_id: str = field(kw_only=True)
+    status: str = field(kw_only=True)
+    variant_id: str = field(kw_only=True)
+    quantity: int = field(kw_only=True)
+    currency: str = field(kw_only=True)
+    total: int = field(kw_only=True)
+    refunded_amount: int = field(kw_only=True)
+    custom_user: UUID | None = field(kw_only=True)
+    pack_credits: int | None = field(default=None, kw_only=True, compare=False)
+    plan_variant: bool = field(default=False, kw_only=True, compare=False)
+    refund_policy: RefundPolicy = field(default=RefundPolicy(), kw_only=True, compare=False)
+    report: Report = field(default_factory=Report, kw_only=True, compare=False)
+
+    def apply(self, unit: _Unit) -> Receipt:
+        self.report.reset()
+        if self.pack_credits is None:
+            return self._not_a_pack(unit)
+        ids = [customer_link_id(self.customer_id), payment_id("order", self.order_id)]
+        loaded = Loaded(unit, ids, [self.custom_user])
+        user = resolve_user(loaded, self.custom_user, None, self.customer_id, f"customer {self.customer_id}")
+        learn_customer(loaded, self.customer_id, user)
+        payment = loaded.get(payment_id("order", self.order_id), Payment)
+        if self.status in PAID_STATUSES and (payment is None or payment.granted is None):
+            payment = open_payment(loaded, "order", self.order_id, user, self.total, self.currency)
+            record_grant(
+                unit,
+                payment,
+                amount=self.pack_credits * self.quantity,
+                kind=CreditKind.PURCHASE,
+                key=f"lemonsqueezy:order:{self.order_id}",
+                expires_at=None,
+                plan=None,
+                description=f"credit pack {self.variant_id} x {self.quantity} (Lemon Squeezy order {self.order_id})",
+                report=self.report,
+            )
+        if payment is not None and payment.granted is not None and self.refunded_amount > payment.refunded_seen:
+            claw_back(
+                unit,
+                payment,
+                self.refunded_amount,
+                self.refund_policy,
+                self.report,
+                f"refund of Lemon Squeezy order {self.order_id}",
+            )
+        return unit.finish(self, user, amount=self.report.granted - self.report.clawed)
+
+    def _not_a_pack(self, unit: _Unit) -> Receipt:
+        if self.custom_user is not None:
+            learn_customer(Loaded(unit, [customer_link_id(self.customer_id)]), self.customer_id, self.custom_user)
+        if self.plan_variant:
+            self.report.notes.append("a subscription's checkout order: its invoices grant the credits")
+        else:
+            self.report.notes.append(f"variant {self.variant_id} is not a configured credit pack; nothing granted")
+        return unit.finish(self, self.custom_user, amount=0)

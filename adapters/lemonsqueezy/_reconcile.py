@@ -1,0 +1,118 @@
+"""Bringing the ledger in line with Lemon Squeezy when deliveries were lost
+(Lemon Squeezy gives up after its last retry).
+
+The reconciler fetches every subscription and the recent subscription
+invoices over the REST API and applies each exactly as the webhook that
+carries it would: a snapshot newer than the one applied is applied; a paid
+invoice never granted is granted (if its period has not ended); a refunded
+amount never seen claws back. Everything is keyed like the webhooks, so
+running it twice, or alongside the webhooks, changes nothing twice. Nothing
+is written to ``webhook_events``: these are not deliveries.
+
+REST objects carry no ``meta.custom_data``: a subscription the ledger never
+saw is applied only if its customer is mapped to a user; otherwise it is
+reported, not guessed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from ._adapter import Outcome, Processor
+from ._client import DEFAULT_MAX_PAGES, LemonSqueezyClient
+from ._payloads import parse_time
+
+DEFAULT_SINCE_DAYS = 45
+
+
+@dataclass
+class ReconcileReport:
+    subscriptions_seen: int = 0
+    invoices_seen: int = 0
+    #: What it changed in the ledger.
+    changes: list[str] = field(default_factory=list)
+    #: Objects it looked at and left as they were, with a reason worth reading.
+    notes: list[str] = field(default_factory=list)
+    #: Objects it could not apply (held or failed), with the reason.
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> int:
+        return len(self.changes)
+
+
+class Reconciler:
+    """``Reconciler(processor, client).run()`` -> what it changed."""
+
+    def __init__(
+        self,
+        processor: Processor,
+        client: LemonSqueezyClient,
+        *,
+        store_id: str | None = None,
+        since_days: int = DEFAULT_SINCE_DAYS,
+        max_pages: int = DEFAULT_MAX_PAGES,
+    ) -> None:
+        if type(since_days) is not int or not 1 <= since_days <= 3_660:
+            raise ValueError("since_days must be an int of 1..3660")
+        self.processor = processor
+        self.client = client
+        self.store_id = store_id
+        self.since_days = since_days
+        self.max_pages = max_pages
+
+    def run(self, echo: Callable[[str], None] | None = None) -> ReconcileReport:
+        """Subscriptions first (invoices find their plan in the snapshots),
+        then the invoices created in the last ``since_days`` days."""
+        report = ReconcileReport()
+        say = echo or (lambda _line: None)
+        for resource in self.client.subscriptions(store_id=self.store_id, max_pages=self.max_pages):
+            report.subscriptions_seen += 1
+            self._one("subscription", resource, report, say)
+        since = self.processor.ledger.clock.now() - timedelta(days=self.since_days)
+        for resource in self.client.subscription_invoices(store_id=self.store_id, max_pages=self.max_pages):
+            created = _created_at(resource)
+            if created is not None and created < since:
+                break  # newest first: the rest are older still
+            report.invoices_seen += 1
+            self._one("invoice", resource, report, say)
+        return report
+
+    def _one(self, what: str, resource: dict[str, object], report: ReconcileReport, say: Callable[[str], None]) -> None:
+        name = f"{what} {resource.get('id', '?')}"
+        outcome = self.processor.apply_resource(resource)
+        if outcome.status == "ignored":
+            return
+        if outcome.status != "processed":
+            line, target = f"{name}: not applied: {outcome.message}", report.problems
+        elif _changes(outcome):
+            note = f" ({outcome.message})" if outcome.message else ""
+            line, target = f"{name}: {', '.join(_changes(outcome))}{note}", report.changes
+        elif outcome.message and not outcome.replayed:
+            line, target = f"{name}: {outcome.message}", report.notes
+        else:
+            return
+        target.append(line)
+        say(line)
+
+
+def _changes(outcome: Outcome) -> list[str]:
+    parts = []
+    if outcome.applied:
+        parts.append("applied the current snapshot")
+    if outcome.granted:
+        parts.append(f"granted {outcome.granted} credits to user {outcome.user_id}")
+    if outcome.clawed:
+        parts.append(f"clawed back {outcome.clawed} credits from user {outcome.user_id}")
+    return parts
+
+
+def _created_at(resource: dict[str, object]) -> datetime | None:
+    attributes = resource.get("attributes")
+    value = attributes.get("created_at") if isinstance(attributes, dict) else None
+    try:
+        return parse_time(value)
+    except (ValueError, TypeError):
+        return None

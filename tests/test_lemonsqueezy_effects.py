@@ -1,0 +1,491 @@
+"""What each Lemon Squeezy object does to the ledger: the status mapping, the
+user, holds, refunds, late payments and the upgrade policy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+
+from adapters.lemonsqueezy import IngestResult, LemonSqueezy, RefundPolicy
+from adapters.lemonsqueezy._state import Payment, ledger_subscription_id, payment_id
+from ledger import CreditPolicy, Ledger, ReserveCredits, SubscriptionView
+from tests.lemonsqueezy_support import (
+    R1,
+    START,
+    USER,
+    Builder,
+    StoryClock,
+    adapter_for,
+    headers_for,
+    open_ledger,
+)
+
+SID = ledger_subscription_id("880001")
+DAY = timedelta(days=1)
+SEC = timedelta(seconds=1)
+
+
+@pytest.fixture
+def clock() -> StoryClock:
+    return StoryClock(START)
+
+
+@pytest.fixture
+def ledger(ledger_url: str, clock: StoryClock) -> Iterator[Ledger]:
+    with open_ledger(ledger_url, clock) as opened:
+        yield opened
+
+
+@pytest.fixture
+def adapter(ledger: Ledger) -> LemonSqueezy:
+    return adapter_for(ledger)
+
+
+def send(adapter: LemonSqueezy, body: bytes) -> IngestResult:
+    result = adapter.ingest(body, headers_for(body))
+    assert result.http_status == 200, result
+    return result
+
+
+def subscription(ledger: Ledger) -> SubscriptionView:
+    return ledger.subscription(SID)
+
+
+def started(adapter: LemonSqueezy, b: Builder | None = None, **kw: Any) -> IngestResult:
+    b = b or Builder()
+    return send(adapter, b.subscription_event("subscription_created", updated=START, renews_at=R1, **kw))
+
+
+def paid(adapter: LemonSqueezy, b: Builder | None = None, invoice: str = "550001", **kw: Any) -> IngestResult:
+    b = b or Builder()
+    fields: dict[str, Any] = {"reason": "initial", "status": "paid", "created": START + SEC, "updated": START + 2 * SEC}
+    fields.update(total=2500)
+    fields.update(kw)
+    return send(adapter, b.invoice_event("subscription_payment_success", invoice, **fields))
+
+
+# ----------------------------------------------------------- status mapping
+
+
+@pytest.mark.parametrize(
+    ("ls_status", "extra", "status", "cancel_at_period_end"),
+    [
+        ("active", {}, "active", False),
+        ("on_trial", {"trial_ends_at": START + 14 * DAY}, "trialing", False),
+        ("paused", {"pause": {"mode": "void", "resumes_at": None}}, "paused", False),
+        ("paused", {"pause": {"mode": "free", "resumes_at": "2030-03-01T00:00:00.000000Z"}}, "paused", False),
+        ("past_due", {}, "past_due", False),
+        ("unpaid", {}, "past_due", False),
+        ("cancelled", {"cancelled": True, "ends_at": R1}, "cancelled", True),
+        ("expired", {"cancelled": True, "ends_at": R1}, "expired", False),
+    ],
+)
+def test_status_mapping(
+    adapter: LemonSqueezy,
+    ledger: Ledger,
+    ls_status: str,
+    extra: dict[str, Any],
+    status: str,
+    cancel_at_period_end: bool,
+) -> None:
+    renews = None if ls_status == "expired" else R1
+    result = send(
+        adapter,
+        Builder().subscription_event(
+            "subscription_updated", updated=START, status=ls_status, renews_at=renews, **extra
+        ),
+    )
+    assert result.processing == "processed", result
+    view = subscription(ledger)
+    assert (view.status, view.cancel_at_period_end, view.plan) == (status, cancel_at_period_end, "starter")
+    assert view.current_period_end == (START + 14 * DAY if ls_status == "on_trial" else R1)
+    assert view.current_period_start == START  # one cycle before the end, never before creation
+    assert (ledger.subscription_of(USER) is None) == (status == "expired")
+
+
+def test_a_yearly_variant_is_a_yearly_cycle(adapter: LemonSqueezy, ledger: Ledger) -> None:
+    renews = datetime(2031, 1, 5, 10, tzinfo=UTC)
+    send(adapter, Builder().subscription_event("subscription_created", updated=R1, variant="2002", renews_at=renews))
+    view = subscription(ledger)
+    assert (view.plan, view.billing_cycle) == ("pro", "yearly")
+    assert view.current_period_start == START  # max(created_at, a year before renews_at)
+
+
+def test_older_snapshots_are_kept_for_the_timeline_but_not_applied(adapter: LemonSqueezy, ledger: Ledger) -> None:
+    b = Builder()
+    send(
+        adapter,
+        b.subscription_event(
+            "subscription_updated",
+            updated=START + 5 * SEC,
+            status="cancelled",
+            renews_at=R1,
+            ends_at=R1,
+            cancelled=True,
+        ),
+    )
+    late = send(adapter, b.subscription_event("subscription_created", updated=START, renews_at=R1))
+    assert "older than the snapshot applied" in late.reason
+    assert subscription(ledger).status == "cancelled"
+
+
+# -------------------------------------------------------------------- users
+
+
+def test_without_custom_data_the_customer_mapping_finds_the_user(adapter: LemonSqueezy, ledger: Ledger) -> None:
+    anonymous = Builder(user=None)
+    held = started(adapter, anonymous)
+    assert held.processing == "held"
+    assert held.reason == (
+        "held: customer 770001: no meta.custom_data.user_id, and no user is mapped to this subscription or customer yet"
+    )
+    invoice = paid(adapter, anonymous)
+    assert invoice.processing == "held" and "subscription 880001: no snapshot" in invoice.reason
+    # The checkout's order carries custom_data: it maps the customer, which
+    # releases the snapshot, which releases the invoice.
+    checkout = Builder().order_event("order_created", "660001", variant="1001", total=2500, at=START)
+    assert send(adapter, checkout).processing == "processed"
+    assert subscription(ledger).user_id == USER
+    assert ledger.balance(USER).balance_credits == 5000
+    assert adapter.inbox.counts() == {"processed": 3}
+
+
+def test_a_custom_user_other_than_the_subscriptions_is_refused(adapter: LemonSqueezy) -> None:
+    started(adapter)
+    other = Builder(user=uuid4())
+    result = send(adapter, other.subscription_event("subscription_updated", updated=START + SEC, renews_at=R1))
+    assert result.processing == "failed"
+    assert "differs from user" in result.reason
+
+
+def test_a_custom_user_that_is_not_a_uuid_fails_with_the_reason(adapter: LemonSqueezy) -> None:
+    b = Builder()
+    body = b.subscription_event("subscription_created", updated=START, renews_at=R1)
+    body = body.replace(str(USER).encode(), b"user-42")
+    result = send(adapter, body)
+    assert (result.processing, result.reason) == (
+        "failed",
+        "InvalidArgument: meta.custom_data.user_id 'user-42' is not a UUID",
+    )
+
+
+def test_a_second_live_subscription_waits_until_the_first_ends(adapter: LemonSqueezy, ledger: Ledger) -> None:
+    started(adapter)
+    second = Builder(subscription="880002")
+    held = send(adapter, second.subscription_event("subscription_created", updated=START + DAY, renews_at=R1 + DAY))
+    assert held.processing == "held" and held.reason.startswith(f"held: user {USER}: ")
+    expired = Builder().subscription_event(
+        "subscription_expired", updated=START + 2 * DAY, status="expired", renews_at=None, ends_at=START + 2 * DAY
+    )
+    send(adapter, expired)  # releases the second
+    live = ledger.subscription_of(USER)
+    assert live is not None and live.lemon_squeezy_subscription_id == "880002"
+
+
+# ----------------------------------------------------------------- invoices
+
+
+def test_an_invoice_waits_for_the_snapshot_sent_with_it(
+    adapter: LemonSqueezy, ledger: Ledger, clock: StoryClock
+) -> None:
+    b = Builder()
+    started(adapter, b)
+    paid(adapter, b)
+    clock.set(R1 + 2 * SEC)
+    renewal = paid(adapter, b, "550002", reason="renewal", created=R1, updated=R1 + SEC)
+    assert renewal.processing == "held"
+    assert "waiting for the subscription's snapshot from around 2030-02-05T10:00:00+00:00" in renewal.reason
+    send(adapter, b.subscription_event("subscription_updated", updated=R1 + 3 * SEC, renews_at=R1 + 28 * DAY))
+    grants = [(e.data["kind"], e.data["amount"]) for e in ledger.history(USER) if e.type == "granted"]
+    assert grants == [("subscription_grant", 5000), ("subscription_renew", 5000)]
+    assert ledger.balance(USER).balance_credits == 5000  # the first period's credits lapsed at R1 + 1 s
+    assert adapter.inbox.counts() == {"processed": 4}
+
+
+def test_after_the_hold_window_an_invoice_uses_what_is_known(
+    adapter: LemonSqueezy, ledger: Ledger, clock: StoryClock
+) -> None:
+    b = Builder()
+    started(adapter, b)
+    clock.set(R1 + 2 * 3600 * SEC)  # two hours after the renewal: no snapshot came
+    renewal = paid(adapter, b, "550002", reason="renewal", created=R1, updated=R1 + SEC)
+    assert renewal.processing == "processed"
+    assert ledger.balance(USER).balance_credits == 5000
+
+
+def test_a_payment_processed_after_its_period_grants_nothing(
+    adapter: LemonSqueezy, ledger: Ledger, clock: StoryClock
+) -> None:
+    b = Builder()
+    started(adapter, b)
+    clock.set(R1 + DAY)  # the initial period (START + 1 s .. R1 + 1 s) is over
+    result = paid(adapter, b)
+    assert result.processing == "processed"
+    assert "the paid period ended at 2030-02-05T10:00:01+00:00 before the payment was processed" in result.reason
+    payment = ledger.app.repository.get(payment_id("invoice", "550001"))
+    assert isinstance(payment, Payment) and payment.granted == 0
+
+
+def test_a_recovered_invoice_already_granted_changes_nothing(adapter: LemonSqueezy, ledger: Ledger) -> None:
+    b = Builder()
+    started(adapter, b)
+    paid(adapter, b)
+    again = send(
+        adapter,
+        b.invoice_event(
+            "subscription_payment_recovered",
+            "550001",
+            reason="initial",
+            status="paid",
+            created=START + SEC,
+            updated=START + 9 * SEC,
+            total=2500,
+        ),
+    )
+    assert again.processing == "processed"
+    assert ledger.balance(USER).balance_credits == 5000
+    assert len(ledger.history(USER)) == 2  # opened, one grant
+
+
+def test_a_failed_payment_makes_it_past_due_until_a_newer_snapshot(adapter: LemonSqueezy, ledger: Ledger) -> None:
+    b = Builder()
+    started(adapter, b)
+    failed = b.invoice_event(
+        "subscription_payment_failed",
+        "550002",
+        reason="renewal",
+        status="pending",
+        created=R1,
+        updated=R1 + SEC,
+        total=2500,
+    )
+    send(adapter, failed)
+    assert subscription(ledger).status == "past_due"
+    send(adapter, b.subscription_event("subscription_updated", updated=R1 + 4 * DAY, renews_at=R1 + 28 * DAY))
+    assert subscription(ledger).status == "active"
+    send(
+        adapter,
+        b.invoice_event(
+            "subscription_payment_failed",
+            "550002",
+            reason="renewal",
+            status="pending",
+            created=R1,
+            updated=R1 + 2 * SEC,
+            total=2500,
+        ),
+    )
+    assert subscription(ledger).status == "active"  # older than the recovery: changes nothing
+
+
+@pytest.mark.parametrize(("upgrade", "granted"), [("full", 10000), ("prorated", 6895), ("none", 0)])
+def test_a_proration_invoice_follows_the_upgrade_policy(
+    ledger_url: str, clock: StoryClock, upgrade: str, granted: int
+) -> None:
+    with open_ledger(ledger_url, clock, credit_policy=CreditPolicy(upgrade=upgrade, auto_renew=False)) as ledger:  # type: ignore[arg-type]
+        adapter = adapter_for(ledger)
+        b = Builder()
+        started(adapter, b)
+        change = START + 9 * DAY + 15 * 3600 * SEC
+        send(adapter, b.subscription_event("subscription_updated", updated=change, variant="2001", renews_at=R1))
+        result = paid(adapter, b, "550009", reason="updated", created=change + SEC, updated=change + 2 * SEC)
+        assert result.processing == "processed"
+        payment = ledger.app.repository.get(payment_id("invoice", "550009"))
+        assert isinstance(payment, Payment) and payment.granted == granted
+        if granted:
+            assert ledger.balance(USER).blocks[0].expires_at == R1  # the end of the period it pays into
+
+
+def test_a_later_proration_invoice_that_is_no_plan_change_grants_nothing(adapter: LemonSqueezy, ledger: Ledger) -> None:
+    b = Builder()
+    started(adapter, b)
+    change = START + 2 * DAY
+    send(adapter, b.subscription_event("subscription_updated", updated=change, variant="2001", renews_at=R1))
+    paid(adapter, b, "550009", reason="updated", created=change + SEC, updated=change + 2 * SEC)
+    later = START + 20 * DAY  # a quantity change, say: Lemon Squeezy prorates it with another "updated" invoice
+    send(adapter, b.subscription_event("subscription_updated", updated=later, variant="2001", renews_at=R1))
+    result = paid(adapter, b, "550010", reason="updated", created=later + SEC, updated=later + 2 * SEC)
+    assert "no plan change near this invoice; nothing granted" in result.reason
+    granted = [e.data["amount"] for e in ledger.history(USER) if e.type == "granted"]
+    assert granted == [10000]  # the upgrade, once
+
+
+def test_a_downgrade_invoice_grants_nothing(adapter: LemonSqueezy, ledger: Ledger) -> None:
+    b = Builder()
+    send(adapter, b.subscription_event("subscription_created", updated=START, variant="3001", renews_at=R1))
+    send(adapter, b.subscription_event("subscription_updated", updated=START + DAY, variant="1001", renews_at=R1))
+    result = paid(adapter, b, "550009", reason="updated", created=START + DAY + SEC, updated=START + DAY + 2 * SEC)
+    assert "studio -> starter is not an upgrade; nothing granted" in result.reason
+    assert subscription(ledger).plan == "starter"
+
+
+def test_an_unknown_variant_fails_and_succeeds_once_the_plan_exists(adapter: LemonSqueezy, ledger: Ledger) -> None:
+    result = started(adapter, variant="4242")
+    assert result.processing == "failed"
+    assert result.reason.startswith("UnknownVariant: variant 4242 is not in the plan catalog")
+    from dataclasses import replace
+
+    from ledger import DEFAULT_CATALOG
+
+    ledger.define_plan(replace(DEFAULT_CATALOG[3], lemon_squeezy_variant_id_monthly="4242"))
+    adapter.processor._catalog_loaded = 0.0  # as if a second had passed since the last read
+    report = adapter.retry_failed()
+    assert (report.processed, report.failed) == (1, 0)
+    assert subscription(ledger).plan == "enterprise"
+
+
+def test_rollover_credits_do_not_expire(ledger_url: str, clock: StoryClock) -> None:
+    with open_ledger(ledger_url, clock, credit_policy=CreditPolicy(expiry="rollover", auto_renew=False)) as ledger:
+        adapter = adapter_for(ledger)
+        started(adapter)
+        paid(adapter)
+        assert [b.expires_at for b in ledger.balance(USER).blocks] == [None]
+
+
+# ------------------------------------------------------------------ refunds
+
+
+def test_partial_refunds_claw_back_only_the_change(adapter: LemonSqueezy, ledger: Ledger) -> None:
+    b = Builder()
+    started(adapter, b)
+    paid(adapter, b)
+
+    def refund(amount: int, updated: datetime, full: bool = False) -> IngestResult:
+        status = "refunded" if full else "partial_refund"
+        return send(
+            adapter,
+            b.invoice_event(
+                "subscription_payment_refunded",
+                "550001",
+                reason="initial",
+                status=status,
+                created=START + SEC,
+                updated=updated,
+                total=2500,
+                refunded_amount=amount,
+                refunded=full,
+            ),
+        )
+
+    refund(1000, START + DAY)  # 40 % of 5000 credits
+    assert ledger.balance(USER).balance_credits == 3000
+    refund(1500, START + 2 * DAY)  # 60 %: 1000 more
+    assert ledger.balance(USER).balance_credits == 2000
+    refund(1000, START + DAY)  # the first refund again, late: nothing
+    assert ledger.balance(USER).balance_credits == 2000
+    refund(2500, START + 3 * DAY, full=True)
+    assert ledger.balance(USER).balance_credits == 0
+    payment = ledger.app.repository.get(payment_id("invoice", "550001"))
+    assert isinstance(payment, Payment)
+    assert (payment.granted, payment.refunded_seen, payment.clawed, payment.shortfall) == (5000, 2500, 5000, 0)
+    refunds = [e.data["amount"] for e in ledger.history(USER) if e.type == "debited"]
+    assert refunds == [2000, 1000, 2000]
+
+
+def test_a_refund_never_takes_held_credits_and_records_the_shortfall(adapter: LemonSqueezy, ledger: Ledger) -> None:
+    b = Builder()
+    send(adapter, b.order_event("order_created", "660002", variant="9001", total=1000, at=START))  # 1,000 credits
+    ledger.spend(USER, 700, key="spent")
+    ledger.execute(ReserveCredits(key="hold", user_id=USER, job_id=uuid4(), amount_credits=200, expires_at=START + DAY))
+    result = send(
+        adapter,
+        b.order_event(
+            "order_refunded",
+            "660002",
+            variant="9001",
+            total=1000,
+            at=START,
+            status="refunded",
+            refunded_amount=1000,
+            refunded=True,
+            updated=START + 2 * SEC,
+        ),
+    )
+    assert "900 of 1000 credits to claw back were spent, held or lapsed; not taken" in result.reason
+    balance = ledger.balance(USER)
+    assert (balance.balance_credits, balance.held_credits, balance.available_credits) == (200, 200, 0)
+    payment = ledger.app.repository.get(payment_id("order", "660002"))
+    assert isinstance(payment, Payment) and (payment.clawed, payment.shortfall) == (100, 900)
+
+
+@pytest.mark.parametrize(("from_other", "left"), [(True, 4000), (False, 5000)])
+def test_a_refund_takes_other_credits_only_if_the_policy_says_so(ledger: Ledger, from_other: bool, left: int) -> None:
+    adapter = adapter_for(ledger, refund_policy=RefundPolicy(from_other_credits=from_other))
+    b = Builder()
+    send(adapter, b.order_event("order_created", "660002", variant="9001", total=1000, at=START))
+    send(adapter, b.order_event("order_created", "660003", variant="9002", total=4000, at=START + SEC))
+    ledger.spend(USER, 1000, key="spend-all-of-the-first-pack")  # draws the oldest pack first
+    send(
+        adapter,
+        b.order_event(
+            "order_refunded",
+            "660002",
+            variant="9001",
+            total=1000,
+            at=START,
+            status="refunded",
+            refunded_amount=1000,
+            refunded=True,
+            updated=START + DAY,
+        ),
+    )
+    assert ledger.balance(USER).balance_credits == left
+
+
+def test_a_refund_before_the_purchase_grants_then_claws_back(adapter: LemonSqueezy, ledger: Ledger) -> None:
+    b = Builder()
+    refunded = b.order_event(
+        "order_refunded",
+        "660002",
+        variant="9001",
+        total=1000,
+        at=START,
+        status="refunded",
+        refunded_amount=1000,
+        refunded=True,
+        updated=START + DAY,
+    )
+    send(adapter, refunded)
+    send(adapter, b.order_event("order_created", "660002", variant="9001", total=1000, at=START))
+    assert ledger.balance(USER).balance_credits == 0
+    assert [(e.type, e.data["amount"]) for e in ledger.history(USER)[1:]] == [("granted", 1000), ("debited", 1000)]
+
+
+def test_the_order_that_starts_a_subscription_grants_nothing(adapter: LemonSqueezy, ledger: Ledger) -> None:
+    b = Builder()
+    result = send(adapter, b.order_event("order_created", "660001", variant="1001", total=2500, at=START))
+    assert result.reason == "a subscription's checkout order: its invoices grant the credits"
+    other = send(adapter, b.order_event("order_created", "660005", variant="777", total=100, at=START))
+    assert other.reason == "variant 777 is not a configured credit pack; nothing granted"
+    with pytest.raises(Exception, match="no credit account"):
+        ledger.balance(USER)
+
+
+def test_a_resent_event_changes_nothing_twice(adapter: LemonSqueezy, ledger: Ledger) -> None:
+    from tests.lemonsqueezy_support import Delivery
+
+    b = Builder()
+    started(adapter, b)
+    body = b.invoice_event(
+        "subscription_payment_success",
+        "550001",
+        reason="initial",
+        status="paid",
+        created=START + SEC,
+        updated=START + 2 * SEC,
+        total=2500,
+    )
+    send(adapter, body)
+    resent = Delivery(START, "subscription_payment_success", body).resent("dashboard")
+    result = send(adapter, resent.body)
+    assert (result.status, result.reason) == ("stored", "this invoice was applied before; nothing changed")
+    assert ledger.balance(USER).balance_credits == 5000
+
+
+def test_the_user_id_of_a_row_is_a_uuid(adapter: LemonSqueezy) -> None:
+    result = started(adapter)
+    assert isinstance(result.event_row_id, UUID)

@@ -1,0 +1,280 @@
+"""The REST client (rate limit, retries, pages) and the reconciler, against
+``httpx.MockTransport`` answers shaped like Lemon Squeezy's API."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from adapters.lemonsqueezy import LemonSqueezyApiError, LemonSqueezyClient, Reconciler, TokenBucket
+from adapters.lemonsqueezy._client import retry_after_s
+from ledger import Ledger
+from tests.lemonsqueezy_support import R1, START, USER, Builder, StoryClock, adapter_for, headers_for, open_ledger
+
+API = "https://api.lemonsqueezy.com/v1"
+SEC = timedelta(seconds=1)
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.slept: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def client_for(handler: Callable[[httpx.Request], httpx.Response], fake: FakeTime, **kw: Any) -> LemonSqueezyClient:
+    bucket = TokenBucket(5.0, 10, clock=fake.clock, sleep=fake.sleep)
+    return LemonSqueezyClient(
+        "test-key-123", transport=httpx.MockTransport(handler), bucket=bucket, sleep=fake.sleep, **kw
+    )
+
+
+def page(kind: str, items: list[dict[str, Any]], number: int, last: int, extra: str = "") -> dict[str, Any]:
+    """A list answer: JSON:API data, links (URL-encoded, next only if there is one) and meta.page."""
+
+    def link(n: int) -> str:
+        return f"{API}/{kind}?{extra}page%5Bnumber%5D={n}&page%5Bsize%5D=100"
+
+    links = {"first": link(1), "last": link(last)}
+    if number < last:
+        links["next"] = link(number + 1)
+    if number > 1:
+        links["prev"] = link(number - 1)
+    meta = {"currentPage": number, "from": 1, "lastPage": last, "perPage": 100, "to": len(items), "total": len(items)}
+    return {"meta": {"page": meta}, "jsonapi": {"version": "1.0"}, "links": links, "data": items}
+
+
+def resource(body: bytes) -> dict[str, Any]:
+    """The ``data`` of a webhook body: the same resource object the API returns."""
+    data: dict[str, Any] = json.loads(body)["data"]
+    return data
+
+
+# ------------------------------------------------------------------- client
+
+
+def test_pages_are_followed_through_links_next_with_the_api_headers() -> None:
+    fake, seen = FakeTime(), []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        number = int(parse_qs(urlsplit(str(request.url)).query)["page[number]"][0])
+        items = [{"type": "subscriptions", "id": str(number * 10 + i), "attributes": {}} for i in range(3)]
+        return httpx.Response(200, json=page("subscriptions", items, number, 3, "filter%5Bstore_id%5D=41205&"))
+
+    with client_for(handler, fake) as client:
+        ids = [r["id"] for r in client.subscriptions(store_id="41205")]
+    assert ids == ["10", "11", "12", "20", "21", "22", "30", "31", "32"]
+    first = seen[0]
+    assert first.headers["authorization"] == "Bearer test-key-123"
+    assert first.headers["accept"] == "application/vnd.api+json"
+    query = parse_qs(urlsplit(str(first.url)).query)
+    assert query == {"filter[store_id]": ["41205"], "page[number]": ["1"], "page[size]": ["100"]}
+    assert "test-key-123" not in repr(client)
+
+
+def test_a_429_waits_for_retry_after_and_5xx_back_off_a_bounded_number_of_times() -> None:
+    fake, answers = FakeTime(), iter([429, 503, 200])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        status = next(answers)
+        if status == 429:
+            return httpx.Response(
+                429, headers={"Retry-After": "7"}, json={"errors": [{"detail": "Too Many Attempts."}]}
+            )
+        if status == 503:
+            return httpx.Response(503, text="unavailable")
+        return httpx.Response(200, json=page("subscriptions", [], 1, 1))
+
+    with client_for(handler, fake) as client:
+        assert list(client.subscriptions()) == []
+    assert fake.slept[0] == 7.0  # Retry-After honoured
+    assert 2.0 <= fake.slept[1] <= 3.0  # then exponential backoff (2 ** attempt, plus jitter)
+
+    fake = FakeTime()
+    failing = client_for(lambda r: httpx.Response(500), fake, max_retries=3)
+    with failing, pytest.raises(LemonSqueezyApiError, match="answered 500 after 4 attempts"):
+        list(failing.subscriptions())
+    assert len(fake.slept) == 3 and max(fake.slept) <= 60
+
+
+def test_errors_say_what_the_api_said() -> None:
+    fake = FakeTime()
+    answer = {"jsonapi": {"version": "1.0"}, "errors": [{"detail": "Unauthenticated.", "status": "401"}]}
+    client = client_for(lambda r: httpx.Response(401, json=answer), fake)
+    with client, pytest.raises(LemonSqueezyApiError, match="answered 401: Unauthenticated") as caught:
+        list(client.subscription_invoices())
+    assert caught.value.status_code == 401
+
+
+def test_links_off_the_api_host_are_not_followed_and_pages_are_bounded() -> None:
+    fake = FakeTime()
+    evil = {"links": {"next": "https://evil.example/steal"}, "data": []}
+    client = client_for(lambda r: httpx.Response(200, json=evil), fake)
+    with client, pytest.raises(LemonSqueezyApiError, match=r"refusing to follow a link off api\.lemonsqueezy\.com"):
+        list(client.subscriptions())
+
+    def endless(request: httpx.Request) -> httpx.Response:
+        number = int(parse_qs(urlsplit(str(request.url)).query)["page[number]"][0])
+        return httpx.Response(200, json=page("subscriptions", [], number, 10_000))
+
+    bounded = client_for(endless, FakeTime())
+    with bounded, pytest.raises(LemonSqueezyApiError, match="more than 5 pages"):
+        list(bounded.subscriptions(max_pages=5))
+
+
+def test_the_token_bucket_keeps_under_300_a_minute() -> None:
+    fake = FakeTime()
+    bucket = TokenBucket(300 / 60, 10, clock=fake.clock, sleep=fake.sleep)
+    start = fake.now
+    for _ in range(310):
+        bucket.take()
+    assert fake.now - start >= 60.0  # 10 at once, then 5 a second
+    assert retry_after_s("12") == 12.0
+    assert retry_after_s("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+    assert retry_after_s("soon") is None
+
+
+# --------------------------------------------------------------- reconciler
+
+
+@pytest.fixture
+def clock() -> StoryClock:
+    return StoryClock(START)
+
+
+@pytest.fixture
+def ledger(ledger_url: str, clock: StoryClock) -> Iterator[Ledger]:
+    with open_ledger(ledger_url, clock) as opened:
+        yield opened
+
+
+def api(
+    subscriptions: list[dict[str, Any]], invoices: list[dict[str, Any]]
+) -> Callable[[httpx.Request], httpx.Response]:
+    def handler(request: httpx.Request) -> httpx.Response:
+        kind = urlsplit(str(request.url)).path.rsplit("/", 1)[-1]
+        items = {"subscriptions": subscriptions, "subscription-invoices": invoices}[kind]
+        return httpx.Response(200, json=page(kind, items, 1, 1))
+
+    return handler
+
+
+def test_reconcile_applies_newer_snapshots_and_grants_paid_invoices_never_granted(
+    ledger: Ledger, clock: StoryClock
+) -> None:
+    adapter = adapter_for(ledger)
+    b = Builder()
+    first = b.subscription_event("subscription_created", updated=START, renews_at=R1)
+    assert adapter.ingest(first, headers_for(first)).processing == "processed"
+    # Lost deliveries: the initial invoice, the renewal, and a cancellation.
+    initial = b.invoice_event(
+        "subscription_payment_success",
+        "550001",
+        reason="initial",
+        status="paid",
+        created=START + SEC,
+        updated=START + 2 * SEC,
+        total=2500,
+    )
+    renewal = b.invoice_event(
+        "subscription_payment_success",
+        "550002",
+        reason="renewal",
+        status="paid",
+        created=R1,
+        updated=R1 + SEC,
+        total=2500,
+    )
+    now = b.subscription_event(
+        "subscription_cancelled",
+        updated=R1 + 3 * SEC,
+        status="cancelled",
+        renews_at=R1 + timedelta(days=28),
+        ends_at=R1 + timedelta(days=28),
+        cancelled=True,
+    )
+    stranger = Builder(user=None, subscription="880077", customer=779999)
+    unknown = stranger.subscription_event("subscription_created", updated=START, renews_at=R1)
+    clock.set(R1 + timedelta(days=2))
+    lines: list[str] = []
+    handler = api([resource(now), resource(unknown)], [resource(renewal), resource(initial)])
+    with client_for(handler, FakeTime()) as client:
+        report = Reconciler(adapter.processor, client).run(echo=lines.append)
+    assert report.subscriptions_seen == 2 and report.invoices_seen == 2
+    assert report.changes == [
+        "subscription 880001: applied the current snapshot",
+        f"invoice 550002: granted 5000 credits to user {USER}",
+    ]
+    assert report.notes == [
+        "invoice 550001: the paid period ended at 2030-02-05T10:00:01+00:00 before the payment was processed; "
+        "nothing granted"
+    ]
+    assert lines == [report.changes[0], report.problems[0], report.changes[1], report.notes[0]]
+    assert any("880077: not applied: held: customer 779999" in p for p in report.problems)
+    assert ledger.subscription_of(USER).status == "cancelled"  # type: ignore[union-attr]
+    assert ledger.balance(USER).balance_credits == 5000  # the renewal; the initial period had ended
+    with client_for(handler, FakeTime()) as client:  # again: nothing left to change
+        again = Reconciler(adapter.processor, client).run()
+    assert again.changes == []
+
+
+def test_reconcile_stops_at_invoices_older_than_the_window(ledger: Ledger, clock: StoryClock) -> None:
+    adapter = adapter_for(ledger)
+    b = Builder()
+    invoices = [
+        resource(
+            b.invoice_event(
+                "subscription_payment_success",
+                str(550100 - i),
+                reason="renewal",
+                status="paid",
+                created=R1 - timedelta(days=20 * i),
+                updated=R1,
+                total=2500,
+            )
+        )
+        for i in range(5)
+    ]
+    clock.set(R1 + SEC)
+    with client_for(api([], invoices), FakeTime()) as client:
+        report = Reconciler(adapter.processor, client, since_days=45).run()
+    assert report.invoices_seen == 3  # 0, 20 and 40 days old
+
+
+def test_the_reconcile_command(ledger_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    if ledger_url == "memory://":
+        pytest.skip("the command opens the ledger from its URL")
+    from adapters.lemonsqueezy import _client
+    from ledger._cli import cli
+
+    with open_ledger(ledger_url, StoryClock(START)) as ledger:
+        adapter = adapter_for(ledger)
+        b = Builder()
+        first = b.subscription_event("subscription_created", updated=START, renews_at=R1)
+        adapter.ingest(first, headers_for(first))
+    newer = b.subscription_event("subscription_updated", updated=START + SEC, variant="2001", renews_at=R1)
+    handler = api([resource(newer)], [])
+    original = _client.LemonSqueezyClient
+
+    def mocked(api_key: str, **kw: Any) -> LemonSqueezyClient:
+        return original(api_key, transport=httpx.MockTransport(handler), **kw)
+
+    monkeypatch.setattr(_client, "LemonSqueezyClient", mocked)
+    result = CliRunner().invoke(cli, ["reconcile", "--url", ledger_url, "--api-key", "k"])
+    assert result.exit_code == 0, result.output
+    assert "subscription 880001: applied the current snapshot" in result.output
+    assert "1 subscriptions and 0 invoices checked: 1 changed, 0 noted, 0 not applied" in result.output

@@ -1,0 +1,237 @@
+"""One customer's whole story through the Lemon Squeezy adapter: checkout,
+initial invoice, renewals, a plan change with a proration invoice, a credit
+pack bought and refunded, a failed payment and its recovery, pause, unpause,
+cancel, resume, cancel again, expiry.
+
+Replayed in order, then with every delivery duplicated, re-sent under new
+webhook ids, shuffled (fixed seeds), and with processing failures injected and
+retried. What must come out identical every time:
+
+* the ``subscriptions`` row (as Lemon Squeezy last described it; the row's
+  created_at, updated_at and ended_at are when the ledger learned of it);
+* every credit movement in ``credit_transactions`` (amount, kind, reference,
+  key, description; not the running balance_after or the expirations' ids,
+  which depend on the order the ledger ran in) and the balance;
+* ``subscription_history``: identical when the deliveries are applied in
+  Lemon Squeezy's order (duplicates, re-sends, failures retried before the
+  next change). When a newer snapshot is applied before an older one arrives,
+  the older is superseded: the issue's rule "apply only snapshots newer than
+  the last applied" means the ledger never passes through that state, so it
+  writes no history row for it. Then the history is a subsequence of the
+  in-order history, in the same order, ending in the same final change.
+
+Time: the baseline runs each delivery at the moment it is sent. Variants that
+deliver out of order run with the ledger's clock held before the story, so
+that only the order changes (a delivery processed after its period ended
+legitimately grants nothing: tested on its own in test_lemonsqueezy_effects).
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+from adapters.lemonsqueezy import LemonSqueezy
+from ledger import Ledger
+from ledger._app import LedgerApplication
+from tests.conftest import pg_base_url, require_postgres
+from tests.lemonsqueezy_support import (
+    BEFORE,
+    Delivery,
+    StoryClock,
+    adapter_for,
+    final_state,
+    headers_for,
+    is_subsequence,
+    open_ledger,
+    story,
+)
+
+SEEDS = [7, 1234, 20300505]
+
+
+Stores = Callable[[], str]
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def stores(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stores]:
+    """A factory of fresh, empty stores of one backend (a replay and its baseline each get one)."""
+    schemas: list[str] = []
+
+    def new() -> str:
+        if request.param == "memory":
+            return "memory://"
+        if request.param == "sqlite":
+            return f"sqlite:///{tmp_path_factory.mktemp('ls') / 'ledger.sqlite3'}"
+        require_postgres()
+        schemas.append(f"test_ls_{uuid.uuid4().hex[:12]}")
+        base = pg_base_url()
+        return f"{base}{'&' if '?' in base else '?'}schema={schemas[-1]}"
+
+    yield new
+    if schemas:
+        with psycopg.connect(pg_base_url(), autocommit=True) as conn:
+            for schema in schemas:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+class Run:
+    """A ledger and its adapter for one replay."""
+
+    def __init__(self, url: str, clock: StoryClock) -> None:
+        self.clock = clock
+        self.ledger: Ledger = open_ledger(url, clock)
+        self.adapter: LemonSqueezy = adapter_for(self.ledger)
+        self.results: list[Any] = []
+
+    def deliver(self, deliveries: list[Delivery], *, follow_clock: bool) -> None:
+        for delivery in deliveries:
+            if follow_clock:
+                self.clock.set(delivery.at)
+            result = self.adapter.ingest(delivery.body, headers_for(delivery.body))
+            assert result.http_status == 200, result
+            self.results.append(result)
+
+    def retry_until_done(self) -> None:
+        for _ in range(5):
+            if self.adapter.inbox.counts().get("failed", 0) == 0:
+                return
+            self.adapter.retry_failed()
+        assert self.adapter.inbox.counts().get("failed", 0) == 0, self.adapter.inbox.listing(status="failed", limit=5)
+
+    def state(self) -> dict[str, Any]:
+        assert self.adapter.inbox.counts().get("failed", 0) == 0
+        state = final_state(self.ledger)
+        self.ledger.close()
+        return state
+
+
+def baseline(url: str) -> dict[str, Any]:
+    run = Run(url, StoryClock(BEFORE))
+    run.deliver(story(), follow_clock=True)
+    return run.state()
+
+
+def assert_same(state: dict[str, Any], expected: dict[str, Any], *, history: str) -> None:
+    for name in ("subscriptions", "credit_transactions", "credit_balances", "balance", "blocks"):
+        assert state[name] == expected[name], name
+    if history == "identical":
+        assert state["history_changes"] == expected["history_changes"]
+        return
+    # Out of order: the first row records the subscription as first seen (any
+    # snapshot); every later row is one of the in-order rows, in the same
+    # order; and the history ends where the in-order one does, unless the
+    # final snapshot was the first one seen.
+    got, want = state["history_changes"], expected["history_changes"]
+    assert got[0][0] == "created"
+    assert is_subsequence(got[1:], want[1:]), (got, want)
+    assert len(got) == 1 or got[-1] == want[-1]
+
+
+def test_the_story_in_order(stores: Stores) -> None:
+    state = baseline(stores())
+    kinds = sorted((row[2], row[1]) for row in state["credit_transactions"])
+    assert kinds == sorted(
+        [
+            ("subscription_grant", 5000),  # initial invoice, Starter
+            ("subscription_renew", 5000),  # first renewal, Starter
+            ("subscription_grant", 10000),  # proration invoice: Pro minus Starter (upgrade policy "full")
+            ("purchase", 1000),  # credit pack, later refunded
+            ("refund", -1000),
+            ("purchase", 5000),  # credit pack kept
+            ("subscription_renew", 15000),  # the renewal that failed, then was recovered
+            ("subscription_renew", 15000),  # second renewal, Pro
+            *[("expiration", -n) for n in (5000, 5000, 10000, 15000, 15000)],  # every period's credits lapsed
+        ]
+    )
+    assert state["balance"] == (5000, 0, 5000)
+    changes = [c[0] for c in state["history_changes"]]
+    assert changes == [
+        "created",
+        "upgraded",
+        "past_due",
+        "recovered",
+        "paused",
+        "unpaused",
+        "cancelled",
+        "resumed",
+        "cancelled",
+        "expired",
+    ]
+    subscription = state["subscriptions"][0]
+    assert "expired" in subscription and "monthly" in subscription and "880001" in subscription
+
+
+def test_every_delivery_twice_and_resent_under_new_ids(stores: Stores) -> None:
+    expected = baseline(stores())
+    run = Run(stores(), StoryClock(BEFORE))
+    deliveries = [d for original in story() for d in (original, original, original.resent("dashboard"))]
+    run.deliver(deliveries, follow_clock=True)
+    assert sum(r.status == "duplicate" for r in run.results) == len(deliveries) // 3
+    assert_same(run.state(), expected, history="identical")
+
+
+def test_the_story_shuffled_duplicated_and_resent(stores: Stores) -> None:
+    expected = baseline(stores())
+    for seed in SEEDS:
+        run = Run(stores(), StoryClock(BEFORE))
+        deliveries = [d for original in story() for d in (original, original, original.resent(str(seed)))]
+        random.Random(seed).shuffle(deliveries)
+        run.deliver(deliveries, follow_clock=False)
+        run.retry_until_done()
+        assert_same(run.state(), expected, history="subsequence")
+
+
+def test_processing_failures_injected_then_retried(stores: Stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every third save of the ledger fails (a lost connection, say) while
+    the story is delivered; ``webhooks retry`` then reprocesses what failed."""
+    expected = baseline(stores())
+    injected = _inject_failures(monkeypatch, every=3)
+    run = Run(stores(), StoryClock(BEFORE))
+    injected["on"] = True
+    run.deliver(story(), follow_clock=False)
+    injected["on"] = False
+    assert injected["count"] > 3
+    assert any(r.processing == "failed" for r in run.results)
+    run.retry_until_done()
+    assert_same(run.state(), expected, history="subsequence")
+
+
+def test_failures_retried_by_a_frequent_cron_keep_the_history(stores: Stores, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failed deliveries retried right after, as a cron running ``webhooks
+    retry`` every minute would, before the next change arrives: the ledger
+    goes through every state, so even the history is identical."""
+    expected = baseline(stores())
+    injected = _inject_failures(monkeypatch, every=3)
+    clock = StoryClock(BEFORE)
+    run = Run(stores(), clock)
+    for delivery in story():
+        clock.set(delivery.at)
+        injected["on"] = True
+        run.deliver([delivery], follow_clock=False)
+        injected["on"] = False
+        run.adapter.retry_failed()
+    assert injected["count"] > 3
+    run.retry_until_done()
+    assert_same(run.state(), expected, history="identical")
+
+
+def _inject_failures(monkeypatch: pytest.MonkeyPatch, every: int) -> dict[str, Any]:
+    state: dict[str, Any] = {"on": False, "calls": 0, "count": 0}
+    original = LedgerApplication.save_all
+
+    def flaky(self: LedgerApplication, objs: Any) -> Any:
+        if state["on"]:
+            state["calls"] += 1
+            if state["calls"] % every == 1:
+                state["count"] += 1
+                raise ConnectionError("injected: the database connection was lost")
+        return original(self, objs)
+
+    monkeypatch.setattr(LedgerApplication, "save_all", flaky)
+    return state
