@@ -3,6 +3,9 @@
 The public surface is re-exported here; everything else is private.
 """
 
+from ._audit import AuditReport, audit
+from ._audit_base import Finding
+from ._auditor import Auditor
 from ._billing import (
     ActivateSubscription,
     CancelSubscription,
@@ -19,6 +22,7 @@ from ._billing import (
     UnpauseSubscription,
 )
 from ._clock import Clock, ManualClock, SystemClock
+from ._digest import DigestHead, DigestResult, Tampering, VerifyResult
 from ._entitlements import Entitlements, PlanView, SubscriptionView
 from ._errors import (
     BatchRejected,
@@ -37,6 +41,7 @@ from ._errors import (
 )
 from ._ledger import DEFAULT_URL, Ledger
 from ._plans import DEFAULT_CATALOG, FREE_PLAN, Feature, PlanTerms
+from ._pointintime import Statement, StatementEntry, StatementHold, StatementHoldEvent
 from ._subscriptions import (
     BillingCycle,
     CreditPolicy,
@@ -125,4 +130,16 @@ __all__ = [
     "SystemClock",
     "UnknownAccount",
     "UnknownReservation",
+    "AuditReport",
+    "Auditor",
+    "DigestHead",
+    "DigestResult",
+    "Finding",
+    "Statement",
+    "StatementEntry",
+    "StatementHold",
+    "StatementHoldEvent",
+    "Tampering",
+    "VerifyResult",
+    "audit",
 ]

@@ -192,3 +192,8 @@ def main() -> None:
     except LedgerError as exc:
         click.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         sys.exit(2)
+
+
+from adapters.lemonsqueezy import _cli as _lemonsqueezy_cli  # noqa: E402,F401
+
+from . import _cli_audit  # noqa: E402,F401

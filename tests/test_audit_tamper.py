@@ -1,0 +1,290 @@
+"""Tampering with stored events, behind the ledger's back, with raw SQL: the
+hash chain proves the history changed and names where; the audit names what
+the change broke. SQLite and PostgreSQL (the ``ledger_events`` table)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import psycopg
+import pytest
+
+from ledger import Auditor, AuditReport, DigestHead, Ledger, ManualClock, VerifyResult
+from ledger._storage import parse_url
+from tests.conftest import START, pg_base_url
+
+HOUR = timedelta(hours=1)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'tamper.sqlite3'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url
+
+
+class RawEvents:
+    """The event table, reached around the ledger."""
+
+    def __init__(self, url: str) -> None:
+        config = parse_url(url)
+        self.postgres = config.backend == "postgresql"
+        if self.postgres:
+            self.conn: Any = psycopg.connect(pg_base_url(), autocommit=True)
+            self.table = f'"{config.pg_schema}".ledger_events'
+            self.digests = f'"{config.pg_schema}".ledger_digests'
+            self.id = "notification_id"
+            self.mark = "%s"
+        else:
+            assert config.sqlite_path is not None
+            self.conn = sqlite3.connect(config.sqlite_path, isolation_level=None)
+            self.table, self.id, self.mark = "stored_events", "rowid", "?"
+            self.digests = "ledger_digests"
+
+    def sql(self, statement: str, *params: Any) -> list[Any]:
+        cursor = self.conn.execute(statement.replace("%s", self.mark).format(t=self.table, id=self.id), params)
+        return list(cursor.fetchall()) if cursor.description else []
+
+    def state(self, position: int) -> bytes:
+        return bytes(self.sql("SELECT state FROM {t} WHERE {id} = %s", position)[0][0])
+
+    def position_of(self, topic_suffix: str, nth: int = 0) -> int:
+        rows = self.sql("SELECT {id}, topic FROM {t} ORDER BY {id}")
+        return [p for p, topic in rows if topic.endswith(topic_suffix)][nth]
+
+    def alter(self, position: int, old: bytes, new: bytes) -> None:
+        state = self.state(position)
+        assert old in state
+        self.sql("UPDATE {t} SET state = %s WHERE {id} = %s", state.replace(old, new, 1), position)
+
+    def delete(self, position: int) -> None:
+        self.sql("DELETE FROM {t} WHERE {id} = %s", position)
+
+    def swap(self, a: int, b: int) -> None:
+        self.sql("UPDATE {t} SET {id} = -1 WHERE {id} = %s", a)
+        self.sql("UPDATE {t} SET {id} = %s WHERE {id} = %s", a, b)
+        self.sql("UPDATE {t} SET {id} = %s WHERE {id} = -1", b)
+
+    def copy_as_next_version(self, position: int) -> None:
+        """The event at ``position`` again, as its aggregate's next version, at the end of the log."""
+        [(originator, topic, state)] = self.sql("SELECT originator_id, topic, state FROM {t} WHERE {id} = %s", position)
+        [(last,)] = self.sql("SELECT MAX(originator_version) FROM {t} WHERE originator_id = %s", originator)
+        self.sql(
+            "INSERT INTO {t} (originator_id, originator_version, topic, state) VALUES (%s, %s, %s, %s)",
+            originator,
+            last + 1,
+            topic,
+            state,
+        )
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@contextmanager
+def raw_events(url: str) -> Iterator[RawEvents]:
+    raw = RawEvents(url)
+    try:
+        yield raw
+    finally:
+        raw.close()
+
+
+def story(url: str) -> None:
+    clock = ManualClock(START)
+    with Ledger(url, clock=clock) as ledger:
+        alice, bob = uuid4(), uuid4()
+        ledger.grant(alice, 300, "purchase", key=f"{alice}:g")
+        ledger.grant(bob, 80, "bonus", key=f"{bob}:g")
+        hold = ledger.reserve(alice, uuid4(), 100, clock.now() + HOUR, key=f"{alice}:r")
+        clock.advance(timedelta(minutes=5))
+        ledger.settle(hold.reservation_id, 60, key=f"{alice}:s")  # type: ignore[arg-type]
+        ledger.spend(bob, 30, key=f"{bob}:spend")
+        clock.advance(timedelta(minutes=5))
+        ledger.spend(alice, 25, key=f"{alice}:spend")
+        ledger.views.catch_up()
+
+
+def head_and_audit(url: str) -> DigestHead:
+    with Auditor(url) as auditor:
+        result = auditor.digest(every=10)
+        assert result.ok and auditor.audit().ok
+        return result.head
+
+
+def verify(url: str, head: DigestHead) -> VerifyResult:
+    with Auditor(url) as auditor:
+        return auditor.verify(head)
+
+
+def audit(url: str) -> AuditReport:
+    with Auditor(url) as auditor:
+        return auditor.audit()
+
+
+def named(result: VerifyResult) -> list[tuple[int, str]]:
+    return [(p.position, p.kind) for p in result.problems]
+
+
+def positions(report: AuditReport, check: str) -> set[int | None]:
+    return {f.position for f in report.findings if f.check == check}
+
+
+def test_an_untouched_history_verifies(durable_url: str) -> None:
+    story(durable_url)
+    head = head_and_audit(durable_url)
+    result = verify(durable_url, head)
+    assert result.ok and result.history_intact and result.anchored_events == head.events
+    assert "unchanged" in result.describe()[0]
+
+
+def test_an_altered_event_is_named(durable_url: str) -> None:
+    story(durable_url)
+    head = head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        spend = raw.position_of("CreditAccount.Debited", 1)  # alice's spend of 25
+        raw.alter(spend, b'"amount":25', b'"amount":5')
+    result = verify(durable_url, head)
+    assert not result.ok and not result.history_intact
+    assert named(result) == [(spend, "altered")]
+    report = audit(durable_url)
+    # The receipt and the views still say 25: both are named at the event.
+    assert spend in positions(report, "view")
+    assert any("receipt says" in f.message for f in report.findings if f.check == "key")
+
+
+def test_a_deleted_event_is_named(durable_url: str) -> None:
+    story(durable_url)
+    head = head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        spend = raw.position_of("CreditAccount.Debited", 0)  # bob's spend
+        raw.delete(spend)
+    assert named(verify(durable_url, head)) == [(spend, "deleted")]
+    report = audit(durable_url)
+    assert spend in positions(report, "view")  # its credit_transactions row has no event now
+    assert any("no account event" in f.message for f in report.findings if f.check == "key")
+
+
+def test_a_deleted_last_event_is_named(durable_url: str) -> None:
+    story(durable_url)
+    head = head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        raw.delete(head.position)
+    assert named(verify(durable_url, head)) == [(head.position, "deleted")]
+    report = audit(durable_url)
+    assert any("past the log's head" in f.message for f in report.findings)
+
+
+def test_reordered_events_are_named(durable_url: str) -> None:
+    story(durable_url)
+    head = head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        first = raw.position_of("CreditAccount.Granted", 0)
+        second = raw.position_of("CreditAccount.Granted", 1)
+        raw.swap(first, second)
+    result = verify(durable_url, head)
+    assert named(result) == [(first, "moved"), (second, "moved")]
+    assert result.problems[0].moved_from == second
+
+
+def test_a_command_applied_twice_is_named_by_the_audit(durable_url: str) -> None:
+    story(durable_url)
+    head = head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        grant = raw.position_of("CreditAccount.Granted", 1)
+        raw.copy_as_next_version(grant)  # bob's grant, applied again
+        [(copy,)] = raw.sql("SELECT MAX({id}) FROM {t}")
+    # The copy sits after the digest's position: the digest covers what it covers.
+    assert verify(durable_url, head).ok
+    report = audit(durable_url)
+    assert copy in positions(report, "key") and copy in positions(report, "block")
+    assert any("no CommandRecord" in f.message for f in report.findings)
+
+
+def test_rewritten_anchors_cannot_hide_a_change(durable_url: str) -> None:
+    story(durable_url)
+    head = head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        raw.alter(raw.position_of("CreditAccount.Granted", 0), b'"amount":300', b'"amount":900')
+        raw.sql(f"DELETE FROM {raw.digests}")
+    with Auditor(durable_url) as auditor:
+        assert auditor.digest(every=10).ok  # anchors the altered history afresh
+    result = verify(durable_url, head)
+    assert not result.history_intact and result.problems == []
+    assert "cannot be named" in "\n".join(result.describe())
+
+
+def test_an_edited_anchor_is_reported(durable_url: str) -> None:
+    story(durable_url)
+    head = head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        raw.sql(f"UPDATE {raw.digests} SET digest = %s WHERE segment = 0", "0" * 64)
+    result = verify(durable_url, head)
+    assert result.history_intact and not result.ok
+    assert [p.kind for p in result.problems] == ["anchor"]
+
+
+def test_digest_refuses_to_anchor_a_changed_history(durable_url: str) -> None:
+    story(durable_url)
+    head = head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        spend = raw.position_of("CreditAccount.Debited", 0)
+        raw.alter(spend, b'"amount":30', b'"amount":3')
+    with Auditor(durable_url) as auditor:
+        result = auditor.digest(every=10)
+        incremental = auditor.digest(every=10, incremental=True)
+    assert not result.ok and result.segments_written == 0
+    assert [(p.position, p.kind) for p in result.problems] == [(spend, "altered")]
+    # Incremental trusts the stored anchors: it extends them and sees nothing.
+    assert incremental.ok and incremental.head.position == head.position
+
+
+@pytest.mark.postgres
+def test_an_event_inserted_into_a_gap_is_named(pg_url: str) -> None:
+    story(pg_url)
+    schema = parse_url(pg_url).pg_schema
+    with raw_events(pg_url) as raw:
+        # A rolled-back save leaves a gap in the ids; a forger can fill it.
+        [(gap,)] = raw.sql(f"SELECT nextval(pg_get_serial_sequence('\"{schema}\".ledger_events', 'notification_id'))")
+    story(pg_url)
+    head = head_and_audit(pg_url)
+    with raw_events(pg_url) as raw:
+        [(originator, topic, state)] = raw.sql(
+            "SELECT originator_id, topic, state FROM {t} WHERE topic LIKE %s ORDER BY {id} LIMIT 1", "%Granted"
+        )
+        raw.sql(
+            "INSERT INTO {t} (notification_id, originator_id, originator_version, topic, state) "
+            "VALUES (%s, %s, 99, %s, %s)",
+            gap,
+            originator,
+            topic,
+            state,
+        )
+    assert named(verify(pg_url, head)) == [(gap, "inserted")]
+    assert gap in positions(audit(pg_url), "sequence")
+
+
+def test_verify_reads_only_and_needs_no_anchors(durable_url: str) -> None:
+    story(durable_url)
+    with Auditor(durable_url) as auditor:
+        head = auditor.audit().digest  # the audit's own digest, no anchors written
+        assert auditor.verify(head).ok
+    with raw_events(durable_url) as raw:
+        found = raw.sql(
+            "SELECT to_regclass(%s) IS NOT NULL"
+            if raw.postgres
+            else "SELECT COUNT(*) > 0 FROM sqlite_master WHERE name = %s",
+            raw.digests if raw.postgres else "ledger_digests",
+        )
+        assert not found[0][0]
+        raw.alter(raw.position_of("CreditAccount.Granted"), b'"amount":300', b'"amount":301')
+    result = verify(durable_url, DigestHead.parse(head))
+    assert not result.history_intact and result.problems == []
+    assert "cannot be named" in result.describe()[-1]
