@@ -13,8 +13,12 @@ worker threads would. Target >= 300.
 recognised as redeliveries by webhook_events' unique indexes. Target >= 2,000.
 
 Context figures: the same two with one thread (``*_sequential``), the
-workers, the counts, ``elapsed_s`` and ``load_average_1m`` (other work on the
-machine changes every figure). The last line printed is one JSON object.
+workers, how many commands shared a ledger transaction (group commit), the
+counts, ``elapsed_s`` and ``load_average_1m`` (other work on the machine
+changes every figure). ``--no-pre-ping`` opens the ledger with
+``pre_ping=false`` instead of the seed's default (the pool then skips a round
+trip per connection checkout, six or so per delivery). The last line printed
+is one JSON object.
 Every run uses a fresh ``bench_ls_<hex>`` schema on the server named by
 LEDGER_TEST_DATABASE_URL and drops it at the end, also on error.
 """
