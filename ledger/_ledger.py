@@ -272,20 +272,12 @@ class Ledger:
     def _open_holds(self) -> Iterator[tuple[UUID, datetime]]:
         # Reads the reservation events from the notification log. Bounded pages;
         # memory grows with the number of open holds only.
-        topics = [Reservation.Reserved.TOPIC, Reservation.Closed.TOPIC]
         open_holds: dict[UUID, tuple[UUID, datetime]] = {}
-        start = 1
-        while True:
-            page = self.app.recorder.select_notifications(start=start, limit=SWEEP_PAGE, topics=topics)
-            for notification in page:
-                event: Any = self.app.mapper.to_domain_event(notification)
-                if isinstance(event, Reservation.Reserved):
-                    open_holds[event.originator_id] = (event.user_id, event.expires_at)
-                else:
-                    open_holds.pop(event.originator_id, None)
-            if len(page) < SWEEP_PAGE:
-                break
-            start = page[-1].id + 1
+        for event in self._scan([Reservation.Reserved.TOPIC, Reservation.Closed.TOPIC]):
+            if isinstance(event, Reservation.Reserved):
+                open_holds[event.originator_id] = (event.user_id, event.expires_at)
+            else:
+                open_holds.pop(event.originator_id, None)
         yield from open_holds.values()
 
     # -- queries --------------------------------------------------------------------
