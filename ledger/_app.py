@@ -250,6 +250,51 @@ class _Unit:
         self._done(internal, account, amount=amount, entry_id=entry_id_for(key))
         return amount
 
+    def claw_back_once(
+        self,
+        user_id: UUID,
+        wanted: int,
+        *,
+        key: str,
+        block_id: str | None,
+        from_other_credits: bool,
+        reference_type: str | None,
+        reference_id: str | None,
+        description: str,
+    ) -> int:
+        """Takes back up to ``wanted`` credits after a refund under a key
+        derived from the refund (see ``CreditAccount.claw_back``), recording
+        the key like any spend; a key recorded before means it was done."""
+        if wanted <= 0 or key in self.records:
+            return 0
+        if get_or_none(self.app, record_id_for(key), CommandRecord) is not None:
+            return 0
+        account = self.account(user_id)
+        entry_id = entry_id_for(key)
+        taken = account.claw_back(
+            entry_id=entry_id,
+            wanted=wanted,
+            block_id=block_id,
+            from_other_credits=from_other_credits,
+            description=description,
+            reference_type=reference_type,
+            reference_id=reference_id,
+            key=key,
+            now=self.now,
+        )
+        if taken:
+            internal = SpendCredits(
+                key=key,
+                user_id=user_id,
+                amount_credits=taken,
+                kind=CreditKind.REFUND,
+                description=description,
+                reference_type=reference_type,
+                reference_id=reference_id,
+            )
+            self._done(internal, account, amount=-taken, entry_id=entry_id)
+        return taken
+
     def finish(self, c: Command, user_id: UUID | None, *, amount: int, subscription_id: UUID | None = None) -> Receipt:
         """The receipt and key record of a command that is not a credit command."""
         balance = held = 0

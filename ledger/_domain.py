@@ -381,6 +381,50 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
             timestamp=now,
         )
 
+    def claw_back(
+        self,
+        *,
+        entry_id: UUID,
+        wanted: int,
+        block_id: str | None,
+        from_other_credits: bool,
+        description: str,
+        reference_type: str | None,
+        reference_id: str | None,
+        key: str,
+        now: datetime,
+    ) -> int:
+        """Takes back up to ``wanted`` credits after a refund: the refunded
+        grant's own block first (``block_id``), then, if allowed, any other
+        unearmarked credits. Spent, held and lapsed credits are not taken, so
+        this never refuses; it returns how many credits it took."""
+        if wanted <= 0:
+            raise InvalidAmount(f"a claw back must want a positive number of credits, got {wanted}")
+        free = self.free(now)
+        sources = [s for s in free if s[0] == block_id]
+        if from_other_credits:
+            sources += [s for s in free if s[0] != block_id]
+        taken = min(wanted, sum(credits for _, credits in sources))
+        if taken == 0:
+            return 0
+        draws = take(taken, sources)
+        if draws is None:  # cannot happen: taken is at most what the sources hold
+            raise InvariantViolation(f"claw back of {taken} credits found fewer in its sources")
+        self.trigger_event(
+            self.Debited,
+            entry_id=entry_id,
+            amount=taken,
+            kind=str(CreditKind.REFUND),
+            description=description,
+            reference_type=reference_type,
+            reference_id=reference_id,
+            actor=None,
+            draws=draws,
+            key=key,
+            timestamp=now,
+        )
+        return taken
+
     def reserve(
         self, *, reservation_id: UUID, job_id: UUID, amount: int, expires_at: datetime, key: str, now: datetime
     ) -> None:

@@ -8,7 +8,7 @@ from uuid import UUID, uuid4
 import pytest
 from eventsourcing.persistence import IntegrityError
 
-from ledger import ConcurrencyExhausted, InvariantViolation, Ledger, ManualClock
+from ledger import ConcurrencyExhausted, InvalidAmount, InvariantViolation, Ledger, ManualClock
 from ledger._domain import Block, CreditAccount, Hold, draw_order, free_credits, take
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -94,3 +94,53 @@ def test_a_copied_account_shares_no_mutable_state() -> None:
     assert account.blocks[block_id].remaining == 10
     assert account.holds["r"].allocations == [[block_id, 4]]
     assert account.pending_events
+
+
+def _two_blocks() -> tuple[CreditAccount, str, str]:
+    account = CreditAccount._create(CreditAccount.Opened, id=uuid4(), user_id=uuid4(), timestamp=T0)
+    ids = []
+    for amount, expires_at in ((6, T0 + timedelta(days=3)), (10, None)):
+        entry = uuid4()
+        account.grant(entry_id=entry, amount=amount, kind="bonus", description="", reference_type=None,  # type: ignore[arg-type]
+                      reference_id=None, expires_at=expires_at, actor=None, key=str(entry), now=T0)  # fmt: skip
+        ids.append(str(entry))
+    return account, ids[0], ids[1]
+
+
+def _claw(account: CreditAccount, wanted: int, block_id: str | None, *, others: bool) -> int:
+    return account.claw_back(
+        entry_id=uuid4(),
+        wanted=wanted,
+        block_id=block_id,
+        from_other_credits=others,
+        description="",
+        reference_type=None,
+        reference_id=None,
+        key=str(uuid4()),
+        now=T0,
+    )
+
+
+def test_claw_back_takes_the_refunded_grants_own_credits_first() -> None:
+    account, soon, kept = _two_blocks()
+    # The domain's debit would draw the soonest-expiring block; a claw back
+    # of the non-expiring grant takes that grant's own credits.
+    assert _claw(account, 4, kept, others=True) == 4
+    assert (account.blocks[soon].remaining, account.blocks[kept].remaining) == (6, 6)
+    assert account.pending_events[-1].draws == [[kept, 4]]  # type: ignore[attr-defined]
+    account.check_invariants()
+
+
+def test_claw_back_takes_what_is_left_and_never_refuses() -> None:
+    account, soon, kept = _two_blocks()
+    account.reserve(reservation_id=uuid4(), job_id=uuid4(), amount=8, expires_at=T0 + timedelta(hours=1),
+                    key="hold", now=T0)  # fmt: skip  # earmarks all of soon, 2 of kept
+    assert _claw(account, 20, kept, others=False) == 8  # kept's unearmarked credits only
+    assert _claw(account, 5, kept, others=True) == 0  # nothing free is left anywhere: no event
+    assert account.balance == 8 and account.held == 8
+    account.check_invariants()
+    fresh, soon, kept = _two_blocks()
+    assert _claw(fresh, 12, kept, others=True) == 12  # its own 10, then 2 of the other grant
+    assert fresh.blocks[soon].remaining == 4 and kept not in fresh.blocks  # an emptied block is gone
+    with pytest.raises(InvalidAmount):
+        _claw(fresh, 0, kept, others=True)

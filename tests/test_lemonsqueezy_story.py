@@ -37,7 +37,7 @@ import psycopg
 import pytest
 
 from adapters.lemonsqueezy import LemonSqueezy
-from ledger import Ledger
+from ledger import Ledger, audit
 from ledger._app import LedgerApplication
 from tests.conftest import pg_base_url, require_postgres
 from tests.lemonsqueezy_support import (
@@ -107,6 +107,10 @@ class Run:
     def state(self) -> dict[str, Any]:
         assert self.adapter.inbox.counts().get("failed", 0) == 0
         state = final_state(self.ledger)
+        # Every replay must also pass the auditor: keys recorded once with
+        # their receipts, the balance chain, the views equal to the events.
+        report = audit(self.ledger)
+        assert report.findings == [], report.findings[:5]
         self.ledger.close()
         return state
 

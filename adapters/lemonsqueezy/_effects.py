@@ -294,40 +294,18 @@ def _share(granted: int, refunded: int, total: int) -> int:
 
 
 def _debit(unit: _Unit, payment: Payment, wanted: int, policy: RefundPolicy, refunded: int, description: str) -> int:
-    account = unit.account(payment.user_id)
-    own = str(entry_id_for(payment.grant_key)) if payment.grant_key else None
-    free = account.free(unit.now)  # unearmarked credits of live blocks, in draw order
-    sources = [s for s in free if s[0] == own]
-    if policy.from_other_credits:
-        sources += [s for s in free if s[0] != own]
-    draws: list[list[Any]] = []
-    left = wanted
-    for block_id, credits in sources:
-        if left == 0:
-            break
-        part = min(credits, left)
-        draws.append([block_id, part])
-        left -= part
-    taken = wanted - left
-    if taken:
-        key = f"lemonsqueezy:{payment.kind}:{payment.object_id}:refund:{refunded}"
-        # The domain's debit draws soonest-expiring credits first; a clawback
-        # must take the refunded grant's own credits first, so it records its
-        # own draws. The unit checks the account's invariants before saving.
-        account.trigger_event(
-            CreditAccount.Debited,
-            entry_id=entry_id_for(key),
-            amount=taken,
-            kind=CreditKind.REFUND.value,
-            description=description,
-            reference_type=f"lemonsqueezy_{payment.kind}",
-            reference_id=payment.object_id,
-            actor=None,
-            draws=draws,
-            key=key,
-            timestamp=unit.now,
-        )
-    return taken
+    # The domain's debit draws soonest-expiring credits first; a clawback
+    # takes the refunded grant's own credits first, then (by policy) others.
+    return unit.claw_back_once(
+        payment.user_id,
+        wanted,
+        key=f"lemonsqueezy:{payment.kind}:{payment.object_id}:refund:{refunded}",
+        block_id=str(entry_id_for(payment.grant_key)) if payment.grant_key else None,
+        from_other_credits=policy.from_other_credits,
+        reference_type=f"lemonsqueezy_{payment.kind}",
+        reference_id=payment.object_id,
+        description=description,
+    )
 
 
 def open_payment(loaded: Loaded, kind: str, object_id: str, user_id: UUID, total: int, currency: str) -> Payment:
