@@ -20,6 +20,7 @@ from uuid import UUID
 from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError, JSONTranscoder
+from eventsourcing.postgres import PostgresDatastore
 from eventsourcing.utils import Environment
 
 from ._billing import UnitCommand
@@ -43,6 +44,7 @@ from ._errors import (
     UnknownAccount,
     UnknownReservation,
 )
+from ._postgres import PingWindow, install_ping_window
 from ._streams import StreamReader
 from ._subscriptions import CreditPolicy, SubscriberSlot, slot_id_for
 from ._transcoding import BlockAsDict, HoldAsDict
@@ -71,6 +73,7 @@ class LedgerApplication(Application[UUID]):
 
     name = "ledger"
     snapshotting_intervals: ClassVar[dict[type, int]] = {CreditAccount: SNAPSHOT_INTERVAL_EVENTS}
+    ping_window: PingWindow | None = None
 
     def construct_env(self, name: str, env: Any = None) -> Environment:
         # Only the settings the ledger was opened with: a library must not be
@@ -84,6 +87,13 @@ class LedgerApplication(Application[UUID]):
         settings["AGGREGATE_CACHE_MAXSIZE"] = str(AGGREGATE_CACHE_SIZE)
         settings["AGGREGATE_CACHE_FASTFORWARD"] = "n"
         return Environment(name, settings)
+
+    def __init__(self, env: Any = None) -> None:
+        super().__init__(env)
+        datastore = getattr(self.factory, "datastore", None)
+        if isinstance(datastore, PostgresDatastore):
+            window_s = float(self.env.get("LEDGER_PRE_PING_WINDOW_S") or 0)
+            self.ping_window = install_ping_window(datastore, window_s)
 
     def evict(self, aggregate_ids: Iterable[UUID]) -> None:
         """Drops aggregates from the cache, so the next read goes to the store."""
@@ -147,6 +157,10 @@ class _Unit:
         self.new_reservations: dict[UUID, Reservation] = {}
         self.records: dict[str, CommandRecord] = {}
         self.missing: set[UUID] = set()
+        #: Aggregate ids a read in this attempt found absent: not read again.
+        #: Safe because creating one of them clashes in the store if another
+        #: writer created it since, and the attempt is then run afresh.
+        self.absent: set[UUID] = set()
         self.preloaded: dict[UUID, CreditAccount] = {}
 
     def preload(self, user_ids: Iterable[UUID]) -> None:
@@ -188,7 +202,7 @@ class _Unit:
     def aggregate(self, aggregate_id: UUID, cls: type[T]) -> T | None:
         """An aggregate by id, loaded once per unit (from the command cache)."""
         found = self.others.get(aggregate_id)
-        if found is None:
+        if found is None and aggregate_id not in self.absent:
             found = get_or_none(self.app, aggregate_id, cls)
             if found is not None:
                 self.others[aggregate_id] = found
@@ -196,6 +210,20 @@ class _Unit:
 
     def add(self, aggregate: Any) -> None:
         self.others[aggregate.id] = aggregate
+        self.absent.discard(aggregate.id)
+
+    def recorded(self, key: str) -> bool:
+        """Whether a command under ``key`` was recorded: in this unit, or in
+        the store (read once per unit attempt)."""
+        if key in self.records:
+            return True
+        record_id = record_id_for(key)
+        if record_id in self.absent:
+            return False
+        if get_or_none(self.app, record_id, CommandRecord) is not None:
+            return True
+        self.absent.add(record_id)
+        return False
 
     def slot(self, user_id: UUID) -> SubscriberSlot:
         slot = self.aggregate(slot_id_for(user_id), SubscriberSlot)
@@ -220,9 +248,7 @@ class _Unit:
     ) -> int:
         """Grants credits under a key derived from the business event; a key
         recorded before means the credits were granted: nothing happens."""
-        if amount <= 0 or key in self.records:
-            return 0
-        if get_or_none(self.app, record_id_for(key), CommandRecord) is not None:
+        if amount <= 0 or self.recorded(key):
             return 0
         account = self.account(user_id, open_missing=True)
         account.grant(
@@ -265,9 +291,7 @@ class _Unit:
         """Takes back up to ``wanted`` credits after a refund under a key
         derived from the refund (see ``CreditAccount.claw_back``), recording
         the key like any spend; a key recorded before means it was done."""
-        if wanted <= 0 or key in self.records:
-            return 0
-        if get_or_none(self.app, record_id_for(key), CommandRecord) is not None:
+        if wanted <= 0 or self.recorded(key):
             return 0
         account = self.account(user_id)
         entry_id = entry_id_for(key)

@@ -18,17 +18,59 @@ command's save.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
+from time import monotonic
 from typing import Any
 
 from eventsourcing.persistence import InterfaceError, InternalError, OperationalError, StoredEvent
-from eventsourcing.postgres import PostgresApplicationRecorder
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 from eventsourcing.utils import retry
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 #: Saves of up to this many events use a VALUES list instead of arrays.
 VALUES_MAX_ROWS = 32
+
+
+class PingWindow:
+    """The pool's pre-ping, skipped for a connection handed out within the
+    last ``window_s`` seconds (HikariCP's ``aliveBypassWindowMs``, 500 ms by
+    default, is the same rule). A delivery or command checks a connection out
+    four to six times in a few milliseconds; pinging each time cost a round
+    trip each. A connection that died inside the window fails its statement,
+    which eventsourcing's recorder methods retry on a fresh connection."""
+
+    def __init__(self, window_s: float, ping: Callable[[Any], None], clock: Callable[[], float] = monotonic) -> None:
+        if not 0 <= window_s <= 60:
+            raise ValueError(f"a pre-ping window must be 0..60 s, got {window_s}")
+        self.window_s = window_s
+        self.ping = ping
+        self.clock = clock
+        self.pings = 0
+        self._handed_out: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+    def __call__(self, conn: Any) -> None:
+        now = self.clock()
+        last = self._handed_out.get(conn)
+        if last is None or now - last >= self.window_s:
+            self.pings += 1
+            self.ping(conn)  # raises for a dead connection: the pool replaces it
+        self._handed_out[conn] = now
+
+
+def install_ping_window(datastore: PostgresDatastore, window_s: float) -> PingWindow | None:
+    """Replaces the pool's every-checkout pre-ping by ``PingWindow``. The
+    pool takes its check only when built, so this sets the attribute it keeps
+    it in; if a psycopg_pool release renames it, the pool keeps pinging every
+    checkout (slower, never less safe)."""
+    pool = datastore.pool
+    ping = getattr(pool, "_check", None)
+    if not datastore.pre_ping or window_s == 0 or ping is None:
+        return None
+    window = PingWindow(window_s, ping)
+    pool._check = window
+    return window
 
 
 class LedgerPostgresRecorder(PostgresApplicationRecorder):

@@ -3,7 +3,9 @@
 ``sqlite:///path/to/file`` (the embedded default), ``postgresql://user@host:port/db``
 and ``memory://``. PostgreSQL takes the seed's pool settings unless the URL's
 query says otherwise:
-``?schema=pingvas_dev&pool_size=5&max_overflow=10&pool_timeout_s=30&recycle_s=1800&pre_ping=true``.
+``?schema=pingvas_dev&pool_size=5&max_overflow=10&pool_timeout_s=30&recycle_s=1800&pre_ping=true``,
+and ``pre_ping_window_s=0.5``: a connection handed out that recently is not
+pinged again (0 pings on every checkout).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ SEED_MAX_OVERFLOW = 10
 SEED_POOL_TIMEOUT_S = 30.0
 SEED_RECYCLE_S = 1800.0
 SEED_PRE_PING = True
+#: A connection handed out this recently is not pinged again (see PingWindow).
+PRE_PING_WINDOW_S = 0.5
 
 _IDENTIFIER_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
 
@@ -42,6 +46,7 @@ class StoreConfig:
     pool_timeout_s: float = SEED_POOL_TIMEOUT_S
     recycle_s: float = SEED_RECYCLE_S
     pre_ping: bool = SEED_PRE_PING
+    pre_ping_window_s: float = PRE_PING_WINDOW_S
 
     def eventsourcing_env(self) -> dict[str, str]:
         """Settings for eventsourcing's infrastructure factory."""
@@ -69,6 +74,7 @@ class StoreConfig:
             "POSTGRES_CONNECT_TIMEOUT": str(round(self.pool_timeout_s)),
             "POSTGRES_CONN_MAX_AGE": str(round(self.recycle_s)),
             "POSTGRES_PRE_PING": "y" if self.pre_ping else "n",
+            "LEDGER_PRE_PING_WINDOW_S": str(self.pre_ping_window_s),
             # Off on purpose: in eventsourcing 9.5.6 the insert function mixes
             # the events of applications that share a schema.
             "POSTGRES_ENABLE_DB_FUNCTIONS": "n",
@@ -128,7 +134,7 @@ def parse_url(url: str) -> StoreConfig:
 def _parse_postgres(url: str) -> StoreConfig:
     parts = urlsplit(url)
     query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-    known = {"schema", "pool_size", "max_overflow", "pool_timeout_s", "recycle_s", "pre_ping"}
+    known = {"schema", "pool_size", "max_overflow", "pool_timeout_s", "recycle_s", "pre_ping", "pre_ping_window_s"}
     unknown = set(query) - known
     if unknown:
         raise ConfigurationError(f"unknown PostgreSQL URL options {sorted(unknown)}; known: {sorted(known)}")
@@ -149,6 +155,7 @@ def _parse_postgres(url: str) -> StoreConfig:
             pool_timeout_s=float(query.get("pool_timeout_s", SEED_POOL_TIMEOUT_S)),
             recycle_s=float(query.get("recycle_s", SEED_RECYCLE_S)),
             pre_ping=query.get("pre_ping", "true").lower() in ("1", "true", "yes", "y", "on"),
+            pre_ping_window_s=float(query.get("pre_ping_window_s", PRE_PING_WINDOW_S)),
         )
     except ValueError as exc:
         raise ConfigurationError(f"bad PostgreSQL URL option in {redact(url)!r}: {exc}") from None
@@ -156,4 +163,6 @@ def _parse_postgres(url: str) -> StoreConfig:
         raise ConfigurationError("pool_size must be 1..100 and max_overflow 0..100")
     if not (1 <= config.pool_timeout_s <= 600 and 60 <= config.recycle_s <= 86_400):
         raise ConfigurationError("pool_timeout_s must be 1..600 and recycle_s 60..86400")
+    if not 0 <= config.pre_ping_window_s <= 60:
+        raise ConfigurationError("pre_ping_window_s must be 0..60 (0: ping on every checkout)")
     return config

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import StoredEvent
+from eventsourcing.persistence import InterfaceError, OperationalError, StoredEvent
+from eventsourcing.utils import retry
 from psycopg import sql
 
 from ._streams import StreamReader
@@ -18,8 +19,13 @@ class PostgresReader(StreamReader):
             sql.Identifier(recorder.datastore.schema), sql.Identifier(recorder.events_table_name)
         )
 
+    # Like eventsourcing's own reads: a connection that died (a restart, a
+    # failover) is replaced and the read run again, a bounded number of times.
+    @retry((InterfaceError, OperationalError), max_attempts=3, wait=0.2)
     def _fetch(self, recorder: Any, query: sql.Composable, params: Sequence[Any]) -> list[Any]:
-        with recorder.datastore.transaction(commit=False) as curs:
+        # One statement in autocommit (the pool's mode), as eventsourcing's
+        # select_events does: no BEGIN and ROLLBACK round trips around it.
+        with recorder.datastore.get_connection() as conn, conn.cursor() as curs:
             curs.execute(query, params, binary=True)
             return list(curs.fetchall())
 

@@ -29,14 +29,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 from uuid import UUID
 
 from ledger import InvalidArgument, LedgerError, Receipt, SyncSubscription
-from ledger._app import get_or_none
 from ledger._billing import UnitCommand
 from ledger._domain import CommandRecord, CreditAccount, account_id_for, entry_id_for, record_id_for
 from ledger._plans import Plan, plan_id_for
 from ledger._subscriptions import (
     BillingCycle,
     Status,
-    SubscriberSlot,
     Subscription,
     SubscriptionExists,
     add_cycle,
@@ -170,10 +168,6 @@ def minus_cycle(end: datetime, cycle: BillingCycle) -> datetime:
 # --------------------------------------------------------------- shared steps
 
 
-def recorded(unit: _Unit, key: str) -> bool:
-    return key in unit.records or get_or_none(unit.app, record_id_for(key), CommandRecord) is not None
-
-
 class Loaded:
     """The aggregates a command will read, loaded in one bulk read (a
     snapshot query and an events query) instead of a query or two each; and
@@ -187,6 +181,7 @@ class Loaded:
         accounts = {account_id_for(u): u for u in users if u is not None and u not in unit.accounts}
         found = unit.reader.load([*wanted, *accounts], snapshots=bool(accounts))
         self.missing = {i for i in wanted if i not in found}
+        unit.absent |= self.missing
         self.records = {i for i in wanted if isinstance(found.get(i), CommandRecord)}
         for i in wanted:
             aggregate = found.get(i)
@@ -208,10 +203,7 @@ class Loaded:
         return self.unit.aggregate(aggregate_id, cls)
 
     def recorded(self, key: str) -> bool:
-        record = record_id_for(key)
-        if key in self.unit.records or record in self.records:
-            return True
-        return record not in self.missing and recorded(self.unit, key)
+        return record_id_for(key) in self.records or self.unit.recorded(key)
 
 
 def resolve_user(
@@ -299,13 +291,18 @@ def _debit(unit: _Unit, payment: Payment, wanted: int, policy: RefundPolicy, ref
     return unit.claw_back_once(
         payment.user_id,
         wanted,
-        key=f"lemonsqueezy:{payment.kind}:{payment.object_id}:refund:{refunded}",
+        key=f"{grant_key(payment.kind, payment.object_id)}:refund:{refunded}",
         block_id=str(entry_id_for(payment.grant_key)) if payment.grant_key else None,
         from_other_credits=policy.from_other_credits,
         reference_type=f"lemonsqueezy_{payment.kind}",
         reference_id=payment.object_id,
         description=description,
     )
+
+
+def grant_key(kind: str, object_id: str) -> str:
+    """The idempotency key of the credits a payment (invoice or order) grants."""
+    return f"lemonsqueezy:{kind}:{object_id}"
 
 
 def open_payment(loaded: Loaded, kind: str, object_id: str, user_id: UUID, total: int, currency: str) -> Payment:
@@ -394,7 +391,7 @@ class ApplySubscription(UnitCommand):
         ids.append(record_id_for(sync_key))
         if self.custom_user is not None:
             ids.append(slot_id_for(self.custom_user))
-        loaded = Loaded(unit, ids)
+        loaded = Loaded(unit, ids, [self.custom_user])
         link = loaded.get(subscription_link_id(self.ls_subscription_id), SubscriptionLink)
         user = resolve_user(loaded, self.custom_user, link, self.customer_id, f"customer {self.customer_id}")
         plan, cycle = plan_for(unit, self.catalog, self.variant_id)
@@ -431,13 +428,6 @@ class ApplySubscription(UnitCommand):
             customer_id=self.customer_id,
         )
         if not loaded.recorded(sync.key):
-            if slot_id_for(user) in loaded.missing:
-                # What unit.slot() would create after looking it up again.
-                unit.add(
-                    SubscriberSlot._create(
-                        SubscriberSlot.Opened, id=slot_id_for(user), user_id=user, timestamp=unit.now
-                    )
-                )
             try:
                 sync.apply(unit)
             except SubscriptionExists as exc:
@@ -490,7 +480,7 @@ class ApplyInvoice(UnitCommand):
     def apply(self, unit: _Unit) -> Receipt:
         self.report.reset()
         link_id = subscription_link_id(self.ls_subscription_id)
-        ids = [link_id, payment_id("invoice", self.invoice_id)]
+        ids = [link_id, payment_id("invoice", self.invoice_id), record_id_for(grant_key("invoice", self.invoice_id))]
         if self.payment_failed:
             ids.append(ledger_subscription_id(self.ls_subscription_id))
         loaded = Loaded(unit, ids, [self.custom_user])
@@ -523,7 +513,7 @@ class ApplyInvoice(UnitCommand):
         entry = self._entry(entries, unit.now)
         plan, cycle = plan_for(unit, self.catalog, entry.variant_id)
         terms = plan.terms
-        key = f"lemonsqueezy:invoice:{self.invoice_id}"
+        key = grant_key("invoice", self.invoice_id)
         if self.billing_reason == "updated":
             amount, period_end = self._upgrade(unit, entries, entry, plan, cycle)
             kind = CreditKind.SUBSCRIPTION_GRANT
@@ -676,6 +666,7 @@ class ApplyOrder(UnitCommand):
         if self.pack_credits is None:
             return self._not_a_pack(unit)
         ids = [customer_link_id(self.customer_id), payment_id("order", self.order_id)]
+        ids.append(record_id_for(grant_key("order", self.order_id)))
         loaded = Loaded(unit, ids, [self.custom_user])
         user = resolve_user(loaded, self.custom_user, None, self.customer_id, f"customer {self.customer_id}")
         learn_customer(loaded, self.customer_id, user)
@@ -687,7 +678,7 @@ class ApplyOrder(UnitCommand):
                 payment,
                 amount=self.pack_credits * self.quantity,
                 kind=CreditKind.PURCHASE,
-                key=f"lemonsqueezy:order:{self.order_id}",
+                key=grant_key("order", self.order_id),
                 expires_at=None,
                 plan=None,
                 description=f"credit pack {self.variant_id} x {self.quantity} (Lemon Squeezy order {self.order_id})",
