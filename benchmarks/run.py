@@ -40,6 +40,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+import webhooks as webhook_bench  # noqa: E402  (benchmarks/webhooks.py, beside this file)
+
 import ledger as ledger_package  # noqa: E402
 from ledger import (  # noqa: E402
     CreditKind,
@@ -93,6 +95,7 @@ class Sizes:
     statement_sample: int
     log_events: int
     log_users: int
+    webhook_customers: int
 
     @classmethod
     def full(cls) -> Sizes:
@@ -110,6 +113,7 @@ class Sizes:
             statement_sample=20,
             log_events=1_000_000,
             log_users=60_000,
+            webhook_customers=1_000,
         )
 
     @classmethod
@@ -128,6 +132,7 @@ class Sizes:
             statement_sample=10,
             log_events=30_000,
             log_users=1_000,
+            webhook_customers=150,
         )
 
 
@@ -805,6 +810,16 @@ def report_targets(figures: dict[str, float]) -> None:
             f"{figures['raw_decode_events_per_s']:,.0f} events/s",
         ),
         (
+            f"webhooks_per_s >= {webhook_bench.TARGET_WEBHOOKS_PER_S:,.0f}",
+            figures["webhooks_per_s"] >= webhook_bench.TARGET_WEBHOOKS_PER_S,
+            f"{figures['webhooks_per_s']:,.0f} ({figures['webhooks_vs_raw']:.2f} x the raw commit rate)",
+        ),
+        (
+            f"duplicate_webhooks_per_s >= {webhook_bench.TARGET_DUPLICATES_PER_S:,.0f}",
+            figures["duplicate_webhooks_per_s"] >= webhook_bench.TARGET_DUPLICATES_PER_S,
+            f"{figures['duplicate_webhooks_per_s']:,.0f}",
+        ),
+        (
             f"rebuild_peak_rss_mb < {TARGET_REBUILD_PEAK_RSS_MB:g}",
             figures["rebuild_peak_rss_mb"] < TARGET_REBUILD_PEAK_RSS_MB,
             f"{figures['rebuild_peak_rss_mb']:,.0f} MiB over {figures['projected_events']:,.0f} projected events",
@@ -864,6 +879,7 @@ def run(sizes: Sizes, timeout_s: float, *, analyze: bool = False) -> dict[str, f
     try:
         with Ledger(url) as ledger:
             figures = measure(ledger, url, schema, sizes, watchdog, analyze=analyze)
+        figures.update(webhook_figures(base, sizes, figures["raw_insert_commit_per_s"], watchdog))
     except Exception:
         if watchdog.fired.is_set():
             say(f"!! aborted by the watchdog after {timeout_s:.0f} s (a call hung or the run was too slow)")
@@ -877,6 +893,26 @@ def run(sizes: Sizes, timeout_s: float, *, analyze: bool = False) -> dict[str, f
     figures["elapsed_s"] = round(time.perf_counter() - started, 1)
     figures["load_average_1m"] = round(load_average(), 2)
     return figures
+
+
+def webhook_figures(base: str, sizes: Sizes, raw_per_s: float, watchdog: Watchdog) -> dict[str, Any]:
+    """benchmarks/webhooks.py's figures (Lemon Squeezy deliveries), on a
+    schema of their own, with the same run's raw commit rate beside them."""
+    schema = f"bench_ls_{uuid.uuid4().hex[:12]}"
+    try:
+        with timed("webhooks", watchdog.check):
+            found = webhook_bench.run(base, schema, sizes.webhook_customers, webhook_bench.DEFAULT_WORKERS, say)
+    finally:
+        drop_schema(base, schema)
+    per_s, duplicates_per_s = found["webhooks_per_s"], found["duplicate_webhooks_per_s"]
+    return {
+        "webhooks_per_s": per_s,
+        "duplicate_webhooks_per_s": duplicates_per_s,
+        # Context: a delivery's durable writes against the same run's baseline.
+        "webhooks_vs_raw": round(per_s / raw_per_s, 3),
+        "webhooks_per_s_sequential": found["webhooks_per_s_sequential"],
+        "webhook_commands_per_shared_transaction": found["commands_per_shared_transaction"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,8 @@ from ledger import DEFAULT_CATALOG, CreditPolicy, Ledger
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 TARGET_WEBHOOKS_PER_S = 300.0
 TARGET_DUPLICATES_PER_S = 2_000.0
+#: Threads calling ingest at once, as an ASGI server's worker threads would.
+DEFAULT_WORKERS = 8
 SECRET = "whsec_benchmark_5b2e"
 VARIANTS = {"starter": ("1001", "1002"), "pro": ("2001", "2002"), "studio": ("3001", "3002")}
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "lemonsqueezy"
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller counts, a smoke test")
     parser.add_argument("--customers", type=int, default=None, help="customers (two deliveries each)")
-    parser.add_argument("--workers", type=int, default=8, help="threads delivering at once")
+    parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS, help="threads delivering at once")
     parser.add_argument("--timeout", type=float, default=280.0, help="abort a run that hangs (seconds)")
     parser.add_argument(
         "--no-pre-ping", action="store_true", help="the ledger URL's pre_ping=false (default: the seed's true)"
