@@ -7,8 +7,8 @@
     uvicorn --factory examples.lemonsqueezy_starlette:create_app
 
 Then point the webhook in Lemon Squeezy (Settings » Webhooks) at
-``https://<host>/webhooks/lemonsqueezy``. With FastAPI it is the same mount:
-``api.mount("/webhooks/lemonsqueezy", webhook_app(ledger))``.
+``https://<host>/webhooks/lemonsqueezy``. With FastAPI it is the same route:
+``api.add_route("/webhooks/lemonsqueezy", webhook_app(ledger), methods=["POST"])``.
 
 The endpoint itself needs no framework: ``webhook_app`` is plain ASGI, and is
 all this module uses when Starlette is not installed.
@@ -16,7 +16,9 @@ all this module uses when Starlette is not installed.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 from adapters.lemonsqueezy import LemonSqueezy, WebhookApp
@@ -53,12 +55,13 @@ def webhook_app(ledger: Ledger, secret: str | None = None) -> WebhookApp:
 
 
 def create_app(ledger: Ledger | None = None, secret: str | None = None) -> Any:
-    """A Starlette application with the endpoint mounted (``uvicorn --factory``)."""
+    """A Starlette application with the endpoint mounted (``uvicorn --factory``).
+    The ledger is closed when the application shuts down."""
     try:
         from starlette.applications import Starlette
         from starlette.requests import Request
         from starlette.responses import JSONResponse
-        from starlette.routing import Mount, Route
+        from starlette.routing import Route
     except ImportError as exc:  # the endpoint works without it: see webhook_app
         raise RuntimeError("this example needs Starlette: pip install starlette uvicorn") from exc
 
@@ -67,10 +70,19 @@ def create_app(ledger: Ledger | None = None, secret: str | None = None) -> Any:
     async def health(_: Request) -> JSONResponse:
         return JSONResponse({"ok": True})
 
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            ledger.close()
+
     return Starlette(
         routes=[
             Route("/healthz", health),
-            Mount("/webhooks/lemonsqueezy", app=webhook_app(ledger, secret)),
+            # A Route, not a Mount: a Mount answers the URL without a trailing
+            # slash with a redirect, which a webhook sender does not follow.
+            Route("/webhooks/lemonsqueezy", webhook_app(ledger, secret), methods=["POST"]),
         ],
-        on_shutdown=[ledger.close],
+        lifespan=lifespan,
     )
