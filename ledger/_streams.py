@@ -32,6 +32,15 @@ class StreamReader(ABC):
     def events_after(self, after: dict[UUID, int]) -> dict[UUID, list[StoredEvent]]:
         """Stored events of each id with a version above the given one, in order."""
 
+    def snapshots_and_events(
+        self, ids: Sequence[UUID]
+    ) -> tuple[dict[UUID, StoredEvent], dict[UUID, list[StoredEvent]]]:
+        """The newest snapshot of each id that has one, and each id's events
+        after it (after version 0 without one). A backend may do it in one query."""
+        snapshots_by_id = self.latest_snapshots(ids)
+        after = {i: (snapshots_by_id[i].originator_version if i in snapshots_by_id else 0) for i in ids}
+        return snapshots_by_id, self.events_after(after)
+
     def load(self, ids: Sequence[UUID], *, snapshots: bool = True) -> dict[UUID, Any]:
         """The current state of each id that exists; absent ids are left out.
         ``snapshots=False`` skips the snapshot query for kinds never snapshotted."""
@@ -39,12 +48,14 @@ class StreamReader(ABC):
         use_snapshots = snapshots and self.app.snapshots is not None
         for start in range(0, len(ids), CHUNK_IDS):
             chunk = list(dict.fromkeys(ids[start : start + CHUNK_IDS]))
-            snapshots_by_id = self.latest_snapshots(chunk) if use_snapshots else {}
+            if use_snapshots:
+                snapshots_by_id, streams = self.snapshots_and_events(chunk)
+            else:
+                snapshots_by_id, streams = {}, self.events_after(dict.fromkeys(chunk, 0))
             states: dict[UUID, Any] = {}
             for aggregate_id, stored in snapshots_by_id.items():
                 states[aggregate_id] = self.app.mapper.to_domain_event(stored).mutate(None)  # type: ignore[attr-defined]
-            after = {i: (states[i].version if i in states else 0) for i in chunk}
-            for aggregate_id, stream in self.events_after(after).items():
+            for aggregate_id, stream in streams.items():
                 aggregate = states.get(aggregate_id)
                 for stored in stream:
                     aggregate = self.app.mapper.to_domain_event(stored).mutate(aggregate)  # type: ignore[attr-defined]

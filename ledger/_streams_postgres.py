@@ -39,6 +39,34 @@ class PostgresReader(StreamReader):
         rows = self._fetch(recorder, query, [list(ids)])
         return {r["originator_id"]: _stored(r) for r in rows}
 
+    def snapshots_and_events(
+        self, ids: Sequence[UUID]
+    ) -> tuple[dict[UUID, StoredEvent], dict[UUID, list[StoredEvent]]]:
+        """One statement (one round trip, one consistent view): the newest
+        snapshot of each id, then each id's events after it."""
+        assert self.app.snapshots is not None
+        snapshots_table = self._table(self.app.snapshots.recorder)
+        query = sql.SQL(
+            "WITH ids AS (SELECT DISTINCT unnest(%s::uuid[]) AS id), "
+            "snap AS (SELECT DISTINCT ON (s.originator_id) s.originator_id, s.originator_version, s.topic, s.state "
+            "FROM {} s JOIN ids ON s.originator_id = ids.id ORDER BY s.originator_id, s.originator_version DESC) "
+            "SELECT TRUE AS snapshot, originator_id, originator_version, topic, state FROM snap "
+            "UNION ALL "
+            "SELECT FALSE, e.originator_id, e.originator_version, e.topic, e.state FROM {} e "
+            "JOIN ids ON e.originator_id = ids.id LEFT JOIN snap ON snap.originator_id = ids.id "
+            "WHERE e.originator_version > COALESCE(snap.originator_version, 0) "
+            "ORDER BY originator_id, snapshot DESC, originator_version"
+        ).format(snapshots_table, self._table(self.app.recorder))
+        rows = self._fetch(self.app.recorder, query, [list(ids)])
+        snapshots_by_id: dict[UUID, StoredEvent] = {}
+        streams: dict[UUID, list[StoredEvent]] = {}
+        for r in rows:
+            if r["snapshot"]:
+                snapshots_by_id[r["originator_id"]] = _stored(r)
+            else:
+                streams.setdefault(r["originator_id"], []).append(_stored(r))
+        return snapshots_by_id, streams
+
     def events_after(self, after: dict[UUID, int]) -> dict[UUID, list[StoredEvent]]:
         recorder: Any = self.app.recorder
         query = sql.SQL(

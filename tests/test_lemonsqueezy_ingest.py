@@ -449,22 +449,33 @@ def test_a_delivery_is_on_disk_before_it_is_answered(adapter: LemonSqueezy, monk
 
 @pytest.mark.postgres
 def test_on_postgresql_the_insert_commits_asynchronously(pg_url: str) -> None:
+    from psycopg.pq import TransactionStatus
+
     from adapters.lemonsqueezy._inbox import _COLUMNS, _PG_FINISH, _PG_PUT, SOURCE
 
     with open_ledger(pg_url, StoryClock(STORY_START)) as ledger:
         inbox = adapter_for(ledger).inbox
         with inbox._transaction() as t:
+            # Each statement is its own transaction (autocommit): the
+            # setting made with set_config(..., true) holds until that
+            # transaction's commit, which reads it, and no longer.
+            assert t.tx.curs.connection.info.transaction_status == TransactionStatus.IDLE
+            local = (
+                "SELECT current_setting('synchronous_commit') "
+                "FROM (SELECT set_config('synchronous_commit', %s, true)) s"
+            )
+            assert t.tx.fetchall(local, ["off"]) == [("off",)]
+            assert t.tx.fetchall("SHOW synchronous_commit") == [("on",)]
             row = [UUID(int=7), SOURCE, "order_created", "w-1", {"a": 1}, "0" * 64, False, STORY_START]
             found = t.tx.fetchall(_PG_PUT.format(t=t.table), [*row, SOURCE, "0" * 64, "w-1"])
-            assert found[0][2] is True  # inserted
-            assert t.tx.fetchall("SHOW synchronous_commit") == [("off",)]
-        with inbox._transaction() as t:
-            assert t.tx.fetchall("SHOW synchronous_commit") == [("on",)]  # local to that transaction
+            assert found[0][2] is True  # inserted, and committed: no transaction is left open
+            assert t.tx.curs.connection.info.transaction_status == TransactionStatus.IDLE
+            assert t.tx.fetchall("SHOW synchronous_commit") == [("on",)]
         for mode in ("off", "on"):
             with inbox._transaction() as t:
                 statement = _PG_FINISH.format(t=t.table, columns=_COLUMNS, clauses="error_message LIKE %s")
                 values = [mode, "processed", None, STORY_START, 1, UUID(int=7), SOURCE, "held: -:%", 5]
                 assert t.tx.fetchall(statement, values) == []
-                assert t.tx.fetchall("SHOW synchronous_commit") == [(mode,)]
+                assert t.tx.curs.connection.info.transaction_status == TransactionStatus.IDLE
         (row,) = inbox.listing(status="processed", limit=5)
         assert row.attempts == 2
