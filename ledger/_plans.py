@@ -152,3 +152,12 @@ class Plan(Aggregate, created_event_name="Defined"):
     @property
     def terms(self) -> PlanTerms:
         return PlanTerms.from_event_data(self.terms_data)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Plan:
+        # The command cache hands out a copy per command: a generic deepcopy
+        # of the terms cost a webhook delivery 0.3 ms. Revised replaces
+        # terms_data, never changes it in place, so copies can share it.
+        copied = object.__new__(type(self))
+        copied.__dict__.update(self.__dict__)
+        copied._pending_events = list(self._pending_events)
+        return copied

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace as replaced
 from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
 
 import pytest
 from eventsourcing.persistence import IntegrityError
 
-from ledger import ConcurrencyExhausted, InvalidAmount, InvariantViolation, Ledger, ManualClock
+from ledger import DEFAULT_CATALOG, ConcurrencyExhausted, InvalidAmount, InvariantViolation, Ledger, ManualClock
 from ledger._domain import Block, CreditAccount, Hold, draw_order, free_credits, take
+from ledger._plans import Plan, plan_id_for
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -144,3 +147,15 @@ def test_claw_back_takes_what_is_left_and_never_refuses() -> None:
     assert fresh.blocks[soon].remaining == 4 and kept not in fresh.blocks  # an emptied block is gone
     with pytest.raises(InvalidAmount):
         _claw(fresh, 0, kept, others=True)
+
+
+def test_a_copied_plan_is_revised_without_touching_the_original() -> None:
+    terms = DEFAULT_CATALOG[1]
+    plan = Plan._create(Plan.Defined, id=plan_id_for(terms.name), terms=terms.as_event_data(), actor=None, timestamp=T0)
+    plan.collect_events()
+    copied = copy.deepcopy(plan)
+    revised = replaced(terms, credits=terms.credits + 1).as_event_data()
+    copied.trigger_event(Plan.Revised, terms=revised, actor="ops", timestamp=T0)
+    assert (copied.revision, copied.terms.credits) == (2, terms.credits + 1)
+    assert (plan.revision, plan.terms, plan.version) == (1, terms, 1)
+    assert plan.pending_events == [] and len(copied.pending_events) == 1
