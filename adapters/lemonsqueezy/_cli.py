@@ -183,6 +183,7 @@ def reconcile(
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
     click.echo(
-        f"{report.subscriptions_seen} subscriptions and {report.invoices_seen} invoices checked: "
+        f"{report.subscriptions_seen} subscriptions and {report.invoices_seen} invoices checked "
+        f"({report.old_refunds_seen} of them older refunds): "
         f"{report.changed} changed, {len(report.notes)} noted, {len(report.problems)} not applied"
     )
