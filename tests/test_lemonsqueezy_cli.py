@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
-from adapters.lemonsqueezy import LemonSqueezy
-from ledger import DEFAULT_CATALOG
+from adapters.lemonsqueezy import LemonSqueezy, RefundPolicy
+from ledger import DEFAULT_CATALOG, Ledger
+from ledger._app import LedgerApplication
+from ledger._cli import cli
 from tests.lemonsqueezy_support import (
     FIXTURES,
     R1,
@@ -157,3 +162,106 @@ def test_commands_need_their_secrets(no_env: None) -> None:
     assert send.returncode == 2 and "--secret" in send.stderr
     reconcile = ledger_cli("reconcile", check=False)
     assert reconcile.returncode == 2 and "--api-key" in reconcile.stderr
+
+
+HOST_MODULE = """
+from adapters.lemonsqueezy import LemonSqueezy, RefundPolicy
+from ledger import CreditPolicy, Ledger
+
+
+def adapter(url):
+    ledger = Ledger(url, credit_policy=CreditPolicy(auto_renew=False))
+    return LemonSqueezy(
+        ledger,
+        signing_secret="whsec_host_secret_91",
+        credit_packs={"9001": 1000},
+        refund_policy=RefundPolicy(claw_back=False),
+    )
+
+
+def not_an_adapter(url):
+    return Ledger(url, credit_policy=CreditPolicy(auto_renew=False))
+"""
+
+
+@pytest.fixture
+def host_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A host's module, ``pingvas_host_config``, that builds its adapter."""
+    folder = tmp_path / "host"
+    folder.mkdir()
+    (folder / "pingvas_host_config.py").write_text(HOST_MODULE)
+    monkeypatch.syspath_prepend(str(folder))
+    return folder
+
+
+def failed_refund(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host that keeps credits on refunds (``claw_back=False``) bought a
+    pack; the refund's delivery failed (the database went away)."""
+    at = datetime.now(UTC) - timedelta(days=2)  # the command runs on the real clock
+    b = Builder()
+    with open_ledger(url, StoryClock(at)) as ledger:
+        adapter = adapter_for(ledger, refund_policy=RefundPolicy(claw_back=False))
+        order = b.order_event("order_created", "660002", variant="9001", total=1000, at=at)
+        assert adapter.ingest(order, headers_for(order)).processing == "processed"
+
+        def down(self: LedgerApplication, objs: Any) -> Any:
+            raise ConnectionError("injected: the database connection was lost")
+
+        monkeypatch.setattr(LedgerApplication, "save_all", down)
+        refund = b.order_event(
+            "order_refunded",
+            "660002",
+            variant="9001",
+            total=1000,
+            at=at,
+            status="refunded",
+            refunded_amount=1000,
+            refunded=True,
+            updated=at + timedelta(days=1),
+        )
+        assert adapter.ingest(refund, headers_for(refund)).processing == "failed"
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize(
+    ("options", "balance"),
+    [
+        (["--adapter", "pingvas_host_config:adapter"], 1000),
+        (["--credit-pack", "9001=1000", "--no-claw-back"], 1000),
+        (["--credit-pack", "9001=1000"], 0),  # the options' defaults: not this host's configuration
+    ],
+    ids=["factory", "options", "defaults"],
+)
+def test_retry_runs_the_hosts_configuration(
+    sqlite_url: str, host_module: Path, monkeypatch: pytest.MonkeyPatch, no_env: None, options: list[str], balance: int
+) -> None:
+    failed_refund(sqlite_url, monkeypatch)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent), str(host_module)])}
+    out = ledger_cli("webhooks", "retry", "--url", sqlite_url, *options, env=env).stdout
+    assert "retried 1: processed 1, failed 0" in out
+    with Ledger(sqlite_url) as ledger:
+        assert ledger.balance(USER).balance_credits == balance
+
+
+def test_the_factory_excludes_the_single_settings_and_must_give_an_adapter(
+    sqlite_url: str, host_module: Path, no_env: None
+) -> None:
+    runner = CliRunner()
+
+    def run(*args: str) -> Any:
+        return runner.invoke(cli, ["webhooks", "retry", "--url", sqlite_url, *args])
+
+    both = run("--adapter", "pingvas_host_config:adapter", "--credit-pack", "9001=1000", "--no-claw-back")
+    assert both.exit_code == 2
+    assert "--adapter gives the whole configuration; drop --credit-pack, --claw-back/--no-claw-back" in both.output
+    assert run("--adapter", "pingvas_host_config").exit_code == 2
+    assert "expected MODULE:FACTORY" in run("--adapter", "pingvas_host_config").output
+    missing = run("--adapter", "pingvas_no_such_module:adapter")
+    assert missing.exit_code == 2 and "cannot import pingvas_no_such_module" in missing.output
+    assert "has no callable nothing" in run("--adapter", "pingvas_host_config:nothing").output
+    wrong = run("--adapter", "pingvas_host_config:not_an_adapter")
+    assert wrong.exit_code == 1 and "returned a Ledger, not a LemonSqueezy or Processor" in wrong.output
+    rec = runner.invoke(
+        cli, ["reconcile", "--url", sqlite_url, "--api-key", "k", "--adapter", "m:f", "--upgrade", "none"]
+    )
+    assert rec.exit_code == 2 and "drop --upgrade" in rec.output

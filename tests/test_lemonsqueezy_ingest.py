@@ -5,20 +5,26 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters.lemonsqueezy import LemonSqueezy, sign, verify
+from adapters.lemonsqueezy._adapter import DEFAULT_STALE_AFTER_S
 from adapters.lemonsqueezy._payloads import MAX_BODY_BYTES, MalformedBody, parse_json
 from ledger import ConfigurationError, CreditPolicy, Ledger
+from ledger._app import LedgerApplication
 from tests.lemonsqueezy_support import (
     FIXTURES,
+    R1,
     SECRET,
+    USER,
+    Builder,
     StoryClock,
     adapter_for,
     headers_for,
@@ -27,6 +33,8 @@ from tests.lemonsqueezy_support import (
     template,
 )
 from tests.lemonsqueezy_support import START as STORY_START
+
+SEC = timedelta(seconds=1)
 
 
 @pytest.fixture
@@ -479,3 +487,170 @@ def test_on_postgresql_the_insert_commits_asynchronously(pg_url: str) -> None:
                 assert t.tx.curs.connection.info.transaction_status == TransactionStatus.IDLE
         (row,) = inbox.listing(status="processed", limit=5)
         assert row.attempts == 2
+
+
+# ------------------------------------------------ shapes from earlier docs
+
+
+def _without(body: bytes, *names: str, **values: Any) -> bytes:
+    """The body with attributes removed or set (PHP-encoded again)."""
+    payload = json.loads(body)
+    attributes = payload["data"]["attributes"]
+    for name in names:
+        del attributes[name]
+    attributes.update(values)
+    return php_json(payload)
+
+
+def test_refunded_null_reads_as_not_refunded(adapter: LemonSqueezy, ledger: Ledger) -> None:
+    """Early documented orders and invoices carry ``"refunded": null``."""
+    b = Builder()
+    order = _without(
+        b.order_event("order_created", "660002", variant="9001", total=1000, at=STORY_START), refunded=None
+    )
+    created = b.subscription_event("subscription_created", updated=STORY_START, renews_at=R1)
+    invoice = b.invoice_event(
+        "subscription_payment_success",
+        "550001",
+        reason="initial",
+        status="paid",
+        created=STORY_START + SEC,
+        updated=STORY_START + 2 * SEC,
+        total=2500,
+    )
+    for body in (order, created, _without(invoice, refunded=None)):
+        result = adapter.ingest(body, headers_for(body))
+        assert (result.http_status, result.processing) == (200, "processed"), result
+    assert ledger.balance(USER).balance_credits == 1000 + 5000
+
+
+def test_an_invoice_without_customer_id_finds_its_user_through_the_subscription(
+    adapter: LemonSqueezy, ledger: Ledger
+) -> None:
+    """Early documented invoices have no customer_id. Without custom data
+    either, the invoice waits for its subscription, which names the user,
+    and goes through when the subscription arrives."""
+    b = Builder()
+    invoice = b.invoice_event(
+        "subscription_payment_success",
+        "550001",
+        reason="initial",
+        status="paid",
+        created=STORY_START + SEC,
+        updated=STORY_START + 2 * SEC,
+        total=2500,
+    )
+    payload = json.loads(_without(invoice, "customer_id"))
+    del payload["meta"]["custom_data"]
+    bare = php_json(payload)
+    held = adapter.ingest(bare, headers_for(bare))
+    assert (held.http_status, held.processing) == (200, "held")
+    assert held.reason.startswith("held: subscription 880001: ")
+    created = b.subscription_event("subscription_created", updated=STORY_START, renews_at=R1)
+    assert adapter.ingest(created, headers_for(created)).processing == "processed"
+    assert ledger.balance(USER).balance_credits == 5000  # the held invoice, released by its subscription
+    assert {r.event_type: r.status for r in rows(adapter)} == {
+        "subscription_payment_success": "processed",
+        "subscription_created": "processed",
+    }
+
+
+def test_only_the_applied_types_need_numeric_ids(adapter: LemonSqueezy) -> None:
+    """A resource type the ledger does not apply is stored whatever its id
+    looks like (a future type may use other ids); the ones it applies must
+    carry Lemon Squeezy's integer ids."""
+    future = php_json(
+        {
+            "meta": {"event_name": "affiliate_activated", "webhook_id": "w-future-1"},
+            "data": {"type": "affiliates", "id": "aff_01HZX3K9Q2", "attributes": {"status": "active"}},
+        }
+    )
+    result = adapter.ingest(future, headers_for(future))
+    assert (result.status, result.http_status, result.processing) == ("stored", 200, "processed"), result
+    assert "not used by the ledger" in result.reason
+    for kind in ("subscriptions", "subscription-invoices", "orders"):
+        body = php_json(
+            {"meta": {"event_name": "x_event"}, "data": {"type": kind, "id": "aff_01HZX3K9Q2", "attributes": {}}}
+        )
+        refused = adapter.ingest(body, headers_for(body))
+        assert (refused.http_status, refused.status) == (400, "rejected")
+        assert f"a {kind} id must be 1 to 32 digits" in refused.reason
+    spaced = php_json({"meta": {"event_name": "x_event"}, "data": {"type": "x", "id": "a b", "attributes": {}}})
+    assert adapter.ingest(spaced, headers_for(spaced)).http_status == 400
+    assert [r.event_type for r in rows(adapter)] == ["affiliate_activated"]
+
+
+# ------------------------------------------------------------------ retries
+
+
+def _down(self: LedgerApplication, objs: Any) -> Any:
+    raise ConnectionError("injected: the database connection was lost")
+
+
+def test_deliveries_that_fail_for_good_do_not_starve_newer_ones(
+    adapter: LemonSqueezy, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two old deliveries that always fail (another product's variant) and a
+    newer one failed by an outage: a retry of 2 at a time reaches the newer
+    one on the next run, and every run after goes on reaching them all."""
+    clock = ledger.clock
+    assert isinstance(clock, StoryClock)
+    for i in range(2):
+        clock.set(STORY_START + i * SEC)
+        other = Builder(subscription=str(990000 + i), customer=990000 + i, user=uuid4())
+        body = other.subscription_event("subscription_created", updated=STORY_START, variant="4242", renews_at=R1)
+        assert adapter.ingest(body, headers_for(body)).processing == "failed"
+    clock.set(STORY_START + 10 * SEC)
+    monkeypatch.setattr(LedgerApplication, "save_all", _down)
+    pack = Builder().order_event("order_created", "660002", variant="9001", total=1000, at=STORY_START)
+    assert adapter.ingest(pack, headers_for(pack)).processing == "failed"
+    monkeypatch.undo()
+
+    def attempts() -> dict[str, tuple[str, int]]:
+        return {
+            str(r.payload["data"]["id"]): (r.status, r.attempts) for r in adapter.inbox.listing(status=None, limit=10)
+        }
+
+    first = adapter.processor.retry(limit=2)
+    assert (first.attempted, first.processed) == (2, 0)  # the two oldest, tried once each so far
+    assert attempts() == {"990000": ("failed", 2), "990001": ("failed", 2), "660002": ("failed", 1)}
+    second = adapter.processor.retry(limit=2)
+    assert second.processed == 1
+    assert attempts()["660002"] == ("processed", 2)
+    assert ledger.balance(USER).balance_credits == 1000
+    for _ in range(3):
+        adapter.processor.retry(limit=1)
+    counts = [n for status, n in attempts().values() if status == "failed"]
+    assert max(counts) - min(counts) <= 1  # tried in turn, not the oldest over and over
+
+
+def test_a_delivery_left_received_is_retried_after_the_staleness_delay_first(
+    adapter: LemonSqueezy, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = ledger.clock
+    assert isinstance(clock, StoryClock)
+    other = Builder(subscription="990000", customer=990000, user=uuid4())
+    failing = other.subscription_event("subscription_created", updated=STORY_START, variant="4242", renews_at=R1)
+    assert adapter.ingest(failing, headers_for(failing)).processing == "failed"
+
+    def stopped(*_: Any, **__: Any) -> Any:
+        raise ConnectionError("the process stopped")
+
+    monkeypatch.setattr(adapter.inbox, "finish", stopped)
+    pack = Builder().order_event("order_created", "660002", variant="9001", total=1000, at=STORY_START)
+    assert adapter.ingest(pack, headers_for(pack)).processing == "pending"
+    monkeypatch.undo()
+    assert ledger.balance(USER).balance_credits == 1000  # applied; only its outcome was not recorded
+    report = adapter.processor.retry(limit=1)
+    assert report.messages[0][1] == "subscription_created"  # the received row is not stale yet
+    clock.set(STORY_START + timedelta(seconds=DEFAULT_STALE_AFTER_S + 1))
+    seen: list[tuple[str, str]] = []
+    report = adapter.processor.retry(
+        limit=1, progress=lambda row, outcome: seen.append((row.event_type, outcome.status))
+    )
+    # Never tried, so before the row that keeps failing; then, as it made
+    # progress, a second pass takes that one.
+    assert seen == [("order_created", "processed"), ("subscription_created", "failed")]
+    (row,) = [r for r in rows(adapter) if r.event_type == "order_created"]
+    assert (row.status, row.attempts) == ("processed", 1)
+    assert ledger.balance(USER).balance_credits == 1000  # nothing twice

@@ -148,6 +148,115 @@ def test_the_token_bucket_keeps_under_300_a_minute() -> None:
     assert retry_after_s("soon") is None
 
 
+def test_a_429_without_retry_after_waits_out_the_window_before_giving_up() -> None:
+    """No Retry-After: short backoffs first, and the last retry a whole
+    window (60 s) after the first 429, so the quota is back; bounded."""
+    fake, waits = FakeTime(), []
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        fake.sleep(seconds)
+
+    limited = {"errors": [{"status": "429", "title": "Too Many Requests"}]}
+    client = LemonSqueezyClient(
+        "k",
+        transport=httpx.MockTransport(lambda r: httpx.Response(429, json=limited)),
+        bucket=TokenBucket(5.0, 10, clock=fake.clock, sleep=fake.sleep),
+        sleep=sleep,
+        clock=fake.clock,
+    )
+    start = fake.now
+    with client, pytest.raises(LemonSqueezyApiError, match=r"rate limited \(429\) after 6 attempts") as caught:
+        client.get(f"{API}/subscriptions")
+    assert caught.value.status_code == 429
+    assert len(waits) == 5 and waits[:4] == sorted(waits[:4]) and waits[0] < 2
+    assert 61 <= sum(waits) <= 63 and fake.now - start <= 63
+
+    answers = iter([429, 429, 429, 429, 429, 200])  # the quota is back after the window
+    fake, waits = FakeTime(), []
+    recovered = LemonSqueezyClient(
+        "k",
+        transport=httpx.MockTransport(
+            lambda r: httpx.Response(next(answers), json={"data": {"type": "subscriptions", "id": "1"}})
+        ),
+        bucket=TokenBucket(5.0, 10, clock=fake.clock, sleep=fake.sleep),
+        sleep=sleep,
+        clock=fake.clock,
+    )
+    with recovered:
+        assert recovered.get(f"{API}/subscriptions/1")["data"]["id"] == "1"
+    assert sum(waits) >= 61
+
+
+def test_few_requests_remaining_slow_the_next_request_down() -> None:
+    fake, remaining = FakeTime(), iter(["120", "3", "0", "250"])
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {"X-Ratelimit-Limit": "300", "X-Ratelimit-Remaining": next(remaining)}
+        return httpx.Response(200, headers=headers, json={"data": []})
+
+    client = client_for(handler, fake, clock=fake.clock)
+    with client:
+        for _ in range(4):
+            client.get(f"{API}/subscriptions")
+    # 120 left: no wait; 3 left: 3 requests short of 6, a fifth of a second each; 0 left: 6.
+    assert fake.slept == pytest.approx([0.6, 1.2])
+
+
+def test_the_default_bucket_stays_within_300_in_any_minute() -> None:
+    fake = FakeTime()
+    client = LemonSqueezyClient(
+        "k", transport=httpx.MockTransport(lambda r: httpx.Response(200)), sleep=fake.sleep, clock=fake.clock
+    )
+    with client:
+        for _ in range(301):
+            client.bucket.take()
+    assert fake.now - 1000.0 >= 60.0  # the burst of 10 included
+
+
+def test_pages_keep_the_filters_when_links_next_drops_them() -> None:
+    fake, seen = FakeTime(), []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(parse_qs(urlsplit(str(request.url)).query))
+        number = int(seen[-1]["page[number]"][0])
+        links: dict[str, str] = {"first": f"{API}/subscription-invoices?page%5Bnumber%5D=1"}
+        if number < 3:  # a next link without the filters or the page size
+            links["next"] = f"{API}/subscription-invoices?page%5Bnumber%5D={number + 1}"
+        items = [{"type": "subscription-invoices", "id": str(number), "attributes": {}}]
+        return httpx.Response(200, json={"meta": {"page": {"currentPage": number}}, "links": links, "data": items})
+
+    with client_for(handler, fake) as client:
+        ids = [r["id"] for r in client.subscription_invoices(store_id="41205", status="refunded")]
+    assert ids == ["1", "2", "3"]
+    for number, query in enumerate(seen, 1):
+        assert query == {
+            "filter[store_id]": ["41205"],
+            "filter[status]": ["refunded"],
+            "page[number]": [str(number)],
+            "page[size]": ["100"],
+        }
+
+
+def test_a_links_next_that_changes_a_filter_or_repeats_a_page_is_an_error() -> None:
+    def changing(request: httpx.Request) -> httpx.Response:
+        other = f"{API}/subscriptions?filter%5Bstore_id%5D=999&page%5Bnumber%5D=2&page%5Bsize%5D=100"
+        return httpx.Response(200, json={"links": {"next": other}, "data": []})
+
+    with (
+        client_for(changing, FakeTime()) as client,
+        pytest.raises(LemonSqueezyApiError, match=r"changes filter\[store_id\]"),
+    ):
+        list(client.subscriptions(store_id="41205"))
+
+    def stuck(request: httpx.Request) -> httpx.Response:
+        again = f"{API}/subscriptions?page%5Bnumber%5D=2&page%5Bsize%5D=100"
+        return httpx.Response(200, json={"links": {"next": again}, "data": []})
+
+    with client_for(stuck, FakeTime()) as client, pytest.raises(LemonSqueezyApiError, match="repeats a page"):
+        list(client.subscriptions())
+
+
 # --------------------------------------------------------------- reconciler
 
 
@@ -168,6 +277,9 @@ def api(
     def handler(request: httpx.Request) -> httpx.Response:
         kind = urlsplit(str(request.url)).path.rsplit("/", 1)[-1]
         items = {"subscriptions": subscriptions, "subscription-invoices": invoices}[kind]
+        status = parse_qs(urlsplit(str(request.url)).query).get("filter[status]")
+        if status:  # as the API filters
+            items = [item for item in items if item["attributes"]["status"] == status[0]]
         return httpx.Response(200, json=page(kind, items, 1, 1))
 
     return handler
@@ -255,6 +367,64 @@ def test_reconcile_stops_at_invoices_older_than_the_window(ledger: Ledger, clock
     assert report.invoices_seen == 3  # 0, 20 and 40 days old
 
 
+@pytest.mark.parametrize(("since_days", "old"), [(45, 0), (1, 1)])
+def test_reconcile_claws_back_refunds_of_invoices_older_than_the_window(
+    ledger: Ledger, clock: StoryClock, since_days: int, old: int
+) -> None:
+    """A refund whose webhook was lost is found by ``filter[status]`` however
+    old the invoice (the list is newest first, and the window stops at it);
+    an invoice in the window is checked once."""
+    adapter = adapter_for(ledger)
+    b = Builder()
+    created = b.subscription_event("subscription_created", updated=START, renews_at=R1)
+    paid = b.invoice_event(
+        "subscription_payment_success",
+        "550001",
+        reason="initial",
+        status="paid",
+        created=START + SEC,
+        updated=START + 2 * SEC,
+        total=2500,
+    )
+    for body in (created, paid):
+        assert adapter.ingest(body, headers_for(body)).processing == "processed"
+    assert ledger.balance(USER).balance_credits == 5000
+    refund = b.invoice_event(
+        "subscription_payment_refunded",
+        "550001",
+        reason="initial",
+        status="partial_refund",
+        created=START + SEC,
+        updated=START + timedelta(days=2),
+        total=2500,
+        refunded_amount=1000,
+    )
+    clock.set(START + timedelta(days=3))
+    queries: list[dict[str, list[str]]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        query = parse_qs(urlsplit(str(request.url)).query)
+        queries.append(query)
+        kind = urlsplit(str(request.url)).path.rsplit("/", 1)[-1]
+        if kind == "subscriptions":
+            items = [resource(created)]
+        else:
+            status = query.get("filter[status]", [None])[0]
+            items = [] if status == "refunded" else [resource(refund)]  # in the unfiltered list too
+        return httpx.Response(200, json=page(kind, items, 1, 1))
+
+    with client_for(handler, FakeTime()) as client:
+        report = Reconciler(adapter.processor, client, store_id="41205", since_days=since_days).run()
+    assert (report.invoices_seen, report.old_refunds_seen) == (1, old)
+    assert report.changes == [f"invoice 550001: clawed back 2000 credits from user {USER}"]
+    assert ledger.balance(USER).balance_credits == 3000  # 40 % of 5000 back
+    statuses = [q.get("filter[status]") for q in queries]
+    assert statuses == [None, None, ["refunded"], ["partial_refund"]]
+    assert all(q["filter[store_id]"] == ["41205"] for q in queries)
+    with client_for(handler, FakeTime()) as client:  # again: nothing left to change
+        assert Reconciler(adapter.processor, client, store_id="41205", since_days=since_days).run().changes == []
+
+
 def test_the_reconcile_command(ledger_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     if ledger_url == "memory://":
         pytest.skip("the command opens the ledger from its URL")
@@ -277,4 +447,7 @@ def test_the_reconcile_command(ledger_url: str, monkeypatch: pytest.MonkeyPatch,
     result = CliRunner().invoke(cli, ["reconcile", "--url", ledger_url, "--api-key", "k"])
     assert result.exit_code == 0, result.output
     assert "subscription 880001: applied the current snapshot" in result.output
-    assert "1 subscriptions and 0 invoices checked: 1 changed, 0 noted, 0 not applied" in result.output
+    assert (
+        "1 subscriptions and 0 invoices checked (0 of them older refunds): 1 changed, 0 noted, 0 not applied"
+        in result.output
+    )

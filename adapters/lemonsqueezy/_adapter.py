@@ -407,7 +407,9 @@ class Processor:
                 key=content_key("invoice", envelope.data.id, fields),
                 invoice_id=envelope.data.id,
                 ls_subscription_id=str(a.subscription_id),
-                customer_id=str(a.customer_id),
+                # No customer_id (an early documented shape): the invoice is
+                # held until its subscription's snapshot, which names the user.
+                customer_id="" if a.customer_id is None else str(a.customer_id),
                 payment_failed=failed,
                 billing_reason=a.billing_reason,
                 status=a.status,
@@ -472,8 +474,12 @@ class Processor:
 
     def retry(self, *, limit: int = 500, progress: Callable[[InboxRow, Outcome], None] | None = None) -> RetryReport:
         """Reprocesses failed deliveries (and ones left ``received`` by a
-        stopped process), oldest business change first, in a few passes so
-        that a delivery held for another one in the batch goes through."""
+        stopped process for ``stale_after_s``): each pass takes the ``limit``
+        due deliveries tried the fewest times (see ``Inbox.due``, so that
+        deliveries failing for good never starve newer ones) and applies them
+        oldest business change first; up to RETRY_PASSES passes while one
+        processes something, so that a delivery held for another one in the
+        batch goes through."""
         if type(limit) is not int or not 1 <= limit <= MAX_RETRY_BATCH:
             raise InvalidArgument(f"limit must be an int of 1..{MAX_RETRY_BATCH}")
         report = RetryReport()

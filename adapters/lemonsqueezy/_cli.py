@@ -4,17 +4,24 @@ line of ``ledger/_cli.py`` imports this module)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import click
+from click.core import ParameterSource
 
 from ledger._cli import URL_HELP, _url, cli
+
+from ._effects import DEFAULT_HOLD_WINDOW_S
+
+if TYPE_CHECKING:
+    from ._adapter import Processor
 
 MAX_SEND_BYTES = 16 * 1024 * 1024
 
@@ -32,10 +39,33 @@ def _parse_packs(values: tuple[str, ...]) -> dict[str, int]:
     return packs
 
 
+#: Options that configure the adapter one setting at a time (``--adapter`` gives them all).
+_SETTINGS = (
+    "test_mode",
+    "packs",
+    "upgrade",
+    "expiry",
+    "rollover_cap",
+    "claw_back",
+    "from_other_credits",
+    "hold_window_s",
+)
+
+
 def _adapter_options(fn: Any) -> Any:
-    """The options that say how the host's adapter is configured."""
+    """The options that say how the host's adapter is configured: its factory
+    (``--adapter``), or else each setting that decides an effect."""
     options = [
         click.option("--url", default=None, help=URL_HELP),
+        click.option(
+            "--adapter",
+            "factory",
+            default=None,
+            envvar="LEMONSQUEEZY_ADAPTER",
+            metavar="MODULE:FACTORY",
+            help="The host's configuration: FACTORY(url) returns its LemonSqueezy (or Processor) on the ledger "
+            "at url, opened as the endpoint opens it. Excludes the options below.",
+        ),
         click.option(
             "--test-mode", is_flag=True, envvar="LEMONSQUEEZY_TEST_MODE", help="Apply test-mode events (not live)."
         ),
@@ -54,21 +84,110 @@ def _adapter_options(fn: Any) -> Any:
             show_default=True,
             help="The ledger's credit expiry policy.",
         ),
+        click.option(
+            "--rollover-cap",
+            "rollover_cap",
+            default=None,
+            type=click.IntRange(0, None),
+            metavar="CREDITS",
+            help="The ledger's rollover_cap_credits (default: no cap).",
+        ),
+        click.option(
+            "--claw-back/--no-claw-back",
+            "claw_back",
+            default=True,
+            show_default=True,
+            help="RefundPolicy.claw_back: whether refunds take credits back.",
+        ),
+        click.option(
+            "--from-other-credits/--from-grant-only",
+            "from_other_credits",
+            default=True,
+            show_default=True,
+            help="RefundPolicy.from_other_credits.",
+        ),
+        click.option(
+            "--hold-window-s",
+            default=DEFAULT_HOLD_WINDOW_S,
+            show_default=True,
+            type=click.IntRange(0, 7 * 86_400),
+            help="How long an invoice waits for its subscription snapshot.",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
+def _load_factory(spec: str) -> Callable[[str], Any]:
+    module_name, sep, name = spec.partition(":")
+    if not sep or not module_name or not name.isidentifier():
+        raise click.BadParameter(f"expected MODULE:FACTORY, got {spec!r}", param_hint="--adapter")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise click.BadParameter(
+            f"cannot import {module_name}: {type(exc).__name__}: {exc}", param_hint="--adapter"
+        ) from exc
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise click.BadParameter(f"{module_name} has no callable {name}", param_hint="--adapter")
+    return cast(Callable[[str], Any], factory)
+
+
 @contextmanager
-def _processor(url: str | None, test_mode: bool, packs: tuple[str, ...], upgrade: str, expiry: str) -> Iterator[Any]:
-    from ledger import CreditPolicy, Ledger
+def _processor(settings: dict[str, Any]) -> Iterator[Processor]:
+    """The processor the webhook endpoint runs: the host's factory's, or one
+    built from the options. Closes the ledger when done."""
+    from ledger import CreditPolicy, Ledger, LedgerError
 
-    from ._adapter import Processor
+    from ._adapter import LemonSqueezy, Processor
+    from ._effects import RefundPolicy
 
-    policy = CreditPolicy(upgrade=upgrade, expiry=expiry, auto_renew=False)  # type: ignore[arg-type]
-    with Ledger(_url(url), credit_policy=policy) as ledger:
-        yield Processor(ledger, test_mode=test_mode, credit_packs=_parse_packs(packs))
+    ctx = click.get_current_context()
+    url = _url(settings["url"])
+    if settings["factory"]:
+        given = [
+            "/".join([*param.opts, *param.secondary_opts])
+            for param in ctx.command.params
+            if param.name in _SETTINGS and ctx.get_parameter_source(param.name) == ParameterSource.COMMANDLINE
+        ]
+        if given:
+            raise click.UsageError(
+                f"--adapter gives the whole configuration; drop {', '.join(given)} "
+                "(or drop --adapter and give every setting as an option)"
+            )
+        factory = _load_factory(settings["factory"])
+        try:
+            built = factory(url)
+        except Exception as exc:  # the host's code: say which, and why
+            raise click.ClickException(f"--adapter {settings['factory']} failed: {type(exc).__name__}: {exc}") from exc
+        processor = built.processor if isinstance(built, LemonSqueezy) else built
+        if not isinstance(processor, Processor):
+            raise click.ClickException(
+                f"--adapter {settings['factory']} returned a {type(built).__name__}, not a LemonSqueezy or Processor"
+            )
+        with processor.ledger:
+            yield processor
+        return
+    try:
+        policy = CreditPolicy(
+            upgrade=settings["upgrade"],
+            expiry=settings["expiry"],
+            rollover_cap_credits=settings["rollover_cap"],
+            auto_renew=False,
+        )
+    except LedgerError as exc:
+        raise click.UsageError(str(exc)) from exc
+    refunds = RefundPolicy(claw_back=settings["claw_back"], from_other_credits=settings["from_other_credits"])
+    with Ledger(url, credit_policy=policy) as ledger:
+        yield Processor(
+            ledger,
+            test_mode=settings["test_mode"],
+            credit_packs=_parse_packs(settings["packs"]),
+            refund_policy=refunds,
+            hold_window_s=settings["hold_window_s"],
+        )
 
 
 @cli.group()
@@ -115,9 +234,9 @@ def _event_name(body: bytes) -> str | None:
 @webhooks.command()
 @_adapter_options
 @click.option("--limit", default=500, show_default=True, help="At most this many deliveries per pass.")
-def retry(url: str | None, test_mode: bool, packs: tuple[str, ...], upgrade: str, expiry: str, limit: int) -> None:
+def retry(limit: int, **settings: Any) -> None:
     """Reprocess failed deliveries (and ones a stopped process left received)."""
-    with _processor(url, test_mode, packs, upgrade, expiry) as processor:
+    with _processor(settings) as processor:
 
         def progress(row: Any, outcome: Any) -> None:
             if outcome.status == "processed":
@@ -158,23 +277,13 @@ def list_(url: str | None, status: str | None, limit: int) -> None:
 @click.option("--store-id", default=None, help="Only this store's objects.")
 @click.option("--since-days", default=45, show_default=True, type=click.IntRange(1, 3660), help="Invoices this recent.")
 @click.option("--api-url", default=None, help="The API's base URL (default https://api.lemonsqueezy.com/v1).")
-def reconcile(
-    url: str | None,
-    test_mode: bool,
-    packs: tuple[str, ...],
-    upgrade: str,
-    expiry: str,
-    api_key: str,
-    store_id: str | None,
-    since_days: int,
-    api_url: str | None,
-) -> None:
-    """Fetch subscriptions and recent invoices from Lemon Squeezy and bring the ledger in line."""
+def reconcile(api_key: str, store_id: str | None, since_days: int, api_url: str | None, **settings: Any) -> None:
+    """Fetch subscriptions, recent invoices and refunded ones from Lemon Squeezy and bring the ledger in line."""
     from ._client import API_URL, LemonSqueezyApiError, LemonSqueezyClient
     from ._reconcile import Reconciler
 
     with (
-        _processor(url, test_mode, packs, upgrade, expiry) as processor,
+        _processor(settings) as processor,
         LemonSqueezyClient(api_key, base_url=api_url or API_URL) as client,
     ):
         try:
@@ -183,6 +292,7 @@ def reconcile(
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
     click.echo(
-        f"{report.subscriptions_seen} subscriptions and {report.invoices_seen} invoices checked: "
+        f"{report.subscriptions_seen} subscriptions and {report.invoices_seen} invoices checked "
+        f"({report.old_refunds_seen} of them older refunds): "
         f"{report.changed} changed, {len(report.notes)} noted, {len(report.problems)} not applied"
     )

@@ -1,11 +1,16 @@
 """A small client for Lemon Squeezy's REST API (https://api.lemonsqueezy.com/v1).
 
-JSON:API over HTTPS with a Bearer key. The API allows 300 requests a minute:
-a token bucket keeps the client under it, a 429 is retried after its
-``Retry-After`` (or an exponential backoff), as are 5xx answers and transport
-errors, a bounded number of times. Lists are paged with ``page[size]`` (at most
-100) and followed through ``links.next``, a bounded number of pages, and only
-to the API's own host.
+JSON:API over HTTPS with a Bearer key. The API allows 300 requests a minute
+(it says so in ``X-Ratelimit-Limit`` and ``X-Ratelimit-Remaining``): a token
+bucket keeps the client under it, and a response with few requests remaining
+slows the next one down. A 429 is retried after its ``Retry-After``, or else
+after an exponential backoff whose last wait reaches past the one-minute
+window (the quota is back by then); 5xx answers and transport errors are
+retried with the backoff; all a bounded number of times. Lists are paged with
+``page[size]`` (at most 100) and followed through ``links.next``, a bounded
+number of pages, only to the API's own host, and with the list's filters and
+page size (added back if the link lacks them; a link that changes one is an
+error).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import httpx
 
@@ -28,6 +33,13 @@ DEFAULT_MAX_PAGES = 1_000
 DEFAULT_MAX_RETRIES = 5
 DEFAULT_MAX_BACKOFF_S = 60.0
 REQUESTS_PER_MINUTE = 300
+#: The window the API's limit is counted in.
+RATE_WINDOW_S = 60.0
+#: The bucket's burst; its rate leaves room for it within a window.
+BURST = 10
+#: At or under this many requests remaining (``X-Ratelimit-Remaining``), the
+#: next request waits a request's share of the window per request short.
+LOW_REMAINING = 5
 
 
 class LemonSqueezyApiError(Exception):
@@ -100,18 +112,28 @@ class LemonSqueezyClient:
         max_backoff_s: float = DEFAULT_MAX_BACKOFF_S,
         bucket: TokenBucket | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``sleep`` and ``clock`` (seconds, monotonic): every wait goes
+        through them, the bucket's too when it is the default one."""
         if not api_key or not isinstance(api_key, str):
             raise ValueError("a Lemon Squeezy API key is required")
         if not 0 <= max_retries <= 10:
             raise ValueError("max_retries must be 0..10")
+        if not 0 < max_backoff_s <= 3_600:
+            raise ValueError("max_backoff_s must be in (0, 3600]")
         self.base_url = base_url.rstrip("/")
         self.max_retries = max_retries
         self.max_backoff_s = max_backoff_s
         self._sleep = sleep
-        # 300 a minute is 5 a second; a burst of 10 stays well inside it.
-        self.bucket = bucket or TokenBucket(REQUESTS_PER_MINUTE / 60, 10, sleep=sleep)
+        self._clock = clock
+        # A burst of 10, then (300 - 10) a minute: at most 300 in any minute.
+        self.bucket = bucket or TokenBucket(
+            (REQUESTS_PER_MINUTE - BURST) / RATE_WINDOW_S, BURST, clock=clock, sleep=sleep
+        )
         self.requests = 0
+        #: Seconds the next request waits first (few requests remaining).
+        self._pace_s = 0.0
         self._http = httpx.Client(
             transport=transport,
             timeout=timeout_s,
@@ -136,7 +158,11 @@ class LemonSqueezyClient:
     def get(self, url: str, params: dict[str, str] | None = None) -> dict[str, Any]:
         """One GET with rate limiting and bounded retries; the JSON document."""
         self._check_host(url)
+        first_429: float | None = None
         for attempt in range(self.max_retries + 1):
+            if self._pace_s > 0:
+                self._sleep(self._pace_s)
+                self._pace_s = 0.0
             self.bucket.take()
             self.requests += 1
             try:
@@ -146,17 +172,39 @@ class LemonSqueezyClient:
                     raise LemonSqueezyApiError(f"GET {_path(url)} failed: {type(exc).__name__}: {exc}") from exc
                 self._sleep(self._backoff(attempt))
                 continue
-            if response.status_code == 429 or response.status_code >= 500:
+            self._note_remaining(response)
+            status = response.status_code
+            if status == 429 or status >= 500:
                 if attempt == self.max_retries:
-                    raise LemonSqueezyApiError(
-                        f"GET {_path(url)} answered {response.status_code} after {attempt + 1} attempts",
-                        response.status_code,
-                    )
-                wait = retry_after_s(response.headers.get("retry-after")) if response.status_code == 429 else None
-                self._sleep(min(self.max_backoff_s, wait) if wait is not None else self._backoff(attempt))
+                    what = "rate limited (429)" if status == 429 else f"answered {status}"
+                    raise LemonSqueezyApiError(f"GET {_path(url)} {what} after {attempt + 1} attempts", status)
+                wait = retry_after_s(response.headers.get("retry-after")) if status == 429 else None
+                if wait is not None:
+                    wait = min(self.max_backoff_s, wait)
+                else:
+                    wait = self._backoff(attempt)
+                    if status == 429:
+                        # No Retry-After: the last retry waits until a whole
+                        # window has passed since the first 429, so that the
+                        # quota is back before the client gives up.
+                        now = self._clock()
+                        first_429 = now if first_429 is None else first_429
+                        if attempt == self.max_retries - 1:
+                            wait = max(wait, RATE_WINDOW_S + random.uniform(1, 2) - (now - first_429))
+                self._sleep(wait)
                 continue
             return self._document(url, response)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _note_remaining(self, response: httpx.Response) -> None:
+        """Few requests left in the window (another client may share the
+        key): the next request waits a request's share of the window for each
+        one short of LOW_REMAINING + 1 (at most 1.2 s at 300 a minute)."""
+        remaining = _header_int(response, "x-ratelimit-remaining")
+        if remaining is None or remaining > LOW_REMAINING:
+            return
+        limit = _header_int(response, "x-ratelimit-limit") or REQUESTS_PER_MINUTE
+        self._pace_s = RATE_WINDOW_S / max(limit, 1) * (LOW_REMAINING + 1 - remaining)
 
     def _backoff(self, attempt: int) -> float:
         return float(min(self.max_backoff_s, 2**attempt + random.uniform(0, 1)))
@@ -195,25 +243,34 @@ class LemonSqueezyClient:
         page_size: int = MAX_PAGE_SIZE,
         max_pages: int = DEFAULT_MAX_PAGES,
     ) -> Iterator[dict[str, Any]]:
-        """The resources of a list endpoint, page after page through links.next."""
+        """The resources of a list endpoint, page after page through
+        links.next, which must keep the filters and the page size: either is
+        added back if the link lacks it (a page number counts pages of this
+        size), and a link that changes one is an error (a wider or different
+        list is not what was asked for)."""
         if not 1 <= page_size <= MAX_PAGE_SIZE:
             raise ValueError(f"page_size must be 1..{MAX_PAGE_SIZE}")
-        params: dict[str, str] | None = {f"filter[{k}]": v for k, v in (filters or {}).items()}
-        assert params is not None
-        params.update({"page[number]": "1", "page[size]": str(page_size)})
-        url: str | None = f"{self.base_url}/{path.lstrip('/')}"
+        kept = {f"filter[{k}]": v for k, v in (filters or {}).items()}
+        kept["page[size]"] = str(page_size)
+        params: dict[str, str] | None = {**kept, "page[number]": "1"}
+        url = f"{self.base_url}/{path.lstrip('/')}"
+        seen: set[str] = set()
         for _ in range(max_pages):
-            assert url is not None
             document = self.get(url, params)
             data = document.get("data")
             if not isinstance(data, list):
                 raise LemonSqueezyApiError(f"GET {_path(url)} answered no data list")
             yield from (item for item in data if isinstance(item, dict))
             links = document.get("links")
-            url = links.get("next") if isinstance(links, dict) else None
-            if not url:
+            following = links.get("next") if isinstance(links, dict) else None
+            if not following:
                 return
-            params = None  # links.next carries the query
+            if not isinstance(following, str):
+                raise LemonSqueezyApiError(f"GET {_path(url)} answered a links.next that is not a URL")
+            url, params = _with_params(following, kept), None
+            if url in seen:
+                raise LemonSqueezyApiError(f"{path}: links.next repeats a page ({_path(url)})")
+            seen.add(url)
         raise LemonSqueezyApiError(f"{path} has more than {max_pages} pages; raise max_pages or filter")
 
     def subscriptions(
@@ -222,12 +279,17 @@ class LemonSqueezyClient:
         return self.paginate("subscriptions", _filters(store_id=store_id), max_pages=max_pages)
 
     def subscription_invoices(
-        self, *, store_id: str | None = None, subscription_id: str | None = None, max_pages: int = DEFAULT_MAX_PAGES
+        self,
+        *,
+        store_id: str | None = None,
+        subscription_id: str | None = None,
+        status: str | None = None,
+        max_pages: int = DEFAULT_MAX_PAGES,
     ) -> Iterator[dict[str, Any]]:
-        """Newest first (the API's order)."""
-        return self.paginate(
-            "subscription-invoices", _filters(store_id=store_id, subscription_id=subscription_id), max_pages=max_pages
-        )
+        """Newest first (the API's order); ``status``: only invoices in it
+        (``paid``, ``refunded``, ``partial_refund``, ...)."""
+        filters = _filters(store_id=store_id, subscription_id=subscription_id, status=status)
+        return self.paginate("subscription-invoices", filters, max_pages=max_pages)
 
 
 def _filters(**values: str | None) -> dict[str, str]:
@@ -236,3 +298,24 @@ def _filters(**values: str | None) -> dict[str, str]:
 
 def _path(url: str) -> str:
     return urlsplit(url).path
+
+
+def _header_int(response: httpx.Response, name: str) -> int | None:
+    value = response.headers.get(name, "").strip()
+    return int(value) if value.isdigit() and len(value) <= 9 else None
+
+
+def _with_params(url: str, kept: dict[str, str]) -> str:
+    """``url`` with every parameter of ``kept`` it lacks added; one it gives
+    another value is an error."""
+    query = parse_qsl(urlsplit(url).query, keep_blank_values=True)
+    present: dict[str, list[str]] = {}
+    for key, value in query:
+        present.setdefault(key, []).append(value)
+    for key, value in kept.items():
+        if key in present and present[key] != [value]:
+            raise LemonSqueezyApiError(
+                f"links.next changes {key} from {value!r} to {present[key][:2]!r}; refusing a different list"
+            )
+    missing = {k: v for k, v in kept.items() if k not in present}
+    return str(httpx.URL(url).copy_merge_params(missing)) if missing else url

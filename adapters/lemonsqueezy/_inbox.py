@@ -257,12 +257,16 @@ class Inbox:
 
     def due(self, *, test_mode: bool, stale_before: datetime, limit: int) -> list[InboxRow]:
         """Failed deliveries, and deliveries left ``received`` by a process
-        that stopped before recording an outcome, oldest first."""
+        that stopped before recording an outcome (created before
+        ``stale_before``): the ``limit`` tried the fewest times, oldest first
+        among equals. Every attempt adds one to ``attempts``, so deliveries
+        that keep failing make way for the others: run after run, every due
+        delivery is reached, however many fail for good."""
         with self._transaction() as t:
             rows = t.tx.fetchall(
                 f"SELECT {_COLUMNS} FROM {t.table} WHERE source = %s AND test_mode = %s AND "
                 "(status = 'failed' OR (status = 'received' AND error_message IS NULL AND created_at < %s)) "
-                "ORDER BY created_at, id LIMIT %s",
+                "ORDER BY attempts, created_at, id LIMIT %s",
                 [SOURCE, test_mode, stale_before, limit],
             )
         return [_row(r) for r in rows]

@@ -3,7 +3,12 @@ parts of Lemon Squeezy's events the ledger uses.
 
 Models ignore fields they do not name (Lemon Squeezy adds fields over time)
 and are strict about the ones they do: an id must be an integer, a time an
-ISO-8601 string with a zone, a status one of the documented values.
+ISO-8601 string with a zone, a status one of the documented values. A few
+shapes of Lemon Squeezy's earlier documentation are read as they meant:
+``"refunded": null`` is not refunded, and an invoice may lack ``customer_id``
+(its subscription says whose it is). ``data.id`` must be digits only for the
+resource types the ledger applies (:data:`APPLIED_TYPES`); another type's
+event is stored whatever its id looks like, and not applied.
 
 Two levels of failure:
 
@@ -24,7 +29,16 @@ import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 #: Lemon Squeezy's bodies are a few kilobytes; anything near this is hostile.
 MAX_BODY_BYTES = 1024 * 1024
@@ -38,6 +52,10 @@ MAX_QUANTITY = 10_000
 #: The columns the delivery is stored in (webhook_events.event_type, event_id).
 MAX_EVENT_NAME = 50
 MAX_WEBHOOK_ID = 100
+#: The ``data.type`` values the adapter applies; their ids are Lemon Squeezy's integers.
+APPLIED_TYPES = frozenset({"subscriptions", "subscription-invoices", "orders"})
+#: Digits (an applied type's id, at most 32 of them).
+_DIGITS = re.compile(r"[0-9]{1,32}")
 
 _STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 #: Escapes that decode to U+0000 or to a surrogate: only bodies with one need
@@ -146,10 +164,14 @@ class Meta(_Model):
 
 
 class Resource(_Model):
-    """A JSON:API resource object, as in the body's ``data`` and in the REST API."""
+    """A JSON:API resource object, as in the body's ``data`` and in the REST API.
+
+    Any printable id (no spaces, at most 100 characters) for a type the ledger
+    does not apply, so that a new kind of event is stored, not refused; digits
+    for the types it applies."""
 
     type: Annotated[str, Field(min_length=1, max_length=50)]
-    id: Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[0-9]+$")]
+    id: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[\x21-\x7e]+$")]
     attributes: dict[str, Any]
 
     @field_validator("id", mode="before")
@@ -157,6 +179,12 @@ class Resource(_Model):
     def _id_as_text(cls, value: Any) -> Any:
         # JSON:API ids are strings; accept a bare integer id too.
         return str(value) if type(value) is int and value > 0 else value
+
+    @model_validator(mode="after")
+    def _applied_ids_are_digits(self) -> Resource:
+        if self.type in APPLIED_TYPES and not _DIGITS.fullmatch(self.id):
+            raise ValueError(f"a {self.type} id must be 1 to 32 digits, got {self.id[:40]!r}")
+        return self
 
 
 class Envelope(_Model):
@@ -220,7 +248,14 @@ def parse_time(value: Any) -> datetime:
     return parsed.astimezone(UTC).replace(microsecond=0)
 
 
+def _null_is_false(value: Any) -> Any:
+    # Early documented order and invoice shapes carry "refunded": null.
+    return False if value is None else value
+
+
 Time = Annotated[datetime, BeforeValidator(parse_time)]
+#: ``refunded``: a JSON boolean, or null (not refunded).
+Refunded = Annotated[StrictBool, BeforeValidator(_null_is_false)]
 Id = Annotated[StrictInt, Field(ge=1, le=MAX_ID)]
 Cents = Annotated[StrictInt, Field(ge=0, le=MAX_CENTS)]
 
@@ -253,12 +288,13 @@ InvoiceStatus = Literal["pending", "paid", "void", "refunded", "partial_refund"]
 
 class InvoiceAttributes(_Model):
     subscription_id: Id
-    customer_id: Id
+    #: Absent from early documented invoices; the subscription names the user.
+    customer_id: Id | None = None
     billing_reason: Literal["initial", "renewal", "updated"]
     status: InvoiceStatus
     currency: Annotated[str, Field(min_length=3, max_length=3)] = "USD"
     total: Cents
-    refunded: StrictBool = False
+    refunded: Refunded = False
     refunded_amount: Cents = 0
     created_at: Time
     updated_at: Time
@@ -278,7 +314,7 @@ class OrderAttributes(_Model):
     status: OrderStatus
     currency: Annotated[str, Field(min_length=3, max_length=3)] = "USD"
     total: Cents
-    refunded: StrictBool = False
+    refunded: Refunded = False
     refunded_amount: Cents = 0
     first_order_item: OrderItem
     created_at: Time

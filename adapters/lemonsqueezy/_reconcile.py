@@ -1,11 +1,13 @@
 """Bringing the ledger in line with Lemon Squeezy when deliveries were lost
 (Lemon Squeezy gives up after its last retry).
 
-The reconciler fetches every subscription and the recent subscription
-invoices over the REST API and applies each exactly as the webhook that
-carries it would: a snapshot newer than the one applied is applied; a paid
-invoice never granted is granted (if its period has not ended); a refunded
-amount never seen claws back. Everything is keyed like the webhooks, so
+The reconciler fetches every subscription, the recent subscription
+invoices, and every refunded or partly refunded invoice however old (a
+refund's webhook may be lost long after the payment) over the REST API, and
+applies each exactly as the webhook that carries it would: a snapshot newer
+than the one applied is applied; a paid invoice never granted is granted (if
+its period has not ended); a refunded amount never seen claws back. Every
+list is bounded by ``max_pages``. Everything is keyed like the webhooks, so
 running it twice, or alongside the webhooks, changes nothing twice. Nothing
 is written to ``webhook_events``: these are not deliveries.
 
@@ -25,12 +27,17 @@ from ._client import DEFAULT_MAX_PAGES, LemonSqueezyClient
 from ._payloads import parse_time
 
 DEFAULT_SINCE_DAYS = 45
+#: The invoice statuses whose invoices are fetched whatever their age.
+REFUND_STATUSES = ("refunded", "partial_refund")
 
 
 @dataclass
 class ReconcileReport:
     subscriptions_seen: int = 0
+    #: Invoices checked: the recent ones and the refunded ones (each once).
     invoices_seen: int = 0
+    #: Of those, refunded or partly refunded invoices older than the window.
+    old_refunds_seen: int = 0
     #: What it changed in the ledger.
     changes: list[str] = field(default_factory=list)
     #: Objects it looked at and left as they were, with a reason worth reading.
@@ -65,19 +72,33 @@ class Reconciler:
 
     def run(self, echo: Callable[[str], None] | None = None) -> ReconcileReport:
         """Subscriptions first (invoices find their plan in the snapshots),
-        then the invoices created in the last ``since_days`` days."""
+        then the invoices created in the last ``since_days`` days, then the
+        refunded and partly refunded invoices of any age (``filter[status]``),
+        those already checked left out."""
         report = ReconcileReport()
         say = echo or (lambda _line: None)
         for resource in self.client.subscriptions(store_id=self.store_id, max_pages=self.max_pages):
             report.subscriptions_seen += 1
             self._one("subscription", resource, report, say)
         since = self.processor.ledger.clock.now() - timedelta(days=self.since_days)
+        checked: set[str] = set()
         for resource in self.client.subscription_invoices(store_id=self.store_id, max_pages=self.max_pages):
             created = _created_at(resource)
             if created is not None and created < since:
                 break  # newest first: the rest are older still
+            checked.add(str(resource.get("id")))
             report.invoices_seen += 1
             self._one("invoice", resource, report, say)
+        for status in REFUND_STATUSES:
+            pages = self.client.subscription_invoices(store_id=self.store_id, status=status, max_pages=self.max_pages)
+            for resource in pages:
+                key = str(resource.get("id"))
+                if key in checked:
+                    continue
+                checked.add(key)
+                report.invoices_seen += 1
+                report.old_refunds_seen += 1
+                self._one("invoice", resource, report, say)
         return report
 
     def _one(self, what: str, resource: dict[str, object], report: ReconcileReport, say: Callable[[str], None]) -> None:
