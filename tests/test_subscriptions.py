@@ -774,7 +774,9 @@ def test_cancelling_during_a_pause_keeps_the_plan_only_if_the_pause_was_free(
 def test_an_unknown_pause_mode_is_refused_and_records_nothing(billing: Ledger) -> None:
     user = uuid4()
     sid = start(billing, user, "pro")
-    error = refused(billing, user, sid, lambda k: billing.pause_subscription(sid, key=k, mode="gratis"), InvalidArgument)
+    error = refused(
+        billing, user, sid, lambda k: billing.pause_subscription(sid, key=k, mode="gratis"), InvalidArgument
+    )
     assert "pause mode must be void or free" in str(error)
 
 
