@@ -20,16 +20,19 @@ from ._subscriptions import (
     RENEWAL_WINDOW,
     BillingCycle,
     InvalidTransition,
+    PauseMode,
     Status,
     Subscription,
     SubscriptionExists,
     UnknownPlan,
     UnknownSubscription,
     add_cycle,
+    pause_mode_of,
     prorated,
     subscription_id_for,
 )
 from ._types import (
+    ADDED,
     MAX_LABEL_LENGTH,
     MAX_TEXT_LENGTH,
     Command,
@@ -300,7 +303,8 @@ def _status_change(change: str, to: Status, *allowed: Status) -> Any:
             "resume": "resumed",
         }
         target = s.status_before_cancel or to if change == "resume" else to
-        s.trigger_event(s.StatusChanged, change=names[change], status=str(target), timestamp=unit.now)
+        extra = {"pause_mode": str(self.mode)} if isinstance(self, PauseSubscription) else {}
+        s.trigger_event(s.StatusChanged, change=names[change], status=str(target), timestamp=unit.now, **extra)
         return _done(unit, self, s, 0)
 
     return apply
@@ -320,8 +324,17 @@ class RecoverSubscription(_OnSubscription):
 
 @dataclass(frozen=True)
 class PauseSubscription(_OnSubscription):
+    """Pauses an active subscription. ``mode``: ``void`` (default), no
+    service while paused, so the plan is not entitled; ``free``, the service
+    continues without payment, so the plan stays entitled."""
+
     name: ClassVar[str] = "pause_subscription"
+    mode: PauseMode = field(default=PauseMode.VOID, kw_only=True, metadata=ADDED)
     apply = _status_change("pause", Status.PAUSED, Status.ACTIVE)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "mode", pause_mode_of(self.mode))
 
 
 @dataclass(frozen=True)
@@ -433,12 +446,16 @@ class SyncSubscription(UnitCommand):
     source_updated_at: datetime = field(kw_only=True)
     external_id: str | None = field(default=None, kw_only=True)
     customer_id: str | None = field(default=None, kw_only=True)
+    #: For status ``paused``: ``void`` (no service: not entitled) or ``free``
+    #: (the service continues: the plan stays entitled).
+    pause_mode: PauseMode = field(default=PauseMode.VOID, kw_only=True, metadata=ADDED)
 
     def __post_init__(self) -> None:
         check_key(self.key)
         check_uuid(self.subscription_id, "subscription_id")
         check_uuid(self.user_id, "user_id")
         object.__setattr__(self, "billing_cycle", _cycle(self.billing_cycle))
+        object.__setattr__(self, "pause_mode", pause_mode_of(self.pause_mode))
         try:
             object.__setattr__(self, "status", Status(self.status))
         except ValueError:
@@ -506,6 +523,7 @@ class SyncSubscription(UnitCommand):
             trial_ends_at=self.trial_ends_at,
             cancel_at_period_end=self.cancel_at_period_end,
             source_updated_at=self.source_updated_at,
+            pause_mode=str(self.pause_mode) if self.status == Status.PAUSED else None,
             timestamp=unit.now,
         )
         slot = unit.slot(s.user_id)

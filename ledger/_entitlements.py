@@ -10,7 +10,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict
 
 from ._plans import FREE_PLAN, PlanTerms
-from ._subscriptions import Status, Subscription
+from ._subscriptions import PauseMode, Status, Subscription
 
 
 class _View(BaseModel):
@@ -105,13 +105,18 @@ def subscription_view(s: Subscription) -> SubscriptionView:
 
 def entitled(s: Subscription | None, now: datetime) -> bool:
     """Whether a subscription's plan applies at ``now``. Trialing, active, past
-    due (a grace while payment is retried) and cancelled-but-paid-up do; paused
-    and expired do not."""
-    if s is None or s.status in (Status.EXPIRED, Status.PAUSED):
+    due (a grace while payment is retried), paused in ``free`` mode (the
+    service continues unpaid) and cancelled-but-paid-up do; paused in ``void``
+    mode and expired do not."""
+    if s is None or s.status == Status.EXPIRED:
         return False
+    if s.status == Status.PAUSED:
+        return s.pause_mode == PauseMode.FREE
     if s.status == Status.CANCELLED:
-        # Paid up until the period ends, unless it was paused when cancelled.
-        return now < s.period_end and s.status_before_cancel != Status.PAUSED
+        # Paid up until the period ends, unless it was cancelled during a void
+        # pause (no service then, so none after).
+        void_paused = s.status_before_cancel == Status.PAUSED and s.pause_mode != PauseMode.FREE
+        return now < s.period_end and not void_paused
     return True
 
 

@@ -43,6 +43,7 @@ from ._subscriptions import (
     Subscription,
     UnknownPlan,
     UnknownSubscription,
+    pause_mode_of,
     slot_id_for,
 )
 from ._types import (
@@ -443,8 +444,11 @@ class Ledger:
     def resume_subscription(self, subscription_id: UUID, *, key: str) -> Receipt:
         return self.execute(ResumeSubscription(key=key, subscription_id=subscription_id))
 
-    def pause_subscription(self, subscription_id: UUID, *, key: str) -> Receipt:
-        return self.execute(PauseSubscription(key=key, subscription_id=subscription_id))
+    def pause_subscription(self, subscription_id: UUID, *, key: str, mode: str = "void") -> Receipt:
+        """Pauses an active subscription: ``mode="void"`` (no service: the
+        user is on the free tier until unpaused) or ``"free"`` (the service
+        continues unpaid: the plan stays entitled). No credits either way."""
+        return self.execute(PauseSubscription(key=key, subscription_id=subscription_id, mode=pause_mode_of(mode)))
 
     def unpause_subscription(self, subscription_id: UUID, *, key: str) -> Receipt:
         return self.execute(UnpauseSubscription(key=key, subscription_id=subscription_id))

@@ -75,6 +75,22 @@ class Status(StrEnum):
     EXPIRED = "expired"
 
 
+class PauseMode(StrEnum):
+    """What a pause does to the plan: ``void``, no service while paused (the
+    plan is not entitled); ``free``, the service continues without payment
+    (the plan stays entitled). No credits are granted in either."""
+
+    VOID = "void"
+    FREE = "free"
+
+
+def pause_mode_of(value: object) -> PauseMode:
+    try:
+        return PauseMode(str(value))
+    except ValueError:
+        raise InvalidArgument(f"pause mode must be void or free, got {value!r}") from None
+
+
 @dataclass(frozen=True)
 class CreditPolicy:
     """How subscription changes move credits.
@@ -167,6 +183,11 @@ class Subscription(Aggregate, created_event_name="Started"):
     paused and cancelled, to expired. Every change is one event."""
 
     TOPIC = f"{TOPIC_PREFIX}:Subscription"
+
+    #: The mode of the latest pause (void or free), consulted while paused and
+    #: when cancelled from a pause. A class default: subscriptions written
+    #: before pause modes existed (events and snapshots) read as ``void``.
+    pause_mode: str = PauseMode.VOID.value
 
     class Event(Aggregate.Event):
         TOPIC = f"{TOPIC_PREFIX}:Subscription.Event"
@@ -280,11 +301,14 @@ class Subscription(Aggregate, created_event_name="Started"):
         TOPIC = f"{TOPIC_PREFIX}:Subscription.StatusChanged"
         change: str
         status: str
+        #: For ``paused``: void or free. Added later; older events read None (void).
+        pause_mode: str | None = None
 
         def apply(self, s: Subscription) -> None:
             s.status = self.status
             if self.change == "paused":
                 s.paused_at = self.timestamp
+                s.pause_mode = self.pause_mode or PauseMode.VOID.value
             elif self.change == "unpaused":
                 s.paused_at = None
             elif self.change == "resumed":
@@ -322,9 +346,13 @@ class Subscription(Aggregate, created_event_name="Started"):
         trial_ends_at: datetime | None
         cancel_at_period_end: bool
         source_updated_at: datetime
+        #: For status ``paused``: void or free. Added later; older events read None (void).
+        pause_mode: str | None = None
 
         def apply(self, s: Subscription) -> None:
             s.status = self.status
+            if self.status == Status.PAUSED:
+                s.pause_mode = self.pause_mode or PauseMode.VOID.value
             s.period_start, s.period_end = self.period_start, self.period_end
             s.trial_ends_at = self.trial_ends_at
             s.cancel_at_period_end = self.cancel_at_period_end

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
 from functools import cached_property
+from types import MappingProxyType
 from typing import Any, ClassVar, Literal
 from uuid import UUID
 
@@ -109,6 +111,15 @@ def _json_default(value: Any) -> Any:
     return _canonical(value)
 
 
+#: ``field`` metadata of a keyword field added to a command in a later
+#: version, with the default that keeps the command's earlier meaning
+#: (``field(default=…, kw_only=True, metadata=ADDED)``): at its default it is
+#: left out of the fingerprint, so a key recorded before the field existed
+#: still replays instead of raising IdempotencyConflict.
+ADDED_FIELD = "pingvas.added_field"
+ADDED: Mapping[str, bool] = MappingProxyType({ADDED_FIELD: True})
+
+
 @dataclass(frozen=True)
 class Command:
     """A ledger command. ``key`` is the caller's idempotency key."""
@@ -124,7 +135,9 @@ class Command:
         body = {
             f.name: _canonical(getattr(self, f.name))
             for f in fields(self)
-            if f.name != "key" and f.name not in self.hints
+            if f.name != "key"
+            and f.name not in self.hints
+            and not (f.metadata.get(ADDED_FIELD) and getattr(self, f.name) == f.default)
         }
         text = json.dumps({"command": self.name, **body}, sort_keys=True, default=_json_default)
         return hashlib.sha256(text.encode()).hexdigest()

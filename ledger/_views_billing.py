@@ -11,7 +11,7 @@ from uuid import UUID, uuid5
 from ._domain import CreditAccount
 from ._entitlements import entitled
 from ._plans import FREE_PLAN, Plan, PlanTerms, plan_id_for
-from ._subscriptions import Status, Subscription
+from ._subscriptions import PauseMode, Status, Subscription
 from ._views import View
 from ._viewstore import ViewTx
 
@@ -247,6 +247,7 @@ class SubscriptionView(View):
             row["status"] = event.status
             if event.change == "paused":
                 row["paused_at"] = event.timestamp
+                row["_pause_mode"] = event.pause_mode or PauseMode.VOID.value
             elif event.change == "unpaused":
                 row["paused_at"] = None
             elif event.change == "resumed":
@@ -274,6 +275,8 @@ class SubscriptionView(View):
             )
             if event.status == Status.EXPIRED:
                 row["ended_at"] = event.timestamp
+            elif event.status == Status.PAUSED:
+                row["_pause_mode"] = event.pause_mode or PauseMode.VOID.value
             return _synced_change(before, event.status)
         return None
 
@@ -325,7 +328,13 @@ class SubscriptionView(View):
 
     @staticmethod
     def _sync_user(tx: ViewTx, row: dict[str, Any]) -> None:
-        live = row["status"] not in (Status.EXPIRED.value, Status.PAUSED.value)
+        paused = row["status"] == Status.PAUSED.value
+        if paused and "_pause_mode" not in row:
+            # The table keeps no pause mode: the batch that paused it, which
+            # knew the mode, set the user's tier.
+            return
+        free_pause = paused and row["_pause_mode"] == PauseMode.FREE.value
+        live = row["status"] != Status.EXPIRED.value and (not paused or free_pause)
         plan = row["_plan"] if live else FREE_PLAN.name
         storage = tx.fetchall("SELECT storage_bytes FROM plans WHERE name = %s", [plan]) if live else [(0,)]
         tx.execute(

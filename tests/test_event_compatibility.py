@@ -4,7 +4,8 @@ earlier version wrote still loads."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -14,8 +15,16 @@ from eventsourcing.domain import CanMutateAggregate
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.utils import register_topic
 
-from ledger import Ledger
+from ledger import (
+    BillingCycle,
+    Ledger,
+    PauseMode,
+    PauseSubscription,
+    SubscriptionStatus,
+    SyncSubscription,
+)
 from ledger._domain import CommandRecord, CreditAccount, Reservation
+from ledger._subscriptions import Subscription, slot_id_for
 
 FIXTURES = Path(__file__).parent / "fixtures"
 USER = UUID("00000000-0000-4000-8000-000000000001")
@@ -115,3 +124,110 @@ def test_an_event_that_changed_shape_is_upcast_on_load(ledger: Ledger) -> None:
     )
     (event,) = ledger.app.events.get(UUID(int=7))
     assert (event.text, event.author) == ("written by version 1", "unknown")  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------ fields added after version 0.1
+
+
+def _strip(state: bytes, *names: str) -> bytes:
+    """A stored state as a version without these fields wrote it."""
+    value = json.loads(state)
+    inner = value.get("state") if isinstance(value.get("state"), dict) else value  # a snapshot's aggregate state
+    for name in names:
+        assert name in inner, f"{name} is not in the state: the test would prove nothing"
+        del inner[name]
+    return json.dumps(value).encode()
+
+
+@pytest.mark.parametrize("with_snapshot", [False, True])
+def test_subscriptions_written_before_pause_modes_load_as_void_pauses(ledger: Ledger, with_snapshot: bool) -> None:
+    """StatusChanged and Synced gained ``pause_mode`` (default None: void),
+    Subscription its ``pause_mode`` attribute: what version 0.1 stored
+    (without them) still loads, as a void pause."""
+    ledger.install_default_catalog()
+    user = USER
+    sid = ledger.start_subscription(user, "pro", key="start").subscription_id
+    assert sid is not None
+    ledger.pause_subscription(sid, key="pause", mode="free")
+    assert ledger.entitlements(user).plan == "pro"
+    stored = list(ledger.app.recorder.select_events(sid))
+    old = [
+        StoredEvent(e.originator_id, e.originator_version, e.topic, _strip(e.state, "pause_mode"))
+        if e.topic == Subscription.StatusChanged.TOPIC
+        else e
+        for e in stored
+    ]
+    with Ledger("memory://", clock=ledger.clock) as other:
+        other.install_default_catalog()
+        other.app.recorder.insert_events([e for e in ledger.app.recorder.select_events(slot_id_for(user))])
+        if with_snapshot:
+            ledger.app.take_snapshot(sid)
+            (snapshot,) = ledger.app.snapshots.recorder.select_events(sid)  # type: ignore[union-attr]
+            assert other.app.snapshots is not None
+            other.app.snapshots.recorder.insert_events(
+                [StoredEvent(sid, snapshot.originator_version, snapshot.topic, _strip(snapshot.state, "pause_mode"))]
+            )
+        other.app.recorder.insert_events(old)
+        s = other.app.repository.get(sid)
+        assert isinstance(s, Subscription)
+        assert (s.status, s.pause_mode) == ("paused", "void")
+        assert other.entitlements(user).plan == "free"  # a 0.1 pause was void: no plan while paused
+
+
+def test_synced_events_written_before_pause_modes_load(ledger: Ledger) -> None:
+    ledger.install_default_catalog()
+    sid = UUID(int=42)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    ledger.execute(
+        SyncSubscription(
+            key="sync",
+            subscription_id=sid,
+            user_id=USER,
+            plan="pro",
+            billing_cycle=BillingCycle.MONTHLY,
+            status=SubscriptionStatus.PAUSED,
+            period_start=at,
+            period_end=at + timedelta(days=31),
+            source_updated_at=at,
+            pause_mode=PauseMode.FREE,
+        )
+    )
+    stored = [
+        StoredEvent(e.originator_id, e.originator_version, e.topic, _strip(e.state, "pause_mode"))
+        if e.topic == Subscription.Synced.TOPIC
+        else e
+        for e in ledger.app.recorder.select_events(sid)
+    ]
+    with Ledger("memory://", clock=ledger.clock) as other:
+        other.app.recorder.insert_events(stored)
+        (synced,) = [e for e in other.app.events.get(sid) if isinstance(e, Subscription.Synced)]
+        assert synced.pause_mode is None
+        s = other.app.repository.get(sid)
+        assert isinstance(s, Subscription) and s.pause_mode == "void"
+
+
+def test_commands_recorded_before_a_field_was_added_keep_their_fingerprint() -> None:
+    """PauseSubscription.mode and SyncSubscription.pause_mode came after keys
+    were recorded with these commands: at their default they leave the
+    fingerprint as version 0.1 computed it (the digests below), so a retried
+    key replays instead of raising IdempotencyConflict."""
+    sid, user = UUID("00000000-0000-4000-8000-0000000000aa"), UUID("00000000-0000-4000-8000-000000000001")
+    pause = PauseSubscription(key="k", subscription_id=sid)
+    assert pause.fingerprint == "99fa41197a1bcf3737266ae54b84761d3f6b247ad8e8f4a82fe6d4bc402e9f2c"
+    assert replace(pause, mode=PauseMode.FREE).fingerprint != pause.fingerprint
+    t, t2 = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 2, 1, tzinfo=UTC)
+    sync = SyncSubscription(
+        key="k",
+        subscription_id=sid,
+        user_id=user,
+        plan="pro",
+        billing_cycle=BillingCycle.MONTHLY,
+        status=SubscriptionStatus.PAUSED,
+        period_start=t,
+        period_end=t2,
+        source_updated_at=t,
+        external_id="880001",
+        customer_id="770001",
+    )
+    assert sync.fingerprint == "eee6515176cc96ae9295fdbefb8192eb919c690e3d43e917bb612c69d9b9f412"
+    assert replace(sync, pause_mode=PauseMode.FREE).fingerprint != sync.fingerprint

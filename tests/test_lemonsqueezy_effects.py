@@ -11,13 +11,21 @@ from uuid import UUID, uuid4
 import pytest
 
 from adapters.lemonsqueezy import IngestResult, LemonSqueezy, RefundPolicy
-from adapters.lemonsqueezy._state import Payment, ledger_subscription_id, payment_id
-from ledger import CreditPolicy, Ledger, ReserveCredits, SubscriptionView
+from adapters.lemonsqueezy._adapter import refunded_level
+from adapters.lemonsqueezy._state import (
+    Payment,
+    SubscriptionLink,
+    ledger_subscription_id,
+    payment_id,
+    subscription_link_id,
+)
+from ledger import CreditPolicy, Ledger, ReserveCredits, SubscriptionView, UnknownAccount
 from tests.lemonsqueezy_support import (
     R1,
     START,
     USER,
     Builder,
+    Delivery,
     StoryClock,
     adapter_for,
     headers_for,
@@ -72,16 +80,23 @@ def paid(adapter: LemonSqueezy, b: Builder | None = None, invoice: str = "550001
 
 
 @pytest.mark.parametrize(
-    ("ls_status", "extra", "status", "cancel_at_period_end"),
+    ("ls_status", "extra", "status", "cancel_at_period_end", "plan"),
     [
-        ("active", {}, "active", False),
-        ("on_trial", {"trial_ends_at": START + 14 * DAY}, "trialing", False),
-        ("paused", {"pause": {"mode": "void", "resumes_at": None}}, "paused", False),
-        ("paused", {"pause": {"mode": "free", "resumes_at": "2030-03-01T00:00:00.000000Z"}}, "paused", False),
-        ("past_due", {}, "past_due", False),
-        ("unpaid", {}, "past_due", False),
-        ("cancelled", {"cancelled": True, "ends_at": R1}, "cancelled", True),
-        ("expired", {"cancelled": True, "ends_at": R1}, "expired", False),
+        ("active", {}, "active", False, "starter"),
+        ("on_trial", {"trial_ends_at": START + 14 * DAY}, "trialing", False, "starter"),
+        # void: no service while paused; free: the service continues, unpaid.
+        ("paused", {"pause": {"mode": "void", "resumes_at": None}}, "paused", False, "free"),
+        (
+            "paused",
+            {"pause": {"mode": "free", "resumes_at": "2030-03-01T00:00:00.000000Z"}},
+            "paused",
+            False,
+            "starter",
+        ),
+        ("past_due", {}, "past_due", False, "starter"),
+        ("unpaid", {}, "past_due", False, "starter"),  # entitled until Lemon Squeezy cancels or expires it
+        ("cancelled", {"cancelled": True, "ends_at": R1}, "cancelled", True, "starter"),
+        ("expired", {"cancelled": True, "ends_at": R1}, "expired", False, "free"),
     ],
 )
 def test_status_mapping(
@@ -91,6 +106,7 @@ def test_status_mapping(
     extra: dict[str, Any],
     status: str,
     cancel_at_period_end: bool,
+    plan: str,
 ) -> None:
     renews = None if ls_status == "expired" else R1
     result = send(
@@ -105,6 +121,61 @@ def test_status_mapping(
     assert view.current_period_end == (START + 14 * DAY if ls_status == "on_trial" else R1)
     assert view.current_period_start == START  # one cycle before the end, never before creation
     assert (ledger.subscription_of(USER) is None) == (status == "expired")
+    entitled = ledger.entitlements(USER)
+    assert (entitled.plan, entitled.status) == (plan, "none" if status == "expired" else status)
+
+
+@pytest.mark.parametrize(("mode", "plan"), [("void", "free"), ("free", "starter")])
+def test_a_pause_is_recorded_as_paused_and_keeps_the_plan_only_when_free(
+    adapter: LemonSqueezy, ledger: Ledger, mode: str, plan: str
+) -> None:
+    b = Builder()
+    started(adapter, b)
+    paid(adapter, b)
+    pause = {"mode": mode, "resumes_at": None}
+    send(
+        adapter,
+        b.subscription_event("subscription_paused", updated=START + DAY, status="paused", renews_at=R1, pause=pause),
+    )
+    assert (subscription(ledger).status, ledger.entitlements(USER).plan) == ("paused", plan)
+    ledger.views.catch_up()
+    columns = ledger.views.store.columns("subscription_history")
+    rows = ledger.views.store.rows("subscription_history", "changed_at, id")
+    assert sorted(r[columns.index("change_type")] for r in rows) == ["created", "paused"]  # one clock time
+    assert ledger.balance(USER).balance_credits == 5000  # the pause granted and took nothing
+    send(adapter, b.subscription_event("subscription_unpaused", updated=START + 2 * DAY, renews_at=R1))
+    assert (subscription(ledger).status, ledger.entitlements(USER).plan) == ("active", "starter")
+
+
+def test_a_past_due_snapshot_keeps_the_period_its_renews_at_is_the_next_retry(
+    adapter: LemonSqueezy, ledger: Ledger
+) -> None:
+    b = Builder()
+    started(adapter, b)
+    # The renewal at R1 failed; Lemon Squeezy retries it, and each dunning
+    # snapshot's renews_at is the next charge attempt, days apart.
+    for day, retry in ((0, R1 + 3 * DAY), (3, R1 + 8 * DAY)):
+        result = send(
+            adapter,
+            b.subscription_event(
+                "subscription_updated", updated=R1 + day * DAY + SEC, status="past_due", renews_at=retry
+            ),
+        )
+        assert result.processing == "processed"
+        view = subscription(ledger)
+        assert (view.status, view.current_period_start, view.current_period_end) == ("past_due", START, R1)
+    unpaid = b.subscription_event("subscription_updated", updated=R1 + 14 * DAY, status="unpaid", renews_at=None)
+    send(adapter, unpaid)
+    view = subscription(ledger)
+    assert (view.status, view.current_period_start, view.current_period_end) == ("past_due", START, R1)
+    assert ledger.entitlements(USER).plan == "starter"  # until Lemon Squeezy sends cancelled or expired
+    link = ledger.app.repository.get(subscription_link_id("880001"))
+    assert isinstance(link, SubscriptionLink)
+    assert {e.period_end for e in link.entries()} == {R1}  # the timeline, too, keeps the period
+    recovered = R1 + 15 * DAY  # a payment method updated, the charge made
+    send(adapter, b.subscription_event("subscription_updated", updated=recovered, renews_at=R1 + 28 * DAY))
+    view = subscription(ledger)
+    assert (view.status, view.current_period_start, view.current_period_end) == ("active", R1, R1 + 28 * DAY)
 
 
 def test_a_yearly_variant_is_a_yearly_cycle(adapter: LemonSqueezy, ledger: Ledger) -> None:
@@ -314,6 +385,83 @@ def test_a_later_proration_invoice_that_is_no_plan_change_grants_nothing(adapter
     assert granted == [10000]  # the upgrade, once
 
 
+@pytest.mark.parametrize(
+    "order",
+    [
+        "change invoice first",
+        "quantity invoice first",
+        # The quantity invoice, and its snapshot, before the plan change's snapshot:
+        # the run of pro snapshots begins later on the timeline until the change's arrives.
+        "quantity invoice before the change's snapshot",
+    ],
+)
+def test_one_plan_change_is_credited_once_whatever_invoices_prorate_it(
+    adapter: LemonSqueezy, ledger: Ledger, clock: StoryClock, order: str
+) -> None:
+    b = Builder()
+    started(adapter, b)
+    change = START + 2 * DAY
+    quantity = change + 20 * 60 * SEC  # a quantity change on pro, prorated by another "updated" invoice
+    change_snapshot = b.subscription_event("subscription_updated", updated=change, variant="2001", renews_at=R1)
+    quantity_snapshot = b.subscription_event("subscription_updated", updated=quantity, variant="2001", renews_at=R1)
+    change_invoice = b.invoice_event(
+        "subscription_payment_success",
+        "550009",
+        reason="updated",
+        status="paid",
+        created=change + SEC,
+        updated=change + 2 * SEC,
+        total=1000,
+    )
+    quantity_invoice = b.invoice_event(
+        "subscription_payment_success",
+        "550010",
+        reason="updated",
+        status="paid",
+        created=quantity + SEC,
+        updated=quantity + 2 * SEC,
+        total=300,
+    )
+    clock.set(quantity + 5 * SEC)
+    deliveries = {
+        "change invoice first": [change_snapshot, quantity_snapshot, change_invoice, quantity_invoice],
+        "quantity invoice first": [change_snapshot, quantity_snapshot, quantity_invoice, change_invoice],
+        "quantity invoice before the change's snapshot": [
+            quantity_snapshot,
+            quantity_invoice,
+            change_snapshot,
+            change_invoice,
+        ],
+    }[order]
+    results = [send(adapter, body) for body in deliveries]
+    assert all(r.processing == "processed" for r in results), results
+    assert "was credited by invoice" in results[-1].reason
+    for body in (change_invoice, quantity_invoice):  # re-sent, and retried: still once
+        send(adapter, Delivery(START, "subscription_payment_success", body).resent("dashboard").body)
+    adapter.retry_failed()
+    granted = [e.data["amount"] for e in ledger.history(USER) if e.type == "granted"]
+    assert granted == [10000]  # starter -> pro, once
+    payments = [ledger.app.repository.get(payment_id("invoice", i)) for i in ("550009", "550010")]
+    assert sorted(p.granted for p in payments if isinstance(p, Payment)) == [0, 10000]
+    link = ledger.app.repository.get(subscription_link_id("880001"))
+    assert isinstance(link, SubscriptionLink)
+    (credited,) = link.credited_changes()
+    assert (credited.from_variant, credited.to_variant) == ("1001", "2001")
+
+
+def test_a_second_plan_change_is_credited_on_its_own(adapter: LemonSqueezy, ledger: Ledger, clock: StoryClock) -> None:
+    """Starter -> pro -> studio within the hour: two changes, each credited once."""
+    b = Builder()
+    started(adapter, b)
+    to_pro, to_studio = START + 2 * DAY, START + 2 * DAY + 30 * 60 * SEC
+    clock.set(to_studio + 5 * SEC)
+    for at, variant, invoice in ((to_pro, "2001", "550009"), (to_studio, "3001", "550010")):
+        send(adapter, b.subscription_event("subscription_updated", updated=at, variant=variant, renews_at=R1))
+        paid(adapter, b, invoice, reason="updated", created=at + SEC, updated=at + 2 * SEC)
+    granted = [e.data["amount"] for e in ledger.history(USER) if e.type == "granted"]
+    assert granted == [10000, 15000]  # 5,000 -> 15,000 -> 30,000 credits a month
+
+
 def test_a_downgrade_invoice_grants_nothing(adapter: LemonSqueezy, ledger: Ledger) -> None:
     b = Builder()
     send(adapter, b.subscription_event("subscription_created", updated=START, variant="3001", renews_at=R1))
@@ -384,6 +532,81 @@ def test_partial_refunds_claw_back_only_the_change(adapter: LemonSqueezy, ledger
     assert (payment.granted, payment.refunded_seen, payment.clawed, payment.shortfall) == (5000, 2500, 5000, 0)
     refunds = [e.data["amount"] for e in ledger.history(USER) if e.type == "debited"]
     assert refunds == [2000, 1000, 2000]
+
+
+def test_a_partial_refund_flagged_refunded_claws_back_only_its_share(adapter: LemonSqueezy, ledger: Ledger) -> None:
+    """``refunded`` is true after any refund; status partial_refund and
+    refunded_amount say how much: 1,000 of 2,500 is 2/5 of the credits."""
+    b = Builder()
+    started(adapter, b)
+    paid(adapter, b)  # 5,000 credits for 2,500 cents
+
+    def refund(status: str, amount: int, updated: datetime) -> IngestResult:
+        body = b.invoice_event(
+            "subscription_payment_refunded",
+            "550001",
+            reason="initial",
+            status=status,
+            created=START + SEC,
+            updated=updated,
+            total=2500,
+            refunded_amount=amount,
+            refunded=True,
+        )
+        return send(adapter, body)
+
+    refund("partial_refund", 1000, START + DAY)
+    assert ledger.balance(USER).balance_credits == 3000
+    refund("refunded", 2500, START + 2 * DAY)
+    assert ledger.balance(USER).balance_credits == 0
+    refunds = [e.data["amount"] for e in ledger.history(USER) if e.type == "debited"]
+    assert refunds == [2000, 3000]
+
+
+@pytest.mark.parametrize(
+    ("status", "refunded", "amount", "total", "level"),
+    [
+        ("paid", False, 0, 2500, 0),
+        ("paid", False, 100, 2500, 100),  # the docs' example: a partial refund leaves status paid
+        ("partial_refund", True, 1000, 2500, 1000),
+        ("partial_refund", False, 1000, 2500, 1000),
+        ("refunded", True, 2500, 2500, 2500),
+        ("refunded", True, 0, 2500, 2500),  # a full refund is the whole total, whatever the amount says
+        ("paid", True, 2500, 2500, 2500),
+        ("refunded", True, 0, 0, 1),  # a free order: 1, so that its credits come back too
+    ],
+)
+def test_refunded_level(status: str, refunded: bool, amount: int, total: int, level: int) -> None:
+    assert refunded_level(status, refunded, amount, total) == level
+
+
+def test_a_pack_order_before_the_pack_is_configured_fails_and_is_granted_once_configured(ledger: Ledger) -> None:
+    b = Builder()
+    unconfigured = adapter_for(ledger, credit_packs={})
+    body = b.order_event("order_created", "660002", variant="9001", total=1000, at=START)
+    first = send(unconfigured, body)
+    assert first.processing == "failed"
+    assert first.reason.startswith("UnconfiguredPack: paid order 660002: variant 9001 is not a configured credit pack")
+    assert unconfigured.retry_failed().failed == 1  # still not configured: still failed, nothing recorded
+    with pytest.raises(UnknownAccount):
+        ledger.balance(USER)
+    configured = adapter_for(ledger)  # the operator configures the pack; the cron retries
+    assert configured.retry_failed().processed == 1
+    assert ledger.balance(USER).balance_credits == 1000
+    resent = send(configured, Delivery(START, "order_created", body).resent("dashboard").body)
+    assert resent.reason == "this order was applied before; nothing changed"
+    assert ledger.balance(USER).balance_credits == 1000
+
+
+def test_a_pack_order_resent_after_configuring_the_pack_is_granted_once(ledger: Ledger) -> None:
+    b = Builder()
+    body = b.order_event("order_created", "660002", variant="9001", total=1000, at=START)
+    assert send(adapter_for(ledger, credit_packs={}), body).processing == "failed"
+    configured = adapter_for(ledger)
+    for salt in ("dashboard", "again"):
+        send(configured, Delivery(START, "order_created", body).resent(salt).body)
+    assert ledger.balance(USER).balance_credits == 1000
+    assert [e.data["amount"] for e in ledger.history(USER) if e.type == "granted"] == [1000]
 
 
 def test_a_refund_never_takes_held_credits_and_records_the_shortfall(adapter: LemonSqueezy, ledger: Ledger) -> None:
@@ -459,9 +682,11 @@ def test_the_order_that_starts_a_subscription_grants_nothing(adapter: LemonSquee
     b = Builder()
     result = send(adapter, b.order_event("order_created", "660001", variant="1001", total=2500, at=START))
     assert result.reason == "a subscription's checkout order: its invoices grant the credits"
-    other = send(adapter, b.order_event("order_created", "660005", variant="777", total=100, at=START))
-    assert other.reason == "variant 777 is not a configured credit pack; nothing granted"
-    with pytest.raises(Exception, match="no credit account"):
+    pending = send(
+        adapter, b.order_event("order_created", "660005", variant="777", total=100, at=START, status="pending")
+    )
+    assert pending.reason == "variant 777 is not a configured credit pack; nothing granted"  # not paid: nothing owed
+    with pytest.raises(UnknownAccount):
         ledger.balance(USER)
 
 

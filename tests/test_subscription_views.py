@@ -358,6 +358,9 @@ def test_users_tier_and_storage_follow_when_the_host_opts_in(ledger_url: str, cl
         ledger.pause_subscription(sid, key="pause")
         assert tier() == ("free", 0)
         ledger.unpause_subscription(sid, key="unpause")
+        ledger.pause_subscription(sid, key="pause-free", mode="free")  # the service continues, unpaid
+        assert tier() == ("studio", 200 * GiB)
+        ledger.unpause_subscription(sid, key="unpause-free")
         ledger.mark_past_due(sid, key="past-due")
         assert tier() == ("studio", 200 * GiB)
         ledger.recover_subscription(sid, key="recover")

@@ -742,6 +742,44 @@ def test_cancelling_a_paused_subscription_does_not_restore_the_plan(billing: Led
     assert billing.entitlements(user).plan == "free"
 
 
+@pytest.mark.parametrize(("mode", "plan"), [("void", "free"), ("free", "pro")])
+def test_a_free_pause_keeps_the_plan_and_a_void_pause_does_not(billing: Ledger, mode: str, plan: str) -> None:
+    user = uuid4()
+    sid = start(billing, user, "pro")
+    before = billing.balance(user).balance_credits
+    receipt = billing.pause_subscription(sid, key="pause", mode=mode)
+    assert receipt.amount_credits == 0  # a pause moves no credits, whatever its mode
+    e = billing.entitlements(user)
+    assert (billing.subscription(sid).status, e.status, e.plan) == ("paused", "paused", plan)
+    assert billing.balance(user).balance_credits == before
+    billing.unpause_subscription(sid, key="unpause")
+    assert billing.entitlements(user).plan == "pro"
+    billing.pause_subscription(sid, key="pause-again")  # the default: void, whatever the pause before was
+    assert billing.entitlements(user).plan == "free"
+
+
+@pytest.mark.parametrize(("mode", "plan"), [("void", "free"), ("free", "pro")])
+def test_cancelling_during_a_pause_keeps_the_plan_only_if_the_pause_was_free(
+    billing: Ledger, clock: ManualClock, mode: str, plan: str
+) -> None:
+    user = uuid4()
+    sid = start(billing, user, "pro")
+    billing.pause_subscription(sid, key="pause", mode=mode)
+    billing.cancel_subscription(sid, key="cancel")
+    assert billing.entitlements(user).plan == plan  # the service a free pause kept runs to the period's end
+    clock.set(FEB_1)
+    assert billing.entitlements(user).plan == "free"
+
+
+def test_an_unknown_pause_mode_is_refused_and_records_nothing(billing: Ledger) -> None:
+    user = uuid4()
+    sid = start(billing, user, "pro")
+    error = refused(
+        billing, user, sid, lambda k: billing.pause_subscription(sid, key=k, mode="gratis"), InvalidArgument
+    )
+    assert "pause mode must be void or free" in str(error)
+
+
 def test_activation_at_the_start_instant_grants_the_paid_period(billing: Ledger) -> None:
     user = uuid4()
     sid = start(billing, user, "starter", trial_days=7)

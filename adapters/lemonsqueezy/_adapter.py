@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ledger import ConfigurationError, InvalidArgument, Ledger, LedgerError, Receipt
 from ledger._plans import Plan
-from ledger._subscriptions import BillingCycle, Status
+from ledger._subscriptions import BillingCycle, PauseMode, Status
 from ledger._types import MAX_CREDITS
 
 from ._batching import GroupCommit
@@ -148,7 +148,11 @@ def load_catalog(ledger: Ledger) -> Catalog:
 def snapshot_period(a: SubscriptionAttributes, cycle: BillingCycle) -> tuple[Status, Any, Any, Any, bool]:
     """(status, period_start, period_end, trial_ends_at, cancel_at_period_end)
     of a snapshot. The payload has no period start: it is one billing cycle
-    before the period end, and never before the subscription was created."""
+    before the period end, and never before the subscription was created.
+
+    For past_due and unpaid, ``renews_at`` is the next charge attempt, not
+    the period's end: ApplySubscription keeps the period of the subscription
+    as last applied, and uses this one only for a subscription never seen."""
     status = STATUS_MAP[a.status]
     if a.status == "on_trial":
         end = a.trial_ends_at or a.renews_at or a.updated_at
@@ -163,10 +167,13 @@ def snapshot_period(a: SubscriptionAttributes, cycle: BillingCycle) -> tuple[Sta
     return status, start, end, a.trial_ends_at, cancel
 
 
-def refunded_level(refunded: bool, refunded_amount: int, total: int) -> int:
-    """The refunded amount, with a full refund counting as the whole total
-    (and as 1 for a free order, so that its credits are clawed back too)."""
-    if refunded:
+def refunded_level(status: str, refunded: bool, refunded_amount: int, total: int) -> int:
+    """The refunded amount. A full refund (status ``refunded``, or a
+    ``refunded`` flag with ``refunded_amount`` reaching the total) counts as
+    the whole total, and as 1 for a free order, so that its credits are
+    clawed back too. Anything else, ``partial_refund`` with the flag set
+    included, is ``refunded_amount``."""
+    if status == "refunded" or (refunded and refunded_amount >= total):
         return max(refunded_amount, total, 1)
     return refunded_amount
 
@@ -372,10 +379,13 @@ class Processor:
         _, cycle = self._variant(variant)
         status, start, end, trial, cancel = snapshot_period(a, cycle)
         user = custom_user(envelope)
+        pause = PauseMode(a.pause.mode) if a.status == "paused" and a.pause is not None else PauseMode.VOID
         fields: dict[str, Any] = {"variant": variant, "status": a.status, "start": start, "end": end}
         fields.update(
             {"trial": trial, "cancel": cancel, "updated": a.updated_at, "user": user, "customer": a.customer_id}
         )
+        if pause != PauseMode.VOID:  # absent when void: the keys recorded before modes existed
+            fields["pause"] = str(pause)
         receipt, command = self._execute(
             lambda catalog: ApplySubscription(
                 key=content_key("subscription", envelope.data.id, fields),
@@ -389,6 +399,7 @@ class Processor:
                 cancel_at_period_end=cancel,
                 source_updated_at=a.updated_at,
                 custom_user=user,
+                pause_mode=pause,
                 catalog=catalog,
             )
         )
@@ -397,7 +408,7 @@ class Processor:
 
     def _invoice(self, envelope: Envelope, a: InvoiceAttributes) -> Outcome:
         failed = envelope.meta.event_name == "subscription_payment_failed"
-        refunded = refunded_level(a.refunded, a.refunded_amount, a.total)
+        refunded = refunded_level(a.status, a.refunded, a.refunded_amount, a.total)
         user = custom_user(envelope)
         fields: dict[str, Any] = {"status": a.status, "reason": a.billing_reason, "total": a.total}
         fields.update({"refunded": refunded, "failed": failed, "created": a.created_at, "updated": a.updated_at})
@@ -430,10 +441,14 @@ class Processor:
         variant = str(a.first_order_item.variant_id)
         pack = self.credit_packs.get(variant)
         plan_variant = pack is None and (self._catalog.find(variant) or self.refresh_catalog().find(variant))
-        refunded = refunded_level(a.refunded, a.refunded_amount, a.total)
+        refunded = refunded_level(a.status, a.refunded, a.refunded_amount, a.total)
         user = custom_user(envelope)
         fields: dict[str, Any] = {"status": a.status, "variant": variant, "quantity": a.first_order_item.quantity}
         fields.update({"total": a.total, "refunded": refunded, "user": user, "customer": a.customer_id})
+        if pack is not None:
+            # The configuration decides the effect: an order recorded before its
+            # pack was configured is applied anew when re-sent after.
+            fields["pack"] = pack
         receipt, command = self._execute(
             lambda _catalog: ApplyOrder(
                 key=content_key("order", envelope.data.id, fields),

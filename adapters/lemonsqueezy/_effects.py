@@ -34,6 +34,7 @@ from ledger._domain import CommandRecord, CreditAccount, account_id_for, entry_i
 from ledger._plans import Plan, plan_id_for
 from ledger._subscriptions import (
     BillingCycle,
+    PauseMode,
     Status,
     Subscription,
     SubscriptionExists,
@@ -41,9 +42,10 @@ from ledger._subscriptions import (
     prorated,
     slot_id_for,
 )
-from ledger._types import MAX_CREDITS, CreditKind
+from ledger._types import ADDED, MAX_CREDITS, CreditKind
 
 from ._state import (
+    Credited,
     CustomerLink,
     Payment,
     Seen,
@@ -73,9 +75,13 @@ PAID_STATUSES = frozenset({"paid", "refunded", "partial_refund"})
 STATUS_MAP: dict[str, Status] = {
     "on_trial": Status.TRIALING,
     "active": Status.ACTIVE,
-    "paused": Status.PAUSED,  # pause.mode void (no payment collected) and free (service continues) alike
+    # pause.mode void (no service) and free (the service continues, unpaid) are both
+    # paused; the mode goes with it (SyncSubscription.pause_mode): a free pause keeps the plan.
+    "paused": Status.PAUSED,
+    # renews_at is the next charge attempt, not a period end: the period is kept (ApplySubscription).
     "past_due": Status.PAST_DUE,
-    "unpaid": Status.PAST_DUE,  # dunning gave up; Lemon Squeezy's dunning rules expire it later
+    # dunning gave up: still entitled (a grace) until Lemon Squeezy sends cancelled or expired.
+    "unpaid": Status.PAST_DUE,
     "cancelled": Status.CANCELLED,  # grace period until ends_at
     "expired": Status.EXPIRED,
 }
@@ -98,6 +104,20 @@ class UnknownVariant(LedgerError):
         super().__init__(
             f"variant {variant_id} is not in the plan catalog (lemon_squeezy_variant_id_monthly/_yearly) "
             "nor a configured credit pack"
+        )
+
+
+class UnconfiguredPack(LedgerError):
+    """A paid order of a variant that is neither a configured credit pack
+    nor a plan's: it fails (nothing recorded) so that ``webhooks retry``
+    applies it once the pack is configured, instead of recording it as done."""
+
+    def __init__(self, order_id: str, variant_id: str) -> None:
+        self.order_id = order_id
+        self.variant_id = variant_id
+        super().__init__(
+            f"paid order {order_id}: variant {variant_id} is not a configured credit pack nor a plan's variant; "
+            "nothing granted or recorded (configure the pack, then `webhooks retry` applies it)"
         )
 
 
@@ -334,9 +354,10 @@ def record_grant(
     plan: str | None,
     description: str,
     report: Report,
-) -> None:
+) -> int:
     """Grants a payment's credits once (keyed by the payment), unless the
-    period they are for is already over when the payment is processed."""
+    period they are for is already over when the payment is processed.
+    Returns the credits granted."""
     note = None
     granted = 0
     amount = min(amount, MAX_CREDITS)
@@ -358,6 +379,7 @@ def record_grant(
         Payment.Granted, credits=granted, key=key, plan=plan, expires_at=expires_at, note=note, timestamp=unit.now
     )
     report.granted += granted
+    return granted
 
 
 # ------------------------------------------------------------------ snapshots
@@ -380,6 +402,8 @@ class ApplySubscription(UnitCommand):
     cancel_at_period_end: bool = field(kw_only=True)
     source_updated_at: datetime = field(kw_only=True)
     custom_user: UUID | None = field(kw_only=True)
+    #: ``pause.mode`` of a paused snapshot (void or free).
+    pause_mode: PauseMode = field(default=PauseMode.VOID, kw_only=True, metadata=ADDED)
     catalog: Catalog = field(default=Catalog(), kw_only=True, compare=False)
     report: Report = field(default_factory=Report, kw_only=True, compare=False)
 
@@ -406,8 +430,13 @@ class ApplySubscription(UnitCommand):
             )
             unit.add(link)
         learn_customer(loaded, self.customer_id, user)
-        link.see(self.source_updated_at, self.variant_id, self.period_end, unit.now)
         before = loaded.get(sid, Subscription)
+        start, end = self.period_start, self.period_end
+        if self.status == Status.PAST_DUE and before is not None:
+            # A dunning snapshot's renews_at is the next charge attempt, not the
+            # period's end: the period stays the one last applied.
+            start, end = before.period_start, before.period_end
+        link.see(self.source_updated_at, self.variant_id, end, unit.now)
         last = before.source_updated_at if before is not None else None
         self.report.applied = last is None or self.source_updated_at > last
         if not self.report.applied:
@@ -419,13 +448,14 @@ class ApplySubscription(UnitCommand):
             plan=plan.terms.name,
             billing_cycle=cycle,
             status=self.status,
-            period_start=self.period_start,
-            period_end=self.period_end,
+            period_start=start,
+            period_end=end,
             trial_ends_at=self.trial_ends_at,
             cancel_at_period_end=self.cancel_at_period_end,
             source_updated_at=self.source_updated_at,
             external_id=self.ls_subscription_id,
             customer_id=self.customer_id,
+            pause_mode=self.pause_mode,
         )
         if not loaded.recorded(sync.key):
             try:
@@ -438,7 +468,7 @@ class ApplySubscription(UnitCommand):
         return unit.finish(self, user, amount=0, subscription_id=sid)
 
     def _fields(self) -> dict[str, Any]:
-        return {
+        fields = {
             "variant": self.variant_id,
             "status": str(self.status),
             "start": self.period_start,
@@ -447,6 +477,9 @@ class ApplySubscription(UnitCommand):
             "cancel": self.cancel_at_period_end,
             "updated": self.source_updated_at,
         }
+        if self.pause_mode != PauseMode.VOID:  # absent when void: the keys recorded before modes existed
+            fields["pause"] = str(self.pause_mode)
+        return fields
 
 
 # ------------------------------------------------------------------- invoices
@@ -514,8 +547,9 @@ class ApplyInvoice(UnitCommand):
         plan, cycle = plan_for(unit, self.catalog, entry.variant_id)
         terms = plan.terms
         key = grant_key("invoice", self.invoice_id)
+        change: Credited | None = None
         if self.billing_reason == "updated":
-            amount, period_end = self._upgrade(unit, entries, entry, plan, cycle)
+            amount, period_end, change = self._upgrade(unit, link, entries, entry, plan, cycle)
             kind = CreditKind.SUBSCRIPTION_GRANT
             what = f"plan change to {terms.display_name}"
         else:
@@ -523,7 +557,7 @@ class ApplyInvoice(UnitCommand):
             kind = CreditKind.SUBSCRIPTION_GRANT if self.billing_reason == "initial" else CreditKind.SUBSCRIPTION_RENEW
             what = f"{terms.display_name} plan, {self.billing_reason}"
         expires_at = None if unit.policy.expiry == "rollover" else period_end
-        record_grant(
+        granted = record_grant(
             unit,
             payment,
             amount=amount,
@@ -534,6 +568,8 @@ class ApplyInvoice(UnitCommand):
             description=f"{what} (Lemon Squeezy invoice {self.invoice_id})",
             report=self.report,
         )
+        if change is not None and granted > 0:
+            link.credit_upgrade(change, unit.now)
 
     def _entry(self, entries: list[Seen], now: datetime) -> Seen:
         """The snapshot describing the subscription when the invoice was
@@ -568,13 +604,15 @@ class ApplyInvoice(UnitCommand):
         return min(credits, max(0, cap - unspent))
 
     def _upgrade(
-        self, unit: _Unit, entries: list[Seen], entry: Seen, new: Plan, cycle: BillingCycle
-    ) -> tuple[int, datetime]:
-        """What a plan-change invoice grants: the ledger's upgrade policy
-        applied to the plans before and after the change. The change is where
-        the subscription's run of the new variant begins on the timeline; it
-        must be near the invoice, or the invoice prorates something else (a
-        quantity change) and grants nothing."""
+        self, unit: _Unit, link: SubscriptionLink, entries: list[Seen], entry: Seen, new: Plan, cycle: BillingCycle
+    ) -> tuple[int, datetime, Credited | None]:
+        """What a plan-change invoice grants, and the change it credits: the
+        ledger's upgrade policy applied to the plans before and after the
+        change. The change is where the subscription's run of the new variant
+        begins on the timeline; it must be near the invoice, or the invoice
+        prorates something else (a quantity change) and grants nothing. A
+        change is credited once: another invoice near it (a quantity change
+        within the hour, in either order) grants nothing."""
         period_end = entry.period_end
         if period_end is None or period_end <= self.created_at:
             period_end = add_cycle(self.created_at, cycle)
@@ -589,20 +627,44 @@ class ApplyInvoice(UnitCommand):
             )
         if start == 0:
             self.report.notes.append("no earlier plan of the subscription is known; nothing granted for the change")
-            return 0, period_end
+            return 0, period_end, None
         if abs(before[start].updated_at - self.created_at) > CHANGE_WINDOW:
             self.report.notes.append("no plan change near this invoice; nothing granted")
-            return 0, period_end
+            return 0, period_end, None
+        credited = self._credited(link, entries, start)
+        if credited is not None:
+            self.report.notes.append(
+                f"the plan change at {credited.change_at.isoformat()} was credited by invoice "
+                f"{credited.invoice_id}; nothing granted"
+            )
+            return 0, period_end, None
         old, _ = plan_for(unit, self.catalog, before[start - 1].variant_id)
         if new.terms.tier_level <= old.terms.tier_level:
             self.report.notes.append(f"{old.terms.name} -> {new.terms.name} is not an upgrade; nothing granted")
-            return 0, period_end
+            return 0, period_end, None
         difference = max(0, new.terms.credits - old.terms.credits)
         if unit.policy.upgrade == "prorated":
             difference = prorated(difference, self.created_at, minus_cycle(period_end, cycle), period_end)
         elif unit.policy.upgrade == "none":
             difference = 0
-        return difference, period_end
+        change = Credited(before[start].updated_at, before[start - 1].variant_id, entry.variant_id, self.invoice_id)
+        return difference, period_end, change
+
+    @staticmethod
+    def _credited(link: SubscriptionLink, entries: list[Seen], start: int) -> Credited | None:
+        """The credited change within the run of snapshots of one variant that
+        begins at ``entries[start]``, if any. A run, not one time: a snapshot of
+        the change that arrives after a later one of the same variant moves the
+        run's first time, and must not make the change look new."""
+        variant = entries[start].variant_id
+        end = start
+        while end + 1 < len(entries) and entries[end + 1].variant_id == variant:
+            end += 1
+        first, last = entries[start].updated_at, entries[end].updated_at
+        for credited in link.credited_changes():
+            if credited.to_variant == variant and first <= credited.change_at <= last:
+                return credited
+        return None
 
     # -- a failed payment --------------------------------------------------------
 
@@ -642,8 +704,9 @@ class ApplyInvoice(UnitCommand):
 @dataclass(frozen=True)
 class ApplyOrder(UnitCommand):
     """An order: a credit pack (a one-time variant configured as one) grants
-    its credits once when paid and is clawed back when refunded; any other
-    order (the checkout that starts a subscription) moves no credits."""
+    its credits once when paid and is clawed back when refunded; the order
+    of a plan variant (the checkout that starts a subscription) moves no
+    credits; a paid order of any other variant raises UnconfiguredPack."""
 
     name: ClassVar[str] = "lemonsqueezy_order"
     hints: ClassVar[frozenset[str]] = frozenset({"pack_credits", "plan_variant", "refund_policy", "report"})
@@ -696,6 +759,8 @@ class ApplyOrder(UnitCommand):
         return unit.finish(self, user, amount=self.report.granted - self.report.clawed)
 
     def _not_a_pack(self, unit: _Unit) -> Receipt:
+        if not self.plan_variant and self.status in PAID_STATUSES:
+            raise UnconfiguredPack(self.order_id, self.variant_id)
         if self.custom_user is not None:
             learn_customer(Loaded(unit, [customer_link_id(self.customer_id)]), self.customer_id, self.custom_user)
         if self.plan_variant:

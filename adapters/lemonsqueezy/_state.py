@@ -6,7 +6,9 @@ credits and subscriptions it explains.
   was first seen with.
 * :class:`SubscriptionLink`: a Lemon Squeezy subscription: its user, its
   customer, and a timeline of every snapshot seen (time, variant, period end),
-  in any order of arrival. Invoices find the plan they paid for in it.
+  in any order of arrival. Invoices find the plan they paid for in it. It
+  also records each plan change an invoice credited (an upgrade is credited
+  once, whatever invoices prorate it).
 * :class:`Payment`: one invoice or order that moved credits: what it granted,
   the refunded amount last seen, what was clawed back and what could not be.
 
@@ -75,8 +77,25 @@ class Seen:
     period_end: datetime | None
 
 
+@dataclass(frozen=True)
+class Credited:
+    """A plan change an invoice credited: when the change was seen on the
+    timeline (the first snapshot of the new variant), from and to which
+    variant, and by which invoice."""
+
+    change_at: datetime
+    from_variant: str
+    to_variant: str
+    invoice_id: str
+
+
 class SubscriptionLink(Aggregate, created_event_name="Linked"):
     TOPIC = f"{_T}:SubscriptionLink"
+
+    #: [change_at, from_variant, to_variant, invoice_id] of each credited plan
+    #: change. A class default, replaced (never mutated) by UpgradeCredited:
+    #: links saved before it existed (events and snapshots) have credited none.
+    credited: tuple[Any, ...] = ()
 
     class Event(Aggregate.Event):
         TOPIC = f"{_T}:SubscriptionLink.Event"
@@ -115,6 +134,32 @@ class SubscriptionLink(Aggregate, created_event_name="Linked"):
 
     def entries(self) -> list[Seen]:
         return [Seen(e[0], e[1], e[2]) for e in self.timeline]
+
+    class UpgradeCredited(Event):
+        """An invoice granted the credits of a plan change: no other invoice does."""
+
+        TOPIC = f"{_T}:SubscriptionLink.UpgradeCredited"
+        change_at: datetime
+        from_variant: str
+        to_variant: str
+        invoice_id: str
+
+        def apply(self, link: SubscriptionLink) -> None:
+            entry = [self.change_at, self.from_variant, self.to_variant, self.invoice_id]
+            link.credited = (*link.credited, entry)
+
+    def credit_upgrade(self, change: Credited, now: datetime) -> None:
+        self.trigger_event(
+            self.UpgradeCredited,
+            change_at=change.change_at,
+            from_variant=change.from_variant,
+            to_variant=change.to_variant,
+            invoice_id=change.invoice_id,
+            timestamp=now,
+        )
+
+    def credited_changes(self) -> list[Credited]:
+        return [Credited(c[0], c[1], c[2], c[3]) for c in self.credited]
 
 
 class Payment(Aggregate, created_event_name="Opened"):
