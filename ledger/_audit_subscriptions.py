@@ -12,7 +12,10 @@ What the commands allow, and so what the history may show:
   ``Cancelled``: from trialing, active, past_due or paused; ``Expired``: from any
   live status, and from cancelled at period end only once the period is over.
 - ``Synced`` applies the payment provider's view as it is, from any status, and
-  a plan change may come with it: those two are checked for consistency only.
+  a plan change may come with it: those two are checked for consistency only,
+  and each applied snapshot must be newer than the last. ``Superseded`` (an
+  older snapshot, kept for the history) changes nothing and must be older than
+  the snapshot applied.
 
 Memory: per subscription its status, plan and period; per user its slot.
 """
@@ -44,7 +47,18 @@ LOOKUP_IDS = 500
 
 
 class _Sub:
-    __slots__ = ("at", "at_period_end", "period_end", "period_start", "plan", "position", "status", "user", "version")
+    __slots__ = (
+        "at",
+        "at_period_end",
+        "period_end",
+        "period_start",
+        "plan",
+        "position",
+        "source_at",
+        "status",
+        "user",
+        "version",
+    )
 
     def __init__(self, event: Any, position: int) -> None:
         self.user: UUID = event.user_id
@@ -56,6 +70,7 @@ class _Sub:
         self.version = 1
         self.at: datetime = event.timestamp
         self.position = position  # where it started
+        self.source_at: datetime | None = None  # the provider's time of the snapshot applied last
 
 
 class SubscriptionCheck(Check):
@@ -87,6 +102,7 @@ class SubscriptionCheck(Check):
             Subscription.Cancelled: self.cancelled,
             Subscription.Expired: self.expired,
             Subscription.Synced: self.synced,
+            Subscription.Superseded: self.superseded,
             SubscriberSlot.Opened: self.slot_opened,
             SubscriberSlot.Taken: self.slot_taken,
             SubscriberSlot.Freed: self.slot_freed,
@@ -210,6 +226,24 @@ class SubscriptionCheck(Check):
             self.report(position, f"subscription {event.originator_id}", "synced to an impossible state")
         sub.status, sub.period_start, sub.period_end = event.status, event.period_start, event.period_end
         sub.at_period_end = event.cancel_at_period_end
+        if sub.source_at is not None and event.source_updated_at <= sub.source_at:
+            self.report(
+                position,
+                f"subscription {event.originator_id}",
+                f"applied a snapshot of {event.source_updated_at.isoformat()} after one of {sub.source_at.isoformat()}",
+            )
+        sub.source_at = event.source_updated_at
+
+    def superseded(self, position: int, event: Any) -> None:
+        # Changes nothing; it must be older than the snapshot applied.
+        if (sub := self._sub(position, event)) is None:
+            return
+        if sub.source_at is None or event.source_updated_at >= sub.source_at:
+            self.report(
+                position,
+                f"subscription {event.originator_id}",
+                f"kept a snapshot of {event.source_updated_at.isoformat()} as superseded, but none newer was applied",
+            )
 
     # -- slots ----------------------------------------------------------------------
 

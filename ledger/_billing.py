@@ -449,6 +449,12 @@ class SyncSubscription(UnitCommand):
     #: For status ``paused``: ``void`` (no service: not entitled) or ``free``
     #: (the service continues: the plan stays entitled).
     pause_mode: PauseMode = field(default=PauseMode.VOID, kw_only=True, metadata=ADDED)
+    #: The provider reported only a status at ``source_updated_at`` (a failed
+    #: payment's past_due): the plan and period given are the ledger's
+    #: current ones. The history takes them from the provider's snapshot
+    #: before it, and counts the status only if the subscription was active
+    #: or trialing then.
+    status_only: bool = field(default=False, kw_only=True, metadata=ADDED)
 
     def __post_init__(self) -> None:
         check_key(self.key)
@@ -499,7 +505,21 @@ class SyncSubscription(UnitCommand):
         elif s.user_id != self.user_id:
             raise InvalidArgument(f"subscription {s.id} belongs to user {s.user_id}, not {self.user_id}")
         if s.source_updated_at is not None and self.source_updated_at <= s.source_updated_at:
-            return _done(unit, self, s, 0)  # an older or repeated snapshot: nothing to apply
+            if self.source_updated_at < s.source_updated_at:
+                # Older than the one applied: recorded for the history only.
+                s.trigger_event(
+                    s.Superseded,
+                    plan=self.plan,
+                    status=str(self.status),
+                    period_start=self.period_start,
+                    period_end=self.period_end,
+                    trial_ends_at=self.trial_ends_at,
+                    cancel_at_period_end=self.cancel_at_period_end,
+                    source_updated_at=self.source_updated_at,
+                    status_only=self.status_only,
+                    timestamp=unit.now,
+                )
+            return _done(unit, self, s, 0)  # nothing to apply
         if s.plan != self.plan:
             old = _plan(unit, s.plan)
             upgraded = plan.terms.tier_level > old.terms.tier_level
@@ -524,6 +544,7 @@ class SyncSubscription(UnitCommand):
             cancel_at_period_end=self.cancel_at_period_end,
             source_updated_at=self.source_updated_at,
             pause_mode=str(self.pause_mode) if self.status == Status.PAUSED else None,
+            status_only=self.status_only,
             timestamp=unit.now,
         )
         slot = unit.slot(s.user_id)
@@ -544,6 +565,10 @@ def _cycle(value: object) -> BillingCycle:
 def due_changes(s: Subscription, now: datetime, *, auto_renew: bool) -> list[UnitCommand]:
     """What ``tick`` owes a subscription at ``now``, as keyed commands."""
     require_utc(now, "now")
+    if s.source_updated_at is not None:
+        # A payment provider drives it: its snapshots renew, expire and end
+        # it, and a cancelled one's plan already lapses at period end.
+        return []
     stamp = s.period_end.isoformat()
     if s.status == Status.TRIALING and s.trial_ends_at and s.trial_ends_at <= now and auto_renew:
         return [ActivateSubscription(key=f"tick:{s.id}:activate:{stamp}", subscription_id=s.id)]

@@ -45,7 +45,7 @@ __all__ = [
 
 #: The version of the DDL below. Raise it whenever the DDL changes; the migrate
 #: step records it in ``ledger_schema_version``.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: Every table the ledger creates, in creation order (a table comes after the
 #: tables it references).
@@ -54,6 +54,7 @@ TABLES: tuple[str, ...] = (
     "plan_features",
     "subscriptions",
     "subscription_history",
+    "subscription_snapshots",
     "credit_transactions",
     "credit_reservations",
     "credit_accounts",
@@ -72,6 +73,7 @@ VIEW_TABLES: tuple[str, ...] = (
     "credit_balances",
     "subscriptions",
     "subscription_history",
+    "subscription_snapshots",
     "audit_logs",
 )
 
@@ -329,6 +331,23 @@ CREATE TABLE IF NOT EXISTS {S}.subscription_history (
 );
 
 CREATE INDEX IF NOT EXISTS idx_subscription_history_subscription ON {S}.subscription_history(subscription_id);
+
+-- ledger deviation 12: a table the seed does not have. Every snapshot a
+-- payment provider sent of a subscription, applied or superseded, by the
+-- provider's time: the history of such a subscription is written from it.
+CREATE TABLE IF NOT EXISTS {S}.subscription_snapshots (
+    subscription_id UUID NOT NULL REFERENCES {S}.subscriptions(id) ON DELETE CASCADE,
+    source_updated_at TIMESTAMP NOT NULL,
+    -- plan, period and cancel_at_period_end are NULL where the provider
+    -- reported only a status (a failed payment): they are the snapshot's before.
+    plan VARCHAR(50),
+    status VARCHAR(20) NOT NULL,
+    current_period_start TIMESTAMP,
+    current_period_end TIMESTAMP,
+    trial_ends_at TIMESTAMP,
+    cancel_at_period_end BOOLEAN,
+    PRIMARY KEY (subscription_id, source_updated_at)
+);
 """
 
 _PG_CREDIT_TRANSACTIONS = """
@@ -711,6 +730,20 @@ CREATE TABLE IF NOT EXISTS subscription_history (
 );
 
 CREATE INDEX IF NOT EXISTS idx_subscription_history_subscription ON subscription_history(subscription_id);
+
+-- ledger deviation 12: every provider snapshot of a subscription, by the
+-- provider's time.
+CREATE TABLE IF NOT EXISTS subscription_snapshots (
+    subscription_id TEXT NOT NULL REFERENCES subscriptions(id) ON DELETE CASCADE,
+    source_updated_at TEXT NOT NULL,
+    plan TEXT,
+    status TEXT NOT NULL,
+    current_period_start TEXT,
+    current_period_end TEXT,
+    trial_ends_at TEXT,
+    cancel_at_period_end INTEGER,
+    PRIMARY KEY (subscription_id, source_updated_at)
+);
 """
 
 _SQLITE_CREDIT_TRANSACTIONS = """

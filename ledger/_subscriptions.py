@@ -348,6 +348,9 @@ class Subscription(Aggregate, created_event_name="Started"):
         source_updated_at: datetime
         #: For status ``paused``: void or free. Added later; older events read None (void).
         pause_mode: str | None = None
+        #: Only the status is the provider's at that time (see SyncSubscription).
+        #: Events stored before the field existed read as False.
+        status_only: bool = False
 
         def apply(self, s: Subscription) -> None:
             s.status = self.status
@@ -363,6 +366,24 @@ class Subscription(Aggregate, created_event_name="Started"):
                 s.paused_at = self.timestamp
             if self.status != Status.PAUSED:
                 s.paused_at = None
+
+    class Superseded(Event):
+        """A provider's snapshot older than the one applied: not applied (the
+        state stays the newer one's), kept so that the history can place it
+        at its time, whatever order the snapshots arrived in."""
+
+        TOPIC = f"{TOPIC_PREFIX}:Subscription.Superseded"
+        plan: str
+        status: str
+        period_start: datetime
+        period_end: datetime
+        trial_ends_at: datetime | None
+        cancel_at_period_end: bool
+        source_updated_at: datetime
+        status_only: bool = False
+
+        def apply(self, s: Subscription) -> None:
+            pass  # history only
 
     # -- guards: pure checks, raising InvalidTransition ------------------------------
 

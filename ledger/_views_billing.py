@@ -5,6 +5,7 @@ in, users.tier and users.storage_quota."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any, ClassVar
 from uuid import UUID, uuid5
 
@@ -58,6 +59,7 @@ class SubscriptionView(View):
                 Subscription.Cancelled,
                 Subscription.Expired,
                 Subscription.Synced,
+                Subscription.Superseded,
                 CreditAccount.Granted,
                 CreditAccount.Debited,
             )
@@ -66,6 +68,7 @@ class SubscriptionView(View):
     tables: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {
         "subscriptions": ("id", ("updated_at",)),
         "subscription_history": ("changed_at, id", ()),
+        "subscription_snapshots": ("subscription_id, source_updated_at", ()),
         "audit_logs": ("created_at, id", ()),
     }
 
@@ -77,6 +80,7 @@ class SubscriptionView(View):
         subs: dict[UUID, dict[str, Any]] = {}
         history: list[list[Any]] = []
         audit: list[list[Any]] = []
+        timelines = _Timelines(tx)
         for _, event in events:
             if isinstance(event, Plan.Defined | Plan.Revised):
                 terms = PlanTerms.from_event_data(event.terms)
@@ -97,7 +101,13 @@ class SubscriptionView(View):
                 row = subs.get(event.originator_id) or self._row(tx, event.originator_id)
                 change = self._apply(row, event)
                 subs[event.originator_id] = row
-                if change is not None:
+                if isinstance(event, Subscription.Synced | Subscription.Superseded):
+                    timelines.add(event, row)
+                elif change is not None and not (
+                    isinstance(event, Subscription.PlanChanged) and timelines.synced(event.originator_id)
+                ):
+                    # A provider's changes are written from its timeline
+                    # (below); the ledger's own are written as they happen.
                     history.append(self._history(tx, event, row, change))
                 actor = getattr(event, "actor", None)
                 if actor:
@@ -138,6 +148,7 @@ class SubscriptionView(View):
             "changed_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
             history,
         )
+        timelines.write()
         tx.executemany(
             "INSERT INTO audit_logs (id, user_id, action, entity_type, entity_id, old_value, new_value, created_at) "
             "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
@@ -380,6 +391,173 @@ def _synced_change(before: Any, after: str) -> str | None:
         else "activated",
         Status.TRIALING.value: "trial_started",
     }.get(after)
+
+
+_SNAPSHOT_COLUMNS = (
+    "source_updated_at",
+    "plan",
+    "status",
+    "current_period_start",
+    "current_period_end",
+    "trial_ends_at",
+    "cancel_at_period_end",
+)
+
+
+def _utc(value: Any) -> Any:
+    """A timestamp as an aware UTC datetime, whether it came from an event or
+    from either store's column (naive UTC, or text on SQLite)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _effective(timeline: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The timeline with each status-only point (plan None) completed from
+    the full snapshot before it (or, for points before the first, after it);
+    its status counts only from active or trialing, else the one before holds."""
+    full = [s for s in timeline if s[1] is not None]
+    if not full:
+        return []
+    effective: list[tuple[Any, ...]] = []
+    previous = full[0]
+    for snapshot in timeline:
+        if snapshot[1] is not None:
+            effective.append(snapshot)
+            previous = snapshot
+            continue
+        live = previous[2] in (Status.ACTIVE.value, Status.TRIALING.value)
+        status = snapshot[2] if live else previous[2]
+        effective.append((snapshot[0], previous[1], status, *previous[3:]))
+        if live:
+            previous = effective[-1]
+    return effective
+
+
+class _Timelines:
+    """The history of a subscription a payment provider drives, written from
+    every snapshot it sent (``subscription_snapshots``), in the provider's
+    order: the first snapshot is its ``created`` (or ``trial_started``) row,
+    and each later one the plan change and the status change it brought, at
+    the snapshot's time. A snapshot that arrives late (older than one applied)
+    takes its place, and the subscription's provider rows are written again:
+    the rows are the same whatever order the snapshots arrived in."""
+
+    def __init__(self, tx: ViewTx) -> None:
+        self.tx = tx
+        self.pending: dict[UUID, dict[Any, tuple[Any, ...]]] = {}
+        self.known: dict[UUID, bool] = {}
+
+    def synced(self, subscription_id: UUID) -> bool:
+        if subscription_id in self.pending:
+            return True
+        if subscription_id not in self.known:
+            found = self.tx.fetchall(
+                "SELECT 1 FROM subscription_snapshots WHERE subscription_id = %s LIMIT 1", [subscription_id]
+            )
+            self.known[subscription_id] = bool(found)
+        return self.known[subscription_id]
+
+    def add(self, event: Any, row: dict[str, Any]) -> None:
+        at = _utc(event.source_updated_at)
+        snapshot: tuple[Any, ...]
+        if getattr(event, "status_only", False):
+            # Only the status is the provider's: the rest comes from the
+            # snapshot before it when the rows are written.
+            snapshot = (at, None, str(event.status), None, None, None, None)
+        else:
+            plan = event.plan if isinstance(event, Subscription.Superseded) else row["_plan"]
+            snapshot = (
+                at,
+                plan,
+                str(event.status),
+                _utc(event.period_start),
+                _utc(event.period_end),
+                _utc(event.trial_ends_at),
+                bool(event.cancel_at_period_end),
+            )
+        self.pending.setdefault(event.originator_id, {})[at] = snapshot
+
+    def write(self) -> None:
+        for subscription_id, new in self.pending.items():
+            old = self._stored(subscription_id)
+            merged = {**old, **new}
+            stale = [[i] for i in self._row_ids(subscription_id, old)]
+            # The row Started wrote as it happened: the timeline's first row replaces it.
+            stale.append([row_id("history", subscription_id, 1)])
+            self.tx.executemany("DELETE FROM subscription_history WHERE id = %s", stale)
+            self.tx.executemany(
+                f"INSERT INTO subscription_snapshots (subscription_id, {', '.join(_SNAPSHOT_COLUMNS)}) "
+                f"VALUES (%s, {', '.join(['%s'] * len(_SNAPSHOT_COLUMNS))}) ON CONFLICT (subscription_id, "
+                "source_updated_at) DO UPDATE SET "
+                + ", ".join(f"{c} = excluded.{c}" for c in _SNAPSHOT_COLUMNS if c != "source_updated_at"),
+                [[subscription_id, *s] for s in new.values()],
+            )
+            self.tx.executemany(
+                "INSERT INTO subscription_history (id, subscription_id, from_plan_id, to_plan_id, change_type, "
+                "details, changed_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                self._rows(subscription_id, merged),
+            )
+        self.pending.clear()
+
+    def _stored(self, subscription_id: UUID) -> dict[Any, tuple[Any, ...]]:
+        found = self.tx.fetchall(
+            f"SELECT {', '.join(_SNAPSHOT_COLUMNS)} FROM subscription_snapshots WHERE subscription_id = %s",
+            [subscription_id],
+        )
+        snapshots = {}
+        for at, plan, status, start, end, trial, cancel in found:
+            at = _utc(at)
+            full = cancel is not None
+            snapshots[at] = (at, plan, status, _utc(start), _utc(end), _utc(trial), bool(cancel) if full else None)
+        return snapshots
+
+    def _row_ids(self, subscription_id: UUID, snapshots: dict[Any, tuple[Any, ...]]) -> list[UUID]:
+        return [r[0] for r in self._changes(subscription_id, snapshots)]
+
+    def _changes(self, subscription_id: UUID, snapshots: dict[Any, tuple[Any, ...]]) -> list[list[Any]]:
+        """(id, from plan, to plan, change, details, time) of each row, in order."""
+        rows: list[list[Any]] = []
+        previous: tuple[Any, ...] | None = None
+        for snapshot in _effective(sorted(snapshots.values())):
+            at, plan, status, start, end = snapshot[:5]
+            period = {"period_start": start, "period_end": end, "source_updated_at": at}
+            if previous is None:
+                change = "trial_started" if status == Status.TRIALING.value else "created"
+                rows.append([change, None, plan, {**period, "status": status}, at])
+            else:
+                if plan != previous[1]:
+                    change = "upgraded" if self._tier(plan) > self._tier(previous[1]) else "downgraded"
+                    details = {**period, "from": previous[1], "to": plan, "reason": "changed at the payment provider"}
+                    rows.append([change, previous[1], plan, details, at])
+                status_change = _synced_change(previous[2], status)
+                if status_change is not None:
+                    rows.append([status_change, None, plan, {**period, "status": status}, at])
+            previous = snapshot
+        return [
+            [uuid5(ROW_NS, f"timeline:{subscription_id}:{at.isoformat()}:{change}"), from_plan, to_plan, change, d, at]
+            for change, from_plan, to_plan, d, at in rows
+        ]
+
+    def _rows(self, subscription_id: UUID, snapshots: dict[Any, tuple[Any, ...]]) -> list[list[Any]]:
+        return [
+            [
+                rid,
+                subscription_id,
+                _plan_id(self.tx, from_plan) if from_plan else None,
+                _plan_id(self.tx, to_plan),
+                change,
+                _jsonable(details),
+                at,
+            ]
+            for rid, from_plan, to_plan, change, details, at in self._changes(subscription_id, snapshots)
+        ]
+
+    def _tier(self, plan: str) -> int:
+        found = self.tx.fetchall("SELECT tier_level FROM plans WHERE name = %s", [plan])
+        return int(found[0][0]) if found and found[0][0] is not None else 0
 
 
 __all__ = ["SubscriptionView", "entitled"]

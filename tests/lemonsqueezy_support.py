@@ -16,7 +16,6 @@ from uuid import UUID, uuid5
 from adapters.lemonsqueezy import LemonSqueezy, sign
 from ledger import DEFAULT_CATALOG, CreditPolicy, Ledger
 from ledger._subscriptions import Subscription
-from ledger._views_billing import row_id
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "lemonsqueezy"
 SECRET = "whsec_pingvas_test_4f2a9c"
@@ -440,27 +439,28 @@ def story(builder: Builder | None = None) -> list[Delivery]:
 
 
 def history_in_order(ledger: Ledger, subscription_id: UUID) -> list[tuple[Any, ...]]:
-    """subscription_history rows in the order of the events that wrote them,
-    without their ids and times (processing times legitimately differ)."""
+    """subscription_history rows of a subscription, whole (ids and times
+    included), in the order of their times. A subscription Lemon Squeezy
+    drives gets its rows from the snapshots' own times, so they do not depend
+    on when, or in what order, the snapshots were processed."""
     store = ledger.views.store
     columns = store.columns("subscription_history")
-    rows = {r[columns.index("id")]: r for r in store.rows("subscription_history", "changed_at, id")}
-    events = ledger.app.events.get(subscription_id)
     ordered = []
-    for event in events:
-        rid = str(row_id("history", subscription_id, event.originator_version))
-        if rid in rows:
-            r = rows[rid]
-            details = json.loads(r[columns.index("details")]) if isinstance(r[columns.index("details")], str) else {}
-            ordered.append(
-                (
-                    r[columns.index("change_type")],
-                    r[columns.index("from_plan_id")],
-                    r[columns.index("to_plan_id")],
-                    json.dumps(details, sort_keys=True),
-                )
+    for r in store.rows("subscription_history", "changed_at, id"):
+        if str(r[columns.index("subscription_id")]) != str(subscription_id):
+            continue
+        details = r[columns.index("details")]
+        details = json.loads(details) if isinstance(details, str) else details
+        ordered.append(
+            (
+                str(r[columns.index("changed_at")]),
+                r[columns.index("change_type")],
+                r[columns.index("from_plan_id")],
+                r[columns.index("to_plan_id")],
+                json.dumps(details, sort_keys=True),
+                str(r[columns.index("id")]),
             )
-    assert len(ordered) == sum(1 for r in rows.values() if r[columns.index("subscription_id")] == str(subscription_id))
+        )
     return ordered
 
 

@@ -196,7 +196,7 @@ def insert_sql(table: str, row: Row, placeholder: str, qualifier: str = "") -> s
 
 
 def test_constants() -> None:
-    assert SCHEMA_VERSION == 1
+    assert SCHEMA_VERSION == 2
     assert len(set(TABLES)) == len(TABLES)
     assert set(VIEW_TABLES) == {
         "credit_accounts",
@@ -205,6 +205,7 @@ def test_constants() -> None:
         "credit_balances",
         "subscriptions",
         "subscription_history",
+        "subscription_snapshots",
         "audit_logs",
     }
     assert set(VIEW_TABLES) <= set(TABLES)

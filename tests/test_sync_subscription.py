@@ -3,8 +3,9 @@ arrival does not matter, and no credits move."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 
@@ -23,6 +24,7 @@ def snapshot(
     plan: str = "starter",
     updated_s: int,
     key: str,
+    external_id: str = "ls-1",
 ) -> SyncSubscription:
     start = clock.now()
     return SyncSubscription(
@@ -35,7 +37,7 @@ def snapshot(
         period_start=start,
         period_end=start + 30 * DAY,  # type: ignore[arg-type]
         source_updated_at=start + timedelta(seconds=updated_s),
-        external_id="ls-1",
+        external_id=external_id,
         customer_id="c-1",
     )
 
@@ -83,3 +85,89 @@ def test_a_second_live_subscription_is_refused(catalog: Ledger, clock: ManualClo
     ledger.execute(snapshot(ledger, clock, uuid4(), user, status="active", updated_s=1, key="first"))
     with pytest.raises(SubscriptionExists):
         ledger.execute(snapshot(ledger, clock, uuid4(), user, status="active", updated_s=1, key="second"))
+
+
+def _history(ledger: Ledger, sid: UUID) -> list[tuple[str, ...]]:
+    """The subscription's history rows (without ids, which derive from the
+    subscription's id): change, time, plans, details."""
+    ledger.views.catch_up()
+    store = ledger.views.store
+    columns = store.columns("subscription_history")
+    return [
+        tuple(str(r[columns.index(c)]) for c in ("change_type", "changed_at", "from_plan_id", "to_plan_id", "details"))
+        for r in store.rows("subscription_history", "changed_at, id")
+        if str(r[columns.index("subscription_id")]) == str(sid)
+    ]
+
+
+STORY = [  # (status, plan, provider's second): a plan change, a failed payment, a recovery, a pause
+    ("trialing", "starter", 1),
+    ("active", "starter", 2),
+    ("active", "pro", 3),
+    ("past_due", "pro", 4),
+    ("active", "pro", 5),
+    ("paused", "pro", 6),
+]
+
+
+def test_the_history_is_the_providers_whatever_order_the_snapshots_arrive_in(
+    catalog: Ledger, clock: ManualClock
+) -> None:
+    ledger = catalog
+    histories = []
+    for n, arrival in enumerate([[0, 1, 2, 3, 4, 5], [5, 0, 3, 1, 4, 2], [2, 5, 4, 3, 1, 0], [3, 4, 5, 0, 1, 2]]):
+        sid, user = uuid4(), uuid4()
+        for i in arrival:
+            status, plan, second = STORY[i]
+            ledger.execute(
+                snapshot(
+                    ledger,
+                    clock,
+                    sid,
+                    user,
+                    status=status,
+                    plan=plan,
+                    updated_s=second,
+                    key=f"{n}:{i}",
+                    external_id=f"ls-{n}",
+                )
+            )
+        assert ledger.subscription(sid).status == "paused"  # the newest wins
+        histories.append(_history(ledger, sid))
+        end = snapshot(
+            ledger, clock, sid, user, status="expired", plan="pro", updated_s=7, key=f"{n}:end", external_id=f"ls-{n}"
+        )
+        ledger.execute(end)
+        histories[-1] = _history(ledger, sid)
+    changes = [row[0] for row in histories[0]]
+    assert changes == ["trial_started", "activated", "upgraded", "past_due", "recovered", "paused", "expired"]
+    assert all(h == histories[0] for h in histories[1:])
+
+
+def test_tick_leaves_a_provider_driven_subscription_to_the_provider(catalog: Ledger, clock: ManualClock) -> None:
+    ledger, sid, user = catalog, uuid4(), uuid4()
+    ledger.execute(snapshot(ledger, clock, sid, user, status="cancelled", updated_s=1, key="cancelled"))
+    clock.advance(31 * DAY)  # the period is over
+    ledger.tick()
+    assert ledger.subscription(sid).status == "cancelled"  # expired by the provider's snapshot, not by tick
+    assert ledger.entitlements(user).plan == "free"  # a cancelled plan lapses at its period's end anyway
+
+
+def test_a_status_only_point_takes_the_snapshot_before_it_and_counts_only_from_a_live_status(
+    catalog: Ledger, clock: ManualClock
+) -> None:
+    ledger, sid, user = catalog, uuid4(), uuid4()
+    for status, second in (("active", 1), ("paused", 3), ("active", 5)):
+        ledger.execute(
+            snapshot(ledger, clock, sid, user, status=status, plan="pro", updated_s=second, key=f"s{second}")
+        )
+    for second in (2, 4):  # failed payments reported late: while active (counts), while paused (does not)
+        point = snapshot(
+            ledger, clock, sid, user, status="past_due", plan="starter", updated_s=second, key=f"p{second}"
+        )
+        ledger.execute(replace(point, status_only=True))
+    assert ledger.subscription(sid).status == "active"
+    rows = _history(ledger, sid)
+    assert [r[0] for r in rows] == ["created", "past_due", "paused", "unpaused"]
+    # The status-only point kept the plan of the snapshot before it, not the one it was given.
+    assert rows[1][3] == rows[0][3]

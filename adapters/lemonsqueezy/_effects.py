@@ -669,14 +669,18 @@ class ApplyInvoice(UnitCommand):
     # -- a failed payment --------------------------------------------------------
 
     def _past_due(self, loaded: Loaded, user: UUID) -> None:
-        """past_due, as a snapshot dated by the invoice: it loses to any newer
-        snapshot (a recovery), whichever arrives first."""
+        """past_due, as a status-only snapshot dated by the invoice: it loses
+        to any newer snapshot (a recovery), whichever arrives first. A late
+        one (older than the snapshot applied) is still recorded, for the
+        history to place at its time; it counts there only if the
+        subscription was active or trialing then, as it must be now to apply."""
         unit = loaded.unit
         sid = ledger_subscription_id(self.ls_subscription_id)
         s = loaded.get(sid, Subscription)
-        if s is None or s.status not in (Status.ACTIVE, Status.TRIALING):
+        if s is None or self.updated_at == s.source_updated_at:
             return
-        if s.source_updated_at is not None and self.updated_at <= s.source_updated_at:
+        late = s.source_updated_at is not None and self.updated_at < s.source_updated_at
+        if not late and s.status not in (Status.ACTIVE, Status.TRIALING):
             return
         sync = SyncSubscription(
             key=f"lemonsqueezy:invoice:{self.invoice_id}:past_due:{self.updated_at.isoformat()}",
@@ -692,10 +696,11 @@ class ApplyInvoice(UnitCommand):
             source_updated_at=self.updated_at,
             external_id=self.ls_subscription_id,
             customer_id=self.customer_id,
+            status_only=True,
         )
         if not loaded.recorded(sync.key):
             sync.apply(unit)
-            self.report.applied = True
+            self.report.applied = not late
 
 
 # --------------------------------------------------------------------- orders
