@@ -244,8 +244,28 @@ def test_an_outcome_that_cannot_be_recorded_is_a_500_and_the_retry_a_duplicate(
     adapter: LemonSqueezy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The database went away after the row was written: the row may not be
-    on disk, so Lemon Squeezy is asked to try again. Its retry finds the row,
-    and ``webhooks retry`` applies it."""
+    on disk (the insert commits asynchronously on PostgreSQL), so Lemon
+    Squeezy is asked to try again. Its retry finds the row, and ``webhooks
+    retry`` applies it."""
+
+    def down(*_: Any, **__: Any) -> Any:
+        raise ConnectionError("database went away")
+
+    monkeypatch.setattr(adapter.inbox, "finish", down)
+    monkeypatch.setattr(adapter.inbox, "durable", down)
+    body = (FIXTURES / "order_created.json").read_bytes()
+    result = adapter.ingest(body, headers_for(body))
+    assert (result.status, result.http_status, result.processing) == ("error", 500, "pending")
+    monkeypatch.undo()
+    assert rows(adapter)[0].status == "received"
+    assert adapter.ingest(body, headers_for(body)).status == "duplicate"
+
+
+def test_an_outcome_that_cannot_be_recorded_for_a_row_on_disk_is_a_200(
+    adapter: LemonSqueezy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the outcome's write failed and the row is confirmed on disk: the
+    delivery is stored (200), and ``webhooks retry`` applies it later."""
 
     def down(*_: Any, **__: Any) -> Any:
         raise ConnectionError("database went away")
@@ -253,10 +273,10 @@ def test_an_outcome_that_cannot_be_recorded_is_a_500_and_the_retry_a_duplicate(
     monkeypatch.setattr(adapter.inbox, "finish", down)
     body = (FIXTURES / "order_created.json").read_bytes()
     result = adapter.ingest(body, headers_for(body))
-    assert (result.status, result.http_status, result.processing) == ("error", 500, "pending")
+    assert (result.status, result.http_status, result.processing) == ("stored", 200, "pending")
+    assert "webhooks retry" in result.reason
     monkeypatch.undo()
     assert rows(adapter)[0].status == "received"
-    assert adapter.ingest(body, headers_for(body)).status == "duplicate"
 
 
 def test_two_copies_at_once_store_one_row(ledger_url: str, tmp_path: Any) -> None:

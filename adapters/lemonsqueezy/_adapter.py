@@ -633,10 +633,21 @@ class LemonSqueezy:
         try:
             outcome = self.processor.process(row, envelope=envelope, fresh=True)
         except Exception as exc:
-            # The outcome could not be recorded (the database went away), so
-            # the row may not be on disk: Lemon Squeezy must try again. If the
-            # row survived, the retry is a duplicate; ``webhooks retry`` runs it.
+            # The outcome could not be recorded (the database went away). If
+            # the row is on disk, the delivery is stored: 200, and ``webhooks
+            # retry`` applies it. If that cannot be confirmed, Lemon Squeezy
+            # must try again (500); if the row survived, its retry is a duplicate.
             log.exception("processing stored delivery %s failed", stored.row_id)
+            if self._durable(stored.row_id):
+                return IngestResult(
+                    status="stored",
+                    http_status=200,
+                    reason=f"stored; its outcome could not be recorded ({type(exc).__name__}): "
+                    "`webhooks retry` applies it",
+                    event_row_id=stored.row_id,
+                    event_name=name,
+                    processing="pending",
+                )
             return IngestResult(
                 status="error",
                 http_status=500,
@@ -653,6 +664,13 @@ class LemonSqueezy:
             event_name=name,
             processing=outcome.status,
         )
+
+    def _durable(self, row_id: UUID) -> bool:
+        try:
+            return self.inbox.durable(row_id)
+        except Exception:
+            log.exception("could not confirm that delivery %s is stored", row_id)
+            return False
 
     def retry_failed(self, *, limit: int = 500) -> RetryReport:
         return self.processor.retry(limit=limit)

@@ -250,6 +250,18 @@ class Inbox:
             with store.transaction() as tx:
                 yield _Tx(tx, "webhook_events", postgres=False)
 
+    def durable(self, row_id: UUID) -> bool:
+        """Whether the row is stored for good. On PostgreSQL the insert was
+        committed asynchronously: a statement that takes a transaction id
+        commits synchronously, which flushes the WAL up to it, that insert
+        included, and the row is read in the same statement."""
+        with self._transaction() as t:
+            if t.postgres:
+                found = t.tx.fetchall(f"SELECT pg_current_xact_id(), id FROM {t.table} WHERE id = %s", [row_id])
+            else:
+                found = t.tx.fetchall(f"SELECT id FROM {t.table} WHERE id = %s", [row_id])
+        return bool(found)
+
     def get(self, row_id: UUID) -> InboxRow | None:
         with self._transaction() as t:
             rows = t.tx.fetchall(f"SELECT {_COLUMNS} FROM {t.table} WHERE id = %s", [row_id])
