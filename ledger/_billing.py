@@ -475,6 +475,18 @@ class SyncSubscription(UnitCommand):
         check_optional_text(self.external_id, "external_id", 100)
         check_optional_text(self.customer_id, "customer_id", 100)
 
+    def _snapshot(self) -> dict[str, Any]:
+        """The snapshot's fields, as its Synced or Superseded event records them."""
+        return {
+            "status": str(self.status),
+            "period_start": self.period_start,
+            "period_end": self.period_end,
+            "trial_ends_at": self.trial_ends_at,
+            "cancel_at_period_end": self.cancel_at_period_end,
+            "source_updated_at": self.source_updated_at,
+            "status_only": self.status_only,
+        }
+
     def apply(self, unit: _Unit) -> Receipt:
         plan = _plan(unit, self.plan)
         s = unit.aggregate(self.subscription_id, Subscription)
@@ -507,18 +519,7 @@ class SyncSubscription(UnitCommand):
         if s.source_updated_at is not None and self.source_updated_at <= s.source_updated_at:
             if self.source_updated_at < s.source_updated_at:
                 # Older than the one applied: recorded for the history only.
-                s.trigger_event(
-                    s.Superseded,
-                    plan=self.plan,
-                    status=str(self.status),
-                    period_start=self.period_start,
-                    period_end=self.period_end,
-                    trial_ends_at=self.trial_ends_at,
-                    cancel_at_period_end=self.cancel_at_period_end,
-                    source_updated_at=self.source_updated_at,
-                    status_only=self.status_only,
-                    timestamp=unit.now,
-                )
+                s.trigger_event(s.Superseded, plan=self.plan, **self._snapshot(), timestamp=unit.now)
             return _done(unit, self, s, 0)  # nothing to apply
         if s.plan != self.plan:
             old = _plan(unit, s.plan)
@@ -535,18 +536,8 @@ class SyncSubscription(UnitCommand):
                 timestamp=unit.now,
             )
         was_live = s.live
-        s.trigger_event(
-            s.Synced,
-            status=str(self.status),
-            period_start=self.period_start,
-            period_end=self.period_end,
-            trial_ends_at=self.trial_ends_at,
-            cancel_at_period_end=self.cancel_at_period_end,
-            source_updated_at=self.source_updated_at,
-            pause_mode=str(self.pause_mode) if self.status == Status.PAUSED else None,
-            status_only=self.status_only,
-            timestamp=unit.now,
-        )
+        pause_mode = str(self.pause_mode) if self.status == Status.PAUSED else None
+        s.trigger_event(s.Synced, **self._snapshot(), pause_mode=pause_mode, timestamp=unit.now)
         slot = unit.slot(s.user_id)
         if was_live and not s.live and slot.live == s.id:
             slot.trigger_event(slot.Freed, subscription_id=s.id, timestamp=unit.now)
