@@ -36,6 +36,7 @@ import pytest
 from adapters.lemonsqueezy import LemonSqueezy
 from ledger import Ledger, audit
 from ledger._app import LedgerApplication
+from ledger._readmodels import drop_aside
 from tests.conftest import pg_base_url, require_postgres
 from tests.lemonsqueezy_support import (
     BEFORE,
@@ -107,6 +108,16 @@ class Run:
         # their receipts, the balance chain, the views equal to the events.
         report = audit(self.ledger)
         assert report.findings == [], report.findings[:5]
+        # And the views built afresh from the events equal the live ones
+        # (subscription_snapshots and the history rewritten from it included).
+        views = self.ledger.views
+        aside = views.build_aside(until=views.position())
+        try:
+            found = views.verify(aside)
+            assert {"subscription_history", "subscription_snapshots"} <= set(found)
+            assert all(not rows for rows in found.values()), found
+        finally:
+            drop_aside(self.ledger.config, aside)
         self.ledger.close()
         return state
 
