@@ -416,17 +416,18 @@ def _utc(value: Any) -> Any:
 
 def _effective(timeline: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """The timeline with each status-only point (plan None) completed from
-    the full snapshot before it (or, for points before the first, after it);
-    its status counts only from active or trialing, else the one before holds."""
-    full = [s for s in timeline if s[1] is not None]
-    if not full:
-        return []
+    the full snapshot before it; its status counts only from active or
+    trialing, else the one before holds. A status-only point before the first
+    snapshot is left out, as it is when it arrives first (there is no
+    subscription yet to make past due)."""
     effective: list[tuple[Any, ...]] = []
-    previous = full[0]
+    previous: tuple[Any, ...] | None = None
     for snapshot in timeline:
         if snapshot[1] is not None:
             effective.append(snapshot)
             previous = snapshot
+            continue
+        if previous is None:
             continue
         live = previous[2] in (Status.ACTIVE.value, Status.TRIALING.value)
         status = snapshot[2] if live else previous[2]

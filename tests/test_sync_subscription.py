@@ -171,3 +171,12 @@ def test_a_status_only_point_takes_the_snapshot_before_it_and_counts_only_from_a
     assert [r[0] for r in rows] == ["created", "past_due", "paused", "unpaused"]
     # The status-only point kept the plan of the snapshot before it, not the one it was given.
     assert rows[1][3] == rows[0][3]
+
+
+def test_a_status_only_point_older_than_the_first_snapshot_is_left_out(catalog: Ledger, clock: ManualClock) -> None:
+    # In order it finds no subscription to make past due; arriving late it must change nothing either.
+    ledger, sid, user = catalog, uuid4(), uuid4()
+    ledger.execute(snapshot(ledger, clock, sid, user, status="active", plan="pro", updated_s=10, key="first"))
+    early = snapshot(ledger, clock, sid, user, status="past_due", plan="pro", updated_s=5, key="early")
+    ledger.execute(replace(early, status_only=True))
+    assert [r[0] for r in _history(ledger, sid)] == ["created"]
