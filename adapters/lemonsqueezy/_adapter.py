@@ -604,6 +604,7 @@ class LemonSqueezy:
                 payload_sha256=hashlib.sha256(raw).hexdigest(),
                 test_mode=envelope.meta.test_mode,
                 now=self.ledger.clock.now(),
+                payload_text=raw.decode("utf-8"),
             )
         except Exception as exc:
             log.exception("could not store a Lemon Squeezy delivery")

@@ -57,12 +57,20 @@ _FIND = (
 )
 # The insert, committed asynchronously (set_config, local to the
 # transaction, read at commit; evaluated with the inserted row), or else the
-# row it conflicted with. The second branch reads the statement's snapshot: a
-# conflicting row committed by a concurrent transaction during the insert is
-# not in it (then _FIND runs).
+# row it conflicted with. The insert first looks for a copy already committed
+# (an index probe), so that a redelivery's body is not even parsed into jsonb;
+# a copy committed meanwhile still meets the unique indexes. The second branch
+# reads the statement's snapshot: a conflicting row committed by a concurrent
+# transaction during the insert is not in it (then _FIND runs).
+_PG_INSERT = (
+    "INSERT INTO {t} (id, source, event_type, event_id, payload, status, payload_sha256, test_mode, "
+    "attempts, created_at) SELECT %s, %s, %s, %s, %s::jsonb, 'received', %s, %s, 0, %s "
+    "WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE source = %s AND (payload_sha256 = %s OR event_id = %s)) "
+    "ON CONFLICT DO NOTHING"
+)
 _PG_PUT = (
     "WITH sync_off AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)), "
-    f"inserted AS ({_INSERT} RETURNING id, status) "
+    f"inserted AS ({_PG_INSERT} RETURNING id, status) "
     "SELECT id, status, TRUE FROM inserted, sync_off UNION ALL "
     "(SELECT id, status, FALSE FROM {t} WHERE source = %s AND (payload_sha256 = %s OR event_id = %s) "
     "AND NOT EXISTS (SELECT 1 FROM inserted) ORDER BY created_at LIMIT 1)"
@@ -152,16 +160,22 @@ class Inbox:
         payload_sha256: str,
         test_mode: bool,
         now: datetime,
+        payload_text: str | None = None,
     ) -> Stored:
         """Stores a delivery once, before it is processed. A duplicate (same
-        webhook id or same body) returns the row already there, on disk."""
+        webhook id or same body) returns the row already there, on disk.
+        ``payload_text``, the body as received, is stored as it is on
+        PostgreSQL (jsonb parses it there) instead of ``payload`` encoded again."""
         row_id = uuid4()
         values = [row_id, SOURCE, event_type, event_id, payload, payload_sha256, test_mode, now]
         with self._transaction() as t:
             if t.postgres:
                 # One round trip for the common cases: inserted, or a
                 # duplicate committed before this statement began.
-                found = t.tx.fetchall(_PG_PUT.format(t=t.table), [*values, SOURCE, payload_sha256, event_id])
+                text = payload_text if payload_text is not None else json.dumps(payload)
+                key = [SOURCE, payload_sha256, event_id]
+                params = [row_id, SOURCE, event_type, event_id, text, payload_sha256, test_mode, now, *key, *key]
+                found = t.tx.fetchall(_PG_PUT.format(t=t.table), params)
             else:
                 found = t.tx.fetchall(_INSERT.format(t=t.table) + " RETURNING id, status, TRUE", values)
             if not found:
