@@ -17,6 +17,7 @@ from ._clock import require_utc
 from ._errors import InvalidArgument
 from ._plans import Plan, PlanTerms, plan_id_for
 from ._subscriptions import (
+    PROVIDER_CHANGE_REASON,
     RENEWAL_WINDOW,
     BillingCycle,
     InvalidTransition,
@@ -532,7 +533,7 @@ class SyncSubscription(UnitCommand):
                 change="upgraded" if upgraded else "downgraded",
                 granted_credits=0,
                 actor=None,
-                reason="changed at the payment provider",
+                reason=PROVIDER_CHANGE_REASON,
                 timestamp=unit.now,
             )
         was_live = s.live

@@ -346,6 +346,7 @@ CREATE TABLE IF NOT EXISTS {S}.subscription_snapshots (
     current_period_end TIMESTAMP,
     trial_ends_at TIMESTAMP,
     cancel_at_period_end BOOLEAN,
+    plan_tier_level INT,  -- the plan's tier when the snapshot was projected
     PRIMARY KEY (subscription_id, source_updated_at)
 );
 """
@@ -742,6 +743,7 @@ CREATE TABLE IF NOT EXISTS subscription_snapshots (
     current_period_end TEXT,
     trial_ends_at TEXT,
     cancel_at_period_end INTEGER,
+    plan_tier_level INTEGER,
     PRIMARY KEY (subscription_id, source_updated_at)
 );
 """

@@ -66,6 +66,11 @@ class BillingCycle(StrEnum):
     YEARLY = "yearly"
 
 
+#: The reason of the plan changes a payment provider's snapshot brings
+#: (SyncSubscription); the history writes those from the provider's timeline.
+PROVIDER_CHANGE_REASON = "changed at the payment provider"
+
+
 class Status(StrEnum):
     TRIALING = "trialing"
     ACTIVE = "active"

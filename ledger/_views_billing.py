@@ -12,7 +12,7 @@ from uuid import UUID, uuid5
 from ._domain import CreditAccount
 from ._entitlements import entitled
 from ._plans import FREE_PLAN, Plan, PlanTerms, plan_id_for
-from ._subscriptions import PauseMode, Status, Subscription
+from ._subscriptions import PROVIDER_CHANGE_REASON, PauseMode, Status, Subscription
 from ._views import View
 from ._viewstore import ViewTx
 
@@ -104,7 +104,9 @@ class SubscriptionView(View):
                 if isinstance(event, Subscription.Synced | Subscription.Superseded):
                     timelines.add(event, row)
                 elif change is not None and not (
-                    isinstance(event, Subscription.PlanChanged) and timelines.synced(event.originator_id)
+                    isinstance(event, Subscription.PlanChanged)
+                    and event.reason == PROVIDER_CHANGE_REASON
+                    and event.actor is None
                 ):
                     # A provider's changes are written from its timeline
                     # (below); the ledger's own are written as they happen.
@@ -401,6 +403,7 @@ _SNAPSHOT_COLUMNS = (
     "current_period_end",
     "trial_ends_at",
     "cancel_at_period_end",
+    "plan_tier_level",
 )
 
 
@@ -449,17 +452,6 @@ class _Timelines:
     def __init__(self, tx: ViewTx) -> None:
         self.tx = tx
         self.pending: dict[UUID, dict[Any, tuple[Any, ...]]] = {}
-        self.known: dict[UUID, bool] = {}
-
-    def synced(self, subscription_id: UUID) -> bool:
-        if subscription_id in self.pending:
-            return True
-        if subscription_id not in self.known:
-            found = self.tx.fetchall(
-                "SELECT 1 FROM subscription_snapshots WHERE subscription_id = %s LIMIT 1", [subscription_id]
-            )
-            self.known[subscription_id] = bool(found)
-        return self.known[subscription_id]
 
     def add(self, event: Any, row: dict[str, Any]) -> None:
         at = _utc(event.source_updated_at)
@@ -467,7 +459,7 @@ class _Timelines:
         if getattr(event, "status_only", False):
             # Only the status is the provider's: the rest comes from the
             # snapshot before it when the rows are written.
-            snapshot = (at, None, str(event.status), None, None, None, None)
+            snapshot = (at, None, str(event.status), None, None, None, None, None)
         else:
             plan = event.plan if isinstance(event, Subscription.Superseded) else row["_plan"]
             snapshot = (
@@ -478,6 +470,10 @@ class _Timelines:
                 _utc(event.period_end),
                 _utc(event.trial_ends_at),
                 bool(event.cancel_at_period_end),
+                # The plan's tier as the log stands at this event (the plans
+                # table is projected in the same order, live or rebuilt): an
+                # upgrade stays an upgrade when a tier is revised later.
+                self._tier(plan),
             )
         self.pending.setdefault(event.originator_id, {})[at] = snapshot
 
@@ -509,10 +505,19 @@ class _Timelines:
             [subscription_id],
         )
         snapshots = {}
-        for at, plan, status, start, end, trial, cancel in found:
+        for at, plan, status, start, end, trial, cancel, tier in found:
             at = _utc(at)
             full = cancel is not None
-            snapshots[at] = (at, plan, status, _utc(start), _utc(end), _utc(trial), bool(cancel) if full else None)
+            snapshots[at] = (
+                at,
+                plan,
+                status,
+                _utc(start),
+                _utc(end),
+                _utc(trial),
+                bool(cancel) if full else None,
+                int(tier) if tier is not None else None,
+            )
         return snapshots
 
     def _row_ids(self, subscription_id: UUID, snapshots: dict[Any, tuple[Any, ...]]) -> list[UUID]:
@@ -525,21 +530,23 @@ class _Timelines:
         for snapshot in _effective(sorted(snapshots.values())):
             at, plan, status, start, end = snapshot[:5]
             period = {"period_start": start, "period_end": end, "source_updated_at": at}
-            if previous is None:
-                change = "trial_started" if status == Status.TRIALING.value else "created"
-                rows.append([change, None, plan, {**period, "status": status}, at])
-            else:
+            if previous is not None:
                 if plan != previous[1]:
-                    change = "upgraded" if self._tier(plan) > self._tier(previous[1]) else "downgraded"
-                    details = {**period, "from": previous[1], "to": plan, "reason": "changed at the payment provider"}
-                    rows.append([change, previous[1], plan, details, at])
+                    change = "upgraded" if snapshot[7] > previous[7] else "downgraded"
+                    details = {**period, "from": previous[1], "to": plan, "reason": PROVIDER_CHANGE_REASON}
+                    rows.append(["plan", change, previous[1], plan, details, at])
                 status_change = _synced_change(previous[2], status)
                 if status_change is not None:
-                    rows.append([status_change, None, plan, {**period, "status": status}, at])
+                    rows.append(["status", status_change, None, plan, {**period, "status": status}, at])
+            else:
+                change = "trial_started" if status == Status.TRIALING.value else "created"
+                rows.append(["first", change, None, plan, {**period, "status": status}, at])
             previous = snapshot
+        # An id names the slot (first, plan, status) at the provider's time,
+        # not the change: the rows to replace are found again whatever they say.
         return [
-            [uuid5(ROW_NS, f"timeline:{subscription_id}:{at.isoformat()}:{change}"), from_plan, to_plan, change, d, at]
-            for change, from_plan, to_plan, d, at in rows
+            [uuid5(ROW_NS, f"timeline:{subscription_id}:{at.isoformat()}:{slot}"), from_plan, to_plan, change, d, at]
+            for slot, change, from_plan, to_plan, d, at in rows
         ]
 
     def _rows(self, subscription_id: UUID, snapshots: dict[Any, tuple[Any, ...]]) -> list[list[Any]]:

@@ -9,7 +9,8 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from ledger import Ledger, ManualClock, SubscriptionExists, SyncSubscription
+from ledger import DEFAULT_CATALOG, Ledger, ManualClock, SubscriptionExists, SyncSubscription
+from ledger._readmodels import drop_aside
 
 DAY = timedelta(days=1)
 
@@ -180,3 +181,36 @@ def test_a_status_only_point_older_than_the_first_snapshot_is_left_out(catalog: 
     early = snapshot(ledger, clock, sid, user, status="past_due", plan="pro", updated_s=5, key="early")
     ledger.execute(replace(early, status_only=True))
     assert [r[0] for r in _history(ledger, sid)] == ["created"]
+
+
+def test_a_tier_revised_later_neither_renames_nor_duplicates_provider_rows(ledger: Ledger, clock: ManualClock) -> None:
+    # The change's name follows the tiers as the log stood at each snapshot, so
+    # a rewrite after a revision finds and replaces the rows it wrote before,
+    # and a rebuild writes the same rows.
+    ledger.install_default_catalog()
+    starter = next(t for t in DEFAULT_CATALOG if t.name == "starter")
+    sid, user = uuid4(), uuid4()
+    ledger.execute(snapshot(ledger, clock, sid, user, status="active", plan="starter", updated_s=1, key="a"))
+    ledger.execute(snapshot(ledger, clock, sid, user, status="active", plan="pro", updated_s=3, key="b"))
+    assert [r[0] for r in _history(ledger, sid)] == ["created", "upgraded"]
+    ledger.define_plan(replace(starter, tier_level=3), actor="ops")
+    ledger.define_plan(replace(starter, name="basic", display_name="Basic", tier_level=1), actor="ops")
+    ledger.execute(snapshot(ledger, clock, sid, user, status="active", plan="basic", updated_s=2, key="late"))
+    # starter (tier 1 then) -> basic (1): downgraded by the rule "not higher"; basic -> pro (2): upgraded.
+    assert [r[0] for r in _history(ledger, sid)] == ["created", "downgraded", "upgraded"]
+    views = ledger.views
+    aside = views.build_aside(until=views.position())
+    try:
+        assert all(not rows for rows in views.verify(aside).values())
+    finally:
+        drop_aside(ledger.config, aside)
+
+
+def test_the_ledgers_own_plan_change_of_a_provider_driven_subscription_is_in_its_history(
+    catalog: Ledger, clock: ManualClock
+) -> None:
+    ledger, sid, user = catalog, uuid4(), uuid4()
+    ledger.execute(snapshot(ledger, clock, sid, user, status="active", plan="starter", updated_s=1, key="a"))
+    clock.advance(timedelta(seconds=2))  # the ledger hears of the provider's snapshot after its time
+    ledger.change_plan(sid, "pro", key="admin-up", actor="admin:kim", reason="goodwill")
+    assert [r[0] for r in _history(ledger, sid)] == ["created", "upgraded"]
