@@ -23,6 +23,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from time import monotonic
 from typing import Any
+from uuid import UUID
 
 from eventsourcing.persistence import InterfaceError, InternalError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
@@ -34,10 +35,16 @@ from psycopg.pq import TransactionStatus
 VALUES_MAX_ROWS = 32
 
 
-def _literals_safe(conn: Any) -> bool:
-    """Whether ``'…'`` literals take backslashes literally on this connection
-    (the default since PostgreSQL 9.1); the one-round-trip save relies on it."""
-    return bool(conn.info.parameter_status("standard_conforming_strings") == "on")
+def _literals_safe(conn: Any, stored_events: Sequence[StoredEvent]) -> bool:
+    """Whether the one-round-trip save may write these rows as literals:
+    ``'…'`` literals take backslashes literally on this connection (the
+    default since PostgreSQL 9.1), the message is sent in UTF-8 as the
+    connection expects, and every id is a UUID (its text needs no quoting)."""
+    return (
+        conn.info.parameter_status("standard_conforming_strings") == "on"
+        and conn.info.encoding == "utf-8"
+        and all(isinstance(e.originator_id, UUID) for e in stored_events)
+    )
 
 
 def _text_literal(text: str) -> str:
@@ -185,7 +192,7 @@ class LedgerPostgresRecorder(PostgresApplicationRecorder):
             assert conn.autocommit
             # Nothing else to write in the transaction (no tracking record).
             plain = not any(value is not None for value in kwargs.values())
-            if len(stored_events) <= VALUES_MAX_ROWS and plain and _literals_safe(conn):
+            if len(stored_events) <= VALUES_MAX_ROWS and plain and _literals_safe(conn, stored_events):
                 return self._insert_in_one_round_trip(conn, curs, stored_events)
             try:
                 curs.execute(self._prelude)
