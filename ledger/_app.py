@@ -161,11 +161,15 @@ class _Unit:
         #: Safe because creating one of them clashes in the store if another
         #: writer created it since, and the attempt is then run afresh.
         self.absent: set[UUID] = set()
+        #: Ids of command records a read in this attempt found.
+        self.found_records: set[UUID] = set()
         self.preloaded: dict[UUID, CreditAccount] = {}
 
     def preload(self, user_ids: Iterable[UUID]) -> None:
         """Reads many accounts in a few queries; the ones not found are known missing."""
         ids = list(dict.fromkeys(user_ids))
+        if not ids:
+            return
         loaded = self.reader.load([account_id_for(u) for u in ids])
         for user_id in ids:
             account = loaded.get(account_id_for(user_id))
@@ -173,6 +177,37 @@ class _Unit:
                 self.preloaded[user_id] = account
             else:
                 self.missing.add(user_id)
+
+    def prefetch(self, ids: Iterable[UUID], users: Iterable[UUID | None] = ()) -> None:
+        """Reads, in one bulk read, the aggregates and accounts not read yet
+        in this attempt; afterwards the unit knows each of them found or absent."""
+        wanted = [i for i in dict.fromkeys(ids) if not self.knows(i)]
+        accounts = {
+            account_id_for(u): u
+            for u in users
+            if u is not None and u not in self.accounts and u not in self.preloaded and u not in self.missing
+        }
+        if not wanted and not accounts:
+            return
+        found = self.reader.load([*wanted, *accounts], snapshots=bool(accounts))
+        for i in wanted:
+            aggregate = found.get(i)
+            if aggregate is None:
+                self.absent.add(i)
+            elif isinstance(aggregate, CommandRecord):
+                self.found_records.add(i)
+            else:
+                self.others[i] = aggregate
+        for account_id, user in accounts.items():
+            account = found.get(account_id)
+            if isinstance(account, CreditAccount):
+                self.preloaded[user] = account
+            else:
+                self.missing.add(user)
+
+    def knows(self, aggregate_id: UUID) -> bool:
+        """Whether this attempt has read (or made) the aggregate, or found it absent."""
+        return aggregate_id in self.others or aggregate_id in self.absent or aggregate_id in self.found_records
 
     def account(self, user_id: UUID, *, open_missing: bool = False) -> CreditAccount:
         account = self.accounts.get(user_id)
@@ -218,6 +253,8 @@ class _Unit:
         if key in self.records:
             return True
         record_id = record_id_for(key)
+        if record_id in self.found_records:
+            return True
         if record_id in self.absent:
             return False
         if get_or_none(self.app, record_id, CommandRecord) is not None:
@@ -609,6 +646,7 @@ class Engine:
                 unit.preload(
                     u for c in commands if (u := getattr(c, "user_id", None)) is not None and c.key not in known
                 )
+                self._prefetch(unit, [c for c in commands if c.key not in known])
             try:
                 receipts = self._run(unit, commands, known)
             except _Failed as failed:
@@ -643,6 +681,18 @@ class Engine:
                 time.sleep(random.uniform(0, min(0.05, 0.001 * 2**conflicts)))
                 continue
             return [r if r.replayed else r.model_copy(update={"position": position}) for r in receipts]
+
+    @staticmethod
+    def _prefetch(unit: _Unit, commands: Sequence[Command]) -> None:
+        """One bulk read of what the batch's commands say they will read."""
+        ids: list[UUID] = []
+        users: list[UUID] = []
+        for c in commands:
+            if isinstance(c, UnitCommand):
+                more_ids, more_users = c.reads()
+                ids.extend(more_ids)
+                users.extend(more_users)
+        unit.prefetch(ids, users)
 
     def _new_records(
         self, first_by_key: dict[str, Command], known: dict[str, CommandRecord], likely: str | None

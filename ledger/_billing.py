@@ -59,6 +59,11 @@ class UnitCommand(Command):
     def apply(self, unit: _Unit) -> Receipt:
         raise NotImplementedError
 
+    def reads(self) -> tuple[list[UUID], list[UUID]]:
+        """The aggregate ids and the users' accounts ``apply`` will read, if
+        known in advance: a batch reads those of all its commands at once."""
+        return [], []
+
 
 def _subscription(unit: _Unit, subscription_id: UUID) -> Subscription:
     s = unit.aggregate(subscription_id, Subscription)

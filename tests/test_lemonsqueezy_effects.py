@@ -714,3 +714,43 @@ def test_a_resent_event_changes_nothing_twice(adapter: LemonSqueezy, ledger: Led
 def test_the_user_id_of_a_row_is_a_uuid(adapter: LemonSqueezy) -> None:
     result = started(adapter)
     assert isinstance(result.event_row_id, UUID)
+
+
+def test_a_batch_of_deliveries_reads_what_it_needs_in_one_bulk_read(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit runs concurrent deliveries' commands as one batch: the
+    aggregates they will read are read together, not once per command."""
+    from adapters.lemonsqueezy._effects import ApplyOrder
+
+    users = [uuid4() for _ in range(5)]
+    orders = [
+        ApplyOrder(
+            key=f"order-{i}",
+            order_id=str(660100 + i),
+            customer_id=str(770100 + i),
+            status="paid",
+            variant_id="9001",
+            quantity=1,
+            currency="USD",
+            total=900,
+            refunded_amount=0,
+            custom_user=user,
+            pack_credits=1000,
+        )
+        for i, user in enumerate(users)
+    ]
+    loads: list[int] = []
+    original = ledger.engine.reader.load
+
+    def counting(ids: Any, **kw: Any) -> Any:
+        loads.append(len(list(ids)))
+        return original(ids, **kw)
+
+    monkeypatch.setattr(ledger.engine.reader, "load", counting)
+    receipts = ledger.execute_batch(orders)
+    monkeypatch.undo()
+    # Every order's customer link, payment and key record, and its user's account: one read.
+    assert loads == [5 * 3 + 5], loads
+    assert [r.amount_credits for r in receipts] == [1000] * 5
+    assert all(ledger.balance(u).balance_credits == 1000 for u in users)

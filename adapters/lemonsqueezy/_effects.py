@@ -30,7 +30,7 @@ from uuid import UUID
 
 from ledger import InvalidArgument, LedgerError, Receipt, SyncSubscription
 from ledger._billing import UnitCommand
-from ledger._domain import CommandRecord, CreditAccount, account_id_for, entry_id_for, record_id_for
+from ledger._domain import entry_id_for, record_id_for
 from ledger._plans import Plan, plan_id_for
 from ledger._subscriptions import (
     BillingCycle,
@@ -197,33 +197,15 @@ class Loaded:
 
     def __init__(self, unit: _Unit, ids: Iterable[UUID], users: Iterable[UUID | None] = ()) -> None:
         self.unit = unit
-        wanted = list(dict.fromkeys(ids))
-        accounts = {account_id_for(u): u for u in users if u is not None and u not in unit.accounts}
-        found = unit.reader.load([*wanted, *accounts], snapshots=bool(accounts))
-        self.missing = {i for i in wanted if i not in found}
-        unit.absent |= self.missing
-        self.records = {i for i in wanted if isinstance(found.get(i), CommandRecord)}
-        for i in wanted:
-            aggregate = found.get(i)
-            if aggregate is not None and i not in self.records and i not in unit.others:
-                unit.add(aggregate)
-        for account_id, user in accounts.items():
-            account = found.get(account_id)
-            if isinstance(account, CreditAccount):
-                unit.preloaded[user] = account
-            else:
-                unit.missing.add(user)
+        # What a batch prefetched, or an earlier command of the unit read,
+        # is not read again.
+        unit.prefetch(ids, users)
 
     def get(self, aggregate_id: UUID, cls: type[T]) -> T | None:
-        hit = self.unit.others.get(aggregate_id)
-        if hit is not None:
-            return hit if isinstance(hit, cls) else None
-        if aggregate_id in self.missing:
-            return None
         return self.unit.aggregate(aggregate_id, cls)
 
     def recorded(self, key: str) -> bool:
-        return record_id_for(key) in self.records or self.unit.recorded(key)
+        return self.unit.recorded(key)
 
 
 def resolve_user(
@@ -407,15 +389,23 @@ class ApplySubscription(UnitCommand):
     catalog: Catalog = field(default=Catalog(), kw_only=True, compare=False)
     report: Report = field(default_factory=Report, kw_only=True, compare=False)
 
+    def reads(self) -> tuple[list[UUID], list[UUID]]:
+        sync_key = content_key("subscription-sync", self.ls_subscription_id, self._fields())
+        ids = [
+            subscription_link_id(self.ls_subscription_id),
+            customer_link_id(self.customer_id),
+            ledger_subscription_id(self.ls_subscription_id),
+            record_id_for(sync_key),
+        ]
+        if self.custom_user is not None:
+            ids.append(slot_id_for(self.custom_user))
+        return ids, [self.custom_user] if self.custom_user is not None else []
+
     def apply(self, unit: _Unit) -> Receipt:
         self.report.reset()
         sid = ledger_subscription_id(self.ls_subscription_id)
         sync_key = content_key("subscription-sync", self.ls_subscription_id, self._fields())
-        ids = [subscription_link_id(self.ls_subscription_id), customer_link_id(self.customer_id), sid]
-        ids.append(record_id_for(sync_key))
-        if self.custom_user is not None:
-            ids.append(slot_id_for(self.custom_user))
-        loaded = Loaded(unit, ids, [self.custom_user])
+        loaded = Loaded(unit, *self.reads())
         link = loaded.get(subscription_link_id(self.ls_subscription_id), SubscriptionLink)
         user = resolve_user(loaded, self.custom_user, link, self.customer_id, f"customer {self.customer_id}")
         plan, cycle = plan_for(unit, self.catalog, self.variant_id)
@@ -510,13 +500,20 @@ class ApplyInvoice(UnitCommand):
     hold_window_s: int = field(default=DEFAULT_HOLD_WINDOW_S, kw_only=True, compare=False)
     report: Report = field(default_factory=Report, kw_only=True, compare=False)
 
+    def reads(self) -> tuple[list[UUID], list[UUID]]:
+        ids = [
+            subscription_link_id(self.ls_subscription_id),
+            payment_id("invoice", self.invoice_id),
+            record_id_for(grant_key("invoice", self.invoice_id)),
+        ]
+        if self.payment_failed:
+            ids.append(ledger_subscription_id(self.ls_subscription_id))
+        return ids, [self.custom_user] if self.custom_user is not None else []
+
     def apply(self, unit: _Unit) -> Receipt:
         self.report.reset()
         link_id = subscription_link_id(self.ls_subscription_id)
-        ids = [link_id, payment_id("invoice", self.invoice_id), record_id_for(grant_key("invoice", self.invoice_id))]
-        if self.payment_failed:
-            ids.append(ledger_subscription_id(self.ls_subscription_id))
-        loaded = Loaded(unit, ids, [self.custom_user])
+        loaded = Loaded(unit, *self.reads())
         link = loaded.get(link_id, SubscriptionLink)
         if link is None:
             raise Held(f"subscription {self.ls_subscription_id}", "no snapshot of the subscription seen yet")
@@ -729,13 +726,21 @@ class ApplyOrder(UnitCommand):
     refund_policy: RefundPolicy = field(default=RefundPolicy(), kw_only=True, compare=False)
     report: Report = field(default_factory=Report, kw_only=True, compare=False)
 
+    def reads(self) -> tuple[list[UUID], list[UUID]]:
+        if self.pack_credits is None:
+            return [customer_link_id(self.customer_id)], []
+        ids = [
+            customer_link_id(self.customer_id),
+            payment_id("order", self.order_id),
+            record_id_for(grant_key("order", self.order_id)),
+        ]
+        return ids, [self.custom_user] if self.custom_user is not None else []
+
     def apply(self, unit: _Unit) -> Receipt:
         self.report.reset()
         if self.pack_credits is None:
             return self._not_a_pack(unit)
-        ids = [customer_link_id(self.customer_id), payment_id("order", self.order_id)]
-        ids.append(record_id_for(grant_key("order", self.order_id)))
-        loaded = Loaded(unit, ids, [self.custom_user])
+        loaded = Loaded(unit, *self.reads())
         user = resolve_user(loaded, self.custom_user, None, self.customer_id, f"customer {self.customer_id}")
         learn_customer(loaded, self.customer_id, user)
         payment = loaded.get(payment_id("order", self.order_id), Payment)
