@@ -165,19 +165,6 @@ class _Unit:
         self.found_records: set[UUID] = set()
         self.preloaded: dict[UUID, CreditAccount] = {}
 
-    def preload(self, user_ids: Iterable[UUID]) -> None:
-        """Reads many accounts in a few queries; the ones not found are known missing."""
-        ids = list(dict.fromkeys(user_ids))
-        if not ids:
-            return
-        loaded = self.reader.load([account_id_for(u) for u in ids])
-        for user_id in ids:
-            account = loaded.get(account_id_for(user_id))
-            if isinstance(account, CreditAccount):
-                self.preloaded[user_id] = account
-            else:
-                self.missing.add(user_id)
-
     def prefetch(self, ids: Iterable[UUID], users: Iterable[UUID | None] = ()) -> None:
         """Reads, in one bulk read, the aggregates and accounts not read yet
         in this attempt; afterwards the unit knows each of them found or absent."""
@@ -643,9 +630,6 @@ class Engine:
         while True:
             unit = _Unit(self.app, self.reader, now or self.clock.now(), self.policy)
             if len(commands) > 1:
-                unit.preload(
-                    u for c in commands if (u := getattr(c, "user_id", None)) is not None and c.key not in known
-                )
                 self._prefetch(unit, [c for c in commands if c.key not in known])
             try:
                 receipts = self._run(unit, commands, known)
@@ -684,10 +668,13 @@ class Engine:
 
     @staticmethod
     def _prefetch(unit: _Unit, commands: Sequence[Command]) -> None:
-        """One bulk read of what the batch's commands say they will read."""
+        """One bulk read of the batch's accounts and of what its other
+        commands say they will read: the ones not found are known missing."""
         ids: list[UUID] = []
         users: list[UUID] = []
         for c in commands:
+            if (user := getattr(c, "user_id", None)) is not None:
+                users.append(user)
             if isinstance(c, UnitCommand):
                 more_ids, more_users = c.reads()
                 ids.extend(more_ids)
@@ -737,7 +724,7 @@ class Engine:
             raise InvalidArgument(f"a sweep batch holds at most {MAX_BATCH_COMMANDS} accounts")
         for _ in range(self.max_attempts):
             unit = _Unit(self.app, self.reader, now, self.policy)
-            unit.preload(ids)
+            unit.prefetch([], ids)
             for user_id in ids:
                 unit.sweep(user_id)
             objs = unit.pending()
