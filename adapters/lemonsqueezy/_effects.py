@@ -22,7 +22,6 @@ from __future__ import annotations
 import calendar
 import hashlib
 import json
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
@@ -188,28 +187,8 @@ def minus_cycle(end: datetime, cycle: BillingCycle) -> datetime:
 # --------------------------------------------------------------- shared steps
 
 
-class Loaded:
-    """The aggregates a command will read, loaded in one bulk read (a
-    snapshot query and an events query) instead of a query or two each; and
-    which of them do not exist, so that they are not looked up again. Found
-    aggregates join the unit; users' accounts go where ``unit.account``
-    looks first."""
-
-    def __init__(self, unit: _Unit, ids: Iterable[UUID], users: Iterable[UUID | None] = ()) -> None:
-        self.unit = unit
-        # What a batch prefetched, or an earlier command of the unit read,
-        # is not read again.
-        unit.prefetch(ids, users)
-
-    def get(self, aggregate_id: UUID, cls: type[T]) -> T | None:
-        return self.unit.aggregate(aggregate_id, cls)
-
-    def recorded(self, key: str) -> bool:
-        return self.unit.recorded(key)
-
-
 def resolve_user(
-    loaded: Loaded, custom_user: UUID | None, link: SubscriptionLink | None, customer_id: str, waits_for: str
+    unit: _Unit, custom_user: UUID | None, link: SubscriptionLink | None, customer_id: str, waits_for: str
 ) -> UUID:
     """``meta.custom_data.user_id``, else the user the subscription or the
     customer was first seen with; Held when none is known."""
@@ -222,17 +201,16 @@ def resolve_user(
         return custom_user
     if link is not None:
         return link.user_id
-    customer = loaded.get(customer_link_id(customer_id), CustomerLink)
+    customer = unit.aggregate(customer_link_id(customer_id), CustomerLink)
     if customer is not None:
         return customer.user_id
     raise Held(waits_for, "no meta.custom_data.user_id, and no user is mapped to this subscription or customer yet")
 
 
-def learn_customer(loaded: Loaded, customer_id: str, user_id: UUID) -> None:
+def learn_customer(unit: _Unit, customer_id: str, user_id: UUID) -> None:
     """Maps a customer to the user it is first seen with (later users of the
     same customer, one email with two app accounts, do not move it)."""
-    unit = loaded.unit
-    if loaded.get(customer_link_id(customer_id), CustomerLink) is None:
+    if unit.aggregate(customer_link_id(customer_id), CustomerLink) is None:
         unit.add(
             CustomerLink._create(
                 CustomerLink.Linked,
@@ -307,9 +285,8 @@ def grant_key(kind: str, object_id: str) -> str:
     return f"lemonsqueezy:{kind}:{object_id}"
 
 
-def open_payment(loaded: Loaded, kind: str, object_id: str, user_id: UUID, total: int, currency: str) -> Payment:
-    unit = loaded.unit
-    payment = loaded.get(payment_id(kind, object_id), Payment)
+def open_payment(unit: _Unit, kind: str, object_id: str, user_id: UUID, total: int, currency: str) -> Payment:
+    payment = unit.aggregate(payment_id(kind, object_id), Payment)
     if payment is None:
         payment = Payment._create(
             Payment.Opened,
@@ -405,9 +382,9 @@ class ApplySubscription(UnitCommand):
         self.report.reset()
         sid = ledger_subscription_id(self.ls_subscription_id)
         sync_key = content_key("subscription-sync", self.ls_subscription_id, self._fields())
-        loaded = Loaded(unit, *self.reads())
-        link = loaded.get(subscription_link_id(self.ls_subscription_id), SubscriptionLink)
-        user = resolve_user(loaded, self.custom_user, link, self.customer_id, f"customer {self.customer_id}")
+        unit.prefetch(*self.reads())
+        link = unit.aggregate(subscription_link_id(self.ls_subscription_id), SubscriptionLink)
+        user = resolve_user(unit, self.custom_user, link, self.customer_id, f"customer {self.customer_id}")
         plan, cycle = plan_for(unit, self.catalog, self.variant_id)
         if link is None:
             link = SubscriptionLink._create(
@@ -419,8 +396,8 @@ class ApplySubscription(UnitCommand):
                 timestamp=unit.now,
             )
             unit.add(link)
-        learn_customer(loaded, self.customer_id, user)
-        before = loaded.get(sid, Subscription)
+        learn_customer(unit, self.customer_id, user)
+        before = unit.aggregate(sid, Subscription)
         start, end = self.period_start, self.period_end
         if self.status == Status.PAST_DUE and before is not None:
             # A dunning snapshot's renews_at is the next charge attempt, not the
@@ -447,7 +424,7 @@ class ApplySubscription(UnitCommand):
             customer_id=self.customer_id,
             pause_mode=self.pause_mode,
         )
-        if not loaded.recorded(sync.key):
+        if not unit.recorded(sync.key):
             try:
                 sync.apply(unit)
             except SubscriptionExists as exc:
@@ -513,17 +490,17 @@ class ApplyInvoice(UnitCommand):
     def apply(self, unit: _Unit) -> Receipt:
         self.report.reset()
         link_id = subscription_link_id(self.ls_subscription_id)
-        loaded = Loaded(unit, *self.reads())
-        link = loaded.get(link_id, SubscriptionLink)
+        unit.prefetch(*self.reads())
+        link = unit.aggregate(link_id, SubscriptionLink)
         if link is None:
             raise Held(f"subscription {self.ls_subscription_id}", "no snapshot of the subscription seen yet")
-        user = resolve_user(loaded, self.custom_user, link, self.customer_id, f"subscription {self.ls_subscription_id}")
-        payment = loaded.get(payment_id("invoice", self.invoice_id), Payment)
+        user = resolve_user(unit, self.custom_user, link, self.customer_id, f"subscription {self.ls_subscription_id}")
+        payment = unit.aggregate(payment_id("invoice", self.invoice_id), Payment)
         if self.status in PAID_STATUSES and (payment is None or payment.granted is None):
-            payment = open_payment(loaded, "invoice", self.invoice_id, user, self.total, self.currency)
+            payment = open_payment(unit, "invoice", self.invoice_id, user, self.total, self.currency)
             self._grant(unit, link, payment)
         if self.payment_failed:
-            self._past_due(loaded, user)
+            self._past_due(unit, user)
         if payment is not None and payment.granted is not None and self.refunded_amount > payment.refunded_seen:
             claw_back(
                 unit,
@@ -665,15 +642,14 @@ class ApplyInvoice(UnitCommand):
 
     # -- a failed payment --------------------------------------------------------
 
-    def _past_due(self, loaded: Loaded, user: UUID) -> None:
+    def _past_due(self, unit: _Unit, user: UUID) -> None:
         """past_due, as a status-only snapshot dated by the invoice: it loses
         to any newer snapshot (a recovery), whichever arrives first. A late
         one (older than the snapshot applied) is still recorded, for the
         history to place at its time; it counts there only if the
         subscription was active or trialing then, as it must be now to apply."""
-        unit = loaded.unit
         sid = ledger_subscription_id(self.ls_subscription_id)
-        s = loaded.get(sid, Subscription)
+        s = unit.aggregate(sid, Subscription)
         if s is None or self.updated_at == s.source_updated_at:
             return
         late = s.source_updated_at is not None and self.updated_at < s.source_updated_at
@@ -695,7 +671,7 @@ class ApplyInvoice(UnitCommand):
             customer_id=self.customer_id,
             status_only=True,
         )
-        if not loaded.recorded(sync.key):
+        if not unit.recorded(sync.key):
             sync.apply(unit)
             self.report.applied = not late
 
@@ -740,12 +716,12 @@ class ApplyOrder(UnitCommand):
         self.report.reset()
         if self.pack_credits is None:
             return self._not_a_pack(unit)
-        loaded = Loaded(unit, *self.reads())
-        user = resolve_user(loaded, self.custom_user, None, self.customer_id, f"customer {self.customer_id}")
-        learn_customer(loaded, self.customer_id, user)
-        payment = loaded.get(payment_id("order", self.order_id), Payment)
+        unit.prefetch(*self.reads())
+        user = resolve_user(unit, self.custom_user, None, self.customer_id, f"customer {self.customer_id}")
+        learn_customer(unit, self.customer_id, user)
+        payment = unit.aggregate(payment_id("order", self.order_id), Payment)
         if self.status in PAID_STATUSES and (payment is None or payment.granted is None):
-            payment = open_payment(loaded, "order", self.order_id, user, self.total, self.currency)
+            payment = open_payment(unit, "order", self.order_id, user, self.total, self.currency)
             record_grant(
                 unit,
                 payment,
@@ -772,7 +748,7 @@ class ApplyOrder(UnitCommand):
         if not self.plan_variant and self.status in PAID_STATUSES:
             raise UnconfiguredPack(self.order_id, self.variant_id)
         if self.custom_user is not None:
-            learn_customer(Loaded(unit, [customer_link_id(self.customer_id)]), self.customer_id, self.custom_user)
+            learn_customer(unit, self.customer_id, self.custom_user)
         if self.plan_variant:
             self.report.notes.append("a subscription's checkout order: its invoices grant the credits")
         else:
