@@ -452,6 +452,7 @@ class _Timelines:
     def __init__(self, tx: ViewTx) -> None:
         self.tx = tx
         self.pending: dict[UUID, dict[Any, tuple[Any, ...]]] = {}
+        self.plan_ids: dict[str, Any] = {}
 
     def add(self, event: Any, row: dict[str, Any]) -> None:
         at = _utc(event.source_updated_at)
@@ -554,14 +555,21 @@ class _Timelines:
             [
                 rid,
                 subscription_id,
-                _plan_id(self.tx, from_plan) if from_plan else None,
-                _plan_id(self.tx, to_plan),
+                self._plan_id(from_plan) if from_plan else None,
+                self._plan_id(to_plan),
                 change,
                 _jsonable(details),
                 at,
             ]
             for rid, from_plan, to_plan, change, details, at in self._changes(subscription_id, snapshots)
         ]
+
+    def _plan_id(self, name: str) -> Any:
+        # A plan's id never changes: a rewrite of a long timeline would ask
+        # for the same few plans row after row.
+        if name not in self.plan_ids:
+            self.plan_ids[name] = _plan_id(self.tx, name)
+        return self.plan_ids[name]
 
     def _tier(self, plan: str) -> int:
         found = self.tx.fetchall("SELECT tier_level FROM plans WHERE name = %s", [plan])
