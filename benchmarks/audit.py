@@ -57,8 +57,8 @@ from ledger import (  # noqa: E402
     SpendCredits,
     audit,
 )
-from ledger._digest import digest  # noqa: E402
-from ledger._domain import reservation_id_for  # noqa: E402
+from ledger.audit.digest import digest  # noqa: E402
+from ledger.domain.credits import reservation_id_for  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DECODE_PAGE = 1_000

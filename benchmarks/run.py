@@ -52,8 +52,8 @@ from ledger import (  # noqa: E402
     SettleReservation,
     SpendCredits,
 )
-from ledger._readmodels import drop_aside  # noqa: E402
-from ledger._views import CreditView  # noqa: E402
+from ledger.views.credits import CreditView  # noqa: E402
+from ledger.views.runner import drop_aside  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 MAX_BATCH = 10_000  # Ledger.execute_batch takes at most this many commands
@@ -74,7 +74,7 @@ TARGET_REBUILD_PEAK_RSS_MB = 300.0
 
 # The read-model phase: notifications per select_notifications page when
 # decoding: the live projector's page (a rebuild reads pages of
-# ledger._readmodels.REBUILD_PAGE_EVENTS, 5,000 since commit 86e9e7a).
+# ledger.views.runner.REBUILD_PAGE_EVENTS, 5,000 since commit 86e9e7a).
 DECODE_PAGE = 1_000
 
 

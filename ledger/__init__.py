@@ -3,10 +3,7 @@
 The public surface is re-exported here; everything else is private.
 """
 
-from ._audit import AuditReport, audit
-from ._audit_base import Finding
-from ._auditor import Auditor
-from ._billing import (
+from ledger.application.billing import (
     ActivateSubscription,
     CancelSubscription,
     ChangePlan,
@@ -21,10 +18,41 @@ from ._billing import (
     SyncSubscription,
     UnpauseSubscription,
 )
-from ._clock import Clock, ManualClock, SystemClock
-from ._digest import DigestHead, DigestResult, Tampering, VerifyResult
-from ._entitlements import Entitlements, PlanView, SubscriptionView
-from ._errors import (
+from ledger.application.commands import (
+    AccountEvent,
+    AdjustCredits,
+    Balance,
+    Command,
+    CreditBlock,
+    GrantCredits,
+    Receipt,
+    ReleaseReservation,
+    Reservation,
+    ReserveCredits,
+    SettleReservation,
+    SpendCredits,
+)
+from ledger.application.facade import DEFAULT_URL, Ledger
+from ledger.audit.auditor import Auditor
+from ledger.audit.base import Finding
+from ledger.audit.digest import DigestHead, DigestResult, Tampering, VerifyResult
+from ledger.audit.pointintime import Statement, StatementEntry, StatementHold, StatementHoldEvent
+from ledger.audit.runner import AuditReport, audit
+from ledger.clock import Clock, ManualClock, SystemClock
+from ledger.domain.credits import MAX_CREDITS, CreditKind
+from ledger.domain.entitlements import Entitlements, PlanView, SubscriptionView
+from ledger.domain.plans import DEFAULT_CATALOG, FREE_PLAN, Feature, PlanTerms
+from ledger.domain.subscriptions import (
+    BillingCycle,
+    CreditPolicy,
+    InvalidTransition,
+    PauseMode,
+    SubscriptionExists,
+    UnknownPlan,
+    UnknownSubscription,
+)
+from ledger.domain.subscriptions import Status as SubscriptionStatus
+from ledger.errors import (
     BatchRejected,
     ConcurrencyExhausted,
     ConfigurationError,
@@ -38,35 +66,6 @@ from ._errors import (
     UnknownAccount,
     UnknownReservation,
     ViewsBehind,
-)
-from ._ledger import DEFAULT_URL, Ledger
-from ._plans import DEFAULT_CATALOG, FREE_PLAN, Feature, PlanTerms
-from ._pointintime import Statement, StatementEntry, StatementHold, StatementHoldEvent
-from ._subscriptions import (
-    BillingCycle,
-    CreditPolicy,
-    InvalidTransition,
-    PauseMode,
-    SubscriptionExists,
-    UnknownPlan,
-    UnknownSubscription,
-)
-from ._subscriptions import Status as SubscriptionStatus
-from ._types import (
-    MAX_CREDITS,
-    AccountEvent,
-    AdjustCredits,
-    Balance,
-    Command,
-    CreditBlock,
-    CreditKind,
-    GrantCredits,
-    Receipt,
-    ReleaseReservation,
-    Reservation,
-    ReserveCredits,
-    SettleReservation,
-    SpendCredits,
 )
 
 __version__ = "0.1.0"

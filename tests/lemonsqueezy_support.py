@@ -15,7 +15,7 @@ from uuid import UUID, uuid5
 
 from adapters.lemonsqueezy import LemonSqueezy, sign
 from ledger import DEFAULT_CATALOG, CreditPolicy, Ledger
-from ledger._subscriptions import Subscription
+from ledger.domain.subscriptions import Subscription
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "lemonsqueezy"
 SECRET = "whsec_pingvas_test_4f2a9c"

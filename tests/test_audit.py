@@ -13,9 +13,9 @@ from uuid import UUID, uuid4
 import pytest
 
 from ledger import Auditor, AuditReport, Ledger, ManualClock, audit
-from ledger._audit import checkpoint_position
-from ledger._audit_base import AuditContext, Check
-from ledger._domain import CreditAccount
+from ledger.audit.base import AuditContext, Check
+from ledger.audit.runner import checkpoint_position
+from ledger.domain.credits import CreditAccount
 
 HOUR = timedelta(hours=1)
 

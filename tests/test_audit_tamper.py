@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 from ledger import Auditor, AuditReport, DigestHead, Ledger, ManualClock, VerifyResult
-from ledger._storage import parse_url
+from ledger.storage.config import parse_url
 from tests.conftest import START, pg_base_url
 
 HOUR = timedelta(hours=1)

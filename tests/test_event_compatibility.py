@@ -23,8 +23,8 @@ from ledger import (
     SubscriptionStatus,
     SyncSubscription,
 )
-from ledger._domain import CommandRecord, CreditAccount, Reservation
-from ledger._subscriptions import Subscription, slot_id_for
+from ledger.domain.credits import CommandRecord, CreditAccount, Reservation
+from ledger.domain.subscriptions import Subscription, slot_id_for
 
 FIXTURES = Path(__file__).parent / "fixtures"
 USER = UUID("00000000-0000-4000-8000-000000000001")

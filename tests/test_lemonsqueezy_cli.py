@@ -19,8 +19,8 @@ from click.testing import CliRunner
 
 from adapters.lemonsqueezy import LemonSqueezy, RefundPolicy
 from ledger import DEFAULT_CATALOG, Ledger
-from ledger._app import LedgerApplication
-from ledger._cli import cli
+from ledger.cli.main import cli
+from ledger.storage.eventstore import LedgerApplication
 from tests.lemonsqueezy_support import (
     FIXTURES,
     R1,

@@ -18,7 +18,7 @@ from adapters.lemonsqueezy import LemonSqueezy, sign, verify
 from adapters.lemonsqueezy._adapter import DEFAULT_STALE_AFTER_S
 from adapters.lemonsqueezy._payloads import MAX_BODY_BYTES, MalformedBody, parse_json
 from ledger import ConfigurationError, CreditPolicy, Ledger
-from ledger._app import LedgerApplication
+from ledger.storage.eventstore import LedgerApplication
 from tests.conftest import fresh_pg_schema
 from tests.lemonsqueezy_support import (
     FIXTURES,

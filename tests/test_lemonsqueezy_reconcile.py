@@ -429,7 +429,7 @@ def test_the_reconcile_command(ledger_url: str, monkeypatch: pytest.MonkeyPatch,
     if ledger_url == "memory://":
         pytest.skip("the command opens the ledger from its URL")
     from adapters.lemonsqueezy import _client
-    from ledger._cli import cli
+    from ledger.cli.main import cli
 
     with open_ledger(ledger_url, StoryClock(START)) as ledger:
         adapter = adapter_for(ledger)

@@ -35,8 +35,8 @@ import pytest
 
 from adapters.lemonsqueezy import LemonSqueezy
 from ledger import Ledger, audit
-from ledger._app import LedgerApplication
-from ledger._readmodels import drop_aside
+from ledger.storage.eventstore import LedgerApplication
+from ledger.views.runner import drop_aside
 from tests.conftest import pg_base_url, require_postgres
 from tests.lemonsqueezy_support import (
     BEFORE,

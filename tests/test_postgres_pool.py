@@ -11,8 +11,8 @@ import psycopg
 import pytest
 
 from ledger import ConfigurationError, GrantCredits, Ledger, SpendCredits
-from ledger._postgres import PingWindow
-from ledger._storage import PRE_PING_WINDOW_S, parse_url
+from ledger.storage.config import PRE_PING_WINDOW_S, parse_url
+from ledger.storage.postgres.recorder import PingWindow
 from tests.conftest import pg_base_url
 
 

@@ -10,7 +10,7 @@ import pytest
 from eventsourcing.persistence import IntegrityError, StoredEvent
 
 from ledger import Ledger
-from ledger._postgres import VALUES_MAX_ROWS, LedgerPostgresRecorder
+from ledger.storage.postgres.recorder import VALUES_MAX_ROWS, LedgerPostgresRecorder
 
 pytestmark = pytest.mark.postgres
 

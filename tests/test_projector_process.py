@@ -16,7 +16,7 @@ from uuid import uuid4
 import pytest
 
 from ledger import InsufficientCredits, Ledger
-from ledger._readmodels import drop_aside
+from ledger.views.runner import drop_aside
 
 FAR = datetime(2099, 1, 1, tzinfo=UTC)
 

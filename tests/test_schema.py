@@ -19,9 +19,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import psycopg
 import pytest
 
-from ledger._errors import ConfigurationError
-from ledger._plans import plan_id_for
-from ledger._schema import (
+from ledger.domain.plans import plan_id_for
+from ledger.errors import ConfigurationError
+from ledger.storage.ddl import (
     ADDED_INDEX_NAMES,
     INDEX_NAMES,
     SCHEMA_VERSION,

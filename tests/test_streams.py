@@ -7,8 +7,8 @@ from __future__ import annotations
 import uuid
 
 from ledger import Command, CreditKind, GrantCredits, Ledger, SpendCredits
-from ledger._domain import CreditAccount, account_id_for
-from ledger._streams import stream_reader
+from ledger.domain.credits import CreditAccount, account_id_for
+from ledger.storage.streams import stream_reader
 
 
 def test_bulk_loads_equal_the_repositorys(ledger_url: str) -> None:

@@ -51,9 +51,9 @@ from ledger import (
     SubscriptionExists,
     UnknownAccount,
 )
-from ledger._ledger import MAX_DUE_PER_TICK
-from ledger._readmodels import drop_aside
-from ledger._views_billing import row_id
+from ledger.application.facade import MAX_DUE_PER_TICK
+from ledger.views.runner import drop_aside
+from ledger.views.subscriptions import row_id
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 TERMS = {t.name: t for t in DEFAULT_CATALOG}

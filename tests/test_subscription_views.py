@@ -15,11 +15,11 @@ import psycopg
 import pytest
 
 from ledger import DEFAULT_CATALOG, Feature, Ledger, ManualClock
-from ledger._domain import account_id_for
-from ledger._plans import plan_id_for
-from ledger._readmodels import drop_aside
-from ledger._views_billing import row_id
-from ledger._viewstore import normalise
+from ledger.domain.credits import account_id_for
+from ledger.domain.plans import plan_id_for
+from ledger.storage.viewstore import normalise
+from ledger.views.runner import drop_aside
+from ledger.views.subscriptions import row_id
 from tests.conftest import START, pg_base_url
 
 DAY = timedelta(days=1)

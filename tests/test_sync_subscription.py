@@ -10,7 +10,7 @@ from uuid import UUID, uuid4
 import pytest
 
 from ledger import DEFAULT_CATALOG, Ledger, ManualClock, SubscriptionExists, SyncSubscription
-from ledger._readmodels import drop_aside
+from ledger.views.runner import drop_aside
 
 DAY = timedelta(days=1)
 

@@ -11,7 +11,7 @@ from uuid import UUID, uuid4
 import pytest
 
 from ledger import Ledger, ManualClock
-from ledger._projector import StalePosition
+from ledger.views.projector import StalePosition
 
 HOUR = timedelta(hours=1)
 
@@ -124,7 +124,7 @@ def test_rebuild_equals_live_and_verify_finds_edits(ledger: Ledger, clock: Manua
         assert views.checksums() == views.checksums(aside)
         assert all(not f for f in views.verify(aside).values())
     finally:
-        from ledger._readmodels import drop_aside
+        from ledger.views.runner import drop_aside
 
         drop_aside(ledger.config, aside)
     assert views.catch_up() == 0  # the swapped-in position is where the rebuild stopped
@@ -146,7 +146,7 @@ def test_users_credits_follow_when_the_host_opts_in(ledger_url: str, clock: Manu
 @pytest.mark.postgres
 def test_the_swap_respects_host_foreign_keys(pg_url: str, clock: ManualClock) -> None:
     from ledger import ConfigurationError
-    from ledger._readmodels import drop_aside
+    from ledger.views.runner import drop_aside
 
     with Ledger(pg_url, clock=clock, sync_views=True) as ledger:
         user = uuid4()
@@ -192,7 +192,7 @@ def test_large_pages_equal_their_rebuild(ledger: Ledger) -> None:
     """Pages of more rows than the COPY threshold (PostgreSQL) are written the
     same way as small ones."""
     from ledger import GrantCredits, SpendCredits
-    from ledger._readmodels import drop_aside
+    from ledger.views.runner import drop_aside
 
     users = [uuid4() for _ in range(120)]
     ledger.execute_batch([GrantCredits(key=f"{u}:g", user_id=u, amount_credits=9, kind="bonus") for u in users])  # type: ignore[arg-type]

@@ -20,9 +20,9 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ledger import ConfigurationError, InvalidArgument, Ledger, LedgerError, Receipt
-from ledger._plans import Plan
-from ledger._subscriptions import BillingCycle, PauseMode, Status
-from ledger._types import MAX_CREDITS
+from ledger.domain.credits import MAX_CREDITS
+from ledger.domain.plans import Plan
+from ledger.domain.subscriptions import BillingCycle, PauseMode, Status
 
 from ._batching import GroupCommit
 from ._effects import (

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 import click
 from click.core import ParameterSource
 
-from ledger._cli import URL_HELP, _url, cli
+from ledger.cli.main import URL_HELP, _url, cli
 
 from ._effects import DEFAULT_HOLD_WINDOW_S
 

@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 from uuid import UUID
 
 from ledger import InvalidArgument, LedgerError, Receipt, SyncSubscription
-from ledger._billing import UnitCommand
-from ledger._domain import entry_id_for, record_id_for
-from ledger._plans import Plan, plan_id_for
-from ledger._subscriptions import (
+from ledger.application.billing import UnitCommand
+from ledger.application.commands import ADDED
+from ledger.domain.credits import MAX_CREDITS, CreditKind, entry_id_for, record_id_for
+from ledger.domain.plans import Plan, plan_id_for
+from ledger.domain.subscriptions import (
     BillingCycle,
     PauseMode,
     Status,
@@ -41,7 +42,6 @@ from ledger._subscriptions import (
     prorated,
     slot_id_for,
 )
-from ledger._types import ADDED, MAX_CREDITS, CreditKind
 
 from ._state import (
     Credited,
@@ -56,7 +56,7 @@ from ._state import (
 )
 
 if TYPE_CHECKING:
-    from ledger._app import _Unit
+    from ledger.application.unit import _Unit
 
 T = TypeVar("T")
 

@@ -35,8 +35,8 @@ from uuid import UUID, uuid4
 from psycopg import sql
 
 from ledger import Ledger
-from ledger._viewstore import ViewTx
-from ledger._viewstore_postgres import PostgresViewStore, PostgresViewTx
+from ledger.storage.postgres.viewstore import PostgresViewStore, PostgresViewTx
+from ledger.storage.viewstore import ViewTx
 
 SOURCE = "lemon_squeezy"
 MAX_ERROR_MESSAGE = 2_000

@@ -1,0 +1,576 @@
+"""Subscription and plan commands, and how each runs inside a unit of work.
+
+Each command checks the subscription's state (InvalidTransition otherwise),
+triggers the subscription's events, and posts the credit effect the policy
+promises on the user's account, all in the caller's one transaction. Credit
+grants carry keys derived from the subscription and period, recorded like any
+command key, so a change re-driven under another key never grants twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ledger.application.commands import (
+    ADDED,
+    MAX_LABEL_LENGTH,
+    MAX_TEXT_LENGTH,
+    Command,
+    Receipt,
+    check_key,
+    check_optional_text,
+    check_uuid,
+)
+from ledger.clock import require_utc
+from ledger.domain.credits import CreditKind
+from ledger.domain.plans import Plan, PlanTerms, plan_id_for
+from ledger.domain.subscriptions import (
+    PROVIDER_CHANGE_REASON,
+    RENEWAL_WINDOW,
+    BillingCycle,
+    InvalidTransition,
+    PauseMode,
+    Status,
+    Subscription,
+    SubscriptionExists,
+    UnknownPlan,
+    UnknownSubscription,
+    add_cycle,
+    pause_mode_of,
+    prorated,
+    subscription_id_for,
+)
+from ledger.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from uuid import UUID
+
+    from ledger.application.unit import _Unit
+
+SUBSCRIPTION_KINDS = frozenset({CreditKind.SUBSCRIPTION_GRANT.value, CreditKind.SUBSCRIPTION_RENEW.value})
+MAX_TRIAL_DAYS = 365
+
+
+class UnitCommand(Command):
+    """A command that knows how to run itself in a unit of work."""
+
+    def apply(self, unit: _Unit) -> Receipt:
+        raise NotImplementedError
+
+    def reads(self) -> tuple[list[UUID], list[UUID]]:
+        """The aggregate ids and the users' accounts ``apply`` will read, if
+        known in advance: a batch reads those of all its commands at once."""
+        return [], []
+
+
+def _subscription(unit: _Unit, subscription_id: UUID) -> Subscription:
+    s = unit.aggregate(subscription_id, Subscription)
+    if s is None:
+        raise UnknownSubscription(subscription_id)
+    return s
+
+
+def _plan(unit: _Unit, name: str) -> Plan:
+    plan = unit.aggregate(plan_id_for(name), Plan)
+    if plan is None:
+        raise UnknownPlan(name)
+    return plan
+
+
+def _period_credits(
+    unit: _Unit,
+    subscription_id: UUID,
+    user_id: UUID,
+    terms: PlanTerms,
+    kind: CreditKind,
+    period_start: datetime,
+    period_end: datetime,
+    purpose: str,
+) -> int:
+    """Grants a period's credits by the policy; returns how many were granted."""
+    amount = terms.credits
+    expires_at: datetime | None = period_end
+    if unit.policy.expiry == "rollover":
+        expires_at = None
+        cap = unit.policy.rollover_cap_credits
+        if cap is not None:
+            account = unit.account(user_id, open_missing=True)
+            unspent = sum(b.remaining for b in account.blocks.values() if b.kind in SUBSCRIPTION_KINDS)
+            amount = min(amount, max(0, cap - unspent))
+    if expires_at is not None and expires_at <= unit.now:
+        # A period recorded after it ended (a tick that ran late): its credits
+        # would lapse unused, so none are granted.
+        return 0
+    key = f"subscription:{subscription_id}:{purpose}:{period_start.isoformat()}"
+    return unit.grant_once(
+        user_id,
+        amount,
+        kind,
+        key=key,
+        expires_at=expires_at,
+        reference_type="subscription",
+        reference_id=str(subscription_id),
+        description=f"{terms.display_name} plan, {purpose}",
+    )
+
+
+def _done(unit: _Unit, c: Command, s: Subscription, granted: int) -> Receipt:
+    return unit.finish(c, s.user_id, amount=granted, subscription_id=s.id)
+
+
+@dataclass(frozen=True)
+class StartSubscription(UnitCommand):
+    name: ClassVar[str] = "start_subscription"
+    user_id: UUID = field(kw_only=True)
+    plan: str = field(kw_only=True)
+    billing_cycle: BillingCycle = field(default=BillingCycle.MONTHLY, kw_only=True)
+    trial_days: int = field(default=0, kw_only=True)
+    lemon_squeezy_subscription_id: str | None = field(default=None, kw_only=True)
+    lemon_squeezy_customer_id: str | None = field(default=None, kw_only=True)
+    actor: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        check_key(self.key)
+        check_uuid(self.user_id, "user_id")
+        object.__setattr__(self, "billing_cycle", _cycle(self.billing_cycle))
+        if type(self.trial_days) is not int or not 0 <= self.trial_days <= MAX_TRIAL_DAYS:
+            raise InvalidArgument(f"trial_days must be an int within 0..{MAX_TRIAL_DAYS}, got {self.trial_days!r}")
+        check_optional_text(self.lemon_squeezy_subscription_id, "lemon_squeezy_subscription_id", 100)
+        check_optional_text(self.lemon_squeezy_customer_id, "lemon_squeezy_customer_id", 100)
+        check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH)
+
+    def apply(self, unit: _Unit) -> Receipt:
+        plan = _plan(unit, self.plan)
+        terms = plan.terms
+        if not terms.is_active:
+            raise InvalidArgument(f"plan {self.plan!r} is not open for new subscriptions")
+        slot = unit.slot(self.user_id)
+        if slot.live is not None:
+            raise SubscriptionExists(self.user_id, slot.live)
+        now = unit.now
+        trial_ends_at = now + timedelta(days=self.trial_days) if self.trial_days else None
+        period_end = trial_ends_at or add_cycle(now, self.billing_cycle)
+        subscription_id = subscription_id_for(self.key)
+        granted = _period_credits(
+            unit, subscription_id, self.user_id, terms, CreditKind.SUBSCRIPTION_GRANT, now, period_end, "period"
+        )
+        s = Subscription._create(
+            Subscription.Started,
+            id=subscription_id,
+            user_id=self.user_id,
+            plan=self.plan,
+            plan_revision=plan.revision,
+            billing_cycle=str(self.billing_cycle),
+            status=str(Status.TRIALING if trial_ends_at else Status.ACTIVE),
+            period_start=now,
+            period_end=period_end,
+            trial_ends_at=trial_ends_at,
+            lemon_squeezy_subscription_id=self.lemon_squeezy_subscription_id,
+            lemon_squeezy_customer_id=self.lemon_squeezy_customer_id,
+            granted_credits=granted,
+            actor=self.actor,
+            timestamp=now,
+        )
+        unit.add(s)
+        slot.trigger_event(slot.Taken, subscription_id=s.id, timestamp=now)
+        return _done(unit, self, s, granted)
+
+
+@dataclass(frozen=True)
+class _OnSubscription(UnitCommand):
+    subscription_id: UUID = field(kw_only=True)
+
+    def __post_init__(self) -> None:
+        check_key(self.key)
+        check_uuid(self.subscription_id, "subscription_id")
+
+
+@dataclass(frozen=True)
+class ActivateSubscription(_OnSubscription):
+    """A trial converts to its first paid period."""
+
+    name: ClassVar[str] = "activate_subscription"
+
+    def apply(self, unit: _Unit) -> Receipt:
+        s = _subscription(unit, self.subscription_id)
+        s.require("activate", Status.TRIALING)
+        start = unit.now
+        end = add_cycle(start, BillingCycle(s.billing_cycle))
+        plan = _plan(unit, s.plan)
+        terms = plan.terms
+        granted = _period_credits(unit, s.id, s.user_id, terms, CreditKind.SUBSCRIPTION_GRANT, start, end, "activation")
+        s.trigger_event(
+            s.Activated,
+            period_start=start,
+            period_end=end,
+            plan_revision=plan.revision,
+            granted_credits=granted,
+            timestamp=start,
+        )
+        return _done(unit, self, s, granted)
+
+
+@dataclass(frozen=True)
+class RenewSubscription(_OnSubscription):
+    name: ClassVar[str] = "renew_subscription"
+
+    def apply(self, unit: _Unit) -> Receipt:
+        s = _subscription(unit, self.subscription_id)
+        s.require("renew", Status.ACTIVE, Status.PAST_DUE)
+        if unit.now < s.period_end - RENEWAL_WINDOW:
+            raise InvalidTransition(s.id, s.status, "renew", f"the period runs until {s.period_end.isoformat()}")
+        start, end = s.next_period()
+        plan = _plan(unit, s.plan)
+        granted = _period_credits(
+            unit, s.id, s.user_id, plan.terms, CreditKind.SUBSCRIPTION_RENEW, start, end, "period"
+        )
+        s.trigger_event(
+            s.Renewed,
+            period_start=start,
+            period_end=end,
+            plan_revision=plan.revision,
+            granted_credits=granted,
+            timestamp=unit.now,
+        )
+        return _done(unit, self, s, granted)
+
+
+@dataclass(frozen=True)
+class ChangePlan(_OnSubscription):
+    name: ClassVar[str] = "change_plan"
+    plan: str = field(kw_only=True)
+    actor: str | None = field(default=None, kw_only=True)
+    reason: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH)
+        check_optional_text(self.reason, "reason", MAX_TEXT_LENGTH)
+
+    def apply(self, unit: _Unit) -> Receipt:
+        s = _subscription(unit, self.subscription_id)
+        s.require("change plan", Status.ACTIVE, Status.TRIALING, Status.PAST_DUE)
+        old, new = _plan(unit, s.plan), _plan(unit, self.plan)
+        if new.terms.name == old.terms.name:
+            raise InvalidTransition(s.id, s.status, "change plan", f"already on {self.plan}")
+        if new.terms.tier_level == old.terms.tier_level:
+            raise InvalidTransition(s.id, s.status, "change plan", "plans of the same tier are not ordered")
+        upgraded = new.terms.tier_level > old.terms.tier_level
+        granted = 0
+        if upgraded:
+            difference = max(0, new.terms.credits - old.terms.credits)
+            if unit.policy.upgrade == "prorated":
+                difference = prorated(difference, unit.now, s.period_start, s.period_end)
+            elif unit.policy.upgrade == "none":
+                difference = 0
+            expires_at = None if unit.policy.expiry == "rollover" else s.period_end
+            if expires_at is not None and expires_at <= unit.now:
+                difference = 0  # the period is over: its credits would lapse at once
+            key = f"subscription:{s.id}:upgrade:{self.plan}:{s.period_start.isoformat()}"
+            granted = unit.grant_once(
+                s.user_id,
+                difference,
+                CreditKind.SUBSCRIPTION_GRANT,
+                key=key,
+                expires_at=expires_at,
+                reference_type="subscription",
+                reference_id=str(s.id),
+                description=f"upgrade to {new.terms.display_name}",
+            )
+        s.trigger_event(
+            s.PlanChanged,
+            from_plan=old.terms.name,
+            to_plan=new.terms.name,
+            to_revision=new.revision,
+            change="upgraded" if upgraded else "downgraded",
+            granted_credits=granted,
+            actor=self.actor,
+            reason=self.reason,
+            timestamp=unit.now,
+        )
+        return _done(unit, self, s, granted)
+
+
+def _status_change(change: str, to: Status, *allowed: Status) -> Any:
+    def apply(self: _OnSubscription, unit: _Unit) -> Receipt:
+        s = _subscription(unit, self.subscription_id)
+        s.require(change, *allowed)
+        if change == "resume" and unit.now >= s.period_end:
+            raise InvalidTransition(s.id, s.status, "resume", "the period has ended")
+        if change == "resume" and not s.cancel_at_period_end:
+            raise InvalidTransition(s.id, s.status, "resume", "it was cancelled immediately")
+        names = {
+            "mark past due": "past_due",
+            "recover": "recovered",
+            "pause": "paused",
+            "unpause": "unpaused",
+            "resume": "resumed",
+        }
+        target = s.status_before_cancel or to if change == "resume" else to
+        extra = {"pause_mode": str(self.mode)} if isinstance(self, PauseSubscription) else {}
+        s.trigger_event(s.StatusChanged, change=names[change], status=str(target), timestamp=unit.now, **extra)
+        return _done(unit, self, s, 0)
+
+    return apply
+
+
+@dataclass(frozen=True)
+class MarkPastDue(_OnSubscription):
+    name: ClassVar[str] = "mark_past_due"
+    apply = _status_change("mark past due", Status.PAST_DUE, Status.ACTIVE)
+
+
+@dataclass(frozen=True)
+class RecoverSubscription(_OnSubscription):
+    name: ClassVar[str] = "recover_subscription"
+    apply = _status_change("recover", Status.ACTIVE, Status.PAST_DUE)
+
+
+@dataclass(frozen=True)
+class PauseSubscription(_OnSubscription):
+    """Pauses an active subscription. ``mode``: ``void`` (default), no
+    service while paused, so the plan is not entitled; ``free``, the service
+    continues without payment, so the plan stays entitled."""
+
+    name: ClassVar[str] = "pause_subscription"
+    mode: PauseMode = field(default=PauseMode.VOID, kw_only=True, metadata=ADDED)
+    apply = _status_change("pause", Status.PAUSED, Status.ACTIVE)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "mode", pause_mode_of(self.mode))
+
+
+@dataclass(frozen=True)
+class UnpauseSubscription(_OnSubscription):
+    name: ClassVar[str] = "unpause_subscription"
+    apply = _status_change("unpause", Status.ACTIVE, Status.PAUSED)
+
+
+@dataclass(frozen=True)
+class ResumeSubscription(_OnSubscription):
+    """Undoes a cancellation at period end, before the period ends."""
+
+    name: ClassVar[str] = "resume_subscription"
+    apply = _status_change("resume", Status.ACTIVE, Status.CANCELLED)
+
+
+@dataclass(frozen=True)
+class CancelSubscription(_OnSubscription):
+    name: ClassVar[str] = "cancel_subscription"
+    at_period_end: bool = field(default=True, kw_only=True)
+    reason: str | None = field(default=None, kw_only=True)
+    actor: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if type(self.at_period_end) is not bool:
+            raise InvalidArgument("at_period_end must be a bool")
+        check_optional_text(self.reason, "reason", MAX_TEXT_LENGTH)
+        check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH)
+
+    def apply(self, unit: _Unit) -> Receipt:
+        s = _subscription(unit, self.subscription_id)
+        s.require("cancel", Status.TRIALING, Status.ACTIVE, Status.PAST_DUE, Status.PAUSED)
+        s.trigger_event(
+            s.Cancelled, at_period_end=self.at_period_end, reason=self.reason, actor=self.actor, timestamp=unit.now
+        )
+        if not self.at_period_end:
+            _expire(unit, s, "cancelled immediately")
+        return _done(unit, self, s, 0)
+
+
+@dataclass(frozen=True)
+class ExpireSubscription(_OnSubscription):
+    name: ClassVar[str] = "expire_subscription"
+    reason: str = field(default="period ended", kw_only=True)
+
+    def apply(self, unit: _Unit) -> Receipt:
+        s = _subscription(unit, self.subscription_id)
+        s.require("expire", Status.TRIALING, Status.ACTIVE, Status.PAST_DUE, Status.PAUSED, Status.CANCELLED)
+        if s.status == Status.CANCELLED and unit.now < s.period_end:
+            raise InvalidTransition(s.id, s.status, "expire", f"it stays paid for until {s.period_end.isoformat()}")
+        _expire(unit, s, self.reason)
+        return _done(unit, self, s, 0)
+
+
+def _expire(unit: _Unit, s: Subscription, reason: str) -> None:
+    s.trigger_event(s.Expired, reason=reason, timestamp=unit.now)
+    slot = unit.slot(s.user_id)
+    if slot.live == s.id:
+        slot.trigger_event(slot.Freed, subscription_id=s.id, timestamp=unit.now)
+
+
+@dataclass(frozen=True)
+class DefinePlan(UnitCommand):
+    """Adds a plan to the catalog, or revises its terms (history kept)."""
+
+    name: ClassVar[str] = "define_plan"
+    #: Who defines the plan is recorded but is not part of what is defined.
+    hints: ClassVar[frozenset[str]] = frozenset({"actor"})
+    terms: PlanTerms = field(kw_only=True)
+    actor: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        check_key(self.key)
+        if not isinstance(self.terms, PlanTerms):
+            raise InvalidArgument("terms must be PlanTerms")
+
+    def apply(self, unit: _Unit) -> Receipt:
+        data = self.terms.as_event_data()
+        plan = unit.aggregate(plan_id_for(self.terms.name), Plan)
+        if plan is None:
+            plan = Plan._create(
+                Plan.Defined, id=plan_id_for(self.terms.name), terms=data, actor=self.actor, timestamp=unit.now
+            )
+            unit.add(plan)
+        elif plan.terms_data != data:
+            plan.trigger_event(plan.Revised, terms=data, actor=self.actor, timestamp=unit.now)
+        return unit.finish(self, None, amount=0)
+
+
+@dataclass(frozen=True)
+class SyncSubscription(UnitCommand):
+    """Applies a payment provider's snapshot of a subscription, if it is newer
+    than the last one applied (``source_updated_at``); an older one changes
+    nothing. Creates the subscription on first sight, so an update that arrives
+    before its create is applied, not dropped. Moves no credits: the provider's
+    invoices do (see the Lemon Squeezy adapter)."""
+
+    name: ClassVar[str] = "sync_subscription"
+    subscription_id: UUID = field(kw_only=True)
+    user_id: UUID = field(kw_only=True)
+    plan: str = field(kw_only=True)
+    billing_cycle: BillingCycle = field(kw_only=True)
+    status: Status = field(kw_only=True)
+    period_start: datetime = field(kw_only=True)
+    period_end: datetime = field(kw_only=True)
+    trial_ends_at: datetime | None = field(default=None, kw_only=True)
+    cancel_at_period_end: bool = field(default=False, kw_only=True)
+    source_updated_at: datetime = field(kw_only=True)
+    external_id: str | None = field(default=None, kw_only=True)
+    customer_id: str | None = field(default=None, kw_only=True)
+    #: For status ``paused``: ``void`` (no service: not entitled) or ``free``
+    #: (the service continues: the plan stays entitled).
+    pause_mode: PauseMode = field(default=PauseMode.VOID, kw_only=True, metadata=ADDED)
+    #: The provider reported only a status at ``source_updated_at`` (a failed
+    #: payment's past_due): the plan and period given are the ledger's
+    #: current ones. The history takes them from the provider's snapshot
+    #: before it, and counts the status only if the subscription was active
+    #: or trialing then.
+    status_only: bool = field(default=False, kw_only=True, metadata=ADDED)
+
+    def __post_init__(self) -> None:
+        check_key(self.key)
+        check_uuid(self.subscription_id, "subscription_id")
+        check_uuid(self.user_id, "user_id")
+        object.__setattr__(self, "billing_cycle", _cycle(self.billing_cycle))
+        object.__setattr__(self, "pause_mode", pause_mode_of(self.pause_mode))
+        try:
+            object.__setattr__(self, "status", Status(self.status))
+        except ValueError:
+            raise InvalidArgument(f"unknown subscription status {self.status!r}") from None
+        for name in ("period_start", "period_end", "source_updated_at"):
+            object.__setattr__(self, name, require_utc(getattr(self, name), name))
+        if self.trial_ends_at is not None:
+            object.__setattr__(self, "trial_ends_at", require_utc(self.trial_ends_at, "trial_ends_at"))
+        if self.period_end < self.period_start:
+            raise InvalidArgument("period_end is before period_start")
+        check_optional_text(self.external_id, "external_id", 100)
+        check_optional_text(self.customer_id, "customer_id", 100)
+
+    def _snapshot(self) -> dict[str, Any]:
+        """The snapshot's fields, as its Synced or Superseded event records them."""
+        return {
+            "status": str(self.status),
+            "period_start": self.period_start,
+            "period_end": self.period_end,
+            "trial_ends_at": self.trial_ends_at,
+            "cancel_at_period_end": self.cancel_at_period_end,
+            "source_updated_at": self.source_updated_at,
+            "status_only": self.status_only,
+        }
+
+    def apply(self, unit: _Unit) -> Receipt:
+        plan = _plan(unit, self.plan)
+        s = unit.aggregate(self.subscription_id, Subscription)
+        if s is None:
+            slot = unit.slot(self.user_id)
+            if slot.live is not None and slot.live != self.subscription_id and self.status != Status.EXPIRED:
+                raise SubscriptionExists(self.user_id, slot.live)
+            s = Subscription._create(
+                Subscription.Started,
+                id=self.subscription_id,
+                user_id=self.user_id,
+                plan=self.plan,
+                plan_revision=plan.revision,
+                billing_cycle=str(self.billing_cycle),
+                status=str(self.status),
+                period_start=self.period_start,
+                period_end=self.period_end,
+                trial_ends_at=self.trial_ends_at,
+                lemon_squeezy_subscription_id=self.external_id,
+                lemon_squeezy_customer_id=self.customer_id,
+                granted_credits=0,
+                actor=None,
+                timestamp=unit.now,
+            )
+            unit.add(s)
+            if self.status != Status.EXPIRED:
+                slot.trigger_event(slot.Taken, subscription_id=s.id, timestamp=unit.now)
+        elif s.user_id != self.user_id:
+            raise InvalidArgument(f"subscription {s.id} belongs to user {s.user_id}, not {self.user_id}")
+        if s.source_updated_at is not None and self.source_updated_at <= s.source_updated_at:
+            if self.source_updated_at < s.source_updated_at:
+                # Older than the one applied: recorded for the history only.
+                s.trigger_event(s.Superseded, plan=self.plan, **self._snapshot(), timestamp=unit.now)
+            return _done(unit, self, s, 0)  # nothing to apply
+        if s.plan != self.plan:
+            old = _plan(unit, s.plan)
+            upgraded = plan.terms.tier_level > old.terms.tier_level
+            s.trigger_event(
+                s.PlanChanged,
+                from_plan=s.plan,
+                to_plan=self.plan,
+                to_revision=plan.revision,
+                change="upgraded" if upgraded else "downgraded",
+                granted_credits=0,
+                actor=None,
+                reason=PROVIDER_CHANGE_REASON,
+                timestamp=unit.now,
+            )
+        was_live = s.live
+        pause_mode = str(self.pause_mode) if self.status == Status.PAUSED else None
+        s.trigger_event(s.Synced, **self._snapshot(), pause_mode=pause_mode, timestamp=unit.now)
+        slot = unit.slot(s.user_id)
+        if was_live and not s.live and slot.live == s.id:
+            slot.trigger_event(slot.Freed, subscription_id=s.id, timestamp=unit.now)
+        elif s.live and slot.live is None:
+            slot.trigger_event(slot.Taken, subscription_id=s.id, timestamp=unit.now)
+        return _done(unit, self, s, 0)
+
+
+def _cycle(value: object) -> BillingCycle:
+    try:
+        return BillingCycle(str(value))
+    except ValueError:
+        raise InvalidArgument(f"billing_cycle must be monthly or yearly, got {value!r}") from None
+
+
+def due_changes(s: Subscription, now: datetime, *, auto_renew: bool) -> list[UnitCommand]:
+    """What ``tick`` owes a subscription at ``now``, as keyed commands."""
+    require_utc(now, "now")
+    if s.source_updated_at is not None:
+        # A payment provider drives it: its snapshots renew, expire and end
+        # it, and a cancelled one's plan already lapses at period end.
+        return []
+    stamp = s.period_end.isoformat()
+    if s.status == Status.TRIALING and s.trial_ends_at and s.trial_ends_at <= now and auto_renew:
+        return [ActivateSubscription(key=f"tick:{s.id}:activate:{stamp}", subscription_id=s.id)]
+    if s.status == Status.ACTIVE and s.period_end <= now and auto_renew:
+        return [RenewSubscription(key=f"tick:{s.id}:renew:{stamp}", subscription_id=s.id)]
+    if s.status == Status.CANCELLED and s.period_end <= now:
+        return [ExpireSubscription(key=f"tick:{s.id}:expire:{stamp}", subscription_id=s.id)]
+    return []

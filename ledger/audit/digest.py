@@ -1,0 +1,651 @@
+"""Tamper evidence: a hash chain over the stored event log.
+
+Each link is ``sha256(previous link || canonical bytes of the stored event)``,
+starting from 32 zero bytes. The canonical bytes are the event's notification
+id (8 bytes, big-endian), originator id (16 bytes), originator version (8
+bytes), topic (4-byte length, UTF-8) and state (4-byte length, the bytes as
+stored). The link after the last event is the *head*, written
+``POSITION:HEX``; an auditor keeps it outside the database.
+
+``verify`` recomputes the chain up to a head's position and compares: any
+edit, deletion, insertion or reordering of a stored event at or before that
+position changes the recomputed head (finding another history with the same
+head means breaking SHA-256). To *name* the changed event, ``digest`` also
+stores anchors in a ``ledger_digests`` table beside the event store: per
+segment of ``every`` events, the link after its last event and, per event,
+its notification id and an 8-byte BLAKE2b hash of its content (the canonical
+bytes without the id). ``verify`` compares the events with those anchors as
+it goes and names every event that was altered, deleted, inserted or moved.
+
+The anchors live in the database, so whoever can edit events can edit them:
+they point at the change but prove nothing. The proof is the head kept
+outside. If the anchors were rewritten too, ``verify`` still fails, and says
+it cannot name the position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import weakref
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from psycopg import sql
+
+from ledger.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from ledger.application.facade import Ledger
+    from ledger.storage.eventstore import LedgerApplication
+
+GENESIS = bytes(32)
+#: Events per anchor segment, unless the first ``digest`` run chose another size.
+SEGMENT_EVENTS = 1_000
+#: Events read per query.
+PAGE_EVENTS = 2_000
+#: At most this many tampered events are named; the head check covers the rest.
+MAX_PROBLEMS = 100
+DIGESTS_TABLE = "ledger_digests"
+
+_ID = struct.Struct(">Q")
+_HEAD = struct.Struct(">QQQ")  # originator id (as two 8-byte halves), version
+_LENGTH = struct.Struct(">I")
+_ENTRY = struct.Struct(">Q8s")  # one anchored event: notification id, content hash
+
+
+_TOPICS: dict[str, bytes] = {}  # a topic's canonical bytes (length and UTF-8); a log has a few dozen
+
+
+def _topic(topic: str) -> bytes:
+    encoded = _TOPICS.get(topic)
+    if encoded is None:
+        raw = topic.encode()
+        encoded = _TOPICS[topic] = _LENGTH.pack(len(raw)) + raw
+    return encoded
+
+
+def content_bytes(notification: Any) -> bytes:
+    """An event's canonical bytes, less its notification id."""
+    state = notification.state
+    return b"".join(
+        (
+            _HEAD.pack(*divmod(notification.originator_id.int, 1 << 64), notification.originator_version),
+            _topic(notification.topic),
+            _LENGTH.pack(len(state)),
+            state,
+        )
+    )
+
+
+def content_hash(content: bytes) -> bytes:
+    return hashlib.blake2b(content, digest_size=8).digest()
+
+
+class Chain:
+    """The running link over events in notification order."""
+
+    __slots__ = ("digest", "events", "position")
+
+    def __init__(self, position: int = 0, digest: bytes = GENESIS, events: int = 0) -> None:
+        self.position = position
+        self.digest = digest
+        self.events = events
+
+    def add(self, notification: Any) -> bytes:
+        """Extends the chain by one stored event; returns its content bytes."""
+        content = content_bytes(notification)
+        self.digest = hashlib.sha256(self.digest + _ID.pack(notification.id) + content).digest()
+        self.position = notification.id
+        self.events += 1
+        return content
+
+    def head(self) -> DigestHead:
+        return DigestHead(self.position, self.digest.hex(), self.events)
+
+
+@dataclass(frozen=True)
+class DigestHead:
+    """The chain's head: the position of the last event covered and the link after it."""
+
+    position: int
+    digest: str
+    #: How many events the chain covers (informational: not part of the proof).
+    events: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.position}:{self.digest}"
+
+    @classmethod
+    def parse(cls, text: str) -> DigestHead:
+        """Reads ``POSITION:HEX`` (the form ``digest`` prints)."""
+        position, sep, digest = text.strip().partition(":")
+        if not sep or not position.isdigit() or len(digest) != 64:
+            raise InvalidArgument(f"a digest reads POSITION:HASH (64 hex digits), got {text!r}")
+        try:
+            bytes.fromhex(digest)
+        except ValueError:
+            raise InvalidArgument(f"the hash of digest {text!r} is not hexadecimal") from None
+        return cls(int(position), digest.lower())
+
+
+@dataclass(frozen=True)
+class Tampering:
+    """One stored event that differs from what the anchors recorded.
+
+    ``kind``: ``altered`` (same position, different content), ``deleted``
+    (anchored, now gone), ``inserted`` (present, never anchored), ``moved``
+    (the content anchored at ``moved_from`` now sits at ``position``), or
+    ``anchor`` (a ``ledger_digests`` row disagrees with intact events)."""
+
+    position: int
+    kind: str
+    message: str
+    moved_from: int | None = None
+
+    def __str__(self) -> str:
+        return f"position {self.position}: {self.kind}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A ``ledger_digests`` row: the anchors of ``size`` consecutive events."""
+
+    index: int
+    size: int
+    first_position: int
+    position: int
+    events_before: int
+    digest: str
+    leaves: bytes  # per event: 8-byte id, 8-byte content hash
+    recorded_at: datetime
+
+    @property
+    def count(self) -> int:
+        return len(self.leaves) // _ENTRY.size
+
+    def entries(self) -> Iterator[tuple[int, bytes]]:
+        for offset in range(0, len(self.leaves), _ENTRY.size):
+            position, leaf = _ENTRY.unpack_from(self.leaves, offset)
+            yield position, leaf
+
+
+@dataclass
+class DigestResult:
+    """What ``digest`` did: the head, and what it found on the way."""
+
+    head: DigestHead
+    segments_written: int
+    #: Stored anchors that disagree with the events: the history changed since
+    #: the last digest. Nothing is written then.
+    problems: list[Tampering] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "position": self.head.position,
+            "digest": self.head.digest,
+            "head": str(self.head),
+            "events": self.head.events,
+            "segments_written": self.segments_written,
+            "problems": [vars(p) for p in self.problems],
+        }
+
+
+@dataclass
+class VerifyResult:
+    """The outcome of recomputing the chain up to a head kept outside."""
+
+    expected: DigestHead
+    computed: DigestHead
+    #: Named changes found against the stored anchors (at most MAX_PROBLEMS).
+    problems: list[Tampering] = field(default_factory=list)
+    anchored_events: int = 0
+
+    @property
+    def history_intact(self) -> bool:
+        """The proof: the recomputed head equals the one kept outside."""
+        return self.computed.position == self.expected.position and self.computed.digest == self.expected.digest
+
+    @property
+    def ok(self) -> bool:
+        """Intact history and anchors that agree with it."""
+        return self.history_intact and not self.problems
+
+    def describe(self) -> list[str]:
+        lines = []
+        if self.history_intact:
+            lines.append(
+                f"history up to position {self.expected.position} is unchanged ({self.computed.events} events)"
+            )
+        else:
+            lines.append(
+                f"history up to position {self.expected.position} has CHANGED: recomputed {self.computed}, "
+                f"expected {self.expected}"
+            )
+        real = [p for p in self.problems if p.kind != "anchor"]
+        lines.extend(f"  {p}" for p in self.problems)
+        if not self.history_intact and not real:
+            lines.append(
+                "  the position cannot be named: the stored anchors agree with the current events "
+                "(they were rewritten too, or no digest run anchored these events)"
+            )
+        if self.history_intact and self.problems:
+            lines.append("  the events are intact, but ledger_digests rows were edited")
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "history_intact": self.history_intact,
+            "expected": str(self.expected),
+            "computed": str(self.computed),
+            "events": self.computed.events,
+            "anchored_events": self.anchored_events,
+            "problems": [vars(p) for p in self.problems],
+        }
+
+
+# ------------------------------------------------------------------ anchor stores
+
+
+class DigestStore(ABC):
+    """Where the anchor segments live: beside the event store."""
+
+    @abstractmethod
+    def segments(self, first_index: int = 0) -> Iterator[Segment]:
+        """Stored segments in order, from ``first_index``."""
+
+    @abstractmethod
+    def last(self) -> Segment | None: ...
+
+    @abstractmethod
+    def put(self, segments: Sequence[Segment]) -> None:
+        """Inserts or replaces segments by index, in one transaction."""
+
+
+class MemoryDigestStore(DigestStore):
+    def __init__(self) -> None:
+        self.rows: dict[int, Segment] = {}
+
+    def segments(self, first_index: int = 0) -> Iterator[Segment]:
+        for index in sorted(i for i in self.rows if i >= first_index):
+            yield self.rows[index]
+
+    def last(self) -> Segment | None:
+        return self.rows[max(self.rows)] if self.rows else None
+
+    def put(self, segments: Sequence[Segment]) -> None:
+        self.rows.update({s.index: s for s in segments})
+
+
+_COLUMNS = "segment, size, first_position, position, events_before, digest, leaves, recorded_at"
+_READ_PAGE = 50
+
+
+class SQLDigestStore(DigestStore):
+    """``ledger_digests`` in the event store's SQLite file or PostgreSQL schema."""
+
+    def __init__(self, datastore: Any, *, postgres: bool) -> None:
+        self.datastore = datastore
+        self.postgres = postgres
+        if postgres:
+            self.table: Any = sql.SQL("{}.{}").format(sql.Identifier(datastore.schema), sql.Identifier(DIGESTS_TABLE))
+        else:
+            self.table = sql.SQL(DIGESTS_TABLE)
+        self._exists: bool | None = None
+
+    def exists(self) -> bool:
+        """Whether a digest run created the table. Reading never creates it, so
+        ``verify`` works with read-only access and on stores never anchored."""
+        if not self._exists:
+            if self.postgres:
+                query = "SELECT to_regclass(%s) IS NOT NULL AS found"
+                name = f'"{self.datastore.schema}".{DIGESTS_TABLE}'
+            else:
+                query = "SELECT COUNT(*) > 0 AS found FROM sqlite_master WHERE type = 'table' AND name = ?"
+                name = DIGESTS_TABLE
+            with self.datastore.transaction(commit=False) as cursor:
+                cursor.execute(query, [name])
+                self._exists = bool(cursor.fetchall()[0]["found"])
+        return self._exists
+
+    def _create(self) -> None:
+        blob, stamp = ("BYTEA", "TIMESTAMP") if self.postgres else ("BLOB", "TEXT")
+        with self.datastore.transaction(commit=True) as cursor:
+            cursor.execute(
+                self._text(
+                    sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS {} (segment BIGINT PRIMARY KEY, size INT NOT NULL, "
+                        "first_position BIGINT NOT NULL, position BIGINT NOT NULL, events_before BIGINT NOT NULL, "
+                        "digest TEXT NOT NULL, leaves " + blob + " NOT NULL, recorded_at " + stamp + " NOT NULL)"
+                    ).format(self.table)
+                )
+            )
+        self._exists = True
+
+    def _text(self, statement: sql.Composable) -> Any:
+        if self.postgres:
+            return statement
+        return statement.as_string(None).replace("%s", "?")
+
+    def _fetch(self, statement: sql.Composable, params: Sequence[Any]) -> list[Any]:
+        if not self.exists():
+            return []
+        with self.datastore.transaction(commit=False) as cursor:
+            cursor.execute(self._text(statement), params)
+            return list(cursor.fetchall())
+
+    def segments(self, first_index: int = 0) -> Iterator[Segment]:
+        # Pages of a few rows: each row holds a segment's per-event anchors.
+        index = first_index
+        while True:
+            rows = self._fetch(
+                sql.SQL("SELECT " + _COLUMNS + " FROM {} WHERE segment >= %s ORDER BY segment LIMIT %s").format(
+                    self.table
+                ),
+                [index, _READ_PAGE],
+            )
+            for row in rows:
+                yield self._segment(row)
+            if len(rows) < _READ_PAGE:
+                return
+            index = int(rows[-1]["segment"]) + 1
+
+    def last(self) -> Segment | None:
+        rows = self._fetch(
+            sql.SQL("SELECT " + _COLUMNS + " FROM {} ORDER BY segment DESC LIMIT 1").format(self.table),
+            [],
+        )
+        return self._segment(rows[0]) if rows else None
+
+    def put(self, segments: Sequence[Segment]) -> None:
+        if not self.exists():
+            self._create()
+        statement = self._text(
+            sql.SQL(
+                "INSERT INTO {} (" + _COLUMNS + ") VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (segment) DO UPDATE SET size = excluded.size, "
+                "first_position = excluded.first_position, position = excluded.position, "
+                "events_before = excluded.events_before, digest = excluded.digest, leaves = excluded.leaves, "
+                "recorded_at = excluded.recorded_at"
+            ).format(self.table)
+        )
+        rows = [
+            [
+                s.index,
+                s.size,
+                s.first_position,
+                s.position,
+                s.events_before,
+                s.digest,
+                s.leaves,
+                s.recorded_at.replace(tzinfo=None) if self.postgres else s.recorded_at.isoformat(),
+            ]
+            for s in segments
+        ]
+        with self.datastore.transaction(commit=True) as cursor:
+            for row in rows:
+                cursor.execute(statement, row)
+
+    @staticmethod
+    def _segment(row: Any) -> Segment:
+        recorded = row["recorded_at"]
+        if isinstance(recorded, str):
+            recorded = datetime.fromisoformat(recorded)
+        return Segment(
+            index=int(row["segment"]),
+            size=int(row["size"]),
+            first_position=int(row["first_position"]),
+            position=int(row["position"]),
+            events_before=int(row["events_before"]),
+            digest=str(row["digest"]),
+            leaves=bytes(row["leaves"]),
+            recorded_at=recorded if recorded.tzinfo else recorded.replace(tzinfo=UTC),
+        )
+
+
+# An in-memory ledger keeps its anchors for as long as its application lives.
+_MEMORY_STORES: weakref.WeakKeyDictionary[Any, MemoryDigestStore] = weakref.WeakKeyDictionary()
+
+
+def digest_store(ledger: Ledger) -> DigestStore:
+    backend = ledger.config.backend
+    if backend == "memory":
+        return _MEMORY_STORES.setdefault(ledger.app, MemoryDigestStore())
+    return SQLDigestStore(ledger.app.recorder.datastore, postgres=backend == "postgresql")  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------ reading the log
+
+
+def stored_events(app: LedgerApplication, after: int, stop: int, page: int = PAGE_EVENTS) -> Iterator[Sequence[Any]]:
+    """Pages of stored events (notifications) with ``after < id <= stop``.
+
+    The next page is read in a thread while the caller works on this one: the
+    driver waits for the database without the GIL, so reading and decoding
+    overlap (a plain read loop spends a third of its time waiting). Memory
+    holds two pages."""
+    if after >= stop:
+        return
+
+    def read(position: int) -> Sequence[Any]:
+        return app.recorder.select_notifications(start=position + 1, limit=page, stop=stop)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-read-ahead") as pool:
+        pending: Future[Sequence[Any]] | None = pool.submit(read, after)
+        while pending is not None:
+            notifications = pending.result()
+            if not notifications:
+                return
+            position = notifications[-1].id
+            more = len(notifications) == page and position < stop
+            pending = pool.submit(read, position) if more else None
+            yield notifications
+
+
+Progress = Callable[[int, int], None]
+
+
+class _Anchors:
+    """Walks the stored anchors beside the recomputed events, naming changes."""
+
+    def __init__(self, segments: Iterator[Segment], limit: int = MAX_PROBLEMS) -> None:
+        self._segments = segments
+        self.limit = limit
+        self.problems: list[Tampering] = []
+        self.anchored = 0
+        self._segment: Segment | None = None
+        self._entries: list[tuple[int, bytes]] = []
+        self._at = 0
+        self._by_leaf: dict[bytes, int] | None = None
+        self._clean = True  # no change found so far: segment digests must match
+        self._load()
+
+    def _load(self) -> None:
+        self._segment = next(self._segments, None)
+        self._entries = list(self._segment.entries()) if self._segment is not None else []
+        self._at = 0
+        self._by_leaf = None
+
+    def _problem(self, position: int, kind: str, message: str, moved_from: int | None = None) -> None:
+        self._clean = False
+        if len(self.problems) < self.limit:
+            self.problems.append(Tampering(position, kind, message, moved_from))
+
+    def _peek(self) -> tuple[int, bytes] | None:
+        while self._segment is not None and self._at >= len(self._entries):
+            self._load()
+        return self._entries[self._at] if self._segment is not None else None
+
+    def see(self, position: int, leaf: bytes, chain: Chain) -> None:
+        """One recomputed event, in order."""
+        while (entry := self._peek()) is not None and entry[0] < position:
+            self._problem(entry[0], "deleted", "an anchored event is no longer in the store")
+            self._advance(chain, after_event=False)
+        entry = self._peek()
+        if entry is None:
+            return
+        if entry[0] > position:
+            self._problem(position, "inserted", "an event that no digest anchored sits here")
+            return
+        self.anchored += 1
+        if entry[1] != leaf:
+            moved = self._moved_from(leaf, position)
+            if moved is not None:
+                self._problem(position, "moved", f"the event anchored at position {moved} is now here", moved)
+            else:
+                self._problem(position, "altered", "the stored event differs from the one anchored here")
+        self._advance(chain, after_event=True)
+
+    def _moved_from(self, leaf: bytes, position: int) -> int | None:
+        if self._by_leaf is None:
+            self._by_leaf = {entry_leaf: p for p, entry_leaf in self._entries}
+        moved = self._by_leaf.get(leaf)
+        return moved if moved is not None and moved != position else None
+
+    def _advance(self, chain: Chain, *, after_event: bool) -> None:
+        assert self._segment is not None
+        self._at += 1
+        # Every event of the segment matched: its stored link must be the recomputed one.
+        segment_done = self._at == len(self._entries) and after_event and self._clean
+        if segment_done and chain.position == self._segment.position and chain.digest.hex() != self._segment.digest:
+            self._problem(
+                self._segment.position,
+                "anchor",
+                f"ledger_digests segment {self._segment.index} holds a link the intact events do not produce",
+            )
+
+    def finish(self, stop: int) -> None:
+        """Anchored events at or before ``stop`` that the store no longer has."""
+        while (entry := self._peek()) is not None and entry[0] <= stop:
+            self._problem(entry[0], "deleted", "an anchored event is no longer in the store")
+            self._at += 1
+
+
+def verify(ledger: Ledger, expected: DigestHead | str, *, progress: Progress | None = None) -> VerifyResult:
+    """Recomputes the chain up to ``expected.position`` and compares it with
+    ``expected`` and with the stored anchors."""
+    head = DigestHead.parse(expected) if isinstance(expected, str) else expected
+    anchors = _Anchors(digest_store(ledger).segments())
+    chain = Chain()
+    for page in stored_events(ledger.app, 0, head.position):
+        for notification in page:
+            content = chain.add(notification)
+            anchors.see(notification.id, content_hash(content), chain)
+        if progress is not None:
+            progress(page[-1].id, head.position)
+    anchors.finish(head.position)
+    return VerifyResult(
+        expected=head, computed=chain.head(), problems=anchors.problems, anchored_events=anchors.anchored
+    )
+
+
+class _SegmentBuilder:
+    """Cuts the recomputed events into anchor segments."""
+
+    def __init__(self, size: int, first_index: int, events_before: int) -> None:
+        self.size = size
+        self.index = first_index
+        self.events_before = events_before
+        self.first_position = 0
+        self.entries: list[bytes] = []
+        self.done: list[Segment] = []
+
+    def add(self, position: int, leaf: bytes, chain: Chain) -> None:
+        if not self.entries:
+            self.first_position = position
+        self.entries.append(_ENTRY.pack(position, leaf))
+        if len(self.entries) == self.size:
+            self.close(chain)
+
+    def close(self, chain: Chain) -> None:
+        if not self.entries:
+            return
+        self.done.append(
+            Segment(
+                index=self.index,
+                size=self.size,
+                first_position=self.first_position,
+                position=chain.position,
+                events_before=self.events_before,
+                digest=chain.digest.hex(),
+                leaves=b"".join(self.entries),
+                recorded_at=datetime.now(UTC),
+            )
+        )
+        self.index += 1
+        self.events_before += len(self.entries)
+        self.entries = []
+
+
+def digest(
+    ledger: Ledger,
+    *,
+    every: int = SEGMENT_EVENTS,
+    incremental: bool = False,
+    progress: Progress | None = None,
+) -> DigestResult:
+    """Computes the head of the chain over every stored event and anchors it.
+
+    By default the chain is recomputed from the first event and checked
+    against the anchors stored by earlier runs; if any disagree (the history
+    changed since), nothing is written and the problems are returned.
+    ``incremental`` trusts the last complete stored segment and only reads the
+    events after it."""
+    if type(every) is not int or not 10 <= every <= 100_000:
+        raise InvalidArgument(f"every must be an int within 10..100000, got {every!r}")
+    store = digest_store(ledger)
+    last = store.last()
+    size = _first_size(store) or every
+    stop = ledger.app.recorder.max_notification_id() or 0
+    chain, builder, anchors = _starting_point(store, last, size, incremental)
+    for page in stored_events(ledger.app, chain.position, stop):
+        for notification in page:
+            content = chain.add(notification)
+            leaf = content_hash(content)
+            if anchors is not None:
+                anchors.see(notification.id, leaf, chain)
+            builder.add(notification.id, leaf, chain)
+        if progress is not None:
+            progress(page[-1].id, stop)
+    if anchors is not None:
+        anchors.finish(stop)
+        if anchors.problems:
+            return DigestResult(head=chain.head(), segments_written=0, problems=anchors.problems)
+    builder.close(chain)
+    # Unchanged segments are not rewritten: only the new ones and a grown partial one.
+    rewrite_from = last.index if last is not None and last.count < last.size else (last.index + 1 if last else 0)
+    fresh = [s for s in builder.done if s.index >= rewrite_from]
+    if fresh:
+        store.put(fresh)
+    return DigestResult(head=chain.head(), segments_written=len(fresh))
+
+
+def _first_size(store: DigestStore) -> int | None:
+    first = next(store.segments(), None)
+    return first.size if first is not None else None
+
+
+def _starting_point(
+    store: DigestStore, last: Segment | None, size: int, incremental: bool
+) -> tuple[Chain, _SegmentBuilder, _Anchors | None]:
+    if not incremental or last is None:
+        return Chain(), _SegmentBuilder(size, 0, 0), _Anchors(store.segments())
+    if last.count == last.size:
+        start = Chain(last.position, bytes.fromhex(last.digest), last.events_before + last.count)
+        return start, _SegmentBuilder(size, last.index + 1, start.events), None
+    # The last segment is partial: start after the one before it and rebuild it.
+    previous = next(store.segments(last.index - 1), None) if last.index > 0 else None
+    if previous is None:
+        return Chain(), _SegmentBuilder(size, 0, 0), None
+    start = Chain(previous.position, bytes.fromhex(previous.digest), previous.events_before + previous.count)
+    return start, _SegmentBuilder(size, last.index, start.events), None

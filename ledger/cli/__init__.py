@@ -1,0 +1,1 @@
+"""``python -m ledger``: the command line (the top layer)."""

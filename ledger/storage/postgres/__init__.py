@@ -1,0 +1,1 @@
+"""PostgreSQL backend: the event recorder, bulk stream reads, view tables."""

@@ -1,0 +1,120 @@
+"""View tables in a PostgreSQL schema."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from eventsourcing.postgres import PostgresDatastore, PostgresTrackingRecorder
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from ledger.storage.ddl import SCHEMA_VERSION, postgres_ddl
+from ledger.storage.viewstore import ViewStore, ViewTx, naive_utc, normalise, tracking_for
+
+TRACKING_TABLE = "ledger_views_tracking"
+ROWS_PAGE = 5_000
+#: From this many rows a page's inserts go through COPY.
+COPY_MIN_ROWS = 50
+MIGRATE_LOCK_KEY = 0x70696E6777
+
+
+def _adapt(value: Any) -> Any:
+    if isinstance(value, datetime) and value.tzinfo:
+        return naive_utc(value)
+    if isinstance(value, dict):
+        return Jsonb(value)
+    return value
+
+
+class PostgresViewTx(ViewTx):
+    def __init__(self, curs: Any, tracking: PostgresTrackingRecorder) -> None:
+        self.curs = curs
+        self.tracking = tracking
+
+    def execute(self, statement: str, params: Sequence[Any] = ()) -> None:
+        self.curs.execute(statement, [_adapt(p) for p in params])
+
+    def executemany(self, statement: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            self.curs.executemany(statement, [[_adapt(v) for v in row] for row in rows])
+
+    def insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        if len(rows) < COPY_MIN_ROWS:
+            super().insert_rows(table, columns, rows)
+            return
+        # COPY: a rebuild writes hundreds of thousands of rows; row-by-row
+        # INSERTs spent most of the rebuild binding parameters.
+        statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
+            sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, columns))
+        )
+        with self.curs.copy(statement) as copy:
+            for row in rows:
+                copy.write_row([_adapt(v) for v in row])
+
+    def fetchall(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        self.curs.execute(statement, [_adapt(p) for p in params])
+        return [tuple(row.values()) for row in self.curs.fetchall()]
+
+    def track(self, position: int) -> None:
+        self.tracking._insert_tracking(self.curs, tracking_for(position))
+
+
+class PostgresViewStore(ViewStore):
+    backend = "postgresql"
+
+    def __init__(self, datastore: PostgresDatastore, *, owns_datastore: bool = False) -> None:
+        self.datastore = datastore
+        self.schema = datastore.schema
+        self.owns_datastore = owns_datastore
+        self.tracking: PostgresTrackingRecorder = PostgresTrackingRecorder(
+            datastore=datastore, tracking_table_name=TRACKING_TABLE
+        )
+        self.tracking.create_table()
+
+    @contextmanager
+    def transaction(self) -> Iterator[ViewTx]:
+        with self.datastore.transaction(commit=True) as curs:
+            curs.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(self.schema)))
+            yield PostgresViewTx(curs, self.tracking)
+
+    def migrate(self, *, user_foreign_keys: bool = False) -> int:
+        with self.datastore.transaction(commit=True) as curs:
+            # Concurrent CREATE … IF NOT EXISTS in two sessions can collide: one at a time.
+            curs.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATE_LOCK_KEY])
+            curs.execute(postgres_ddl(self.schema, user_foreign_keys=user_foreign_keys))
+            curs.execute(
+                sql.SQL(
+                    "INSERT INTO {}.ledger_schema_version (version, applied_at) VALUES (%s, now() AT TIME ZONE 'UTC') "
+                    "ON CONFLICT (version) DO NOTHING"
+                ).format(sql.Identifier(self.schema)),
+                [SCHEMA_VERSION],
+            )
+        return SCHEMA_VERSION
+
+    def columns(self, table: str) -> list[str]:
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
+                "ORDER BY ordinal_position",
+                [self.schema, table],
+            )
+            return [r["column_name"] for r in curs.fetchall()]
+
+    def rows(self, table: str, order_by: str) -> Iterator[tuple[Any, ...]]:
+        # A server-side cursor streams the table in bounded memory.
+        with self.datastore.get_connection() as conn, conn.transaction(), conn.cursor(name="ledger_rows") as curs:
+            curs.itersize = ROWS_PAGE
+            curs.execute(
+                sql.SQL("SELECT * FROM {}.{} ORDER BY {}").format(
+                    sql.Identifier(self.schema), sql.Identifier(table), sql.SQL(order_by)
+                )
+            )
+            for row in curs:
+                yield tuple(normalise(v) for v in row.values())
+
+    def close(self) -> None:
+        if self.owns_datastore:
+            self.datastore.close()

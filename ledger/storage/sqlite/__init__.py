@@ -1,0 +1,1 @@
+"""SQLite backend: bulk stream reads, view tables."""

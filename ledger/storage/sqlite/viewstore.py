@@ -1,0 +1,104 @@
+"""View tables in a SQLite file beside the event store (or in memory)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.sqlite import SQLiteDatastore, SQLiteTrackingRecorder
+
+from ledger.storage.ddl import SCHEMA_VERSION, sqlite_ddl
+from ledger.storage.viewstore import ViewStore, ViewTx, naive_utc, normalise, tracking_for
+
+
+def _adapt(value: Any) -> Any:
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, datetime):
+        return (naive_utc(value) if value.tzinfo else value).isoformat(sep=" ")
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True, default=str)
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
+
+
+class SQLiteViewTx(ViewTx):
+    def __init__(self, cursor: Any, tracking: SQLiteTrackingRecorder) -> None:
+        self.cursor = cursor
+        self.tracking = tracking
+
+    def execute(self, statement: str, params: Sequence[Any] = ()) -> None:
+        self.cursor.execute(statement.replace("%s", "?"), [_adapt(p) for p in params])
+
+    def executemany(self, statement: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            self.cursor.executemany(statement.replace("%s", "?"), [[_adapt(v) for v in row] for row in rows])
+
+    def fetchall(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        self.cursor.execute(statement.replace("%s", "?"), [_adapt(p) for p in params])
+        return [tuple(row) for row in self.cursor.fetchall()]
+
+    def track(self, position: int) -> None:
+        self.tracking._insert_tracking(self.cursor, tracking_for(position))
+
+
+class SQLiteViewStore(ViewStore):
+    backend = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.datastore = SQLiteDatastore(db_name=path, lock_timeout=30, single_row_tracking=True)
+        self.tracking: SQLiteTrackingRecorder = SQLiteTrackingRecorder(datastore=self.datastore)
+        self.tracking.create_table()
+
+    @contextmanager
+    def transaction(self) -> Iterator[ViewTx]:
+        with self.datastore.transaction(commit=True) as cursor:
+            yield SQLiteViewTx(cursor, self.tracking)
+
+    def migrate(self, *, user_foreign_keys: bool = False) -> int:
+        with self.datastore.transaction(commit=True) as cursor:
+            for statement in _statements(sqlite_ddl()):
+                cursor.execute(statement)
+            cursor.execute(
+                "INSERT OR IGNORE INTO ledger_schema_version (version, applied_at) VALUES (?, datetime('now'))",
+                [SCHEMA_VERSION],
+            )
+        return SCHEMA_VERSION
+
+    def columns(self, table: str) -> list[str]:
+        with self.datastore.transaction(commit=False) as cursor:
+            cursor.execute(f"PRAGMA table_info({table})")
+            return [row[1] for row in cursor.fetchall()]
+
+    def rows(self, table: str, order_by: str) -> Iterator[tuple[Any, ...]]:
+        with self.datastore.transaction(commit=False) as cursor:
+            cursor.execute(f"SELECT * FROM {table} ORDER BY {order_by}")
+            while batch := cursor.sqlite_cursor.fetchmany(5_000):
+                for row in batch:
+                    yield tuple(normalise(v) for v in row)
+
+    def close(self) -> None:
+        self.datastore.close()
+
+
+def _statements(script: str) -> list[str]:
+    """Splits a DDL script into statements; trigger bodies keep their semicolons."""
+    import sqlite3
+
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            if current.strip():
+                statements.append(current.strip())
+            current = ""
+    if current.strip():
+        statements.append(current.strip())
+    return statements

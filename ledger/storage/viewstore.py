@@ -1,0 +1,126 @@
+"""Where the read models live, and the one transaction that writes a page of
+view rows together with the projector's tracking position.
+
+The tracking position is kept by an eventsourcing tracking recorder (its
+table, its monotonic ``insert_tracking``): a page whose position is not past the
+recorded one fails with ``IntegrityError`` and rolls back with its rows, so a
+page can never be applied twice.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import PersistenceError, Tracking, TrackingRecorder
+
+from ledger.storage.ddl import SCHEMA_VERSION
+
+#: The name the projector tracks its position under.
+TRACKED_APPLICATION = "ledger"
+
+
+class ViewTx(ABC):
+    """A transaction on the view tables. SQL uses ``%s`` placeholders on every
+    backend; UUIDs and datetimes are adapted per backend."""
+
+    @abstractmethod
+    def execute(self, statement: str, params: Sequence[Any] = ()) -> None: ...
+
+    @abstractmethod
+    def executemany(self, statement: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+    @abstractmethod
+    def fetchall(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+
+    def insert_rows(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Plain inserts of many rows (no conflict handling)."""
+        marks = ", ".join(["%s"] * len(columns))
+        self.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
+
+    @abstractmethod
+    def track(self, position: int) -> None:
+        """Records the projector's new position in this same transaction."""
+
+    def in_list(self, count: int) -> str:
+        return ", ".join(["%s"] * count)
+
+
+class ViewStore(ABC):
+    """A database holding view tables and the projector's tracking row."""
+
+    backend: str
+    tracking: TrackingRecorder
+
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[ViewTx]: ...
+
+    @abstractmethod
+    def migrate(self, *, user_foreign_keys: bool = False) -> int:
+        """Creates missing tables and indexes; returns the schema version."""
+
+    def ensure_schema(self) -> None:
+        """Applies the DDL only when this schema version is not recorded yet:
+        re-running it takes table locks (triggers are re-created) that would
+        contend with a running projector."""
+        try:
+            with self.transaction() as tx:
+                recorded = tx.fetchall("SELECT 1 FROM ledger_schema_version WHERE version = %s", [SCHEMA_VERSION])
+        except PersistenceError:  # the version table does not exist yet
+            recorded = []
+        if not recorded:
+            self.migrate()
+
+    @abstractmethod
+    def rows(self, table: str, order_by: str) -> Iterator[tuple[Any, ...]]:
+        """Streams a table's rows in a stable order, values normalised."""
+
+    @abstractmethod
+    def columns(self, table: str) -> list[str]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def position(self) -> int:
+        return self.tracking.max_tracking_id(TRACKED_APPLICATION) or 0
+
+    def wait(self, position: int, timeout_s: float) -> None:
+        """Blocks until the views include ``position``; TimeoutError after ``timeout_s``."""
+        self.tracking.wait(TRACKED_APPLICATION, position, timeout=timeout_s)
+
+
+def tracking_for(position: int) -> Tracking:
+    return Tracking(TRACKED_APPLICATION, position)
+
+
+def naive_utc(value: datetime) -> datetime:
+    """The seed's columns are TIMESTAMP (no zone): they hold UTC."""
+    return value.astimezone(UTC).replace(tzinfo=None)
+
+
+def normalise(value: Any) -> Any:
+    """One representation per value across backends, for checksums and diffs."""
+    if isinstance(value, datetime):
+        return (value.astimezone(UTC).replace(tzinfo=None) if value.tzinfo else value).isoformat(sep=" ")
+    if isinstance(value, UUID):
+        return str(value)
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, memoryview | bytes):
+        return bytes(value).hex()
+    if isinstance(value, dict):  # jsonb on PostgreSQL, JSON text on SQLite
+        return json.dumps(value, sort_keys=True, default=str)
+    if isinstance(value, str) and value[:1] == "{" and value[-1:] == "}":
+        try:
+            return json.dumps(json.loads(value), sort_keys=True, default=str)
+        except ValueError:
+            return value
+    if isinstance(value, Decimal):
+        return str(value)
+    return value

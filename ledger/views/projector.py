@@ -1,0 +1,200 @@
+"""Runs views over the event log: catch-up, follow, rebuild, verify.
+
+Each page of events is written by every view, with the new tracking position,
+in one transaction, after checking that the recorded position is still the
+one the page was read from. A crash loses at most the page in flight, which is
+then read again: no row is lost and none is written twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from eventsourcing.persistence import IntegrityError
+
+from ledger.errors import InvalidArgument
+from ledger.storage.eventstore import LedgerApplication
+from ledger.storage.viewstore import TRACKED_APPLICATION, ViewStore, ViewTx
+from ledger.views.credits import View
+
+log = logging.getLogger("ledger.projector")
+
+#: Events per transaction: bounds memory and the work lost to a crash.
+PAGE_EVENTS = 1_000
+MAX_STALE_RETRIES = 10
+
+
+class StalePosition(Exception):
+    """Another writer moved the tracking position since the page was read."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    position: int
+    head: int
+    events: int
+
+
+class Projector:
+    def __init__(self, app: LedgerApplication, store: ViewStore, views: Sequence[View]) -> None:
+        if not views:
+            raise InvalidArgument("a projector needs at least one view")
+        self.app = app
+        self.store = store
+        self.views = list(views)
+        self.topics = sorted({t for v in self.views for t in v.topics})
+        self._lock = threading.Lock()  # one page at a time in this process
+
+    def head(self) -> int:
+        return self.app.recorder.max_notification_id() or 0
+
+    def lag(self) -> int:
+        return max(0, self.head() - self.store.position())
+
+    def catch_up(
+        self,
+        *,
+        page_events: int = PAGE_EVENTS,
+        progress: Callable[[Progress], None] | None = None,
+        until: int | None = None,
+        stop: threading.Event | None = None,
+    ) -> int:
+        """Projects every event recorded so far (or up to position ``until``);
+        returns how many events were projected."""
+        if not 1 <= page_events <= 10_000:
+            raise InvalidArgument(f"page_events must be within 1..10000, got {page_events}")
+        projected = 0
+        stale = 0
+        with self._lock:
+            while True:
+                try:
+                    count, done = self._one_page(page_events, until)
+                except (StalePosition, IntegrityError):
+                    # A rebuild swapped the tables, or a second projector won
+                    # the page: read the position again.
+                    stale += 1
+                    if stale > MAX_STALE_RETRIES:
+                        raise
+                    continue
+                projected += count
+                stale = 0
+                if progress is not None:
+                    progress(Progress(self.store.position(), self.head(), projected))
+                if done or (stop is not None and stop.is_set()):
+                    return projected
+
+    def _one_page(self, page_events: int, until: int | None) -> tuple[int, bool]:
+        position = self.store.position()
+        # The head is read first: writers commit in notification-id order (the
+        # table lock), so every matching event up to the head is visible now.
+        head = self.head() if until is None else min(until, self.head())
+        if head <= position:
+            return 0, True
+        notifications = self.app.recorder.select_notifications(
+            start=position + 1, limit=page_events, stop=head, topics=self.topics
+        )
+        events = [(n.id, self.app.mapper.to_domain_event(n)) for n in notifications]
+        # With no matching events left below the head, jump to the head.
+        new_position = notifications[-1].id if len(notifications) == page_events else head
+        with self.store.transaction() as tx:
+            self._expect(tx, position)
+            for view in self.views:
+                mine = [(p, e) for p, e in events if _topic(e) in view.topics]
+                if mine:
+                    view.process(mine, tx)
+            tx.track(new_position)
+        return len(events), new_position >= head
+
+    @staticmethod
+    def _expect(tx: ViewTx, position: int) -> None:
+        rows = tx.fetchall(
+            f"SELECT notification_id FROM {_tracking_table(tx)} WHERE application_name = %s", [TRACKED_APPLICATION]
+        )
+        recorded = rows[0][0] if rows else 0
+        if recorded != position:
+            raise StalePosition(f"tracking moved from {position} to {recorded}")
+
+    def follow(
+        self,
+        stop: threading.Event,
+        *,
+        poll_s: float = 1.0,
+        wake: Callable[[float], None] | None = None,
+        on_lag: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Projects new events until ``stop`` is set. ``wake(timeout_s)`` blocks
+        until new events may exist (LISTEN/NOTIFY); polling is the fallback."""
+        while not stop.is_set():
+            self.catch_up(stop=stop)  # a SIGTERM ends a long backlog after the page in flight
+            if on_lag is not None:
+                on_lag(self.store.position(), self.head())
+            if wake is not None:
+                wake(poll_s)
+            else:
+                stop.wait(poll_s)
+
+
+def _topic(event: Any) -> str:
+    return str(type(event).TOPIC)
+
+
+def _tracking_table(tx: ViewTx) -> str:
+    return str(getattr(getattr(tx, "tracking", None), "tracking_table_name", "tracking"))
+
+
+# -- checksums and comparison ------------------------------------------------------------
+
+
+def table_rows(store: ViewStore, table: str, order_by: str, skip: tuple[str, ...]) -> Iterator[tuple[Any, ...]]:
+    columns = store.columns(table)
+    keep = [i for i, c in enumerate(columns) if c not in skip]
+    for row in store.rows(table, order_by):
+        yield tuple(row[i] for i in keep)
+
+
+def checksum(store: ViewStore, table: str, order_by: str, skip: tuple[str, ...]) -> tuple[int, str]:
+    """Row count and SHA-256 over the rows in order; streams the table."""
+    digest = hashlib.sha256()
+    count = 0
+    for row in table_rows(store, table, order_by, skip):
+        digest.update(repr(row).encode())
+        count += 1
+    return count, digest.hexdigest()
+
+
+def differences(
+    live: ViewStore, rebuilt: ViewStore, table: str, order_by: str, skip: tuple[str, ...], *, limit: int = 10_000
+) -> list[tuple[str, tuple[Any, ...]]]:
+    """Rows that differ, ``-`` as in live and ``+`` as rebuilt, at most ``limit``.
+    A merge of the two ordered streams: memory stays bounded."""
+    columns = [c for c in live.columns(table) if c not in skip]
+    key_at = [columns.index(c.strip()) for c in order_by.split(",")]
+
+    def key(row: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple("" if row[i] is None else row[i] for i in key_at)
+
+    found: list[tuple[str, tuple[Any, ...]]] = []
+    a_rows, b_rows = table_rows(live, table, order_by, skip), table_rows(rebuilt, table, order_by, skip)
+    a, b = next(a_rows, None), next(b_rows, None)
+    while (a is not None or b is not None) and len(found) < limit:
+        if b is None or (a is not None and key(a) < key(b)):
+            found.append(("-", a))  # type: ignore[arg-type]
+            a = next(a_rows, None)
+        elif a is None or key(b) < key(a):
+            found.append(("+", b))
+            b = next(b_rows, None)
+        else:
+            if a != b:
+                found.extend([("-", a), ("+", b)])
+            a, b = next(a_rows, None), next(b_rows, None)
+    return found[:limit]
+
+
+def wait_a_little(seconds: float) -> None:
+    time.sleep(seconds)

@@ -1,0 +1,579 @@
+"""The subscription read model: plans, plan_features, subscriptions,
+subscription_history and audit_logs (admin actions), and, when the host opts
+in, users.tier and users.storage_quota."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+from uuid import UUID, uuid5
+
+from ledger.domain.credits import CreditAccount
+from ledger.domain.entitlements import entitled
+from ledger.domain.plans import FREE_PLAN, Plan, PlanTerms, plan_id_for
+from ledger.domain.subscriptions import PROVIDER_CHANGE_REASON, PauseMode, Status, Subscription
+from ledger.storage.viewstore import ViewTx
+from ledger.views.credits import View
+
+ROW_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b20")
+
+SUBSCRIPTION_COLUMNS = (
+    "id",
+    "user_id",
+    "plan_id",
+    "lemon_squeezy_subscription_id",
+    "lemon_squeezy_customer_id",
+    "billing_cycle",
+    "status",
+    "current_period_start",
+    "current_period_end",
+    "trial_ends_at",
+    "cancelled_at",
+    "cancel_reason",
+    "created_at",
+    "cancel_at_period_end",
+    "paused_at",
+    "ended_at",
+)
+
+
+def row_id(kind: str, originator_id: UUID, version: int) -> UUID:
+    """History and audit rows get ids derived from their event: a rebuild writes the same ids."""
+    return uuid5(ROW_NS, f"{kind}:{originator_id}:{version}")
+
+
+class SubscriptionView(View):
+    name = "subscriptions"
+    topics = (
+        *(
+            cls.TOPIC
+            for cls in (
+                Plan.Defined,
+                Plan.Revised,
+                Subscription.Started,
+                Subscription.Activated,
+                Subscription.Renewed,
+                Subscription.PlanChanged,
+                Subscription.StatusChanged,
+                Subscription.Cancelled,
+                Subscription.Expired,
+                Subscription.Synced,
+                Subscription.Superseded,
+                CreditAccount.Granted,
+                CreditAccount.Debited,
+            )
+        ),
+    )
+    tables: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {
+        "subscriptions": ("id", ("updated_at",)),
+        "subscription_history": ("changed_at, id", ()),
+        "subscription_snapshots": ("subscription_id, source_updated_at", ()),
+        "audit_logs": ("created_at, id", ()),
+    }
+
+    def __init__(self, *, sync_user_tier: bool = False) -> None:
+        self.sync_user_tier = sync_user_tier
+
+    def process(self, events: Sequence[tuple[int, Any]], tx: ViewTx) -> None:
+        plans: dict[str, PlanTerms] = {}
+        subs: dict[UUID, dict[str, Any]] = {}
+        history: list[list[Any]] = []
+        audit: list[list[Any]] = []
+        timelines = _Timelines(tx)
+        for _, event in events:
+            if isinstance(event, Plan.Defined | Plan.Revised):
+                terms = PlanTerms.from_event_data(event.terms)
+                plans[terms.name] = terms
+                self._plan(tx, terms)
+                if event.actor:
+                    audit.append(
+                        self._audit(
+                            event,
+                            None,
+                            "plan.defined",
+                            "plan",
+                            plan_id_for(terms.name),
+                            {"terms": _jsonable(event.terms), "actor": event.actor},
+                        )
+                    )
+            elif isinstance(event, Subscription.Event | Subscription.Started):
+                row = subs.get(event.originator_id) or self._row(tx, event.originator_id)
+                change = self._apply(row, event)
+                subs[event.originator_id] = row
+                if isinstance(event, Subscription.Synced | Subscription.Superseded):
+                    timelines.add(event, row)
+                elif change is not None and not (
+                    isinstance(event, Subscription.PlanChanged)
+                    and event.reason == PROVIDER_CHANGE_REASON
+                    and event.actor is None
+                ):
+                    # A provider's changes are written from its timeline
+                    # (below); the ledger's own are written as they happen.
+                    history.append(self._history(tx, event, row, change))
+                actor = getattr(event, "actor", None)
+                if actor:
+                    audit.append(
+                        self._audit(
+                            event,
+                            row["user_id"],
+                            f"subscription.{change}",
+                            "subscription",
+                            event.originator_id,
+                            {"actor": actor, **_details(event)},
+                        )
+                    )
+            elif getattr(event, "kind", None) == "admin_adjustment" and getattr(event, "actor", None):
+                sign = 1 if isinstance(event, CreditAccount.Granted) else -1
+                user = tx.fetchall("SELECT user_id FROM credit_accounts WHERE account_id = %s", [event.originator_id])
+                audit.append(
+                    self._audit(
+                        event,
+                        user[0][0] if user else None,
+                        "credits.adjusted",
+                        "credit_account",
+                        event.originator_id,
+                        {
+                            "delta": sign * event.amount,
+                            "reason": event.description,
+                            "actor": event.actor,
+                            "key": event.key,
+                        },
+                    )
+                )
+        for row in subs.values():
+            self._write_subscription(tx, row)
+            if self.sync_user_tier:
+                self._sync_user(tx, row)
+        tx.executemany(
+            "INSERT INTO subscription_history (id, subscription_id, from_plan_id, to_plan_id, change_type, details, "
+            "changed_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            history,
+        )
+        timelines.write()
+        tx.executemany(
+            "INSERT INTO audit_logs (id, user_id, action, entity_type, entity_id, old_value, new_value, created_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            audit,
+        )
+
+    # -- plans ------------------------------------------------------------------------
+
+    @staticmethod
+    def _plan(tx: ViewTx, terms: PlanTerms) -> None:
+        tx.execute(
+            "INSERT INTO plans (id, name, display_name, description, monthly_price, yearly_price, credits, "
+            "storage_bytes, queue_count, tier_level, lemon_squeezy_variant_id_monthly, "
+            "lemon_squeezy_variant_id_yearly, is_active) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT (name) DO UPDATE SET display_name = excluded.display_name, "
+            "description = excluded.description, monthly_price = excluded.monthly_price, "
+            "yearly_price = excluded.yearly_price, credits = excluded.credits, storage_bytes = excluded.storage_bytes, "
+            "queue_count = excluded.queue_count, tier_level = excluded.tier_level, "
+            "lemon_squeezy_variant_id_monthly = excluded.lemon_squeezy_variant_id_monthly, "
+            "lemon_squeezy_variant_id_yearly = excluded.lemon_squeezy_variant_id_yearly, "
+            "is_active = excluded.is_active",
+            [
+                plan_id_for(terms.name),
+                terms.name,
+                terms.display_name,
+                terms.description,
+                terms.monthly_price,
+                terms.yearly_price,
+                terms.credits,
+                terms.storage_bytes,
+                terms.queue_count,
+                terms.tier_level,
+                terms.lemon_squeezy_variant_id_monthly,
+                terms.lemon_squeezy_variant_id_yearly,
+                terms.is_active,
+            ],
+        )
+        plan_id = _plan_id(tx, terms.name)
+        # A revision that drops a feature drops its row.
+        keep = list(terms.features)
+        if keep:
+            tx.execute(
+                f"DELETE FROM plan_features WHERE plan_id = %s AND feature_key NOT IN ({tx.in_list(len(keep))})",
+                [plan_id, *keep],
+            )
+        else:
+            tx.execute("DELETE FROM plan_features WHERE plan_id = %s", [plan_id])
+        for key, feature in terms.features.items():
+            tx.execute(
+                "INSERT INTO plan_features (id, plan_id, feature_key, enabled, config) VALUES (%s, %s, %s, %s, %s) "
+                "ON CONFLICT (plan_id, feature_key) DO UPDATE SET enabled = excluded.enabled, config = excluded.config",
+                [uuid5(plan_id_for(terms.name), key), plan_id, key, feature.enabled, feature.config],
+            )
+
+    # -- subscriptions ---------------------------------------------------------------------
+
+    @staticmethod
+    def _row(tx: ViewTx, subscription_id: UUID) -> dict[str, Any]:
+        found = tx.fetchall(
+            f"SELECT {', '.join(SUBSCRIPTION_COLUMNS)} FROM subscriptions WHERE id = %s", [subscription_id]
+        )
+        row = dict(zip(SUBSCRIPTION_COLUMNS, found[0], strict=True)) if found else {}
+        row["_plan"] = None
+        if found:
+            names = tx.fetchall("SELECT name FROM plans WHERE id = %s", [row["plan_id"]])
+            row["_plan"] = names[0][0] if names else None
+        return row
+
+    @staticmethod
+    def _apply(row: dict[str, Any], event: Any) -> str | None:
+        """Updates the row; returns the history change type, if the event is one."""
+        if isinstance(event, Subscription.Started):
+            row.update(
+                id=event.originator_id,
+                user_id=event.user_id,
+                _plan=event.plan,
+                lemon_squeezy_subscription_id=event.lemon_squeezy_subscription_id,
+                lemon_squeezy_customer_id=event.lemon_squeezy_customer_id,
+                billing_cycle=event.billing_cycle,
+                status=event.status,
+                current_period_start=event.period_start,
+                current_period_end=event.period_end,
+                trial_ends_at=event.trial_ends_at,
+                cancelled_at=None,
+                cancel_reason=None,
+                created_at=event.timestamp,
+                cancel_at_period_end=False,
+                paused_at=None,
+                ended_at=None,
+            )
+            return "trial_started" if event.status == Status.TRIALING else "created"
+        if isinstance(event, Subscription.Activated):
+            row.update(
+                status=Status.ACTIVE.value, current_period_start=event.period_start, current_period_end=event.period_end
+            )
+            return "activated"
+        if isinstance(event, Subscription.Renewed):
+            row.update(
+                status=Status.ACTIVE.value, current_period_start=event.period_start, current_period_end=event.period_end
+            )
+            return "renewed"
+        if isinstance(event, Subscription.PlanChanged):
+            row["_from_plan"] = row["_plan"]
+            row["_plan"] = event.to_plan
+            return str(event.change)
+        if isinstance(event, Subscription.StatusChanged):
+            row["status"] = event.status
+            if event.change == "paused":
+                row["paused_at"] = event.timestamp
+                row["_pause_mode"] = event.pause_mode or PauseMode.VOID.value
+            elif event.change == "unpaused":
+                row["paused_at"] = None
+            elif event.change == "resumed":
+                row.update(cancelled_at=None, cancel_reason=None, cancel_at_period_end=False)
+            return str(event.change)
+        if isinstance(event, Subscription.Cancelled):
+            row.update(
+                status=Status.CANCELLED.value,
+                cancelled_at=event.timestamp,
+                cancel_reason=event.reason,
+                cancel_at_period_end=event.at_period_end,
+            )
+            return "cancelled"
+        if isinstance(event, Subscription.Expired):
+            row.update(status=Status.EXPIRED.value, ended_at=event.timestamp)
+            return "expired"
+        if isinstance(event, Subscription.Synced):
+            before = row.get("status")
+            row.update(
+                status=event.status,
+                current_period_start=event.period_start,
+                current_period_end=event.period_end,
+                trial_ends_at=event.trial_ends_at,
+                cancel_at_period_end=event.cancel_at_period_end,
+            )
+            if event.status == Status.EXPIRED:
+                row["ended_at"] = event.timestamp
+            elif event.status == Status.PAUSED:
+                row["_pause_mode"] = event.pause_mode or PauseMode.VOID.value
+            return _synced_change(before, event.status)
+        return None
+
+    @staticmethod
+    def _history(tx: ViewTx, event: Any, row: dict[str, Any], change: str) -> list[Any]:
+        from_plan = row.pop("_from_plan", None) if change in ("upgraded", "downgraded") else None
+        details = {
+            **_details(event),
+            "period_start": row["current_period_start"],
+            "period_end": row["current_period_end"],
+        }
+        if from_plan:
+            details.update({"from": from_plan, "to": row["_plan"]})
+        return [
+            row_id("history", event.originator_id, event.originator_version),
+            event.originator_id,
+            _plan_id(tx, from_plan) if from_plan else None,
+            _plan_id(tx, row["_plan"]),
+            change,
+            _jsonable(details),
+            event.timestamp,
+        ]
+
+    @staticmethod
+    def _audit(
+        event: Any, user_id: Any, action: str, entity_type: str, entity_id: UUID, new_value: dict[str, Any]
+    ) -> list[Any]:
+        return [
+            row_id("audit", event.originator_id, event.originator_version),
+            user_id,
+            action,
+            entity_type,
+            entity_id,
+            None,
+            _jsonable(new_value),
+            event.timestamp,
+        ]
+
+    @staticmethod
+    def _write_subscription(tx: ViewTx, row: dict[str, Any]) -> None:
+        row["plan_id"] = _plan_id(tx, row["_plan"])
+        values = [row[c] for c in SUBSCRIPTION_COLUMNS]
+        updates = ", ".join(f"{c} = excluded.{c}" for c in SUBSCRIPTION_COLUMNS if c != "id")
+        tx.execute(
+            f"INSERT INTO subscriptions ({', '.join(SUBSCRIPTION_COLUMNS)}) "
+            f"VALUES ({', '.join(['%s'] * len(SUBSCRIPTION_COLUMNS))}) ON CONFLICT (id) DO UPDATE SET {updates}",
+            values,
+        )
+
+    @staticmethod
+    def _sync_user(tx: ViewTx, row: dict[str, Any]) -> None:
+        paused = row["status"] == Status.PAUSED.value
+        if paused and "_pause_mode" not in row:
+            # The table keeps no pause mode: the batch that paused it, which
+            # knew the mode, set the user's tier.
+            return
+        free_pause = paused and row["_pause_mode"] == PauseMode.FREE.value
+        live = row["status"] != Status.EXPIRED.value and (not paused or free_pause)
+        plan = row["_plan"] if live else FREE_PLAN.name
+        storage = tx.fetchall("SELECT storage_bytes FROM plans WHERE name = %s", [plan]) if live else [(0,)]
+        tx.execute(
+            "UPDATE users SET tier = %s, storage_quota = %s WHERE id = %s",
+            [plan, storage[0][0] if storage else 0, row["user_id"]],
+        )
+
+
+def _plan_id(tx: ViewTx, name: str) -> Any:
+    found = tx.fetchall("SELECT id FROM plans WHERE name = %s", [name])
+    return found[0][0] if found else plan_id_for(name)
+
+
+def _details(event: Any) -> dict[str, Any]:
+    keep = ("reason", "granted_credits", "at_period_end", "change", "plan_revision", "to_revision")
+    return {k: getattr(event, k) for k in keep if hasattr(event, k)}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+def _synced_change(before: Any, after: str) -> str | None:
+    if before == after:
+        return None
+    return {
+        Status.EXPIRED.value: "expired",
+        Status.CANCELLED.value: "cancelled",
+        Status.PAUSED.value: "paused",
+        Status.PAST_DUE.value: "past_due",
+        Status.ACTIVE.value: "recovered"
+        if before == Status.PAST_DUE.value
+        else "unpaused"
+        if before == Status.PAUSED.value
+        else "resumed"
+        if before == Status.CANCELLED.value
+        else "activated",
+        Status.TRIALING.value: "trial_started",
+    }.get(after)
+
+
+_SNAPSHOT_COLUMNS = (
+    "source_updated_at",
+    "plan",
+    "status",
+    "current_period_start",
+    "current_period_end",
+    "trial_ends_at",
+    "cancel_at_period_end",
+    "plan_tier_level",
+)
+
+
+def _utc(value: Any) -> Any:
+    """A timestamp as an aware UTC datetime, whether it came from an event or
+    from either store's column (naive UTC, or text on SQLite)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _effective(timeline: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The timeline with each status-only point (plan None) completed from
+    the full snapshot before it; its status counts only from active or
+    trialing, else the one before holds. A status-only point before the first
+    snapshot is left out, as it is when it arrives first (there is no
+    subscription yet to make past due)."""
+    effective: list[tuple[Any, ...]] = []
+    previous: tuple[Any, ...] | None = None
+    for snapshot in timeline:
+        if snapshot[1] is not None:
+            effective.append(snapshot)
+            previous = snapshot
+            continue
+        if previous is None:
+            continue
+        live = previous[2] in (Status.ACTIVE.value, Status.TRIALING.value)
+        status = snapshot[2] if live else previous[2]
+        effective.append((snapshot[0], previous[1], status, *previous[3:]))
+        if live:
+            previous = effective[-1]
+    return effective
+
+
+class _Timelines:
+    """The history of a subscription a payment provider drives, written from
+    every snapshot it sent (``subscription_snapshots``), in the provider's
+    order: the first snapshot is its ``created`` (or ``trial_started``) row,
+    and each later one the plan change and the status change it brought, at
+    the snapshot's time. A snapshot that arrives late (older than one applied)
+    takes its place, and the subscription's provider rows are written again:
+    the rows are the same whatever order the snapshots arrived in."""
+
+    def __init__(self, tx: ViewTx) -> None:
+        self.tx = tx
+        self.pending: dict[UUID, dict[Any, tuple[Any, ...]]] = {}
+        self.plan_ids: dict[str, Any] = {}
+
+    def add(self, event: Any, row: dict[str, Any]) -> None:
+        at = _utc(event.source_updated_at)
+        snapshot: tuple[Any, ...]
+        if getattr(event, "status_only", False):
+            # Only the status is the provider's: the rest comes from the
+            # snapshot before it when the rows are written.
+            snapshot = (at, None, str(event.status), None, None, None, None, None)
+        else:
+            plan = event.plan if isinstance(event, Subscription.Superseded) else row["_plan"]
+            snapshot = (
+                at,
+                plan,
+                str(event.status),
+                _utc(event.period_start),
+                _utc(event.period_end),
+                _utc(event.trial_ends_at),
+                bool(event.cancel_at_period_end),
+                # The plan's tier as the log stands at this event (the plans
+                # table is projected in the same order, live or rebuilt): an
+                # upgrade stays an upgrade when a tier is revised later.
+                self._tier(plan),
+            )
+        self.pending.setdefault(event.originator_id, {})[at] = snapshot
+
+    def write(self) -> None:
+        for subscription_id, new in self.pending.items():
+            old = self._stored(subscription_id)
+            merged = {**old, **new}
+            stale = [[i] for i in self._row_ids(subscription_id, old)]
+            # The row Started wrote as it happened: the timeline's first row replaces it.
+            stale.append([row_id("history", subscription_id, 1)])
+            self.tx.executemany("DELETE FROM subscription_history WHERE id = %s", stale)
+            self.tx.executemany(
+                f"INSERT INTO subscription_snapshots (subscription_id, {', '.join(_SNAPSHOT_COLUMNS)}) "
+                f"VALUES (%s, {', '.join(['%s'] * len(_SNAPSHOT_COLUMNS))}) ON CONFLICT (subscription_id, "
+                "source_updated_at) DO UPDATE SET "
+                + ", ".join(f"{c} = excluded.{c}" for c in _SNAPSHOT_COLUMNS if c != "source_updated_at"),
+                [[subscription_id, *s] for s in new.values()],
+            )
+            self.tx.executemany(
+                "INSERT INTO subscription_history (id, subscription_id, from_plan_id, to_plan_id, change_type, "
+                "details, changed_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                self._rows(subscription_id, merged),
+            )
+        self.pending.clear()
+
+    def _stored(self, subscription_id: UUID) -> dict[Any, tuple[Any, ...]]:
+        found = self.tx.fetchall(
+            f"SELECT {', '.join(_SNAPSHOT_COLUMNS)} FROM subscription_snapshots WHERE subscription_id = %s",
+            [subscription_id],
+        )
+        snapshots = {}
+        for at, plan, status, start, end, trial, cancel, tier in found:
+            at = _utc(at)
+            full = cancel is not None
+            snapshots[at] = (
+                at,
+                plan,
+                status,
+                _utc(start),
+                _utc(end),
+                _utc(trial),
+                bool(cancel) if full else None,
+                int(tier) if tier is not None else None,
+            )
+        return snapshots
+
+    def _row_ids(self, subscription_id: UUID, snapshots: dict[Any, tuple[Any, ...]]) -> list[UUID]:
+        return [r[0] for r in self._changes(subscription_id, snapshots)]
+
+    def _changes(self, subscription_id: UUID, snapshots: dict[Any, tuple[Any, ...]]) -> list[list[Any]]:
+        """(id, from plan, to plan, change, details, time) of each row, in order."""
+        rows: list[list[Any]] = []
+        previous: tuple[Any, ...] | None = None
+        for snapshot in _effective(sorted(snapshots.values())):
+            at, plan, status, start, end = snapshot[:5]
+            period = {"period_start": start, "period_end": end, "source_updated_at": at}
+            if previous is not None:
+                if plan != previous[1]:
+                    change = "upgraded" if snapshot[7] > previous[7] else "downgraded"
+                    details = {**period, "from": previous[1], "to": plan, "reason": PROVIDER_CHANGE_REASON}
+                    rows.append(["plan", change, previous[1], plan, details, at])
+                status_change = _synced_change(previous[2], status)
+                if status_change is not None:
+                    rows.append(["status", status_change, None, plan, {**period, "status": status}, at])
+            else:
+                change = "trial_started" if status == Status.TRIALING.value else "created"
+                rows.append(["first", change, None, plan, {**period, "status": status}, at])
+            previous = snapshot
+        # An id names the slot (first, plan, status) at the provider's time,
+        # not the change: the rows to replace are found again whatever they say.
+        return [
+            [uuid5(ROW_NS, f"timeline:{subscription_id}:{at.isoformat()}:{slot}"), from_plan, to_plan, change, d, at]
+            for slot, change, from_plan, to_plan, d, at in rows
+        ]
+
+    def _rows(self, subscription_id: UUID, snapshots: dict[Any, tuple[Any, ...]]) -> list[list[Any]]:
+        return [
+            [
+                rid,
+                subscription_id,
+                self._plan_id(from_plan) if from_plan else None,
+                self._plan_id(to_plan),
+                change,
+                _jsonable(details),
+                at,
+            ]
+            for rid, from_plan, to_plan, change, details, at in self._changes(subscription_id, snapshots)
+        ]
+
+    def _plan_id(self, name: str) -> Any:
+        # A plan's id never changes: a rewrite of a long timeline would ask
+        # for the same few plans row after row.
+        if name not in self.plan_ids:
+            self.plan_ids[name] = _plan_id(self.tx, name)
+        return self.plan_ids[name]
+
+    def _tier(self, plan: str) -> int:
+        found = self.tx.fetchall("SELECT tier_level FROM plans WHERE name = %s", [plan])
+        return int(found[0][0]) if found and found[0][0] is not None else 0
+
+
+__all__ = ["SubscriptionView", "entitled"]
