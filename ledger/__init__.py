@@ -32,7 +32,7 @@ from ledger.application.commands import (
     SettleReservation,
     SpendCredits,
 )
-from ledger.application.facade import DEFAULT_URL, Ledger
+from ledger.application.facade import DEFAULT_URL, Ledger, resolve_url
 from ledger.audit.auditor import Auditor
 from ledger.audit.base import Finding
 from ledger.audit.digest import DigestHead, DigestResult, Tampering, VerifyResult
@@ -143,4 +143,5 @@ __all__ = [
     "Tampering",
     "VerifyResult",
     "audit",
+    "resolve_url",
 ]

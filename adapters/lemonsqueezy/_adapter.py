@@ -19,10 +19,18 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from ledger import ConfigurationError, InvalidArgument, Ledger, LedgerError, Receipt
-from ledger.domain.credits import MAX_CREDITS
-from ledger.domain.plans import Plan
-from ledger.domain.subscriptions import BillingCycle, PauseMode, Status
+from ledger import (
+    MAX_CREDITS,
+    BillingCycle,
+    ConfigurationError,
+    InvalidArgument,
+    Ledger,
+    LedgerError,
+    PauseMode,
+    Receipt,
+)
+from ledger import SubscriptionStatus as Status
+from ledger.extension import Plan
 
 from ._batching import GroupCommit
 from ._effects import (

@@ -1,6 +1,7 @@
 """``python -m ledger webhooks send|retry|list`` and ``python -m ledger
-reconcile``: registered on the ledger's command group when imported (the last
-line of ``ledger/_cli.py`` imports this module)."""
+reconcile``: registered on the ledger's command line through the
+``pingvas_ledger.cli`` entry points in ``pyproject.toml``, and imported only
+when one of them runs."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 import click
 from click.core import ParameterSource
 
-from ledger.cli.main import URL_HELP, _url, cli
+from ledger import resolve_url as _url
 
 from ._effects import DEFAULT_HOLD_WINDOW_S
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from ._adapter import Processor
 
 MAX_SEND_BYTES = 16 * 1024 * 1024
+URL_HELP = "Ledger URL (default: $LEDGER_URL, else sqlite:///pingvas-ledger.sqlite3)."
 
 
 def _parse_packs(values: tuple[str, ...]) -> dict[str, int]:
@@ -190,7 +192,7 @@ def _processor(settings: dict[str, Any]) -> Iterator[Processor]:
         )
 
 
-@cli.group()
+@click.group()
 def webhooks() -> None:
     """Lemon Squeezy webhooks: send a signed test delivery, retry failed ones, list them."""
 
@@ -271,7 +273,7 @@ def list_(url: str | None, status: str | None, limit: int) -> None:
     click.echo(", ".join(f"{k} {v}" for k, v in counts.items()) or "no deliveries")
 
 
-@cli.command()
+@click.command()
 @_adapter_options
 @click.option("--api-key", envvar="LEMONSQUEEZY_API_KEY", required=True, help="A Lemon Squeezy API key.")
 @click.option("--store-id", default=None, help="Only this store's objects.")

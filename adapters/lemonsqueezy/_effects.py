@@ -1,6 +1,6 @@
 """How Lemon Squeezy's objects move the ledger.
 
-One command per kind of object, each a ``UnitCommand`` that runs in one ledger
+One command per kind of object, each a ``Command`` that runs in one ledger
 transaction: the adapter's own records (user mappings, the subscription's
 timeline, the payment's grant and refunds) change together with the
 subscription and the credits, or not at all.
@@ -24,22 +24,32 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 from uuid import UUID
 
-from ledger import InvalidArgument, LedgerError, Receipt, SyncSubscription
-from ledger.application.billing import UnitCommand
-from ledger.application.commands import ADDED
-from ledger.domain.credits import MAX_CREDITS, CreditKind, entry_id_for, record_id_for
-from ledger.domain.plans import Plan, plan_id_for
-from ledger.domain.subscriptions import (
+from ledger import (
+    MAX_CREDITS,
     BillingCycle,
+    CreditKind,
+    InvalidArgument,
+    LedgerError,
     PauseMode,
-    Status,
-    Subscription,
+    Receipt,
     SubscriptionExists,
+    SyncSubscription,
+)
+from ledger import SubscriptionStatus as Status
+from ledger.extension import (
+    ADDED,
+    Command,
+    Plan,
+    Subscription,
+    UnitOfWork,
     add_cycle,
+    entry_id_for,
+    plan_id_for,
     prorated,
+    record_id_for,
     slot_id_for,
 )
 
@@ -54,9 +64,6 @@ from ._state import (
     payment_id,
     subscription_link_id,
 )
-
-if TYPE_CHECKING:
-    from ledger.application.unit import _Unit
 
 T = TypeVar("T")
 
@@ -188,7 +195,7 @@ def minus_cycle(end: datetime, cycle: BillingCycle) -> datetime:
 
 
 def resolve_user(
-    unit: _Unit, custom_user: UUID | None, link: SubscriptionLink | None, customer_id: str, waits_for: str
+    unit: UnitOfWork, custom_user: UUID | None, link: SubscriptionLink | None, customer_id: str, waits_for: str
 ) -> UUID:
     """``meta.custom_data.user_id``, else the user the subscription or the
     customer was first seen with; Held when none is known."""
@@ -207,7 +214,7 @@ def resolve_user(
     raise Held(waits_for, "no meta.custom_data.user_id, and no user is mapped to this subscription or customer yet")
 
 
-def learn_customer(unit: _Unit, customer_id: str, user_id: UUID) -> None:
+def learn_customer(unit: UnitOfWork, customer_id: str, user_id: UUID) -> None:
     """Maps a customer to the user it is first seen with (later users of the
     same customer, one email with two app accounts, do not move it)."""
     if unit.aggregate(customer_link_id(customer_id), CustomerLink) is None:
@@ -222,7 +229,7 @@ def learn_customer(unit: _Unit, customer_id: str, user_id: UUID) -> None:
         )
 
 
-def plan_for(unit: _Unit, catalog: Catalog, variant_id: str) -> tuple[Plan, BillingCycle]:
+def plan_for(unit: UnitOfWork, catalog: Catalog, variant_id: str) -> tuple[Plan, BillingCycle]:
     found = catalog.find(variant_id)
     if found is None:
         raise UnknownVariant(variant_id)
@@ -233,7 +240,7 @@ def plan_for(unit: _Unit, catalog: Catalog, variant_id: str) -> tuple[Plan, Bill
 
 
 def claw_back(
-    unit: _Unit,
+    unit: UnitOfWork,
     payment: Payment,
     refunded: int,
     policy: RefundPolicy,
@@ -265,7 +272,9 @@ def _share(granted: int, refunded: int, total: int) -> int:
     return granted * min(refunded, total) // total
 
 
-def _debit(unit: _Unit, payment: Payment, wanted: int, policy: RefundPolicy, refunded: int, description: str) -> int:
+def _debit(
+    unit: UnitOfWork, payment: Payment, wanted: int, policy: RefundPolicy, refunded: int, description: str
+) -> int:
     # The domain's debit draws soonest-expiring credits first; a clawback
     # takes the refunded grant's own credits first, then (by policy) others.
     return unit.claw_back_once(
@@ -285,7 +294,7 @@ def grant_key(kind: str, object_id: str) -> str:
     return f"lemonsqueezy:{kind}:{object_id}"
 
 
-def open_payment(unit: _Unit, kind: str, object_id: str, user_id: UUID, total: int, currency: str) -> Payment:
+def open_payment(unit: UnitOfWork, kind: str, object_id: str, user_id: UUID, total: int, currency: str) -> Payment:
     payment = unit.aggregate(payment_id(kind, object_id), Payment)
     if payment is None:
         payment = Payment._create(
@@ -303,7 +312,7 @@ def open_payment(unit: _Unit, kind: str, object_id: str, user_id: UUID, total: i
 
 
 def record_grant(
-    unit: _Unit,
+    unit: UnitOfWork,
     payment: Payment,
     *,
     amount: int,
@@ -345,7 +354,7 @@ def record_grant(
 
 
 @dataclass(frozen=True)
-class ApplySubscription(UnitCommand):
+class ApplySubscription(Command):
     """A subscription snapshot (``data.type`` subscriptions): its user and
     timeline, then SyncSubscription, which applies it if newer than the last."""
 
@@ -378,7 +387,7 @@ class ApplySubscription(UnitCommand):
             ids.append(slot_id_for(self.custom_user))
         return ids, [self.custom_user] if self.custom_user is not None else []
 
-    def apply(self, unit: _Unit) -> Receipt:
+    def apply(self, unit: UnitOfWork) -> Receipt:
         self.report.reset()
         sid = ledger_subscription_id(self.ls_subscription_id)
         sync_key = content_key("subscription-sync", self.ls_subscription_id, self._fields())
@@ -453,7 +462,7 @@ class ApplySubscription(UnitCommand):
 
 
 @dataclass(frozen=True)
-class ApplyInvoice(UnitCommand):
+class ApplyInvoice(Command):
     """A subscription invoice (``data.type`` subscription-invoices): grants
     the credits a paid invoice pays for, once; a failed payment makes the
     subscription past_due; a growing refunded amount claws credits back."""
@@ -487,7 +496,7 @@ class ApplyInvoice(UnitCommand):
             ids.append(ledger_subscription_id(self.ls_subscription_id))
         return ids, [self.custom_user] if self.custom_user is not None else []
 
-    def apply(self, unit: _Unit) -> Receipt:
+    def apply(self, unit: UnitOfWork) -> Receipt:
         self.report.reset()
         link_id = subscription_link_id(self.ls_subscription_id)
         unit.prefetch(*self.reads())
@@ -515,7 +524,7 @@ class ApplyInvoice(UnitCommand):
 
     # -- the grant ---------------------------------------------------------------
 
-    def _grant(self, unit: _Unit, link: SubscriptionLink, payment: Payment) -> None:
+    def _grant(self, unit: UnitOfWork, link: SubscriptionLink, payment: Payment) -> None:
         entries = link.entries()
         entry = self._entry(entries, unit.now)
         plan, cycle = plan_for(unit, self.catalog, entry.variant_id)
@@ -568,7 +577,7 @@ class ApplyInvoice(UnitCommand):
     def _young(self, now: datetime) -> bool:
         return now - self.created_at < timedelta(seconds=self.hold_window_s)
 
-    def _period_credits(self, unit: _Unit, payment: Payment, credits: int) -> int:
+    def _period_credits(self, unit: UnitOfWork, payment: Payment, credits: int) -> int:
         cap = unit.policy.rollover_cap_credits
         if unit.policy.expiry != "rollover" or cap is None:
             return credits
@@ -578,7 +587,7 @@ class ApplyInvoice(UnitCommand):
         return min(credits, max(0, cap - unspent))
 
     def _upgrade(
-        self, unit: _Unit, link: SubscriptionLink, entries: list[Seen], entry: Seen, new: Plan, cycle: BillingCycle
+        self, unit: UnitOfWork, link: SubscriptionLink, entries: list[Seen], entry: Seen, new: Plan, cycle: BillingCycle
     ) -> tuple[int, datetime, Credited | None]:
         """What a plan-change invoice grants, and the change it credits: the
         ledger's upgrade policy applied to the plans before and after the
@@ -642,7 +651,7 @@ class ApplyInvoice(UnitCommand):
 
     # -- a failed payment --------------------------------------------------------
 
-    def _past_due(self, unit: _Unit, user: UUID) -> None:
+    def _past_due(self, unit: UnitOfWork, user: UUID) -> None:
         """past_due, as a status-only snapshot dated by the invoice: it loses
         to any newer snapshot (a recovery), whichever arrives first. A late
         one (older than the snapshot applied) is still recorded, for the
@@ -680,7 +689,7 @@ class ApplyInvoice(UnitCommand):
 
 
 @dataclass(frozen=True)
-class ApplyOrder(UnitCommand):
+class ApplyOrder(Command):
     """An order: a credit pack (a one-time variant configured as one) grants
     its credits once when paid and is clawed back when refunded; the order
     of a plan variant (the checkout that starts a subscription) moves no
@@ -712,7 +721,7 @@ class ApplyOrder(UnitCommand):
         ]
         return ids, [self.custom_user] if self.custom_user is not None else []
 
-    def apply(self, unit: _Unit) -> Receipt:
+    def apply(self, unit: UnitOfWork) -> Receipt:
         self.report.reset()
         if self.pack_credits is None:
             return self._not_a_pack(unit)
@@ -744,7 +753,7 @@ class ApplyOrder(UnitCommand):
             )
         return unit.finish(self, user, amount=self.report.granted - self.report.clawed)
 
-    def _not_a_pack(self, unit: _Unit) -> Receipt:
+    def _not_a_pack(self, unit: UnitOfWork) -> Receipt:
         if not self.plan_variant and self.status in PAID_STATUSES:
             raise UnconfiguredPack(self.order_id, self.variant_id)
         if self.custom_user is not None:

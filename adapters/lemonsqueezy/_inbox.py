@@ -23,7 +23,6 @@ backends): on PostgreSQL the ledger's schema, on SQLite the views file.
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,11 +31,8 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID, uuid4
 
-from psycopg import sql
-
 from ledger import Ledger
-from ledger.storage.postgres.viewstore import PostgresViewStore, PostgresViewTx
-from ledger.storage.viewstore import ViewTx
+from ledger.extension import ViewTx
 
 SOURCE = "lemon_squeezy"
 MAX_ERROR_MESSAGE = 2_000
@@ -241,25 +237,16 @@ class Inbox:
             )
             return [_row(r) for r in rows]
 
-    @staticmethod
-    @functools.lru_cache(maxsize=16)
-    def _table(schema: str) -> str:
-        return sql.SQL("{}.webhook_events").format(sql.Identifier(schema)).as_string(None)
-
     @contextmanager
     def _transaction(self) -> Iterator[_Tx]:
         """Statements on webhook_events. On PostgreSQL each statement is its
-        own transaction (the pool's connections are in autocommit mode): every
-        PostgreSQL path here is single statements, and BEGIN and COMMIT would
-        be two more round trips each. The table name is schema-qualified, so
-        the store's ``SET LOCAL search_path`` is not needed either. On SQLite,
-        one transaction on the view store."""
+        own transaction: every PostgreSQL path here is single statements, and
+        BEGIN and COMMIT would be two more round trips each. On SQLite, one
+        transaction on the view store."""
         store = self.ledger.views.store
-        if isinstance(store, PostgresViewStore):
-            with store.datastore.get_connection() as conn, conn.cursor() as curs:
-                if not conn.autocommit:  # eventsourcing's pool hands out autocommit connections
-                    raise RuntimeError("webhook_events statements need an autocommit connection")
-                yield _Tx(PostgresViewTx(curs, store.tracking), self._table(store.schema), postgres=True)
+        if store.backend == "postgresql":
+            with store.statements() as tx:
+                yield _Tx(tx, store.qualified("webhook_events"), postgres=True)
         else:
             with store.transaction() as tx:
                 yield _Tx(tx, "webhook_events", postgres=False)

@@ -19,6 +19,7 @@ from ledger.application.commands import (
     MAX_TEXT_LENGTH,
     Command,
     Receipt,
+    UnitOfWork,
     check_key,
     check_optional_text,
     check_uuid,
@@ -47,32 +48,19 @@ from ledger.errors import InvalidArgument
 if TYPE_CHECKING:
     from uuid import UUID
 
-    from ledger.application.unit import _Unit
 
 SUBSCRIPTION_KINDS = frozenset({CreditKind.SUBSCRIPTION_GRANT.value, CreditKind.SUBSCRIPTION_RENEW.value})
 MAX_TRIAL_DAYS = 365
 
 
-class UnitCommand(Command):
-    """A command that knows how to run itself in a unit of work."""
-
-    def apply(self, unit: _Unit) -> Receipt:
-        raise NotImplementedError
-
-    def reads(self) -> tuple[list[UUID], list[UUID]]:
-        """The aggregate ids and the users' accounts ``apply`` will read, if
-        known in advance: a batch reads those of all its commands at once."""
-        return [], []
-
-
-def _subscription(unit: _Unit, subscription_id: UUID) -> Subscription:
+def _subscription(unit: UnitOfWork, subscription_id: UUID) -> Subscription:
     s = unit.aggregate(subscription_id, Subscription)
     if s is None:
         raise UnknownSubscription(subscription_id)
     return s
 
 
-def _plan(unit: _Unit, name: str) -> Plan:
+def _plan(unit: UnitOfWork, name: str) -> Plan:
     plan = unit.aggregate(plan_id_for(name), Plan)
     if plan is None:
         raise UnknownPlan(name)
@@ -80,7 +68,7 @@ def _plan(unit: _Unit, name: str) -> Plan:
 
 
 def _period_credits(
-    unit: _Unit,
+    unit: UnitOfWork,
     subscription_id: UUID,
     user_id: UUID,
     terms: PlanTerms,
@@ -116,12 +104,12 @@ def _period_credits(
     )
 
 
-def _done(unit: _Unit, c: Command, s: Subscription, granted: int) -> Receipt:
+def _done(unit: UnitOfWork, c: Command, s: Subscription, granted: int) -> Receipt:
     return unit.finish(c, s.user_id, amount=granted, subscription_id=s.id)
 
 
 @dataclass(frozen=True)
-class StartSubscription(UnitCommand):
+class StartSubscription(Command):
     name: ClassVar[str] = "start_subscription"
     user_id: UUID = field(kw_only=True)
     plan: str = field(kw_only=True)
@@ -141,7 +129,7 @@ class StartSubscription(UnitCommand):
         check_optional_text(self.lemon_squeezy_customer_id, "lemon_squeezy_customer_id", 100)
         check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH)
 
-    def apply(self, unit: _Unit) -> Receipt:
+    def apply(self, unit: UnitOfWork) -> Receipt:
         plan = _plan(unit, self.plan)
         terms = plan.terms
         if not terms.is_active:
@@ -179,7 +167,7 @@ class StartSubscription(UnitCommand):
 
 
 @dataclass(frozen=True)
-class _OnSubscription(UnitCommand):
+class _OnSubscription(Command):
     subscription_id: UUID = field(kw_only=True)
 
     def __post_init__(self) -> None:
@@ -193,7 +181,7 @@ class ActivateSubscription(_OnSubscription):
 
     name: ClassVar[str] = "activate_subscription"
 
-    def apply(self, unit: _Unit) -> Receipt:
+    def apply(self, unit: UnitOfWork) -> Receipt:
         s = _subscription(unit, self.subscription_id)
         s.require("activate", Status.TRIALING)
         start = unit.now
@@ -216,7 +204,7 @@ class ActivateSubscription(_OnSubscription):
 class RenewSubscription(_OnSubscription):
     name: ClassVar[str] = "renew_subscription"
 
-    def apply(self, unit: _Unit) -> Receipt:
+    def apply(self, unit: UnitOfWork) -> Receipt:
         s = _subscription(unit, self.subscription_id)
         s.require("renew", Status.ACTIVE, Status.PAST_DUE)
         if unit.now < s.period_end - RENEWAL_WINDOW:
@@ -249,7 +237,7 @@ class ChangePlan(_OnSubscription):
         check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH)
         check_optional_text(self.reason, "reason", MAX_TEXT_LENGTH)
 
-    def apply(self, unit: _Unit) -> Receipt:
+    def apply(self, unit: UnitOfWork) -> Receipt:
         s = _subscription(unit, self.subscription_id)
         s.require("change plan", Status.ACTIVE, Status.TRIALING, Status.PAST_DUE)
         old, new = _plan(unit, s.plan), _plan(unit, self.plan)
@@ -294,7 +282,7 @@ class ChangePlan(_OnSubscription):
 
 
 def _status_change(change: str, to: Status, *allowed: Status) -> Any:
-    def apply(self: _OnSubscription, unit: _Unit) -> Receipt:
+    def apply(self: _OnSubscription, unit: UnitOfWork) -> Receipt:
         s = _subscription(unit, self.subscription_id)
         s.require(change, *allowed)
         if change == "resume" and unit.now >= s.period_end:
@@ -371,7 +359,7 @@ class CancelSubscription(_OnSubscription):
         check_optional_text(self.reason, "reason", MAX_TEXT_LENGTH)
         check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH)
 
-    def apply(self, unit: _Unit) -> Receipt:
+    def apply(self, unit: UnitOfWork) -> Receipt:
         s = _subscription(unit, self.subscription_id)
         s.require("cancel", Status.TRIALING, Status.ACTIVE, Status.PAST_DUE, Status.PAUSED)
         s.trigger_event(
@@ -387,7 +375,7 @@ class ExpireSubscription(_OnSubscription):
     name: ClassVar[str] = "expire_subscription"
     reason: str = field(default="period ended", kw_only=True)
 
-    def apply(self, unit: _Unit) -> Receipt:
+    def apply(self, unit: UnitOfWork) -> Receipt:
         s = _subscription(unit, self.subscription_id)
         s.require("expire", Status.TRIALING, Status.ACTIVE, Status.PAST_DUE, Status.PAUSED, Status.CANCELLED)
         if s.status == Status.CANCELLED and unit.now < s.period_end:
@@ -396,7 +384,7 @@ class ExpireSubscription(_OnSubscription):
         return _done(unit, self, s, 0)
 
 
-def _expire(unit: _Unit, s: Subscription, reason: str) -> None:
+def _expire(unit: UnitOfWork, s: Subscription, reason: str) -> None:
     s.trigger_event(s.Expired, reason=reason, timestamp=unit.now)
     slot = unit.slot(s.user_id)
     if slot.live == s.id:
@@ -404,7 +392,7 @@ def _expire(unit: _Unit, s: Subscription, reason: str) -> None:
 
 
 @dataclass(frozen=True)
-class DefinePlan(UnitCommand):
+class DefinePlan(Command):
     """Adds a plan to the catalog, or revises its terms (history kept)."""
 
     name: ClassVar[str] = "define_plan"
@@ -418,7 +406,7 @@ class DefinePlan(UnitCommand):
         if not isinstance(self.terms, PlanTerms):
             raise InvalidArgument("terms must be PlanTerms")
 
-    def apply(self, unit: _Unit) -> Receipt:
+    def apply(self, unit: UnitOfWork) -> Receipt:
         data = self.terms.as_event_data()
         plan = unit.aggregate(plan_id_for(self.terms.name), Plan)
         if plan is None:
@@ -432,7 +420,7 @@ class DefinePlan(UnitCommand):
 
 
 @dataclass(frozen=True)
-class SyncSubscription(UnitCommand):
+class SyncSubscription(Command):
     """Applies a payment provider's snapshot of a subscription, if it is newer
     than the last one applied (``source_updated_at``); an older one changes
     nothing. Creates the subscription on first sight, so an update that arrives
@@ -493,7 +481,7 @@ class SyncSubscription(UnitCommand):
             "status_only": self.status_only,
         }
 
-    def apply(self, unit: _Unit) -> Receipt:
+    def apply(self, unit: UnitOfWork) -> Receipt:
         plan = _plan(unit, self.plan)
         s = unit.aggregate(self.subscription_id, Subscription)
         if s is None:
@@ -559,7 +547,7 @@ def _cycle(value: object) -> BillingCycle:
         raise InvalidArgument(f"billing_cycle must be monthly or yearly, got {value!r}") from None
 
 
-def due_changes(s: Subscription, now: datetime, *, auto_renew: bool) -> list[UnitCommand]:
+def due_changes(s: Subscription, now: datetime, *, auto_renew: bool) -> list[Command]:
     """What ``tick`` owes a subscription at ``now``, as keyed commands."""
     require_utc(now, "now")
     if s.source_updated_at is not None:

@@ -6,20 +6,34 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from datetime import datetime
 from decimal import Decimal
 from functools import cached_property
 from types import MappingProxyType
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
 
 from ledger.clock import require_utc
-from ledger.domain.credits import GRANT_KINDS, MAX_CREDITS, SPEND_KINDS, CreditKind
+from ledger.domain.credits import (
+    GRANT_KINDS,
+    MAX_CREDITS,
+    SPEND_KINDS,
+    CreditKind,
+    entry_id_for,
+    reservation_id_for,
+)
 from ledger.errors import InvalidAmount, InvalidArgument
+
+if TYPE_CHECKING:
+    from ledger.domain.credits import CreditAccount
+    from ledger.domain.subscriptions import CreditPolicy, SubscriberSlot
+    from ledger.errors import LedgerError
+
+T = TypeVar("T")
 
 MAX_KEY_LENGTH = 200
 MAX_TEXT_LENGTH = 500  # the seed's credit_transactions.description is VARCHAR(500)
@@ -89,9 +103,110 @@ ADDED_FIELD = "pingvas.added_field"
 ADDED: Mapping[str, bool] = MappingProxyType({ADDED_FIELD: True})
 
 
+class UnitOfWork(Protocol):
+    """What a command may do while it runs: the one attempt at a batch that it
+    shares with the batch's other commands. Everything a command changes is
+    saved in one transaction with its key's record, or not at all; after a
+    clash the engine reloads and runs the whole batch again, so ``apply`` must
+    decide from what it reads here and nothing else.
+
+    This is the ledger's command seam (``ledger.extension``): subscription
+    commands and payment providers' commands run through it exactly as the
+    credit commands do."""
+
+    #: The moment the attempt runs at (timezone-aware UTC): every event it records carries it.
+    now: datetime
+    #: How subscription changes move credits.
+    policy: CreditPolicy
+
+    def prefetch(self, ids: Iterable[UUID], users: Iterable[UUID | None] = ()) -> None:
+        """Reads these aggregates and users' accounts in one bulk read."""
+
+    def account(self, user_id: UUID, *, open_missing: bool = False) -> CreditAccount:
+        """The user's credit account, its due holds and lapsed blocks applied;
+        ``open_missing`` opens one for a user who has none (else UnknownAccount)."""
+        ...
+
+    def aggregate(self, aggregate_id: UUID, cls: type[T]) -> T | None:
+        """An aggregate by id, read once per attempt, or None when there is none of that type."""
+        ...
+
+    def add(self, aggregate: Any) -> None:
+        """Saves a new aggregate (or one read elsewhere) with the attempt."""
+
+    def slot(self, user_id: UUID) -> SubscriberSlot:
+        """The user's one-live-subscription slot, opened when missing."""
+        ...
+
+    def recorded(self, key: str) -> bool:
+        """Whether a command under ``key`` was recorded, in this attempt or before."""
+        ...
+
+    def owner_of(self, reservation_id: UUID, hint: UUID | None) -> UUID:
+        """The user whose account holds the reservation (``hint`` when given)."""
+        ...
+
+    def closed_status(self, account: CreditAccount, reservation_id: UUID) -> LedgerError:
+        """Why a hold is not open on ``account``: closed before, or never there."""
+        ...
+
+    def grant_once(
+        self,
+        user_id: UUID,
+        amount: int,
+        kind: CreditKind,
+        *,
+        key: str,
+        expires_at: datetime | None,
+        reference_type: str | None,
+        reference_id: str | None,
+        description: str,
+    ) -> int:
+        """Grants credits under a key derived from a business event, once;
+        returns the credits granted (0 when the key was recorded before)."""
+        ...
+
+    def claw_back_once(
+        self,
+        user_id: UUID,
+        wanted: int,
+        *,
+        key: str,
+        block_id: str | None,
+        from_other_credits: bool,
+        reference_type: str | None,
+        reference_id: str | None,
+        description: str,
+    ) -> int:
+        """Takes back up to ``wanted`` credits after a refund, once; returns the credits taken."""
+        ...
+
+    def done(
+        self,
+        command: Command,
+        account: CreditAccount,
+        *,
+        amount: int,
+        entry_id: UUID | None = None,
+        reservation_id: UUID | None = None,
+    ) -> Receipt:
+        """Checks the account's invariants, records the command's key and returns its receipt."""
+        ...
+
+    def finish(
+        self, command: Command, user_id: UUID | None, *, amount: int, subscription_id: UUID | None = None
+    ) -> Receipt:
+        """Records the key of a command that posted no credit movement of its
+        own (or only through ``grant_once``) and returns its receipt."""
+        ...
+
+
 @dataclass(frozen=True)
 class Command:
-    """A ledger command. ``key`` is the caller's idempotency key."""
+    """A ledger command: validated arguments, and ``apply``, which runs it in
+    a unit of work. ``key`` is the caller's idempotency key; a retry with the
+    same key and arguments returns the first receipt, other arguments raise
+    IdempotencyConflict."""
 
     name: ClassVar[str]
     #: Fields that steer routing only and are left out of the fingerprint.
@@ -111,8 +226,17 @@ class Command:
         text = json.dumps({"command": self.name, **body}, sort_keys=True, default=_json_default)
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def describe(self) -> dict[str, Any]:
-        return {k: _canonical(v) for k, v in asdict(self).items()}
+    def reads(self) -> tuple[list[UUID], list[UUID]]:
+        """The aggregate ids and the users' accounts ``apply`` will read
+        besides the account of its ``user_id`` field, when known in advance:
+        a batch reads those of all its commands at once."""
+        return [], []
+
+    def apply(self, unit: UnitOfWork) -> Receipt:
+        """Runs the command in ``unit``: reads, decides, triggers events, and
+        returns ``unit.done(...)`` or ``unit.finish(...)``. Raises a
+        LedgerError to refuse; nothing is then recorded."""
+        raise NotImplementedError(f"{type(self).__name__} does not define apply()")
 
 
 @dataclass(frozen=True)
@@ -146,6 +270,23 @@ class GrantCredits(Command):
         if self.expires_at is not None:
             object.__setattr__(self, "expires_at", require_utc(self.expires_at, "expires_at"))
 
+    def apply(self, unit: UnitOfWork) -> Receipt:
+        account = unit.account(self.user_id, open_missing=True)
+        entry_id = entry_id_for(self.key)
+        account.grant(
+            entry_id=entry_id,
+            amount=self.amount_credits,
+            kind=self.kind,
+            description=self.description,
+            reference_type=self.reference_type,
+            reference_id=self.reference_id,
+            expires_at=self.expires_at,
+            actor=self.actor,
+            key=self.key,
+            now=unit.now,
+        )
+        return unit.done(self, account, amount=self.amount_credits, entry_id=entry_id)
+
 
 @dataclass(frozen=True)
 class SpendCredits(Command):
@@ -173,6 +314,22 @@ class SpendCredits(Command):
         check_optional_text(self.reference_type, "reference_type", 50)
         check_optional_text(self.reference_id, "reference_id", MAX_LABEL_LENGTH)
 
+    def apply(self, unit: UnitOfWork) -> Receipt:
+        account = unit.account(self.user_id)
+        entry_id = entry_id_for(self.key)
+        account.debit(
+            entry_id=entry_id,
+            amount=self.amount_credits,
+            kind=self.kind,
+            description=self.description,
+            reference_type=self.reference_type,
+            reference_id=self.reference_id,
+            actor=None,
+            key=self.key,
+            now=unit.now,
+        )
+        return unit.done(self, account, amount=-self.amount_credits, entry_id=entry_id)
+
 
 @dataclass(frozen=True)
 class ReserveCredits(Command):
@@ -188,6 +345,19 @@ class ReserveCredits(Command):
         check_uuid(self.job_id, "job_id")
         check_amount(self.amount_credits)
         object.__setattr__(self, "expires_at", require_utc(self.expires_at, "expires_at"))
+
+    def apply(self, unit: UnitOfWork) -> Receipt:
+        account = unit.account(self.user_id)
+        reservation_id = reservation_id_for(self.key)
+        account.reserve(
+            reservation_id=reservation_id,
+            job_id=self.job_id,
+            amount=self.amount_credits,
+            expires_at=self.expires_at,
+            key=self.key,
+            now=unit.now,
+        )
+        return unit.done(self, account, amount=0, reservation_id=reservation_id)
 
 
 @dataclass(frozen=True)
@@ -206,6 +376,22 @@ class SettleReservation(Command):
         if self.user_id is not None:
             check_uuid(self.user_id, "user_id")
 
+    def apply(self, unit: UnitOfWork) -> Receipt:
+        account = unit.account(unit.owner_of(self.reservation_id, self.user_id))
+        if str(self.reservation_id) not in account.holds:
+            raise unit.closed_status(account, self.reservation_id)
+        entry_id = entry_id_for(self.key)
+        account.settle(
+            reservation_id=self.reservation_id,
+            entry_id=entry_id,
+            actual=self.actual_credits,
+            key=self.key,
+            now=unit.now,
+        )
+        return unit.done(
+            self, account, amount=-self.actual_credits, entry_id=entry_id, reservation_id=self.reservation_id
+        )
+
 
 @dataclass(frozen=True)
 class ReleaseReservation(Command):
@@ -221,6 +407,13 @@ class ReleaseReservation(Command):
         check_text(self.reason, "reason", MAX_TEXT_LENGTH, required=True)
         if self.user_id is not None:
             check_uuid(self.user_id, "user_id")
+
+    def apply(self, unit: UnitOfWork) -> Receipt:
+        account = unit.account(unit.owner_of(self.reservation_id, self.user_id))
+        if str(self.reservation_id) not in account.holds:
+            raise unit.closed_status(account, self.reservation_id)
+        account.release(reservation_id=self.reservation_id, reason=self.reason, key=self.key, now=unit.now)
+        return unit.done(self, account, amount=0, reservation_id=self.reservation_id)
 
 
 @dataclass(frozen=True)
@@ -240,8 +433,22 @@ class AdjustCredits(Command):
         check_text(self.reason, "reason", MAX_TEXT_LENGTH, required=True)
         check_text(self.actor, "actor", MAX_LABEL_LENGTH, required=True)
 
-
-AnyCommand = GrantCredits | SpendCredits | ReserveCredits | SettleReservation | ReleaseReservation | AdjustCredits
+    def apply(self, unit: UnitOfWork) -> Receipt:
+        account = unit.account(self.user_id, open_missing=self.delta_credits > 0)
+        entry_id = entry_id_for(self.key)
+        amount = abs(self.delta_credits)
+        kind = CreditKind.ADMIN_ADJUSTMENT
+        if self.delta_credits > 0:
+            account.grant(
+                entry_id=entry_id, amount=amount, kind=kind, description=self.reason, reference_type=None,
+                reference_id=None, expires_at=None, actor=self.actor, key=self.key, now=unit.now,
+            )  # fmt: skip
+        else:
+            account.debit(
+                entry_id=entry_id, amount=amount, kind=kind, description=self.reason, reference_type=None,
+                reference_id=None, actor=self.actor, key=self.key, now=unit.now,
+            )  # fmt: skip
+        return unit.done(self, account, amount=self.delta_credits, entry_id=entry_id)
 
 
 class _View(BaseModel):

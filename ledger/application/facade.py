@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -71,6 +72,8 @@ from ledger.storage.streams import stream_reader
 from ledger.views.runner import Views
 
 DEFAULT_URL = "sqlite:///pingvas-ledger.sqlite3"
+#: The environment variable a command line or a service reads its ledger URL from.
+URL_ENV = "LEDGER_URL"
 MAX_HISTORY_PAGE = 10_000
 SWEEP_PAGE = 1_000
 #: Changes one tick makes to one subscription: renewals of missed periods.
@@ -559,6 +562,12 @@ class Ledger:
             if event.originator_id in accounts:
                 users.add(event.user_id)
         return users
+
+
+def resolve_url(url: str | None = None) -> str:
+    """The URL to open: ``url`` when given, else ``$LEDGER_URL``, else
+    :data:`DEFAULT_URL` (the embedded SQLite file)."""
+    return url or os.environ.get(URL_ENV) or DEFAULT_URL
 
 
 def _chunks(items: Sequence[UUID], size: int) -> Iterator[list[UUID]]:

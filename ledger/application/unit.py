@@ -19,15 +19,10 @@ from uuid import UUID
 from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
 
-from ledger.application.billing import UnitCommand
 from ledger.application.commands import (
-    AdjustCredits,
     Command,
     GrantCredits,
     Receipt,
-    ReleaseReservation,
-    ReserveCredits,
-    SettleReservation,
     SpendCredits,
 )
 from ledger.clock import Clock
@@ -39,7 +34,6 @@ from ledger.domain.credits import (
     account_id_for,
     entry_id_for,
     record_id_for,
-    reservation_id_for,
 )
 from ledger.domain.subscriptions import CreditPolicy, SubscriberSlot, slot_id_for
 from ledger.errors import (
@@ -61,7 +55,7 @@ MAX_BATCH_COMMANDS = 10_000
 MAX_ATTEMPTS = 16
 
 
-class _Unit:
+class Unit:
     """One attempt at a batch: in-memory aggregates and the receipts so far."""
 
     def __init__(
@@ -76,8 +70,7 @@ class _Unit:
         self.accounts: dict[UUID, CreditAccount] = {}
         self.new_reservations: dict[UUID, Reservation] = {}
         self.records: dict[str, CommandRecord] = {}
-        self.missing: set[UUID] = set()
-        #: Aggregate ids a read in this attempt found absent: not read again.
+        #: Aggregate ids (accounts' too) a read in this attempt found absent: not read again.
         #: Safe because creating one of them clashes in the store if another
         #: writer created it since, and the attempt is then run afresh.
         self.absent: set[UUID] = set()
@@ -92,7 +85,10 @@ class _Unit:
         accounts = {
             account_id_for(u): u
             for u in users
-            if u is not None and u not in self.accounts and u not in self.preloaded and u not in self.missing
+            if u is not None
+            and u not in self.accounts
+            and u not in self.preloaded
+            and account_id_for(u) not in self.absent
         }
         if not wanted and not accounts:
             return
@@ -110,7 +106,7 @@ class _Unit:
             if isinstance(account, CreditAccount):
                 self.preloaded[user] = account
             else:
-                self.missing.add(user)
+                self.absent.add(account_id)
 
     def knows(self, aggregate_id: UUID) -> bool:
         """Whether this attempt has read (or made) the aggregate, or found it absent."""
@@ -122,16 +118,16 @@ class _Unit:
             return account
         account_id = account_id_for(user_id)
         account = self.preloaded.pop(user_id, None)
-        if account is None and user_id not in self.missing:
+        if account is None and account_id not in self.absent:
             try:
                 account = self.app.repository.get(account_id)
             except AggregateNotFoundError:
-                self.missing.add(user_id)
+                self.absent.add(account_id)
         if account is None:
             if not open_missing:
                 raise UnknownAccount(user_id)
             account = CreditAccount._create(CreditAccount.Opened, id=account_id, user_id=user_id, timestamp=self.now)
-            self.missing.discard(user_id)
+            self.absent.discard(account_id)
         assert isinstance(account, CreditAccount)
         account.apply_due(self.now)
         self.accounts[user_id] = account
@@ -217,7 +213,7 @@ class _Unit:
             reference_id=reference_id,
             expires_at=expires_at,
         )
-        self._done(internal, account, amount=amount, entry_id=entry_id_for(key))
+        self.done(internal, account, amount=amount, entry_id=entry_id_for(key))
         return amount
 
     def claw_back_once(
@@ -260,7 +256,7 @@ class _Unit:
                 reference_type=reference_type,
                 reference_id=reference_id,
             )
-            self._done(internal, account, amount=-taken, entry_id=entry_id)
+            self.done(internal, account, amount=-taken, entry_id=entry_id)
         return taken
 
     def finish(self, c: Command, user_id: UUID | None, *, amount: int, subscription_id: UUID | None = None) -> Receipt:
@@ -315,100 +311,9 @@ class _Unit:
         return UnknownReservation(reservation_id, account.user_id)
 
     def run(self, command: Command) -> Receipt:
-        if isinstance(command, UnitCommand):
-            return command.apply(self)
-        if isinstance(command, GrantCredits):
-            return self._grant(command)
-        if isinstance(command, SpendCredits):
-            return self._spend(command)
-        if isinstance(command, ReserveCredits):
-            return self._reserve(command)
-        if isinstance(command, SettleReservation | ReleaseReservation):
-            return self._close(command)
-        if isinstance(command, AdjustCredits):
-            return self._adjust(command)
-        raise InvalidArgument(f"not a ledger command: {type(command).__name__}")
+        return command.apply(self)
 
-    def _grant(self, c: GrantCredits) -> Receipt:
-        account = self.account(c.user_id, open_missing=True)
-        entry_id = entry_id_for(c.key)
-        account.grant(
-            entry_id=entry_id,
-            amount=c.amount_credits,
-            kind=c.kind,
-            description=c.description,
-            reference_type=c.reference_type,
-            reference_id=c.reference_id,
-            expires_at=c.expires_at,
-            actor=c.actor,
-            key=c.key,
-            now=self.now,
-        )
-        return self._done(c, account, amount=c.amount_credits, entry_id=entry_id)
-
-    def _spend(self, c: SpendCredits) -> Receipt:
-        account = self.account(c.user_id)
-        entry_id = entry_id_for(c.key)
-        account.debit(
-            entry_id=entry_id,
-            amount=c.amount_credits,
-            kind=c.kind,
-            description=c.description,
-            reference_type=c.reference_type,
-            reference_id=c.reference_id,
-            actor=None,
-            key=c.key,
-            now=self.now,
-        )
-        return self._done(c, account, amount=-c.amount_credits, entry_id=entry_id)
-
-    def _adjust(self, c: AdjustCredits) -> Receipt:
-        account = self.account(c.user_id, open_missing=c.delta_credits > 0)
-        entry_id = entry_id_for(c.key)
-        common = dict(
-            entry_id=entry_id,
-            amount=abs(c.delta_credits),
-            kind=CreditKind.ADMIN_ADJUSTMENT,
-            description=c.reason,
-            reference_type=None,
-            reference_id=None,
-            actor=c.actor,
-            key=c.key,
-            now=self.now,
-        )
-        if c.delta_credits > 0:
-            account.grant(expires_at=None, **common)  # type: ignore[arg-type]
-        else:
-            account.debit(**common)  # type: ignore[arg-type]
-        return self._done(c, account, amount=c.delta_credits, entry_id=entry_id)
-
-    def _reserve(self, c: ReserveCredits) -> Receipt:
-        account = self.account(c.user_id)
-        reservation_id = reservation_id_for(c.key)
-        account.reserve(
-            reservation_id=reservation_id,
-            job_id=c.job_id,
-            amount=c.amount_credits,
-            expires_at=c.expires_at,
-            key=c.key,
-            now=self.now,
-        )
-        return self._done(c, account, amount=0, reservation_id=reservation_id)
-
-    def _close(self, c: SettleReservation | ReleaseReservation) -> Receipt:
-        account = self.account(self.owner_of(c.reservation_id, c.user_id))
-        if str(c.reservation_id) not in account.holds:
-            raise self.closed_status(account, c.reservation_id)
-        if isinstance(c, SettleReservation):
-            entry_id = entry_id_for(c.key)
-            account.settle(
-                reservation_id=c.reservation_id, entry_id=entry_id, actual=c.actual_credits, key=c.key, now=self.now
-            )
-            return self._done(c, account, amount=-c.actual_credits, entry_id=entry_id, reservation_id=c.reservation_id)
-        account.release(reservation_id=c.reservation_id, reason=c.reason, key=c.key, now=self.now)
-        return self._done(c, account, amount=0, reservation_id=c.reservation_id)
-
-    def _done(
+    def done(
         self,
         c: Command,
         account: CreditAccount,
@@ -548,7 +453,7 @@ class Engine:
         # max_attempts), learns at least one recorded key (bounded by the
         # batch's keys) or re-checks a refusal on fresh state (once).
         while True:
-            unit = _Unit(self.app, self.reader, now or self.clock.now(), self.policy)
+            unit = Unit(self.app, self.reader, now or self.clock.now(), self.policy)
             if len(commands) > 1:
                 self._prefetch(unit, [c for c in commands if c.key not in known])
             try:
@@ -587,7 +492,7 @@ class Engine:
             return [r if r.replayed else r.model_copy(update={"position": position}) for r in receipts]
 
     @staticmethod
-    def _prefetch(unit: _Unit, commands: Sequence[Command]) -> None:
+    def _prefetch(unit: Unit, commands: Sequence[Command]) -> None:
         """One bulk read of the batch's accounts and of what its other
         commands say they will read: the ones not found are known missing."""
         ids: list[UUID] = []
@@ -595,10 +500,9 @@ class Engine:
         for c in commands:
             if (user := getattr(c, "user_id", None)) is not None:
                 users.append(user)
-            if isinstance(c, UnitCommand):
-                more_ids, more_users = c.reads()
-                ids.extend(more_ids)
-                users.extend(more_users)
+            more_ids, more_users = c.reads()
+            ids.extend(more_ids)
+            users.extend(more_users)
         unit.prefetch(ids, users)
 
     def _new_records(
@@ -620,7 +524,7 @@ class Engine:
                 found[key] = record
         return found
 
-    def _run(self, unit: _Unit, commands: Sequence[Command], known: dict[str, CommandRecord]) -> list[Receipt]:
+    def _run(self, unit: Unit, commands: Sequence[Command], known: dict[str, CommandRecord]) -> list[Receipt]:
         receipts: list[Receipt] = []
         done: dict[str, Receipt] = {}
         for index, command in enumerate(commands):
@@ -643,7 +547,7 @@ class Engine:
         if len(ids) > MAX_BATCH_COMMANDS:
             raise InvalidArgument(f"a sweep batch holds at most {MAX_BATCH_COMMANDS} accounts")
         for _ in range(self.max_attempts):
-            unit = _Unit(self.app, self.reader, now, self.policy)
+            unit = Unit(self.app, self.reader, now, self.policy)
             unit.prefetch([], ids)
             for user_id in ids:
                 unit.sweep(user_id)

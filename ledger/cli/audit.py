@@ -19,7 +19,7 @@ from uuid import UUID
 import click
 
 from ledger.audit.pointintime import Statement, StatementEntry, StatementHoldEvent
-from ledger.cli.main import URL_HELP, _url, cli
+from ledger.cli.common import URL_HELP, _url
 from ledger.errors import InvalidArgument
 
 
@@ -70,7 +70,7 @@ def _progress(label: str, show: bool) -> Iterator[Callable[[int, int], None] | N
         yield update
 
 
-@cli.command()
+@click.command()
 @click.option("--url", default=None, help=URL_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--from-position", type=int, default=0, show_default=True, help="Resume after this position.")
@@ -114,7 +114,7 @@ def audit(
     sys.exit(0 if report.ok else 1)
 
 
-@cli.command()
+@click.command()
 @click.option("--url", default=None, help=URL_HELP)
 @click.option("--user", "user_id", type=click.UUID, required=True, help="The user's id.")
 @click.option("--as-of", type=MOMENT, required=True, help="The instant (ISO 8601; no zone means UTC).")
@@ -141,7 +141,7 @@ def balance(url: str | None, user_id: UUID, as_of: datetime, as_json: bool) -> N
         )
 
 
-@cli.command()
+@click.command()
 @click.option("--url", default=None, help=URL_HELP)
 @click.option("--user", "user_id", type=click.UUID, required=True, help="The user's id.")
 @click.option("--start", type=MOMENT, required=True, help="The period starts after this instant.")
@@ -197,7 +197,7 @@ def _statement_text(s: Statement) -> str:
     return "\n".join(lines)
 
 
-@cli.command()
+@click.command()
 @click.option("--url", default=None, help=URL_HELP)
 @click.option("--every", type=int, default=1_000, show_default=True, help="Events per anchor segment.")
 @click.option("--incremental", is_flag=True, help="Trust the stored anchors; hash only the events after them.")
@@ -222,7 +222,7 @@ def digest(url: str | None, every: int, incremental: bool, as_json: bool, quiet:
     sys.exit(0 if result.ok else 1)
 
 
-@cli.command()
+@click.command()
 @click.option("--url", default=None, help=URL_HELP)
 @click.option("--digest", "head", required=True, help="The head kept outside the database: POSITION:HASH.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -238,3 +238,7 @@ def verify(url: str | None, head: str, as_json: bool, quiet: bool) -> None:
         result = run_verify(ledger, expected, progress=progress)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.describe()))
     sys.exit(0 if result.ok else 1)
+
+
+#: The auditor's commands, registered on ``python -m ledger``.
+COMMANDS = (audit, balance, statement, digest, verify)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 import tempfile
@@ -15,18 +14,12 @@ from typing import Any
 
 import click
 
+from ledger.cli import audit as audit_commands
+from ledger.cli.common import URL_HELP, LedgerGroup, _url
 from ledger.errors import LedgerError
 
-URL_HELP = "Ledger URL (default: $LEDGER_URL, else sqlite:///pingvas-ledger.sqlite3)."
 
-
-def _url(url: str | None) -> str:
-    from ledger.application.facade import DEFAULT_URL
-
-    return url or os.environ.get("LEDGER_URL") or DEFAULT_URL
-
-
-@click.group()
+@click.group(cls=LedgerGroup)
 def cli() -> None:
     """pingvas-ledger: an event-sourced credit ledger."""
 
@@ -194,5 +187,5 @@ def main() -> None:
         sys.exit(2)
 
 
-from adapters.lemonsqueezy import _cli as _lemonsqueezy_cli  # noqa: E402,F401
-from ledger.cli import audit as _audit_commands  # noqa: E402,F401
+for _command in audit_commands.COMMANDS:
+    cli.add_command(_command)

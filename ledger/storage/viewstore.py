@@ -61,6 +61,16 @@ class ViewStore(ABC):
     @abstractmethod
     def transaction(self) -> AbstractContextManager[ViewTx]: ...
 
+    def statements(self) -> AbstractContextManager[ViewTx]:
+        """Statements that each commit on their own, for tables written one
+        statement at a time (a provider's inbox): on a server that saves the
+        round trips of BEGIN and COMMIT. Table names must then be ``qualified``."""
+        return self.transaction()
+
+    def qualified(self, table: str) -> str:
+        """The table's name as a statement outside ``transaction`` must spell it."""
+        return table
+
     @abstractmethod
     def migrate(self, *, user_foreign_keys: bool = False) -> int:
         """Creates missing tables and indexes; returns the schema version."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -19,6 +20,11 @@ ROWS_PAGE = 5_000
 #: From this many rows a page's inserts go through COPY.
 COPY_MIN_ROWS = 50
 MIGRATE_LOCK_KEY = 0x70696E6777
+
+
+@functools.lru_cache(maxsize=64)
+def _qualified(schema: str, table: str) -> str:
+    return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table)).as_string(None)
 
 
 def _adapt(value: Any) -> Any:
@@ -79,6 +85,18 @@ class PostgresViewStore(ViewStore):
         with self.datastore.transaction(commit=True) as curs:
             curs.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(self.schema)))
             yield PostgresViewTx(curs, self.tracking)
+
+    @contextmanager
+    def statements(self) -> Iterator[ViewTx]:
+        # eventsourcing's pool hands out autocommit connections: each statement
+        # is its own transaction, with no search_path set.
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            if not conn.autocommit:
+                raise RuntimeError("single statements need an autocommit connection")
+            yield PostgresViewTx(curs, self.tracking)
+
+    def qualified(self, table: str) -> str:
+        return _qualified(self.schema, table)
 
     def migrate(self, *, user_foreign_keys: bool = False) -> int:
         with self.datastore.transaction(commit=True) as curs:

@@ -1,0 +1,72 @@
+"""The ledger's extension API: what a new command or a payment provider may
+build on, besides the public names in ``ledger``. Everything else under
+``ledger`` is internal and may change without notice; ``docs/architecture.md``
+shows the seams these names form and worked examples of each.
+
+Commands
+    A command is a frozen dataclass subclassing :class:`Command`, validated in
+    ``__post_init__``, that runs itself in a :class:`UnitOfWork`
+    (``apply``) and says what it will read (``reads``). ``Ledger.execute``
+    runs it: idempotently by its ``key``, retried on concurrent writers, in one
+    transaction with the other commands of its batch. ``ADDED`` marks a field
+    added in a later version, so keys recorded before it still replay.
+
+Domain
+    The aggregates a command may read or change through the unit of work,
+    their id functions, and the shared policies (``prorated``, ``add_cycle``).
+
+Storage
+    ``ViewStore`` and ``ViewTx``: where the read models live. A provider that
+    keeps tables of its own (an inbox of deliveries) writes them through
+    ``Ledger.views.store``.
+"""
+
+from __future__ import annotations
+
+from ledger.application.commands import (
+    ADDED,
+    MAX_LABEL_LENGTH,
+    MAX_TEXT_LENGTH,
+    Command,
+    UnitOfWork,
+    check_key,
+    check_optional_text,
+    check_text,
+    check_uuid,
+)
+from ledger.domain.credits import CreditAccount, entry_id_for, record_id_for
+from ledger.domain.plans import Plan, plan_id_for
+from ledger.domain.subscriptions import (
+    SubscriberSlot,
+    Subscription,
+    add_cycle,
+    prorated,
+    slot_id_for,
+    subscription_id_for,
+)
+from ledger.storage.viewstore import ViewStore, ViewTx
+
+__all__ = [
+    "ADDED",
+    "MAX_LABEL_LENGTH",
+    "MAX_TEXT_LENGTH",
+    "Command",
+    "CreditAccount",
+    "Plan",
+    "SubscriberSlot",
+    "Subscription",
+    "UnitOfWork",
+    "ViewStore",
+    "ViewTx",
+    "add_cycle",
+    "check_key",
+    "check_optional_text",
+    "check_text",
+    "check_uuid",
+    "entry_id_for",
+    "plan_id_for",
+    "prorated",
+    "record_id_for",
+    "slot_id_for",
+    "subscription_id_for",
+]
