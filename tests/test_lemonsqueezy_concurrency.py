@@ -11,8 +11,8 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from adapters.lemonsqueezy._batching import GroupCommit
 from adapters.lemonsqueezy._state import ledger_subscription_id
+from adapters.webhooks import GroupCommit
 from ledger import Command, Ledger, Receipt
 from tests.lemonsqueezy_support import BEFORE, END, Builder, StoryClock, adapter_for, headers_for, open_ledger, story
 

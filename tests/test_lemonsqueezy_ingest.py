@@ -504,7 +504,8 @@ def test_a_delivery_is_on_disk_before_it_is_answered(adapter: LemonSqueezy, monk
 def test_on_postgresql_the_insert_commits_asynchronously(pg_url: str) -> None:
     from psycopg.pq import TransactionStatus
 
-    from adapters.lemonsqueezy._inbox import _COLUMNS, _PG_FINISH, _PG_PUT, SOURCE
+    from adapters.lemonsqueezy import SOURCE
+    from adapters.webhooks.inbox import _COLUMNS, _PG_FINISH, _PG_PUT
 
     with open_ledger(pg_url, StoryClock(STORY_START)) as ledger:
         inbox = adapter_for(ledger).inbox

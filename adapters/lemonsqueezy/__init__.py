@@ -4,14 +4,14 @@ endpoint. See ``docs/lemonsqueezy.md``.
 
     from adapters.lemonsqueezy import LemonSqueezy, WebhookApp
     adapter = LemonSqueezy(ledger, signing_secret=os.environ["LEMONSQUEEZY_SIGNING_SECRET"])
-    app = WebhookApp(adapter)            # mount under /webhooks/lemonsqueezy
+    app = WebhookApp(adapter)            # the endpoint of a route (docs/lemonsqueezy.md)
 """
 
-from ._adapter import IngestResult, LemonSqueezy, Processor, RetryReport
-from ._asgi import WebhookApp
+from adapters.webhooks import IngestResult, WebhookApp
+
+from ._adapter import SOURCE, LemonSqueezy, Processor, RetryReport
 from ._client import LemonSqueezyApiError, LemonSqueezyClient, TokenBucket
 from ._effects import RefundPolicy
-from ._inbox import SOURCE
 from ._reconcile import Reconciler, ReconcileReport
 from ._signature import sign, verify
 

@@ -17,8 +17,9 @@ from datetime import timedelta
 from typing import Any, Literal, TypeVar
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
+from adapters.webhooks import HELD_PREFIX, IGNORED_PREFIX, NOTE_PREFIX, GroupCommit, Inbox, InboxRow, IngestResult
 from ledger import (
     MAX_CREDITS,
     BillingCycle,
@@ -32,7 +33,6 @@ from ledger import (
 from ledger import SubscriptionStatus as Status
 from ledger.extension import Plan
 
-from ._batching import GroupCommit
 from ._effects import (
     DEFAULT_HOLD_WINDOW_S,
     STATUS_MAP,
@@ -47,7 +47,6 @@ from ._effects import (
     content_key,
     minus_cycle,
 )
-from ._inbox import HELD_PREFIX, IGNORED_PREFIX, NOTE_PREFIX, Inbox, InboxRow
 from ._payloads import (
     MAX_BODY_BYTES,
     MAX_DEPTH,
@@ -79,24 +78,8 @@ CATALOG_REFRESH_S = 1.0
 C = TypeVar("C", ApplySubscription, ApplyInvoice, ApplyOrder)
 
 
-class IngestResult(BaseModel):
-    """What became of one delivery. ``http_status`` is what to answer Lemon
-    Squeezy: 200 for every stored delivery (duplicates included), 401 for a
-    bad signature, 400 for a malformed body, 413 for an oversized one, 500
-    only when it could not be stored, or its storing not confirmed (Lemon
-    Squeezy then retries)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    status: Literal["stored", "duplicate", "rejected", "error"]
-    http_status: int
-    reason: str
-    event_row_id: UUID | None = None
-    event_name: str | None = None
-    #: For a stored delivery: processed, failed, held (failed until what it
-    #: waits for arrives), ignored (test-mode mismatch), or pending (outcome
-    #: not recorded; ``webhooks retry`` picks it up).
-    processing: Literal["processed", "failed", "held", "ignored", "pending"] | None = None
+#: The seed's ``webhook_events.source`` of Lemon Squeezy deliveries.
+SOURCE = "lemon_squeezy"
 
 
 @dataclass(frozen=True)
@@ -233,7 +216,7 @@ class Processor:
         if type(stale_after_s) is not int or not 10 <= stale_after_s <= 86_400:
             raise ConfigurationError("stale_after_s must be an int of 10..86400")
         self.ledger = ledger
-        self.inbox = Inbox(ledger)
+        self.inbox = Inbox(ledger, SOURCE)
         #: Concurrent deliveries' commands share ledger transactions.
         self.group = GroupCommit(ledger)
         self.test_mode = bool(test_mode)

@@ -260,12 +260,13 @@ def retry(limit: int, **settings: Any) -> None:
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 10_000))
 def list_(url: str | None, status: str | None, limit: int) -> None:
     """Show the newest deliveries and the count per status."""
+    from adapters.webhooks import Inbox
     from ledger import Ledger
 
-    from ._inbox import Inbox
+    from ._adapter import SOURCE
 
     with Ledger(_url(url)) as ledger:
-        inbox = Inbox(ledger)
+        inbox = Inbox(ledger, SOURCE)
         for row in inbox.listing(status=status, limit=limit):
             error = f"  {row.error_message}" if row.error_message else ""
             click.echo(f"{row.created_at} {row.row_id} {row.event_type:<32} {row.status:<9} x{row.attempts}{error}")

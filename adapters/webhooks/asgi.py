@@ -1,25 +1,26 @@
-"""The webhook endpoint as a plain ASGI application (no framework needed).
+"""A provider's webhook endpoint as a plain ASGI application (no framework
+needed).
 
-POST only. The body is read up to the adapter's size limit and handed to
-``LemonSqueezy.ingest`` in a worker thread (it talks to the database). The
-answer is JSON: ``{"status", "reason", "id", "processing"}`` with the status
-code Lemon Squeezy acts on: 200 for every stored delivery (duplicates too,
-also when processing failed: the delivery is kept and retried here), 401 for
-a bad signature, 400 for a malformed body, 413 for an oversized one, 405 for
+POST only. The body is read up to the receiver's size limit and handed to
+its ``ingest`` in a worker thread (it talks to the database). The answer is
+JSON: ``{"status", "reason", "id", "processing"}`` with the status code the
+provider acts on: 200 for every stored delivery (duplicates too, also when
+processing failed: the delivery is kept and retried here), 401 for a bad
+signature, 400 for a malformed body, 413 for an oversized one, 405 for
 another method, and 500 only when the delivery could not be stored, so that
-Lemon Squeezy retries exactly then.
+the provider retries exactly then.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
 
-from ._adapter import LemonSqueezy
+from .results import IngestResult
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -27,15 +28,24 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
+class Receiver(Protocol):
+    """What the endpoint hands deliveries to: a provider's adapter."""
+
+    #: Bodies larger than this are refused with 413 before they are read whole.
+    max_body_bytes: int
+
+    def ingest(self, raw_body: bytes, headers: Mapping[str, str]) -> IngestResult: ...
+
+
 class WebhookApp:
-    """``await app(scope, receive, send)``: mount it in Starlette or FastAPI
-    with ``app.mount("/webhooks/lemonsqueezy", WebhookApp(adapter))``.
+    """``await app(scope, receive, send)``: serve it from Starlette or
+    FastAPI as the endpoint of a route (``docs/lemonsqueezy.md`` shows how).
 
     ``max_concurrency``: deliveries processed at once (each holds a worker
     thread and a database connection); more wait their turn. Keep it at or
     under the ledger's connection pool (``pool_size`` + ``max_overflow``)."""
 
-    def __init__(self, adapter: LemonSqueezy, *, max_concurrency: int = 8) -> None:
+    def __init__(self, adapter: Receiver, *, max_concurrency: int = 8) -> None:
         if type(max_concurrency) is not int or not 1 <= max_concurrency <= 256:
             raise ValueError("max_concurrency must be an int of 1..256")
         self.adapter = adapter

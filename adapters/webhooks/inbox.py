@@ -1,4 +1,5 @@
-"""The ``webhook_events`` table as the adapter's inbox.
+"""The ``webhook_events`` table as a payment provider's inbox (one ``source``
+per provider: the seed's ``webhook_events.source``).
 
 A delivery is stored before anything else happens, so nothing is lost if
 processing fails or the process dies: a row is ``received`` until processed,
@@ -31,10 +32,9 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID, uuid4
 
-from ledger import Ledger
+from ledger import ConfigurationError, Ledger
 from ledger.extension import ViewTx
 
-SOURCE = "lemon_squeezy"
 MAX_ERROR_MESSAGE = 2_000
 #: Prefix of the error_message of a delivery held until something arrives.
 HELD_PREFIX = "held: "
@@ -140,8 +140,13 @@ class _Tx:
 class Inbox:
     """Stores deliveries and records what became of them."""
 
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: Ledger, source: str) -> None:
+        if not isinstance(source, str) or not 1 <= len(source) <= 50 or not source.replace("_", "").isalnum():
+            raise ConfigurationError(
+                f"an inbox source is 1..50 letters, digits and _ (seed VARCHAR(50)), got {source!r}"
+            )
         self.ledger = ledger
+        self.source = source
         # Opens the view store (and creates webhook_events) now, in one
         # thread: Ledger.views is created lazily, and not safely by several
         # request threads at once.
@@ -163,14 +168,14 @@ class Inbox:
         ``payload_text``, the body as received, is stored as it is on
         PostgreSQL (jsonb parses it there) instead of ``payload`` encoded again."""
         row_id = uuid4()
-        values = [row_id, SOURCE, event_type, event_id, payload, payload_sha256, test_mode, now]
+        values = [row_id, self.source, event_type, event_id, payload, payload_sha256, test_mode, now]
         with self._transaction() as t:
             if t.postgres:
                 # One round trip for the common cases: inserted, or a
                 # duplicate committed before this statement began.
                 text = payload_text if payload_text is not None else json.dumps(payload)
-                key = [SOURCE, payload_sha256, event_id]
-                params = [row_id, SOURCE, event_type, event_id, text, payload_sha256, test_mode, now, *key, *key]
+                key = [self.source, payload_sha256, event_id]
+                params = [row_id, self.source, event_type, event_id, text, payload_sha256, test_mode, now, *key, *key]
                 found = t.tx.fetchall(_PG_PUT.format(t=t.table), params)
             else:
                 found = t.tx.fetchall(_INSERT.format(t=t.table) + " RETURNING id, status, TRUE", values)
@@ -178,7 +183,7 @@ class Inbox:
                 # A new statement sees the row a concurrent transaction
                 # committed while the insert waited on it (PostgreSQL), or the
                 # duplicate (SQLite).
-                found = t.tx.fetchall(_FIND.format(t=t.table), [SOURCE, payload_sha256, event_id])
+                found = t.tx.fetchall(_FIND.format(t=t.table), [self.source, payload_sha256, event_id])
             if t.postgres and found and not found[0][2] and found[0][1] == "received":
                 # The first copy may still be in flight, its row not yet on
                 # disk. An id makes this statement's commit a write, and
@@ -230,7 +235,7 @@ class Inbox:
                 [
                     "on" if flush else "off",
                     *values,
-                    SOURCE,
+                    self.source,
                     *(f"{HELD_PREFIX}{w}:%" for w in held),
                     held_limit,
                 ],
@@ -280,7 +285,7 @@ class Inbox:
                 f"SELECT {_COLUMNS} FROM {t.table} WHERE source = %s AND test_mode = %s AND "
                 "(status = 'failed' OR (status = 'received' AND error_message IS NULL AND created_at < %s)) "
                 "ORDER BY attempts, created_at, id LIMIT %s",
-                [SOURCE, test_mode, stale_before, limit],
+                [self.source, test_mode, stale_before, limit],
             )
         return [_row(r) for r in rows]
 
@@ -291,19 +296,18 @@ class Inbox:
         with self._transaction() as t:
             return self._held(t, waits_for, limit)
 
-    @staticmethod
-    def _held(t: _Tx, waits_for: Sequence[str], limit: int) -> list[InboxRow]:
+    def _held(self, t: _Tx, waits_for: Sequence[str], limit: int) -> list[InboxRow]:
         clauses = " OR ".join(["error_message LIKE %s"] * len(waits_for))
         rows = t.tx.fetchall(
             f"SELECT {_COLUMNS} FROM {t.table} WHERE source = %s AND status = 'failed' AND ({clauses}) "
             "ORDER BY created_at, id LIMIT %s",
-            [SOURCE, *(f"{HELD_PREFIX}{w}:%" for w in waits_for), limit],
+            [self.source, *(f"{HELD_PREFIX}{w}:%" for w in waits_for), limit],
         )
         return [_row(r) for r in rows]
 
     def listing(self, *, status: str | None, limit: int) -> list[InboxRow]:
         where = "source = %s" + (" AND status = %s" if status else "")
-        params: list[Any] = [SOURCE, status] if status else [SOURCE]
+        params: list[Any] = [self.source, status] if status else [self.source]
         with self._transaction() as t:
             rows = t.tx.fetchall(
                 f"SELECT {_COLUMNS} FROM {t.table} WHERE {where} ORDER BY created_at DESC, id LIMIT %s",
@@ -315,6 +319,6 @@ class Inbox:
         with self._transaction() as t:
             rows = t.tx.fetchall(
                 f"SELECT status, COUNT(*) FROM {t.table} WHERE source = %s GROUP BY status ORDER BY status",
-                [SOURCE],
+                [self.source],
             )
         return {str(status): int(count) for status, count in rows}
