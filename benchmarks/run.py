@@ -53,7 +53,6 @@ from ledger import (  # noqa: E402
     SpendCredits,
 )
 from ledger.views.credits import CreditView  # noqa: E402
-from ledger.views.runner import drop_aside  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 MAX_BATCH = 10_000  # Ledger.execute_batch takes at most this many commands
@@ -635,7 +634,7 @@ def child_rebuild(url: str) -> dict[str, Any]:
         try:
             position = aside.position()
         finally:
-            drop_aside(ledger.config, aside)
+            ledger.views.drop_aside(aside)
     if profiler is not None and profile_path:
         profiler.dump_stats(profile_path)
         print(f"cProfile of Views.build_aside() written to {profile_path}; the top 30 by own time:", file=sys.stderr)

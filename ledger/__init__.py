@@ -33,6 +33,7 @@ from ledger.application.commands import (
     SpendCredits,
 )
 from ledger.application.facade import DEFAULT_URL, Ledger, resolve_url
+from ledger.application.results import Entitlements, PlanView, SubscriptionView
 from ledger.audit.auditor import Auditor
 from ledger.audit.base import Finding
 from ledger.audit.digest import DigestHead, DigestResult, Tampering, VerifyResult
@@ -40,7 +41,6 @@ from ledger.audit.pointintime import Statement, StatementEntry, StatementHold, S
 from ledger.audit.runner import AuditReport, audit
 from ledger.clock import Clock, ManualClock, SystemClock
 from ledger.domain.credits import MAX_CREDITS, CreditKind
-from ledger.domain.entitlements import Entitlements, PlanView, SubscriptionView
 from ledger.domain.plans import DEFAULT_CATALOG, FREE_PLAN, Feature, PlanTerms
 from ledger.domain.subscriptions import (
     BillingCycle,

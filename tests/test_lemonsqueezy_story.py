@@ -36,7 +36,6 @@ import pytest
 from adapters.lemonsqueezy import LemonSqueezy
 from ledger import Ledger, audit
 from ledger.storage.eventstore import LedgerApplication
-from ledger.views.runner import drop_aside
 from tests.conftest import pg_base_url, require_postgres
 from tests.lemonsqueezy_support import (
     BEFORE,
@@ -117,7 +116,7 @@ class Run:
             assert {"subscription_history", "subscription_snapshots"} <= set(found)
             assert all(not rows for rows in found.values()), found
         finally:
-            drop_aside(self.ledger.config, aside)
+            self.ledger.views.drop_aside(aside)
         self.ledger.close()
         return state
 

@@ -16,7 +16,6 @@ from uuid import uuid4
 import pytest
 
 from ledger import InsufficientCredits, Ledger
-from ledger.views.runner import drop_aside
 
 FAR = datetime(2099, 1, 1, tzinfo=UTC)
 
@@ -88,4 +87,4 @@ def test_sigkilled_projector_resumes_exactly_once(pg_url: str) -> None:
             assert {t: d for t, d in views.verify(aside).items() if d} == {}
             assert views.checksums(aside) == views.checksums()
         finally:
-            drop_aside(ledger.config, aside)
+            ledger.views.drop_aside(aside)

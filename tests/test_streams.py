@@ -8,7 +8,6 @@ import uuid
 
 from ledger import Command, CreditKind, GrantCredits, Ledger, SpendCredits
 from ledger.domain.credits import CreditAccount, account_id_for
-from ledger.storage.streams import stream_reader
 
 
 def test_bulk_loads_equal_the_repositorys(ledger_url: str) -> None:
@@ -23,7 +22,7 @@ def test_bulk_loads_equal_the_repositorys(ledger_url: str) -> None:
         assert ledger.app.snapshots is not None
         snapshot_versions = [e.originator_version for e in ledger.app.snapshots.recorder.select_events(ids[1])]
         assert snapshot_versions and max(snapshot_versions) < ledger.app.repository.get(ids[1]).version
-        loaded = stream_reader(ledger.app, ledger.config.backend).load(ids)
+        loaded = ledger.backend.stream_reader(ledger.app).load(ids)
         assert set(loaded) == set(ids[:2])
         for account_id in ids[:2]:
             bulk, single = loaded[account_id], ledger.app.repository.get(account_id)  # type: ignore[var-annotated]

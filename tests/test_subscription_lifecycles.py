@@ -52,7 +52,6 @@ from ledger import (
     UnknownAccount,
 )
 from ledger.application.facade import MAX_DUE_PER_TICK
-from ledger.views.runner import drop_aside
 from ledger.views.subscriptions import row_id
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -569,7 +568,7 @@ class SubscriptionMachine(RuleBasedStateMachine):
         try:
             assert all(not rows for rows in views.verify(aside).values())
         finally:
-            drop_aside(self.ledger.config, aside)
+            self.ledger.views.drop_aside(aside)
 
 
 def machine_for(url: str) -> type[SubscriptionMachine]:

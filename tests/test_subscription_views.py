@@ -18,7 +18,6 @@ from ledger import DEFAULT_CATALOG, Feature, Ledger, ManualClock
 from ledger.domain.credits import account_id_for
 from ledger.domain.plans import plan_id_for
 from ledger.storage.viewstore import normalise
-from ledger.views.runner import drop_aside
 from ledger.views.subscriptions import row_id
 from tests.conftest import START, pg_base_url
 
@@ -386,7 +385,7 @@ def test_rebuild_equals_live(billing: Ledger, clock: ManualClock) -> None:
         assert views.checksums(aside) == views.checksums()
         assert views.checksums()["subscription_history"][0] == 16
     finally:
-        drop_aside(billing.config, aside)
+        billing.views.drop_aside(aside)
 
 
 @pytest.mark.postgres

@@ -10,7 +10,6 @@ from uuid import UUID, uuid4
 import pytest
 
 from ledger import DEFAULT_CATALOG, Ledger, ManualClock, SubscriptionExists, SyncSubscription
-from ledger.views.runner import drop_aside
 
 DAY = timedelta(days=1)
 
@@ -203,7 +202,7 @@ def test_a_tier_revised_later_neither_renames_nor_duplicates_provider_rows(ledge
     try:
         assert all(not rows for rows in views.verify(aside).values())
     finally:
-        drop_aside(ledger.config, aside)
+        ledger.views.drop_aside(aside)
 
 
 def test_the_ledgers_own_plan_change_of_a_provider_driven_subscription_is_in_its_history(

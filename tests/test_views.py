@@ -124,9 +124,7 @@ def test_rebuild_equals_live_and_verify_finds_edits(ledger: Ledger, clock: Manua
         assert views.checksums() == views.checksums(aside)
         assert all(not f for f in views.verify(aside).values())
     finally:
-        from ledger.views.runner import drop_aside
-
-        drop_aside(ledger.config, aside)
+        ledger.views.drop_aside(aside)
     assert views.catch_up() == 0  # the swapped-in position is where the rebuild stopped
 
 
@@ -146,7 +144,6 @@ def test_users_credits_follow_when_the_host_opts_in(ledger_url: str, clock: Manu
 @pytest.mark.postgres
 def test_the_swap_respects_host_foreign_keys(pg_url: str, clock: ManualClock) -> None:
     from ledger import ConfigurationError
-    from ledger.views.runner import drop_aside
 
     with Ledger(pg_url, clock=clock, sync_views=True) as ledger:
         user = uuid4()
@@ -171,7 +168,7 @@ def test_the_swap_respects_host_foreign_keys(pg_url: str, clock: ManualClock) ->
                 )
             views.swap_in(aside)
         finally:
-            drop_aside(ledger.config, aside)
+            ledger.views.drop_aside(aside)
         with views.store.transaction() as tx:
             assert tx.fetchall("SELECT count(*) FROM generation_jobs") == [(1,)]
 
@@ -192,7 +189,6 @@ def test_large_pages_equal_their_rebuild(ledger: Ledger) -> None:
     """Pages of more rows than the COPY threshold (PostgreSQL) are written the
     same way as small ones."""
     from ledger import GrantCredits, SpendCredits
-    from ledger.views.runner import drop_aside
 
     users = [uuid4() for _ in range(120)]
     ledger.execute_batch([GrantCredits(key=f"{u}:g", user_id=u, amount_credits=9, kind="bonus") for u in users])  # type: ignore[arg-type]
@@ -204,4 +200,4 @@ def test_large_pages_equal_their_rebuild(ledger: Ledger) -> None:
     try:
         assert all(not found for found in views.verify(aside).values())
     finally:
-        drop_aside(ledger.config, aside)
+        ledger.views.drop_aside(aside)

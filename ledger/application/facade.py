@@ -5,13 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 from uuid import UUID
-
-import psycopg
-from psycopg import sql
 
 from ledger.application.billing import (
     ActivateSubscription,
@@ -43,10 +39,7 @@ from ledger.application.commands import (
     check_uuid,
 )
 from ledger.application.commands import Reservation as ReservationView
-from ledger.application.unit import MAX_BATCH_COMMANDS, Engine
-from ledger.clock import Clock, SystemClock, require_utc
-from ledger.domain.credits import CreditAccount, CreditKind, Reservation, account_id_for
-from ledger.domain.entitlements import (
+from ledger.application.results import (
     Entitlements,
     PlanView,
     SubscriptionView,
@@ -54,6 +47,9 @@ from ledger.domain.entitlements import (
     plan_view,
     subscription_view,
 )
+from ledger.application.unit import MAX_BATCH_COMMANDS, Engine
+from ledger.clock import Clock, SystemClock, require_utc
+from ledger.domain.credits import CreditAccount, CreditKind, Reservation, account_id_for
 from ledger.domain.plans import DEFAULT_CATALOG, Plan, PlanTerms, plan_id_for
 from ledger.domain.subscriptions import (
     CreditPolicy,
@@ -66,9 +62,10 @@ from ledger.domain.subscriptions import (
     slot_id_for,
 )
 from ledger.errors import ConfigurationError, InvalidArgument, UnknownAccount, UnknownReservation, ViewsBehind
+from ledger.storage.base import Backend
 from ledger.storage.config import StoreConfig, parse_url
 from ledger.storage.eventstore import LedgerApplication
-from ledger.storage.streams import stream_reader
+from ledger.storage.factory import open_backend
 from ledger.views.runner import Views
 
 DEFAULT_URL = "sqlite:///pingvas-ledger.sqlite3"
@@ -114,15 +111,14 @@ class Ledger:
         if type(max_attempts) is not int or not 1 <= max_attempts <= 100:
             raise InvalidArgument(f"max_attempts must be an int within 1..100, got {max_attempts!r}")
         self.config: StoreConfig = parse_url(url)
+        self.backend: Backend = open_backend(self.config)
         self.clock: Clock = clock or SystemClock()
-        if self.config.backend == "sqlite":
-            assert self.config.sqlite_path is not None
-            self.config.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
-        with _schema_lock(self.config):
+        with self.backend.opening():
             try:
-                self.app = LedgerApplication(env=self.config.eventsourcing_env())
+                self.app = LedgerApplication(env=self.backend.eventsourcing_env())
             except Exception as exc:  # eventsourcing raises OSError and driver errors here
                 raise ConfigurationError(f"cannot open ledger store {self.config.backend}: {exc}") from exc
+        self.backend.opened(self.app)
         self.sync_views = sync_views
         self.sync_user_credits = sync_user_credits
         self.sync_user_tier = sync_user_tier
@@ -131,7 +127,7 @@ class Ledger:
         self.engine = Engine(
             self.app,
             self.clock,
-            stream_reader(self.app, self.config.backend),
+            self.backend.stream_reader(self.app),
             max_attempts=max_attempts,
             policy=self.credit_policy,
         )
@@ -153,7 +149,7 @@ class Ledger:
         """The read models (credit_transactions, credit_reservations, …)."""
         if self._views is None:
             self._views = Views(
-                self.app, self.config, sync_user_credits=self.sync_user_credits, sync_user_tier=self.sync_user_tier
+                self.app, self.backend, sync_user_credits=self.sync_user_credits, sync_user_tier=self.sync_user_tier
             )
         return self._views
 
@@ -588,31 +584,3 @@ def _describe(user_id: UUID, event: Any) -> AccountEvent:
         recorded_at=event.timestamp,
         data=data,
     )
-
-
-# Any fixed number: the key of the advisory lock that serialises table creation.
-_DDL_LOCK_KEY = 0x70696E6776
-
-
-@contextmanager
-def _schema_lock(config: StoreConfig) -> Iterator[None]:
-    """On PostgreSQL, creates the schema if missing and holds an advisory lock
-    while the tables are created: concurrent ``CREATE TABLE IF NOT EXISTS`` in
-    several processes otherwise fails with "tuple concurrently updated"."""
-    if config.backend != "postgresql":
-        yield
-        return
-    try:
-        conn = psycopg.connect(config.conninfo(), connect_timeout=round(config.pool_timeout_s), autocommit=True)
-    except psycopg.Error as exc:
-        raise ConfigurationError(f"cannot reach PostgreSQL at {config.pg_host}:{config.pg_port}: {exc}") from exc
-    with conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (_DDL_LOCK_KEY,))
-        try:
-            try:
-                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(config.pg_schema)))
-            except psycopg.Error as exc:
-                raise ConfigurationError(f"cannot create schema {config.pg_schema!r}: {exc}") from exc
-            yield
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (_DDL_LOCK_KEY,))

@@ -35,8 +35,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from psycopg import sql
-
 from ledger.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -297,10 +295,8 @@ class SQLDigestStore(DigestStore):
     def __init__(self, datastore: Any, *, postgres: bool) -> None:
         self.datastore = datastore
         self.postgres = postgres
-        if postgres:
-            self.table: Any = sql.SQL("{}.{}").format(sql.Identifier(datastore.schema), sql.Identifier(DIGESTS_TABLE))
-        else:
-            self.table = sql.SQL(DIGESTS_TABLE)
+        # The schema is a checked lowercase identifier (storage.config.check_identifier).
+        self.table = f'"{datastore.schema}".{DIGESTS_TABLE}' if postgres else DIGESTS_TABLE
         self._exists: bool | None = None
 
     def exists(self) -> bool:
@@ -323,7 +319,7 @@ class SQLDigestStore(DigestStore):
         with self.datastore.transaction(commit=True) as cursor:
             cursor.execute(
                 self._text(
-                    sql.SQL(
+                    (
                         "CREATE TABLE IF NOT EXISTS {} (segment BIGINT PRIMARY KEY, size INT NOT NULL, "
                         "first_position BIGINT NOT NULL, position BIGINT NOT NULL, events_before BIGINT NOT NULL, "
                         "digest TEXT NOT NULL, leaves " + blob + " NOT NULL, recorded_at " + stamp + " NOT NULL)"
@@ -332,12 +328,10 @@ class SQLDigestStore(DigestStore):
             )
         self._exists = True
 
-    def _text(self, statement: sql.Composable) -> Any:
-        if self.postgres:
-            return statement
-        return statement.as_string(None).replace("%s", "?")
+    def _text(self, statement: str) -> str:
+        return statement if self.postgres else statement.replace("%s", "?")
 
-    def _fetch(self, statement: sql.Composable, params: Sequence[Any]) -> list[Any]:
+    def _fetch(self, statement: str, params: Sequence[Any]) -> list[Any]:
         if not self.exists():
             return []
         with self.datastore.transaction(commit=False) as cursor:
@@ -349,9 +343,7 @@ class SQLDigestStore(DigestStore):
         index = first_index
         while True:
             rows = self._fetch(
-                sql.SQL("SELECT " + _COLUMNS + " FROM {} WHERE segment >= %s ORDER BY segment LIMIT %s").format(
-                    self.table
-                ),
+                ("SELECT " + _COLUMNS + " FROM {} WHERE segment >= %s ORDER BY segment LIMIT %s").format(self.table),
                 [index, _READ_PAGE],
             )
             for row in rows:
@@ -362,7 +354,7 @@ class SQLDigestStore(DigestStore):
 
     def last(self) -> Segment | None:
         rows = self._fetch(
-            sql.SQL("SELECT " + _COLUMNS + " FROM {} ORDER BY segment DESC LIMIT 1").format(self.table),
+            ("SELECT " + _COLUMNS + " FROM {} ORDER BY segment DESC LIMIT 1").format(self.table),
             [],
         )
         return self._segment(rows[0]) if rows else None
@@ -371,7 +363,7 @@ class SQLDigestStore(DigestStore):
         if not self.exists():
             self._create()
         statement = self._text(
-            sql.SQL(
+            (
                 "INSERT INTO {} (" + _COLUMNS + ") VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
                 "ON CONFLICT (segment) DO UPDATE SET size = excluded.size, "
                 "first_position = excluded.first_position, position = excluded.position, "

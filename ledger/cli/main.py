@@ -42,11 +42,9 @@ def demo(url: str | None) -> None:
 @click.option("--user-foreign-keys", is_flag=True, help="Reference the host's users(id) from user_id columns.")
 def schema(schema_name: str, dialect: str, user_foreign_keys: bool) -> None:
     """Print the DDL of the tables the library owns (for a host's migration)."""
-    from ledger.storage.ddl import postgres_ddl, sqlite_ddl
+    from ledger.storage.factory import backend_class
 
-    click.echo(
-        postgres_ddl(schema_name, user_foreign_keys=user_foreign_keys) if dialect == "postgresql" else sqlite_ddl()
-    )
+    click.echo(backend_class(dialect).ddl(schema_name, user_foreign_keys=user_foreign_keys))
 
 
 @cli.command()
@@ -78,7 +76,7 @@ def project(url: str | None, poll_s: float, sync_user_credits: bool, sync_user_t
         signal.signal(signum, lambda *_: stop.set())
     with Ledger(_url(url), sync_user_credits=sync_user_credits, sync_user_tier=sync_user_tier) as ledger:
         views = ledger.views
-        wake = _listener(ledger, stop)
+        wake = ledger.backend.commit_waiter(ledger.app, stop)
         last_log = [0.0]
 
         def on_lag(position: int, head: int) -> None:
@@ -90,25 +88,6 @@ def project(url: str | None, poll_s: float, sync_user_credits: bool, sync_user_t
         log.info("projecting from position %d", views.position())
         views.projector.follow(stop, poll_s=poll_s, wake=wake, on_lag=on_lag)
         log.info("stopped at position %d", views.position())
-
-
-def _listener(ledger: Any, stop: threading.Event) -> Any:
-    """LISTEN on the event table's channel; None (polling) off PostgreSQL."""
-    if ledger.config.backend != "postgresql":
-        return None
-    import psycopg
-
-    channel = ledger.app.recorder.channel_name
-    conn = psycopg.connect(ledger.config.conninfo(), autocommit=True)
-    conn.execute(f'LISTEN "{channel}"')
-
-    def wake(timeout_s: float) -> None:
-        if stop.is_set():
-            return
-        for _ in conn.notifies(timeout=timeout_s, stop_after=1):
-            break
-
-    return wake
 
 
 @cli.command()
@@ -123,7 +102,6 @@ def _listener(ledger: Any, stop: threading.Event) -> Any:
 def rebuild(url: str | None, verify: bool, sync_user_credits: bool, sync_user_tier: bool) -> None:
     """Replay the event store into fresh view tables, then swap them in."""
     from ledger.application.facade import Ledger
-    from ledger.views.runner import drop_aside
 
     with Ledger(_url(url), sync_user_credits=sync_user_credits, sync_user_tier=sync_user_tier) as ledger:
         views = ledger.views
@@ -157,7 +135,7 @@ def rebuild(url: str | None, verify: bool, sync_user_credits: bool, sync_user_ti
                 views.swap_in(aside)
                 click.echo(f"rebuilt views swapped in at position {aside.position()}")
         finally:
-            drop_aside(ledger.config, aside)
+            views.drop_aside(aside)
 
 
 @cli.command()

@@ -1,106 +1,10 @@
-"""Public views of plans and subscriptions, and what a user is entitled to."""
+"""Entitlement: whether a subscription's plan applies at a moment."""
 
 from __future__ import annotations
 
 from datetime import datetime
-from decimal import Decimal
-from typing import Any
-from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict
-
-from ledger.domain.plans import FREE_PLAN, PlanTerms
 from ledger.domain.subscriptions import PauseMode, Status, Subscription
-
-
-class _View(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class PlanView(_View):
-    name: str
-    display_name: str
-    revision: int
-    monthly_price: Decimal
-    yearly_price: Decimal
-    credits: int
-    storage_bytes: int
-    queue_count: int
-    tier_level: int
-    is_active: bool
-    lemon_squeezy_variant_id_monthly: str | None
-    lemon_squeezy_variant_id_yearly: str | None
-    features: dict[str, bool]
-
-
-class SubscriptionView(_View):
-    subscription_id: UUID
-    user_id: UUID
-    plan: str
-    plan_revision: int
-    billing_cycle: str
-    status: str
-    current_period_start: datetime
-    current_period_end: datetime
-    trial_ends_at: datetime | None
-    cancelled_at: datetime | None
-    cancel_reason: str | None
-    cancel_at_period_end: bool
-    lemon_squeezy_subscription_id: str | None
-    lemon_squeezy_customer_id: str | None
-
-
-class Entitlements(_View):
-    """What a user may use now. No live subscription means the free tier; a
-    cancelled subscription keeps its plan until its period ends."""
-
-    user_id: UUID
-    plan: str
-    tier_level: int
-    features: dict[str, bool]
-    credits_per_period: int
-    storage_bytes: int
-    queue_count: int
-    status: str
-    until: datetime | None
-    as_of: datetime
-
-
-def plan_view(terms: PlanTerms, revision: int) -> PlanView:
-    return PlanView(
-        name=terms.name,
-        display_name=terms.display_name,
-        revision=revision,
-        monthly_price=terms.monthly_price,
-        yearly_price=terms.yearly_price,
-        credits=terms.credits,
-        storage_bytes=terms.storage_bytes,
-        queue_count=terms.queue_count,
-        tier_level=terms.tier_level,
-        is_active=terms.is_active,
-        lemon_squeezy_variant_id_monthly=terms.lemon_squeezy_variant_id_monthly,
-        lemon_squeezy_variant_id_yearly=terms.lemon_squeezy_variant_id_yearly,
-        features={k: f.enabled for k, f in terms.features.items()},
-    )
-
-
-def subscription_view(s: Subscription) -> SubscriptionView:
-    return SubscriptionView(
-        subscription_id=s.id,
-        user_id=s.user_id,
-        plan=s.plan,
-        plan_revision=s.plan_revision,
-        billing_cycle=s.billing_cycle,
-        status=s.status,
-        current_period_start=s.period_start,
-        current_period_end=s.period_end,
-        trial_ends_at=s.trial_ends_at,
-        cancelled_at=s.cancelled_at,
-        cancel_reason=s.cancel_reason,
-        cancel_at_period_end=s.cancel_at_period_end,
-        lemon_squeezy_subscription_id=s.lemon_squeezy_subscription_id,
-        lemon_squeezy_customer_id=s.lemon_squeezy_customer_id,
-    )
 
 
 def entitled(s: Subscription | None, now: datetime) -> bool:
@@ -118,36 +22,3 @@ def entitled(s: Subscription | None, now: datetime) -> bool:
         void_paused = s.status_before_cancel == Status.PAUSED and s.pause_mode != PauseMode.FREE
         return now < s.period_end and not void_paused
     return True
-
-
-def entitlements_for(user_id: UUID, s: Subscription | None, terms: PlanTerms | None, now: datetime) -> Entitlements:
-    if s is None or terms is None or not entitled(s, now):
-        return _free(user_id, now, s)
-    return Entitlements(
-        user_id=user_id,
-        plan=terms.name,
-        tier_level=terms.tier_level,
-        features={k: f.enabled for k, f in terms.features.items()},
-        credits_per_period=terms.credits,
-        storage_bytes=terms.storage_bytes,
-        queue_count=terms.queue_count,
-        status=s.status,
-        until=s.period_end,
-        as_of=now,
-    )
-
-
-def _free(user_id: UUID, now: datetime, s: Subscription | None) -> Entitlements:
-    status: Any = s.status if s is not None else "none"
-    return Entitlements(
-        user_id=user_id,
-        plan=FREE_PLAN.name,
-        tier_level=FREE_PLAN.tier_level,
-        features={},
-        credits_per_period=0,
-        storage_bytes=FREE_PLAN.storage_bytes,
-        queue_count=FREE_PLAN.queue_count,
-        status=status,
-        until=None,
-        as_of=now,
-    )

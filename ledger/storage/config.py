@@ -15,8 +15,6 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from psycopg.conninfo import make_conninfo
-
 from ledger.errors import ConfigurationError
 
 # The seed's connection-pool settings (SQLAlchemy QueuePool in the seed's service).
@@ -48,44 +46,12 @@ class StoreConfig:
     pre_ping: bool = SEED_PRE_PING
     pre_ping_window_s: float = PRE_PING_WINDOW_S
 
-    def eventsourcing_env(self) -> dict[str, str]:
-        """Settings for eventsourcing's infrastructure factory."""
-        if self.backend == "memory":
-            return {"PERSISTENCE_MODULE": "eventsourcing.popo"}
-        if self.backend == "sqlite":
-            assert self.sqlite_path is not None
-            return {
-                "PERSISTENCE_MODULE": "eventsourcing.sqlite",
-                "SQLITE_DBNAME": str(self.sqlite_path),
-                "SQLITE_LOCK_TIMEOUT": "30",
-            }
-        return {
-            "PERSISTENCE_MODULE": "eventsourcing.postgres",
-            "APPLICATION_RECORDER_TOPIC": "ledger.storage.postgres.recorder:LedgerPostgresRecorder",
-            "POSTGRES_DBNAME": self.pg_dbname,
-            "POSTGRES_HOST": self.pg_host,
-            "POSTGRES_PORT": str(self.pg_port),
-            "POSTGRES_USER": self.pg_user,
-            "POSTGRES_PASSWORD": self.pg_password,
-            "POSTGRES_SCHEMA": self.pg_schema,
-            "POSTGRES_POOL_SIZE": str(self.pool_size),
-            "POSTGRES_MAX_OVERFLOW": str(self.max_overflow),
-            # eventsourcing uses its connect timeout as the pool's wait timeout.
-            "POSTGRES_CONNECT_TIMEOUT": str(round(self.pool_timeout_s)),
-            "POSTGRES_CONN_MAX_AGE": str(round(self.recycle_s)),
-            "POSTGRES_PRE_PING": "y" if self.pre_ping else "n",
-            "LEDGER_PRE_PING_WINDOW_S": str(self.pre_ping_window_s),
-            # Off on purpose: in eventsourcing 9.5.6 the insert function mixes
-            # the events of applications that share a schema.
-            "POSTGRES_ENABLE_DB_FUNCTIONS": "n",
-            "POSTGRES_LOCK_TIMEOUT": "10",
-            "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": "30",
-        }
-
     def conninfo(self) -> str:
         """A psycopg connection string for this store's PostgreSQL database."""
         if self.backend != "postgresql":
             raise ConfigurationError(f"{self.backend} store has no PostgreSQL connection")
+        from psycopg.conninfo import make_conninfo  # psycopg loads only for PostgreSQL
+
         parts = {"host": self.pg_host, "port": str(self.pg_port), "dbname": self.pg_dbname, "user": self.pg_user}
         if self.pg_password:
             parts["password"] = self.pg_password

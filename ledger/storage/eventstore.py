@@ -14,11 +14,9 @@ from uuid import UUID
 from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
 from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import JSONTranscoder
-from eventsourcing.postgres import PostgresDatastore
 from eventsourcing.utils import Environment
 
 from ledger.domain.credits import CreditAccount
-from ledger.storage.postgres.recorder import PingWindow, install_ping_window
 from ledger.storage.transcoding import BlockAsDict, HoldAsDict
 
 T = TypeVar("T")
@@ -32,7 +30,8 @@ class LedgerApplication(Application[UUID]):
 
     name = "ledger"
     snapshotting_intervals: ClassVar[dict[type, int]] = {CreditAccount: SNAPSHOT_INTERVAL_EVENTS}
-    ping_window: PingWindow | None = None
+    #: The PostgreSQL pool's pre-ping window, when the backend installed one.
+    ping_window: Any = None
 
     def construct_env(self, name: str, env: Any = None) -> Environment:
         # Only the settings the ledger was opened with: a library must not be
@@ -46,13 +45,6 @@ class LedgerApplication(Application[UUID]):
         settings["AGGREGATE_CACHE_MAXSIZE"] = str(AGGREGATE_CACHE_SIZE)
         settings["AGGREGATE_CACHE_FASTFORWARD"] = "n"
         return Environment(name, settings)
-
-    def __init__(self, env: Any = None) -> None:
-        super().__init__(env)
-        datastore = getattr(self.factory, "datastore", None)
-        if isinstance(datastore, PostgresDatastore):
-            window_s = float(self.env.get("LEDGER_PRE_PING_WINDOW_S") or 0)
-            self.ping_window = install_ping_window(datastore, window_s)
 
     def evict(self, aggregate_ids: Iterable[UUID]) -> None:
         """Drops aggregates from the cache, so the next read goes to the store."""

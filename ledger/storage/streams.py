@@ -83,15 +83,3 @@ class PerIdReader(StreamReader):
             if stream:
                 streams[aggregate_id] = list(stream)
         return streams
-
-
-def stream_reader(app: Application[UUID], backend: str) -> StreamReader:
-    if backend == "postgresql":
-        from ledger.storage.postgres.streams import PostgresReader
-
-        return PostgresReader(app)
-    if backend == "sqlite":
-        from ledger.storage.sqlite.streams import SQLiteReader
-
-        return SQLiteReader(app)
-    return PerIdReader(app)

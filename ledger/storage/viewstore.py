@@ -94,6 +94,10 @@ class ViewStore(ABC):
     @abstractmethod
     def columns(self, table: str) -> list[str]: ...
 
+    def raw_rows(self, table: str) -> Iterator[tuple[Any, ...]]:
+        """Streams a table's rows as stored, in no particular order (for a copy)."""
+        raise NotImplementedError(f"{type(self).__name__} copies rows on the server")
+
     @abstractmethod
     def close(self) -> None: ...
 

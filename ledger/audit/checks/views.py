@@ -24,12 +24,9 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
-from psycopg.rows import tuple_row
-
 from ledger.audit.base import AuditContext, Check
 from ledger.audit.checks.credits import Account, OpenHold, shared_accounts
 from ledger.domain.credits import account_id_for
-from ledger.storage.postgres.viewstore import PostgresViewStore
 from ledger.storage.viewstore import ViewStore, normalise
 from ledger.views.credits import _as_uuid
 
@@ -114,7 +111,7 @@ class ViewsCheck(Check):
         self.until = ctx.views_position if ctx.views_position is not None else -1
         # Expected values in the representation the backend returns: UUID and
         # naive datetime from PostgreSQL, text from SQLite.
-        self._postgres = self.store if isinstance(self.store, PostgresViewStore) else None
+        self._postgres: Any = self.store if self.store.backend == "postgresql" else None
         postgres = self._postgres is not None
         self._id: Callable[[Any], Any] = _same if postgres else _text
         self._time: Callable[[datetime], Any] = _naive if postgres else _naive_text
@@ -149,6 +146,8 @@ class ViewsCheck(Check):
         )
         params = [after, self.until]
         if self._postgres is not None:
+            from psycopg.rows import tuple_row  # loaded only for PostgreSQL
+
             # A server-side cursor: PostgreSQL sends the rows a page at a time.
             with (
                 self._postgres.datastore.get_connection() as conn,
@@ -186,10 +185,13 @@ class ViewsCheck(Check):
             with self._sqlite_reader() as cursor:
                 cursor.execute(statement.replace("%s", "?"), [_text(p) if isinstance(p, UUID) else p for p in params])
                 return [tuple(row) for row in cursor.fetchall()]
+        from psycopg.rows import tuple_row  # loaded only for PostgreSQL
+
         # Plain tuples: the view store's dict rows cost more than the comparison.
         with self._postgres.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cursor:
             cursor.execute(statement, params)
-            return cursor.fetchall()
+            rows: list[tuple[Any, ...]] = cursor.fetchall()
+            return rows
 
     def fetch_by_ids(self, select_where_id: str, ids: Sequence[Any]) -> list[tuple[Any, ...]]:
         """Rows whose id is one of ``ids`` (as the store represents them);

@@ -84,6 +84,12 @@ class SQLiteViewStore(ViewStore):
                 for row in batch:
                     yield tuple(normalise(v) for v in row)
 
+    def raw_rows(self, table: str) -> Iterator[tuple[Any, ...]]:
+        with self.datastore.transaction(commit=False) as cursor:
+            cursor.execute(f"SELECT * FROM {table}")
+            while batch := cursor.sqlite_cursor.fetchmany(5_000):
+                yield from (tuple(row) for row in batch)
+
     def close(self) -> None:
         self.datastore.close()
 

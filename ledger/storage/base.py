@@ -1,0 +1,137 @@
+"""The storage seam: what differs between the backends, behind one interface.
+
+A :class:`Backend` is chosen once, from the ledger's URL, by
+``ledger.storage.factory.open_backend``; nothing outside the backend modules
+asks which backend it is. Each backend owns:
+
+- the event store's environment (eventsourcing's persistence settings), what
+  must happen around opening it (a lock, a folder), and what is installed on
+  it once open;
+- the bulk stream reader the unit of work and the queries load through;
+- the view store the read models live in, a fresh one to rebuild into, and
+  the swap of a rebuild into the live tables;
+- the DDL dialect of the library's tables;
+- how a projector is woken when events are committed.
+
+``tests/test_backends.py`` holds the properties every backend must prove, one
+subclass per backend.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+from ledger.storage.config import StoreConfig
+from ledger.storage.streams import StreamReader
+from ledger.storage.viewstore import TRACKED_APPLICATION, ViewStore, ViewTx
+
+if TYPE_CHECKING:
+    import threading
+
+    from ledger.storage.eventstore import LedgerApplication
+
+#: Waits up to ``timeout_s`` for a commit to the event store; returns early when one arrives.
+Wake = Callable[[float], None]
+
+#: Rows per batch when a rebuild's rows are copied through the client.
+COPY_ROWS = 5_000
+
+
+class Backend(ABC):
+    """One kind of store: memory, SQLite or PostgreSQL."""
+
+    #: The URL scheme (and ``StoreConfig.backend``) this backend serves.
+    name: ClassVar[str]
+
+    def __init__(self, config: StoreConfig) -> None:
+        if config.backend != self.name:
+            raise ValueError(f"{type(self).__name__} serves {self.name} stores, not {config.backend}")
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    # -- the event store ---------------------------------------------------------
+
+    @abstractmethod
+    def eventsourcing_env(self) -> dict[str, str]:
+        """Settings for eventsourcing's infrastructure factory."""
+
+    @contextlib.contextmanager
+    def opening(self) -> Iterator[None]:
+        """Held while the event store is opened (and its tables created)."""
+        yield
+
+    def opened(self, app: LedgerApplication) -> None:  # noqa: B027  (a hook: most backends need nothing)
+        """Called once the event store is open."""
+
+    @abstractmethod
+    def stream_reader(self, app: LedgerApplication) -> StreamReader:
+        """The bulk reader of aggregates for this store."""
+
+    def commit_waiter(self, app: LedgerApplication, stop: threading.Event) -> Wake | None:
+        """A way to sleep until the next commit, for a projector; None: poll."""
+        return None
+
+    # -- the read models -----------------------------------------------------------
+
+    @abstractmethod
+    def view_store(self, app: LedgerApplication) -> ViewStore:
+        """The live view tables of this ledger."""
+
+    @abstractmethod
+    def view_store_aside(self, app: LedgerApplication) -> ViewStore:
+        """A fresh, empty view store beside the live one, to rebuild into."""
+
+    @abstractmethod
+    def drop_aside(self, aside: ViewStore) -> None:
+        """Closes and removes a view store made by ``view_store_aside``."""
+
+    def close_view_store(self, store: ViewStore) -> None:
+        store.close()
+
+    def before_rebuild(self, app: LedgerApplication) -> None:  # noqa: B027  (a hook, as above)
+        """Called before a rebuild reads the whole event log."""
+
+    def swap_in(self, live: ViewStore, aside: ViewStore, tables: Sequence[str]) -> None:
+        """Replaces the live rows and tracking position with the rebuilt ones,
+        in one transaction: readers see the old tables or the new, never a mix."""
+        position = aside.position()
+        with live.transaction() as tx:
+            self._replace_rows(tx, live, aside, tables)
+            tracking = self.tracking_table
+            tx.execute(f"DELETE FROM {tracking} WHERE application_name = %s", [TRACKED_APPLICATION])
+            if position:
+                tx.execute(
+                    f"INSERT INTO {tracking} (application_name, notification_id) VALUES (%s, %s)",
+                    [TRACKED_APPLICATION, position],
+                )
+
+    #: The table the view store's tracking recorder keeps the position in.
+    tracking_table: ClassVar[str] = "tracking"
+
+    def _replace_rows(self, tx: ViewTx, live: ViewStore, aside: ViewStore, tables: Sequence[str]) -> None:
+        """Deletes the live rows and copies the rebuilt ones in, through the client."""
+        for table in reversed(tables):
+            tx.execute(f"DELETE FROM {table}")
+        for table in tables:
+            columns = aside.columns(table)
+            insert = f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))})"
+            batch: list[tuple[object, ...]] = []
+            for row in aside.raw_rows(table):
+                batch.append(row)
+                if len(batch) == COPY_ROWS:
+                    tx.executemany(insert, batch)
+                    batch = []
+            if batch:
+                tx.executemany(insert, batch)
+
+    # -- the schema -------------------------------------------------------------------
+
+    @classmethod
+    @abstractmethod
+    def ddl(cls, schema: str = "public", *, user_foreign_keys: bool = False) -> str:
+        """The DDL of the library's tables in this backend's dialect."""

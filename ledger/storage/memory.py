@@ -1,0 +1,45 @@
+"""The in-memory backend (``memory://``): eventsourcing's POPO recorders for
+the events, and an in-memory SQLite database for the read models. Nothing
+outlives the process; for tests, examples and trying things out."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ledger.storage.base import Backend
+from ledger.storage.ddl import sqlite_ddl
+from ledger.storage.sqlite.viewstore import SQLiteViewStore
+from ledger.storage.streams import PerIdReader, StreamReader
+from ledger.storage.viewstore import ViewStore
+
+if TYPE_CHECKING:
+    from ledger.storage.eventstore import LedgerApplication
+
+
+class MemoryBackend(Backend):
+    name = "memory"
+
+    def eventsourcing_env(self) -> dict[str, str]:
+        return {"PERSISTENCE_MODULE": "eventsourcing.popo"}
+
+    def stream_reader(self, app: LedgerApplication) -> StreamReader:
+        # One query per id costs nothing in memory.
+        return PerIdReader(app)
+
+    def view_store(self, app: LedgerApplication) -> ViewStore:
+        return SQLiteViewStore(self._uri(app, "live"))
+
+    def view_store_aside(self, app: LedgerApplication) -> ViewStore:
+        return SQLiteViewStore(self._uri(app, "aside"))
+
+    def drop_aside(self, aside: ViewStore) -> None:
+        aside.close()  # the last connection gone, the database is gone
+
+    @staticmethod
+    def _uri(app: LedgerApplication, which: str) -> str:
+        # Shared cache: every connection of this ledger sees the same database.
+        return f"file:ledger-views-{id(app)}-{which}?mode=memory&cache=shared"
+
+    @classmethod
+    def ddl(cls, schema: str = "public", *, user_foreign_keys: bool = False) -> str:
+        return sqlite_ddl()

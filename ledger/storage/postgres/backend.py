@@ -1,0 +1,199 @@
+"""The PostgreSQL backend (``postgresql://…?schema=…``), for production: the
+event store and the read models in one schema of one database, through one
+connection pool with the seed's settings."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+from uuid import uuid4
+
+import psycopg
+from eventsourcing.postgres import PostgresDatastore
+from psycopg import sql
+
+from ledger.errors import ConfigurationError
+from ledger.storage.base import Backend, Wake
+from ledger.storage.ddl import postgres_ddl
+from ledger.storage.postgres.recorder import install_ping_window
+from ledger.storage.postgres.streams import PostgresReader
+from ledger.storage.postgres.viewstore import TRACKING_TABLE, PostgresViewStore
+from ledger.storage.streams import StreamReader
+from ledger.storage.viewstore import ViewStore, ViewTx
+
+if TYPE_CHECKING:
+    import threading
+
+    from ledger.storage.eventstore import LedgerApplication
+
+#: Any fixed number: the key of the advisory lock that serialises table creation.
+DDL_LOCK_KEY = 0x70696E6776
+#: The pool of a view store rebuilt aside: one writer, and room for a check.
+ASIDE_POOL_SIZE = 2
+
+
+class PostgresBackend(Backend):
+    name = "postgresql"
+    tracking_table = TRACKING_TABLE
+
+    def eventsourcing_env(self) -> dict[str, str]:
+        c = self.config
+        return {
+            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            "APPLICATION_RECORDER_TOPIC": "ledger.storage.postgres.recorder:LedgerPostgresRecorder",
+            "POSTGRES_DBNAME": c.pg_dbname,
+            "POSTGRES_HOST": c.pg_host,
+            "POSTGRES_PORT": str(c.pg_port),
+            "POSTGRES_USER": c.pg_user,
+            "POSTGRES_PASSWORD": c.pg_password,
+            "POSTGRES_SCHEMA": c.pg_schema,
+            "POSTGRES_POOL_SIZE": str(c.pool_size),
+            "POSTGRES_MAX_OVERFLOW": str(c.max_overflow),
+            # eventsourcing uses its connect timeout as the pool's wait timeout.
+            "POSTGRES_CONNECT_TIMEOUT": str(round(c.pool_timeout_s)),
+            "POSTGRES_CONN_MAX_AGE": str(round(c.recycle_s)),
+            "POSTGRES_PRE_PING": "y" if c.pre_ping else "n",
+            # Off on purpose: in eventsourcing 9.5.6 the insert function mixes
+            # the events of applications that share a schema.
+            "POSTGRES_ENABLE_DB_FUNCTIONS": "n",
+            "POSTGRES_LOCK_TIMEOUT": "10",
+            "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": "30",
+        }
+
+    def conninfo(self) -> str:
+        """A psycopg connection string for this store's database."""
+        return self.config.conninfo()
+
+    @contextlib.contextmanager
+    def opening(self) -> Iterator[None]:
+        """Creates the schema if missing and holds an advisory lock while the
+        tables are created: concurrent ``CREATE TABLE IF NOT EXISTS`` in
+        several processes otherwise fails with "tuple concurrently updated"."""
+        c = self.config
+        try:
+            conn = psycopg.connect(self.conninfo(), connect_timeout=round(c.pool_timeout_s), autocommit=True)
+        except psycopg.Error as exc:
+            raise ConfigurationError(f"cannot reach PostgreSQL at {c.pg_host}:{c.pg_port}: {exc}") from exc
+        with conn:
+            conn.execute("SELECT pg_advisory_lock(%s)", (DDL_LOCK_KEY,))
+            try:
+                try:
+                    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(c.pg_schema)))
+                except psycopg.Error as exc:
+                    raise ConfigurationError(f"cannot create schema {c.pg_schema!r}: {exc}") from exc
+                yield
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (DDL_LOCK_KEY,))
+
+    def opened(self, app: LedgerApplication) -> None:
+        app.ping_window = install_ping_window(self._datastore(app), self.config.pre_ping_window_s)
+
+    def stream_reader(self, app: LedgerApplication) -> StreamReader:
+        return PostgresReader(app)
+
+    def commit_waiter(self, app: LedgerApplication, stop: threading.Event) -> Wake | None:
+        """LISTEN on the event table's channel (eventsourcing NOTIFYs on it at each commit)."""
+        channel = app.recorder.channel_name  # type: ignore[attr-defined]
+        conn = psycopg.connect(self.conninfo(), autocommit=True)
+        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+
+        def wake(timeout_s: float) -> None:
+            if stop.is_set():
+                return
+            for _ in conn.notifies(timeout=timeout_s, stop_after=1):
+                break
+
+        return wake
+
+    @staticmethod
+    def _datastore(app: LedgerApplication) -> PostgresDatastore:
+        datastore: Any = app.recorder.datastore  # type: ignore[attr-defined]
+        assert isinstance(datastore, PostgresDatastore)
+        return datastore
+
+    # -- the read models -----------------------------------------------------------
+
+    def view_store(self, app: LedgerApplication) -> ViewStore:
+        return PostgresViewStore(self._datastore(app))
+
+    def view_store_aside(self, app: LedgerApplication) -> ViewStore:
+        c = self.config
+        # A fresh name per rebuild: two rebuilds at once do not clobber each other.
+        schema = f"{c.pg_schema[:40]}_rebuild_{uuid4().hex[:12]}"
+        with psycopg.connect(self.conninfo(), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        datastore = PostgresDatastore(
+            dbname=c.pg_dbname,
+            host=c.pg_host,
+            port=str(c.pg_port),
+            user=c.pg_user,
+            password=c.pg_password,
+            schema=schema,
+            pool_size=ASIDE_POOL_SIZE,
+            max_overflow=ASIDE_POOL_SIZE,
+        )
+        return PostgresViewStore(datastore, owns_datastore=True)
+
+    def drop_aside(self, aside: ViewStore) -> None:
+        aside.close()
+        if isinstance(aside, PostgresViewStore):
+            with psycopg.connect(self.conninfo(), autocommit=True) as conn:
+                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(aside.schema)))
+
+    def close_view_store(self, store: ViewStore) -> None:
+        if isinstance(store, PostgresViewStore) and not store.owns_datastore:
+            return  # the live views share the ledger's pool, closed with the ledger
+        store.close()
+
+    def before_rebuild(self, app: LedgerApplication) -> None:
+        # Fresh planner statistics: without them (autovacuum off, a restore)
+        # PostgreSQL reads large pages of the log by scanning the rest of it.
+        recorder: Any = app.recorder
+        with recorder.datastore.get_connection() as conn:
+            conn.execute(
+                sql.SQL("ANALYZE {}.{}").format(
+                    sql.Identifier(recorder.datastore.schema), sql.Identifier(recorder.events_table_name)
+                )
+            )
+
+    def _replace_rows(self, tx: ViewTx, live: ViewStore, aside: ViewStore, tables: Sequence[str]) -> None:
+        assert isinstance(live, PostgresViewStore) and isinstance(aside, PostgresViewStore)
+        _check_host_foreign_keys(tx, live.schema, tables)
+        tx.execute("SET CONSTRAINTS ALL DEFERRED")
+        tx.execute(f"LOCK TABLE {', '.join(tables)}, {TRACKING_TABLE} IN ACCESS EXCLUSIVE MODE")
+        for table in reversed(tables):
+            tx.execute(f"DELETE FROM {table}")
+        for table in tables:  # copied on the server
+            tx.execute(f'INSERT INTO {table} SELECT * FROM "{aside.schema}".{table}')
+
+    @classmethod
+    def ddl(cls, schema: str = "public", *, user_foreign_keys: bool = False) -> str:
+        return postgres_ddl(schema, user_foreign_keys=user_foreign_keys)
+
+
+def _check_host_foreign_keys(tx: ViewTx, schema: str, tables: Sequence[str]) -> None:
+    """The swap deletes and re-inserts the view rows in one transaction. A host
+    table referencing them must defer its check to the commit and take no
+    action on delete, or the swap would fail or, with ON DELETE CASCADE, delete
+    the host's rows."""
+    rows = tx.fetchall(
+        "SELECT con.conname, src_ns.nspname || '.' || src.relname, dst.relname, con.condeferrable, con.confdeltype "
+        "FROM pg_constraint con JOIN pg_class src ON src.oid = con.conrelid "
+        "JOIN pg_namespace src_ns ON src_ns.oid = src.relnamespace "
+        "JOIN pg_class dst ON dst.oid = con.confrelid JOIN pg_namespace n ON n.oid = dst.relnamespace "
+        "WHERE con.contype = 'f' AND n.nspname = %s AND dst.relname = ANY(%s) "
+        "AND NOT (src_ns.nspname = %s AND src.relname = ANY(%s))",
+        [schema, list(tables), schema, list(tables)],
+    )
+    unsafe = [
+        f"{name} on {source} -> {target}"
+        for name, source, target, deferrable, on_delete in rows
+        if not deferrable or on_delete != "a"
+    ]
+    if unsafe:
+        raise ConfigurationError(
+            "cannot swap rebuilt views in: host foreign keys reference them and are not DEFERRABLE with "
+            f"NO ACTION on delete: {', '.join(unsafe)}; alter them, or use rebuild --verify"
+        )
