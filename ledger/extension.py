@@ -15,6 +15,10 @@ Domain
     The aggregates a command may read or change through the unit of work,
     their id functions, and the shared policies (``prorated``, ``add_cycle``).
 
+Audit checks
+    ``Check`` (with its ``AuditContext``) is one more check the audit runs;
+    ``register_check`` adds it to every audit that names none.
+
 Storage
     ``ViewStore`` and ``ViewTx``: where the read models live. A provider that
     keeps tables of its own (an inbox of deliveries) writes them through
@@ -34,6 +38,8 @@ from ledger.application.commands import (
     check_text,
     check_uuid,
 )
+from ledger.audit.base import AuditContext, Check
+from ledger.audit.runner import register_check
 from ledger.domain.credits import CreditAccount, entry_id_for, record_id_for
 from ledger.domain.plans import Plan, plan_id_for
 from ledger.domain.subscriptions import (
@@ -48,6 +54,8 @@ from ledger.storage.viewstore import ViewStore, ViewTx
 
 __all__ = [
     "ADDED",
+    "AuditContext",
+    "Check",
     "MAX_LABEL_LENGTH",
     "MAX_TEXT_LENGTH",
     "Command",
@@ -67,6 +75,7 @@ __all__ = [
     "plan_id_for",
     "prorated",
     "record_id_for",
+    "register_check",
     "slot_id_for",
     "subscription_id_for",
 ]
