@@ -23,7 +23,7 @@ from uuid import UUID, uuid5
 from eventsourcing.domain import Aggregate
 from eventsourcing.domain import Snapshot as BaseSnapshot
 
-from ._errors import InsufficientCredits, InvalidAmount, InvariantViolation, UnknownReservation
+from ._errors import InsufficientCredits, InvalidAmount, InvalidArgument, InvariantViolation, UnknownReservation
 from ._types import MAX_CREDITS, CreditKind
 
 # Namespaces for ids derived from idempotency keys: a retry derives the same ids.
@@ -336,7 +336,11 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
                 f"past the limit of {MAX_CREDITS} credits"
             )
         if expires_at is not None and expires_at <= now:
-            raise InvalidAmount(f"a grant expiring at {expires_at.isoformat()} has already lapsed at {now.isoformat()}")
+            raise InvalidArgument(
+                f"expires_at {expires_at.isoformat()} is not later than now ({now.isoformat()}): "
+                "the grant would lapse at once",
+                param="expires_at",
+            )
         self.trigger_event(
             self.Granted,
             entry_id=entry_id,
@@ -429,8 +433,10 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         self, *, reservation_id: UUID, job_id: UUID, amount: int, expires_at: datetime, key: str, now: datetime
     ) -> None:
         if expires_at <= now:
-            raise InvalidAmount(
-                f"a hold expiring at {expires_at.isoformat()} would lapse at once (now {now.isoformat()})"
+            raise InvalidArgument(
+                f"expires_at {expires_at.isoformat()} is not later than now ({now.isoformat()}): "
+                "the hold would lapse at once",
+                param="expires_at",
             )
         allocations = take(amount, self.free(now))
         if allocations is None:

@@ -60,28 +60,53 @@ SPEND_KINDS = frozenset({CreditKind.API_USE, CreditKind.GENERATION_USE, CreditKi
 def check_amount(value: object, name: str = "amount_credits") -> int:
     # bool is an int subclass; True credits is a bug, not one credit.
     if type(value) is not int:
-        raise InvalidAmount(f"{name} must be a whole number of credits (int), not {type(value).__name__}")
+        raise InvalidAmount(f"{name} must be a whole number of credits (int), not {type(value).__name__}", param=name)
     if value <= 0:
-        raise InvalidAmount(f"{name} must be greater than zero, got {value}")
+        raise InvalidAmount(f"{name} must be greater than zero, got {value}", param=name)
     if value > MAX_CREDITS:
-        raise InvalidAmount(f"{name} must be at most {MAX_CREDITS}, got {value}")
+        raise InvalidAmount(f"{name} must be at most {MAX_CREDITS}, got {value}", param=name)
     return value
 
 
 def check_uuid(value: object, name: str) -> UUID:
+    """``value`` as a plain ``UUID``: a subclass is copied, since the event
+    store transcodes values by their exact type."""
     if not isinstance(value, UUID):
-        raise InvalidArgument(f"{name} must be a UUID, not {type(value).__name__}")
-    return value
+        raise InvalidArgument(f"{name} must be a UUID, not {type(value).__name__}", param=name)
+    return value if type(value) is UUID else UUID(int=value.int)
 
 
-def check_text(value: object, name: str, max_length: int, *, required: bool = False) -> str:
+def check_storable(text: str, name: str, *, param: str | None = None) -> str:
+    """Refuses text that a PostgreSQL text column (UTF-8) cannot hold: a NUL
+    character, or a lone surrogate (which is not Unicode text at all)."""
+    nul = text.find("\x00")
+    if nul >= 0:
+        raise InvalidArgument(
+            f"{name} contains a NUL character (at index {nul}): PostgreSQL text cannot store it", param=param or name
+        )
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(
+            f"{name} contains a lone surrogate ({text[exc.start]!r} at index {exc.start}): "
+            "it is not valid Unicode and cannot be stored as UTF-8",
+            param=param or name,
+        ) from None
+    return text
+
+
+def check_text(value: object, name: str, max_length: int, *, required: bool = False, param: str | None = None) -> str:
+    """``value`` as a plain ``str`` that every store can hold. ``param``: the
+    argument to name in the error, when ``name`` describes a part of one."""
+    param = param or name
     if not isinstance(value, str):
-        raise InvalidArgument(f"{name} must be a str, not {type(value).__name__}")
-    if len(value) > max_length:
-        raise InvalidArgument(f"{name} is {len(value)} characters long; at most {max_length}")
-    if required and not value.strip():
-        raise InvalidArgument(f"{name} must not be empty")
-    return value
+        raise InvalidArgument(f"{name} must be a str, not {type(value).__name__}", param=param)
+    text = str.__str__(value)  # a plain str: a subclass's behaviour must not reach the store
+    if len(text) > max_length:
+        raise InvalidArgument(f"{name} is {len(text)} characters long; at most {max_length}", param=param)
+    if required and not text.strip():
+        raise InvalidArgument(f"{name} must not be empty", param=param)
+    return check_storable(text, name, param=param)
 
 
 def check_optional_text(value: object, name: str, max_length: int) -> str | None:
@@ -91,8 +116,19 @@ def check_optional_text(value: object, name: str, max_length: int) -> str | None
 def check_key(value: object) -> str:
     key = check_text(value, "key", MAX_KEY_LENGTH, required=True)
     if key != key.strip() or not key.isprintable():
-        raise InvalidArgument(f"key {key!r} must be printable with no surrounding whitespace")
+        raise InvalidArgument(f"key {key!r} must be printable with no surrounding whitespace", param="key")
     return key
+
+
+def check_kind(value: object, allowed: frozenset[CreditKind], command: str) -> CreditKind:
+    try:
+        kind = CreditKind(value) if isinstance(value, str) else None
+    except ValueError:
+        kind = None
+    if kind not in allowed:
+        names = ", ".join(sorted(allowed))
+        raise InvalidArgument(f"{command} kind must be one of {names}; got {value!r}", param="kind")
+    return kind
 
 
 def _canonical(value: Any) -> Any:
@@ -145,6 +181,10 @@ class Command:
     def describe(self) -> dict[str, Any]:
         return {k: _canonical(v) for k, v in asdict(self).items()}
 
+    def _normalise(self, name: str, value: object) -> None:
+        """Keeps the checked form of a field (a plain str or UUID, a UTC time)."""
+        object.__setattr__(self, name, value)
+
 
 @dataclass(frozen=True)
 class GrantCredits(Command):
@@ -159,23 +199,16 @@ class GrantCredits(Command):
     actor: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        check_key(self.key)
-        check_uuid(self.user_id, "user_id")
+        self._normalise("key", check_key(self.key))
+        self._normalise("user_id", check_uuid(self.user_id, "user_id"))
         check_amount(self.amount_credits)
-        try:
-            kind = CreditKind(self.kind)
-        except ValueError:
-            kind = None
-        if kind not in GRANT_KINDS:
-            allowed = ", ".join(sorted(GRANT_KINDS))
-            raise InvalidArgument(f"grant kind must be one of {allowed}; got {self.kind!r}")
-        object.__setattr__(self, "kind", kind)
-        check_text(self.description, "description", MAX_TEXT_LENGTH)
-        check_optional_text(self.reference_type, "reference_type", 50)
-        check_optional_text(self.reference_id, "reference_id", MAX_LABEL_LENGTH)
-        check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH)
+        self._normalise("kind", check_kind(self.kind, GRANT_KINDS, "grant"))
+        self._normalise("description", check_text(self.description, "description", MAX_TEXT_LENGTH))
+        self._normalise("reference_type", check_optional_text(self.reference_type, "reference_type", 50))
+        self._normalise("reference_id", check_optional_text(self.reference_id, "reference_id", MAX_LABEL_LENGTH))
+        self._normalise("actor", check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH))
         if self.expires_at is not None:
-            object.__setattr__(self, "expires_at", require_utc(self.expires_at, "expires_at"))
+            self._normalise("expires_at", require_utc(self.expires_at, "expires_at"))
 
 
 @dataclass(frozen=True)
@@ -189,20 +222,13 @@ class SpendCredits(Command):
     reference_id: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        check_key(self.key)
-        check_uuid(self.user_id, "user_id")
+        self._normalise("key", check_key(self.key))
+        self._normalise("user_id", check_uuid(self.user_id, "user_id"))
         check_amount(self.amount_credits)
-        try:
-            kind = CreditKind(self.kind)
-        except ValueError:
-            kind = None
-        if kind not in SPEND_KINDS:
-            allowed = ", ".join(sorted(SPEND_KINDS))
-            raise InvalidArgument(f"spend kind must be one of {allowed}; got {self.kind!r}")
-        object.__setattr__(self, "kind", kind)
-        check_text(self.description, "description", MAX_TEXT_LENGTH)
-        check_optional_text(self.reference_type, "reference_type", 50)
-        check_optional_text(self.reference_id, "reference_id", MAX_LABEL_LENGTH)
+        self._normalise("kind", check_kind(self.kind, SPEND_KINDS, "spend"))
+        self._normalise("description", check_text(self.description, "description", MAX_TEXT_LENGTH))
+        self._normalise("reference_type", check_optional_text(self.reference_type, "reference_type", 50))
+        self._normalise("reference_id", check_optional_text(self.reference_id, "reference_id", MAX_LABEL_LENGTH))
 
 
 @dataclass(frozen=True)
@@ -214,11 +240,11 @@ class ReserveCredits(Command):
     expires_at: datetime = field(kw_only=True)
 
     def __post_init__(self) -> None:
-        check_key(self.key)
-        check_uuid(self.user_id, "user_id")
-        check_uuid(self.job_id, "job_id")
+        self._normalise("key", check_key(self.key))
+        self._normalise("user_id", check_uuid(self.user_id, "user_id"))
+        self._normalise("job_id", check_uuid(self.job_id, "job_id"))
         check_amount(self.amount_credits)
-        object.__setattr__(self, "expires_at", require_utc(self.expires_at, "expires_at"))
+        self._normalise("expires_at", require_utc(self.expires_at, "expires_at"))
 
 
 @dataclass(frozen=True)
@@ -231,11 +257,11 @@ class SettleReservation(Command):
     user_id: UUID | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        check_key(self.key)
-        check_uuid(self.reservation_id, "reservation_id")
+        self._normalise("key", check_key(self.key))
+        self._normalise("reservation_id", check_uuid(self.reservation_id, "reservation_id"))
         check_amount(self.actual_credits, "actual_credits")
         if self.user_id is not None:
-            check_uuid(self.user_id, "user_id")
+            self._normalise("user_id", check_uuid(self.user_id, "user_id"))
 
 
 @dataclass(frozen=True)
@@ -247,11 +273,11 @@ class ReleaseReservation(Command):
     user_id: UUID | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        check_key(self.key)
-        check_uuid(self.reservation_id, "reservation_id")
-        check_text(self.reason, "reason", MAX_TEXT_LENGTH, required=True)
+        self._normalise("key", check_key(self.key))
+        self._normalise("reservation_id", check_uuid(self.reservation_id, "reservation_id"))
+        self._normalise("reason", check_text(self.reason, "reason", MAX_TEXT_LENGTH, required=True))
         if self.user_id is not None:
-            check_uuid(self.user_id, "user_id")
+            self._normalise("user_id", check_uuid(self.user_id, "user_id"))
 
 
 @dataclass(frozen=True)
@@ -263,13 +289,15 @@ class AdjustCredits(Command):
     actor: str = field(kw_only=True)
 
     def __post_init__(self) -> None:
-        check_key(self.key)
-        check_uuid(self.user_id, "user_id")
+        self._normalise("key", check_key(self.key))
+        self._normalise("user_id", check_uuid(self.user_id, "user_id"))
         if type(self.delta_credits) is not int or self.delta_credits == 0:
-            raise InvalidAmount(f"delta_credits must be a non-zero int, got {self.delta_credits!r}")
+            raise InvalidAmount(
+                f"delta_credits must be a non-zero int, got {self.delta_credits!r}", param="delta_credits"
+            )
         check_amount(abs(self.delta_credits), "delta_credits")
-        check_text(self.reason, "reason", MAX_TEXT_LENGTH, required=True)
-        check_text(self.actor, "actor", MAX_LABEL_LENGTH, required=True)
+        self._normalise("reason", check_text(self.reason, "reason", MAX_TEXT_LENGTH, required=True))
+        self._normalise("actor", check_text(self.actor, "actor", MAX_LABEL_LENGTH, required=True))
 
 
 AnyCommand = GrantCredits | SpendCredits | ReserveCredits | SettleReservation | ReleaseReservation | AdjustCredits
