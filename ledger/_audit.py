@@ -358,8 +358,25 @@ def _views_position(ctx: AuditContext, compare_views: bool) -> int | None:
         )
         return None
     if position < ctx.head:
+        _check_not_stalled(ctx, position)
         ctx.notes.append(f"the views lag: compared as of position {position}; events after it are checked only")
     return position
+
+
+def _check_not_stalled(ctx: AuditContext, position: int) -> None:
+    """Lagging views may only be behind, or stalled at an event the projector
+    cannot write, which no amount of waiting cures: that is a finding."""
+    stalled = ctx.ledger.views.projector.stalled()
+    if stalled is None:
+        return
+    cause = stalled.cause
+    ctx.findings.add(
+        "view",
+        stalled.position,
+        f"event {stalled.originator_id} v{stalled.originator_version}",
+        f"the views are stalled here: the projector cannot write this event ({stalled.topic}): "
+        f"{type(cause).__name__}: {cause}; they stay at position {position} until the cause is fixed",
+    )
 
 
 def _report(ctx: AuditContext, checks: Sequence[Check], replay: _Replay, elapsed_s: float) -> AuditReport:

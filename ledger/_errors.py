@@ -175,7 +175,7 @@ class ViewsStalled(LedgerError):
     code = "views_stalled"
 
     def __init__(
-        self, position: int, topic: str, originator_id: UUID, originator_version: int, cause: BaseException
+        self, position: int, topic: str, originator_id: UUID | str, originator_version: int, cause: BaseException
     ) -> None:
         self.position = position
         self.topic = topic

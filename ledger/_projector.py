@@ -4,22 +4,30 @@ Each page of events is written by every view, with the new tracking position,
 in one transaction, after checking that the recorded position is still the
 one the page was read from. A crash loses at most the page in flight, which is
 then read again: no row is lost and none is written twice.
+
+An event that cannot be written (a value the database refuses, a state that
+does not decode) would fail its page on every attempt. When a page fails so,
+its events are tried one at a time to find that event; the events before it
+are committed, and ``ViewsStalled`` names it (position, topic, originator).
+The projector does not skip it: the views would then silently lack a posting.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from eventsourcing.persistence import IntegrityError
+import psycopg
+from eventsourcing.persistence import DataError, IntegrityError, Notification, PersistenceError
 
 from ._app import LedgerApplication
-from ._errors import InvalidArgument
+from ._errors import InvalidArgument, ViewsStalled
 from ._views import View
 from ._viewstore import TRACKED_APPLICATION, ViewStore, ViewTx
 
@@ -32,6 +40,10 @@ MAX_STALE_RETRIES = 10
 
 class StalePosition(Exception):
     """Another writer moved the tracking position since the page was read."""
+
+
+class _RollBack(Exception):
+    """Ends a transaction that only tries whether events can be written."""
 
 
 @dataclass(frozen=True)
@@ -99,17 +111,100 @@ class Projector:
         notifications = self.app.recorder.select_notifications(
             start=position + 1, limit=page_events, stop=head, topics=self.topics
         )
-        events = [(n.id, self.app.mapper.to_domain_event(n)) for n in notifications]
         # With no matching events left below the head, jump to the head.
         new_position = notifications[-1].id if len(notifications) == page_events else head
-        with self.store.transaction() as tx:
-            self._expect(tx, position)
-            for view in self.views:
-                mine = [(p, e) for p, e in events if _topic(e) in view.topics]
-                if mine:
-                    view.process(mine, tx)
-            tx.track(new_position)
+        try:
+            events = [(n.id, self.app.mapper.to_domain_event(n)) for n in notifications]
+            self._write(position, events, new_position)
+        except StalePosition:
+            raise
+        except Exception as exc:
+            if not cannot_write(exc):
+                raise  # the database, not the events: the next attempt may succeed
+            stalled = self._stalled_at(position, notifications, commit=True)
+            if stalled is None:  # each event writes: the page met a concurrent writer
+                raise StalePosition(f"page after {position} failed, its events did not: {exc}") from exc
+            log.error("%s", stalled)
+            raise stalled from stalled.cause
         return len(events), new_position >= head
+
+    def _write(
+        self, position: int, events: Sequence[tuple[int, Any]], new_position: int, *, commit: bool = True
+    ) -> None:
+        """Writes a page and the new position in one transaction (rolled back
+        unless ``commit``)."""
+        try:
+            with self.store.transaction() as tx:
+                self._expect(tx, position)
+                for view in self.views:
+                    mine = [(p, e) for p, e in events if _topic(e) in view.topics]
+                    if mine:
+                        view.process(mine, tx)
+                tx.track(new_position)
+                if not commit:
+                    raise _RollBack
+        except _RollBack:
+            pass
+
+    def _stalled_at(self, position: int, notifications: Sequence[Notification], *, commit: bool) -> ViewsStalled | None:
+        """Tries the events one at a time, in one transaction that is rolled
+        back, and returns the first that cannot be written (None if all can).
+        With ``commit``, the events before it are then committed."""
+        written: list[tuple[int, Any]] = []
+        stalled: ViewsStalled | None = None
+        try:
+            with self.store.transaction() as tx:
+                self._expect(tx, position)
+                for n in notifications:
+                    try:
+                        event = self.app.mapper.to_domain_event(n)
+                        for view in self.views:
+                            if _topic(event) in view.topics:
+                                view.process([(n.id, event)], tx)
+                    except Exception as exc:
+                        if not cannot_write(exc):
+                            raise
+                        stalled = ViewsStalled(n.id, n.topic, n.originator_id, n.originator_version, exc)
+                        break
+                    written.append((n.id, event))
+                raise _RollBack
+        except _RollBack:
+            pass
+        if stalled is None:
+            return None
+        if commit and written:
+            self._write(position, written, written[-1][0])  # StalePosition if another writer moved on
+        elif self.store.position() != position:
+            raise StalePosition(f"tracking moved from {position} while the page was tried")
+        return stalled
+
+    def stalled(self, *, page_events: int = PAGE_EVENTS) -> ViewsStalled | None:
+        """The event the views are stalled at, or None when the events after
+        their position can be written (or there are none). Writes nothing:
+        the events are tried in a transaction that is rolled back."""
+        with self._lock:
+            position = self.store.position()
+            head = self.head()
+            if head <= position:
+                return None
+            notifications = self.app.recorder.select_notifications(
+                start=position + 1, limit=page_events, stop=head, topics=self.topics
+            )
+            if not notifications:
+                return None
+            try:
+                try:
+                    events = [(n.id, self.app.mapper.to_domain_event(n)) for n in notifications]
+                    self._write(position, events, notifications[-1].id, commit=False)
+                    return None
+                except StalePosition:
+                    raise
+                except Exception as exc:
+                    if not cannot_write(exc):
+                        raise
+                return self._stalled_at(position, notifications, commit=False)
+            except StalePosition:
+                return None  # a projector is moving the views on
 
     @staticmethod
     def _expect(tx: ViewTx, position: int) -> None:
@@ -142,6 +237,24 @@ class Projector:
 
 def _topic(event: Any) -> str:
     return str(type(event).TOPIC)
+
+
+def cannot_write(exc: BaseException) -> bool:
+    """Whether ``exc`` says that the events' data cannot be written (a value
+    the database refuses, a state that does not decode), rather than that the
+    database is unreachable, busy or unprepared (a missing table, no rights),
+    which a later attempt may not meet."""
+    if isinstance(exc, PersistenceError) and exc.__cause__ is not None:
+        exc = exc.__cause__  # eventsourcing's wrapper of the driver's error
+    if isinstance(exc, DataError | IntegrityError | psycopg.DataError | psycopg.IntegrityError):
+        return True
+    if isinstance(exc, sqlite3.DataError | sqlite3.IntegrityError | sqlite3.ProgrammingError):
+        return True  # SQLite's ProgrammingError: a value it cannot bind
+    if isinstance(exc, psycopg.ProgrammingError):
+        return exc.sqlstate is None  # refused before reaching the server: a value psycopg cannot adapt
+    if isinstance(exc, PersistenceError | psycopg.Error | sqlite3.Error | OSError | MemoryError):
+        return False
+    return isinstance(exc, Exception)
 
 
 def _tracking_table(tx: ViewTx) -> str:
