@@ -327,7 +327,11 @@ def _check_arguments(
     page_events: int,
 ) -> None:
     if type(from_position) is not int or from_position < 0:
-        raise InvalidArgument(f"from_position must be an int >= 0, got {from_position!r}")
+        raise InvalidArgument(f"from_position must be an int >= 0, got {from_position!r}", param="from_position")
+    if checkpoint is not None and (not isinstance(checkpoint, str | os.PathLike) or "\x00" in os.fspath(checkpoint)):
+        raise InvalidArgument(
+            f"checkpoint must be a file path (str or PathLike), got {checkpoint!r}", param="checkpoint"
+        )
     if from_position and (checkpoint is None or not Path(checkpoint).is_file()):
         raise InvalidArgument("resuming from a position needs the checkpoint file a previous run wrote there")
     if type(checkpoint_every) is not int or checkpoint_every < 1:

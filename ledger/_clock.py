@@ -64,6 +64,10 @@ LATEST = datetime(9000, 1, 1, tzinfo=UTC)
 def require_utc(value: object, name: str) -> datetime:
     """Returns ``value`` converted to UTC; refuses naive datetimes, non-datetimes
     and times outside EARLIEST..LATEST."""
+    if type(value) is datetime and value.tzinfo is UTC:  # the common case, and nothing to convert
+        if not EARLIEST <= value < LATEST:
+            raise _outside(value, name)
+        return value
     if not isinstance(value, datetime):
         raise InvalidArgument(f"{name} must be a datetime, not {type(value).__name__}", param=name)
     try:
@@ -75,11 +79,7 @@ def require_utc(value: object, name: str) -> datetime:
     # Compared before converting: converting a time at the edge of the range overflows.
     naive = value.replace(tzinfo=None)
     if not EARLIEST.replace(tzinfo=None) + offset <= naive < LATEST.replace(tzinfo=None) + offset:
-        raise InvalidArgument(
-            f"{name} {value.isoformat()} is outside the times the ledger takes "
-            f"({EARLIEST.isoformat()} to {LATEST.isoformat()})",
-            param=name,
-        )
+        raise _outside(value, name)
     moment = value.astimezone(UTC)
     # A plain datetime: a subclass must not reach the event store.
     return datetime(
@@ -91,4 +91,12 @@ def require_utc(value: object, name: str) -> datetime:
         moment.second,
         moment.microsecond,
         tzinfo=UTC,
+    )
+
+
+def _outside(value: datetime, name: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"{name} {value.isoformat()} is outside the times the ledger takes "
+        f"({EARLIEST.isoformat()} to {LATEST.isoformat()})",
+        param=name,
     )
