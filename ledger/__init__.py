@@ -3,6 +3,8 @@
 The public surface is re-exported here; everything else is private.
 """
 
+import typing as _typing
+
 from ledger.application.billing import (
     ActivateSubscription,
     CancelSubscription,
@@ -66,6 +68,7 @@ from ledger.errors import (
     UnknownAccount,
     UnknownReservation,
     ViewsBehind,
+    ViewsStalled,
 )
 
 __version__ = "0.1.0"
@@ -100,6 +103,7 @@ __all__ = [
     "UnknownSubscription",
     "UnpauseSubscription",
     "ViewsBehind",
+    "ViewsStalled",
     "DEFAULT_URL",
     "MAX_CREDITS",
     "AccountEvent",
@@ -145,3 +149,29 @@ __all__ = [
     "audit",
     "resolve_url",
 ]
+
+
+def _present_as_public() -> None:
+    """Names the public classes and functions ``ledger.X`` (in tracebacks,
+    reprs and pickles) instead of the private module that defines them.
+
+    A class whose annotations are resolved by name (pydantic models and
+    dataclasses, whose modules use postponed annotations) keeps its module:
+    ``typing.get_type_hints`` resolves those names in the module that
+    ``__module__`` names, and ``ledger`` does not hold them all."""
+    for name in __all__:
+        obj = globals()[name]
+        if not isinstance(obj, type) and not callable(obj):
+            continue
+        home = getattr(obj, "__module__", "")
+        if home == "ledger" or not home.startswith("ledger.") or getattr(obj, "__qualname__", None) != name:
+            continue  # pickle finds an object by module and qualified name: only a name exported as itself
+        obj.__module__ = "ledger"
+        if isinstance(obj, type):
+            try:
+                _typing.get_type_hints(obj)
+            except Exception:  # a name only its own module holds
+                obj.__module__ = home
+
+
+_present_as_public()

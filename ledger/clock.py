@@ -35,9 +35,13 @@ class ManualClock:
             return self._now
 
     def advance(self, delta: timedelta) -> datetime:
+        if not isinstance(delta, timedelta):
+            raise InvalidArgument(f"delta must be a timedelta, not {type(delta).__name__}", param="delta")
         if delta < timedelta(0):
-            raise InvalidArgument(f"a clock cannot move backwards (delta {delta})")
+            raise InvalidArgument(f"a clock cannot move backwards (delta {delta})", param="delta")
         with self._lock:
+            if delta >= LATEST - self._now:
+                raise InvalidArgument(f"advancing {self._now.isoformat()} by {delta} passes {LATEST.isoformat()}")
             self._now += delta
             return self._now
 
@@ -45,15 +49,54 @@ class ManualClock:
         moment = require_utc(moment, "moment")
         with self._lock:
             if moment < self._now:
-                raise InvalidArgument(f"a clock cannot move backwards ({self._now} to {moment})")
+                raise InvalidArgument(f"a clock cannot move backwards ({self._now} to {moment})", param="moment")
             self._now = moment
             return self._now
 
 
+#: The times the ledger takes: from the Unix epoch to well before the end of
+#: ``datetime``'s range, so that adding periods, trials and renewal windows to
+#: any of them cannot overflow.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9000, 1, 1, tzinfo=UTC)
+
+
 def require_utc(value: object, name: str) -> datetime:
-    """Returns ``value`` converted to UTC; refuses naive datetimes and non-datetimes."""
+    """Returns ``value`` converted to UTC; refuses naive datetimes, non-datetimes
+    and times outside EARLIEST..LATEST."""
+    if type(value) is datetime and value.tzinfo is UTC:  # the common case, and nothing to convert
+        if not EARLIEST <= value < LATEST:
+            raise _outside(value, name)
+        return value
     if not isinstance(value, datetime):
-        raise InvalidArgument(f"{name} must be a datetime, not {type(value).__name__}")
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise InvalidArgument(f"{name} must be timezone-aware (got naive {value.isoformat()})")
-    return value.astimezone(UTC)
+        raise InvalidArgument(f"{name} must be a datetime, not {type(value).__name__}", param=name)
+    try:
+        offset = value.utcoffset()
+    except (ValueError, TypeError) as exc:  # a tzinfo that returns nonsense
+        raise InvalidArgument(f"{name} has an unusable time zone: {exc}", param=name) from None
+    if offset is None:
+        raise InvalidArgument(f"{name} must be timezone-aware (got naive {value.isoformat()})", param=name)
+    # Compared before converting: converting a time at the edge of the range overflows.
+    naive = value.replace(tzinfo=None)
+    if not EARLIEST.replace(tzinfo=None) + offset <= naive < LATEST.replace(tzinfo=None) + offset:
+        raise _outside(value, name)
+    moment = value.astimezone(UTC)
+    # A plain datetime: a subclass must not reach the event store.
+    return datetime(
+        moment.year,
+        moment.month,
+        moment.day,
+        moment.hour,
+        moment.minute,
+        moment.second,
+        moment.microsecond,
+        tzinfo=UTC,
+    )
+
+
+def _outside(value: datetime, name: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"{name} {value.isoformat()} is outside the times the ledger takes "
+        f"({EARLIEST.isoformat()} to {LATEST.isoformat()})",
+        param=name,
+    )

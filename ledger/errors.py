@@ -3,27 +3,62 @@
 Every error a caller can provoke is a :class:`LedgerError`. When one is raised,
 nothing was recorded: commands validate and run in memory before anything is
 written, and a failed write is all-or-nothing.
+
+Every error class has a ``code``, a stable snake_case name for programs (log
+fields, API responses, metrics), and every error a ``param``: the name of the
+argument it is about, or ``None``. Messages are for people and may be
+reworded; codes are not.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: the public error classes are
+# re-exported with ``__module__ = "ledger"``, and string annotations would then
+# be resolved in the ``ledger`` namespace by ``typing.get_type_hints``.
 
+from typing import Any, ClassVar
 from uuid import UUID
 
 
 class LedgerError(Exception):
     """Base class of every error the ledger raises on purpose."""
 
+    #: A stable, machine-readable name of the error (snake_case).
+    code: ClassVar[str] = "ledger_error"
+    #: The argument the error is about, when there is one.
+    param: str | None = None
+
+    def __init__(self, *args: object, param: str | None = None) -> None:
+        super().__init__(*args)
+        if param is not None:
+            self.param = param
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Subclasses take other arguments than their message, so the default
+        # (calling the class with ``args``) cannot rebuild them: rebuild from
+        # the message and the attributes instead, without calling __init__.
+        return (_rebuild, (type(self), self.args), self.__dict__)
+
+
+def _rebuild(cls: type[LedgerError], args: tuple[object, ...]) -> LedgerError:
+    return cls.__new__(cls, *args)  # BaseException.__new__ keeps ``args``; pickle then restores the attributes
+
 
 class InvalidArgument(LedgerError, ValueError):
     """An argument has the wrong type or an impossible value."""
+
+    code = "invalid_argument"
 
 
 class InvalidAmount(InvalidArgument):
     """An amount of credits is not a positive whole number (``int`` > 0)."""
 
+    code = "invalid_amount"
+    param = "amount_credits"
+
 
 class InsufficientCredits(LedgerError):
     """The account's available credits (balance minus held) do not cover a debit."""
+
+    code = "insufficient_credits"
 
     def __init__(self, user_id: UUID, requested_credits: int, available_credits: int) -> None:
         self.user_id = user_id
@@ -35,6 +70,9 @@ class InsufficientCredits(LedgerError):
 class UnknownAccount(LedgerError, LookupError):
     """No credit account exists for this user."""
 
+    code = "unknown_account"
+    param = "user_id"
+
     def __init__(self, user_id: UUID) -> None:
         self.user_id = user_id
         super().__init__(f"no credit account for user {user_id}; grant credits to open one")
@@ -42,6 +80,9 @@ class UnknownAccount(LedgerError, LookupError):
 
 class UnknownReservation(LedgerError, LookupError):
     """No hold with this reservation id exists (for this user, when one was named)."""
+
+    code = "unknown_reservation"
+    param = "reservation_id"
 
     def __init__(self, reservation_id: UUID, user_id: UUID | None = None) -> None:
         self.reservation_id = reservation_id
@@ -53,6 +94,9 @@ class UnknownReservation(LedgerError, LookupError):
 class ReservationClosed(LedgerError):
     """The hold was already settled or released; a hold closes exactly once."""
 
+    code = "reservation_closed"
+    param = "reservation_id"
+
     def __init__(self, reservation_id: UUID, status: str) -> None:
         self.reservation_id = reservation_id
         self.status = status
@@ -61,6 +105,9 @@ class ReservationClosed(LedgerError):
 
 class IdempotencyConflict(LedgerError):
     """An idempotency key was used before with different arguments."""
+
+    code = "idempotency_conflict"
+    param = "key"
 
     def __init__(self, key: str, recorded_command: str, command: str) -> None:
         self.key = key
@@ -71,6 +118,8 @@ class IdempotencyConflict(LedgerError):
 
 class ConcurrencyExhausted(LedgerError):
     """Optimistic-concurrency retries ran out while other writers kept winning."""
+
+    code = "concurrency_exhausted"
 
     def __init__(self, attempts: int) -> None:
         self.attempts = attempts
@@ -83,18 +132,26 @@ class ConcurrencyExhausted(LedgerError):
 class BatchRejected(LedgerError):
     """One command of a batch failed, so the whole batch recorded nothing."""
 
+    code = "batch_rejected"
+
     def __init__(self, index: int, cause: LedgerError) -> None:
         self.index = index
         self.cause = cause
         super().__init__(f"command {index} of the batch failed, nothing recorded: {cause}")
+        # The failing command's argument: ``commands[index]``'s ``param``.
+        self.param = cause.param
 
 
 class ConfigurationError(LedgerError):
     """The ledger cannot be opened as configured (bad URL, missing settings)."""
 
+    code = "configuration_error"
+
 
 class InvariantViolation(LedgerError, AssertionError):
     """An internal invariant broke. This is a bug; the state change was refused."""
+
+    code = "invariant_violation"
 
 
 class ViewsBehind(LedgerError):
@@ -102,7 +159,31 @@ class ViewsBehind(LedgerError):
     (``sync_views``) failed. ``receipt`` is the command's receipt; the views
     catch up on the next successful projection."""
 
+    code = "views_behind"
+
     def __init__(self, receipt: object, cause: BaseException) -> None:
         self.receipt = receipt
         self.cause = cause
         super().__init__(f"recorded, but the read models could not catch up: {type(cause).__name__}: {cause}")
+
+
+class ViewsStalled(LedgerError):
+    """The projector met an event it cannot write into the read models. It
+    stops there: the views hold every event before it and none after, until
+    the cause is fixed (the event itself stays, as every event does)."""
+
+    code = "views_stalled"
+
+    def __init__(
+        self, position: int, topic: str, originator_id: UUID | str, originator_version: int, cause: BaseException
+    ) -> None:
+        self.position = position
+        self.topic = topic
+        self.originator_id = originator_id
+        self.originator_version = originator_version
+        self.cause = cause
+        super().__init__(
+            f"the read models are stalled at position {position}: event {topic} of {originator_id} "
+            f"v{originator_version} cannot be written ({type(cause).__name__}: {cause}); the views stay at "
+            "the event before it, so the projection fails on it until the cause is fixed"
+        )

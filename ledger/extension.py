@@ -27,19 +27,17 @@ Storage
 
 from __future__ import annotations
 
-from ledger.application.commands import (
-    ADDED,
+from ledger.application.commands import ADDED, Command, UnitOfWork
+from ledger.audit.base import AuditContext, Check
+from ledger.audit.runner import register_check
+from ledger.domain.checks import (
     MAX_LABEL_LENGTH,
     MAX_TEXT_LENGTH,
-    Command,
-    UnitOfWork,
     check_key,
     check_optional_text,
     check_text,
     check_uuid,
 )
-from ledger.audit.base import AuditContext, Check
-from ledger.audit.runner import register_check
 from ledger.domain.credits import CreditAccount, entry_id_for, record_id_for
 from ledger.domain.plans import Plan, plan_id_for
 from ledger.domain.subscriptions import (

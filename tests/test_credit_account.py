@@ -293,11 +293,16 @@ def test_naive_datetimes_are_refused(ledger: Ledger) -> None:
 
 
 def test_expiry_in_the_past_is_refused(ledger: Ledger, clock: ManualClock) -> None:
+    """An expiry that is not in the future is an error about expires_at, not about the amount."""
     user = funded(ledger, 100)
-    with pytest.raises(InvalidAmount, match="lapse"):
+    head = ledger.app.recorder.max_notification_id()
+    with pytest.raises(InvalidArgument, match="hold would lapse at once") as info:
         ledger.reserve(user, uuid4(), 5, clock.now(), key="past")
-    with pytest.raises(InvalidAmount, match="lapsed"):
+    assert not isinstance(info.value, InvalidAmount) and info.value.param == "expires_at"
+    with pytest.raises(InvalidArgument, match="grant would lapse at once") as info:
         ledger.grant(user, 5, "bonus", key="past-g", expires_at=clock.now() - HOUR)
+    assert not isinstance(info.value, InvalidAmount) and info.value.param == "expires_at"
+    assert ledger.app.recorder.max_notification_id() == head
 
 
 @pytest.mark.parametrize(

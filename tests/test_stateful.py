@@ -38,7 +38,7 @@ from ledger import (
     CreditKind,
     IdempotencyConflict,
     InsufficientCredits,
-    InvalidAmount,
+    InvalidArgument,
     Ledger,
     LedgerError,
     ManualClock,
@@ -303,13 +303,13 @@ class Model:
             kind = call.kind if call.op == "grant" else CreditKind.ADMIN_ADJUSTMENT
             assert kind is not None
             if call.expires_at is not None and call.expires_at <= now:
-                return Refused(InvalidAmount)
+                return Refused(InvalidArgument, {"param": "expires_at"})
             block = ModelBlock(kind, call.amount, call.amount, now, call.expires_at)
             return Applied(user, account, call.amount, released, new_block=block)
         if call.op == "reserve":
             assert call.expires_at is not None
             if call.expires_at <= now:
-                return Refused(InvalidAmount)
+                return Refused(InvalidArgument, {"param": "expires_at"})
             allocations = take(call.amount, account.free(now))
             if allocations is None:
                 return Refused(InsufficientCredits, self._short(user, call.amount, account))

@@ -97,6 +97,8 @@ class Held(LedgerError):
     """The command cannot run yet; ``waits_for`` names what it waits for
     (``subscription 123``, ``customer 45``)."""
 
+    code = "held"
+
     def __init__(self, waits_for: str, why: str) -> None:
         self.waits_for = waits_for
         super().__init__(f"{waits_for}: {why}")
@@ -104,6 +106,8 @@ class Held(LedgerError):
 
 class UnknownVariant(LedgerError):
     """No plan in the catalog lists this Lemon Squeezy variant."""
+
+    code = "unknown_variant"
 
     def __init__(self, variant_id: str) -> None:
         self.variant_id = variant_id
@@ -117,6 +121,8 @@ class UnconfiguredPack(LedgerError):
     """A paid order of a variant that is neither a configured credit pack
     nor a plan's: it fails (nothing recorded) so that ``webhooks retry``
     applies it once the pack is configured, instead of recording it as done."""
+
+    code = "unconfigured_pack"
 
     def __init__(self, order_id: str, variant_id: str) -> None:
         self.order_id = order_id

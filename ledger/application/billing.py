@@ -13,20 +13,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ledger.application.commands import (
-    ADDED,
+from ledger.application.commands import ADDED, Command, Receipt, UnitOfWork
+from ledger.clock import require_utc
+from ledger.domain.checks import (
     MAX_LABEL_LENGTH,
     MAX_TEXT_LENGTH,
-    Command,
-    Receipt,
-    UnitOfWork,
     check_key,
     check_optional_text,
+    check_text,
     check_uuid,
 )
-from ledger.clock import require_utc
 from ledger.domain.credits import CreditKind
-from ledger.domain.plans import Plan, PlanTerms, plan_id_for
+from ledger.domain.plans import Plan, PlanTerms, check_plan_name, check_terms, plan_id_for
 from ledger.domain.subscriptions import (
     PROVIDER_CHANGE_REASON,
     RENEWAL_WINDOW,
@@ -120,14 +118,17 @@ class StartSubscription(Command):
     actor: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        check_key(self.key)
-        check_uuid(self.user_id, "user_id")
-        object.__setattr__(self, "billing_cycle", _cycle(self.billing_cycle))
+        self._normalise("key", check_key(self.key))
+        self._normalise("user_id", check_uuid(self.user_id, "user_id"))
+        self._normalise("plan", check_plan_name(self.plan))
+        self._normalise("billing_cycle", _cycle(self.billing_cycle))
         if type(self.trial_days) is not int or not 0 <= self.trial_days <= MAX_TRIAL_DAYS:
-            raise InvalidArgument(f"trial_days must be an int within 0..{MAX_TRIAL_DAYS}, got {self.trial_days!r}")
-        check_optional_text(self.lemon_squeezy_subscription_id, "lemon_squeezy_subscription_id", 100)
-        check_optional_text(self.lemon_squeezy_customer_id, "lemon_squeezy_customer_id", 100)
-        check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH)
+            raise InvalidArgument(
+                f"trial_days must be an int within 0..{MAX_TRIAL_DAYS}, got {self.trial_days!r}", param="trial_days"
+            )
+        for name in ("lemon_squeezy_subscription_id", "lemon_squeezy_customer_id"):
+            self._normalise(name, check_optional_text(getattr(self, name), name, 100))
+        self._normalise("actor", check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH))
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         plan = _plan(unit, self.plan)
@@ -171,8 +172,8 @@ class _OnSubscription(Command):
     subscription_id: UUID = field(kw_only=True)
 
     def __post_init__(self) -> None:
-        check_key(self.key)
-        check_uuid(self.subscription_id, "subscription_id")
+        self._normalise("key", check_key(self.key))
+        self._normalise("subscription_id", check_uuid(self.subscription_id, "subscription_id"))
 
 
 @dataclass(frozen=True)
@@ -234,8 +235,9 @@ class ChangePlan(_OnSubscription):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH)
-        check_optional_text(self.reason, "reason", MAX_TEXT_LENGTH)
+        self._normalise("plan", check_plan_name(self.plan))
+        self._normalise("actor", check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH))
+        self._normalise("reason", check_optional_text(self.reason, "reason", MAX_TEXT_LENGTH))
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         s = _subscription(unit, self.subscription_id)
@@ -355,9 +357,11 @@ class CancelSubscription(_OnSubscription):
     def __post_init__(self) -> None:
         super().__post_init__()
         if type(self.at_period_end) is not bool:
-            raise InvalidArgument("at_period_end must be a bool")
-        check_optional_text(self.reason, "reason", MAX_TEXT_LENGTH)
-        check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH)
+            raise InvalidArgument(
+                f"at_period_end must be a bool, not {type(self.at_period_end).__name__}", param="at_period_end"
+            )
+        self._normalise("reason", check_optional_text(self.reason, "reason", MAX_TEXT_LENGTH))
+        self._normalise("actor", check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH))
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         s = _subscription(unit, self.subscription_id)
@@ -374,6 +378,10 @@ class CancelSubscription(_OnSubscription):
 class ExpireSubscription(_OnSubscription):
     name: ClassVar[str] = "expire_subscription"
     reason: str = field(default="period ended", kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._normalise("reason", check_text(self.reason, "reason", MAX_TEXT_LENGTH, required=True))
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         s = _subscription(unit, self.subscription_id)
@@ -402,9 +410,9 @@ class DefinePlan(Command):
     actor: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        check_key(self.key)
-        if not isinstance(self.terms, PlanTerms):
-            raise InvalidArgument("terms must be PlanTerms")
+        self._normalise("key", check_key(self.key))
+        check_terms(self.terms)
+        self._normalise("actor", check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH))
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         data = self.terms.as_event_data()
@@ -451,23 +459,27 @@ class SyncSubscription(Command):
     status_only: bool = field(default=False, kw_only=True, metadata=ADDED)
 
     def __post_init__(self) -> None:
-        check_key(self.key)
-        check_uuid(self.subscription_id, "subscription_id")
-        check_uuid(self.user_id, "user_id")
-        object.__setattr__(self, "billing_cycle", _cycle(self.billing_cycle))
-        object.__setattr__(self, "pause_mode", pause_mode_of(self.pause_mode))
+        self._normalise("key", check_key(self.key))
+        self._normalise("subscription_id", check_uuid(self.subscription_id, "subscription_id"))
+        self._normalise("user_id", check_uuid(self.user_id, "user_id"))
+        self._normalise("plan", check_plan_name(self.plan))
+        self._normalise("billing_cycle", _cycle(self.billing_cycle))
+        self._normalise("pause_mode", pause_mode_of(self.pause_mode))
         try:
-            object.__setattr__(self, "status", Status(self.status))
-        except ValueError:
-            raise InvalidArgument(f"unknown subscription status {self.status!r}") from None
+            self._normalise("status", Status(self.status))
+        except (ValueError, TypeError):
+            raise InvalidArgument(f"unknown subscription status {self.status!r}", param="status") from None
         for name in ("period_start", "period_end", "source_updated_at"):
-            object.__setattr__(self, name, require_utc(getattr(self, name), name))
+            self._normalise(name, require_utc(getattr(self, name), name))
         if self.trial_ends_at is not None:
-            object.__setattr__(self, "trial_ends_at", require_utc(self.trial_ends_at, "trial_ends_at"))
+            self._normalise("trial_ends_at", require_utc(self.trial_ends_at, "trial_ends_at"))
         if self.period_end < self.period_start:
-            raise InvalidArgument("period_end is before period_start")
-        check_optional_text(self.external_id, "external_id", 100)
-        check_optional_text(self.customer_id, "customer_id", 100)
+            raise InvalidArgument("period_end is before period_start", param="period_end")
+        for name in ("cancel_at_period_end", "status_only"):
+            if type(getattr(self, name)) is not bool:
+                raise InvalidArgument(f"{name} must be a bool, not {type(getattr(self, name)).__name__}", param=name)
+        self._normalise("external_id", check_optional_text(self.external_id, "external_id", 100))
+        self._normalise("customer_id", check_optional_text(self.customer_id, "customer_id", 100))
 
     def _snapshot(self) -> dict[str, Any]:
         """The snapshot's fields, as its Synced or Superseded event records them."""
@@ -542,9 +554,11 @@ class SyncSubscription(Command):
 
 def _cycle(value: object) -> BillingCycle:
     try:
-        return BillingCycle(str(value))
+        if isinstance(value, str):
+            return BillingCycle(value)
     except ValueError:
-        raise InvalidArgument(f"billing_cycle must be monthly or yearly, got {value!r}") from None
+        pass
+    raise InvalidArgument(f"billing_cycle must be monthly or yearly, got {value!r}", param="billing_cycle")
 
 
 def due_changes(s: Subscription, now: datetime, *, auto_renew: bool) -> list[Command]:

@@ -18,15 +18,24 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict
 
 from ledger.clock import require_utc
+from ledger.domain.checks import (
+    MAX_LABEL_LENGTH,
+    MAX_TEXT_LENGTH,
+    check_amount,
+    check_key,
+    check_kind,
+    check_optional_text,
+    check_text,
+    check_uuid,
+)
 from ledger.domain.credits import (
     GRANT_KINDS,
-    MAX_CREDITS,
     SPEND_KINDS,
     CreditKind,
     entry_id_for,
     reservation_id_for,
 )
-from ledger.errors import InvalidAmount, InvalidArgument
+from ledger.errors import InvalidAmount
 
 if TYPE_CHECKING:
     from ledger.domain.credits import CreditAccount
@@ -34,48 +43,6 @@ if TYPE_CHECKING:
     from ledger.errors import LedgerError
 
 T = TypeVar("T")
-
-MAX_KEY_LENGTH = 200
-MAX_TEXT_LENGTH = 500  # the seed's credit_transactions.description is VARCHAR(500)
-MAX_LABEL_LENGTH = 100
-
-
-def check_amount(value: object, name: str = "amount_credits") -> int:
-    # bool is an int subclass; True credits is a bug, not one credit.
-    if type(value) is not int:
-        raise InvalidAmount(f"{name} must be a whole number of credits (int), not {type(value).__name__}")
-    if value <= 0:
-        raise InvalidAmount(f"{name} must be greater than zero, got {value}")
-    if value > MAX_CREDITS:
-        raise InvalidAmount(f"{name} must be at most {MAX_CREDITS}, got {value}")
-    return value
-
-
-def check_uuid(value: object, name: str) -> UUID:
-    if not isinstance(value, UUID):
-        raise InvalidArgument(f"{name} must be a UUID, not {type(value).__name__}")
-    return value
-
-
-def check_text(value: object, name: str, max_length: int, *, required: bool = False) -> str:
-    if not isinstance(value, str):
-        raise InvalidArgument(f"{name} must be a str, not {type(value).__name__}")
-    if len(value) > max_length:
-        raise InvalidArgument(f"{name} is {len(value)} characters long; at most {max_length}")
-    if required and not value.strip():
-        raise InvalidArgument(f"{name} must not be empty")
-    return value
-
-
-def check_optional_text(value: object, name: str, max_length: int) -> str | None:
-    return None if value is None else check_text(value, name, max_length)
-
-
-def check_key(value: object) -> str:
-    key = check_text(value, "key", MAX_KEY_LENGTH, required=True)
-    if key != key.strip() or not key.isprintable():
-        raise InvalidArgument(f"key {key!r} must be printable with no surrounding whitespace")
-    return key
 
 
 def _canonical(value: Any) -> Any:
@@ -238,6 +205,10 @@ class Command:
         LedgerError to refuse; nothing is then recorded."""
         raise NotImplementedError(f"{type(self).__name__} does not define apply()")
 
+    def _normalise(self, name: str, value: object) -> None:
+        """Keeps the checked form of a field (a plain str or UUID, a UTC time)."""
+        object.__setattr__(self, name, value)
+
 
 @dataclass(frozen=True)
 class GrantCredits(Command):
@@ -252,23 +223,16 @@ class GrantCredits(Command):
     actor: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        check_key(self.key)
-        check_uuid(self.user_id, "user_id")
+        self._normalise("key", check_key(self.key))
+        self._normalise("user_id", check_uuid(self.user_id, "user_id"))
         check_amount(self.amount_credits)
-        try:
-            kind = CreditKind(self.kind)
-        except ValueError:
-            kind = None
-        if kind not in GRANT_KINDS:
-            allowed = ", ".join(sorted(GRANT_KINDS))
-            raise InvalidArgument(f"grant kind must be one of {allowed}; got {self.kind!r}")
-        object.__setattr__(self, "kind", kind)
-        check_text(self.description, "description", MAX_TEXT_LENGTH)
-        check_optional_text(self.reference_type, "reference_type", 50)
-        check_optional_text(self.reference_id, "reference_id", MAX_LABEL_LENGTH)
-        check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH)
+        self._normalise("kind", check_kind(self.kind, GRANT_KINDS, "grant"))
+        self._normalise("description", check_text(self.description, "description", MAX_TEXT_LENGTH))
+        self._normalise("reference_type", check_optional_text(self.reference_type, "reference_type", 50))
+        self._normalise("reference_id", check_optional_text(self.reference_id, "reference_id", MAX_LABEL_LENGTH))
+        self._normalise("actor", check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH))
         if self.expires_at is not None:
-            object.__setattr__(self, "expires_at", require_utc(self.expires_at, "expires_at"))
+            self._normalise("expires_at", require_utc(self.expires_at, "expires_at"))
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         account = unit.account(self.user_id, open_missing=True)
@@ -299,20 +263,13 @@ class SpendCredits(Command):
     reference_id: str | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        check_key(self.key)
-        check_uuid(self.user_id, "user_id")
+        self._normalise("key", check_key(self.key))
+        self._normalise("user_id", check_uuid(self.user_id, "user_id"))
         check_amount(self.amount_credits)
-        try:
-            kind = CreditKind(self.kind)
-        except ValueError:
-            kind = None
-        if kind not in SPEND_KINDS:
-            allowed = ", ".join(sorted(SPEND_KINDS))
-            raise InvalidArgument(f"spend kind must be one of {allowed}; got {self.kind!r}")
-        object.__setattr__(self, "kind", kind)
-        check_text(self.description, "description", MAX_TEXT_LENGTH)
-        check_optional_text(self.reference_type, "reference_type", 50)
-        check_optional_text(self.reference_id, "reference_id", MAX_LABEL_LENGTH)
+        self._normalise("kind", check_kind(self.kind, SPEND_KINDS, "spend"))
+        self._normalise("description", check_text(self.description, "description", MAX_TEXT_LENGTH))
+        self._normalise("reference_type", check_optional_text(self.reference_type, "reference_type", 50))
+        self._normalise("reference_id", check_optional_text(self.reference_id, "reference_id", MAX_LABEL_LENGTH))
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         account = unit.account(self.user_id)
@@ -340,11 +297,11 @@ class ReserveCredits(Command):
     expires_at: datetime = field(kw_only=True)
 
     def __post_init__(self) -> None:
-        check_key(self.key)
-        check_uuid(self.user_id, "user_id")
-        check_uuid(self.job_id, "job_id")
+        self._normalise("key", check_key(self.key))
+        self._normalise("user_id", check_uuid(self.user_id, "user_id"))
+        self._normalise("job_id", check_uuid(self.job_id, "job_id"))
         check_amount(self.amount_credits)
-        object.__setattr__(self, "expires_at", require_utc(self.expires_at, "expires_at"))
+        self._normalise("expires_at", require_utc(self.expires_at, "expires_at"))
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         account = unit.account(self.user_id)
@@ -370,11 +327,11 @@ class SettleReservation(Command):
     user_id: UUID | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        check_key(self.key)
-        check_uuid(self.reservation_id, "reservation_id")
+        self._normalise("key", check_key(self.key))
+        self._normalise("reservation_id", check_uuid(self.reservation_id, "reservation_id"))
         check_amount(self.actual_credits, "actual_credits")
         if self.user_id is not None:
-            check_uuid(self.user_id, "user_id")
+            self._normalise("user_id", check_uuid(self.user_id, "user_id"))
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         account = unit.account(unit.owner_of(self.reservation_id, self.user_id))
@@ -402,11 +359,11 @@ class ReleaseReservation(Command):
     user_id: UUID | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
-        check_key(self.key)
-        check_uuid(self.reservation_id, "reservation_id")
-        check_text(self.reason, "reason", MAX_TEXT_LENGTH, required=True)
+        self._normalise("key", check_key(self.key))
+        self._normalise("reservation_id", check_uuid(self.reservation_id, "reservation_id"))
+        self._normalise("reason", check_text(self.reason, "reason", MAX_TEXT_LENGTH, required=True))
         if self.user_id is not None:
-            check_uuid(self.user_id, "user_id")
+            self._normalise("user_id", check_uuid(self.user_id, "user_id"))
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         account = unit.account(unit.owner_of(self.reservation_id, self.user_id))
@@ -425,13 +382,15 @@ class AdjustCredits(Command):
     actor: str = field(kw_only=True)
 
     def __post_init__(self) -> None:
-        check_key(self.key)
-        check_uuid(self.user_id, "user_id")
+        self._normalise("key", check_key(self.key))
+        self._normalise("user_id", check_uuid(self.user_id, "user_id"))
         if type(self.delta_credits) is not int or self.delta_credits == 0:
-            raise InvalidAmount(f"delta_credits must be a non-zero int, got {self.delta_credits!r}")
+            raise InvalidAmount(
+                f"delta_credits must be a non-zero int, got {self.delta_credits!r}", param="delta_credits"
+            )
         check_amount(abs(self.delta_credits), "delta_credits")
-        check_text(self.reason, "reason", MAX_TEXT_LENGTH, required=True)
-        check_text(self.actor, "actor", MAX_LABEL_LENGTH, required=True)
+        self._normalise("reason", check_text(self.reason, "reason", MAX_TEXT_LENGTH, required=True))
+        self._normalise("actor", check_text(self.actor, "actor", MAX_LABEL_LENGTH, required=True))
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         account = unit.account(self.user_id, open_missing=self.delta_credits > 0)

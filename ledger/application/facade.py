@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -36,7 +37,6 @@ from ledger.application.commands import (
     ReserveCredits,
     SettleReservation,
     SpendCredits,
-    check_uuid,
 )
 from ledger.application.commands import Reservation as ReservationView
 from ledger.application.results import (
@@ -49,8 +49,9 @@ from ledger.application.results import (
 )
 from ledger.application.unit import MAX_BATCH_COMMANDS, Engine
 from ledger.clock import Clock, SystemClock, require_utc
+from ledger.domain.checks import check_key, check_uuid
 from ledger.domain.credits import CreditAccount, CreditKind, Reservation, account_id_for
-from ledger.domain.plans import DEFAULT_CATALOG, Plan, PlanTerms, plan_id_for
+from ledger.domain.plans import DEFAULT_CATALOG, Plan, PlanTerms, check_plan_name, check_terms, plan_id_for
 from ledger.domain.subscriptions import (
     CreditPolicy,
     InvalidTransition,
@@ -72,6 +73,8 @@ DEFAULT_URL = "sqlite:///pingvas-ledger.sqlite3"
 #: The environment variable a command line or a service reads its ledger URL from.
 URL_ENV = "LEDGER_URL"
 MAX_HISTORY_PAGE = 10_000
+#: Versions are stored as 64-bit integers.
+MAX_VERSION = 2**63 - 1
 SWEEP_PAGE = 1_000
 #: Changes one tick makes to one subscription: renewals of missed periods.
 MAX_DUE_PER_TICK = 24
@@ -109,7 +112,11 @@ class Ledger:
         subscription changes move credits (default: full upgrade difference,
         subscription credits expire at the end of their period)."""
         if type(max_attempts) is not int or not 1 <= max_attempts <= 100:
-            raise InvalidArgument(f"max_attempts must be an int within 1..100, got {max_attempts!r}")
+            raise InvalidArgument(
+                f"max_attempts must be an int within 1..100, got {max_attempts!r}", param="max_attempts"
+            )
+        _check_options(clock, credit_policy, sync_views=sync_views, sync_user_credits=sync_user_credits,
+                       sync_user_tier=sync_user_tier)  # fmt: skip
         self.config: StoreConfig = parse_url(url)
         self.backend: Backend = open_backend(self.config)
         self.clock: Clock = clock or SystemClock()
@@ -172,9 +179,10 @@ class Ledger:
         self._sync_views(receipt)
         return receipt
 
-    def execute_batch(self, commands: Sequence[Command]) -> list[Receipt]:
-        """Runs up to 10,000 commands in one transaction: all of them, or none."""
-        receipts = self.engine.execute(list(commands))
+    def execute_batch(self, commands: Iterable[Command]) -> list[Receipt]:
+        """Runs up to 10,000 commands (a list, tuple, generator, …) in one
+        transaction: all of them, or none."""
+        receipts = self.engine.execute(_bounded(commands, "commands", "commands", MAX_BATCH_COMMANDS))
         self._sync_views(receipts)
         return receipts
 
@@ -265,14 +273,13 @@ class Ledger:
         self._sync_views(recorded)
         return recorded
 
-    def record_due(self, user_ids: Sequence[UUID], now: datetime | None = None) -> int:
+    def record_due(self, user_ids: Iterable[UUID], now: datetime | None = None) -> int:
         """Records due hold releases and lapsed credit blocks for these accounts
-        (at most 10,000) in one transaction; returns the number of account
-        events recorded (releases and expirations)."""
+        (any iterable of at most 10,000 user ids) in one transaction; returns
+        the number of account events recorded (releases and expirations)."""
         moment = self.clock.now() if now is None else require_utc(now, "now")
-        if len(user_ids) > MAX_BATCH_COMMANDS:
-            raise InvalidArgument(f"at most {MAX_BATCH_COMMANDS} accounts per call")
-        recorded = self.engine.sweep([check_uuid(u, "user_id") for u in user_ids], moment)
+        users = _bounded(user_ids, "user_ids", "user ids", MAX_BATCH_COMMANDS)
+        recorded = self.engine.sweep([check_uuid(u, "user_ids") for u in users], moment)
         self._sync_views(recorded)
         return recorded
 
@@ -348,10 +355,12 @@ class Ledger:
     def history(self, user_id: UUID, *, after_version: int = 0, limit: int = 1_000) -> list[AccountEvent]:
         """The account's recorded events, oldest first, a page at a time."""
         if type(limit) is not int or not 1 <= limit <= MAX_HISTORY_PAGE:
-            raise InvalidArgument(f"limit must be within 1..{MAX_HISTORY_PAGE}, got {limit!r}")
-        if type(after_version) is not int or after_version < 0:
-            raise InvalidArgument(f"after_version must be an int >= 0, got {after_version!r}")
-        self._account(user_id)
+            raise InvalidArgument(f"limit must be within 1..{MAX_HISTORY_PAGE}, got {limit!r}", param="limit")
+        if type(after_version) is not int or not 0 <= after_version <= MAX_VERSION:
+            raise InvalidArgument(
+                f"after_version must be an int within 0..{MAX_VERSION}, got {after_version!r}", param="after_version"
+            )
+        user_id = self._account(user_id).user_id
         events = self.app.events.get(account_id_for(user_id), gt=after_version or None, limit=limit)
         return [_describe(user_id, e) for e in events]
 
@@ -359,7 +368,10 @@ class Ledger:
 
     def define_plan(self, terms: PlanTerms, *, key: str | None = None, actor: str | None = None) -> Receipt:
         """Adds a plan to the catalog or revises it; same terms change nothing."""
-        if key is None:
+        check_terms(terms)
+        if key is not None:
+            key = check_key(key)
+        else:
             # Keyed by the revision it makes: the same terms as the current ones
             # replay the current revision; other terms (earlier ones too) make
             # the next one.
@@ -376,6 +388,7 @@ class Ledger:
         return [self.define_plan(terms) for terms in DEFAULT_CATALOG]
 
     def plan(self, name: str) -> PlanView:
+        name = check_plan_name(name, "name")
         plan = self._fresh(plan_id_for(name), snapshots=False)
         if not isinstance(plan, Plan):
             raise UnknownPlan(name)
@@ -383,6 +396,7 @@ class Ledger:
 
     def plan_history(self, name: str) -> list[PlanView]:
         """Every revision of a plan's terms, oldest first."""
+        name = check_plan_name(name, "name")
         self.plan(name)
         views = []
         for revision, event in enumerate(self.app.events.get(plan_id_for(name)), start=1):
@@ -482,6 +496,7 @@ class Ledger:
 
     def entitlements(self, user_id: UUID) -> Entitlements:
         """Plan, features, credits per period, storage and queues the user has now."""
+        user_id = check_uuid(user_id, "user_id")
         s = self._live_subscription(user_id)
         now = self.clock.now()
         terms = None
@@ -564,6 +579,30 @@ def resolve_url(url: str | None = None) -> str:
     """The URL to open: ``url`` when given, else ``$LEDGER_URL``, else
     :data:`DEFAULT_URL` (the embedded SQLite file)."""
     return url or os.environ.get(URL_ENV) or DEFAULT_URL
+
+
+def _bounded(items: object, name: str, what: str, limit: int) -> list[Any]:
+    """The first ``limit`` items of any iterable as a list; reading one more
+    tells a longer one apart without reading all of it."""
+    if isinstance(items, str | bytes | Mapping) or not isinstance(items, Iterable):
+        hint = " (execute() runs one command)" if isinstance(items, Command) else ""
+        raise InvalidArgument(f"{name} must be an iterable of {what}, not {type(items).__name__}{hint}", param=name)
+    taken = list(itertools.islice(items, limit + 1))
+    if len(taken) > limit:
+        raise InvalidArgument(f"at most {limit} {what} per call", param=name)
+    return taken
+
+
+def _check_options(clock: object, credit_policy: object, **flags: object) -> None:
+    if clock is not None and not callable(getattr(clock, "now", None)):
+        raise InvalidArgument(f"clock must have a now() method, not be a {type(clock).__name__}", param="clock")
+    if credit_policy is not None and not isinstance(credit_policy, CreditPolicy):
+        raise InvalidArgument(
+            f"credit_policy must be a CreditPolicy, not {type(credit_policy).__name__}", param="credit_policy"
+        )
+    for name, value in flags.items():
+        if type(value) is not bool:
+            raise InvalidArgument(f"{name} must be a bool, not {type(value).__name__}", param=name)
 
 
 def _chunks(items: Sequence[UUID], size: int) -> Iterator[list[UUID]]:

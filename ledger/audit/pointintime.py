@@ -27,8 +27,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from ledger.application.commands import Balance, CreditBlock, _View, check_uuid
+from ledger.application.commands import Balance, CreditBlock, _View
 from ledger.clock import require_utc
+from ledger.domain.checks import check_uuid
 from ledger.domain.credits import CreditAccount, CreditKind, account_id_for
 from ledger.errors import InvalidArgument, UnknownAccount
 

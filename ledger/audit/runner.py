@@ -327,7 +327,11 @@ def _check_arguments(
     page_events: int,
 ) -> None:
     if type(from_position) is not int or from_position < 0:
-        raise InvalidArgument(f"from_position must be an int >= 0, got {from_position!r}")
+        raise InvalidArgument(f"from_position must be an int >= 0, got {from_position!r}", param="from_position")
+    if checkpoint is not None and (not isinstance(checkpoint, str | os.PathLike) or "\x00" in os.fspath(checkpoint)):
+        raise InvalidArgument(
+            f"checkpoint must be a file path (str or PathLike), got {checkpoint!r}", param="checkpoint"
+        )
     if from_position and (checkpoint is None or not Path(checkpoint).is_file()):
         raise InvalidArgument("resuming from a position needs the checkpoint file a previous run wrote there")
     if type(checkpoint_every) is not int or checkpoint_every < 1:
@@ -358,8 +362,25 @@ def _views_position(ctx: AuditContext, compare_views: bool) -> int | None:
         )
         return None
     if position < ctx.head:
+        _check_not_stalled(ctx, position)
         ctx.notes.append(f"the views lag: compared as of position {position}; events after it are checked only")
     return position
+
+
+def _check_not_stalled(ctx: AuditContext, position: int) -> None:
+    """Lagging views may only be behind, or stalled at an event the projector
+    cannot write, which no amount of waiting cures: that is a finding."""
+    stalled = ctx.ledger.views.projector.stalled()
+    if stalled is None:
+        return
+    cause = stalled.cause
+    ctx.findings.add(
+        "view",
+        stalled.position,
+        f"event {stalled.originator_id} v{stalled.originator_version}",
+        f"the views are stalled here: the projector cannot write this event ({stalled.topic}): "
+        f"{type(cause).__name__}: {cause}; they stay at position {position} until the cause is fixed",
+    )
 
 
 def _report(ctx: AuditContext, checks: Sequence[Check], replay: _Replay, elapsed_s: float) -> AuditReport:

@@ -24,7 +24,7 @@ from uuid import UUID, uuid5
 from eventsourcing.domain import Aggregate
 from eventsourcing.domain import Snapshot as BaseSnapshot
 
-from ledger.errors import InsufficientCredits, InvalidAmount, InvariantViolation, UnknownReservation
+from ledger.errors import InsufficientCredits, InvalidAmount, InvalidArgument, InvariantViolation, UnknownReservation
 
 # Namespaces for ids derived from idempotency keys: a retry derives the same ids.
 ACCOUNT_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b01")
@@ -368,7 +368,11 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
                 f"past the limit of {MAX_CREDITS} credits"
             )
         if expires_at is not None and expires_at <= now:
-            raise InvalidAmount(f"a grant expiring at {expires_at.isoformat()} has already lapsed at {now.isoformat()}")
+            raise InvalidArgument(
+                f"expires_at {expires_at.isoformat()} is not later than now ({now.isoformat()}): "
+                "the grant would lapse at once",
+                param="expires_at",
+            )
         self.trigger_event(
             self.Granted,
             entry_id=entry_id,
@@ -461,8 +465,10 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         self, *, reservation_id: UUID, job_id: UUID, amount: int, expires_at: datetime, key: str, now: datetime
     ) -> None:
         if expires_at <= now:
-            raise InvalidAmount(
-                f"a hold expiring at {expires_at.isoformat()} would lapse at once (now {now.isoformat()})"
+            raise InvalidArgument(
+                f"expires_at {expires_at.isoformat()} is not later than now ({now.isoformat()}): "
+                "the hold would lapse at once",
+                param="expires_at",
             )
         allocations = take(amount, self.free(now))
         if allocations is None:

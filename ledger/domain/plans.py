@@ -8,21 +8,39 @@ revision they were granted under.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any
 from uuid import UUID, uuid5
 
 from eventsourcing.domain import Aggregate
 from eventsourcing.domain import Snapshot as BaseSnapshot
 
-from ledger.domain.credits import TOPIC_PREFIX
+from ledger.domain.checks import check_optional_text, check_storable, check_text
+from ledger.domain.credits import MAX_CREDITS, TOPIC_PREFIX
 from ledger.errors import InvalidArgument
 
 PLAN_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b10")
+#: The seed's plans and plan_features columns.
+MAX_PLAN_NAME = 50
+MAX_PRICE = Decimal("99999999.99")  # DECIMAL(10, 2)
+MAX_INT = 2**31 - 1
+MAX_BIGINT = 2**63 - 1
+#: How deep a feature's config (JSON) may nest.
+MAX_CONFIG_DEPTH = 16
 
 
 def plan_id_for(name: str) -> UUID:
     return uuid5(PLAN_NS, name)
+
+
+def check_plan_name(value: object, name: str = "plan") -> str:
+    """A plan's name as the catalog takes it: an identifier of at most 50 characters."""
+    text = check_text(value, name, MAX_PLAN_NAME, required=True)
+    if not text.isidentifier():
+        raise InvalidArgument(
+            f"{name} {text!r} must be an identifier of at most {MAX_PLAN_NAME} characters", param=name
+        )
+    return text
 
 
 @dataclass(frozen=True)
@@ -50,15 +68,22 @@ class PlanTerms:
     features: dict[str, Feature] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.name or not self.name.isidentifier() or len(self.name) > 50:
-            raise InvalidArgument(f"plan name {self.name!r} must be an identifier of at most 50 characters")
-        for price in (self.monthly_price, self.yearly_price):
-            if not isinstance(price, Decimal) or price < 0 or price != price.quantize(Decimal("0.01")):
-                raise InvalidArgument(f"plan prices must be Decimal >= 0 with two places, got {price!r}")
-        for name in ("credits", "storage_bytes", "queue_count", "tier_level"):
-            value = getattr(self, name)
+        # The checks every revision ever recorded passes (terms are rebuilt
+        # from stored events with them); what the stores can hold is checked
+        # when a plan is defined (check_terms).
+        name = self.name
+        if not isinstance(name, str) or not name or not name.isidentifier() or len(name) > MAX_PLAN_NAME:
+            raise InvalidArgument(f"plan name {name!r} must be an identifier of at most 50 characters", param="name")
+        for field_name in ("monthly_price", "yearly_price"):
+            price = getattr(self, field_name)
+            if not _two_places(price):
+                raise InvalidArgument(
+                    f"plan prices must be Decimal >= 0 with two places, got {price!r}", param=field_name
+                )
+        for field_name in ("credits", "storage_bytes", "queue_count", "tier_level"):
+            value = getattr(self, field_name)
             if type(value) is not int or value < 0:
-                raise InvalidArgument(f"plan {name} must be an int >= 0, got {value!r}")
+                raise InvalidArgument(f"plan {field_name} must be an int >= 0, got {value!r}", param=field_name)
 
     def as_event_data(self) -> dict[str, Any]:
         data = asdict(self)
@@ -70,6 +95,74 @@ class PlanTerms:
         values = dict(data)
         values["features"] = {k: Feature(**v) for k, v in data["features"].items()}
         return cls(**values)
+
+
+def _two_places(price: object) -> bool:
+    if not isinstance(price, Decimal) or not price.is_finite() or price < 0:
+        return False
+    try:
+        return price == price.quantize(Decimal("0.01"))
+    except InvalidOperation:  # too many digits to have two places
+        return False
+
+
+def check_terms(terms: object) -> PlanTerms:
+    """Terms a plan may be defined with: what the plans and plan_features
+    tables (and every event store) can hold."""
+    if not isinstance(terms, PlanTerms):
+        raise InvalidArgument(f"terms must be PlanTerms, not {type(terms).__name__}", param="terms")
+    check_text(terms.display_name, "display_name", 100, required=True)
+    check_optional_text(terms.description, "description", 10_000)
+    check_optional_text(terms.lemon_squeezy_variant_id_monthly, "lemon_squeezy_variant_id_monthly", 50)
+    check_optional_text(terms.lemon_squeezy_variant_id_yearly, "lemon_squeezy_variant_id_yearly", 50)
+    for field_name in ("monthly_price", "yearly_price"):
+        if getattr(terms, field_name) > MAX_PRICE:
+            raise InvalidArgument(f"{field_name} must be at most {MAX_PRICE}", param=field_name)
+    limits = {"credits": MAX_CREDITS, "storage_bytes": MAX_BIGINT, "queue_count": MAX_INT, "tier_level": MAX_INT}
+    for field_name, limit in limits.items():
+        if getattr(terms, field_name) > limit:
+            raise InvalidArgument(f"{field_name} must be at most {limit}", param=field_name)
+    if type(terms.is_active) is not bool:
+        raise InvalidArgument(f"is_active must be a bool, not {type(terms.is_active).__name__}", param="is_active")
+    if not isinstance(terms.features, dict):
+        raise InvalidArgument(f"features must be a dict, not {type(terms.features).__name__}", param="features")
+    for key, feature in terms.features.items():
+        check_text(key, "a feature name", MAX_PLAN_NAME, required=True, param="features")
+        if not isinstance(feature, Feature) or type(feature.enabled) is not bool:
+            raise InvalidArgument(f"feature {key!r} must be a Feature with enabled a bool", param="features")
+        if feature.config is not None:
+            if not isinstance(feature.config, dict):
+                raise InvalidArgument(f"feature {key!r}: config must be a dict or None", param="features")
+            _check_json(feature.config, f"feature {key!r} config", 0)
+    return terms
+
+
+def _check_json(value: object, where: str, depth: int) -> None:
+    """A feature config holds JSON that PostgreSQL's jsonb takes: no NaN or
+    infinity, no NUL, integers within 64 bits, bounded nesting."""
+    if depth > MAX_CONFIG_DEPTH:
+        raise InvalidArgument(f"{where} nests deeper than {MAX_CONFIG_DEPTH} levels", param="features")
+    if value is None or type(value) is bool:
+        return
+    if type(value) is int:
+        if not -MAX_BIGINT - 1 <= value <= MAX_BIGINT:
+            raise InvalidArgument(f"{where} holds an integer beyond 64 bits", param="features")
+    elif type(value) is float:
+        if value != value or value in (float("inf"), float("-inf")):
+            raise InvalidArgument(f"{where} holds {value}, which JSON cannot represent", param="features")
+    elif isinstance(value, str):
+        check_storable(value, where, param="features")
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_json(item, where, depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidArgument(f"{where} has a key that is not a str: {key!r}", param="features")
+            check_storable(key, where, param="features")
+            _check_json(item, where, depth + 1)
+    else:
+        raise InvalidArgument(f"{where} holds a {type(value).__name__}, which is not JSON", param="features")
 
 
 def _features(enabled: dict[str, bool]) -> dict[str, Feature]:

@@ -32,6 +32,8 @@ RENEWAL_WINDOW = timedelta(days=3)
 class InvalidTransition(LedgerError):
     """The subscription cannot make this change from its current state."""
 
+    code = "invalid_transition"
+
     def __init__(self, subscription_id: UUID, status: str, change: str, why: str = "") -> None:
         self.subscription_id = subscription_id
         self.status = status
@@ -43,6 +45,8 @@ class InvalidTransition(LedgerError):
 class SubscriptionExists(LedgerError):
     """The user already has a live subscription."""
 
+    code = "subscription_exists"
+
     def __init__(self, user_id: UUID, subscription_id: UUID) -> None:
         self.user_id = user_id
         self.subscription_id = subscription_id
@@ -50,12 +54,22 @@ class SubscriptionExists(LedgerError):
 
 
 class UnknownSubscription(LedgerError, LookupError):
+    """No subscription has this id."""
+
+    code = "unknown_subscription"
+    param = "subscription_id"
+
     def __init__(self, subscription_id: UUID) -> None:
         self.subscription_id = subscription_id
         super().__init__(f"no subscription {subscription_id}")
 
 
 class UnknownPlan(LedgerError, LookupError):
+    """No plan of this name is in the catalog."""
+
+    code = "unknown_plan"
+    param = "plan"
+
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(f"no plan named {name!r} in the catalog")
@@ -91,9 +105,11 @@ class PauseMode(StrEnum):
 
 def pause_mode_of(value: object) -> PauseMode:
     try:
-        return PauseMode(str(value))
+        if isinstance(value, str):
+            return PauseMode(value)
     except ValueError:
-        raise InvalidArgument(f"pause mode must be void or free, got {value!r}") from None
+        pass
+    raise InvalidArgument(f"pause mode must be void or free, got {value!r}", param="mode")
 
 
 @dataclass(frozen=True)

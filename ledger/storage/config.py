@@ -68,10 +68,14 @@ def check_identifier(name: str, what: str) -> str:
 
 def redact(url: str) -> str:
     """The URL with its password replaced, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:  # not parseable: show no more than its scheme
+        return f"{url.partition('://')[0]}://…"
+    if password is None:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
     return parts._replace(netloc=netloc).geturl()
 
 
@@ -79,6 +83,23 @@ def parse_url(url: str) -> StoreConfig:
     if not isinstance(url, str) or "://" not in url:
         shown = redact(url) if isinstance(url, str) else type(url).__name__
         raise ConfigurationError(f"not a ledger URL: {shown!r}; use sqlite:///path, postgresql://… or memory://")
+    if "\x00" in url or (not url.isascii() and _not_utf8(url)):
+        raise ConfigurationError("a ledger URL must not contain NUL characters or lone surrogates")
+    try:
+        return _parse(url)
+    except ValueError as exc:  # urllib's own refusals: a bad port, an unclosed [IPv6] host
+        raise ConfigurationError(f"malformed ledger URL {redact(url)!r}: {exc}") from None
+
+
+def _not_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _parse(url: str) -> StoreConfig:
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "memory":

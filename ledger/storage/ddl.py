@@ -18,7 +18,7 @@ True
 >>> postgres_ddl("Pingvas")
 Traceback (most recent call last):
 ...
-ledger.errors.ConfigurationError: schema 'Pingvas' must be a lowercase SQL identifier (a-z, 0-9, _; at most 63)
+ledger.ConfigurationError: schema 'Pingvas' must be a lowercase SQL identifier (a-z, 0-9, _; at most 63)
 """
 
 from __future__ import annotations
@@ -587,7 +587,7 @@ def postgres_ddl(schema: str, *, user_foreign_keys: bool = False) -> str:
     """The PostgreSQL DDL of the ledger's tables in ``schema``, as one script.
 
     Every name is qualified with ``schema``, which must be a lowercase SQL
-    identifier (otherwise :class:`~ledger.errors.ConfigurationError`). With
+    identifier (otherwise :class:`~ledger.ConfigurationError`). With
     ``user_foreign_keys`` the ``user_id`` columns reference ``<schema>.users(id)``
     as in the seed; that table must then exist.
     """

@@ -18,7 +18,7 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.persistence import PersistenceError, Tracking, TrackingRecorder
+from eventsourcing.persistence import DataError, IntegrityError, PersistenceError, Tracking, TrackingRecorder
 
 from ledger.storage.ddl import SCHEMA_VERSION
 
@@ -100,6 +100,26 @@ class ViewStore(ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+    def cannot_write(self, exc: BaseException) -> bool:
+        """Whether ``exc`` says that the events' data cannot be written (a value
+        the database refuses, a state that does not decode), rather than that the
+        database is unreachable, busy or unprepared (a missing table, no rights),
+        which a later attempt may not meet."""
+        if isinstance(exc, PersistenceError) and exc.__cause__ is not None:
+            exc = exc.__cause__  # eventsourcing's wrapper of the driver's error
+        driver = self._driver_says_data(exc)
+        if driver is not None:
+            return driver
+        if isinstance(exc, DataError | IntegrityError):
+            return True
+        if isinstance(exc, PersistenceError | OSError | MemoryError):
+            return False
+        return isinstance(exc, Exception)
+
+    def _driver_says_data(self, exc: BaseException) -> bool | None:
+        """The driver's own verdict on ``exc`` (``cannot_write``), or None when it is not the driver's error."""
+        return None
 
     def position(self) -> int:
         return self.tracking.max_tracking_id(TRACKED_APPLICATION) or 0

@@ -4,6 +4,12 @@ Each page of events is written by every view, with the new tracking position,
 in one transaction, after checking that the recorded position is still the
 one the page was read from. A crash loses at most the page in flight, which is
 then read again: no row is lost and none is written twice.
+
+An event that cannot be written (a value the database refuses, a state that
+does not decode) would fail its page on every attempt. When a page fails so,
+its events are tried one at a time to find that event; the events before it
+are committed, and ``ViewsStalled`` names it (position, topic, originator).
+The projector does not skip it: the views would then silently lack a posting.
 """
 
 from __future__ import annotations
@@ -16,9 +22,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, Notification
 
-from ledger.errors import InvalidArgument
+from ledger.errors import InvalidArgument, ViewsStalled
 from ledger.storage.eventstore import LedgerApplication
 from ledger.storage.viewstore import TRACKED_APPLICATION, ViewStore, ViewTx
 from ledger.views.credits import View
@@ -32,6 +38,10 @@ MAX_STALE_RETRIES = 10
 
 class StalePosition(Exception):
     """Another writer moved the tracking position since the page was read."""
+
+
+class _RollBack(Exception):
+    """Ends a transaction that only tries whether events can be written."""
 
 
 @dataclass(frozen=True)
@@ -99,17 +109,100 @@ class Projector:
         notifications = self.app.recorder.select_notifications(
             start=position + 1, limit=page_events, stop=head, topics=self.topics
         )
-        events = [(n.id, self.app.mapper.to_domain_event(n)) for n in notifications]
         # With no matching events left below the head, jump to the head.
         new_position = notifications[-1].id if len(notifications) == page_events else head
-        with self.store.transaction() as tx:
-            self._expect(tx, position)
-            for view in self.views:
-                mine = [(p, e) for p, e in events if _topic(e) in view.topics]
-                if mine:
-                    view.process(mine, tx)
-            tx.track(new_position)
+        try:
+            events = [(n.id, self.app.mapper.to_domain_event(n)) for n in notifications]
+            self._write(position, events, new_position)
+        except StalePosition:
+            raise
+        except Exception as exc:
+            if not self.store.cannot_write(exc):
+                raise  # the database, not the events: the next attempt may succeed
+            stalled = self._stalled_at(position, notifications, commit=True)
+            if stalled is None:  # each event writes: the page met a concurrent writer
+                raise StalePosition(f"page after {position} failed, its events did not: {exc}") from exc
+            log.error("%s", stalled)
+            raise stalled from stalled.cause
         return len(events), new_position >= head
+
+    def _write(
+        self, position: int, events: Sequence[tuple[int, Any]], new_position: int, *, commit: bool = True
+    ) -> None:
+        """Writes a page and the new position in one transaction (rolled back
+        unless ``commit``)."""
+        try:
+            with self.store.transaction() as tx:
+                self._expect(tx, position)
+                for view in self.views:
+                    mine = [(p, e) for p, e in events if _topic(e) in view.topics]
+                    if mine:
+                        view.process(mine, tx)
+                tx.track(new_position)
+                if not commit:
+                    raise _RollBack
+        except _RollBack:
+            pass
+
+    def _stalled_at(self, position: int, notifications: Sequence[Notification], *, commit: bool) -> ViewsStalled | None:
+        """Tries the events one at a time, in one transaction that is rolled
+        back, and returns the first that cannot be written (None if all can).
+        With ``commit``, the events before it are then committed."""
+        written: list[tuple[int, Any]] = []
+        stalled: ViewsStalled | None = None
+        try:
+            with self.store.transaction() as tx:
+                self._expect(tx, position)
+                for n in notifications:
+                    try:
+                        event = self.app.mapper.to_domain_event(n)
+                        for view in self.views:
+                            if _topic(event) in view.topics:
+                                view.process([(n.id, event)], tx)
+                    except Exception as exc:
+                        if not self.store.cannot_write(exc):
+                            raise
+                        stalled = ViewsStalled(n.id, n.topic, n.originator_id, n.originator_version, exc)
+                        break
+                    written.append((n.id, event))
+                raise _RollBack
+        except _RollBack:
+            pass
+        if stalled is None:
+            return None
+        if commit and written:
+            self._write(position, written, written[-1][0])  # StalePosition if another writer moved on
+        elif self.store.position() != position:
+            raise StalePosition(f"tracking moved from {position} while the page was tried")
+        return stalled
+
+    def stalled(self, *, page_events: int = PAGE_EVENTS) -> ViewsStalled | None:
+        """The event the views are stalled at, or None when the events after
+        their position can be written (or there are none). Writes nothing:
+        the events are tried in a transaction that is rolled back."""
+        with self._lock:
+            position = self.store.position()
+            head = self.head()
+            if head <= position:
+                return None
+            notifications = self.app.recorder.select_notifications(
+                start=position + 1, limit=page_events, stop=head, topics=self.topics
+            )
+            if not notifications:
+                return None
+            try:
+                try:
+                    events = [(n.id, self.app.mapper.to_domain_event(n)) for n in notifications]
+                    self._write(position, events, notifications[-1].id, commit=False)
+                    return None
+                except StalePosition:
+                    raise
+                except Exception as exc:
+                    if not self.store.cannot_write(exc):
+                        raise
+                return self._stalled_at(position, notifications, commit=False)
+            except StalePosition:
+                return None  # a projector is moving the views on
 
     @staticmethod
     def _expect(tx: ViewTx, position: int) -> None:

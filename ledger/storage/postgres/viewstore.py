@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from eventsourcing.postgres import PostgresDatastore, PostgresTrackingRecorder
 from psycopg import sql
 from psycopg.types.json import Jsonb
@@ -132,6 +133,15 @@ class PostgresViewStore(ViewStore):
             )
             for row in curs:
                 yield tuple(normalise(v) for v in row.values())
+
+    def _driver_says_data(self, exc: BaseException) -> bool | None:
+        if isinstance(exc, psycopg.DataError | psycopg.IntegrityError):
+            return True
+        if isinstance(exc, psycopg.ProgrammingError) and exc.sqlstate is None:
+            return True  # refused before reaching the server: a value psycopg cannot adapt
+        if isinstance(exc, psycopg.Error):
+            return False
+        return None
 
     def close(self) -> None:
         if self.owns_datastore:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -90,14 +91,19 @@ class SQLiteViewStore(ViewStore):
             while batch := cursor.sqlite_cursor.fetchmany(5_000):
                 yield from (tuple(row) for row in batch)
 
+    def _driver_says_data(self, exc: BaseException) -> bool | None:
+        if isinstance(exc, sqlite3.DataError | sqlite3.IntegrityError | sqlite3.ProgrammingError):
+            return True  # SQLite's ProgrammingError: a value it cannot bind
+        if isinstance(exc, sqlite3.Error):
+            return False
+        return None
+
     def close(self) -> None:
         self.datastore.close()
 
 
 def _statements(script: str) -> list[str]:
     """Splits a DDL script into statements; trigger bodies keep their semicolons."""
-    import sqlite3
-
     statements, current = [], ""
     for line in script.splitlines(keepends=True):
         current += line
