@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from ._errors import LedgerError
+from ._errors import InvalidArgument, LedgerError, TimeInFuture
 
 URL_HELP = "Ledger URL (default: $LEDGER_URL, else sqlite:///pingvas-ledger.sqlite3)."
 
@@ -169,18 +169,34 @@ def rebuild(url: str | None, verify: bool, sync_user_credits: bool, sync_user_ti
 
 @cli.command()
 @click.option("--url", default=None, help=URL_HELP)
-@click.option("--now", "now_iso", default=None, help="Act as of this ISO-8601 UTC time (default: now).")
+@click.option(
+    "--now",
+    "now_iso",
+    default=None,
+    metavar="ISO-8601",
+    help="Act as of this time (no zone means UTC; default: now). At most a minute ahead of the clock.",
+)
 @click.option("--no-auto-renew", is_flag=True, help="Leave renewals to the payment provider's webhooks.")
 def tick(url: str | None, now_iso: str | None, no_auto_renew: bool) -> None:
     """Perform what falls due: trial ends, renewals, expiries, stale holds, lapsed credits."""
-    from datetime import UTC, datetime
-
+    from ._cli_audit import parse_moment
     from ._ledger import Ledger
     from ._subscriptions import CreditPolicy
 
-    now = datetime.fromisoformat(now_iso).astimezone(UTC) if now_iso else None
+    try:
+        # The auditor's rule for every time the CLI reads: no zone means UTC.
+        now = parse_moment(now_iso) if now_iso is not None else None
+    except InvalidArgument as exc:
+        raise click.BadParameter(str(exc), param_hint="--now") from None
     with Ledger(_url(url), credit_policy=CreditPolicy(auto_renew=not no_auto_renew)) as ledger:
-        done = ledger.tick(now)
+        try:
+            done = ledger.tick(now)
+        except TimeInFuture as exc:
+            raise click.BadParameter(
+                f"{exc.moment.isoformat()} is {exc.ahead} ahead of this machine's clock "
+                f"({exc.clock_now.isoformat()}); tick acts as of now or an earlier time, never the future",
+                param_hint="--now",
+            ) from None
         click.echo(
             f"subscription changes: {done['subscriptions']}; hold releases and expirations: {done['holds_and_lapses']}"
         )

@@ -27,9 +27,11 @@ def parse_moment(text: str) -> datetime:
     """ISO 8601 (``2026-03-01``, ``2026-03-01T12:00:00Z``, with an offset); no zone means UTC."""
     try:
         moment = datetime.fromisoformat(text)
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     except ValueError:
         raise InvalidArgument(f"not an ISO 8601 date or time: {text!r}") from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:  # an offset that takes it past year 1 or 9999 in UTC
+        raise InvalidArgument(f"{text!r} is outside the range of times in UTC") from None
 
 
 if TYPE_CHECKING:

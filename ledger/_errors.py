@@ -7,6 +7,7 @@ written, and a failed write is all-or-nothing.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from uuid import UUID
 
 
@@ -20,6 +21,30 @@ class InvalidArgument(LedgerError, ValueError):
 
 class InvalidAmount(InvalidArgument):
     """An amount of credits is not a positive whole number (``int`` > 0)."""
+
+
+class TimeInFuture(InvalidArgument):
+    """A ``now`` given to ``tick()``, ``expire_holds()`` or ``record_due()``
+    lies further ahead of the ledger's clock than the tolerance. Recording as
+    of it would stamp events in the future and expire credits and holds early;
+    the ledger's next command would then be recorded "before" them."""
+
+    def __init__(self, name: str, moment: datetime, clock_now: datetime, tolerance: timedelta) -> None:
+        self.name = name
+        self.moment = moment
+        self.clock_now = clock_now
+        self.tolerance = tolerance
+        super().__init__(
+            f"{name} {moment.isoformat()} is {self.ahead} ahead of the ledger's clock "
+            f"({clock_now.isoformat()}; at most {tolerance.total_seconds():g} s ahead is accepted): events "
+            "would be stamped in the future. Move the ledger's clock instead (ManualClock), or pass "
+            "allow_future=True for a simulation"
+        )
+
+    @property
+    def ahead(self) -> timedelta:
+        """How far ``moment`` lies ahead of the clock, to the second."""
+        return timedelta(seconds=round((self.moment - self.clock_now).total_seconds()))
 
 
 class InsufficientCredits(LedgerError):

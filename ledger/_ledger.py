@@ -28,7 +28,7 @@ from ._billing import (
     UnpauseSubscription,
     due_changes,
 )
-from ._clock import Clock, SystemClock, require_utc
+from ._clock import Clock, SystemClock, moment_for
 from ._domain import CreditAccount, Reservation, account_id_for
 from ._entitlements import Entitlements, PlanView, SubscriptionView, entitlements_for, plan_view, subscription_view
 from ._errors import ConfigurationError, InvalidArgument, UnknownAccount, UnknownReservation, ViewsBehind
@@ -246,12 +246,13 @@ class Ledger:
             AdjustCredits(key=key, user_id=user_id, delta_credits=delta_credits, reason=reason, actor=actor)
         )
 
-    def expire_holds(self, now: datetime | None = None) -> int:
+    def expire_holds(self, now: datetime | None = None, *, allow_future: bool = False) -> int:
         """Releases every hold whose ``expires_at`` has passed, and records the
         expiry of lapsed credits on those accounts. Returns the number of account
         events recorded (releases and expirations). For a scheduler; safe to run
-        concurrently and repeatedly."""
-        moment = self.clock.now() if now is None else require_utc(now, "now")
+        concurrently and repeatedly. ``now`` may not lie more than a minute
+        ahead of the clock (``TimeInFuture``) unless ``allow_future``."""
+        moment = moment_for(now, self.clock, allow_future=allow_future)
         due = sorted({user_id for user_id, expires_at in self._open_holds() if expires_at <= moment})
         recorded = 0
         for start in range(0, len(due), SWEEP_PAGE):
@@ -259,11 +260,12 @@ class Ledger:
         self._sync_views(recorded)
         return recorded
 
-    def record_due(self, user_ids: Sequence[UUID], now: datetime | None = None) -> int:
+    def record_due(self, user_ids: Sequence[UUID], now: datetime | None = None, *, allow_future: bool = False) -> int:
         """Records due hold releases and lapsed credit blocks for these accounts
         (at most 10,000) in one transaction; returns the number of account
-        events recorded (releases and expirations)."""
-        moment = self.clock.now() if now is None else require_utc(now, "now")
+        events recorded (releases and expirations). ``now`` as for
+        ``expire_holds``."""
+        moment = moment_for(now, self.clock, allow_future=allow_future)
         if len(user_ids) > MAX_BATCH_COMMANDS:
             raise InvalidArgument(f"at most {MAX_BATCH_COMMANDS} accounts per call")
         recorded = self.engine.sweep([check_uuid(u, "user_id") for u in user_ids], moment)
@@ -484,16 +486,18 @@ class Ledger:
             terms = plan.terms if isinstance(plan, Plan) else None
         return entitlements_for(user_id, s, terms, now)
 
-    def tick(self, now: datetime | None = None) -> dict[str, int]:
+    def tick(self, now: datetime | None = None, *, allow_future: bool = False) -> dict[str, int]:
         """Performs what falls due: trial ends and renewals (when the policy
         auto-renews), expiries at period end, stale holds, lapsed credits.
-        Safe to run repeatedly and concurrently: every change is keyed."""
-        moment = self.clock.now() if now is None else require_utc(now, "now")
+        Safe to run repeatedly and concurrently: every change is keyed.
+        ``now`` may not lie more than a minute ahead of the clock
+        (``TimeInFuture``) unless ``allow_future`` (simulations)."""
+        moment = moment_for(now, self.clock, allow_future=allow_future)
         done = {"subscriptions": 0, "holds_and_lapses": 0}
         for chunk in _chunks(sorted(self._live_subscription_ids()), SWEEP_PAGE):
             for s in self.engine.reader.load(chunk).values():
                 done["subscriptions"] += self._catch_up_subscription(s, moment)
-        done["holds_and_lapses"] = self.expire_holds(moment)
+        done["holds_and_lapses"] = self.expire_holds(moment, allow_future=True)  # checked above
         lapsing = sorted(self._users_with_lapsed_grants(moment))
         for chunk in _chunks(lapsing, SWEEP_PAGE):
             done["holds_and_lapses"] += self.engine.sweep(chunk, moment)
