@@ -58,6 +58,7 @@ from ._types import (
     ReserveCredits,
     SettleReservation,
     SpendCredits,
+    differing_arguments,
 )
 
 T = TypeVar("T")
@@ -419,7 +420,7 @@ class _Unit:
             description=c.description,
             reference_type=c.reference_type,
             reference_id=c.reference_id,
-            expires_at=c.expires_at,
+            expires_at=c.expiry(self.now),
             actor=c.actor,
             key=c.key,
             now=self.now,
@@ -469,7 +470,7 @@ class _Unit:
             reservation_id=reservation_id,
             job_id=c.job_id,
             amount=c.amount_credits,
-            expires_at=c.expires_at,
+            expires_at=c.expiry(self.now),
             key=c.key,
             now=self.now,
         )
@@ -524,6 +525,7 @@ class _Unit:
             command=c.name,
             fingerprint=c.fingerprint,
             receipt=fields,
+            arguments=c.arguments,
             timestamp=self.now,
         )
 
@@ -598,7 +600,10 @@ class Engine:
     @staticmethod
     def replay(record: CommandRecord, command: Command) -> Receipt:
         if record.fingerprint != command.fingerprint:
-            raise IdempotencyConflict(command.key, record.command, command.name)
+            # Records written before arguments were kept cannot say which differ.
+            recorded = record.arguments
+            differ = None if recorded is None else differing_arguments(recorded, command.arguments)
+            raise IdempotencyConflict(command.key, record.command, command.name, differ)
         return Receipt.model_validate({**record.receipt, "replayed": True})
 
     def execute(
@@ -617,7 +622,7 @@ class Engine:
         for c in commands:
             first = first_by_key.setdefault(c.key, c)
             if first.fingerprint != c.fingerprint:
-                raise IdempotencyConflict(c.key, first.name, c.name)
+                raise IdempotencyConflict(c.key, first.name, c.name, differing_arguments(first.arguments, c.arguments))
         # Keys are not looked up in advance: a fresh batch (the common case)
         # needs no look-up, and a re-run clashes on its first recorded key,
         # which triggers one bulk look-up of all of them below.

@@ -85,12 +85,26 @@ class ReservationClosed(LedgerError):
 
 
 class IdempotencyConflict(LedgerError):
-    """An idempotency key was used before with different arguments."""
+    """An idempotency key was used before with different arguments.
+    ``fields`` names the arguments that differ from its first use (``command``
+    among them when the command differs), or is None when the first use was
+    recorded by a version that did not keep its arguments."""
 
-    def __init__(self, key: str, recorded_command: str, command: str) -> None:
+    def __init__(self, key: str, recorded_command: str, command: str, fields: tuple[str, ...] | None = None) -> None:
         self.key = key
+        self.recorded_command = recorded_command
+        self.command = command
+        self.fields = fields
+        if fields is None:
+            differ = "the arguments that differ are unknown (its first use was recorded by an earlier version)"
+        else:
+            differ = "differing: " + ", ".join(fields)
+        hint = ""
+        if fields == ("expires_at",):
+            hint = "; to retry a command whose expiry is counted from now, give expires_in instead of expires_at"
         super().__init__(
-            f"idempotency key {key!r} was first used for {recorded_command}; it cannot be reused for {command}"
+            f"idempotency key {key!r} was first used for {recorded_command}; it cannot be reused for {command} "
+            f"({differ}){hint}"
         )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -183,8 +183,11 @@ class Ledger:
         reference_type: str | None = None,
         reference_id: str | None = None,
         expires_at: datetime | None = None,
+        expires_in: timedelta | None = None,
     ) -> Receipt:
-        """Adds credits; with ``expires_at`` they form a block that lapses then."""
+        """Adds credits; with ``expires_at`` (or ``expires_in``, counted from
+        when the grant is recorded, so that a retry is the same command) they
+        form a block that lapses then."""
         return self.execute(
             GrantCredits(
                 key=key,
@@ -195,6 +198,7 @@ class Ledger:
                 reference_type=reference_type,
                 reference_id=reference_id,
                 expires_at=expires_at,
+                expires_in=expires_in,
             )
         )
 
@@ -222,11 +226,27 @@ class Ledger:
             )
         )
 
-    def reserve(self, user_id: UUID, job_id: UUID, amount_credits: int, expires_at: datetime, *, key: str) -> Receipt:
-        """Holds credits for a job; ``receipt.reservation_id`` names the hold."""
+    def reserve(
+        self,
+        user_id: UUID,
+        job_id: UUID,
+        amount_credits: int,
+        expires_at: datetime | None = None,
+        *,
+        key: str,
+        expires_in: timedelta | None = None,
+    ) -> Receipt:
+        """Holds credits for a job until ``expires_at``, or for ``expires_in``
+        from when the hold is recorded (a worker's retry is then the same
+        command); ``receipt.reservation_id`` names the hold."""
         return self.execute(
             ReserveCredits(
-                key=key, user_id=user_id, job_id=job_id, amount_credits=amount_credits, expires_at=expires_at
+                key=key,
+                user_id=user_id,
+                job_id=job_id,
+                amount_credits=amount_credits,
+                expires_at=expires_at,
+                expires_in=expires_in,
             )
         )
 

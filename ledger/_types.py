@@ -8,7 +8,7 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 from functools import cached_property
@@ -95,9 +95,31 @@ def check_key(value: object) -> str:
     return key
 
 
+#: The longest lifetime ``expires_in`` may give a grant or a hold.
+MAX_EXPIRES_IN = timedelta(days=36_525)  # a hundred years
+
+
+def check_expires_in(value: object) -> timedelta:
+    if not isinstance(value, timedelta):
+        raise InvalidArgument(f"expires_in must be a timedelta, not {type(value).__name__}")
+    if value <= timedelta(0):
+        raise InvalidArgument(f"expires_in must be a positive duration, got {value}")
+    if value > MAX_EXPIRES_IN:
+        raise InvalidArgument(f"expires_in must be at most {MAX_EXPIRES_IN.days} days, got {value}")
+    return value
+
+
+def _duration(value: timedelta) -> str:
+    """ISO 8601, exact to the microsecond: ``PT3600S``, ``PT1.5S``."""
+    seconds, micros = divmod(value // timedelta(microseconds=1), 1_000_000)
+    return f"PT{seconds}.{micros:06d}".rstrip("0") + "S" if micros else f"PT{seconds}S"
+
+
 def _canonical(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, timedelta):
+        return _duration(value)
     if isinstance(value, UUID):
         return str(value)
     return value
@@ -130,8 +152,7 @@ class Command:
     key: str
 
     @cached_property
-    def fingerprint(self) -> str:
-        """A digest of the command's name and arguments (not its key)."""
+    def _canonical_text(self) -> str:
         body = {
             f.name: _canonical(getattr(self, f.name))
             for f in fields(self)
@@ -139,11 +160,35 @@ class Command:
             and f.name not in self.hints
             and not (f.metadata.get(ADDED_FIELD) and getattr(self, f.name) == f.default)
         }
-        text = json.dumps({"command": self.name, **body}, sort_keys=True, default=_json_default)
-        return hashlib.sha256(text.encode()).hexdigest()
+        return json.dumps({"command": self.name, **body}, sort_keys=True, default=_json_default)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A digest of the command's name and arguments (not its key)."""
+        return hashlib.sha256(self._canonical_text.encode()).hexdigest()
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        """What the fingerprint digests, as JSON values: the command's name
+        and the arguments that make it this command (recorded with its key,
+        so that a conflicting reuse can say which of them differ)."""
+        arguments: dict[str, Any] = json.loads(self._canonical_text)
+        return arguments
 
     def describe(self) -> dict[str, Any]:
         return {k: _canonical(v) for k, v in asdict(self).items()}
+
+
+def differing_arguments(recorded: Mapping[str, Any], command: Mapping[str, Any]) -> tuple[str, ...]:
+    """The names whose values differ between two commands' ``arguments``.
+    Of one command, a name only one side has is a field added later that the
+    other left at its default: it differs. Of two commands, a field only one
+    of them has differs unless it is None there."""
+    same_command = recorded.get("command") == command.get("command")
+    missing = object() if same_command else None
+    return tuple(
+        sorted(name for name in {*recorded, *command} if recorded.get(name, missing) != command.get(name, missing))
+    )
 
 
 @dataclass(frozen=True)
@@ -157,6 +202,9 @@ class GrantCredits(Command):
     reference_id: str | None = field(default=None, kw_only=True)
     expires_at: datetime | None = field(default=None, kw_only=True)
     actor: str | None = field(default=None, kw_only=True)
+    #: The block's lifetime from the moment the grant is recorded, instead of
+    #: ``expires_at``: a retry is then the same command.
+    expires_in: timedelta | None = field(default=None, kw_only=True, metadata=ADDED)
 
     def __post_init__(self) -> None:
         check_key(self.key)
@@ -176,6 +224,14 @@ class GrantCredits(Command):
         check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH)
         if self.expires_at is not None:
             object.__setattr__(self, "expires_at", require_utc(self.expires_at, "expires_at"))
+        if self.expires_in is not None:
+            check_expires_in(self.expires_in)
+            if self.expires_at is not None:
+                raise InvalidArgument("give expires_at or expires_in, not both")
+
+    def expiry(self, now: datetime) -> datetime | None:
+        """When the block lapses, for a grant recorded at ``now``."""
+        return self.expires_at if self.expires_in is None else now + self.expires_in
 
 
 @dataclass(frozen=True)
@@ -211,14 +267,30 @@ class ReserveCredits(Command):
     user_id: UUID = field(kw_only=True)
     job_id: UUID = field(kw_only=True)
     amount_credits: int = field(kw_only=True)
-    expires_at: datetime = field(kw_only=True)
+    #: When the hold expires; or else ``expires_in``.
+    expires_at: datetime | None = field(default=None, kw_only=True)
+    #: The hold's lifetime from the moment it is recorded: a worker's retry
+    #: is then the same command, where a recomputed ``expires_at`` is not.
+    expires_in: timedelta | None = field(default=None, kw_only=True, metadata=ADDED)
 
     def __post_init__(self) -> None:
         check_key(self.key)
         check_uuid(self.user_id, "user_id")
         check_uuid(self.job_id, "job_id")
         check_amount(self.amount_credits)
-        object.__setattr__(self, "expires_at", require_utc(self.expires_at, "expires_at"))
+        if (self.expires_at is None) == (self.expires_in is None):
+            raise InvalidArgument("a hold needs expires_at or expires_in (exactly one of them)")
+        if self.expires_at is not None:
+            object.__setattr__(self, "expires_at", require_utc(self.expires_at, "expires_at"))
+        else:
+            check_expires_in(self.expires_in)
+
+    def expiry(self, now: datetime) -> datetime:
+        """When the hold expires, for a reserve recorded at ``now``."""
+        if self.expires_in is not None:
+            return now + self.expires_in
+        assert self.expires_at is not None  # one of the two, checked when built
+        return self.expires_at
 
 
 @dataclass(frozen=True)
