@@ -26,7 +26,34 @@ def _url(url: str | None) -> str:
     return url or os.environ.get("LEDGER_URL") or DEFAULT_URL
 
 
-@click.group()
+#: Every environment variable a command reads, for ``--help``.
+ENVIRONMENT = (
+    ("LEDGER_URL", "the ledger URL of every command with --url (default sqlite:///pingvas-ledger.sqlite3)"),
+    ("LEMONSQUEEZY_SIGNING_SECRET", "webhooks send --secret"),
+    ("LEMONSQUEEZY_API_KEY", "reconcile --api-key"),
+    ("LEMONSQUEEZY_ADAPTER", "webhooks retry, reconcile: --adapter MODULE:FACTORY"),
+    ("LEMONSQUEEZY_TEST_MODE", "webhooks retry, reconcile: --test-mode"),
+    (
+        "LEMONSQUEEZY_CREDIT_PACKS",
+        "webhooks retry, reconcile: credit packs, VARIANT=CREDITS,... (before --credit-pack)",
+    ),
+)
+
+
+def _epilog() -> str:
+    width = max(len(name) for name, _ in ENVIRONMENT)
+    # \b: click keeps the lines of this paragraph as they are.
+    return "\b\nEnvironment variables:\n" + "\n".join(f"  {n:<{width}}  {what}" for n, what in ENVIRONMENT)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_epilog())
+@click.version_option(_version(), "--version", "-V", prog_name="pingvas-ledger", message="%(prog)s %(version)s")
 def cli() -> None:
     """pingvas-ledger: an event-sourced credit ledger."""
 
@@ -44,16 +71,27 @@ def demo(url: str | None) -> None:
 
 
 @cli.command()
-@click.option("--schema", "schema_name", default="public", show_default=True, help="PostgreSQL schema.")
+@click.option("--schema", "schema_name", default=None, help="PostgreSQL schema (default public; PostgreSQL only).")
 @click.option("--dialect", type=click.Choice(["postgresql", "sqlite"]), default="postgresql", show_default=True)
-@click.option("--user-foreign-keys", is_flag=True, help="Reference the host's users(id) from user_id columns.")
-def schema(schema_name: str, dialect: str, user_foreign_keys: bool) -> None:
+@click.option(
+    "--user-foreign-keys", is_flag=True, help="Reference the host's users(id) from user_id columns (PostgreSQL only)."
+)
+def schema(schema_name: str | None, dialect: str, user_foreign_keys: bool) -> None:
     """Print the DDL of the tables the library owns (for a host's migration)."""
     from ._schema import postgres_ddl, sqlite_ddl
 
-    click.echo(
-        postgres_ddl(schema_name, user_foreign_keys=user_foreign_keys) if dialect == "postgresql" else sqlite_ddl()
-    )
+    if dialect == "sqlite":
+        # Options the SQLite DDL has no use for are refused, not ignored.
+        given = [
+            name for name, value in (("--schema", schema_name), ("--user-foreign-keys", user_foreign_keys)) if value
+        ]
+        if given:
+            raise click.UsageError(
+                f"{' and '.join(given)}: PostgreSQL only; the SQLite DDL has no schemas or host tables"
+            )
+        click.echo(sqlite_ddl())
+        return
+    click.echo(postgres_ddl(schema_name or "public", user_foreign_keys=user_foreign_keys))
 
 
 @cli.command()
@@ -132,7 +170,7 @@ def rebuild(url: str | None, verify: bool, sync_user_credits: bool, sync_user_ti
     from ._ledger import Ledger
     from ._readmodels import drop_aside
 
-    with Ledger(_url(url), sync_user_credits=sync_user_credits, sync_user_tier=sync_user_tier) as ledger:
+    with Ledger(_url(url), sync_user_credits=sync_user_credits, sync_user_tier=sync_user_tier, create=False) as ledger:
         views = ledger.views
         head = views.projector.head()
         with click.progressbar(length=max(head, 1), label="replaying events", file=sys.stderr) as bar:
@@ -188,7 +226,9 @@ def tick(url: str | None, now_iso: str | None, no_auto_renew: bool) -> None:
         now = parse_moment(now_iso) if now_iso is not None else None
     except InvalidArgument as exc:
         raise click.BadParameter(str(exc), param_hint="--now") from None
-    with Ledger(_url(url), credit_policy=CreditPolicy(auto_renew=not no_auto_renew)) as ledger:
+    # A scheduler's tick on a mistyped path must not create an empty store
+    # and report that nothing was due.
+    with Ledger(_url(url), credit_policy=CreditPolicy(auto_renew=not no_auto_renew), create=False) as ledger:
         try:
             done = ledger.tick(now)
         except TimeInFuture as exc:

@@ -102,7 +102,7 @@ def audit(
 
     if from_position and checkpoint is None:
         raise click.UsageError("--from-position needs the --checkpoint file a previous run wrote at that position")
-    with Ledger(_url(url)) as ledger, _progress("replaying events", not quiet) as progress:
+    with Ledger(_url(url), create=False) as ledger, _progress("replaying events", not quiet) as progress:
         report = run_audit(
             ledger,
             from_position=from_position,
@@ -126,7 +126,7 @@ def balance(url: str | None, user_id: UUID, as_of: datetime, as_json: bool) -> N
     from ._ledger import Ledger
     from ._pointintime import balance_at
 
-    with Ledger(_url(url)) as ledger:
+    with Ledger(_url(url), create=False) as ledger:
         result = balance_at(ledger, user_id, as_of)
     if as_json:
         click.echo(result.model_dump_json(indent=2))
@@ -155,7 +155,7 @@ def statement(url: str | None, user_id: UUID, start: datetime, end: datetime, fm
     from ._ledger import Ledger
     from ._pointintime import statement as make_statement
 
-    with Ledger(_url(url)) as ledger:
+    with Ledger(_url(url), create=False) as ledger:
         result = make_statement(ledger, user_id, start, end)
     text = result.to_csv() if fmt == "csv" else result.to_json() if fmt == "json" else _statement_text(result)
     if output is None:
@@ -210,7 +210,7 @@ def digest(url: str | None, every: int, incremental: bool, as_json: bool, quiet:
     from ._digest import digest as run_digest
     from ._ledger import Ledger
 
-    with Ledger(_url(url)) as ledger, _progress("hashing events", not quiet) as progress:
+    with Ledger(_url(url), create=False) as ledger, _progress("hashing events", not quiet) as progress:
         result = run_digest(ledger, every=every, incremental=incremental, progress=progress)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -236,7 +236,7 @@ def verify(url: str | None, head: str, as_json: bool, quiet: bool) -> None:
     from ._ledger import Ledger
 
     expected = DigestHead.parse(head)
-    with Ledger(_url(url)) as ledger, _progress("hashing events", not quiet) as progress:
+    with Ledger(_url(url), create=False) as ledger, _progress("hashing events", not quiet) as progress:
         result = run_verify(ledger, expected, progress=progress)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.describe()))
     sys.exit(0 if result.ok else 1)

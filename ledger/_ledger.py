@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -34,7 +35,7 @@ from ._entitlements import Entitlements, PlanView, SubscriptionView, entitlement
 from ._errors import ConfigurationError, InvalidArgument, UnknownAccount, UnknownReservation, ViewsBehind
 from ._plans import DEFAULT_CATALOG, Plan, PlanTerms, plan_id_for
 from ._readmodels import Views
-from ._storage import StoreConfig, parse_url
+from ._storage import StoreConfig, parse_url, redact
 from ._streams import stream_reader
 from ._subscriptions import (
     CreditPolicy,
@@ -92,6 +93,7 @@ class Ledger:
         sync_user_credits: bool = False,
         sync_user_tier: bool = False,
         credit_policy: CreditPolicy | None = None,
+        create: bool = True,
     ) -> None:
         """``sync_views``: every command brings the read models up to date in
         this process before it returns (read-your-writes for the embedded
@@ -100,11 +102,18 @@ class Ledger:
         views keep ``users.tier`` and ``users.storage_quota`` on the user's
         entitled plan. ``credit_policy``: how
         subscription changes move credits (default: full upgrade difference,
-        subscription credits expire at the end of their period)."""
+        subscription credits expire at the end of their period).
+        ``create=False``: open only a store that exists (a mistyped path
+        raises ConfigurationError instead of creating an empty store)."""
         if type(max_attempts) is not int or not 1 <= max_attempts <= 100:
             raise InvalidArgument(f"max_attempts must be an int within 1..100, got {max_attempts!r}")
+        if type(create) is not bool:
+            raise InvalidArgument(f"create must be a bool, not {type(create).__name__}")
         self.config: StoreConfig = parse_url(url)
+        self.url = redact(url)
         self.clock: Clock = clock or SystemClock()
+        if not create:
+            require_store(self.config)
         if self.config.backend == "sqlite":
             assert self.config.sqlite_path is not None
             self.config.sqlite_path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +134,9 @@ class Ledger:
             max_attempts=max_attempts,
             policy=self.credit_policy,
         )
+
+    def __repr__(self) -> str:
+        return f"Ledger({self.url!r})"
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -598,6 +610,50 @@ def _describe(user_id: UUID, event: Any) -> AccountEvent:
     )
 
 
+#: The event store's table, as eventsourcing names it on each backend.
+EVENTS_TABLE = {"sqlite": "stored_events", "postgresql": f"{LedgerApplication.name}_events"}
+
+
+def require_store(config: StoreConfig) -> None:
+    """Raises ConfigurationError unless the store holds the ledger's event
+    table; creates nothing (no file, no schema). ``memory://`` always passes:
+    a store of its own that nothing else could have written."""
+    if config.backend == "sqlite":
+        assert config.sqlite_path is not None
+        path = config.sqlite_path
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise ConfigurationError(
+                f"no ledger store at {path}: the file {what} (nothing was created); check --url or LEDGER_URL"
+            )
+        try:
+            with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+                found = conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (EVENTS_TABLE["sqlite"],)
+                ).fetchone()
+        except sqlite3.Error as exc:
+            raise ConfigurationError(f"{path} is not a ledger store: {exc}") from exc
+        if found is None:
+            raise ConfigurationError(f"{path} is not a ledger store: it has no {EVENTS_TABLE['sqlite']} table")
+    elif config.backend == "postgresql":
+        table = f"{config.pg_schema}.{EVENTS_TABLE['postgresql']}"
+        try:
+            with psycopg.connect(config.conninfo(), **config.connect_kwargs()) as conn:
+                found = conn.execute(
+                    "SELECT to_regclass(%s)", (f'"{config.pg_schema}"."{EVENTS_TABLE["postgresql"]}"',)
+                )
+                exists = found.fetchone() not in (None, (None,))
+        except psycopg.Error as exc:
+            raise ConfigurationError(
+                f"cannot reach PostgreSQL at {config.pg_host}:{config.pg_port}: {exc}".rstrip()
+            ) from exc
+        if not exists:
+            raise ConfigurationError(
+                f"no ledger store in database {config.pg_dbname!r} at {config.pg_host}:{config.pg_port}: "
+                f"there is no table {table} (nothing was created); check --url or LEDGER_URL and its schema"
+            )
+
+
 # Any fixed number: the key of the advisory lock that serialises table creation.
 _DDL_LOCK_KEY = 0x70696E6776
 
@@ -611,7 +667,7 @@ def _schema_lock(config: StoreConfig) -> Iterator[None]:
         yield
         return
     try:
-        conn = psycopg.connect(config.conninfo(), connect_timeout=round(config.pool_timeout_s), autocommit=True)
+        conn = psycopg.connect(config.conninfo(), autocommit=True, **config.connect_kwargs())
     except psycopg.Error as exc:
         raise ConfigurationError(f"cannot reach PostgreSQL at {config.pg_host}:{config.pg_port}: {exc}") from exc
     with conn:

@@ -16,6 +16,7 @@ from psycopg import sql
 
 from ._app import LedgerApplication
 from ._errors import ConfigurationError
+from ._postgres import apply_connect_options
 from ._projector import Progress, Projector, checksum, differences
 from ._storage import StoreConfig
 from ._views import CreditView, View
@@ -60,6 +61,7 @@ def open_view_store(config: StoreConfig, app: LedgerApplication, *, aside: bool 
             pool_size=2,
             max_overflow=2,
         )
+        apply_connect_options(datastore, dict(config.pg_options))
         return PostgresViewStore(datastore, owns_datastore=True)
     if config.backend == "sqlite":
         path = views_path(config)

@@ -62,14 +62,25 @@ def _adapter_options(fn: Any) -> Any:
             "factory",
             default=None,
             envvar="LEMONSQUEEZY_ADAPTER",
+            show_envvar=True,
             metavar="MODULE:FACTORY",
             help="The host's configuration: FACTORY(url) returns its LemonSqueezy (or Processor) on the ledger "
             "at url, opened as the endpoint opens it. Excludes the options below.",
         ),
         click.option(
-            "--test-mode", is_flag=True, envvar="LEMONSQUEEZY_TEST_MODE", help="Apply test-mode events (not live)."
+            "--test-mode",
+            is_flag=True,
+            envvar="LEMONSQUEEZY_TEST_MODE",
+            show_envvar=True,
+            help="Apply test-mode events (not live).",
         ),
-        click.option("--credit-pack", "packs", multiple=True, metavar="VARIANT=CREDITS", help="A credit pack variant."),
+        click.option(
+            "--credit-pack",
+            "packs",
+            multiple=True,
+            metavar="VARIANT=CREDITS",
+            help="A credit pack variant (also from $LEMONSQUEEZY_CREDIT_PACKS, comma-separated).",
+        ),
         click.option(
             "--upgrade",
             type=click.Choice(["full", "prorated", "none"]),
@@ -136,10 +147,13 @@ def _load_factory(spec: str) -> Callable[[str], Any]:
 
 
 @contextmanager
-def _processor(settings: dict[str, Any]) -> Iterator[Processor]:
+def _processor(settings: dict[str, Any], *, create: bool = True) -> Iterator[Processor]:
     """The processor the webhook endpoint runs: the host's factory's, or one
-    built from the options. Closes the ledger when done."""
+    built from the options. Closes the ledger when done. ``create=False``:
+    refuse a store that does not exist, after the options are checked."""
     from ledger import CreditPolicy, Ledger, LedgerError
+    from ledger._ledger import require_store
+    from ledger._storage import parse_url
 
     from ._adapter import LemonSqueezy, Processor
     from ._effects import RefundPolicy
@@ -158,6 +172,8 @@ def _processor(settings: dict[str, Any]) -> Iterator[Processor]:
                 "(or drop --adapter and give every setting as an option)"
             )
         factory = _load_factory(settings["factory"])
+        if not create:
+            require_store(parse_url(url))
         try:
             built = factory(url)
         except Exception as exc:  # the host's code: say which, and why
@@ -180,11 +196,12 @@ def _processor(settings: dict[str, Any]) -> Iterator[Processor]:
     except LedgerError as exc:
         raise click.UsageError(str(exc)) from exc
     refunds = RefundPolicy(claw_back=settings["claw_back"], from_other_credits=settings["from_other_credits"])
-    with Ledger(url, credit_policy=policy) as ledger:
+    packs = _parse_packs(settings["packs"])
+    with Ledger(url, credit_policy=policy, create=create) as ledger:
         yield Processor(
             ledger,
             test_mode=settings["test_mode"],
-            credit_packs=_parse_packs(settings["packs"]),
+            credit_packs=packs,
             refund_policy=refunds,
             hold_window_s=settings["hold_window_s"],
         )
@@ -197,7 +214,13 @@ def webhooks() -> None:
 
 @webhooks.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--secret", envvar="LEMONSQUEEZY_SIGNING_SECRET", required=True, help="The webhook's signing secret.")
+@click.option(
+    "--secret",
+    envvar="LEMONSQUEEZY_SIGNING_SECRET",
+    show_envvar=True,
+    required=True,
+    help="The webhook's signing secret.",
+)
 @click.option("--url", "target", required=True, help="The webhook endpoint, e.g. http://localhost:8000/webhooks/ls.")
 @click.option("--timeout-s", default=30.0, show_default=True)
 def send(file: Path, secret: str, target: str, timeout_s: float) -> None:
@@ -236,7 +259,7 @@ def _event_name(body: bytes) -> str | None:
 @click.option("--limit", default=500, show_default=True, help="At most this many deliveries per pass.")
 def retry(limit: int, **settings: Any) -> None:
     """Reprocess failed deliveries (and ones a stopped process left received)."""
-    with _processor(settings) as processor:
+    with _processor(settings, create=False) as processor:  # nothing to retry in a store that does not exist
 
         def progress(row: Any, outcome: Any) -> None:
             if outcome.status == "processed":
@@ -262,7 +285,7 @@ def list_(url: str | None, status: str | None, limit: int) -> None:
 
     from ._inbox import Inbox
 
-    with Ledger(_url(url)) as ledger:
+    with Ledger(_url(url), create=False) as ledger:
         inbox = Inbox(ledger)
         for row in inbox.listing(status=status, limit=limit):
             error = f"  {row.error_message}" if row.error_message else ""
@@ -273,7 +296,9 @@ def list_(url: str | None, status: str | None, limit: int) -> None:
 
 @cli.command()
 @_adapter_options
-@click.option("--api-key", envvar="LEMONSQUEEZY_API_KEY", required=True, help="A Lemon Squeezy API key.")
+@click.option(
+    "--api-key", envvar="LEMONSQUEEZY_API_KEY", show_envvar=True, required=True, help="A Lemon Squeezy API key."
+)
 @click.option("--store-id", default=None, help="Only this store's objects.")
 @click.option("--since-days", default=45, show_default=True, type=click.IntRange(1, 3660), help="Invoices this recent.")
 @click.option("--api-url", default=None, help="The API's base URL (default https://api.lemonsqueezy.com/v1).")
