@@ -109,6 +109,13 @@ def check_expires_in(value: object) -> timedelta:
     return value
 
 
+def _after(now: datetime, lifetime: timedelta) -> datetime:
+    try:
+        return now + lifetime
+    except OverflowError:
+        raise InvalidArgument(f"expires_in {lifetime} from {now.isoformat()} is past the year 9999") from None
+
+
 def _duration(value: timedelta) -> str:
     """ISO 8601, exact to the microsecond: ``PT3600S``, ``PT1.5S``."""
     seconds, micros = divmod(value // timedelta(microseconds=1), 1_000_000)
@@ -231,7 +238,7 @@ class GrantCredits(Command):
 
     def expiry(self, now: datetime) -> datetime | None:
         """When the block lapses, for a grant recorded at ``now``."""
-        return self.expires_at if self.expires_in is None else now + self.expires_in
+        return self.expires_at if self.expires_in is None else _after(now, self.expires_in)
 
 
 @dataclass(frozen=True)
@@ -288,7 +295,7 @@ class ReserveCredits(Command):
     def expiry(self, now: datetime) -> datetime:
         """When the hold expires, for a reserve recorded at ``now``."""
         if self.expires_in is not None:
-            return now + self.expires_in
+            return _after(now, self.expires_in)
         assert self.expires_at is not None  # one of the two, checked when built
         return self.expires_at
 

@@ -129,6 +129,12 @@ def test_bad_lifetimes_are_refused_before_anything_runs(given: dict[str, object]
         ReserveCredits(key="r", user_id=user, job_id=uuid4(), amount_credits=1, **given)  # type: ignore[arg-type]
 
 
+def test_a_lifetime_past_the_year_9999_is_refused(ledger_url: str) -> None:
+    clock = ManualClock(datetime(9990, 1, 1, tzinfo=UTC))
+    with Ledger(ledger_url, clock=clock) as ledger, pytest.raises(InvalidArgument, match="past the year 9999"):
+        ledger.grant(uuid4(), 1, "bonus", key="late", expires_in=timedelta(days=36_500))
+
+
 def test_a_hold_needs_a_lifetime(ledger: Ledger) -> None:
     user = uuid4()
     ledger.grant(user, 10, "bonus", key=f"{user}:g")
