@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from uuid import UUID, uuid4
 
 from ledger import InsufficientCredits, Ledger, ReservationClosed
@@ -32,8 +32,11 @@ class GenerationJob:  # the host's generation_jobs row, reduced
 def enqueue(ledger: Ledger, job: GenerationJob) -> bool:
     """Reserve before queueing; refuse the job when credits do not cover it."""
     try:
+        # expires_in, not datetime.now() + HOLD_FOR: a retried reserve is then
+        # the same command and replays, where a recomputed expires_at would
+        # raise IdempotencyConflict.
         receipt = ledger.reserve(
-            job.user_id, job.id, job.estimated_credits, datetime.now(UTC) + HOLD_FOR, key=f"job:{job.id}:reserve"
+            job.user_id, job.id, job.estimated_credits, expires_in=HOLD_FOR, key=f"job:{job.id}:reserve"
         )
     except InsufficientCredits as exc:
         job.status = "cancelled"
@@ -67,6 +70,7 @@ def main(url: str = "memory://") -> None:
         too_big = GenerationJob(uuid4(), user, estimated_credits=900)
         for job in (ok, failing, too_big):
             enqueue(ledger, job)
+        enqueue(ledger, ok)  # a worker's retry after a timeout: replayed, the same hold
         finish(ledger, ok, succeeded=True, actual_credits=260)
         finish(ledger, ok, succeeded=True, actual_credits=260)  # a retried worker: replayed, not charged again
         finish(ledger, failing, succeeded=False)

@@ -7,7 +7,12 @@ import threading
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from ledger.errors import InvalidArgument
+from ledger.errors import InvalidArgument, TimeInFuture
+
+#: How far a ``now`` given to the sweeps and ``tick()`` may lie ahead of the
+#: ledger's clock: hosts' clocks differ a little, and the audit accepts an
+#: event recorded up to as long before the one preceding it (``TIME_SLACK``).
+FUTURE_TOLERANCE = timedelta(seconds=60)
 
 
 class Clock(Protocol):
@@ -100,3 +105,20 @@ def _outside(value: datetime, name: str) -> InvalidArgument:
         f"({EARLIEST.isoformat()} to {LATEST.isoformat()})",
         param=name,
     )
+
+
+def moment_for(now: object, clock: Clock, *, allow_future: bool = False, name: str = "now") -> datetime:
+    """The moment a sweep or tick acts as of: the clock's time, or ``now``
+    (timezone-aware; converted to UTC). A ``now`` more than
+    ``FUTURE_TOLERANCE`` ahead of the clock raises ``TimeInFuture`` unless
+    ``allow_future`` (simulations); an earlier one is accepted: it does only
+    what was due by then, which is due now as well."""
+    if type(allow_future) is not bool:
+        raise InvalidArgument(f"allow_future must be a bool, not {type(allow_future).__name__}", param="allow_future")
+    current = clock.now()
+    if now is None:
+        return current
+    moment = require_utc(now, name)
+    if not allow_future and moment - current > FUTURE_TOLERANCE:
+        raise TimeInFuture(name, moment, current, FUTURE_TOLERANCE)
+    return moment

@@ -14,6 +14,7 @@ reworded; codes are not.
 # re-exported with ``__module__ = "ledger"``, and string annotations would then
 # be resolved in the ``ledger`` namespace by ``typing.get_type_hints``.
 
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 from uuid import UUID
 
@@ -53,6 +54,33 @@ class InvalidAmount(InvalidArgument):
 
     code = "invalid_amount"
     param = "amount_credits"
+
+
+class TimeInFuture(InvalidArgument):
+    """A ``now`` given to ``tick()``, ``expire_holds()`` or ``record_due()``
+    lies further ahead of the ledger's clock than the tolerance. Recording as
+    of it would stamp events in the future and expire credits and holds early;
+    the ledger's next command would then be recorded "before" them."""
+
+    code = "time_in_future"
+
+    def __init__(self, name: str, moment: datetime, clock_now: datetime, tolerance: timedelta) -> None:
+        self.name = name
+        self.moment = moment
+        self.clock_now = clock_now
+        self.tolerance = tolerance
+        super().__init__(
+            f"{name} {moment.isoformat()} is {self.ahead} ahead of the ledger's clock "
+            f"({clock_now.isoformat()}; at most {tolerance.total_seconds():g} s ahead is accepted): events "
+            "would be stamped in the future. Move the ledger's clock instead (ManualClock), or pass "
+            "allow_future=True for a simulation",
+            param=name,
+        )
+
+    @property
+    def ahead(self) -> timedelta:
+        """How far ``moment`` lies ahead of the clock, to the second."""
+        return timedelta(seconds=round((self.moment - self.clock_now).total_seconds()))
 
 
 class InsufficientCredits(LedgerError):
@@ -104,15 +132,29 @@ class ReservationClosed(LedgerError):
 
 
 class IdempotencyConflict(LedgerError):
-    """An idempotency key was used before with different arguments."""
+    """An idempotency key was used before with different arguments.
+    ``fields`` names the arguments that differ from its first use (``command``
+    among them when the command differs), or is None when the first use was
+    recorded by a version that did not keep its arguments."""
 
     code = "idempotency_conflict"
     param = "key"
 
-    def __init__(self, key: str, recorded_command: str, command: str) -> None:
+    def __init__(self, key: str, recorded_command: str, command: str, fields: tuple[str, ...] | None = None) -> None:
         self.key = key
+        self.recorded_command = recorded_command
+        self.command = command
+        self.fields = fields
+        if fields is None:
+            differ = "the arguments that differ are unknown (its first use was recorded by an earlier version)"
+        else:
+            differ = "differing: " + ", ".join(fields)
+        hint = ""
+        if fields == ("expires_at",):
+            hint = "; to retry a command whose expiry is counted from now, give expires_in instead of expires_at"
         super().__init__(
-            f"idempotency key {key!r} was first used for {recorded_command}; it cannot be reused for {command}"
+            f"idempotency key {key!r} was first used for {recorded_command}; it cannot be reused for {command} "
+            f"({differ}){hint}"
         )
 
 

@@ -476,7 +476,7 @@ def final_state(ledger: Ledger, user: UUID = USER) -> dict[str, Any]:
     as Lemon Squeezy last described it, every credit movement (ids of
     expirations, running balances and times depend on when the ledger ran),
     and the balance."""
-    ledger.tick(END)
+    ledger.tick(END, allow_future=True)  # the story ends ahead of its clock
     ledger.views.catch_up()
     sid = next(iter(_subscriptions(ledger)))
     balance = ledger.balance(user)

@@ -247,6 +247,7 @@ def test_the_factory_excludes_the_single_settings_and_must_give_an_adapter(
     sqlite_url: str, host_module: Path, no_env: None
 ) -> None:
     runner = CliRunner()
+    Ledger(sqlite_url).close()  # retry refuses a store that does not exist
 
     def run(*args: str) -> Any:
         return runner.invoke(cli, ["webhooks", "retry", "--url", sqlite_url, *args])

@@ -1,4 +1,4 @@
-"""The read-model DDL (ledger/_schema.py): PostgreSQL and SQLite.
+"""The read-model DDL (ledger/storage/ddl.py): PostgreSQL and SQLite.
 
 PostgreSQL tests run on the fresh schema of the ``pg_url`` fixture (dropped by
 the fixture); the DDL creates the schema itself.

@@ -662,7 +662,7 @@ def test_tick_acts_as_of_the_given_now(billing: Ledger) -> None:
     user = uuid4()
     renewing, cancelled = start(billing, user), start(billing, uuid4())
     billing.cancel_subscription(cancelled, key="cancel")
-    assert billing.tick(FEB_1)["subscriptions"] == 2
+    assert billing.tick(FEB_1, allow_future=True)["subscriptions"] == 2
     assert billing.subscription(renewing).current_period_end == MAR_1
     assert billing.subscription(cancelled).status == "expired"
 

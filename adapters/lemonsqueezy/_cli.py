@@ -64,14 +64,25 @@ def _adapter_options(fn: Any) -> Any:
             "factory",
             default=None,
             envvar="LEMONSQUEEZY_ADAPTER",
+            show_envvar=True,
             metavar="MODULE:FACTORY",
             help="The host's configuration: FACTORY(url) returns its LemonSqueezy (or Processor) on the ledger "
             "at url, opened as the endpoint opens it. Excludes the options below.",
         ),
         click.option(
-            "--test-mode", is_flag=True, envvar="LEMONSQUEEZY_TEST_MODE", help="Apply test-mode events (not live)."
+            "--test-mode",
+            is_flag=True,
+            envvar="LEMONSQUEEZY_TEST_MODE",
+            show_envvar=True,
+            help="Apply test-mode events (not live).",
         ),
-        click.option("--credit-pack", "packs", multiple=True, metavar="VARIANT=CREDITS", help="A credit pack variant."),
+        click.option(
+            "--credit-pack",
+            "packs",
+            multiple=True,
+            metavar="VARIANT=CREDITS",
+            help="A credit pack variant (also from $LEMONSQUEEZY_CREDIT_PACKS, comma-separated).",
+        ),
         click.option(
             "--upgrade",
             type=click.Choice(["full", "prorated", "none"]),
@@ -138,9 +149,10 @@ def _load_factory(spec: str) -> Callable[[str], Any]:
 
 
 @contextmanager
-def _processor(settings: dict[str, Any]) -> Iterator[Processor]:
+def _processor(settings: dict[str, Any], *, create: bool = True) -> Iterator[Processor]:
     """The processor the webhook endpoint runs: the host's factory's, or one
-    built from the options. Closes the ledger when done."""
+    built from the options. Closes the ledger when done. ``create=False``:
+    refuse a store that does not exist, after the options are checked."""
     from ledger import CreditPolicy, Ledger, LedgerError
 
     from ._adapter import LemonSqueezy, Processor
@@ -160,6 +172,9 @@ def _processor(settings: dict[str, Any]) -> Iterator[Processor]:
                 "(or drop --adapter and give every setting as an option)"
             )
         factory = _load_factory(settings["factory"])
+        if not create:
+            with Ledger(url, create=False):  # refuses a store that does not exist, creating nothing
+                pass
         try:
             built = factory(url)
         except Exception as exc:  # the host's code: say which, and why
@@ -182,24 +197,51 @@ def _processor(settings: dict[str, Any]) -> Iterator[Processor]:
     except LedgerError as exc:
         raise click.UsageError(str(exc)) from exc
     refunds = RefundPolicy(claw_back=settings["claw_back"], from_other_credits=settings["from_other_credits"])
-    with Ledger(url, credit_policy=policy) as ledger:
+    packs = _parse_packs(settings["packs"])
+    with Ledger(url, credit_policy=policy, create=create) as ledger:
         yield Processor(
             ledger,
             test_mode=settings["test_mode"],
-            credit_packs=_parse_packs(settings["packs"]),
+            credit_packs=packs,
             refund_policy=refunds,
             hold_window_s=settings["hold_window_s"],
         )
 
 
-@click.group()
+#: Every environment variable the Lemon Squeezy commands read, for their ``--help``.
+ENVIRONMENT = (
+    ("LEDGER_URL", "the ledger URL (default sqlite:///pingvas-ledger.sqlite3)"),
+    ("LEMONSQUEEZY_SIGNING_SECRET", "webhooks send --secret"),
+    ("LEMONSQUEEZY_API_KEY", "reconcile --api-key"),
+    ("LEMONSQUEEZY_ADAPTER", "webhooks retry, reconcile: --adapter MODULE:FACTORY"),
+    ("LEMONSQUEEZY_TEST_MODE", "webhooks retry, reconcile: --test-mode"),
+    (
+        "LEMONSQUEEZY_CREDIT_PACKS",
+        "webhooks retry, reconcile: credit packs, VARIANT=CREDITS,... (before --credit-pack)",
+    ),
+)
+
+
+def _epilog() -> str:
+    width = max(len(name) for name, _ in ENVIRONMENT)
+    # \b: click keeps the lines of this paragraph as they are.
+    return "\b\nEnvironment variables:\n" + "\n".join(f"  {n:<{width}}  {what}" for n, what in ENVIRONMENT)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_epilog())
 def webhooks() -> None:
     """Lemon Squeezy webhooks: send a signed test delivery, retry failed ones, list them."""
 
 
 @webhooks.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--secret", envvar="LEMONSQUEEZY_SIGNING_SECRET", required=True, help="The webhook's signing secret.")
+@click.option(
+    "--secret",
+    envvar="LEMONSQUEEZY_SIGNING_SECRET",
+    show_envvar=True,
+    required=True,
+    help="The webhook's signing secret.",
+)
 @click.option("--url", "target", required=True, help="The webhook endpoint, e.g. http://localhost:8000/webhooks/ls.")
 @click.option("--timeout-s", default=30.0, show_default=True)
 def send(file: Path, secret: str, target: str, timeout_s: float) -> None:
@@ -238,7 +280,7 @@ def _event_name(body: bytes) -> str | None:
 @click.option("--limit", default=500, show_default=True, help="At most this many deliveries per pass.")
 def retry(limit: int, **settings: Any) -> None:
     """Reprocess failed deliveries (and ones a stopped process left received)."""
-    with _processor(settings) as processor:
+    with _processor(settings, create=False) as processor:  # nothing to retry in a store that does not exist
 
         def progress(row: Any, outcome: Any) -> None:
             if outcome.status == "processed":
@@ -265,7 +307,7 @@ def list_(url: str | None, status: str | None, limit: int) -> None:
 
     from ._adapter import SOURCE
 
-    with Ledger(_url(url)) as ledger:
+    with Ledger(_url(url), create=False) as ledger:
         inbox = Inbox(ledger, SOURCE)
         for row in inbox.listing(status=status, limit=limit):
             error = f"  {row.error_message}" if row.error_message else ""
@@ -274,9 +316,11 @@ def list_(url: str | None, status: str | None, limit: int) -> None:
     click.echo(", ".join(f"{k} {v}" for k, v in counts.items()) or "no deliveries")
 
 
-@click.command()
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_epilog())
 @_adapter_options
-@click.option("--api-key", envvar="LEMONSQUEEZY_API_KEY", required=True, help="A Lemon Squeezy API key.")
+@click.option(
+    "--api-key", envvar="LEMONSQUEEZY_API_KEY", show_envvar=True, required=True, help="A Lemon Squeezy API key."
+)
 @click.option("--store-id", default=None, help="Only this store's objects.")
 @click.option("--since-days", default=45, show_default=True, type=click.IntRange(1, 3660), help="Invoices this recent.")
 @click.option("--api-url", default=None, help="The API's base URL (default https://api.lemonsqueezy.com/v1).")

@@ -32,6 +32,9 @@ MAX_PAGE_SIZE = 100
 DEFAULT_MAX_PAGES = 1_000
 DEFAULT_MAX_RETRIES = 5
 DEFAULT_MAX_BACKOFF_S = 60.0
+#: How long to wait for a TCP/TLS connection to the API: a machine without a
+#: route fails at once, one whose packets vanish waits this long, once.
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
 REQUESTS_PER_MINUTE = 300
 #: The window the API's limit is counted in.
 RATE_WINDOW_S = 60.0
@@ -108,6 +111,7 @@ class LemonSqueezyClient:
         base_url: str = API_URL,
         transport: httpx.BaseTransport | None = None,
         timeout_s: float = 30.0,
+        connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
         max_retries: int = DEFAULT_MAX_RETRIES,
         max_backoff_s: float = DEFAULT_MAX_BACKOFF_S,
         bucket: TokenBucket | None = None,
@@ -115,13 +119,18 @@ class LemonSqueezyClient:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``sleep`` and ``clock`` (seconds, monotonic): every wait goes
-        through them, the bucket's too when it is the default one."""
+        through them, the bucket's too when it is the default one. Until the
+        API has answered once, a failure to connect is not retried: no
+        network, a wrong ``base_url`` or a firewall would otherwise keep the
+        caller waiting through every backoff before it hears why."""
         if not api_key or not isinstance(api_key, str):
             raise ValueError("a Lemon Squeezy API key is required")
         if not 0 <= max_retries <= 10:
             raise ValueError("max_retries must be 0..10")
         if not 0 < max_backoff_s <= 3_600:
             raise ValueError("max_backoff_s must be in (0, 3600]")
+        if not 0 < connect_timeout_s <= timeout_s:
+            raise ValueError("connect_timeout_s must be in (0, timeout_s]")
         self.base_url = base_url.rstrip("/")
         self.max_retries = max_retries
         self.max_backoff_s = max_backoff_s
@@ -132,11 +141,14 @@ class LemonSqueezyClient:
             (REQUESTS_PER_MINUTE - BURST) / RATE_WINDOW_S, BURST, clock=clock, sleep=sleep
         )
         self.requests = 0
+        #: Whether the API has answered at least once (connect errors are
+        #: retried only after that: they are then transient).
+        self.reached = False
         #: Seconds the next request waits first (few requests remaining).
         self._pace_s = 0.0
         self._http = httpx.Client(
             transport=transport,
-            timeout=timeout_s,
+            timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
             headers={"Authorization": f"Bearer {api_key}", "Accept": JSON_API, "Content-Type": JSON_API},
             follow_redirects=False,
         )
@@ -167,11 +179,22 @@ class LemonSqueezyClient:
             self.requests += 1
             try:
                 response = self._http.get(url, params=params)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                if not self.reached:
+                    raise LemonSqueezyApiError(
+                        f"cannot connect to {_origin(url)} (tried GET {url}): {type(exc).__name__}: "
+                        f"{exc or 'no answer'}; check the network, or the API's URL"
+                    ) from exc
+                if attempt == self.max_retries:
+                    raise LemonSqueezyApiError(f"GET {_path(url)} failed: {type(exc).__name__}: {exc}") from exc
+                self._sleep(self._backoff(attempt))
+                continue
             except httpx.TransportError as exc:
                 if attempt == self.max_retries:
                     raise LemonSqueezyApiError(f"GET {_path(url)} failed: {type(exc).__name__}: {exc}") from exc
                 self._sleep(self._backoff(attempt))
                 continue
+            self.reached = True
             self._note_remaining(response)
             status = response.status_code
             if status == 429 or status >= 500:
@@ -298,6 +321,11 @@ def _filters(**values: str | None) -> dict[str, str]:
 
 def _path(url: str) -> str:
     return urlsplit(url).path
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def _header_int(response: httpx.Response, name: str) -> int | None:

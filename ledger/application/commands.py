@@ -8,7 +8,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import cached_property
 from types import MappingProxyType
@@ -17,11 +17,12 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
 
-from ledger.clock import require_utc
+from ledger.clock import LATEST, require_utc
 from ledger.domain.checks import (
     MAX_LABEL_LENGTH,
     MAX_TEXT_LENGTH,
     check_amount,
+    check_expires_in,
     check_key,
     check_kind,
     check_optional_text,
@@ -35,7 +36,7 @@ from ledger.domain.credits import (
     entry_id_for,
     reservation_id_for,
 )
-from ledger.errors import InvalidAmount
+from ledger.errors import InvalidAmount, InvalidArgument
 
 if TYPE_CHECKING:
     from ledger.domain.credits import CreditAccount
@@ -45,9 +46,28 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+def _after(now: datetime, lifetime: timedelta) -> datetime:
+    """``now + lifetime``, within the times the ledger takes (``clock.LATEST``)."""
+    if lifetime >= LATEST - now:  # compared as durations: the sum itself may overflow
+        raise InvalidArgument(
+            f"expires_in {lifetime} from {now.isoformat()} is past {LATEST.isoformat()}, "
+            "the last time the ledger takes",
+            param="expires_in",
+        )
+    return now + lifetime
+
+
+def _duration(value: timedelta) -> str:
+    """ISO 8601, exact to the microsecond: ``PT3600S``, ``PT1.5S``."""
+    seconds, micros = divmod(value // timedelta(microseconds=1), 1_000_000)
+    return f"PT{seconds}.{micros:06d}".rstrip("0") + "S" if micros else f"PT{seconds}S"
+
+
 def _canonical(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, timedelta):
+        return _duration(value)
     if isinstance(value, UUID):
         return str(value)
     return value
@@ -181,8 +201,7 @@ class Command:
     key: str
 
     @cached_property
-    def fingerprint(self) -> str:
-        """A digest of the command's name and arguments (not its key)."""
+    def _canonical_text(self) -> str:
         body = {
             f.name: _canonical(getattr(self, f.name))
             for f in fields(self)
@@ -190,8 +209,20 @@ class Command:
             and f.name not in self.hints
             and not (f.metadata.get(ADDED_FIELD) and getattr(self, f.name) == f.default)
         }
-        text = json.dumps({"command": self.name, **body}, sort_keys=True, default=_json_default)
-        return hashlib.sha256(text.encode()).hexdigest()
+        return json.dumps({"command": self.name, **body}, sort_keys=True, default=_json_default)
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A digest of the command's name and arguments (not its key)."""
+        return hashlib.sha256(self._canonical_text.encode()).hexdigest()
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        """What the fingerprint digests, as JSON values: the command's name
+        and the arguments that make it this command (recorded with its key,
+        so that a conflicting reuse can say which of them differ)."""
+        arguments: dict[str, Any] = json.loads(self._canonical_text)
+        return arguments
 
     def reads(self) -> tuple[list[UUID], list[UUID]]:
         """The aggregate ids and the users' accounts ``apply`` will read
@@ -210,6 +241,18 @@ class Command:
         object.__setattr__(self, name, value)
 
 
+def differing_arguments(recorded: Mapping[str, Any], command: Mapping[str, Any]) -> tuple[str, ...]:
+    """The names whose values differ between two commands' ``arguments``.
+    Of one command, a name only one side has is a field added later that the
+    other left at its default: it differs. Of two commands, a field only one
+    of them has differs unless it is None there."""
+    same_command = recorded.get("command") == command.get("command")
+    missing = object() if same_command else None
+    return tuple(
+        sorted(name for name in {*recorded, *command} if recorded.get(name, missing) != command.get(name, missing))
+    )
+
+
 @dataclass(frozen=True)
 class GrantCredits(Command):
     name: ClassVar[str] = "grant"
@@ -221,6 +264,9 @@ class GrantCredits(Command):
     reference_id: str | None = field(default=None, kw_only=True)
     expires_at: datetime | None = field(default=None, kw_only=True)
     actor: str | None = field(default=None, kw_only=True)
+    #: The block's lifetime from the moment the grant is recorded, instead of
+    #: ``expires_at``: a retry is then the same command.
+    expires_in: timedelta | None = field(default=None, kw_only=True, metadata=ADDED)
 
     def __post_init__(self) -> None:
         self._normalise("key", check_key(self.key))
@@ -233,6 +279,14 @@ class GrantCredits(Command):
         self._normalise("actor", check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH))
         if self.expires_at is not None:
             self._normalise("expires_at", require_utc(self.expires_at, "expires_at"))
+        if self.expires_in is not None:
+            check_expires_in(self.expires_in)
+            if self.expires_at is not None:
+                raise InvalidArgument("give expires_at or expires_in, not both", param="expires_in")
+
+    def expiry(self, now: datetime) -> datetime | None:
+        """When the block lapses, for a grant recorded at ``now``."""
+        return self.expires_at if self.expires_in is None else _after(now, self.expires_in)
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         account = unit.account(self.user_id, open_missing=True)
@@ -244,7 +298,7 @@ class GrantCredits(Command):
             description=self.description,
             reference_type=self.reference_type,
             reference_id=self.reference_id,
-            expires_at=self.expires_at,
+            expires_at=self.expiry(unit.now),
             actor=self.actor,
             key=self.key,
             now=unit.now,
@@ -294,14 +348,30 @@ class ReserveCredits(Command):
     user_id: UUID = field(kw_only=True)
     job_id: UUID = field(kw_only=True)
     amount_credits: int = field(kw_only=True)
-    expires_at: datetime = field(kw_only=True)
+    #: When the hold expires; or else ``expires_in``.
+    expires_at: datetime | None = field(default=None, kw_only=True)
+    #: The hold's lifetime from the moment it is recorded: a worker's retry
+    #: is then the same command, where a recomputed ``expires_at`` is not.
+    expires_in: timedelta | None = field(default=None, kw_only=True, metadata=ADDED)
 
     def __post_init__(self) -> None:
         self._normalise("key", check_key(self.key))
         self._normalise("user_id", check_uuid(self.user_id, "user_id"))
         self._normalise("job_id", check_uuid(self.job_id, "job_id"))
         check_amount(self.amount_credits)
-        self._normalise("expires_at", require_utc(self.expires_at, "expires_at"))
+        if (self.expires_at is None) == (self.expires_in is None):
+            raise InvalidArgument("a hold needs expires_at or expires_in (exactly one of them)", param="expires_at")
+        if self.expires_at is not None:
+            self._normalise("expires_at", require_utc(self.expires_at, "expires_at"))
+        else:
+            check_expires_in(self.expires_in)
+
+    def expiry(self, now: datetime) -> datetime:
+        """When the hold expires, for a reserve recorded at ``now``."""
+        if self.expires_in is not None:
+            return _after(now, self.expires_in)
+        assert self.expires_at is not None  # one of the two, checked when built
+        return self.expires_at
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         account = unit.account(self.user_id)
@@ -310,7 +380,7 @@ class ReserveCredits(Command):
             reservation_id=reservation_id,
             job_id=self.job_id,
             amount=self.amount_credits,
-            expires_at=self.expires_at,
+            expires_at=self.expiry(unit.now),
             key=self.key,
             now=unit.now,
         )

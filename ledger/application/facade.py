@@ -6,7 +6,7 @@ import hashlib
 import itertools
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -48,7 +48,7 @@ from ledger.application.results import (
     subscription_view,
 )
 from ledger.application.unit import MAX_BATCH_COMMANDS, Engine
-from ledger.clock import Clock, SystemClock, require_utc
+from ledger.clock import Clock, SystemClock, moment_for
 from ledger.domain.checks import check_key, check_uuid
 from ledger.domain.credits import CreditAccount, CreditKind, Reservation, account_id_for
 from ledger.domain.plans import DEFAULT_CATALOG, Plan, PlanTerms, check_plan_name, check_terms, plan_id_for
@@ -64,7 +64,7 @@ from ledger.domain.subscriptions import (
 )
 from ledger.errors import ConfigurationError, InvalidArgument, UnknownAccount, UnknownReservation, ViewsBehind
 from ledger.storage.base import Backend
-from ledger.storage.config import StoreConfig, parse_url
+from ledger.storage.config import StoreConfig, parse_url, redact
 from ledger.storage.eventstore import LedgerApplication
 from ledger.storage.factory import open_backend
 from ledger.views.runner import Views
@@ -102,6 +102,7 @@ class Ledger:
         sync_user_credits: bool = False,
         sync_user_tier: bool = False,
         credit_policy: CreditPolicy | None = None,
+        create: bool = True,
     ) -> None:
         """``sync_views``: every command brings the read models up to date in
         this process before it returns (read-your-writes for the embedded
@@ -110,16 +111,21 @@ class Ledger:
         views keep ``users.tier`` and ``users.storage_quota`` on the user's
         entitled plan. ``credit_policy``: how
         subscription changes move credits (default: full upgrade difference,
-        subscription credits expire at the end of their period)."""
+        subscription credits expire at the end of their period).
+        ``create=False``: open only a store that exists (a mistyped path
+        raises ConfigurationError instead of creating an empty store)."""
         if type(max_attempts) is not int or not 1 <= max_attempts <= 100:
             raise InvalidArgument(
                 f"max_attempts must be an int within 1..100, got {max_attempts!r}", param="max_attempts"
             )
         _check_options(clock, credit_policy, sync_views=sync_views, sync_user_credits=sync_user_credits,
-                       sync_user_tier=sync_user_tier)  # fmt: skip
+                       sync_user_tier=sync_user_tier, create=create)  # fmt: skip
         self.config: StoreConfig = parse_url(url)
+        self.url = redact(url)
         self.backend: Backend = open_backend(self.config)
         self.clock: Clock = clock or SystemClock()
+        if not create:
+            self.backend.require_store()
         with self.backend.opening():
             try:
                 self.app = LedgerApplication(env=self.backend.eventsourcing_env())
@@ -138,6 +144,9 @@ class Ledger:
             max_attempts=max_attempts,
             policy=self.credit_policy,
         )
+
+    def __repr__(self) -> str:
+        return f"Ledger({self.url!r})"
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -197,8 +206,11 @@ class Ledger:
         reference_type: str | None = None,
         reference_id: str | None = None,
         expires_at: datetime | None = None,
+        expires_in: timedelta | None = None,
     ) -> Receipt:
-        """Adds credits; with ``expires_at`` they form a block that lapses then."""
+        """Adds credits; with ``expires_at`` (or ``expires_in``, counted from
+        when the grant is recorded, so that a retry is the same command) they
+        form a block that lapses then."""
         return self.execute(
             GrantCredits(
                 key=key,
@@ -209,6 +221,7 @@ class Ledger:
                 reference_type=reference_type,
                 reference_id=reference_id,
                 expires_at=expires_at,
+                expires_in=expires_in,
             )
         )
 
@@ -236,11 +249,27 @@ class Ledger:
             )
         )
 
-    def reserve(self, user_id: UUID, job_id: UUID, amount_credits: int, expires_at: datetime, *, key: str) -> Receipt:
-        """Holds credits for a job; ``receipt.reservation_id`` names the hold."""
+    def reserve(
+        self,
+        user_id: UUID,
+        job_id: UUID,
+        amount_credits: int,
+        expires_at: datetime | None = None,
+        *,
+        key: str,
+        expires_in: timedelta | None = None,
+    ) -> Receipt:
+        """Holds credits for a job until ``expires_at``, or for ``expires_in``
+        from when the hold is recorded (a worker's retry is then the same
+        command); ``receipt.reservation_id`` names the hold."""
         return self.execute(
             ReserveCredits(
-                key=key, user_id=user_id, job_id=job_id, amount_credits=amount_credits, expires_at=expires_at
+                key=key,
+                user_id=user_id,
+                job_id=job_id,
+                amount_credits=amount_credits,
+                expires_at=expires_at,
+                expires_in=expires_in,
             )
         )
 
@@ -260,12 +289,13 @@ class Ledger:
             AdjustCredits(key=key, user_id=user_id, delta_credits=delta_credits, reason=reason, actor=actor)
         )
 
-    def expire_holds(self, now: datetime | None = None) -> int:
+    def expire_holds(self, now: datetime | None = None, *, allow_future: bool = False) -> int:
         """Releases every hold whose ``expires_at`` has passed, and records the
         expiry of lapsed credits on those accounts. Returns the number of account
         events recorded (releases and expirations). For a scheduler; safe to run
-        concurrently and repeatedly."""
-        moment = self.clock.now() if now is None else require_utc(now, "now")
+        concurrently and repeatedly. ``now`` may not lie more than a minute
+        ahead of the clock (``TimeInFuture``) unless ``allow_future``."""
+        moment = moment_for(now, self.clock, allow_future=allow_future)
         due = sorted({user_id for user_id, expires_at in self._open_holds() if expires_at <= moment})
         recorded = 0
         for start in range(0, len(due), SWEEP_PAGE):
@@ -273,11 +303,12 @@ class Ledger:
         self._sync_views(recorded)
         return recorded
 
-    def record_due(self, user_ids: Iterable[UUID], now: datetime | None = None) -> int:
+    def record_due(self, user_ids: Iterable[UUID], now: datetime | None = None, *, allow_future: bool = False) -> int:
         """Records due hold releases and lapsed credit blocks for these accounts
         (any iterable of at most 10,000 user ids) in one transaction; returns
-        the number of account events recorded (releases and expirations)."""
-        moment = self.clock.now() if now is None else require_utc(now, "now")
+        the number of account events recorded (releases and expirations).
+        ``now`` as for ``expire_holds``."""
+        moment = moment_for(now, self.clock, allow_future=allow_future)
         users = _bounded(user_ids, "user_ids", "user ids", MAX_BATCH_COMMANDS)
         recorded = self.engine.sweep([check_uuid(u, "user_ids") for u in users], moment)
         self._sync_views(recorded)
@@ -505,16 +536,18 @@ class Ledger:
             terms = plan.terms if isinstance(plan, Plan) else None
         return entitlements_for(user_id, s, terms, now)
 
-    def tick(self, now: datetime | None = None) -> dict[str, int]:
+    def tick(self, now: datetime | None = None, *, allow_future: bool = False) -> dict[str, int]:
         """Performs what falls due: trial ends and renewals (when the policy
         auto-renews), expiries at period end, stale holds, lapsed credits.
-        Safe to run repeatedly and concurrently: every change is keyed."""
-        moment = self.clock.now() if now is None else require_utc(now, "now")
+        Safe to run repeatedly and concurrently: every change is keyed.
+        ``now`` may not lie more than a minute ahead of the clock
+        (``TimeInFuture``) unless ``allow_future`` (simulations)."""
+        moment = moment_for(now, self.clock, allow_future=allow_future)
         done = {"subscriptions": 0, "holds_and_lapses": 0}
         for chunk in _chunks(sorted(self._live_subscription_ids()), SWEEP_PAGE):
             for s in self.engine.reader.load(chunk).values():
                 done["subscriptions"] += self._catch_up_subscription(s, moment)
-        done["holds_and_lapses"] = self.expire_holds(moment)
+        done["holds_and_lapses"] = self.expire_holds(moment, allow_future=True)  # checked above
         lapsing = sorted(self._users_with_lapsed_grants(moment))
         for chunk in _chunks(lapsing, SWEEP_PAGE):
             done["holds_and_lapses"] += self.engine.sweep(chunk, moment)

@@ -24,6 +24,7 @@ from ledger.application.commands import (
     GrantCredits,
     Receipt,
     SpendCredits,
+    differing_arguments,
 )
 from ledger.clock import Clock
 from ledger.domain.credits import (
@@ -349,6 +350,7 @@ class Unit:
             command=c.name,
             fingerprint=c.fingerprint,
             receipt=fields,
+            arguments=c.arguments,
             timestamp=self.now,
         )
 
@@ -423,7 +425,10 @@ class Engine:
     @staticmethod
     def replay(record: CommandRecord, command: Command) -> Receipt:
         if record.fingerprint != command.fingerprint:
-            raise IdempotencyConflict(command.key, record.command, command.name)
+            # Records written before arguments were kept cannot say which differ.
+            recorded = record.arguments
+            differ = None if recorded is None else differing_arguments(recorded, command.arguments)
+            raise IdempotencyConflict(command.key, record.command, command.name, differ)
         return Receipt.model_validate({**record.receipt, "replayed": True})
 
     def execute(
@@ -442,7 +447,7 @@ class Engine:
         for c in commands:
             first = first_by_key.setdefault(c.key, c)
             if first.fingerprint != c.fingerprint:
-                raise IdempotencyConflict(c.key, first.name, c.name)
+                raise IdempotencyConflict(c.key, first.name, c.name, differing_arguments(first.arguments, c.arguments))
         # Keys are not looked up in advance: a fresh batch (the common case)
         # needs no look-up, and a re-run clashes on its first recorded key,
         # which triggers one bulk look-up of all of them below.

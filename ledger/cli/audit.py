@@ -27,9 +27,11 @@ def parse_moment(text: str) -> datetime:
     """ISO 8601 (``2026-03-01``, ``2026-03-01T12:00:00Z``, with an offset); no zone means UTC."""
     try:
         moment = datetime.fromisoformat(text)
+        return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
     except ValueError:
         raise InvalidArgument(f"not an ISO 8601 date or time: {text!r}") from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    except OverflowError:  # an offset that takes it past year 1 or 9999 in UTC
+        raise InvalidArgument(f"{text!r} is outside the range of times in UTC") from None
 
 
 if TYPE_CHECKING:
@@ -100,7 +102,7 @@ def audit(
 
     if from_position and checkpoint is None:
         raise click.UsageError("--from-position needs the --checkpoint file a previous run wrote at that position")
-    with Ledger(_url(url)) as ledger, _progress("replaying events", not quiet) as progress:
+    with Ledger(_url(url), create=False) as ledger, _progress("replaying events", not quiet) as progress:
         report = run_audit(
             ledger,
             from_position=from_position,
@@ -124,7 +126,7 @@ def balance(url: str | None, user_id: UUID, as_of: datetime, as_json: bool) -> N
     from ledger.application.facade import Ledger
     from ledger.audit.pointintime import balance_at
 
-    with Ledger(_url(url)) as ledger:
+    with Ledger(_url(url), create=False) as ledger:
         result = balance_at(ledger, user_id, as_of)
     if as_json:
         click.echo(result.model_dump_json(indent=2))
@@ -153,7 +155,7 @@ def statement(url: str | None, user_id: UUID, start: datetime, end: datetime, fm
     from ledger.application.facade import Ledger
     from ledger.audit.pointintime import statement as make_statement
 
-    with Ledger(_url(url)) as ledger:
+    with Ledger(_url(url), create=False) as ledger:
         result = make_statement(ledger, user_id, start, end)
     text = result.to_csv() if fmt == "csv" else result.to_json() if fmt == "json" else _statement_text(result)
     if output is None:
@@ -208,7 +210,7 @@ def digest(url: str | None, every: int, incremental: bool, as_json: bool, quiet:
     from ledger.application.facade import Ledger
     from ledger.audit.digest import digest as run_digest
 
-    with Ledger(_url(url)) as ledger, _progress("hashing events", not quiet) as progress:
+    with Ledger(_url(url), create=False) as ledger, _progress("hashing events", not quiet) as progress:
         result = run_digest(ledger, every=every, incremental=incremental, progress=progress)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -234,7 +236,7 @@ def verify(url: str | None, head: str, as_json: bool, quiet: bool) -> None:
     from ledger.audit.digest import verify as run_verify
 
     expected = DigestHead.parse(head)
-    with Ledger(_url(url)) as ledger, _progress("hashing events", not quiet) as progress:
+    with Ledger(_url(url), create=False) as ledger, _progress("hashing events", not quiet) as progress:
         result = run_verify(ledger, expected, progress=progress)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else "\n".join(result.describe()))
     sys.exit(0 if result.ok else 1)

@@ -9,7 +9,7 @@ from uuid import UUID
 from ledger.application.commands import Balance, Receipt
 from ledger.application.facade import Ledger
 from ledger.clock import ManualClock
-from ledger.errors import LedgerError
+from ledger.errors import ConfigurationError, LedgerError
 
 DEMO_START = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 DEMO_USER = UUID("00000000-0000-4000-8000-00000000a11c")
@@ -35,7 +35,16 @@ def run_demo(url: str, echo: Callable[[str], None] = print) -> Balance:
         return receipt
 
     with Ledger(url, clock=clock) as ledger:
-        echo(f"Ledger at {url}; account of user {user}\n")
+        # The story's ids, keys and clock are fixed: on a store that already
+        # holds events (an earlier run) its commands would replay receipts of
+        # another moment, and its ticks act on every subscription there.
+        recorded = ledger.app.recorder.max_notification_id() or 0
+        if recorded:
+            raise ConfigurationError(
+                f"the demo tells its story on an empty store; {ledger.url} already holds {recorded} events "
+                "(an earlier demo?). Give a new path, or no --url for a fresh temporary file"
+            )
+        echo(f"Ledger at {ledger.url}; account of user {user}\n")
         step(
             "starter plan grants 5000 credits, expiring in 30 days",
             ledger.grant(

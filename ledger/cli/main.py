@@ -16,10 +16,28 @@ import click
 
 from ledger.cli import audit as audit_commands
 from ledger.cli.common import URL_HELP, LedgerGroup, _url
-from ledger.errors import LedgerError
+from ledger.errors import InvalidArgument, LedgerError, TimeInFuture
+
+#: The environment variables the core's commands read, for ``--help``. A
+#: provider's commands name theirs in their own help (``webhooks --help``).
+ENVIRONMENT = (("LEDGER_URL", "the ledger URL of every command with --url (default sqlite:///pingvas-ledger.sqlite3)"),)
 
 
-@click.group(cls=LedgerGroup)
+def _epilog() -> str:
+    width = max(len(name) for name, _ in ENVIRONMENT)
+    # \b: click keeps the lines of this paragraph as they are.
+    lines = [f"  {n:<{width}}  {what}" for n, what in ENVIRONMENT]
+    return "\b\nEnvironment variables:\n" + "\n".join(lines) + "\n\nProvider commands list theirs in their own --help."
+
+
+def _version() -> str:
+    from ledger import __version__
+
+    return __version__
+
+
+@click.group(cls=LedgerGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_epilog())
+@click.version_option(_version(), "--version", "-V", prog_name="pingvas-ledger", message="%(prog)s %(version)s")
 def cli() -> None:
     """pingvas-ledger: an event-sourced credit ledger."""
 
@@ -37,14 +55,26 @@ def demo(url: str | None) -> None:
 
 
 @cli.command()
-@click.option("--schema", "schema_name", default="public", show_default=True, help="PostgreSQL schema.")
+@click.option("--schema", "schema_name", default=None, help="PostgreSQL schema (default public; PostgreSQL only).")
 @click.option("--dialect", type=click.Choice(["postgresql", "sqlite"]), default="postgresql", show_default=True)
-@click.option("--user-foreign-keys", is_flag=True, help="Reference the host's users(id) from user_id columns.")
-def schema(schema_name: str, dialect: str, user_foreign_keys: bool) -> None:
+@click.option(
+    "--user-foreign-keys", is_flag=True, help="Reference the host's users(id) from user_id columns (PostgreSQL only)."
+)
+def schema(schema_name: str | None, dialect: str, user_foreign_keys: bool) -> None:
     """Print the DDL of the tables the library owns (for a host's migration)."""
     from ledger.storage.factory import backend_class
 
-    click.echo(backend_class(dialect).ddl(schema_name, user_foreign_keys=user_foreign_keys))
+    if dialect == "sqlite":
+        # Options the SQLite DDL has no use for are refused, not ignored.
+        given = [
+            name for name, value in (("--schema", schema_name), ("--user-foreign-keys", user_foreign_keys)) if value
+        ]
+        if given:
+            raise click.UsageError(
+                f"{' and '.join(given)}: PostgreSQL only; the SQLite DDL has no schemas or host tables"
+            )
+    ddl = backend_class(dialect).ddl(schema_name or "public", user_foreign_keys=user_foreign_keys)
+    click.echo(ddl)
 
 
 @cli.command()
@@ -103,7 +133,7 @@ def rebuild(url: str | None, verify: bool, sync_user_credits: bool, sync_user_ti
     """Replay the event store into fresh view tables, then swap them in."""
     from ledger.application.facade import Ledger
 
-    with Ledger(_url(url), sync_user_credits=sync_user_credits, sync_user_tier=sync_user_tier) as ledger:
+    with Ledger(_url(url), sync_user_credits=sync_user_credits, sync_user_tier=sync_user_tier, create=False) as ledger:
         views = ledger.views
         head = views.projector.head()
         with click.progressbar(length=max(head, 1), label="replaying events", file=sys.stderr) as bar:
@@ -140,18 +170,36 @@ def rebuild(url: str | None, verify: bool, sync_user_credits: bool, sync_user_ti
 
 @cli.command()
 @click.option("--url", default=None, help=URL_HELP)
-@click.option("--now", "now_iso", default=None, help="Act as of this ISO-8601 UTC time (default: now).")
+@click.option(
+    "--now",
+    "now_iso",
+    default=None,
+    metavar="ISO-8601",
+    help="Act as of this time (no zone means UTC; default: now). At most a minute ahead of the clock.",
+)
 @click.option("--no-auto-renew", is_flag=True, help="Leave renewals to the payment provider's webhooks.")
 def tick(url: str | None, now_iso: str | None, no_auto_renew: bool) -> None:
     """Perform what falls due: trial ends, renewals, expiries, stale holds, lapsed credits."""
-    from datetime import UTC, datetime
-
     from ledger.application.facade import Ledger
+    from ledger.cli.audit import parse_moment
     from ledger.domain.subscriptions import CreditPolicy
 
-    now = datetime.fromisoformat(now_iso).astimezone(UTC) if now_iso else None
-    with Ledger(_url(url), credit_policy=CreditPolicy(auto_renew=not no_auto_renew)) as ledger:
-        done = ledger.tick(now)
+    try:
+        # The auditor's rule for every time the CLI reads: no zone means UTC.
+        now = parse_moment(now_iso) if now_iso is not None else None
+    except InvalidArgument as exc:
+        raise click.BadParameter(str(exc), param_hint="--now") from None
+    # A scheduler's tick on a mistyped path must not create an empty store
+    # and report that nothing was due.
+    with Ledger(_url(url), credit_policy=CreditPolicy(auto_renew=not no_auto_renew), create=False) as ledger:
+        try:
+            done = ledger.tick(now)
+        except TimeInFuture as exc:
+            raise click.BadParameter(
+                f"{exc.moment.isoformat()} is {exc.ahead} ahead of this machine's clock "
+                f"({exc.clock_now.isoformat()}); tick acts as of now or an earlier time, never the future",
+                param_hint="--now",
+            ) from None
         click.echo(
             f"subscription changes: {done['subscriptions']}; hold releases and expirations: {done['holds_and_lapses']}"
         )

@@ -4,6 +4,7 @@ InvalidArgument (InvalidAmount for credits) naming the argument. Pure."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from uuid import UUID
 
 from ledger.domain.credits import MAX_CREDITS, CreditKind
@@ -86,3 +87,17 @@ def check_kind(value: object, allowed: frozenset[CreditKind], command: str) -> C
         names = ", ".join(sorted(allowed))
         raise InvalidArgument(f"{command} kind must be one of {names}; got {value!r}", param="kind")
     return kind
+
+
+#: The longest lifetime ``expires_in`` may give a grant or a hold.
+MAX_EXPIRES_IN = timedelta(days=36_525)  # a hundred years
+
+
+def check_expires_in(value: object) -> timedelta:
+    if not isinstance(value, timedelta):
+        raise InvalidArgument(f"expires_in must be a timedelta, not {type(value).__name__}", param="expires_in")
+    if value <= timedelta(0):
+        raise InvalidArgument(f"expires_in must be a positive duration, got {value}", param="expires_in")
+    if value > MAX_EXPIRES_IN:
+        raise InvalidArgument(f"expires_in must be at most {MAX_EXPIRES_IN.days} days, got {value}", param="expires_in")
+    return value

@@ -600,12 +600,18 @@ class CommandRecord(Aggregate, created_event_name="Recorded"):
         command: str
         fingerprint: str
         receipt: dict[str, Any]
+        #: The command's canonical arguments (``Command.arguments``); None in
+        #: records written before they were kept.
+        arguments: dict[str, Any] | None = None
 
     class Snapshot(BaseSnapshot):
         TOPIC = f"{TOPIC_PREFIX}:CommandRecord.Snapshot"
 
-    def __init__(self, key: str, command: str, fingerprint: str, receipt: dict[str, Any]) -> None:
+    def __init__(
+        self, key: str, command: str, fingerprint: str, receipt: dict[str, Any], arguments: dict[str, Any] | None = None
+    ) -> None:
         self.key = key
         self.command = command
         self.fingerprint = fingerprint
         self.receipt = receipt
+        self.arguments = arguments

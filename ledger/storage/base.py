@@ -60,6 +60,13 @@ class Backend(ABC):
     def eventsourcing_env(self) -> dict[str, str]:
         """Settings for eventsourcing's infrastructure factory."""
 
+    #: The event store's table, as eventsourcing names it on this backend.
+    events_table: ClassVar[str] = ""
+
+    def require_store(self) -> None:  # noqa: B027  (a hook: memory has nothing to check)
+        """Raises ConfigurationError unless the store holds the ledger's event
+        table; creates nothing (no file, no schema). For ``Ledger(create=False)``."""
+
     @contextlib.contextmanager
     def opening(self) -> Iterator[None]:
         """Held while the event store is opened (and its tables created)."""

@@ -5,15 +5,18 @@ and ``memory://``. PostgreSQL takes the seed's pool settings unless the URL's
 query says otherwise:
 ``?schema=pingvas_dev&pool_size=5&max_overflow=10&pool_timeout_s=30&recycle_s=1800&pre_ping=true``,
 and ``pre_ping_window_s=0.5``: a connection handed out that recently is not
-pinged again (0 pings on every checkout).
+pinged again (0 pings on every checkout). libpq's connection options
+(``sslmode``, ``sslrootcert``, ``connect_timeout``, ``application_name``,
+``target_session_attrs``, … : ``LIBPQ_OPTIONS``) are passed through to every
+connection the ledger opens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any, Literal
+from urllib.parse import parse_qs, parse_qsl, unquote, urlencode, urlsplit
 
 from ledger.errors import ConfigurationError
 
@@ -27,6 +30,66 @@ SEED_PRE_PING = True
 PRE_PING_WINDOW_S = 0.5
 
 _IDENTIFIER_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_")
+
+#: The ledger's own options of a PostgreSQL URL's query string.
+LEDGER_OPTIONS = frozenset(
+    {"schema", "pool_size", "max_overflow", "pool_timeout_s", "recycle_s", "pre_ping", "pre_ping_window_s"}
+)
+#: libpq connection options a PostgreSQL URL may carry, passed to every
+#: connection. Left out: the URL's own parts (host, port, dbname, user,
+#: password), ``options`` and ``client_encoding`` (they change session
+#: settings the ledger's statements rely on: search_path, the encoding),
+#: ``service`` (a service file may name another server or database than the
+#: URL), ``replication`` and the deprecated ``requiressl``.
+LIBPQ_OPTIONS = frozenset(
+    {
+        "application_name",
+        "channel_binding",
+        "connect_timeout",
+        "fallback_application_name",
+        "gssdelegation",
+        "gssencmode",
+        "gsslib",
+        "hostaddr",
+        "keepalives",
+        "keepalives_count",
+        "keepalives_idle",
+        "keepalives_interval",
+        "krbsrvname",
+        "load_balance_hosts",
+        "passfile",
+        "require_auth",
+        "requirepeer",
+        "ssl_max_protocol_version",
+        "ssl_min_protocol_version",
+        "sslcert",
+        "sslcertmode",
+        "sslcompression",
+        "sslcrl",
+        "sslcrldir",
+        "sslkey",
+        "sslmode",
+        "sslnegotiation",
+        "sslpassword",
+        "sslrootcert",
+        "sslsni",
+        "target_session_attrs",
+        "tcp_user_timeout",
+    }
+)
+#: Options whose values are checked when the URL is read (libpq checks the
+#: others when it connects).
+_CHOICES = {
+    "sslmode": ("disable", "allow", "prefer", "require", "verify-ca", "verify-full"),
+    "target_session_attrs": ("any", "read-write", "read-only", "primary", "standby", "prefer-standby"),
+    "keepalives": ("0", "1"),
+    "gssencmode": ("disable", "prefer", "require"),
+    "channel_binding": ("disable", "prefer", "require"),
+    "load_balance_hosts": ("disable", "random"),
+}
+_WHOLE_SECONDS = ("keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout")
+#: Query parameters whose values are secrets: shown as *** in messages.
+_SECRET_OPTIONS = frozenset({"password", "sslpassword"})
 
 
 @dataclass(frozen=True)
@@ -45,6 +108,8 @@ class StoreConfig:
     recycle_s: float = SEED_RECYCLE_S
     pre_ping: bool = SEED_PRE_PING
     pre_ping_window_s: float = PRE_PING_WINDOW_S
+    #: libpq connection options from the URL (``LIBPQ_OPTIONS``), sorted.
+    pg_options: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     def conninfo(self) -> str:
         """A psycopg connection string for this store's PostgreSQL database."""
@@ -55,7 +120,16 @@ class StoreConfig:
         parts = {"host": self.pg_host, "port": str(self.pg_port), "dbname": self.pg_dbname, "user": self.pg_user}
         if self.pg_password:
             parts["password"] = self.pg_password
+        parts.update(self.pg_options)
         return make_conninfo(**parts)  # escapes quotes and backslashes
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for a connection the ledger opens itself: the
+        URL's connect_timeout, or else the pool's timeout as the connect
+        timeout."""
+        if any(name == "connect_timeout" for name, _ in self.pg_options):
+            return {}
+        return {"connect_timeout": round(self.pool_timeout_s)}
 
 
 def check_identifier(name: str, what: str) -> str:
@@ -67,16 +141,23 @@ def check_identifier(name: str, what: str) -> str:
 
 
 def redact(url: str) -> str:
-    """The URL with its password replaced, for messages and logs."""
+    """The URL with its password (and any ``password`` or ``sslpassword``
+    option) replaced, for messages, logs and reprs."""
     try:
         parts = urlsplit(url)
         password = parts.password
-    except ValueError:  # not parseable: show no more than its scheme
-        return f"{url.partition('://')[0]}://…"
-    if password is None:
-        return url
-    netloc = parts.netloc.replace(f":{password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+    except ValueError:  # not even a URL: show nothing that could be a secret
+        return "<unparsable URL>"
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    secret_query = any(name in _SECRET_OPTIONS for name, _ in query)
+    if password is None and not secret_query:
+        return url  # as given: urlunsplit would turn sqlite://// into sqlite://
+    if password is not None:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{password}@", ":***@", 1))
+    if secret_query:
+        shown = [(name, "***" if name in _SECRET_OPTIONS else value) for name, value in query]
+        parts = parts._replace(query=urlencode(shown, safe="*/:,"))
+    return parts.geturl()
 
 
 def parse_url(url: str) -> StoreConfig:
@@ -121,10 +202,13 @@ def _parse(url: str) -> StoreConfig:
 def _parse_postgres(url: str) -> StoreConfig:
     parts = urlsplit(url)
     query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-    known = {"schema", "pool_size", "max_overflow", "pool_timeout_s", "recycle_s", "pre_ping", "pre_ping_window_s"}
-    unknown = set(query) - known
+    unknown = set(query) - LEDGER_OPTIONS - LIBPQ_OPTIONS
     if unknown:
-        raise ConfigurationError(f"unknown PostgreSQL URL options {sorted(unknown)}; known: {sorted(known)}")
+        raise ConfigurationError(
+            f"unknown PostgreSQL URL options {sorted(unknown)}; known: the ledger's {sorted(LEDGER_OPTIONS)} "
+            f"and libpq's {sorted(LIBPQ_OPTIONS)}"
+        )
+    pg_options = _libpq_options({k: v for k, v in query.items() if k in LIBPQ_OPTIONS})
     dbname = unquote(parts.path.lstrip("/"))
     if not dbname:
         raise ConfigurationError(f"PostgreSQL URL names no database: {redact(url)!r}")
@@ -143,6 +227,7 @@ def _parse_postgres(url: str) -> StoreConfig:
             recycle_s=float(query.get("recycle_s", SEED_RECYCLE_S)),
             pre_ping=query.get("pre_ping", "true").lower() in ("1", "true", "yes", "y", "on"),
             pre_ping_window_s=float(query.get("pre_ping_window_s", PRE_PING_WINDOW_S)),
+            pg_options=pg_options,
         )
     except ValueError as exc:
         raise ConfigurationError(f"bad PostgreSQL URL option in {redact(url)!r}: {exc}") from None
@@ -153,3 +238,26 @@ def _parse_postgres(url: str) -> StoreConfig:
     if not 0 <= config.pre_ping_window_s <= 60:
         raise ConfigurationError("pre_ping_window_s must be 0..60 (0: ping on every checkout)")
     return config
+
+
+def _libpq_options(given: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """The libpq options of a URL, checked where a wrong value would
+    otherwise surface only at the first connection."""
+    for name, value in given.items():
+        choices = _CHOICES.get(name)
+        if choices is not None and value not in choices:
+            raise ConfigurationError(f"PostgreSQL URL option {name}={value!r} must be one of {', '.join(choices)}")
+        if name == "connect_timeout" and not (value.isdigit() and 1 <= int(value) <= 600):
+            # libpq reads 0 (and nonsense) as "wait for ever".
+            raise ConfigurationError(f"PostgreSQL URL option connect_timeout must be 1..600 seconds, got {value!r}")
+        if name in _WHOLE_SECONDS and not value.isdigit():
+            raise ConfigurationError(f"PostgreSQL URL option {name} must be a whole number >= 0, got {value!r}")
+    options = tuple(sorted(given.items()))
+    import psycopg  # loaded only for PostgreSQL URLs
+    from psycopg.conninfo import make_conninfo
+
+    try:
+        make_conninfo(**dict(options))  # libpq's own parse: an option this libpq does not know
+    except psycopg.ProgrammingError as exc:
+        raise ConfigurationError(f"PostgreSQL URL options refused by libpq {psycopg.pq.version()}: {exc}") from None
+    return options

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 class MemoryBackend(Backend):
     name = "memory"
 
+    def require_store(self) -> None:
+        return  # a store of its own, which nothing else could have written
+
     def eventsourcing_env(self) -> dict[str, str]:
         return {"PERSISTENCE_MODULE": "eventsourcing.popo"}
 

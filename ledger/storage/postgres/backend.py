@@ -5,6 +5,7 @@ connection pool with the seed's settings."""
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 from uuid import uuid4
@@ -16,7 +17,7 @@ from psycopg import sql
 from ledger.errors import ConfigurationError
 from ledger.storage.base import Backend, Wake
 from ledger.storage.ddl import postgres_ddl
-from ledger.storage.postgres.recorder import install_ping_window
+from ledger.storage.postgres.recorder import apply_connect_options, install_ping_window
 from ledger.storage.postgres.streams import PostgresReader
 from ledger.storage.postgres.viewstore import TRACKING_TABLE, PostgresViewStore
 from ledger.storage.streams import StreamReader
@@ -40,7 +41,9 @@ class PostgresBackend(Backend):
     def eventsourcing_env(self) -> dict[str, str]:
         c = self.config
         return {
-            "PERSISTENCE_MODULE": "eventsourcing.postgres",
+            # eventsourcing's factory, with the URL's libpq options on its pool.
+            "PERSISTENCE_MODULE": "ledger.storage.postgres.recorder:LedgerPostgresFactory",
+            "LEDGER_PG_OPTIONS": json.dumps(dict(c.pg_options)),
             "APPLICATION_RECORDER_TOPIC": "ledger.storage.postgres.recorder:LedgerPostgresRecorder",
             "POSTGRES_DBNAME": c.pg_dbname,
             "POSTGRES_HOST": c.pg_host,
@@ -61,6 +64,24 @@ class PostgresBackend(Backend):
             "POSTGRES_IDLE_IN_TRANSACTION_SESSION_TIMEOUT": "30",
         }
 
+    #: eventsourcing names the table after the application (``LedgerApplication.name``).
+    events_table = "ledger_events"
+
+    def require_store(self) -> None:
+        c = self.config
+        try:
+            with psycopg.connect(self.conninfo(), **c.connect_kwargs()) as conn:
+                found = conn.execute("SELECT to_regclass(%s)", (f'"{c.pg_schema}"."{self.events_table}"',))
+                exists = found.fetchone() not in (None, (None,))
+        except psycopg.Error as exc:
+            raise ConfigurationError(f"cannot reach PostgreSQL at {c.pg_host}:{c.pg_port}: {exc}".rstrip()) from exc
+        if not exists:
+            raise ConfigurationError(
+                f"no ledger store in database {c.pg_dbname!r} at {c.pg_host}:{c.pg_port}: "
+                f"there is no table {c.pg_schema}.{self.events_table} (nothing was created); "
+                "check --url or LEDGER_URL and its schema"
+            )
+
     def conninfo(self) -> str:
         """A psycopg connection string for this store's database."""
         return self.config.conninfo()
@@ -72,7 +93,7 @@ class PostgresBackend(Backend):
         several processes otherwise fails with "tuple concurrently updated"."""
         c = self.config
         try:
-            conn = psycopg.connect(self.conninfo(), connect_timeout=round(c.pool_timeout_s), autocommit=True)
+            conn = psycopg.connect(self.conninfo(), autocommit=True, **c.connect_kwargs())
         except psycopg.Error as exc:
             raise ConfigurationError(f"cannot reach PostgreSQL at {c.pg_host}:{c.pg_port}: {exc}") from exc
         with conn:
@@ -134,6 +155,7 @@ class PostgresBackend(Backend):
             pool_size=ASIDE_POOL_SIZE,
             max_overflow=ASIDE_POOL_SIZE,
         )
+        apply_connect_options(datastore, dict(c.pg_options))
         return PostgresViewStore(datastore, owns_datastore=True)
 
     def drop_aside(self, aside: ViewStore) -> None:

@@ -19,20 +19,26 @@ staging table and one INSERT … SELECT, then COMMIT.
 
 from __future__ import annotations
 
+import json
 import weakref
 from collections.abc import Callable, Sequence
-from time import monotonic
+from random import random
+from time import monotonic, sleep
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.persistence import InterfaceError, InternalError, OperationalError, StoredEvent
-from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
-from eventsourcing.utils import retry
+from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore, PostgresFactory
 from psycopg import sql
+from psycopg.errors import LockNotAvailable
 from psycopg.pq import TransactionStatus
 
 #: Saves of up to this many events use a VALUES list instead of arrays.
 VALUES_MAX_ROWS = 32
+#: Attempts at a save whose connection broke, and the wait between them
+#: (eventsourcing's own recorders retry so: ``retry(..., 10, wait=0.2)``).
+INSERT_ATTEMPTS = 10
+INSERT_RETRY_WAIT_S = 0.2
 
 
 def _literals_safe(conn: Any, stored_events: Sequence[StoredEvent]) -> bool:
@@ -51,6 +57,27 @@ def _text_literal(text: str) -> str:
     if "\x00" in text:
         raise InternalError("an event topic holds a NUL character")
     return "'" + text.replace("'", "''") + "'"
+
+
+def apply_connect_options(datastore: PostgresDatastore, options: dict[str, str]) -> None:
+    """Adds libpq connection options (sslmode, sslrootcert, …) to the
+    connections the datastore's pool opens. eventsourcing passes only host,
+    port, dbname, user and password; the pool has not connected yet (it
+    opens on first use), and it reads these keyword arguments on every
+    connect."""
+    kwargs = datastore.pool.kwargs
+    assert isinstance(kwargs, dict)
+    kwargs.update(options)
+
+
+class LedgerPostgresFactory(PostgresFactory):
+    """eventsourcing's PostgreSQL factory, with the ledger URL's libpq
+    options (``LEDGER_PG_OPTIONS``, JSON) on its pool, set before any
+    recorder connects."""
+
+    def __init__(self, env: Any) -> None:
+        super().__init__(env)
+        apply_connect_options(self.datastore, json.loads(self.env.get("LEDGER_PG_OPTIONS") or "{}"))
 
 
 class PingWindow:
@@ -180,10 +207,24 @@ class LedgerPostgresRecorder(PostgresApplicationRecorder):
         result: Sequence[int] | None = self._insert(stored_events, **kwargs)
         return result
 
-    # eventsourcing's connection context turns psycopg's errors into its own
-    # classes, so those are the ones to retry on.
-    @retry((InterfaceError, OperationalError), max_attempts=10, wait=0.2)
     def _insert(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+        """``_insert_once``, retried (as eventsourcing's ``retry`` decorator
+        on its recorders does: 10 attempts, 0.2 s apart) on a broken
+        connection, but not on a lock timeout: a save that waited
+        ``lock_timeout`` for the events table is raised at once, rather than
+        after ten such waits (100 s)."""
+        for attempt in range(1, INSERT_ATTEMPTS + 1):
+            try:
+                return self._insert_once(stored_events, **kwargs)
+            # eventsourcing's connection context turns psycopg's errors into
+            # its own classes (the psycopg error is the __cause__).
+            except (InterfaceError, OperationalError) as exc:
+                if attempt == INSERT_ATTEMPTS or isinstance(exc.__cause__, LockNotAvailable):
+                    raise
+            sleep(INSERT_RETRY_WAIT_S * (1 + 0.1 * (random() - 0.5)))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _insert_once(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
         if not stored_events:
             return []
         # The pool's connections are in autocommit mode; the transaction is

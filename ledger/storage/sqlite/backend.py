@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from typing import TYPE_CHECKING
 
+from ledger.errors import ConfigurationError
 from ledger.storage.base import Backend
 from ledger.storage.ddl import sqlite_ddl
 from ledger.storage.sqlite.streams import SQLiteReader
@@ -31,6 +34,25 @@ class SQLiteBackend(Backend):
     def path(self) -> Path:
         assert self.config.sqlite_path is not None  # parse_url guarantees it for sqlite URLs
         return self.config.sqlite_path
+
+    events_table = "stored_events"
+
+    def require_store(self) -> None:
+        path = self.path
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise ConfigurationError(
+                f"no ledger store at {path}: the file {what} (nothing was created); check --url or LEDGER_URL"
+            )
+        try:
+            with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+                found = conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (self.events_table,)
+                ).fetchone()
+        except sqlite3.Error as exc:
+            raise ConfigurationError(f"{path} is not a ledger store: {exc}") from exc
+        if found is None:
+            raise ConfigurationError(f"{path} is not a ledger store: it has no {self.events_table} table")
 
     def eventsourcing_env(self) -> dict[str, str]:
         return {
