@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -10,7 +11,8 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.sqlite import SQLiteDatastore, SQLiteTrackingRecorder
+from eventsourcing.persistence import OperationalError
+from eventsourcing.sqlite import SQLiteCursor, SQLiteDatastore, SQLiteTrackingRecorder, SQLiteTransaction
 
 from ._schema import SCHEMA_VERSION, sqlite_ddl
 from ._viewstore import ViewStore, ViewTx, naive_utc, normalise, tracking_for
@@ -59,7 +61,11 @@ class SQLiteViewStore(ViewStore):
 
     @contextmanager
     def transaction(self) -> Iterator[ViewTx]:
-        with self.datastore.transaction(commit=True) as cursor:
+        # BEGIN IMMEDIATE: the write lock is taken first, waiting up to the
+        # lock timeout. With a plain BEGIN a page reads the tracking row, then
+        # fails at once ("database is locked", the snapshot is stale) if another
+        # process committed a page in between, and never waits.
+        with self.datastore.get_connection(commit=True) as conn, _Immediate(conn, commit=True) as cursor, cursor:
             yield SQLiteViewTx(cursor, self.tracking)
 
     def migrate(self, *, user_foreign_keys: bool = False) -> int:
@@ -88,10 +94,22 @@ class SQLiteViewStore(ViewStore):
         self.datastore.close()
 
 
+class _Immediate(SQLiteTransaction):
+    """eventsourcing's SQLite transaction (which wraps driver errors in its
+    own), begun with BEGIN IMMEDIATE."""
+
+    def __enter__(self) -> SQLiteCursor:
+        cursor = self.connection.cursor()
+        try:
+            cursor.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            cursor.sqlite_cursor.close()
+            raise OperationalError(exc) from exc
+        return cursor
+
+
 def _statements(script: str) -> list[str]:
     """Splits a DDL script into statements; trigger bodies keep their semicolons."""
-    import sqlite3
-
     statements, current = [], ""
     for line in script.splitlines(keepends=True):
         current += line
