@@ -151,10 +151,8 @@ def _lifespan(app: Any) -> None:
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"], sent
 
 
-def test_simultaneous_copies_through_http_store_one_row(ledger_url: str) -> None:
-    if ledger_url == "memory://":
-        pytest.skip("one process's in-memory store: nothing concurrent to test")
-    with open_ledger(ledger_url, StoryClock(START)) as ledger:
+def test_simultaneous_copies_through_http_store_one_row(durable_url: str) -> None:
+    with open_ledger(durable_url, StoryClock(START)) as ledger:
         adapter = adapter_for(ledger)
         body = (FIXTURES / "order_created.json").read_bytes()
 

@@ -23,14 +23,6 @@ from tests.conftest import pg_base_url
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
-    url: str = request.getfixturevalue("pg_url")
-    return url
-
-
 def asides(config: StoreConfig) -> set[str]:
     """The rebuild asides that exist now: schemas, or SQLite files (not their leases or WAL)."""
     if config.backend == "postgresql":

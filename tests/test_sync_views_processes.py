@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import multiprocessing
 from collections import Counter
-from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -20,14 +19,6 @@ from ledger import Ledger, ManualClock, Receipt, ViewsBehind
 
 PROCESSES = 4
 COMMANDS = 60
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'shared.sqlite3'}"
-    url: str = request.getfixturevalue("pg_url")
-    return url
 
 
 def _commands_in_process(url: str, users: list[str], start: Any, queue: Any) -> None:
@@ -54,13 +45,13 @@ def _commands_in_process(url: str, users: list[str], start: Any, queue: Any) -> 
         queue.put(dict(outcomes))
 
 
-def test_processes_racing_to_project_raise_no_views_behind(shared_url: str) -> None:
-    with Ledger(shared_url) as ledger:
+def test_processes_racing_to_project_raise_no_views_behind(durable_url: str) -> None:
+    with Ledger(durable_url) as ledger:
         ledger.views.catch_up()  # schema and tables in place before the processes start
     users = [[str(uuid4()) for _ in range(COMMANDS)] for _ in range(PROCESSES)]
     ctx = multiprocessing.get_context("spawn")
     start, queue = ctx.Event(), ctx.Queue()
-    processes = [ctx.Process(target=_commands_in_process, args=(shared_url, mine, start, queue)) for mine in users]
+    processes = [ctx.Process(target=_commands_in_process, args=(durable_url, mine, start, queue)) for mine in users]
     for process in processes:
         process.start()
     start.set()
@@ -71,7 +62,7 @@ def test_processes_racing_to_project_raise_no_views_behind(shared_url: str) -> N
         process.join(timeout=60)
         assert process.exitcode == 0
     assert outcomes == Counter(ok=PROCESSES * COMMANDS)
-    with Ledger(shared_url) as ledger:
+    with Ledger(durable_url) as ledger:
         assert ledger.views.lag() == 0
         with ledger.views.store.transaction() as tx:
             [(rows,)] = tx.fetchall("SELECT COUNT(*) FROM credit_transactions")
