@@ -4,7 +4,11 @@ endpoint. See ``docs/lemonsqueezy.md``.
 
     from adapters.lemonsqueezy import LemonSqueezy, WebhookApp
     adapter = LemonSqueezy(ledger, signing_secret=os.environ["LEMONSQUEEZY_SIGNING_SECRET"])
-    app = WebhookApp(adapter)            # mount under /webhooks/lemonsqueezy
+    app.add_route("/webhooks/lemonsqueezy", WebhookApp(adapter), methods=["POST"])  # Starlette, FastAPI
+
+A route, not a mount: Starlette answers a mount's own path (no trailing
+slash) with a 307 redirect, and a redirected delivery is not received.
+``examples/lemonsqueezy_starlette.py`` is a whole application.
 """
 
 from ._adapter import IngestResult, LemonSqueezy, Processor, RetryReport

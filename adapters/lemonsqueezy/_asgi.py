@@ -28,8 +28,10 @@ Send = Callable[[Message], Awaitable[None]]
 
 
 class WebhookApp:
-    """``await app(scope, receive, send)``: mount it in Starlette or FastAPI
-    with ``app.mount("/webhooks/lemonsqueezy", WebhookApp(adapter))``.
+    """``await app(scope, receive, send)``: route to it in Starlette or FastAPI
+    with ``app.add_route("/webhooks/lemonsqueezy", WebhookApp(adapter),
+    methods=["POST"])``. Not ``app.mount``: a mount answers its own path
+    (without a trailing slash) with a 307 redirect, not with this endpoint.
 
     ``max_concurrency``: deliveries processed at once (each holds a worker
     thread and a database connection); more wait their turn. Keep it at or
