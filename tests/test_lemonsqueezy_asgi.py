@@ -187,9 +187,10 @@ def test_the_examples_plan_variants_are_read_strictly() -> None:
 
 
 def test_the_endpoint_is_routed_as_its_docstrings_say_not_mounted(adapter: LemonSqueezy) -> None:
-    import adapters.lemonsqueezy as package
     from starlette.applications import Starlette
     from starlette.routing import Mount
+
+    import adapters.lemonsqueezy as package
 
     for doc in (package.__doc__, WebhookApp.__doc__):
         assert doc is not None and 'add_route("/webhooks/lemonsqueezy", WebhookApp(adapter)' in " ".join(doc.split())

@@ -86,7 +86,7 @@ def test_secrets_of_the_lengths_lemon_squeezy_takes_are_accepted(ledger: Ledger,
 
 
 def test_an_api_key_given_as_the_secret_is_named() -> None:
-    with pytest.raises(ConfigurationError, match="6 to 40 characters.*got 740.*API key"):
+    with pytest.raises(ConfigurationError, match=r"6 to 40 characters.*got 740.*API key"):
         sign(b"{}", "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9." * 20)
 
 
