@@ -3,8 +3,18 @@
     pip install starlette uvicorn
     export LEMONSQUEEZY_SIGNING_SECRET=...            # the webhook's signing secret
     export LEDGER_URL=postgresql://app@db/pingvas?schema=pingvas_prod
+    export LEMONSQUEEZY_PLAN_VARIANTS=starter=1001/1002,pro=2001/2002,studio=3001/3002
     export LEMONSQUEEZY_CREDIT_PACKS=9001=1000,9002=5000
     uvicorn --factory examples.lemonsqueezy_starlette:create_app
+
+``LEMONSQUEEZY_PLAN_VARIANTS`` gives the seed's plans (``DEFAULT_CATALOG``:
+starter, pro, studio, enterprise) their Lemon Squeezy variant ids, monthly
+then yearly (either may be left out: ``studio=3001/``). The plans it names are
+defined with the seed's terms and those ids when the application starts
+(defining the same terms again changes nothing); a subscription to any other
+variant fails with ``UnknownVariant`` until its plan names it. A host with
+terms of its own defines its plans itself (``ledger.define_plan``) and leaves
+the variable unset.
 
 Then point the webhook in Lemon Squeezy (Settings » Webhooks) at
 ``https://<host>/webhooks/lemonsqueezy``. With FastAPI it is the same route:
@@ -19,18 +29,55 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from adapters.lemonsqueezy import LemonSqueezy, WebhookApp
-from ledger import CreditPolicy, Ledger
+from ledger import DEFAULT_CATALOG, CreditPolicy, Ledger
 
 
 def open_ledger(url: str | None = None) -> Ledger:
+    """The ledger, with the plans of ``$LEMONSQUEEZY_PLAN_VARIANTS`` defined."""
     # Lemon Squeezy's invoices renew subscriptions: the ledger's tick must not.
-    return Ledger(
+    ledger = Ledger(
         url or os.environ.get("LEDGER_URL", "sqlite:///pingvas-ledger.sqlite3"),
         credit_policy=CreditPolicy(auto_renew=False),
     )
+    try:
+        define_plans(ledger)
+    except BaseException:
+        ledger.close()
+        raise
+    return ledger
+
+
+def plan_variants(text: str | None = None) -> dict[str, tuple[str | None, str | None]]:
+    """``starter=1001/1002,pro=2001/2002``: plan name -> (monthly variant id, yearly variant id)."""
+    known = {terms.name for terms in DEFAULT_CATALOG}
+    variants: dict[str, tuple[str | None, str | None]] = {}
+    for pair in (text if text is not None else os.environ.get("LEMONSQUEEZY_PLAN_VARIANTS", "")).split(","):
+        if not pair.strip():
+            continue
+        name, equals, ids = (part.strip() for part in pair.partition("="))
+        monthly, _, yearly = (part.strip() for part in ids.partition("/"))
+        if not equals or name not in known or not (monthly or yearly):
+            raise ValueError(
+                f"LEMONSQUEEZY_PLAN_VARIANTS: {pair.strip()!r} is not <plan>=<monthly id>/<yearly id> "
+                f"with a plan of {sorted(known)}"
+            )
+        variants[name] = (monthly or None, yearly or None)
+    return variants
+
+
+def define_plans(ledger: Ledger, variants: dict[str, tuple[str | None, str | None]] | None = None) -> None:
+    """The seed's plans named in ``variants`` (default: ``$LEMONSQUEEZY_PLAN_VARIANTS``), with their variant ids."""
+    chosen = plan_variants() if variants is None else variants
+    for terms in DEFAULT_CATALOG:
+        if terms.name in chosen:
+            monthly, yearly = chosen[terms.name]
+            ledger.define_plan(
+                replace(terms, lemon_squeezy_variant_id_monthly=monthly, lemon_squeezy_variant_id_yearly=yearly)
+            )
 
 
 def credit_packs(text: str | None = None) -> dict[str, int]:
@@ -55,7 +102,8 @@ def webhook_app(ledger: Ledger, secret: str | None = None) -> WebhookApp:
 
 
 def create_app(ledger: Ledger | None = None, secret: str | None = None) -> Any:
-    """A Starlette application with the endpoint mounted (``uvicorn --factory``).
+    """A Starlette application with the endpoint routed (``uvicorn --factory``).
+    Without ``ledger``, it opens one from the environment (``open_ledger``).
     The ledger is closed when the application shuts down."""
     try:
         from starlette.applications import Starlette

@@ -82,6 +82,17 @@ def ledger_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
         yield from fresh_pg_schema()
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def durable_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The backends a second connection, thread or process shares: what a test
+    of concurrency or of opening a store by its URL needs (``memory://`` is one
+    ``Ledger``'s alone)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('ledger') / 'ledger.sqlite3'}"
+    else:
+        yield from fresh_pg_schema()
+
+
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock(START)

@@ -140,6 +140,59 @@ def test_a_hold_closed_twice_in_the_views_is_named(ledger: Ledger, clock: Manual
     assert_names(report, "view", str(users["released"]), "status is 'settled'", "refunded")
 
 
+def _forge_transaction(ledger: Ledger, user: UUID, log_position: int, when: object) -> UUID:
+    """A credit_transactions row no event produced, at ``log_position``."""
+    forged = uuid4()
+    with ledger.views.store.transaction() as tx:
+        tx.execute(
+            "INSERT INTO credit_transactions (id, user_id, amount, type, balance_after, created_at, log_position) "
+            "VALUES (%s, %s, 1000000, 'bonus', 1000000, %s, %s)",
+            [str(forged), str(user), when, log_position],
+        )
+    return forged
+
+
+@pytest.mark.parametrize("where", ["far past the head", "at an event the views have not projected"])
+def test_a_row_past_the_views_position_is_named(ledger: Ledger, clock: ManualClock, where: str) -> None:
+    users = story(ledger, clock)
+    if where == "far past the head":
+        position = 1_000_000
+    else:
+        ledger.grant(users["bob"], 10, "bonus", key=f"{users['bob']}:late")  # recorded, not projected
+        position = ledger.app.recorder.max_notification_id()
+    assert position > ledger.views.position()
+    forged = _forge_transaction(ledger, users["bob"], position, clock.now())
+    report = audit(ledger)
+    assert not report.ok
+    assert_names(report, "view", str(forged), "past the views' position", str(position), str(users["bob"]))
+    assert checks_named(report) == {"view"}
+
+
+def test_rows_a_projector_writes_during_the_audit_are_not_taken_for_forgeries(
+    ledger: Ledger, clock: ManualClock
+) -> None:
+    story(ledger, clock)
+    ledger.grant(uuid4(), 10, "bonus", key=f"{uuid4()}:late")  # recorded, not projected yet
+    found_at = ledger.views.position()
+    report = audit(ledger, page_events=1, progress=lambda position, head: ledger.views.catch_up())
+    # (Other tables can differ from what the audit read: audit a quiet store.)
+    assert not [f for f in report.findings if "past the views' position" in f.message], report.render()
+    assert report.views_position == found_at < report.head
+    assert any(f"moved from position {found_at} to {report.head}" in note for note in report.notes)
+
+
+def test_many_rows_past_the_views_position_are_counted(ledger: Ledger, clock: ManualClock) -> None:
+    from ledger.audit.checks.views import MAX_NAMED_EXTRAS
+
+    users = story(ledger, clock)
+    for n in range(MAX_NAMED_EXTRAS + 3):
+        _forge_transaction(ledger, users["alice"], 1_000_000 + n, clock.now())
+    report = audit(ledger)
+    named = [f for f in report.findings if "past the views' position" in f.message and f.position is not None]
+    assert len(named) == MAX_NAMED_EXTRAS
+    assert_names(report, "view", "3 more rows past the views' position")
+
+
 def test_edited_balances_and_missing_rows_are_named(ledger: Ledger, clock: ManualClock) -> None:
     users = story(ledger, clock)
     with ledger.views.store.transaction() as tx:

@@ -76,3 +76,28 @@ def test_rebuild_prints_checksums_and_verify_finds_an_edited_row(durable_url: st
     assert "999" in result.stdout
     ledger_cli("rebuild", "--url", durable_url)  # the swap repairs it
     assert ledger_cli("rebuild", "--verify", "--url", durable_url).returncode == 0
+
+
+def test_verify_lists_the_rows_of_views_whose_position_was_set_back(durable_url: str) -> None:
+    users = [uuid4() for _ in range(3)]
+    with Ledger(durable_url, sync_views=True) as ledger:
+        for user in users:
+            ledger.grant(user, 100, "bonus", key=f"{user}:g")
+        first_grant_at = ledger.views.position()
+        ledger.spend(users[0], 30, key=f"{users[0]}:s")
+        with ledger.views.store.transaction() as tx:
+            [(position,)] = tx.fetchall("SELECT log_position FROM credit_transactions WHERE amount = -30")
+            tracking = "ledger_views_tracking" if ledger.config.backend == "postgresql" else "tracking"
+            tx.execute(f"UPDATE {tracking} SET notification_id = %s", [first_grant_at])
+    result = ledger_cli("rebuild", "--verify", "--url", durable_url, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    # The row the views hold past their position, as it is live and missing from the rebuild.
+    (spend,) = [line for line in result.stdout.splitlines() if line.startswith("- credit_transactions")]
+    assert '"api_use"' in spend and spend.endswith(f", {position}]")
+    # Stopped at the event the set-back position makes it project again
+    # (ViewsStalled), naming the database's refusal.
+    (stuck,) = [line for line in result.stdout.splitlines() if "cannot move past" in line]
+    assert f"cannot move past position {first_grant_at}: " in stuck
+    assert "IntegrityError" in stuck or "UniqueViolation" in stuck
+    assert "differing rows" in result.stdout

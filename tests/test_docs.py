@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import doctest
+import re
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
+import psycopg
 import pytest
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -25,3 +28,65 @@ def test_doc_examples_pass(path: Path) -> None:
         verbose=False,
     )
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {path.name} failed"
+
+
+README = DOCS.parent / "README.md"
+
+
+def test_the_readme_lists_every_doc() -> None:
+    index = README.read_text().split("## Documentation", 1)[1].split("\n## ", 1)[0]
+    assert [p.name for p in DOC_FILES if f"`docs/{p.name}`" not in index] == []
+
+
+def alembic_recipe() -> str:
+    text = (DOCS / "operations.md").read_text()
+    return text.split("### In an Alembic migration", 1)[1].split("\n### ", 1)[0]
+
+
+def test_the_alembic_recipe_records_the_current_schema_version() -> None:
+    from ledger.storage.ddl import SCHEMA_VERSION
+
+    recipe = alembic_recipe()
+    assert set(re.findall(r"pingvas_ledger_schema_v(\d+)\.sql", recipe)) == {str(SCHEMA_VERSION)}
+    assert re.findall(r"pingvas-ledger schema version (\d+)", recipe) == [str(SCHEMA_VERSION)]
+    assert re.findall(r"VALUES \((\d+), now\(\)", recipe) == [str(SCHEMA_VERSION)]
+
+
+@pytest.mark.postgres
+def test_the_alembic_recipe_leaves_migrate_nothing_to_record(pg_url: str) -> None:
+    """The revision's two statements, run as Alembic would, then `migrate`."""
+    from ledger import Ledger
+    from ledger.storage.ddl import SCHEMA_VERSION, postgres_ddl
+    from tests.conftest import pg_base_url
+
+    schema = parse_qs(urlsplit(pg_url).query)["schema"][0]
+    (insert,) = re.findall(r'op\.execute\(\s*"(INSERT INTO .*?)"\s*"(.*?)"\s*\)', alembic_recipe(), re.S)
+    with psycopg.connect(pg_base_url()) as conn, conn.transaction():
+        conn.execute(postgres_ddl(schema))
+        conn.execute("".join(insert).replace("pingvas_prod.", f'"{schema}".'))
+    with Ledger(pg_url) as ledger:
+        assert ledger.views.store.migrate() == SCHEMA_VERSION
+        with ledger.views.store.transaction() as tx:
+            assert tx.fetchall("SELECT version FROM ledger_schema_version") == [(SCHEMA_VERSION,)]
+
+
+def test_the_schema_doc_gives_the_current_version_and_no_document_outside_the_repository() -> None:
+    from ledger.storage.ddl import SCHEMA_VERSION, postgres_ddl, sqlite_ddl
+
+    schema_doc = (DOCS / "schema.md").read_text()
+    assert f"| `SCHEMA_VERSION` | `{SCHEMA_VERSION}`." in schema_doc
+    for name, text in [*((p.name, p.read_text()) for p in DOC_FILES), ("DDL", postgres_ddl("x") + sqlite_ddl())]:
+        assert not re.search(r"design document|seed section|sections? \d", text), name
+
+
+def test_every_public_name_is_documented() -> None:
+    import ledger
+
+    reference = (DOCS / "api.md").read_text() + (DOCS / "auditing.md").read_text()
+    missing = [n for n in ledger.__all__ if not re.search(rf"\b{re.escape(n)}\b", reference)]
+    assert missing == []
+    for name in ("api.md", "errors.md"):
+        assert "not described here yet" not in (DOCS / name).read_text(), name
+    errors = (DOCS / "errors.md").read_text()
+    for error in ("UnknownPlan", "UnknownSubscription", "SubscriptionExists", "InvalidTransition"):
+        assert f"| `{error}` |" in errors, error

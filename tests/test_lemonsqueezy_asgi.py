@@ -13,7 +13,18 @@ import pytest
 
 from adapters.lemonsqueezy import LemonSqueezy, WebhookApp
 from ledger import Ledger
-from tests.lemonsqueezy_support import FIXTURES, SECRET, START, StoryClock, adapter_for, headers_for, open_ledger
+from tests.lemonsqueezy_support import (
+    FIXTURES,
+    PACKS,
+    SECRET,
+    START,
+    USER,
+    VARIANTS,
+    StoryClock,
+    adapter_for,
+    headers_for,
+    open_ledger,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 URL = "http://testserver/webhooks/lemonsqueezy"
@@ -136,6 +147,64 @@ def test_the_example_is_importable_and_mounts_the_endpoint(ledger_url: str) -> N
         assert closed == [True]  # the application's shutdown closes the ledger
 
 
+def test_the_example_configured_from_the_environment_applies_the_repositorys_fixtures(
+    durable_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started as ``uvicorn --factory`` starts it: everything from the environment."""
+    monkeypatch.setenv("LEDGER_URL", durable_url)
+    monkeypatch.setenv("LEMONSQUEEZY_SIGNING_SECRET", SECRET)
+    monkeypatch.setenv("LEMONSQUEEZY_PLAN_VARIANTS", ",".join(f"{p}={m}/{y}" for p, (m, y) in VARIANTS.items()))
+    monkeypatch.setenv("LEMONSQUEEZY_CREDIT_PACKS", ",".join(f"{v}={c}" for v, c in PACKS.items()))
+    example = runpy.run_path(str(ROOT / "examples" / "lemonsqueezy_starlette.py"))
+    app = example["create_app"]()
+    names = ["subscription_created", "subscription_payment_success", "order_created", "license_key_created"]
+    try:
+        responses = post_all(app, [post((FIXTURES / f"{name}.json").read_bytes()) for name in names])
+    finally:
+        _lifespan(app)  # closes the example's ledger
+    assert [(r.status_code, r.json()["processing"]) for r in responses] == [(200, "processed")] * 4, [
+        r.json() for r in responses
+    ]
+    with Ledger(durable_url) as ledger:
+        subscription = ledger.subscription_of(USER)
+        assert subscription is not None and (subscription.plan, subscription.status) == ("starter", "active")
+        assert ledger.balance(USER).balance_credits == 5000 + 1000  # the invoice's period, and the pack
+        assert ledger.plan("pro").lemon_squeezy_variant_id_yearly == "2002"
+
+
+def test_the_examples_plan_variants_are_read_strictly() -> None:
+    example = runpy.run_path(str(ROOT / "examples" / "lemonsqueezy_starlette.py"))
+    plan_variants = example["plan_variants"]
+    assert plan_variants(" starter=1001/1002, studio=3001/ ,pro=/2002") == {
+        "starter": ("1001", "1002"),
+        "studio": ("3001", None),
+        "pro": (None, "2002"),
+    }
+    assert plan_variants("") == {}
+    for bad in ("starter", "gold=1/2", "starter=/", "starter:1001"):
+        with pytest.raises(ValueError, match="LEMONSQUEEZY_PLAN_VARIANTS"):
+            plan_variants(bad)
+
+
+def test_the_endpoint_is_routed_as_its_docstrings_say_not_mounted(adapter: LemonSqueezy) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    import adapters.lemonsqueezy as package
+
+    for doc in (package.__doc__, WebhookApp.__doc__):
+        assert doc is not None and 'add_route("/webhooks/lemonsqueezy", WebhookApp(adapter)' in " ".join(doc.split())
+    # What they advise, tried: the route answers the URL given to Lemon Squeezy, a mount redirects it.
+    routed = Starlette()
+    routed.add_route("/webhooks/lemonsqueezy", WebhookApp(adapter), methods=["POST"])
+    mounted = Starlette(routes=[Mount("/webhooks/lemonsqueezy", WebhookApp(adapter))])
+    body = (FIXTURES / "order_created.json").read_bytes()
+    (answered,) = post_all(routed, [post(body)])
+    (redirected,) = post_all(mounted, [post(body)])
+    assert answered.status_code == 200 and answered.json()["processing"] == "processed"
+    assert redirected.status_code == 307 and redirected.headers["location"].endswith("/webhooks/lemonsqueezy/")
+
+
 def _lifespan(app: Any) -> None:
     """Runs an application's startup and shutdown, as an ASGI server does."""
     messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
@@ -151,10 +220,8 @@ def _lifespan(app: Any) -> None:
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"], sent
 
 
-def test_simultaneous_copies_through_http_store_one_row(ledger_url: str) -> None:
-    if ledger_url == "memory://":
-        pytest.skip("one process's in-memory store: nothing concurrent to test")
-    with open_ledger(ledger_url, StoryClock(START)) as ledger:
+def test_simultaneous_copies_through_http_store_one_row(durable_url: str) -> None:
+    with open_ledger(durable_url, StoryClock(START)) as ledger:
         adapter = adapter_for(ledger)
         body = (FIXTURES / "order_created.json").read_bytes()
 

@@ -91,11 +91,16 @@ def ledger(ledger_url: str) -> Iterator[Ledger]:
         yield opened
 
 
-def test_many_customers_stories_at_once(ledger: Ledger) -> None:
+@pytest.fixture
+def shared_ledger(durable_url: str) -> Iterator[Ledger]:
+    with open_ledger(durable_url, StoryClock(BEFORE)) as opened:
+        yield opened
+
+
+def test_many_customers_stories_at_once(shared_ledger: Ledger) -> None:
     """Twelve customers' whole stories, four threads, each thread delivering
     its customers' events in order; the clock held before the story."""
-    if ledger.config.backend == "memory":
-        pytest.skip("one process's in-memory store")
+    ledger = shared_ledger
     adapter = adapter_for(ledger)
     customers = [
         Builder(user=uuid4(), subscription=str(890000 + i), customer=780000 + i, offset=1000 * (i + 1))

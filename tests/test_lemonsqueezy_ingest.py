@@ -22,6 +22,7 @@ from ledger.storage.eventstore import LedgerApplication
 from tests.conftest import fresh_pg_schema
 from tests.lemonsqueezy_support import (
     FIXTURES,
+    PACKS,
     R1,
     SECRET,
     USER,
@@ -70,10 +71,23 @@ def test_fixture_bodies_are_signed_over_their_exact_bytes() -> None:
     assert not verify(body, signature[:-1], SECRET)
 
 
-@pytest.mark.parametrize("secret", ["", None, "short"])
+@pytest.mark.parametrize("secret", ["", None, "short", "x" * 41, "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9." * 20])
 def test_no_secret_is_a_configuration_error(ledger: Ledger, secret: Any) -> None:
     with pytest.raises(ConfigurationError, match="signing secret"):
         LemonSqueezy(ledger, signing_secret=secret)
+
+
+@pytest.mark.parametrize("length", [6, 40])
+def test_secrets_of_the_lengths_lemon_squeezy_takes_are_accepted(ledger: Ledger, length: int) -> None:
+    secret = "s" * length
+    adapter = LemonSqueezy(ledger, signing_secret=secret, credit_packs=PACKS)
+    body = (FIXTURES / "order_created.json").read_bytes()
+    assert adapter.ingest(body, headers_for(body, secret)).http_status == 200
+
+
+def test_an_api_key_given_as_the_secret_is_named() -> None:
+    with pytest.raises(ConfigurationError, match=r"6 to 40 characters.*got 740.*API key"):
+        sign(b"{}", "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9." * 20)
 
 
 def test_a_ledger_that_renews_by_itself_is_refused(ledger_url: str) -> None:
@@ -280,11 +294,9 @@ def test_an_outcome_that_cannot_be_recorded_for_a_row_on_disk_is_a_200(
     assert rows(adapter)[0].status == "received"
 
 
-def test_two_copies_at_once_store_one_row(ledger_url: str, tmp_path: Any) -> None:
+def test_two_copies_at_once_store_one_row(durable_url: str, tmp_path: Any) -> None:
     """Concurrent duplicates (Lemon Squeezy's retry racing a slow first try)."""
-    if ledger_url == "memory://":
-        pytest.skip("one process's in-memory store: nothing concurrent to test")
-    with open_ledger(ledger_url, StoryClock(STORY_START)) as ledger:
+    with open_ledger(durable_url, StoryClock(STORY_START)) as ledger:
         adapter = adapter_for(ledger)
         bodies = []
         for i in range(6):

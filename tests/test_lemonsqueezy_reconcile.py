@@ -425,13 +425,11 @@ def test_reconcile_claws_back_refunds_of_invoices_older_than_the_window(
         assert Reconciler(adapter.processor, client, store_id="41205", since_days=since_days).run().changes == []
 
 
-def test_the_reconcile_command(ledger_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
-    if ledger_url == "memory://":
-        pytest.skip("the command opens the ledger from its URL")
+def test_the_reconcile_command(durable_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     from adapters.lemonsqueezy import _client
     from ledger.cli.main import cli
 
-    with open_ledger(ledger_url, StoryClock(START)) as ledger:
+    with open_ledger(durable_url, StoryClock(START)) as ledger:
         adapter = adapter_for(ledger)
         b = Builder()
         first = b.subscription_event("subscription_created", updated=START, renews_at=R1)
@@ -444,7 +442,7 @@ def test_the_reconcile_command(ledger_url: str, monkeypatch: pytest.MonkeyPatch,
         return original(api_key, transport=httpx.MockTransport(handler), **kw)
 
     monkeypatch.setattr(_client, "LemonSqueezyClient", mocked)
-    result = CliRunner().invoke(cli, ["reconcile", "--url", ledger_url, "--api-key", "k"])
+    result = CliRunner().invoke(cli, ["reconcile", "--url", durable_url, "--api-key", "k"])
     assert result.exit_code == 0, result.output
     assert "subscription 880001: applied the current snapshot" in result.output
     assert (

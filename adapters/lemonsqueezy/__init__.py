@@ -4,7 +4,11 @@ endpoint. See ``docs/lemonsqueezy.md``.
 
     from adapters.lemonsqueezy import LemonSqueezy, WebhookApp
     adapter = LemonSqueezy(ledger, signing_secret=os.environ["LEMONSQUEEZY_SIGNING_SECRET"])
-    app = WebhookApp(adapter)            # the endpoint of a route (docs/lemonsqueezy.md)
+    app.add_route("/webhooks/lemonsqueezy", WebhookApp(adapter), methods=["POST"])  # Starlette, FastAPI
+
+A route, not a mount: Starlette answers a mount's own path (no trailing
+slash) with a 307 redirect, and a redirected delivery is not received.
+``examples/lemonsqueezy_starlette.py`` is a whole application.
 """
 
 from adapters.webhooks import IngestResult, WebhookApp

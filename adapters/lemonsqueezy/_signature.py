@@ -19,9 +19,11 @@ import hmac
 from ledger import ConfigurationError
 
 SIGNATURE_HEADER = "x-signature"
-#: Lemon Squeezy lets a signing secret be 6 to 40 characters long.
+#: Lemon Squeezy's webhook form takes a signing secret of 6 to 40
+#: characters: a value outside that range cannot be the webhook's secret (a
+#: longer one is most often the API key, given in its place).
 MIN_SECRET_LENGTH = 6
-MAX_SECRET_LENGTH = 256
+MAX_SECRET_LENGTH = 40
 _HEX_DIGEST_LENGTH = 64
 
 
@@ -31,8 +33,10 @@ def check_secret(secret: object) -> bytes:
     if not isinstance(secret, str) or not secret:
         raise ConfigurationError("a Lemon Squeezy signing secret is required (the webhook's 'Signing secret')")
     if not MIN_SECRET_LENGTH <= len(secret) <= MAX_SECRET_LENGTH:
+        hint = " (an API key is not the webhook's signing secret)" if len(secret) > MAX_SECRET_LENGTH else ""
         raise ConfigurationError(
-            f"the signing secret must be {MIN_SECRET_LENGTH} to {MAX_SECRET_LENGTH} characters, got {len(secret)}"
+            f"the signing secret must be {MIN_SECRET_LENGTH} to {MAX_SECRET_LENGTH} characters, as Lemon Squeezy's "
+            f"webhook form takes it, got {len(secret)}{hint}"
         )
     return secret.encode("utf-8")
 

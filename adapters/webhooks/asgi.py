@@ -38,8 +38,10 @@ class Receiver(Protocol):
 
 
 class WebhookApp:
-    """``await app(scope, receive, send)``: serve it from Starlette or
-    FastAPI as the endpoint of a route (``docs/lemonsqueezy.md`` shows how).
+    """``await app(scope, receive, send)``: route to it in Starlette or FastAPI
+    with ``app.add_route("/webhooks/lemonsqueezy", WebhookApp(adapter),
+    methods=["POST"])``. Not ``app.mount``: a mount answers its own path
+    (without a trailing slash) with a 307 redirect, not with this endpoint.
 
     ``max_concurrency``: deliveries processed at once (each holds a worker
     thread and a database connection); more wait their turn. Keep it at or

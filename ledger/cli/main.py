@@ -144,8 +144,9 @@ def rebuild(url: str | None, verify: bool, sync_user_credits: bool, sync_user_ti
                 seen[0] = p.position
 
             until = None
+            stuck = None
             if verify:
-                views.catch_up()  # live up to date, then the rebuild stops at the same place
+                stuck = _bring_up_to_date(views)  # then the rebuild stops at the same place
                 until = views.position()
             aside = views.build_aside(progress, until=until)
         try:
@@ -159,13 +160,28 @@ def rebuild(url: str | None, verify: bool, sync_user_credits: bool, sync_user_ti
                         click.echo(f"{sign} {table} {json.dumps(row, default=str)}")
                 total = sum(len(r) for r in found.values())
                 click.echo("live tables equal the rebuild" if total == 0 else f"{total} differing rows")
-                if total:
+                if stuck is not None:
+                    click.echo(f"the live views cannot move past position {until}: {stuck}")
+                if total or stuck is not None:
                     sys.exit(1)
             else:
                 views.swap_in(aside)
                 click.echo(f"rebuilt views swapped in at position {aside.position()}")
         finally:
             views.drop_aside(aside)
+
+
+def _bring_up_to_date(views: Any) -> str | None:
+    """Catches the live views up; None, or why they cannot be. Views that
+    cannot catch up (rows already past their position, an event they cannot
+    write) are compared as they are: the differing rows say what is wrong."""
+    from eventsourcing.persistence import PersistenceError
+
+    try:
+        views.catch_up()
+    except (PersistenceError, LedgerError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 @cli.command()

@@ -20,9 +20,11 @@ subclass per backend.
 from __future__ import annotations
 
 import contextlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, ClassVar
+from uuid import uuid4
 
 from ledger.storage.config import StoreConfig
 from ledger.storage.streams import StreamReader
@@ -38,6 +40,14 @@ Wake = Callable[[float], None]
 
 #: Rows per batch when a rebuild's rows are copied through the client.
 COPY_ROWS = 5_000
+#: The part of a rebuild's aside schema or file name after the live one's,
+#: followed by ``REBUILD_TOKEN``.
+REBUILD_MARK = "_rebuild_"
+REBUILD_TOKEN = re.compile(r"[0-9a-f]{12}")
+
+
+def rebuild_token() -> str:
+    return uuid4().hex[:12]
 
 
 class Backend(ABC):
@@ -95,7 +105,19 @@ class Backend(ABC):
 
     @abstractmethod
     def drop_aside(self, aside: ViewStore) -> None:
-        """Closes and removes a view store made by ``view_store_aside``."""
+        """Closes and removes a view store made by ``view_store_aside``, and
+        releases its lease."""
+
+    def drop_leftover_asides(self) -> list[str]:
+        """Drops the asides of rebuilds that are no longer running (killed, or
+        their machine lost); returns their names. An aside whose rebuild is
+        alive, in any process, is left alone: while it exists its rebuild holds
+        a lease that the operating system or the server releases when the
+        process ends, however it ends, and this takes that lease before it
+        drops anything. A rebuild takes its lease before it creates its aside,
+        so an aside seen here without a holder is one nobody will write to
+        again. (An in-memory aside ends with its process: nothing to drop.)"""
+        return []
 
     def close_view_store(self, store: ViewStore) -> None:
         store.close()

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID
 
 from eventsourcing.persistence import DataError, IntegrityError, PersistenceError, Tracking, TrackingRecorder
@@ -52,11 +52,19 @@ class ViewTx(ABC):
         return ", ".join(["%s"] * count)
 
 
+class Lease(Protocol):
+    """What shows other processes that a rebuild's aside store is in use."""
+
+    def release(self) -> None: ...
+
+
 class ViewStore(ABC):
     """A database holding view tables and the projector's tracking row."""
 
     backend: str
     tracking: TrackingRecorder
+    #: Held by a rebuild's aside store until it is dropped.
+    lease: Lease | None = None
 
     @abstractmethod
     def transaction(self) -> AbstractContextManager[ViewTx]: ...

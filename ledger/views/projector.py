@@ -83,11 +83,20 @@ class Projector:
         stale = 0
         with self._lock:
             while True:
+                start = self.store.position()
                 try:
-                    count, done = self._one_page(page_events, until)
+                    count, done = self._one_page(page_events, until, start)
                 except (StalePosition, IntegrityError):
-                    # A rebuild swapped the tables, or a second projector won
-                    # the page: read the position again.
+                    if self.store.position() != start:
+                        # Another projector committed the page first (or a
+                        # rebuild swapped its tables in): the views moved on,
+                        # which is progress, not a failure, however often it
+                        # happens. Go on from where they are now.
+                        log.debug("lost the page from position %d to another projector", start)
+                        continue
+                    # The position did not move: the page itself conflicts
+                    # (rows already there past the position). Retry a few
+                    # times, then say so.
                     stale += 1
                     if stale > MAX_STALE_RETRIES:
                         raise
@@ -99,8 +108,7 @@ class Projector:
                 if done or (stop is not None and stop.is_set()):
                     return projected
 
-    def _one_page(self, page_events: int, until: int | None) -> tuple[int, bool]:
-        position = self.store.position()
+    def _one_page(self, page_events: int, until: int | None, position: int) -> tuple[int, bool]:
         # The head is read first: writers commit in notification-id order (the
         # table lock), so every matching event up to the head is visible now.
         head = self.head() if until is None else min(until, self.head())

@@ -3,6 +3,7 @@ rebuilding them from the event log."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -12,6 +13,8 @@ from ledger.storage.viewstore import ViewStore
 from ledger.views.credits import CreditView, View
 from ledger.views.projector import Progress, Projector, checksum, differences
 from ledger.views.subscriptions import SubscriptionView
+
+log = logging.getLogger("ledger.rebuild")
 
 #: Events per transaction when rebuilding: nobody reads the tables aside, so
 #: larger pages trade nothing for fewer round trips.
@@ -40,9 +43,9 @@ class Views:
         views = default_views(sync_user_credits=sync_user_credits, sync_user_tier=sync_user_tier)
         self.projector = Projector(app, self.store, views)
 
-    def catch_up(self, progress: Callable[[Progress], None] | None = None) -> int:
-        """Projects every event recorded so far, in this process."""
-        return self.projector.catch_up(progress=progress)
+    def catch_up(self, progress: Callable[[Progress], None] | None = None, *, until: int | None = None) -> int:
+        """Projects every event recorded so far (or up to position ``until``), in this process."""
+        return self.projector.catch_up(progress=progress, until=until)
 
     def position(self) -> int:
         return self.store.position()
@@ -64,13 +67,20 @@ class Views:
         return {table: checksum(target, table, order_by, skip) for table, order_by, skip in self.tables()}
 
     def build_aside(self, progress: Callable[[Progress], None] | None = None, *, until: int | None = None) -> ViewStore:
-        """Replays the whole log into fresh tables beside the live ones."""
+        """Replays the whole log into fresh tables beside the live ones
+        (after dropping what killed rebuilds left behind)."""
+        for name in self.backend.drop_leftover_asides():
+            log.warning("dropped %s, left behind by a rebuild that is no longer running", name)
         aside = self.backend.view_store_aside(self.app)
-        aside.migrate()
-        self.backend.before_rebuild(self.app)
-        Projector(self.app, aside, default_views(sync_user_credits=False)).catch_up(
-            progress=progress, until=until, page_events=REBUILD_PAGE_EVENTS
-        )
+        try:
+            aside.migrate()
+            self.backend.before_rebuild(self.app)
+            Projector(self.app, aside, default_views(sync_user_credits=False)).catch_up(
+                progress=progress, until=until, page_events=REBUILD_PAGE_EVENTS
+            )
+        except BaseException:
+            self.backend.drop_aside(aside)  # a failed replay leaves nothing behind
+            raise
         return aside
 
     def verify(self, aside: ViewStore, *, limit: int = 10_000) -> dict[str, list[tuple[str, tuple[Any, ...]]]]:
@@ -87,6 +97,11 @@ class Views:
     def drop_aside(self, aside: ViewStore) -> None:
         """Removes a view store ``build_aside`` made."""
         self.backend.drop_aside(aside)
+
+    def drop_leftover_asides(self) -> list[str]:
+        """Drops what rebuilds that are no longer running left behind (every
+        ``build_aside`` does this first); returns the names it dropped."""
+        return self.backend.drop_leftover_asides()
 
     def close(self) -> None:
         self.backend.close_view_store(self.store)

@@ -5,17 +5,17 @@ connection pool with the seed's settings."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
-from uuid import uuid4
 
 import psycopg
 from eventsourcing.postgres import PostgresDatastore
 from psycopg import sql
 
 from ledger.errors import ConfigurationError
-from ledger.storage.base import Backend, Wake
+from ledger.storage.base import REBUILD_MARK, REBUILD_TOKEN, Backend, Wake, rebuild_token
 from ledger.storage.ddl import postgres_ddl
 from ledger.storage.postgres.recorder import apply_connect_options, install_ping_window
 from ledger.storage.postgres.streams import PostgresReader
@@ -141,28 +141,64 @@ class PostgresBackend(Backend):
     def view_store_aside(self, app: LedgerApplication) -> ViewStore:
         c = self.config
         # A fresh name per rebuild: two rebuilds at once do not clobber each other.
-        schema = f"{c.pg_schema[:40]}_rebuild_{uuid4().hex[:12]}"
-        with psycopg.connect(self.conninfo(), autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
-            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-        datastore = PostgresDatastore(
-            dbname=c.pg_dbname,
-            host=c.pg_host,
-            port=str(c.pg_port),
-            user=c.pg_user,
-            password=c.pg_password,
-            schema=schema,
-            pool_size=ASIDE_POOL_SIZE,
-            max_overflow=ASIDE_POOL_SIZE,
-        )
-        apply_connect_options(datastore, dict(c.pg_options))
-        return PostgresViewStore(datastore, owns_datastore=True)
+        schema = f"{c.pg_schema[:40]}{REBUILD_MARK}{rebuild_token()}"
+        lease = AdvisoryLease.take(self, schema)  # before the schema exists: see drop_leftover_asides
+        try:
+            lease.conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+            datastore = PostgresDatastore(
+                dbname=c.pg_dbname,
+                host=c.pg_host,
+                port=str(c.pg_port),
+                user=c.pg_user,
+                password=c.pg_password,
+                schema=schema,
+                pool_size=ASIDE_POOL_SIZE,
+                max_overflow=ASIDE_POOL_SIZE,
+            )
+            apply_connect_options(datastore, dict(c.pg_options))
+            store = PostgresViewStore(datastore, owns_datastore=True)
+        except BaseException:
+            with contextlib.suppress(psycopg.Error):
+                lease.conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+            lease.release()
+            raise
+        store.lease = lease
+        return store
 
     def drop_aside(self, aside: ViewStore) -> None:
         aside.close()
-        if isinstance(aside, PostgresViewStore):
-            with psycopg.connect(self.conninfo(), autocommit=True) as conn:
-                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(aside.schema)))
+        try:
+            if isinstance(aside, PostgresViewStore):
+                with psycopg.connect(self.conninfo(), autocommit=True, **self.config.connect_kwargs()) as conn:
+                    conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(aside.schema)))
+        finally:
+            if aside.lease is not None:
+                aside.lease.release()
+                aside.lease = None
+
+    def drop_leftover_asides(self) -> list[str]:
+        prefix = f"{self.config.pg_schema[:40]}{REBUILD_MARK}"
+        dropped = []
+        with psycopg.connect(self.conninfo(), autocommit=True, **self.config.connect_kwargs()) as conn:
+            names = [
+                name
+                for (name,) in conn.execute(
+                    "SELECT nspname FROM pg_namespace WHERE left(nspname, %s) = %s ORDER BY nspname",
+                    [len(prefix), prefix],
+                )
+                if REBUILD_TOKEN.fullmatch(name[len(prefix) :])
+            ]
+            for name in names:
+                key = _rebuild_key(name)
+                [(taken,)] = conn.execute("SELECT pg_try_advisory_lock(%s)", [key]).fetchall()
+                if not taken:
+                    continue  # its rebuild is running
+                try:
+                    conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+                finally:
+                    conn.execute("SELECT pg_advisory_unlock(%s)", [key])
+                dropped.append(name)
+        return dropped
 
     def close_view_store(self, store: ViewStore) -> None:
         if isinstance(store, PostgresViewStore) and not store.owns_datastore:
@@ -193,6 +229,34 @@ class PostgresBackend(Backend):
     @classmethod
     def ddl(cls, schema: str = "public", *, user_foreign_keys: bool = False) -> str:
         return postgres_ddl(schema, user_foreign_keys=user_foreign_keys)
+
+
+def _rebuild_key(name: str) -> int:
+    """A 64-bit advisory lock key for one aside schema (the lock space is the
+    database's, the schema name is unique in it)."""
+    digest = hashlib.sha256(f"pingvas-ledger rebuild {name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+class AdvisoryLease:
+    """A session advisory lock on its own connection: the server releases it
+    when the connection ends, also when the process is killed."""
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+
+    @classmethod
+    def take(cls, backend: PostgresBackend, schema: str) -> AdvisoryLease:
+        conn = psycopg.connect(backend.conninfo(), autocommit=True, **backend.config.connect_kwargs())
+        try:
+            conn.execute("SELECT pg_advisory_lock(%s)", [_rebuild_key(schema)])
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn)
+
+    def release(self) -> None:
+        self.conn.close()
 
 
 def _check_host_foreign_keys(tx: ViewTx, schema: str, tables: Sequence[str]) -> None:

@@ -4,14 +4,17 @@ store in the file, the read models in a second file beside it."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import closing
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ledger.errors import ConfigurationError
-from ledger.storage.base import Backend
+from ledger.storage.base import REBUILD_MARK, REBUILD_TOKEN, Backend, rebuild_token
 from ledger.storage.ddl import sqlite_ddl
 from ledger.storage.sqlite.streams import SQLiteReader
 from ledger.storage.sqlite.viewstore import SQLiteViewStore
@@ -19,12 +22,12 @@ from ledger.storage.streams import StreamReader
 from ledger.storage.viewstore import ViewStore
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from ledger.storage.eventstore import LedgerApplication
 
 #: How long a writer waits for another's lock on the file before failing.
 LOCK_TIMEOUT_S = 30
+#: A rebuild's lease file older than this with no aside beside it is removed.
+ORPHAN_LEASE_AGE_S = 3_600
 
 
 class SQLiteBackend(Backend):
@@ -77,14 +80,51 @@ class SQLiteBackend(Backend):
         return SQLiteViewStore(self.views_path())
 
     def view_store_aside(self, app: LedgerApplication) -> ViewStore:
-        path = f"{self.views_path()}.rebuild"
-        _remove(path)  # a rebuild that died left it behind
-        return SQLiteViewStore(path)
+        # A fresh name per rebuild: two rebuilds at once do not clobber each other.
+        path = f"{self.views_path()}{REBUILD_MARK}{rebuild_token()}"
+        lease = FileLease.take(f"{path}.lease")  # before the file exists: see drop_leftover_asides
+        try:
+            store = SQLiteViewStore(path)
+        except BaseException:
+            _remove(path)
+            lease.release()
+            raise
+        store.lease = lease
+        return store
 
     def drop_aside(self, aside: ViewStore) -> None:
         aside.close()
-        if isinstance(aside, SQLiteViewStore):
-            _remove(aside.path)
+        try:
+            if isinstance(aside, SQLiteViewStore):
+                _remove(aside.path)
+        finally:
+            if aside.lease is not None:
+                aside.lease.release()
+                aside.lease = None
+
+    def drop_leftover_asides(self) -> list[str]:
+        base = Path(self.views_path())
+        prefix = f"{base.name}{REBUILD_MARK}"
+        dropped = []
+        for entry in sorted(base.parent.glob(f"{glob.escape(prefix)}*")):
+            token = entry.name[len(prefix) :]
+            if REBUILD_TOKEN.fullmatch(token):
+                lease = FileLease.try_take(f"{entry}.lease")
+                if lease is None:
+                    continue  # its rebuild is running
+                try:
+                    _remove(str(entry))
+                finally:
+                    lease.release()
+                dropped.append(str(entry))
+            elif token.endswith(".lease") and not (entry.parent / entry.name[: -len(".lease")]).exists():
+                _drop_orphan_lease(entry)
+        # Earlier versions rebuilt into one fixed file, removed at each start.
+        legacy = f"{base}.rebuild"
+        if os.path.exists(legacy):
+            _remove(legacy)
+            dropped.append(legacy)
+        return dropped
 
     @classmethod
     def ddl(cls, schema: str = "public", *, user_foreign_keys: bool = False) -> str:
@@ -92,6 +132,51 @@ class SQLiteBackend(Backend):
 
 
 def _remove(path: str) -> None:
-    for suffix in ("", "-wal", "-shm"):
+    for suffix in ("", "-wal", "-shm", "-journal"):
         with contextlib.suppress(FileNotFoundError):
             os.remove(path + suffix)
+
+
+class FileLease:
+    """An exclusive SQLite transaction on a small file of its own, held open:
+    the operating system releases the file lock when the process ends."""
+
+    def __init__(self, conn: sqlite3.Connection, path: str) -> None:
+        self._conn = conn
+        self.path = path
+
+    @classmethod
+    def take(cls, path: str, *, wait_s: float = 30.0) -> FileLease:
+        conn = sqlite3.connect(path, timeout=wait_s, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = OFF")  # nothing is written: no -journal file beside it
+            conn.execute("BEGIN EXCLUSIVE")
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, path)
+
+    @classmethod
+    def try_take(cls, path: str) -> FileLease | None:
+        try:
+            return cls.take(path, wait_s=0)
+        except sqlite3.OperationalError:  # locked (its rebuild is running), or not ours to open
+            return None
+
+    def release(self) -> None:
+        self._conn.close()
+        _remove(self.path)
+
+
+def _drop_orphan_lease(entry: Path) -> None:
+    """A lease without its aside: the rebuild ended between the two (or a
+    cleanup did). A rebuild locks its lease the moment it creates it, so an
+    old one that can be taken is nobody's."""
+    try:
+        if time.time() - entry.stat().st_mtime < ORPHAN_LEASE_AGE_S:
+            return
+    except FileNotFoundError:
+        return
+    lease = FileLease.try_take(str(entry))
+    if lease is not None:
+        lease.release()

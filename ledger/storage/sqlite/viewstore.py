@@ -11,7 +11,8 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from eventsourcing.sqlite import SQLiteDatastore, SQLiteTrackingRecorder
+from eventsourcing.persistence import OperationalError
+from eventsourcing.sqlite import SQLiteCursor, SQLiteDatastore, SQLiteTrackingRecorder, SQLiteTransaction
 
 from ledger.storage.ddl import SCHEMA_VERSION, sqlite_ddl
 from ledger.storage.viewstore import ViewStore, ViewTx, naive_utc, normalise, tracking_for
@@ -60,7 +61,11 @@ class SQLiteViewStore(ViewStore):
 
     @contextmanager
     def transaction(self) -> Iterator[ViewTx]:
-        with self.datastore.transaction(commit=True) as cursor:
+        # BEGIN IMMEDIATE: the write lock is taken first, waiting up to the
+        # lock timeout. With a plain BEGIN a page reads the tracking row, then
+        # fails at once ("database is locked", the snapshot is stale) if another
+        # process committed a page in between, and never waits.
+        with self.datastore.get_connection(commit=True) as conn, _Immediate(conn, commit=True) as cursor, cursor:
             yield SQLiteViewTx(cursor, self.tracking)
 
     def migrate(self, *, user_foreign_keys: bool = False) -> int:
@@ -100,6 +105,20 @@ class SQLiteViewStore(ViewStore):
 
     def close(self) -> None:
         self.datastore.close()
+
+
+class _Immediate(SQLiteTransaction):
+    """eventsourcing's SQLite transaction (which wraps driver errors in its
+    own), begun with BEGIN IMMEDIATE."""
+
+    def __enter__(self) -> SQLiteCursor:
+        cursor = self.connection.cursor()
+        try:
+            cursor.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            cursor.sqlite_cursor.close()
+            raise OperationalError(exc) from exc
+        return cursor
 
 
 def _statements(script: str) -> list[str]:
