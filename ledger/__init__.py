@@ -25,6 +25,7 @@ from ._clock import Clock, ManualClock, SystemClock
 from ._digest import DigestHead, DigestResult, Tampering, VerifyResult
 from ._entitlements import Entitlements, PlanView, SubscriptionView
 from ._errors import (
+    AccountLimitReached,
     BatchRejected,
     ConcurrencyExhausted,
     ConfigurationError,
@@ -104,6 +105,7 @@ __all__ = [
     "DEFAULT_URL",
     "MAX_CREDITS",
     "AccountEvent",
+    "AccountLimitReached",
     "AdjustCredits",
     "Balance",
     "BatchRejected",

@@ -21,6 +21,11 @@ The anchors live in the database, so whoever can edit events can edit them:
 they point at the change but prove nothing. The proof is the head kept
 outside. If the anchors were rewritten too, ``verify`` still fails, and says
 it cannot name the position.
+
+Snapshots are not events, so the chain does not cover them. ``verify`` also
+replays the events of every account that has snapshots and names each
+snapshot whose state differs from the replay at its version (see
+``_snapshots``): once the events are proven, a snapshot is proven by them.
 """
 
 from __future__ import annotations
@@ -209,6 +214,9 @@ class VerifyResult:
     #: Named changes found against the stored anchors (at most MAX_PROBLEMS).
     problems: list[Tampering] = field(default_factory=list)
     anchored_events: int = 0
+    #: Stored snapshots that differ from the replay of their events.
+    snapshot_problems: list[Any] = field(default_factory=list)
+    snapshots: int = 0
 
     @property
     def history_intact(self) -> bool:
@@ -217,8 +225,8 @@ class VerifyResult:
 
     @property
     def ok(self) -> bool:
-        """Intact history and anchors that agree with it."""
-        return self.history_intact and not self.problems
+        """Intact history, anchors that agree with it, and snapshots that agree with the events."""
+        return self.history_intact and not self.problems and not self.snapshot_problems
 
     def describe(self) -> list[str]:
         lines = []
@@ -240,6 +248,11 @@ class VerifyResult:
             )
         if self.history_intact and self.problems:
             lines.append("  the events are intact, but ledger_digests rows were edited")
+        if self.snapshot_problems:
+            lines.append(f"{len(self.snapshot_problems)} of {self.snapshots} snapshots differ from their events:")
+            lines.extend(f"  {p}" for p in self.snapshot_problems)
+        elif self.snapshots:
+            lines.insert(1, f"{self.snapshots} snapshots agree with the replay of their events")
         return lines
 
     def to_dict(self) -> dict[str, Any]:
@@ -251,6 +264,8 @@ class VerifyResult:
             "events": self.computed.events,
             "anchored_events": self.anchored_events,
             "problems": [vars(p) for p in self.problems],
+            "snapshots": self.snapshots,
+            "snapshot_problems": [p.to_dict() for p in self.snapshot_problems],
         }
 
 
@@ -533,7 +548,10 @@ class _Anchors:
 
 def verify(ledger: Ledger, expected: DigestHead | str, *, progress: Progress | None = None) -> VerifyResult:
     """Recomputes the chain up to ``expected.position`` and compares it with
-    ``expected`` and with the stored anchors."""
+    ``expected`` and with the stored anchors; then compares every stored
+    snapshot with the replay of its account's events."""
+    from ._snapshots import check_snapshots  # it hashes events as this module does
+
     head = DigestHead.parse(expected) if isinstance(expected, str) else expected
     anchors = _Anchors(digest_store(ledger).segments())
     chain = Chain()
@@ -544,8 +562,14 @@ def verify(ledger: Ledger, expected: DigestHead | str, *, progress: Progress | N
         if progress is not None:
             progress(page[-1].id, head.position)
     anchors.finish(head.position)
+    snapshots = check_snapshots(ledger)
     return VerifyResult(
-        expected=head, computed=chain.head(), problems=anchors.problems, anchored_events=anchors.anchored
+        expected=head,
+        computed=chain.head(),
+        problems=anchors.problems,
+        anchored_events=anchors.anchored,
+        snapshot_problems=list(snapshots.problems),
+        snapshots=snapshots.snapshots,
     )
 
 

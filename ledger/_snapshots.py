@@ -1,0 +1,285 @@
+"""Snapshots are checked before they are trusted.
+
+A snapshot is a cache of an account's events: nothing may trust it more than
+the events it claims to summarise. Two mechanisms (docs/decisions.md,
+"Sealed snapshots"):
+
+- On load, every snapshot must carry a *seal*: SHA-256 over its account id,
+  version and topic, the hash of the stored event at its version, and the
+  canonical encoding of its state. A snapshot without a seal, with a seal that
+  does not match, at a version the account's events do not reach, or of
+  anything but an account, is not used: the loader logs a warning
+  (``ledger.snapshots``) and replays the account's events instead, and the
+  account's next command writes a sealed snapshot in its place. The seal is
+  unkeyed: it catches a snapshot edited by hand, corrupted, or left behind by
+  a rewritten event, but whoever can write the table can recompute it.
+- ``audit`` and ``verify`` replay the events of every account that has
+  snapshots and compare each snapshot's state with the replay at its version
+  (:func:`check_snapshots`): a snapshot whose seal was recomputed is still
+  named there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from eventsourcing.persistence import StoredEvent
+
+from ._digest import content_bytes
+from ._domain import CreditAccount
+
+if TYPE_CHECKING:
+    from ._ledger import Ledger
+
+log = logging.getLogger("ledger.snapshots")
+
+_SEAL_PREFIX = b"pingvas-ledger snapshot seal 1\x00"
+_VERSION = struct.Struct(">Q")
+#: Every stored event of an account has a topic that starts so.
+ACCOUNT_EVENTS = CreditAccount.TOPIC + "."
+#: Events replayed per read when checking snapshots.
+CHECK_PAGE = 1_000
+#: Snapshot problems named at most; the count covers the rest.
+MAX_PROBLEMS = 100
+
+
+def seal(transcoder: Any, snapshot: Any, event_at: Any) -> str:
+    """The seal of ``snapshot`` over the stored event at its version."""
+    digest = hashlib.sha256(_SEAL_PREFIX)
+    digest.update(snapshot.originator_id.bytes)
+    digest.update(_VERSION.pack(snapshot.originator_version))
+    topic = snapshot.topic.encode()
+    digest.update(_VERSION.pack(len(topic)) + topic)
+    digest.update(hashlib.sha256(content_bytes(event_at)).digest())
+    digest.update(transcoder.encode(snapshot.state))
+    return digest.hexdigest()
+
+
+def sealed(transcoder: Any, snapshot: Any, event_at: Any) -> Any:
+    """``snapshot`` with its seal (stored with it, as one more attribute)."""
+    object.__setattr__(snapshot, "seal", seal(transcoder, snapshot, event_at))
+    return snapshot
+
+
+def refusal(mapper: Any, stored: StoredEvent, event_at: StoredEvent | None) -> tuple[Any, str | None]:
+    """The decoded snapshot and None when it can be trusted, else (None or the
+    decoded snapshot, why not)."""
+    if stored.topic != CreditAccount.Snapshot.TOPIC:
+        return None, f"it is a {stored.topic!r}, and the ledger snapshots only accounts"
+    try:
+        snapshot = mapper.to_domain_event(stored)
+    except Exception as exc:  # an edited state: not readable at all
+        return None, f"it cannot be read: {type(exc).__name__}: {exc}"
+    if getattr(snapshot, "topic", None) != CreditAccount.TOPIC or not isinstance(
+        getattr(snapshot, "state", None), dict
+    ):
+        return snapshot, "its state is not an account's"
+    if event_at is None or event_at.originator_version != stored.originator_version:
+        return snapshot, f"the account has no event at its version {stored.originator_version}"
+    if not event_at.topic.startswith(ACCOUNT_EVENTS):
+        return snapshot, f"the event at its version is a {event_at.topic!r}, not an account's"
+    found = getattr(snapshot, "seal", None)
+    if found is None:
+        return snapshot, "it carries no seal (written before snapshots were sealed)"
+    try:
+        expected = seal(mapper.transcoder, snapshot, event_at)
+    except Exception as exc:  # state the transcoder cannot encode again
+        return snapshot, f"its state cannot be encoded: {type(exc).__name__}: {exc}"
+    if found != expected:
+        return snapshot, "its seal does not match its state and the event at its version"
+    return snapshot, None
+
+
+def trusted(app: Any, stored: StoredEvent, event_at: StoredEvent | None) -> Any | None:
+    """The snapshot to start from, or None to replay the events. A refused
+    snapshot is logged, and its account marked for a fresh sealed snapshot
+    at its next save (``app.unsealed``)."""
+    snapshot, why = refusal(app.mapper, stored, event_at)
+    if why is None:
+        return snapshot
+    unsealed = getattr(app, "unsealed", None)
+    if unsealed is not None:
+        unsealed.add(stored.originator_id)
+    level = logging.INFO if why.startswith("it carries no seal") else logging.WARNING
+    log.log(
+        level,
+        "snapshot of %s at version %d not used, replaying its events instead: %s",
+        stored.originator_id,
+        stored.originator_version,
+        why,
+    )
+    return None
+
+
+# ------------------------------------------------------------- audit and verify
+
+
+@dataclass(frozen=True)
+class SnapshotProblem:
+    """A stored snapshot that differs from the replay of its account's events."""
+
+    aggregate_id: UUID
+    user_id: UUID | None
+    version: int
+    message: str
+
+    @property
+    def subject(self) -> str:
+        return f"user {self.user_id}" if self.user_id is not None else f"aggregate {self.aggregate_id}"
+
+    def __str__(self) -> str:
+        return f"snapshot of {self.subject} at version {self.version}: {self.message}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "aggregate_id": str(self.aggregate_id),
+            "user_id": None if self.user_id is None else str(self.user_id),
+            "version": self.version,
+            "message": self.message,
+        }
+
+
+@dataclass
+class SnapshotCheck:
+    """What :func:`check_snapshots` found."""
+
+    snapshots: int = 0
+    accounts: int = 0
+    unsealed: int = 0
+    problems_total: int = 0
+
+    def __post_init__(self) -> None:
+        self.problems: list[SnapshotProblem] = []
+
+    def add(self, problem: SnapshotProblem) -> None:
+        self.problems_total += 1
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(problem)
+
+
+def check_snapshots(ledger: Ledger) -> SnapshotCheck:
+    """Compares every stored snapshot with the replay of its aggregate's
+    events up to the snapshot's version. Memory: one account's state and a
+    page of its events at a time."""
+    found = SnapshotCheck()
+    app = ledger.app
+    if app.snapshots is None:
+        return found
+    for aggregate_id, versions in _grouped(ledger.engine.reader.snapshot_index()):
+        found.accounts += 1
+        found.snapshots += len(versions)
+        _check_one(app, aggregate_id, versions, found)
+    return found
+
+
+def _grouped(index: Iterator[tuple[UUID, int]]) -> Iterator[tuple[UUID, list[int]]]:
+    current: UUID | None = None
+    versions: list[int] = []
+    for aggregate_id, version in index:
+        if aggregate_id != current:
+            if current is not None:
+                yield current, versions
+            current, versions = aggregate_id, []
+        versions.append(version)
+    if current is not None:
+        yield current, versions
+
+
+def _check_one(app: Any, aggregate_id: UUID, versions: list[int], found: SnapshotCheck) -> None:
+    replay = _Replay(app, aggregate_id)
+    for version in versions:
+        stored = app.snapshots.recorder.select_events(aggregate_id, gt=version - 1, lte=version)
+        if not stored:
+            continue  # removed meanwhile
+        account = replay.to(version)
+        user_id = getattr(account, "user_id", None) if isinstance(account, CreditAccount) else None
+
+        def problem(message: str, version: int = version, user_id: UUID | None = user_id) -> None:
+            found.add(SnapshotProblem(aggregate_id, user_id, version, message))
+
+        if replay.version != version:
+            problem(
+                f"the account's events end at version {replay.version}: "
+                "the snapshot summarises events that do not exist"
+            )
+            continue
+        snapshot, why = refusal(app.mapper, stored[0], replay.event_at)
+        if snapshot is None:
+            problem(f"not an account snapshot the ledger wrote: {why}")
+            continue
+        if not isinstance(account, CreditAccount):
+            problem("the events at its id are not an account's")
+            continue
+        differences = state_differences(snapshot.state, CreditAccount.Snapshot.take(account).state)
+        if differences:
+            problem("its state differs from the replay of the events: " + "; ".join(differences))
+        elif why is not None and why.startswith("it carries no seal"):
+            found.unsealed += 1
+        elif why is not None:
+            problem(why)
+
+
+class _Replay:
+    """An account replayed from its stored events, page by page, up to a version."""
+
+    def __init__(self, app: Any, aggregate_id: UUID) -> None:
+        self.app = app
+        self.aggregate_id = aggregate_id
+        self.aggregate: Any = None
+        self.version = 0
+        self.event_at: StoredEvent | None = None
+        self._done = False
+
+    def to(self, version: int) -> Any:
+        while self.version < version and not self._done:
+            page = self.app.recorder.select_events(
+                self.aggregate_id, gt=self.version or None, lte=version, limit=CHECK_PAGE
+            )
+            for stored in page:
+                self.aggregate = self.app.mapper.to_domain_event(stored).mutate(self.aggregate)
+                self.version = stored.originator_version
+                self.event_at = stored
+            if len(page) < CHECK_PAGE and self.version < version:
+                self._done = True
+        return self.aggregate
+
+
+def state_differences(stored: dict[str, Any], expected: dict[str, Any], limit: int = 5) -> list[str]:
+    """What differs between a snapshot's state and the replay's, for people."""
+    found: list[str] = []
+    for name in ("balance", "next_seq", "user_id"):
+        if stored.get(name) != expected.get(name):
+            found.append(f"{name} {stored.get(name)!r} (the events say {expected.get(name)!r})")
+    for what in ("blocks", "holds"):
+        mine, theirs = stored.get(what), expected.get(what)
+        if not isinstance(mine, dict) or not isinstance(theirs, dict):
+            if mine != theirs:
+                found.append(f"{what} are not what the events say")
+            continue
+        for key in sorted(set(mine) | set(theirs)):
+            if mine.get(key) != theirs.get(key):
+                found.append(_describe(what[:-1], key, mine.get(key), theirs.get(key)))
+    for name in sorted(set(stored) | set(expected)):
+        if name not in ("balance", "next_seq", "user_id", "blocks", "holds") and stored.get(name) != expected.get(name):
+            found.append(f"{name} {stored.get(name)!r} (the events say {expected.get(name)!r})")
+    if len(found) > limit:
+        return [*found[:limit], f"and {len(found) - limit} more differences"]
+    return found
+
+
+def _describe(kind: str, key: str, stored: Any, expected: Any) -> str:
+    if expected is None:
+        return f"{kind} {key} is not in the events"
+    if stored is None:
+        return f"{kind} {key} of the events is missing"
+    if kind == "block" and getattr(stored, "remaining", None) != getattr(expected, "remaining", None):
+        return f"block {key} has {stored.remaining} credits left (the events say {expected.remaining})"
+    if kind == "hold" and getattr(stored, "amount", None) != getattr(expected, "amount", None):
+        return f"hold {key} holds {stored.amount} credits (the events say {expected.amount})"
+    return f"{kind} {key} differs from the events"
