@@ -188,10 +188,10 @@ class LedgerApplication(Application[UUID]):
             if interval and event.originator_version % interval == 0:
                 due[event.originator_id] = max(due.get(event.originator_id, 0), event.originator_version)
         for aggregate_id in self.unsealed.intersection(processing.aggregates):
+            self.unsealed.discard(aggregate_id)
             aggregate = processing.aggregates[aggregate_id]
-            if isinstance(aggregate, CreditAccount):
+            if isinstance(aggregate, CreditAccount):  # the kind the ledger snapshots
                 due[aggregate_id] = aggregate.version
-                self.unsealed.discard(aggregate_id)
         if not due:
             return
         stored = {(r.notification.originator_id, r.notification.originator_version): r.notification for r in recordings}

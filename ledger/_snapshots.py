@@ -32,7 +32,7 @@ from uuid import UUID
 from eventsourcing.persistence import StoredEvent
 
 from ._digest import content_bytes
-from ._domain import CreditAccount
+from ._domain import TOPIC_PREFIX
 
 if TYPE_CHECKING:
     from ._ledger import Ledger
@@ -41,8 +41,6 @@ log = logging.getLogger("ledger.snapshots")
 
 _SEAL_PREFIX = b"pingvas-ledger snapshot seal 1\x00"
 _VERSION = struct.Struct(">Q")
-#: Every stored event of an account has a topic that starts so.
-ACCOUNT_EVENTS = CreditAccount.TOPIC + "."
 #: Events replayed per read when checking snapshots.
 CHECK_PAGE = 1_000
 #: Snapshot problems named at most; the count covers the rest.
@@ -69,24 +67,26 @@ def sealed(transcoder: Any, snapshot: Any, event_at: Any) -> Any:
 
 def refusal(mapper: Any, stored: StoredEvent, event_at: StoredEvent | None) -> tuple[Any, str | None]:
     """The decoded snapshot and None when it can be trusted, else (None or the
-    decoded snapshot, why not)."""
-    if stored.topic != CreditAccount.Snapshot.TOPIC:
-        return None, f"it is a {stored.topic!r}, and the ledger snapshots only accounts"
+    decoded snapshot, why not). A ledger aggregate ``A`` (topic
+    ``pingvas.ledger:A``) is snapshotted as ``pingvas.ledger:A.Snapshot`` and
+    its events are ``pingvas.ledger:A.<event>``: a snapshot must be of the kind
+    of the events at its id."""
     try:
         snapshot = mapper.to_domain_event(stored)
-    except Exception as exc:  # an edited state: not readable at all
+    except Exception as exc:  # an edited state or topic: not readable at all
         return None, f"it cannot be read: {type(exc).__name__}: {exc}"
-    if getattr(snapshot, "topic", None) != CreditAccount.TOPIC or not isinstance(
-        getattr(snapshot, "state", None), dict
-    ):
-        return snapshot, "its state is not an account's"
+    aggregate = getattr(snapshot, "topic", None)
+    if not isinstance(aggregate, str) or not isinstance(getattr(snapshot, "state", None), dict):
+        return None, "it is not a snapshot of an aggregate"
+    if not aggregate.startswith(TOPIC_PREFIX + ":") or stored.topic != f"{aggregate}.Snapshot":
+        return None, f"it is a {stored.topic!r} of a {aggregate!r}: not a snapshot the ledger writes"
     if event_at is None or event_at.originator_version != stored.originator_version:
-        return snapshot, f"the account has no event at its version {stored.originator_version}"
-    if not event_at.topic.startswith(ACCOUNT_EVENTS):
-        return snapshot, f"the event at its version is a {event_at.topic!r}, not an account's"
+        return snapshot, f"there is no event at its version {stored.originator_version}"
+    if not event_at.topic.startswith(aggregate + "."):
+        return snapshot, f"the event at its version is a {event_at.topic!r}, not one of a {aggregate!r}"
     found = getattr(snapshot, "seal", None)
     if found is None:
-        return snapshot, "it carries no seal (written before snapshots were sealed)"
+        return snapshot, UNSEALED
     try:
         expected = seal(mapper.transcoder, snapshot, event_at)
     except Exception as exc:  # state the transcoder cannot encode again
@@ -106,7 +106,7 @@ def trusted(app: Any, stored: StoredEvent, event_at: StoredEvent | None) -> Any 
     unsealed = getattr(app, "unsealed", None)
     if unsealed is not None:
         unsealed.add(stored.originator_id)
-    level = logging.INFO if why.startswith("it carries no seal") else logging.WARNING
+    level = logging.INFO if why == UNSEALED else logging.WARNING
     log.log(
         level,
         "snapshot of %s at version %d not used, replaying its events instead: %s",
@@ -197,32 +197,31 @@ def _check_one(app: Any, aggregate_id: UUID, versions: list[int], found: Snapsho
         stored = app.snapshots.recorder.select_events(aggregate_id, gt=version - 1, lte=version)
         if not stored:
             continue  # removed meanwhile
-        account = replay.to(version)
-        user_id = getattr(account, "user_id", None) if isinstance(account, CreditAccount) else None
-
-        def problem(message: str, version: int = version, user_id: UUID | None = user_id) -> None:
-            found.add(SnapshotProblem(aggregate_id, user_id, version, message))
-
-        if replay.version != version:
-            problem(
-                f"the account's events end at version {replay.version}: "
-                "the snapshot summarises events that do not exist"
-            )
-            continue
-        snapshot, why = refusal(app.mapper, stored[0], replay.event_at)
-        if snapshot is None:
-            problem(f"not an account snapshot the ledger wrote: {why}")
-            continue
-        if not isinstance(account, CreditAccount):
-            problem("the events at its id are not an account's")
-            continue
-        differences = state_differences(snapshot.state, CreditAccount.Snapshot.take(account).state)
-        if differences:
-            problem("its state differs from the replay of the events: " + "; ".join(differences))
-        elif why is not None and why.startswith("it carries no seal"):
+        aggregate = replay.to(version)
+        why = _compare(app, stored[0], aggregate, replay)
+        if why == UNSEALED:
             found.unsealed += 1
         elif why is not None:
-            problem(why)
+            user_id = getattr(aggregate, "user_id", None)
+            found.add(SnapshotProblem(aggregate_id, user_id if isinstance(user_id, UUID) else None, version, why))
+
+
+UNSEALED = "it carries no seal (written before snapshots were sealed)"
+
+
+def _compare(app: Any, stored: StoredEvent, aggregate: Any, replay: _Replay) -> str | None:
+    """Why a stored snapshot is not the replay's state at its version (None: it is)."""
+    if replay.version != stored.originator_version:
+        return f"the events at its id end at version {replay.version}: it summarises events that do not exist"
+    snapshot, why = refusal(app.mapper, stored, replay.event_at)
+    if snapshot is None:
+        return f"not a snapshot the ledger writes: {why}"
+    if getattr(type(aggregate), "TOPIC", None) != snapshot.topic:
+        return f"it is of a {snapshot.topic!r}, the events at its id are of a {type(aggregate).__name__}"
+    differences = state_differences(snapshot.state, type(aggregate).Snapshot.take(aggregate).state)
+    if differences:
+        return "its state differs from the replay of the events: " + "; ".join(differences)
+    return why
 
 
 class _Replay:
