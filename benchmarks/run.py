@@ -585,8 +585,8 @@ def reserve_and_spend_ms(ledger: Ledger, users: dict[str, UUID], repeats: int) -
     for i in range(repeats + warmups):
         for name in names[i % len(names) :] + names[: i % len(names)]:
             start = time.perf_counter()
-            ledger.reserve(users[name], uuid.uuid4(), 5, expires_at, key=f"bench:{name}:reserve:{i}")
-            ledger.spend(users[name], 5, key=f"bench:{name}:spend:{i}")
+            ledger.reserve(users[name], uuid.uuid4(), 5, expires_at, key=f"bench:account:{name}:reserve:{i}")
+            ledger.spend(users[name], 5, key=f"bench:account:{name}:spend:{i}")
             if i >= warmups:
                 samples[name].append(1000 * (time.perf_counter() - start))
     return {name: statistics.median(found) for name, found in samples.items()}
@@ -603,7 +603,7 @@ def account_figures(ledger: Ledger, url: str, sizes: Sizes) -> dict[str, float]:
         f"or lapsed): {build_s:.2f} s, {events:,} events ({event_bytes:,} bytes), its snapshots {all_snapshot_bytes:,} "
         "bytes in all"
     )
-    ledger.execute_batch(kept_grants(small, "small"))
+    ledger.execute_batch(kept_grants(small, "ten-grants"))
     start = time.perf_counter()
     ledger.execute_batch(
         [

@@ -38,8 +38,8 @@ EXPIRATION_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b05")
 
 TOPIC_PREFIX = "pingvas.ledger"
 
-#: What one account may have live at once (docs/decisions.md, "Bounded
-#: accounts"): every command's work, the account's memory and its snapshots
+#: What one account may have live at once (docs/decisions.md, "An account
+#: has at most 1,000 live blocks and 1,000 open holds"): every command's work, the account's memory and its snapshots
 #: grow with these, never with the history of spent and lapsed blocks or
 #: closed holds. A grant past the first, or a reserve past the second, raises
 #: AccountLimitReached; replaying stored events never does.
@@ -208,15 +208,18 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         self.blocks: dict[str, Block] = {}
         self.holds: dict[str, Hold] = {}
         self.next_seq = 0
-        self.rebuild_derived()
+        # The derived attributes of no blocks and no holds (rebuild_derived).
+        self._order: list[Block] = []
+        self._marked: dict[str, int] = {}
+        self._held = 0
 
     def rebuild_derived(self) -> None:
         #: The blocks in draw order (same objects as in ``blocks``).
-        self._order: list[Block] = draw_order(self.blocks.values())
+        self._order = draw_order(self.blocks.values())
         #: Credits earmarked per block by the open holds.
-        self._marked: dict[str, int] = {b: c for b, c in earmarks(self.holds.values()).items() if c}
+        self._marked = {b: c for b, c in earmarks(self.holds.values()).items() if c}
         #: Credits held by the open holds.
-        self._held: int = sum(h.amount for h in self.holds.values())
+        self._held = sum(h.amount for h in self.holds.values())
 
     # -- events ---------------------------------------------------------------
 
@@ -346,6 +349,9 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         return self.balance - self._held
 
     def add_block(self, block: Block) -> None:
+        replaced = self.blocks.get(block.block_id)
+        if replaced is not None:  # never by the ledger's own events (entry ids are unique)
+            self._unorder(replaced)
         self.blocks[block.block_id] = block
         bisect.insort(self._order, block, key=draw_key)
 
@@ -365,6 +371,8 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
                 self._unorder(block)
 
     def open(self, hold: Hold) -> None:
+        if hold.reservation_id in self.holds:  # as for add_block: replaces, as a replay would have it
+            self.close(hold.reservation_id)
         self.holds[hold.reservation_id] = hold
         marked = self._marked
         for block_id, credits in hold.allocations:
@@ -405,7 +413,7 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
     def apply_due(self, now: datetime) -> None:
         """Releases holds past their expiry, then expires lapsed blocks' free credits."""
         due = [h for h in self.holds.values() if h.expires_at <= now]
-        for hold in sorted(due, key=lambda h: (h.expires_at, h.reservation_id)):
+        for hold in sorted(due, key=lambda h: (h.expires_at, h.reservation_id)) if due else ():
             self.trigger_event(
                 self.Released,
                 reservation_id=UUID(hold.reservation_id),
@@ -633,8 +641,7 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         if self._marked != {b: c for b, c in marks.items() if c}:
             problems.append("running earmarks differ from the open holds' allocations")
         order = self._order
-        keys = [draw_key(b) for b in order]
-        in_order = all(a < b for a, b in pairwise(keys))
+        in_order = len(order) < 2 or all(a < b for a, b in pairwise(map(draw_key, order)))
         blocks = self.blocks
         if len(order) != len(blocks) or not in_order or any(blocks.get(b.block_id) is not b for b in order):
             problems.append("the draw order is not the blocks in draw order")

@@ -211,6 +211,8 @@ UNSEALED = "it carries no seal (written before snapshots were sealed)"
 
 def _compare(app: Any, stored: StoredEvent, aggregate: Any, replay: _Replay) -> str | None:
     """Why a stored snapshot is not the replay's state at its version (None: it is)."""
+    if replay.broken is not None:
+        return f"the events at its id cannot be replayed to its version ({replay.broken}): it cannot be checked"
     if replay.version != stored.originator_version:
         return f"the events at its id end at version {replay.version}: it summarises events that do not exist"
     snapshot, why = refusal(app.mapper, stored, replay.event_at)
@@ -233,6 +235,8 @@ class _Replay:
         self.aggregate: Any = None
         self.version = 0
         self.event_at: StoredEvent | None = None
+        #: Why the events stopped replaying (an edited or missing event), if they did.
+        self.broken: str | None = None
         self._done = False
 
     def to(self, version: int) -> Any:
@@ -241,7 +245,12 @@ class _Replay:
                 self.aggregate_id, gt=self.version or None, lte=version, limit=CHECK_PAGE
             )
             for stored in page:
-                self.aggregate = self.app.mapper.to_domain_event(stored).mutate(self.aggregate)
+                try:
+                    self.aggregate = self.app.mapper.to_domain_event(stored).mutate(self.aggregate)
+                except Exception as exc:  # the audit's other checks name the event itself
+                    self.broken = f"version {stored.originator_version}: {type(exc).__name__}: {exc}"
+                    self._done = True
+                    return self.aggregate
                 self.version = stored.originator_version
                 self.event_at = stored
             if len(page) < CHECK_PAGE and self.version < version:

@@ -226,3 +226,22 @@ def test_a_snapshot_without_a_seal_is_replayed_and_passes_the_audit(durable_url:
         assert report.ok, report.render()
         assert any("carry no seal" in note for note in report.notes)
         assert auditor.verify(head).ok
+
+
+def test_a_snapshot_over_a_broken_stream_is_named_not_a_crash(durable_url: str) -> None:
+    """An event deleted below the snapshot: the audit and verify still run;
+    the snapshot is named as one that cannot be checked (and the deletion by
+    the other checks)."""
+    user, head = story(durable_url)
+    account_id = account_id_for(user)
+    with raw_snapshots(durable_url) as raw:
+        [(position,)] = raw.sql(
+            "SELECT {id} FROM {t} WHERE originator_id = %s AND originator_version = 50", raw._id(account_id)
+        )
+        raw.delete(position)
+    findings = snapshot_findings(durable_url)
+    assert len(findings) == 1 and "version 100" in findings[0] and "cannot be replayed" in findings[0]
+    with Auditor(durable_url) as auditor:
+        verified = auditor.verify(head)
+    assert not verified.history_intact
+    assert [p.version for p in verified.snapshot_problems] == [100]
