@@ -44,14 +44,18 @@ import webhooks as webhook_bench  # noqa: E402  (benchmarks/webhooks.py, beside 
 
 import ledger as ledger_package  # noqa: E402
 from ledger import (  # noqa: E402
+    AccountLimitReached,
+    BatchRejected,
     CreditKind,
     GrantCredits,
     Ledger,
+    ManualClock,
     Receipt,
     ReserveCredits,
     SettleReservation,
     SpendCredits,
 )
+from ledger.domain.credits import MAX_LIVE_BLOCKS, account_id_for  # noqa: E402
 from ledger.views.credits import CreditView  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -70,6 +74,13 @@ TARGET_BULK_GRANTS_PER_S = 10_000.0
 TARGET_LOAD_RATIO = 2.0
 TARGET_REBUILD_VS_DECODE = 0.3
 TARGET_REBUILD_PEAK_RSS_MB = 300.0
+TARGET_HISTORY_RATIO = 2.0  # an account's command and snapshot vs one without the history
+
+# The churned account: its live blocks (non-expiring, never drawn by the
+# churn), and the grants per round of churn (a third spent, a third reserved
+# and settled, a third left to lapse; under the live-block bound).
+KEPT_BLOCKS = 10
+CHURN_ROUND = 900
 
 # The read-model phase: notifications per select_notifications page when
 # decoding: the live projector's page (a rebuild reads pages of
@@ -95,6 +106,8 @@ class Sizes:
     log_events: int
     log_users: int
     webhook_customers: int
+    many_grants: int
+    account_repeats: int
 
     @classmethod
     def full(cls) -> Sizes:
@@ -113,6 +126,8 @@ class Sizes:
             log_events=1_000_000,
             log_users=60_000,
             webhook_customers=1_000,
+            many_grants=10_000,
+            account_repeats=50,
         )
 
     @classmethod
@@ -132,6 +147,8 @@ class Sizes:
             log_events=30_000,
             log_users=1_000,
             webhook_customers=150,
+            many_grants=2_000,
+            account_repeats=20,
         )
 
 
@@ -458,6 +475,184 @@ def load_times(ledger: Ledger, big_events: int, batch: int, repeats: int) -> tup
     ms_big = median_load_ms(ledger, big, repeats)
     say(f"load (balance) median of {repeats}: 10 events {ms_small:.2f} ms, {big_events:,} events {ms_big:.2f} ms")
     return ms_small, ms_big
+
+
+# ------------------------------------------------------- bounded accounts
+
+
+def kept_grants(user: UUID, tag: str) -> list[GrantCredits]:
+    """The blocks that stay live: 1,000 credits each, non-expiring, so the
+    churn's expiring blocks are drawn before them."""
+    return [
+        GrantCredits(key=f"bench:{tag}:keep:{i}", user_id=user, amount_credits=1_000, kind=CreditKind.PURCHASE)
+        for i in range(KEPT_BLOCKS)
+    ]
+
+
+def churn_round(ledger: Ledger, clock: ManualClock, user: UUID, grants: int, tag: str) -> None:
+    """``grants`` grants of 10 credits expiring in 30 s; a third of them spent,
+    a third reserved and then settled (closed holds), and the clock moved on
+    2 minutes so the last third lapse (recorded by the next command)."""
+    expires_at = clock.now() + timedelta(seconds=30)
+    third = grants // 3
+    first: list[GrantCredits | SpendCredits | ReserveCredits] = [
+        GrantCredits(
+            key=f"bench:{tag}:g:{i}", user_id=user, amount_credits=10, kind=CreditKind.PURCHASE, expires_at=expires_at
+        )
+        for i in range(grants)
+    ]
+    first.extend(SpendCredits(key=f"bench:{tag}:s:{i}", user_id=user, amount_credits=10) for i in range(third))
+    first.extend(
+        ReserveCredits(
+            key=f"bench:{tag}:r:{i}",
+            user_id=user,
+            job_id=uuid.uuid4(),
+            amount_credits=10,
+            expires_at=clock.now() + timedelta(seconds=60),
+        )
+        for i in range(third)
+    )
+    receipts = ledger.execute_batch(first)
+    settles = []
+    for i, reserved in enumerate(receipts[grants + third :]):
+        assert reserved.reservation_id is not None
+        settles.append(
+            SettleReservation(
+                key=f"bench:{tag}:settle:{i}", reservation_id=reserved.reservation_id, actual_credits=10, user_id=user
+            )
+        )
+    ledger.execute_batch(settles)
+    clock.advance(timedelta(minutes=2))
+
+
+def churned_account(url: str, user: UUID, grants: int) -> float:
+    """Gives ``user`` ``grants`` grants, all but KEPT_BLOCKS of them spent or
+    lapsed, with closed holds between; returns the seconds it took. A ledger
+    of its own whose clock runs from a day ago, so that blocks lapse without
+    waiting and every event is older than the measurements that follow."""
+    clock = ManualClock(datetime.now(UTC) - timedelta(days=1))
+    start = time.perf_counter()
+    with Ledger(url, clock=clock) as builder:
+        builder.execute_batch(kept_grants(user, "churned"))
+        done = KEPT_BLOCKS
+        round_no = 0
+        while done < grants:
+            count = min(CHURN_ROUND, grants - done)
+            churn_round(builder, clock, user, count, f"churn:{round_no}")
+            done += count
+            round_no += 1
+        builder.spend(user, 1, key="bench:churned:lapse")  # records the last round's lapses
+    return time.perf_counter() - start
+
+
+def snapshot_bytes(ledger: Ledger, user: UUID) -> int:
+    """The size of a snapshot of the account as it is now, as stored."""
+    account_id = account_id_for(user)
+    ledger.app.take_snapshot(account_id)
+    assert ledger.app.snapshots is not None
+    return len(ledger.app.snapshots.recorder.select_events(account_id, desc=True, limit=1)[0].state)
+
+
+def stored_bytes(ledger: Ledger, user: UUID) -> tuple[int, int, int]:
+    """(events, bytes of its events, bytes of all its snapshots) of the account."""
+    account_id = account_id_for(user)
+    schema = ledger.config.pg_schema
+    with admin_connect(base_url()) as conn:
+        events, event_bytes = conn.execute(
+            sql.SQL("SELECT count(*), coalesce(sum(length(state)), 0) FROM {} WHERE originator_id = %s").format(
+                sql.Identifier(schema, "ledger_events")
+            ),
+            (account_id,),
+        ).fetchone() or (0, 0)
+        (snapshots_bytes,) = conn.execute(
+            sql.SQL("SELECT coalesce(sum(length(state)), 0) FROM {} WHERE originator_id = %s").format(
+                sql.Identifier(schema, "ledger_snapshots")
+            ),
+            (account_id,),
+        ).fetchone() or (0,)
+    return int(events), int(event_bytes), int(snapshots_bytes)
+
+
+def reserve_and_spend_ms(ledger: Ledger, users: dict[str, UUID], repeats: int) -> dict[str, float]:
+    """Median ms of a reserve and a spend, one after the other, on each
+    account. The accounts take turns, in an order that rotates, so load on
+    the machine and the first-in-a-round cost hit all alike."""
+    expires_at = far_future()
+    names = list(users)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    warmups = 5  # statements, pool, cache
+    for i in range(repeats + warmups):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            start = time.perf_counter()
+            ledger.reserve(users[name], uuid.uuid4(), 5, expires_at, key=f"bench:account:{name}:reserve:{i}")
+            ledger.spend(users[name], 5, key=f"bench:account:{name}:spend:{i}")
+            if i >= warmups:
+                samples[name].append(1000 * (time.perf_counter() - start))
+    return {name: statistics.median(found) for name, found in samples.items()}
+
+
+def account_figures(ledger: Ledger, url: str, sizes: Sizes) -> dict[str, float]:
+    """An account with ``many_grants`` grants, nearly all spent or lapsed,
+    against one with 10 grants; and an account at the live-block bound."""
+    churned, small, full = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    build_s = churned_account(url, churned, sizes.many_grants)
+    events, event_bytes, all_snapshot_bytes = stored_bytes(ledger, churned)
+    say(
+        f"an account given {sizes.many_grants:,} grants ({KEPT_BLOCKS} kept, the rest spent, settled from holds "
+        f"or lapsed): {build_s:.2f} s, {events:,} events ({event_bytes:,} bytes), its snapshots {all_snapshot_bytes:,} "
+        "bytes in all"
+    )
+    ledger.execute_batch(kept_grants(small, "ten-grants"))
+    start = time.perf_counter()
+    ledger.execute_batch(
+        [
+            GrantCredits(key=f"bench:full:{i}", user_id=full, amount_credits=1_000, kind=CreditKind.PURCHASE)
+            for i in range(MAX_LIVE_BLOCKS)
+        ]
+    )
+    full_s = time.perf_counter() - start
+    start = time.perf_counter()
+    try:  # the shape that took 46 s before the bound: refused at the first grant past it
+        ledger.execute_batch(
+            [
+                GrantCredits(key=f"bench:over:{i}", user_id=full, amount_credits=1, kind=CreditKind.PURCHASE)
+                for i in range(sizes.many_grants)
+            ]
+        )
+        raise AssertionError("a grant past the live-block bound was accepted")
+    except BatchRejected as rejected:
+        assert isinstance(rejected.cause, AccountLimitReached)
+    refused_ms = 1000 * (time.perf_counter() - start)
+    bytes_churned, bytes_small = snapshot_bytes(ledger, churned), snapshot_bytes(ledger, small)
+    ms = reserve_and_spend_ms(ledger, {"churned": churned, "small": small, "full": full}, sizes.account_repeats)
+    say(
+        f"reserve + spend, median of {sizes.account_repeats}: {ms['churned']:.2f} ms on the account given "
+        f"{sizes.many_grants:,} grants, {ms['small']:.2f} ms on one given 10, {ms['full']:.2f} ms on one with "
+        f"{MAX_LIVE_BLOCKS:,} live blocks"
+    )
+    say(
+        f"snapshot bytes: {bytes_churned:,} for the account given {sizes.many_grants:,} grants, "
+        f"{bytes_small:,} for the one given 10 (both with {KEPT_BLOCKS} live blocks)"
+    )
+    say(
+        f"{MAX_LIVE_BLOCKS:,} grants to one account in one batch: {full_s:.2f} s; {sizes.many_grants:,} more in "
+        f"one batch refused (AccountLimitReached) in {refused_ms:.0f} ms"
+    )
+    return {
+        "reserve_ms_10k_open_blocks": round(ms["churned"], 3),
+        "reserve_ms_10_grants": round(ms["small"], 3),
+        "snapshot_bytes_10k_grants": bytes_churned,
+        "snapshot_bytes_10_grants": bytes_small,
+        # Context, not targets:
+        "many_grants": sizes.many_grants,
+        "many_grants_build_s": round(build_s, 2),
+        "many_grants_events": events,
+        "many_grants_event_bytes": event_bytes,
+        "many_grants_all_snapshot_bytes": all_snapshot_bytes,
+        "reserve_ms_1k_live_blocks": round(ms["full"], 3),
+        "grants_1k_live_blocks_s": round(full_s, 2),
+        "grants_past_bound_refused_ms": round(refused_ms, 1),
+    }
 
 
 # -------------------------------------------------------------- read models
@@ -803,6 +998,17 @@ def report_targets(figures: dict[str, float]) -> None:
             f"{figures['load_ms_100k_events']:.2f} vs {figures['load_ms_10_events']:.2f} ms",
         ),
         (
+            f"reserve_ms_10k_open_blocks <= {TARGET_HISTORY_RATIO:g} x reserve_ms_10_grants",
+            figures["reserve_ms_10k_open_blocks"] <= TARGET_HISTORY_RATIO * figures["reserve_ms_10_grants"],
+            f"{figures['reserve_ms_10k_open_blocks']:.2f} vs {figures['reserve_ms_10_grants']:.2f} ms "
+            f"({figures['many_grants']:,} grants)",
+        ),
+        (
+            f"snapshot_bytes_10k_grants <= {TARGET_HISTORY_RATIO:g} x snapshot_bytes_10_grants",
+            figures["snapshot_bytes_10k_grants"] <= TARGET_HISTORY_RATIO * figures["snapshot_bytes_10_grants"],
+            f"{figures['snapshot_bytes_10k_grants']:,} vs {figures['snapshot_bytes_10_grants']:,} bytes",
+        ),
+        (
             f"rebuild_vs_decode >= {TARGET_REBUILD_VS_DECODE}",
             figures["rebuild_vs_decode"] >= TARGET_REBUILD_VS_DECODE,
             f"{figures['rebuild_vs_decode']:.3f}: {figures['rebuild_events_per_s']:,.0f} vs "
@@ -846,6 +1052,8 @@ def measure(
         bulk = bulk_grants_per_s(ledger, users, sizes.renew_batch, sizes.renew_rounds)
     with timed("loads", check):
         ms_small, ms_big = load_times(ledger, sizes.big_history_events, sizes.history_batch, sizes.load_repeats)
+    with timed("accounts", check):
+        accounts = account_figures(ledger, url, sizes)
     return {
         "commands_per_s": round(cmds, 1),
         "raw_insert_commit_per_s": round(raw, 1),
@@ -859,6 +1067,7 @@ def measure(
         "bulk_open_accounts_per_s": round(opened, 1),
         "renew_batch": sizes.renew_batch,
         "big_history_events": sizes.big_history_events,
+        **accounts,
         **read_model_figures(ledger, url, sizes, watchdog, analyze=analyze),
     }
 
@@ -955,6 +1164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         say(
             f"quick mode: load_ms_100k_events is measured on {sizes.big_history_events:,} events, "
+            f"reserve_ms_10k_open_blocks and snapshot_bytes_10k_grants on {sizes.many_grants:,} grants, "
             f"the rebuild on a log of about {sizes.log_events:,}"
         )
     if args.profile_rebuild:

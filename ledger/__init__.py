@@ -55,6 +55,7 @@ from ledger.domain.subscriptions import (
 )
 from ledger.domain.subscriptions import Status as SubscriptionStatus
 from ledger.errors import (
+    AccountLimitReached,
     BatchRejected,
     ConcurrencyExhausted,
     ConfigurationError,
@@ -108,6 +109,7 @@ __all__ = [
     "DEFAULT_URL",
     "MAX_CREDITS",
     "AccountEvent",
+    "AccountLimitReached",
     "AdjustCredits",
     "Balance",
     "BatchRejected",

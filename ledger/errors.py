@@ -95,6 +95,27 @@ class InsufficientCredits(LedgerError):
         super().__init__(f"account {user_id} has {available_credits} credits available, {requested_credits} requested")
 
 
+class AccountLimitReached(LedgerError):
+    """The account already has as many live credit blocks, or open holds, as
+    one account may have (``limit``); nothing was recorded. Live blocks are
+    the unspent, unexpired grants; spent and lapsed ones do not count."""
+
+    code = "account_limit_reached"
+
+    def __init__(self, user_id: UUID, what: str, limit: int) -> None:
+        self.user_id = user_id
+        self.what = what
+        self.limit = limit
+        advice = (
+            "spend or let some lapse first, or grant fewer, larger amounts"
+            if what == "live credit blocks"
+            else "settle or release some first"
+        )
+        super().__init__(
+            f"account of user {user_id} already has {limit:,} {what}, the most one account may have: {advice}"
+        )
+
+
 class UnknownAccount(LedgerError, LookupError):
     """No credit account exists for this user."""
 

@@ -25,6 +25,7 @@ from ledger import (
 )
 from ledger.domain.credits import CommandRecord, CreditAccount, Reservation
 from ledger.domain.subscriptions import Subscription, slot_id_for
+from ledger.storage.sealing import sealed
 
 FIXTURES = Path(__file__).parent / "fixtures"
 USER = UUID("00000000-0000-4000-8000-000000000001")
@@ -164,13 +165,19 @@ def test_subscriptions_written_before_pause_modes_load_as_void_pauses(ledger: Le
             ledger.app.take_snapshot(sid)
             (snapshot,) = ledger.app.snapshots.recorder.select_events(sid)  # type: ignore[union-attr]
             assert other.app.snapshots is not None
-            other.app.snapshots.recorder.insert_events(
-                [StoredEvent(sid, snapshot.originator_version, snapshot.topic, _strip(snapshot.state, "pause_mode"))]
+            # As a version without pause modes would have written and sealed
+            # it, over the event at its version as that version stored it.
+            old_shape = other.app.mapper.to_domain_event(
+                StoredEvent(sid, snapshot.originator_version, snapshot.topic, _strip(snapshot.state, "pause_mode"))
             )
+            (event_at,) = [e for e in old if e.originator_version == snapshot.originator_version]
+            resealed = sealed(other.app.mapper.transcoder, old_shape, event_at)
+            other.app.snapshots.recorder.insert_events([other.app.mapper.to_stored_event(resealed)])
         other.app.recorder.insert_events(old)
         s = other.app.repository.get(sid)
         assert isinstance(s, Subscription)
         assert (s.status, s.pause_mode) == ("paused", "void")
+        assert sid not in other.app.unsealed  # the snapshot was used, not replaced by a replay
         assert other.entitlements(user).plan == "free"  # a 0.1 pause was void: no plan while paused
 
 

@@ -21,6 +21,11 @@ The anchors live in the database, so whoever can edit events can edit them:
 they point at the change but prove nothing. The proof is the head kept
 outside. If the anchors were rewritten too, ``verify`` still fails, and says
 it cannot name the position.
+
+Snapshots are not events, so the chain does not cover them. ``verify`` also
+replays the events of every account that has snapshots and names each
+snapshot whose state differs from the replay at its version (see
+``ledger.audit.snapshots``): once the events are proven, a snapshot is proven by them.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from ledger.errors import InvalidArgument
+from ledger.storage.sealing import content_bytes
 
 if TYPE_CHECKING:
     from ledger.application.facade import Ledger
@@ -51,33 +57,7 @@ MAX_PROBLEMS = 100
 DIGESTS_TABLE = "ledger_digests"
 
 _ID = struct.Struct(">Q")
-_HEAD = struct.Struct(">QQQ")  # originator id (as two 8-byte halves), version
-_LENGTH = struct.Struct(">I")
 _ENTRY = struct.Struct(">Q8s")  # one anchored event: notification id, content hash
-
-
-_TOPICS: dict[str, bytes] = {}  # a topic's canonical bytes (length and UTF-8); a log has a few dozen
-
-
-def _topic(topic: str) -> bytes:
-    encoded = _TOPICS.get(topic)
-    if encoded is None:
-        raw = topic.encode()
-        encoded = _TOPICS[topic] = _LENGTH.pack(len(raw)) + raw
-    return encoded
-
-
-def content_bytes(notification: Any) -> bytes:
-    """An event's canonical bytes, less its notification id."""
-    state = notification.state
-    return b"".join(
-        (
-            _HEAD.pack(*divmod(notification.originator_id.int, 1 << 64), notification.originator_version),
-            _topic(notification.topic),
-            _LENGTH.pack(len(state)),
-            state,
-        )
-    )
 
 
 def content_hash(content: bytes) -> bytes:
@@ -207,6 +187,9 @@ class VerifyResult:
     #: Named changes found against the stored anchors (at most MAX_PROBLEMS).
     problems: list[Tampering] = field(default_factory=list)
     anchored_events: int = 0
+    #: Stored snapshots that differ from the replay of their events.
+    snapshot_problems: list[Any] = field(default_factory=list)
+    snapshots: int = 0
 
     @property
     def history_intact(self) -> bool:
@@ -215,8 +198,8 @@ class VerifyResult:
 
     @property
     def ok(self) -> bool:
-        """Intact history and anchors that agree with it."""
-        return self.history_intact and not self.problems
+        """Intact history, anchors that agree with it, and snapshots that agree with the events."""
+        return self.history_intact and not self.problems and not self.snapshot_problems
 
     def describe(self) -> list[str]:
         lines = []
@@ -238,6 +221,11 @@ class VerifyResult:
             )
         if self.history_intact and self.problems:
             lines.append("  the events are intact, but ledger_digests rows were edited")
+        if self.snapshot_problems:
+            lines.append(f"{len(self.snapshot_problems)} of {self.snapshots} snapshots differ from their events:")
+            lines.extend(f"  {p}" for p in self.snapshot_problems)
+        elif self.snapshots:
+            lines.insert(1, f"{self.snapshots} snapshots agree with the replay of their events")
         return lines
 
     def to_dict(self) -> dict[str, Any]:
@@ -249,6 +237,8 @@ class VerifyResult:
             "events": self.computed.events,
             "anchored_events": self.anchored_events,
             "problems": [vars(p) for p in self.problems],
+            "snapshots": self.snapshots,
+            "snapshot_problems": [p.to_dict() for p in self.snapshot_problems],
         }
 
 
@@ -525,7 +515,10 @@ class _Anchors:
 
 def verify(ledger: Ledger, expected: DigestHead | str, *, progress: Progress | None = None) -> VerifyResult:
     """Recomputes the chain up to ``expected.position`` and compares it with
-    ``expected`` and with the stored anchors."""
+    ``expected`` and with the stored anchors; then compares every stored
+    snapshot with the replay of its account's events."""
+    from ledger.audit.snapshots import check_snapshots
+
     head = DigestHead.parse(expected) if isinstance(expected, str) else expected
     anchors = _Anchors(digest_store(ledger).segments())
     chain = Chain()
@@ -536,8 +529,14 @@ def verify(ledger: Ledger, expected: DigestHead | str, *, progress: Progress | N
         if progress is not None:
             progress(page[-1].id, head.position)
     anchors.finish(head.position)
+    snapshots = check_snapshots(ledger)
     return VerifyResult(
-        expected=head, computed=chain.head(), problems=anchors.problems, anchored_events=anchors.anchored
+        expected=head,
+        computed=chain.head(),
+        problems=anchors.problems,
+        anchored_events=anchors.anchored,
+        snapshot_problems=list(snapshots.problems),
+        snapshots=snapshots.snapshots,
     )
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ledger.audit.base import AuditContext, Check, CheckFactory, Finding, Findings, Handler
-from ledger.audit.checks.credits import AccountCheck, CommandCheck
+from ledger.audit.checks.credits import AccountCheck, CommandCheck, SnapshotAuditCheck
 from ledger.audit.checks.subscriptions import SubscriptionCheck
 from ledger.audit.checks.views import ViewsCheck
 from ledger.audit.digest import Chain, stored_events
@@ -59,7 +59,7 @@ def register_check(factory: CheckFactory) -> None:
 
 def default_checks(*, compare_views: bool = True) -> list[CheckFactory]:
     """The account check first (others read its state), the views check last."""
-    checks: list[CheckFactory] = [AccountCheck, CommandCheck, SubscriptionCheck, *_REGISTERED]
+    checks: list[CheckFactory] = [AccountCheck, CommandCheck, SnapshotAuditCheck, SubscriptionCheck, *_REGISTERED]
     if compare_views:
         checks.append(ViewsCheck)
     return checks

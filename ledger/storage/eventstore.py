@@ -8,21 +8,67 @@ through ``save_all``; queries read the store through a ``StreamReader``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID
 
-from eventsourcing.application import AggregateNotFoundError, Application, ProcessingEvent
+from eventsourcing.application import (
+    AggregateNotFoundError,
+    Application,
+    ProcessingEvent,
+    ProjectorFunction,
+    Repository,
+    project_aggregate,
+)
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import JSONTranscoder
-from eventsourcing.utils import Environment
+from eventsourcing.persistence import JSONTranscoder, Recording, StoredEvent
+from eventsourcing.utils import Environment, strtobool
 
 from ledger.domain.credits import CreditAccount
+from ledger.storage.sealing import sealed, trusted
 from ledger.storage.transcoding import BlockAsDict, HoldAsDict
 
 T = TypeVar("T")
 
 SNAPSHOT_INTERVAL_EVENTS = 100
 AGGREGATE_CACHE_SIZE = 10_000
+
+
+class SealedRepository(Repository[UUID]):
+    """eventsourcing's repository, except that a snapshot is used only when it
+    passes its check (``sealing.trusted``); otherwise the events are replayed."""
+
+    def __init__(self, app: LedgerApplication, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.app = app
+
+    def _reconstruct_aggregate(
+        self, aggregate_id: UUID, version: int | None, projector_func: ProjectorFunction[Any, Any]
+    ) -> Any:
+        events = self.event_store.recorder
+        newest = (
+            self.snapshot_store.recorder.select_events(aggregate_id, desc=True, limit=1, lte=version)
+            if self.snapshot_store is not None
+            else []
+        )
+        start: list[Any] = []
+        if newest:
+            at = newest[0].originator_version
+            stream = list(events.select_events(aggregate_id, gt=at - 1, lte=version))
+            snapshot = trusted(
+                self.app, newest[0], stream[0] if stream and stream[0].originator_version == at else None
+            )
+            if snapshot is not None:
+                start, stream = [snapshot], stream[1:]
+            else:
+                stream = [*events.select_events(aggregate_id, lte=at - 1), *stream]
+        else:
+            stream = list(events.select_events(aggregate_id, lte=version))
+        decode = self.app.mapper.to_domain_event
+        aggregate = projector_func(None, chain(start, (decode(e) for e in stream)))
+        if aggregate is None:
+            raise AggregateNotFoundError(f"Aggregate {aggregate_id!r} version {version!r} not found.")
+        return aggregate
 
 
 class LedgerApplication(Application[UUID]):
@@ -32,6 +78,13 @@ class LedgerApplication(Application[UUID]):
     snapshotting_intervals: ClassVar[dict[type, int]] = {CreditAccount: SNAPSHOT_INTERVAL_EVENTS}
     #: The PostgreSQL pool's pre-ping window, when the backend installed one.
     ping_window: Any = None
+    #: Accounts whose stored snapshot was refused on load: their next save
+    #: writes a sealed snapshot, whatever the version.
+    unsealed: set[UUID]
+
+    def __init__(self, env: Any = None) -> None:
+        self.unsealed = set()
+        super().__init__(env)
 
     def construct_env(self, name: str, env: Any = None) -> Environment:
         # Only the settings the ledger was opened with: a library must not be
@@ -45,6 +98,64 @@ class LedgerApplication(Application[UUID]):
         settings["AGGREGATE_CACHE_MAXSIZE"] = str(AGGREGATE_CACHE_SIZE)
         settings["AGGREGATE_CACHE_FASTFORWARD"] = "n"
         return Environment(name, settings)
+
+    def construct_repository(self) -> Repository[UUID]:
+        cache_maxsize = self.env.get(self.AGGREGATE_CACHE_MAXSIZE)
+        return SealedRepository(
+            self,
+            event_store=self.events,
+            snapshot_store=self.snapshots,
+            cache_maxsize=int(cache_maxsize) if cache_maxsize else None,
+            fastforward=strtobool(self.env.get(self.AGGREGATE_CACHE_FASTFORWARD, "y")),
+            fastforward_skipping=strtobool(self.env.get(self.AGGREGATE_CACHE_FASTFORWARD_SKIPPING, "n")),
+            deepcopy_from_cache=strtobool(self.env.get(self.DEEPCOPY_FROM_AGGREGATE_CACHE, "y")),
+        )
+
+    def take_snapshot(
+        self,
+        aggregate_id: UUID,
+        version: int | None = None,
+        projector_func: ProjectorFunction[Any, Any] = project_aggregate,
+    ) -> None:
+        """A sealed snapshot of the recorded state at ``version`` (default: the latest)."""
+        aggregate = self.repository.get(aggregate_id, version=version, projector_func=projector_func)
+        at = self.recorder.select_events(aggregate_id, gt=aggregate.version - 1, lte=aggregate.version)
+        self._put_snapshot(aggregate, at[0])
+
+    def _put_snapshot(self, aggregate: Any, event_at: StoredEvent) -> None:
+        assert self.snapshots is not None
+        snapshot = type(aggregate).Snapshot.take(aggregate)
+        self.snapshots.put([sealed(self.mapper.transcoder, snapshot, event_at)])
+
+    def _seal_snapshots(self, processing: ProcessingEvent[UUID], recordings: Sequence[Recording[UUID]]) -> None:
+        """After a save: a sealed snapshot of each account whose new events
+        reached a multiple of the interval (the newest such version only: an
+        older one would be superseded at once), or whose stored snapshot was
+        refused on load. From the saved account itself when the version is
+        its latest, as it usually is; else replayed from the store."""
+        if self.snapshots is None:
+            return
+        due: dict[UUID, int] = {}
+        for event in processing.events:
+            aggregate = processing.aggregates.get(event.originator_id)
+            interval = self.snapshotting_intervals.get(type(aggregate))
+            if interval and event.originator_version % interval == 0:
+                due[event.originator_id] = max(due.get(event.originator_id, 0), event.originator_version)
+        for aggregate_id in self.unsealed.intersection(processing.aggregates):
+            self.unsealed.discard(aggregate_id)
+            aggregate = processing.aggregates[aggregate_id]
+            if isinstance(aggregate, CreditAccount):  # the kind the ledger snapshots
+                due[aggregate_id] = aggregate.version
+        if not due:
+            return
+        stored = {(r.notification.originator_id, r.notification.originator_version): r.notification for r in recordings}
+        for aggregate_id, version in due.items():
+            event_at = stored.get((aggregate_id, version))
+            aggregate = processing.aggregates[aggregate_id]
+            if event_at is None or aggregate.version != version:
+                self.take_snapshot(aggregate_id, version)
+            else:
+                self._put_snapshot(aggregate, event_at)
 
     def evict(self, aggregate_ids: Iterable[UUID]) -> None:
         """Drops aggregates from the cache, so the next read goes to the store."""
@@ -71,7 +182,7 @@ class LedgerApplication(Application[UUID]):
             else:
                 processing.events.append(obj)
         recordings = self._record(processing)
-        self._take_snapshots(processing)
+        self._seal_snapshots(processing, recordings)
         self._notify(recordings)
         # The position of the save in the notification log, for read-your-writes.
         return max((r.notification.id for r in recordings), default=None)

@@ -3,21 +3,28 @@
 eventsourcing's repository reads one aggregate per call (a snapshot query and
 an events query). A batch of 10,000 renewals would then cost 20,000 round
 trips, so each backend implements :class:`StreamReader`: the newest snapshot of
-every id in one query, then every later event of every id in one query.
+every id in one query, then every event of every id from the snapshot's version
+on in one query. The event at the snapshot's version is read too: the
+snapshot's seal covers it (see ``_snapshots``), and a snapshot that fails its
+check is not used.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.application import Application
 from eventsourcing.persistence import StoredEvent
 
+from ledger.storage.sealing import trusted
+
 #: Ids per query: keeps statements and result sets bounded.
 CHUNK_IDS = 2_000
+#: Rows per read of the snapshot index.
+INDEX_PAGE = 10_000
 
 
 class StreamReader(ABC):
@@ -32,13 +39,18 @@ class StreamReader(ABC):
     def events_after(self, after: dict[UUID, int]) -> dict[UUID, list[StoredEvent]]:
         """Stored events of each id with a version above the given one, in order."""
 
+    @abstractmethod
+    def snapshot_index(self) -> Iterator[tuple[UUID, int]]:
+        """(id, version) of every stored snapshot, ordered by id, then version."""
+
     def snapshots_and_events(
         self, ids: Sequence[UUID]
     ) -> tuple[dict[UUID, StoredEvent], dict[UUID, list[StoredEvent]]]:
         """The newest snapshot of each id that has one, and each id's events
-        after it (after version 0 without one). A backend may do it in one query."""
+        from the snapshot's version on (all of them without one). A backend
+        may do it in one query."""
         snapshots_by_id = self.latest_snapshots(ids)
-        after = {i: (snapshots_by_id[i].originator_version if i in snapshots_by_id else 0) for i in ids}
+        after = {i: (snapshots_by_id[i].originator_version - 1 if i in snapshots_by_id else 0) for i in ids}
         return snapshots_by_id, self.events_after(after)
 
     def load(self, ids: Sequence[UUID], *, snapshots: bool = True) -> dict[UUID, Any]:
@@ -52,9 +64,7 @@ class StreamReader(ABC):
                 snapshots_by_id, streams = self.snapshots_and_events(chunk)
             else:
                 snapshots_by_id, streams = {}, self.events_after(dict.fromkeys(chunk, 0))
-            states: dict[UUID, Any] = {}
-            for aggregate_id, stored in snapshots_by_id.items():
-                states[aggregate_id] = self.app.mapper.to_domain_event(stored).mutate(None)  # type: ignore[attr-defined]
+            states = self._from_snapshots(snapshots_by_id, streams)
             for aggregate_id, stream in streams.items():
                 aggregate = states.get(aggregate_id)
                 for stored in stream:
@@ -62,6 +72,27 @@ class StreamReader(ABC):
                 states[aggregate_id] = aggregate
             found.update(states)
         return found
+
+    def _from_snapshots(
+        self, snapshots_by_id: dict[UUID, StoredEvent], streams: dict[UUID, list[StoredEvent]]
+    ) -> dict[UUID, Any]:
+        """States restored from the snapshots that pass their check; ``streams``
+        left holding the events to apply after them (all the events of an id
+        whose snapshot was refused)."""
+        states: dict[UUID, Any] = {}
+        refused: dict[UUID, int] = {}
+        for aggregate_id, stored in snapshots_by_id.items():
+            stream = streams.get(aggregate_id, [])
+            at = stream[0] if stream and stream[0].originator_version == stored.originator_version else None
+            snapshot = trusted(self.app, stored, at)
+            if snapshot is None:
+                refused[aggregate_id] = 0
+                continue
+            states[aggregate_id] = snapshot.mutate(None)
+            streams[aggregate_id] = stream[1:]
+        if refused:
+            streams.update(self.events_after(refused))
+        return states
 
 
 class PerIdReader(StreamReader):
@@ -83,3 +114,11 @@ class PerIdReader(StreamReader):
             if stream:
                 streams[aggregate_id] = list(stream)
         return streams
+
+    def snapshot_index(self) -> Iterator[tuple[UUID, int]]:
+        assert self.app.snapshots is not None
+        # The in-memory recorder's own index: ids as strings, versions per id.
+        index: dict[str, dict[int, int]] = getattr(self.app.snapshots.recorder, "_stored_events_index", {})
+        for aggregate_id in sorted(index, key=UUID):
+            for version in sorted(index[aggregate_id]):
+                yield UUID(aggregate_id), version

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -10,7 +10,7 @@ from eventsourcing.persistence import InterfaceError, OperationalError, StoredEv
 from eventsourcing.utils import retry
 from psycopg import sql
 
-from ledger.storage.streams import StreamReader
+from ledger.storage.streams import INDEX_PAGE, StreamReader
 
 
 class PostgresReader(StreamReader):
@@ -43,7 +43,7 @@ class PostgresReader(StreamReader):
         self, ids: Sequence[UUID]
     ) -> tuple[dict[UUID, StoredEvent], dict[UUID, list[StoredEvent]]]:
         """One statement (one round trip, one consistent view): the newest
-        snapshot of each id, then each id's events after it."""
+        snapshot of each id, then each id's events from its version on."""
         assert self.app.snapshots is not None
         snapshots_table = self._table(self.app.snapshots.recorder)
         query = sql.SQL(
@@ -54,7 +54,7 @@ class PostgresReader(StreamReader):
             "UNION ALL "
             "SELECT FALSE, e.originator_id, e.originator_version, e.topic, e.state FROM {} e "
             "JOIN ids ON e.originator_id = ids.id LEFT JOIN snap ON snap.originator_id = ids.id "
-            "WHERE e.originator_version > COALESCE(snap.originator_version, 0) "
+            "WHERE e.originator_version >= COALESCE(snap.originator_version, 0) "
             "ORDER BY originator_id, snapshot DESC, originator_version"
         ).format(snapshots_table, self._table(self.app.recorder))
         rows = self._fetch(self.app.recorder, query, [list(ids)])
@@ -80,6 +80,23 @@ class PostgresReader(StreamReader):
         for r in rows:
             streams.setdefault(r["originator_id"], []).append(_stored(r))
         return streams
+
+    def snapshot_index(self) -> Iterator[tuple[UUID, int]]:
+        assert self.app.snapshots is not None
+        recorder: Any = self.app.snapshots.recorder
+        query = sql.SQL(
+            "SELECT originator_id, originator_version FROM {} "
+            "WHERE (originator_id, originator_version) > (%s, %s) "
+            "ORDER BY originator_id, originator_version LIMIT %s"
+        ).format(self._table(recorder))
+        last: tuple[UUID, int] = (UUID(int=0), -1)
+        while True:
+            rows = self._fetch(recorder, query, [last[0], last[1], INDEX_PAGE])
+            for r in rows:
+                last = (r["originator_id"], r["originator_version"])
+                yield last
+            if len(rows) < INDEX_PAGE:
+                return
 
 
 def _stored(row: Any) -> StoredEvent:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
 
-from ledger.storage.streams import StreamReader
+from ledger.storage.streams import INDEX_PAGE, StreamReader
 
 
 class SQLiteReader(StreamReader):
@@ -45,6 +45,23 @@ class SQLiteReader(StreamReader):
         for r in self._fetch(recorder, query, params):
             streams.setdefault(UUID(r["originator_id"]), []).append(_stored(r))
         return streams
+
+    def snapshot_index(self) -> Iterator[tuple[UUID, int]]:
+        assert self.app.snapshots is not None
+        recorder: Any = self.app.snapshots.recorder
+        query = (
+            "SELECT originator_id, originator_version FROM "
+            f"{recorder.events_table_name} WHERE originator_id > ? OR (originator_id = ? AND originator_version > ?) "
+            "ORDER BY originator_id, originator_version LIMIT ?"
+        )
+        last: tuple[str, int] = ("", -1)
+        while True:
+            rows = self._fetch(recorder, query, [last[0], last[0], last[1], INDEX_PAGE])
+            for r in rows:
+                last = (r["originator_id"], r["originator_version"])
+                yield UUID(last[0]), last[1]
+            if len(rows) < INDEX_PAGE:
+                return
 
 
 def _stored(row: Any) -> StoredEvent:
