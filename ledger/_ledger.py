@@ -502,7 +502,9 @@ class Ledger:
 
     def _catch_up_subscription(self, s: Subscription, now: datetime) -> int:
         """Performs a subscription's due changes one at a time: a tick that ran
-        late renews each missed period (at most MAX_DUE_PER_TICK)."""
+        late renews each missed period (at most MAX_DUE_PER_TICK). Counts only
+        the changes this tick recorded: a replayed receipt is one another tick
+        (running at the same time) recorded under the same key."""
         changes = 0
         for _ in range(MAX_DUE_PER_TICK):
             due = due_changes(s, now, auto_renew=self.credit_policy.auto_renew)
@@ -510,10 +512,10 @@ class Ledger:
                 break
             try:
                 # As of the tick's moment, which may differ from the clock's.
-                self.engine.execute(due, single=True, now=now)
+                receipts = self.engine.execute(due, single=True, now=now)
             except InvalidTransition:
                 break  # changed meanwhile (another tick, a webhook)
-            changes += 1
+            changes += sum(1 for r in receipts if not r.replayed)
             fresh = self._fresh(s.id)
             if not isinstance(fresh, Subscription):
                 break

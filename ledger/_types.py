@@ -74,6 +74,16 @@ def check_uuid(value: object, name: str) -> UUID:
     return value
 
 
+def check_user_id(value: object, name: str = "user_id") -> UUID:
+    """A user's id: a UUID, and not the nil UUID, which is nobody's (it is
+    what an unset or zeroed id reads as, and would pool every such caller's
+    credits in one account)."""
+    user = check_uuid(value, name)
+    if user.int == 0:
+        raise InvalidArgument(f"{name} must not be the nil UUID {user}: no user has it")
+    return user
+
+
 def check_text(value: object, name: str, max_length: int, *, required: bool = False) -> str:
     if not isinstance(value, str):
         raise InvalidArgument(f"{name} must be a str, not {type(value).__name__}")
@@ -160,7 +170,7 @@ class GrantCredits(Command):
 
     def __post_init__(self) -> None:
         check_key(self.key)
-        check_uuid(self.user_id, "user_id")
+        check_user_id(self.user_id)
         check_amount(self.amount_credits)
         try:
             kind = CreditKind(self.kind)
@@ -190,7 +200,7 @@ class SpendCredits(Command):
 
     def __post_init__(self) -> None:
         check_key(self.key)
-        check_uuid(self.user_id, "user_id")
+        check_user_id(self.user_id)
         check_amount(self.amount_credits)
         try:
             kind = CreditKind(self.kind)
@@ -215,7 +225,7 @@ class ReserveCredits(Command):
 
     def __post_init__(self) -> None:
         check_key(self.key)
-        check_uuid(self.user_id, "user_id")
+        check_user_id(self.user_id)
         check_uuid(self.job_id, "job_id")
         check_amount(self.amount_credits)
         object.__setattr__(self, "expires_at", require_utc(self.expires_at, "expires_at"))
@@ -235,7 +245,7 @@ class SettleReservation(Command):
         check_uuid(self.reservation_id, "reservation_id")
         check_amount(self.actual_credits, "actual_credits")
         if self.user_id is not None:
-            check_uuid(self.user_id, "user_id")
+            check_user_id(self.user_id)
 
 
 @dataclass(frozen=True)
@@ -251,7 +261,7 @@ class ReleaseReservation(Command):
         check_uuid(self.reservation_id, "reservation_id")
         check_text(self.reason, "reason", MAX_TEXT_LENGTH, required=True)
         if self.user_id is not None:
-            check_uuid(self.user_id, "user_id")
+            check_user_id(self.user_id)
 
 
 @dataclass(frozen=True)
@@ -264,7 +274,7 @@ class AdjustCredits(Command):
 
     def __post_init__(self) -> None:
         check_key(self.key)
-        check_uuid(self.user_id, "user_id")
+        check_user_id(self.user_id)
         if type(self.delta_credits) is not int or self.delta_credits == 0:
             raise InvalidAmount(f"delta_credits must be a non-zero int, got {self.delta_credits!r}")
         check_amount(abs(self.delta_credits), "delta_credits")

@@ -7,26 +7,30 @@ endpoint. See ``docs/lemonsqueezy.md``.
     app = WebhookApp(adapter)            # mount under /webhooks/lemonsqueezy
 """
 
-from ._adapter import IngestResult, LemonSqueezy, Processor, RetryReport
+from ._adapter import Customer, IngestResult, LemonSqueezy, LinkReport, Processor, RetryReport, UserResolver
 from ._asgi import WebhookApp
 from ._client import LemonSqueezyApiError, LemonSqueezyClient, TokenBucket
-from ._effects import RefundPolicy
+from ._effects import CustomerLinked, RefundPolicy
 from ._inbox import SOURCE
 from ._reconcile import Reconciler, ReconcileReport
 from ._signature import sign, verify
 
 __all__ = [
     "SOURCE",
+    "Customer",
+    "CustomerLinked",
     "IngestResult",
     "LemonSqueezy",
     "LemonSqueezyApiError",
     "LemonSqueezyClient",
+    "LinkReport",
     "Processor",
     "ReconcileReport",
     "Reconciler",
     "RefundPolicy",
     "RetryReport",
     "TokenBucket",
+    "UserResolver",
     "WebhookApp",
     "sign",
     "verify",
