@@ -112,13 +112,14 @@ def snapshot_rank(
     """The tie rule: of two snapshots a provider sent with the same
     ``source_updated_at`` (its clock may have one-second resolution), the one
     that ranks higher is the later. Over the snapshot's own content only, so
-    the winner does not depend on which arrived first: a snapshot with a plan
-    (not a bare status), then the later period end (a renewal moves it on),
-    then the status later in a subscription's life, then the rest of the
-    content (an arbitrary but fixed order). What the provider did not say is
-    None, and ranks lowest."""
+    the winner does not depend on which arrived first: a bare expiry (the end
+    of a subscription another one replaced: an end is final), then a snapshot
+    with a plan over any other bare status, then the later period end (a
+    renewal moves it on), then the status later in a subscription's life,
+    then the rest of the content (an arbitrary but fixed order). What the
+    provider did not say is None, and ranks lowest."""
     return (
-        0 if plan is None else 1,
+        (2 if status == Status.EXPIRED else 0) if plan is None else 1,
         _stamp(period_end),
         _LIFECYCLE.get(status, len(_LIFECYCLE)),
         _stamp(period_start),

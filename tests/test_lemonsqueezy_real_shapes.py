@@ -26,6 +26,11 @@ from ledger import InvalidArgument, Ledger, audit
 from tests.lemonsqueezy_support import (
     FIXTURES,
     PACKS,
+    R1,
+    R2,
+    START,
+    USER,
+    Builder,
     StoryClock,
     adapter_for,
     headers_for,
@@ -548,3 +553,69 @@ def test_the_api_is_asked_for_the_invoices_of_a_yearly_period_only(ledger: Ledge
         Reconciler(adapter.processor, client).run()
     by_subscription = [q["filter[subscription_id]"] for q in seen if "filter[subscription_id]" in q]
     assert by_subscription == [["881002"]]  # the one live subscription whose period began before the window
+
+
+def dunning_story() -> list[bytes]:
+    """A renewal, then a failed charge: the payment_failed invoice and the
+    past_due snapshot whose renews_at is the next retry, not a period end."""
+    b = Builder()
+    sec, day = timedelta(seconds=1), timedelta(days=1)
+    return [
+        b.subscription_event("subscription_created", updated=START, renews_at=R1),
+        b.subscription_event("subscription_updated", updated=R1 + 3 * sec, renews_at=R2),
+        b.invoice_event(
+            "subscription_payment_success",
+            "550002",
+            reason="renewal",
+            status="paid",
+            created=R1,
+            updated=R1 + sec,
+            total=2500,
+        ),
+        b.invoice_event(
+            "subscription_payment_failed",
+            "550003",
+            reason="renewal",
+            status="pending",
+            created=R2,
+            updated=R2 + sec,
+            total=2500,
+        ),
+        b.subscription_event("subscription_updated", updated=R2 + 3 * sec, status="past_due", renews_at=R2 + 3 * day),
+    ]
+
+
+def test_a_failed_renewal_ends_the_same_in_every_order(stores: Callable[[], str]) -> None:  # noqa: F811
+    """Whatever arrives first, the subscription is past_due with the period
+    the renewal paid for (February to March), and so are its snapshots and
+    its history; before the fix a past_due arriving after a newer snapshot
+    took that one's period."""
+    deliveries = dunning_story()
+    url = stores()
+    picked = orders(len(deliveries), every=url == "memory://", count=6, seed=3)
+    results = []
+    for n, order in enumerate(picked):
+        clock = StoryClock(START - timedelta(hours=1))
+        with open_ledger(url if n == 0 else stores(), clock) as ledger:
+            adapter = adapter_for(ledger)
+            for i in order:
+                assert adapter.ingest(deliveries[i], headers_for(deliveries[i])).http_status == 200
+            for _ in range(3):
+                adapter.retry_failed()
+            assert not adapter.inbox.counts().get("failed")
+            ledger.views.catch_up()
+            view = ledger.subscription(ledger_subscription_id("880001"))
+            results.append(
+                {
+                    "view": (view.status, view.current_period_start, view.current_period_end),
+                    "snapshots": table(ledger, "subscription_snapshots", "subscription_id", ()),
+                    "history": history_in_order(ledger, ledger_subscription_id("880001")),
+                    "balance": ledger.balance(USER).balance_credits,
+                }
+            )
+    for result in results[1:]:
+        assert result == results[0]
+    assert results[0]["view"] == ("past_due", R1, R2)
+    assert results[0]["balance"] == 5000  # the renewal's; the failed charge grants nothing
+    past_due = [json.loads(r[4]) for r in results[0]["history"] if r[1] == "past_due"]
+    assert [(d["period_start"], d["period_end"]) for d in past_due] == [(R1.isoformat(), R2.isoformat())]

@@ -7,8 +7,10 @@ Replayed in order, then with every delivery duplicated, re-sent under new
 webhook ids, shuffled (fixed seeds), and with processing failures injected and
 retried. What must come out identical every time:
 
-* the ``subscriptions`` row (as Lemon Squeezy last described it; the row's
-  created_at, updated_at and ended_at are when the ledger learned of it);
+* the ``subscriptions`` row (as Lemon Squeezy's snapshots describe it, its
+  cancelled_at, paused_at and ended_at the provider's; the row's created_at
+  and updated_at are when the ledger learned of it) and
+  ``subscription_snapshots``;
 * every credit movement in ``credit_transactions`` (amount, kind, reference,
   key, description; not the running balance_after or the expirations' ids,
   which depend on the order the ledger ran in) and the balance;
@@ -129,7 +131,15 @@ def baseline(url: str) -> dict[str, Any]:
 
 
 def assert_same(state: dict[str, Any], expected: dict[str, Any]) -> None:
-    for name in ("subscriptions", "credit_transactions", "credit_balances", "balance", "blocks", "history_changes"):
+    for name in (
+        "subscriptions",
+        "snapshots",
+        "credit_transactions",
+        "credit_balances",
+        "balance",
+        "blocks",
+        "history_changes",
+    ):
         assert state[name] == expected[name], name
 
 

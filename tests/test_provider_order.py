@@ -313,3 +313,22 @@ def test_the_nil_uuid_is_no_user(catalog: Ledger) -> None:
         command(uuid4(), NIL, snap("x", status="active", at=T0, start=T0, end=FEB), "nil")
     with pytest.raises(InvalidArgument, match="nil UUID"):
         catalog.spend(NIL, 1, key="s1")
+
+
+def test_a_replacement_in_the_same_second_as_the_old_ones_cancellation_still_ends_it(catalog: Ledger) -> None:
+    switched = T0 + timedelta(days=10)
+    for first in ("old", "new"):
+        old_id, new_id, user = uuid4(), uuid4(), uuid4()
+        cancel = snap("cancel", status="cancelled", at=switched, start=T0, end=FEB, cancel_at_period_end=True)
+        new = snap("new", status="active", at=switched, start=switched, end=FEB, plan="pro")
+        new["replaces"], new["replaces_at"] = old_id, switched
+        olds = [command(old_id, user, snap("a", status="active", at=T0, start=T0, end=FEB), first)]
+        olds.append(command(old_id, user, cancel, first))
+        if first == "old":
+            commands = [*olds, command(new_id, user, new, first)]
+        else:
+            commands = [command(new_id, user, new, first), *(replace(c, replaced_at=switched) for c in olds)]
+        for c in commands:
+            catalog.execute(c)
+        assert catalog.subscription(old_id).status == "expired"
+        assert catalog.subscription_of(user).subscription_id == new_id  # type: ignore[union-attr]

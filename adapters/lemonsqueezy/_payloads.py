@@ -6,8 +6,9 @@ and are strict about the ones they do: an id must be an integer, a time an
 ISO-8601 string with a zone, a status one of the documented values. A few
 shapes of Lemon Squeezy's earlier documentation are read as they meant:
 ``"refunded": null`` is not refunded, and an invoice may lack ``customer_id``
-(its subscription says whose it is). ``data.id`` must be digits only for the
-resource types the ledger applies (:data:`APPLIED_TYPES`); another type's
+(its subscription says whose it is). ``data.id`` must be a positive integer
+for the resource types the ledger applies (:data:`APPLIED_TYPES`), and is
+read in its canonical form (``000770051`` is ``770051``); another type's
 event is stored whatever its id looks like, and not applied.
 
 Two levels of failure:
@@ -181,8 +182,8 @@ class Resource(_Model):
     """A JSON:API resource object, as in the body's ``data`` and in the REST API.
 
     Any printable id (no spaces, at most 100 characters) for a type the ledger
-    does not apply, so that a new kind of event is stored, not refused; digits
-    for the types it applies."""
+    does not apply, so that a new kind of event is stored, not refused; a
+    positive integer, canonical, for the types it applies."""
 
     type: Annotated[str, Field(min_length=1, max_length=50)]
     id: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[\x21-\x7e]+$")]
