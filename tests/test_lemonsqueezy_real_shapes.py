@@ -619,3 +619,14 @@ def test_a_failed_renewal_ends_the_same_in_every_order(stores: Callable[[], str]
     assert results[0]["balance"] == 5000  # the renewal's; the failed charge grants nothing
     past_due = [json.loads(r[4]) for r in results[0]["history"] if r[1] == "past_due"]
     assert [(d["period_start"], d["period_end"]) for d in past_due] == [(R1.isoformat(), R2.isoformat())]
+
+
+def test_a_rest_object_is_applied_only_by_an_adapter_of_its_own_mode(ledger: Ledger) -> None:
+    live = json.loads(body("tie_subscription_updated"))["data"]
+    test = json.loads(json.dumps(live))
+    test["attributes"]["test_mode"] = True
+    live_adapter = adapter_for(ledger, resolve_user=Resolver())
+    test_adapter = adapter_for(ledger, test_mode=True, resolve_user=Resolver())
+    assert test_adapter.processor.apply_resource(live).status == "ignored"
+    assert live_adapter.processor.apply_resource(test).status == "ignored"
+    assert live_adapter.processor.apply_resource(live).status == "processed"

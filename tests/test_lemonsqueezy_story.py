@@ -30,6 +30,7 @@ from __future__ import annotations
 import random
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -124,6 +125,18 @@ class Run:
         return state
 
 
+def _naive(value: Any) -> Any:
+    """A time as naive UTC, from any store's column (aware, naive or text)."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
 def baseline(url: str) -> dict[str, Any]:
     run = Run(url, StoryClock(BEFORE))
     run.deliver(story(), follow_clock=True)
@@ -175,6 +188,11 @@ def test_the_story_in_order(stores: Stores) -> None:
     ]
     subscription = state["subscriptions"][0]
     assert "expired" in subscription and "monthly" in subscription and "880001" in subscription
+    # The provider's times: cancelled by the snapshot of the second cancellation (the first was
+    # resumed), ended at its ends_at; not when the ledger processed them.
+    times = {_naive(v) for v in subscription}
+    assert {datetime(2030, 4, 20, 10), datetime(2030, 5, 5, 10)} <= times
+    assert "cancelled at the payment provider" in subscription
 
 
 def test_every_delivery_twice_and_resent_under_new_ids(stores: Stores) -> None:

@@ -153,7 +153,7 @@ class LinkReport:
     customer_id: str
     user_id: UUID
     linked: bool
-    released: RetryReport = field(default_factory=lambda: RetryReport())
+    released: RetryReport = field(default_factory=RetryReport)
 
 
 def load_catalog(ledger: Ledger) -> Catalog:
@@ -401,7 +401,8 @@ class Processor:
             )
         except ValidationError as exc:
             return Outcome("failed", f"not a Lemon Squeezy resource: {describe_error(exc)}")
-        if envelope.test_mode != self.test_mode:
+        flag = envelope.data.attributes.get("test_mode")  # a REST object has no meta: its own flag decides
+        if (flag is not None and flag is not False) != self.test_mode:
             return Outcome("ignored", f"{IGNORED_PREFIX}the resource's test_mode differs from this adapter's")
         try:
             return self._apply(envelope)
