@@ -36,6 +36,7 @@ from ledger.domain.checks import (
     check_key,
     check_optional_text,
     check_text,
+    check_user_id,
     check_uuid,
 )
 from ledger.domain.credits import CreditAccount, entry_id_for, record_id_for
@@ -68,6 +69,7 @@ __all__ = [
     "check_key",
     "check_optional_text",
     "check_text",
+    "check_user_id",
     "check_uuid",
     "entry_id_for",
     "plan_id_for",

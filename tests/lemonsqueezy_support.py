@@ -473,7 +473,8 @@ def table(ledger: Ledger, name: str, order_by: str, skip: tuple[str, ...]) -> li
 
 def final_state(ledger: Ledger, user: UUID = USER) -> dict[str, Any]:
     """What must be identical however the deliveries arrived: the subscription
-    as Lemon Squeezy last described it, every credit movement (ids of
+    as Lemon Squeezy's snapshots describe it (its cancel, pause and end times
+    the provider's), every snapshot kept, every credit movement (ids of
     expirations, running balances and times depend on when the ledger ran),
     and the balance."""
     ledger.tick(END, allow_future=True)  # the story ends ahead of its clock
@@ -481,7 +482,8 @@ def final_state(ledger: Ledger, user: UUID = USER) -> dict[str, Any]:
     sid = next(iter(_subscriptions(ledger)))
     balance = ledger.balance(user)
     return {
-        "subscriptions": table(ledger, "subscriptions", "id", ("created_at", "updated_at", "ended_at")),
+        "subscriptions": table(ledger, "subscriptions", "id", ("created_at", "updated_at")),
+        "snapshots": table(ledger, "subscription_snapshots", "subscription_id", ()),
         "credit_transactions": table(
             ledger, "credit_transactions", "log_position", ("id", "balance_after", "created_at", "log_position")
         ),

@@ -238,3 +238,51 @@ def test_commands_recorded_before_a_field_was_added_keep_their_fingerprint() -> 
     )
     assert sync.fingerprint == "eee6515176cc96ae9295fdbefb8192eb919c690e3d43e917bb612c69d9b9f412"
     assert replace(sync, pause_mode=PauseMode.FREE).fingerprint != sync.fingerprint
+
+
+def test_synced_and_superseded_events_of_version_1_load_as_they_were(ledger: Ledger) -> None:
+    """Synced and Superseded became version 2 (a kept period, restatements,
+    the provider's times): a version 1 event loads through its upcast, keeps
+    the ledger's processing time as ``ended_at`` (as it was recorded), and
+    takes its place among the subscription's provider snapshots."""
+    ledger.install_default_catalog()
+    sid = UUID(int=43)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def sync(key: str, status: SubscriptionStatus, seconds: int) -> SyncSubscription:
+        return SyncSubscription(
+            key=key,
+            subscription_id=sid,
+            user_id=USER,
+            plan="pro",
+            billing_cycle=BillingCycle.MONTHLY,
+            status=status,
+            period_start=at,
+            period_end=at + timedelta(days=31),
+            source_updated_at=at + timedelta(seconds=seconds),
+        )
+
+    ledger.execute(sync("active", SubscriptionStatus.ACTIVE, 1))
+    ledger.execute(sync("expired", SubscriptionStatus.EXPIRED, 9))
+    ledger.execute(sync("late", SubscriptionStatus.ACTIVE, 5))  # Superseded
+    times = ("provider_times", "cancelled_at", "cancel_reason", "paused_at", "ended_at")
+    added = {
+        Subscription.Synced.TOPIC: ("class_version", "period_kept", "restated", *times),
+        Subscription.Superseded.TOPIC: ("class_version", "period_kept", "pause_mode"),
+    }
+    stored = [
+        StoredEvent(e.originator_id, e.originator_version, e.topic, _strip(e.state, *added[e.topic]))
+        if e.topic in added
+        else e
+        for e in ledger.app.recorder.select_events(sid)
+    ]
+    assert {e.topic for e in stored} >= set(added)
+    with Ledger("memory://", clock=ledger.clock) as other:
+        other.app.recorder.insert_events(stored)
+        events = list(other.app.events.get(sid))
+        synced = [e for e in events if isinstance(e, Subscription.Synced)]
+        assert [e.provider_times for e in synced] == [False, False]
+        s = other.app.repository.get(sid)
+        assert isinstance(s, Subscription)
+        assert (s.status, s.ended_at) == ("expired", synced[-1].timestamp)  # the ledger's time, as recorded then
+        assert [x.at.second for x in s.provider_snapshots] == [1, 5, 9]

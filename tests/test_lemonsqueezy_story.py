@@ -7,8 +7,10 @@ Replayed in order, then with every delivery duplicated, re-sent under new
 webhook ids, shuffled (fixed seeds), and with processing failures injected and
 retried. What must come out identical every time:
 
-* the ``subscriptions`` row (as Lemon Squeezy last described it; the row's
-  created_at, updated_at and ended_at are when the ledger learned of it);
+* the ``subscriptions`` row (as Lemon Squeezy's snapshots describe it, its
+  cancelled_at, paused_at and ended_at the provider's; the row's created_at
+  and updated_at are when the ledger learned of it) and
+  ``subscription_snapshots``;
 * every credit movement in ``credit_transactions`` (amount, kind, reference,
   key, description; not the running balance_after or the expirations' ids,
   which depend on the order the ledger ran in) and the balance;
@@ -28,6 +30,7 @@ from __future__ import annotations
 import random
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -121,6 +124,18 @@ class Run:
         return state
 
 
+def _naive(value: Any) -> Any:
+    """A time as naive UTC, from any store's column (aware, naive or text)."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
 def baseline(url: str) -> dict[str, Any]:
     run = Run(url, StoryClock(BEFORE))
     run.deliver(story(), follow_clock=True)
@@ -128,7 +143,15 @@ def baseline(url: str) -> dict[str, Any]:
 
 
 def assert_same(state: dict[str, Any], expected: dict[str, Any]) -> None:
-    for name in ("subscriptions", "credit_transactions", "credit_balances", "balance", "blocks", "history_changes"):
+    for name in (
+        "subscriptions",
+        "snapshots",
+        "credit_transactions",
+        "credit_balances",
+        "balance",
+        "blocks",
+        "history_changes",
+    ):
         assert state[name] == expected[name], name
 
 
@@ -164,6 +187,11 @@ def test_the_story_in_order(stores: Stores) -> None:
     ]
     subscription = state["subscriptions"][0]
     assert "expired" in subscription and "monthly" in subscription and "880001" in subscription
+    # The provider's times: cancelled by the snapshot of the second cancellation (the first was
+    # resumed), ended at its ends_at; not when the ledger processed them.
+    times = {_naive(v) for v in subscription}
+    assert {datetime(2030, 4, 20, 10), datetime(2030, 5, 5, 10)} <= times
+    assert "cancelled at the payment provider" in subscription
 
 
 def test_every_delivery_twice_and_resent_under_new_ids(stores: Stores) -> None:

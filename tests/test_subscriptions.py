@@ -866,3 +866,38 @@ def test_tick_from_the_command_line_without_auto_renew(tmp_path: Path) -> None:
     with Ledger(url) as ledger:
         assert ledger.subscription(sid).current_period_end == end
         assert ledger.balance(user).balance_credits == 0  # the period's credits lapsed
+
+
+def test_a_tick_counts_only_the_renewals_it_recorded(billing: Ledger, clock: ManualClock) -> None:
+    """A tick that read a subscription before another tick renewed it runs the
+    same keyed renewal, which replays the other's receipt: that renewal is the
+    other tick's, and this one reports none."""
+    user = uuid4()
+    sid = start(billing, user)
+    stale = billing.read_aggregate(sid)  # as a concurrent tick read it, before the renewal
+    clock.set(FEB_1 + HOUR)
+    assert billing.tick()["subscriptions"] == 1
+    assert billing._catch_up_subscription(stale, clock.now()) == 0
+    assert [k for k, _, _ in grants(billing, user)] == ["subscription_grant", "subscription_renew"]
+
+
+def test_concurrent_ticks_report_each_renewal_once(billing: Ledger, clock: ManualClock) -> None:
+    import threading
+
+    users = [uuid4() for _ in range(6)]
+    for user in users:
+        start(billing, user)
+    clock.set(FEB_1 + HOUR)
+    barrier, counts = threading.Barrier(3), []
+
+    def tick() -> None:
+        barrier.wait()
+        counts.append(billing.tick()["subscriptions"])
+
+    threads = [threading.Thread(target=tick) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sum(counts) == len(users)  # each renewal reported by the tick that recorded it
+    assert all(len(grants(billing, user)) == 2 for user in users)

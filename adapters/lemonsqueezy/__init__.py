@@ -13,24 +13,28 @@ slash) with a 307 redirect, and a redirected delivery is not received.
 
 from adapters.webhooks import IngestResult, WebhookApp
 
-from ._adapter import SOURCE, LemonSqueezy, Processor, RetryReport
+from ._adapter import SOURCE, Customer, LemonSqueezy, LinkReport, Processor, RetryReport, UserResolver
 from ._client import LemonSqueezyApiError, LemonSqueezyClient, TokenBucket
-from ._effects import RefundPolicy
+from ._effects import CustomerLinked, RefundPolicy
 from ._reconcile import Reconciler, ReconcileReport
 from ._signature import sign, verify
 
 __all__ = [
     "SOURCE",
+    "Customer",
+    "CustomerLinked",
     "IngestResult",
     "LemonSqueezy",
     "LemonSqueezyApiError",
     "LemonSqueezyClient",
+    "LinkReport",
     "Processor",
     "ReconcileReport",
     "Reconciler",
     "RefundPolicy",
     "RetryReport",
     "TokenBucket",
+    "UserResolver",
     "WebhookApp",
     "sign",
     "verify",

@@ -31,7 +31,7 @@ from ledger import (
     Receipt,
 )
 from ledger import SubscriptionStatus as Status
-from ledger.extension import Plan
+from ledger.extension import Plan, check_user_id
 
 from ._effects import (
     DEFAULT_HOLD_WINDOW_S,
@@ -41,9 +41,11 @@ from ._effects import (
     ApplySubscription,
     Catalog,
     Held,
+    LinkCustomer,
     RefundPolicy,
     Report,
     UnknownVariant,
+    canonical_id,
     content_key,
     minus_cycle,
 )
@@ -63,6 +65,7 @@ from ._payloads import (
     subscription_of,
 )
 from ._signature import SIGNATURE_HEADER, check_secret, verify_with_key
+from ._state import CustomerLink, customer_link_id, subscription_link_id
 
 log = logging.getLogger("adapters.lemonsqueezy")
 
@@ -115,24 +118,46 @@ class RetryReport:
             self.messages.append((row.row_id, row.event_type, outcome.message))
 
 
+@dataclass(frozen=True)
+class Customer:
+    """Who a Lemon Squeezy customer is, as its events say: what a host's
+    ``resolve_user`` is given to find the ledger user."""
+
+    customer_id: str
+    email: str | None
+    name: str | None
+    test_mode: bool
+
+
+#: The host's answer to "which user is this customer?": a user id, or None
+#: (not known yet: the delivery is held until a link or a later answer).
+UserResolver = Callable[[Customer], UUID | None]
+#: How many held deliveries a link runs at once, at most (the rest: `webhooks retry`).
+MAX_RELEASED_BY_LINK = 500
+
+
+@dataclass
+class LinkReport:
+    """What linking a customer did: whether the link is new, and what became
+    of the deliveries that were held for it."""
+
+    customer_id: str
+    user_id: UUID
+    linked: bool
+    released: RetryReport = field(default_factory=RetryReport)
+
+
 def load_catalog(ledger: Ledger) -> Catalog:
     """Every variant id any revision of any plan listed, with its plan and
     billing cycle; a later revision wins. Read from the event log, not the
     plans view, which may lag."""
-    topics = [Plan.Defined.TOPIC, Plan.Revised.TOPIC]
     variants: dict[str, tuple[str, str]] = {}
-    start = 1
-    while True:
-        page = ledger.app.recorder.select_notifications(start=start, limit=1_000, topics=topics)
-        for notification in page:
-            terms: dict[str, Any] = ledger.app.mapper.to_domain_event(notification).terms  # type: ignore[attr-defined]
-            for cycle in ("monthly", "yearly"):
-                column = f"lemon_squeezy_variant_id_{cycle}"
-                if terms.get(column):
-                    variants[str(terms[column])] = (str(terms["name"]), cycle)
-        if len(page) < 1_000:
-            break
-        start = page[-1].id + 1
+    for event in ledger.scan([Plan.Defined.TOPIC, Plan.Revised.TOPIC]):
+        terms: dict[str, Any] = event.terms
+        for cycle in ("monthly", "yearly"):
+            column = f"lemon_squeezy_variant_id_{cycle}"
+            if terms.get(column):
+                variants[canonical_id(str(terms[column]))] = (str(terms["name"]), cycle)
     return Catalog(tuple((v, plan, cycle) for v, (plan, cycle) in sorted(variants.items())))
 
 
@@ -176,17 +201,19 @@ def custom_user(envelope: Envelope) -> UUID | None:
     if not isinstance(value, str):
         raise InvalidArgument(f"meta.custom_data.user_id must be a UUID string, got {type(value).__name__}")
     try:
-        return UUID(value)
+        user = UUID(value)
     except ValueError:
         raise InvalidArgument(f"meta.custom_data.user_id {value[:60]!r} is not a UUID") from None
+    return check_user_id(user, "meta.custom_data.user_id")
 
 
 def _packs(credit_packs: Mapping[Any, int]) -> dict[str, int]:
     packs = {}
     for variant, credits in credit_packs.items():
         key = str(variant)
-        if not key.isdigit():
+        if not key.isdigit() or int(key) == 0:
             raise ConfigurationError(f"credit pack variant ids are Lemon Squeezy ids (digits), got {variant!r}")
+        key = canonical_id(key)
         if type(credits) is not int or not 1 <= credits <= MAX_CREDITS:
             raise ConfigurationError(f"credit pack {key} must grant 1..{MAX_CREDITS} credits (an int), got {credits!r}")
         packs[key] = credits
@@ -205,7 +232,10 @@ class Processor:
         refund_policy: RefundPolicy | None = None,
         hold_window_s: int = DEFAULT_HOLD_WINDOW_S,
         stale_after_s: int = DEFAULT_STALE_AFTER_S,
+        resolve_user: UserResolver | None = None,
     ) -> None:
+        if resolve_user is not None and not callable(resolve_user):
+            raise ConfigurationError("resolve_user must be a callable: Customer -> UUID | None")
         if ledger.credit_policy.auto_renew:
             raise ConfigurationError(
                 "open the ledger with CreditPolicy(auto_renew=False): Lemon Squeezy's invoices renew "
@@ -224,6 +254,7 @@ class Processor:
         self.refund_policy = refund_policy or RefundPolicy()
         self.hold_window_s = hold_window_s
         self.stale_after_s = stale_after_s
+        self.resolve_user = resolve_user
         self._catalog_lock = threading.Lock()
         self._catalog = load_catalog(ledger)
         self._catalog_loaded = time.monotonic()
@@ -292,8 +323,8 @@ class Processor:
                 envelope = envelope_of(row.payload)
             except MalformedBody as exc:
                 return Outcome("failed", f"stored payload is not a Lemon Squeezy event: {exc}")
-        if envelope.meta.test_mode != self.test_mode:
-            mode = "test" if envelope.meta.test_mode else "live"
+        if envelope.test_mode != self.test_mode:
+            mode = "test" if envelope.test_mode else "live"
             mine = "test" if self.test_mode else "live"
             return Outcome("ignored", f"{IGNORED_PREFIX}a {mode}-mode event, and this adapter is in {mine} mode")
         try:
@@ -354,7 +385,8 @@ class Processor:
             )
         except ValidationError as exc:
             return Outcome("failed", f"not a Lemon Squeezy resource: {describe_error(exc)}")
-        if bool(envelope.data.attributes.get("test_mode", False)) != self.test_mode:
+        flag = envelope.data.attributes.get("test_mode")  # a REST object has no meta: its own flag decides
+        if (flag is not None and flag is not False) != self.test_mode:
             return Outcome("ignored", f"{IGNORED_PREFIX}the resource's test_mode differs from this adapter's")
         try:
             return self._apply(envelope)
@@ -370,13 +402,18 @@ class Processor:
         _, cycle = self._variant(variant)
         status, start, end, trial, cancel = snapshot_period(a, cycle)
         user = custom_user(envelope)
+        if user is None:
+            self._resolve(envelope, str(a.customer_id), subscription=envelope.data.id)
         pause = PauseMode(a.pause.mode) if a.status == "paused" and a.pause is not None else PauseMode.VOID
+        replaces = a.migration_from_subscription_id
         fields: dict[str, Any] = {"variant": variant, "status": a.status, "start": start, "end": end}
         fields.update(
             {"trial": trial, "cancel": cancel, "updated": a.updated_at, "user": user, "customer": a.customer_id}
         )
         if pause != PauseMode.VOID:  # absent when void: the keys recorded before modes existed
             fields["pause"] = str(pause)
+        if replaces is not None:  # absent when none: the keys recorded before migrations were read
+            fields.update({"replaces": replaces, "created": a.created_at})
         receipt, command = self._execute(
             lambda catalog: ApplySubscription(
                 key=content_key("subscription", envelope.data.id, fields),
@@ -391,6 +428,8 @@ class Processor:
                 source_updated_at=a.updated_at,
                 custom_user=user,
                 pause_mode=pause,
+                replaces=None if replaces is None else str(replaces),
+                created_at=None if replaces is None else a.created_at,
                 catalog=catalog,
             )
         )
@@ -434,6 +473,8 @@ class Processor:
         plan_variant = pack is None and (self._catalog.find(variant) or self.refresh_catalog().find(variant))
         refunded = refunded_level(a.status, a.refunded, a.refunded_amount, a.total)
         user = custom_user(envelope)
+        if user is None and pack is not None:
+            self._resolve(envelope, str(a.customer_id))
         fields: dict[str, Any] = {"status": a.status, "variant": variant, "quantity": a.first_order_item.quantity}
         fields.update({"total": a.total, "refunded": refunded, "user": user, "customer": a.customer_id})
         if pack is not None:
@@ -459,6 +500,78 @@ class Processor:
         )
         releases = (f"customer {a.customer_id}",) if user is not None else ()
         return self._result(receipt, command.report, releases, "this order")
+
+    # -- who a customer is --------------------------------------------------------
+
+    def _resolve(self, envelope: Envelope, customer_id: str, *, subscription: str | None = None) -> None:
+        """Asks the host's ``resolve_user`` who a customer is, once: only when
+        no mapping exists (the subscription's or the customer's), and its
+        answer is recorded as the customer's mapping at once, whatever then
+        becomes of the delivery. None: not known yet (the delivery is held)."""
+        if self.resolve_user is None:
+            return
+        if subscription is not None and self.ledger.read_aggregate(subscription_link_id(subscription)) is not None:
+            return
+        if isinstance(self.ledger.read_aggregate(customer_link_id(customer_id)), CustomerLink):
+            return
+        attributes = envelope.data.attributes
+        email, name = attributes.get("user_email"), attributes.get("user_name")
+        customer = Customer(
+            customer_id=customer_id,
+            email=email if isinstance(email, str) else None,
+            name=name if isinstance(name, str) else None,
+            test_mode=envelope.test_mode,
+        )
+        try:
+            user = self.resolve_user(customer)
+        except Exception as exc:  # the host's code: keep the delivery, say why, try again later
+            log.exception("resolve_user failed for Lemon Squeezy customer %s", customer_id)
+            raise Held(f"customer {customer_id}", f"resolve_user raised {type(exc).__name__}: {exc}") from None
+        if user is None:
+            return
+        if not isinstance(user, UUID):
+            raise InvalidArgument(
+                f"resolve_user returned a {type(user).__name__} for customer {customer_id}, not a UUID"
+            )
+        self._link(customer_id, user)
+
+    def _link(self, customer_id: str, user_id: UUID) -> Receipt:
+        command = LinkCustomer(
+            key=f"lemonsqueezy:customer:{customer_id}:user:{user_id}", customer_id=customer_id, user_id=user_id
+        )
+        return self.group.execute(command)
+
+    def link_customer(self, customer_id: str | int, user_id: UUID) -> LinkReport:
+        """Says which ledger user a Lemon Squeezy customer is, and applies
+        at once the deliveries that were held until it was known (at most
+        MAX_RELEASED_BY_LINK; ``webhooks retry`` runs any more). A customer
+        keeps the user it was first linked to: another one raises
+        CustomerLinked. Linking again to the same user changes nothing (and
+        still runs what is held)."""
+        text = str(customer_id).strip()
+        if not text.isdigit() or int(text) == 0:
+            raise InvalidArgument(f"a Lemon Squeezy customer id is a positive integer, got {str(customer_id)[:40]!r}")
+        customer = canonical_id(text)
+        receipt = self._link(customer, check_user_id(user_id))
+        report = LinkReport(customer, user_id, linked=not receipt.replayed)
+        self._run_held([f"customer {customer}"], report.released)
+        return report
+
+    def _run_held(self, waits_for: list[str], report: RetryReport) -> None:
+        """Runs the deliveries held for ``waits_for``, and those held for what
+        they bring, until none is left (at most MAX_RELEASED_BY_LINK)."""
+        done: set[UUID] = set()
+        while waits_for and len(done) < MAX_RELEASED_BY_LINK:
+            rows = [r for r in self.inbox.held(waits_for, limit=MAX_RELEASED_BY_LINK) if r.row_id not in done]
+            rows = [r for r in rows if r.test_mode == self.test_mode][: MAX_RELEASED_BY_LINK - len(done)]
+            rows.sort(key=_source_time)
+            waits_for = []
+            for row in rows:
+                done.add(row.row_id)
+                outcome = self.process(row, release=False)
+                report.add(row, outcome)
+                if outcome.status == "processed":
+                    waits_for.extend(outcome.releases)
 
     # -- held deliveries and retries --------------------------------------------
 
@@ -543,6 +656,7 @@ class LemonSqueezy:
         hold_window_s: int = DEFAULT_HOLD_WINDOW_S,
         max_body_bytes: int = MAX_BODY_BYTES,
         max_depth: int = MAX_DEPTH,
+        resolve_user: UserResolver | None = None,
     ) -> None:
         self._key = check_secret(signing_secret)
         if type(max_body_bytes) is not int or not 1024 <= max_body_bytes <= HARD_MAX_BODY_BYTES:
@@ -558,6 +672,7 @@ class LemonSqueezy:
             credit_packs=credit_packs,
             refund_policy=refund_policy,
             hold_window_s=hold_window_s,
+            resolve_user=resolve_user,
         )
         self.inbox = self.processor.inbox
 
@@ -593,7 +708,7 @@ class LemonSqueezy:
                 event_id=envelope.meta.webhook_id,
                 payload=payload,
                 payload_sha256=hashlib.sha256(raw).hexdigest(),
-                test_mode=envelope.meta.test_mode,
+                test_mode=envelope.test_mode,
                 now=self.ledger.clock.now(),
                 payload_text=raw.decode("utf-8"),
             )
@@ -618,7 +733,7 @@ class LemonSqueezy:
             status="received",
             error_message=None,
             attempts=0,
-            test_mode=envelope.meta.test_mode,
+            test_mode=envelope.test_mode,
             created_at=None,
             processed_at=None,
         )
@@ -666,6 +781,10 @@ class LemonSqueezy:
 
     def retry_failed(self, *, limit: int = 500) -> RetryReport:
         return self.processor.retry(limit=limit)
+
+    def link_customer(self, customer_id: str | int, user_id: UUID) -> LinkReport:
+        """See Processor.link_customer."""
+        return self.processor.link_customer(customer_id, user_id)
 
 
 def _rejected(http_status: int, reason: str) -> IngestResult:

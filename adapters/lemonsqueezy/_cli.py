@@ -1,4 +1,4 @@
-"""``python -m ledger webhooks send|retry|list`` and ``python -m ledger
+"""``python -m ledger webhooks send|retry|list|link`` and ``python -m ledger
 reconcile``: registered on the ledger's command line through the
 ``pingvas_ledger.cli`` entry points in ``pyproject.toml``, and imported only
 when one of them runs."""
@@ -230,7 +230,7 @@ def _epilog() -> str:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_epilog())
 def webhooks() -> None:
-    """Lemon Squeezy webhooks: send a signed test delivery, retry failed ones, list them."""
+    """Lemon Squeezy webhooks: send a signed test delivery, retry failed ones, list them, link a customer."""
 
 
 @webhooks.command()
@@ -293,6 +293,36 @@ def retry(limit: int, **settings: Any) -> None:
     click.echo(
         f"retried {report.attempted}: processed {report.processed}, failed {report.failed}, "
         f"held {report.held}, ignored {report.ignored}"
+    )
+
+
+@webhooks.command()
+@_adapter_options
+@click.argument("customer_id")
+@click.argument("user_id")
+def link(customer_id: str, user_id: str, **settings: Any) -> None:
+    """Link Lemon Squeezy customer CUSTOMER_ID to ledger user USER_ID (a UUID), then apply at once the
+    deliveries that were held until the customer's user was known."""
+    from uuid import UUID
+
+    from ledger import LedgerError
+
+    try:
+        user = UUID(user_id)
+    except ValueError:
+        raise click.BadParameter(f"{user_id!r} is not a UUID", param_hint="USER_ID") from None
+    with _processor(settings) as processor:
+        try:
+            report = processor.link_customer(customer_id, user)
+        except LedgerError as exc:
+            raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
+    for row_id, event_type, message in report.released.messages:
+        click.echo(f"{row_id} {event_type}: {message}")
+    done = report.released
+    state = "linked to" if report.linked else "was already linked to"
+    click.echo(
+        f"customer {report.customer_id} {state} user {report.user_id}; held deliveries run: {done.attempted} "
+        f"(processed {done.processed}, failed {done.failed}, held {done.held})"
     )
 
 

@@ -46,6 +46,8 @@ from ledger.extension import (
     Subscription,
     UnitOfWork,
     add_cycle,
+    check_key,
+    check_user_id,
     entry_id_for,
     plan_id_for,
     prorated,
@@ -178,6 +180,59 @@ class Report:
         self.notes.clear()
         self.granted = self.clawed = self.shortfall = 0
         self.applied = False
+
+
+def canonical_id(value: str) -> str:
+    """A Lemon Squeezy id (an integer) in its canonical decimal form:
+    ``0770051`` and ``770051`` are one object. Anything but digits is left
+    as it is (it matches no id)."""
+    return str(int(value)) if value.isdigit() else value
+
+
+class CustomerLinked(LedgerError):
+    """The Lemon Squeezy customer is already linked to another user."""
+
+    code = "customer_linked"
+    param = "user_id"
+
+    def __init__(self, customer_id: str, user_id: UUID, other: UUID) -> None:
+        self.customer_id = customer_id
+        self.user_id = user_id
+        super().__init__(
+            f"Lemon Squeezy customer {customer_id} is linked to user {user_id}; it is not linked again to {other} "
+            "(a customer keeps the user it was first linked to)"
+        )
+
+
+@dataclass(frozen=True)
+class LinkCustomer(Command):
+    """Says which ledger user a Lemon Squeezy customer is (the host's
+    resolver, or ``webhooks link``): recorded as the customer's mapping, the
+    same one an event with ``meta.custom_data.user_id`` records."""
+
+    name: ClassVar[str] = "lemonsqueezy_link_customer"
+    customer_id: str = field(kw_only=True)
+    user_id: UUID = field(kw_only=True)
+
+    def __post_init__(self) -> None:
+        check_key(self.key)
+        check_user_id(self.user_id)
+        if (
+            not self.customer_id.isdigit()
+            or canonical_id(self.customer_id) != self.customer_id
+            or self.customer_id == "0"
+        ):
+            raise InvalidArgument(f"a Lemon Squeezy customer id is a positive integer, got {self.customer_id[:40]!r}")
+
+    def reads(self) -> tuple[list[UUID], list[UUID]]:
+        return [customer_link_id(self.customer_id)], []
+
+    def apply(self, unit: UnitOfWork) -> Receipt:
+        found = unit.aggregate(customer_link_id(self.customer_id), CustomerLink)
+        if found is not None and found.user_id != self.user_id:
+            raise CustomerLinked(self.customer_id, found.user_id, self.user_id)
+        learn_customer(unit, self.customer_id, self.user_id)
+        return unit.finish(self, self.user_id, amount=0)
 
 
 def content_key(kind: str, object_id: str, fields: dict[str, Any]) -> str:
@@ -356,6 +411,19 @@ def record_grant(
     return granted
 
 
+def record_grant_none(unit: UnitOfWork, payment: Payment, report: Report) -> None:
+    """Decides a payment's grant as nothing (the note says why)."""
+    payment.trigger_event(
+        Payment.Granted,
+        credits=0,
+        key=grant_key(payment.kind, payment.object_id),
+        plan=None,
+        expires_at=None,
+        note=report.notes[-1] if report.notes else None,
+        timestamp=unit.now,
+    )
+
+
 # ------------------------------------------------------------------ snapshots
 
 
@@ -378,6 +446,11 @@ class ApplySubscription(Command):
     custom_user: UUID | None = field(kw_only=True)
     #: ``pause.mode`` of a paused snapshot (void or free).
     pause_mode: PauseMode = field(default=PauseMode.VOID, kw_only=True, metadata=ADDED)
+    #: ``migration_from_subscription_id``: the subscription this one replaces,
+    #: and this one's ``created_at``, when the replacement happened (the same
+    #: in every snapshot of it, so it does not depend on which arrives first).
+    replaces: str | None = field(default=None, kw_only=True, metadata=ADDED)
+    created_at: datetime | None = field(default=None, kw_only=True, metadata=ADDED)
     catalog: Catalog = field(default=Catalog(), kw_only=True, compare=False)
     report: Report = field(default_factory=Report, kw_only=True, compare=False)
 
@@ -389,6 +462,8 @@ class ApplySubscription(Command):
             ledger_subscription_id(self.ls_subscription_id),
             record_id_for(sync_key),
         ]
+        if self.replaces is not None:
+            ids += [subscription_link_id(self.replaces), ledger_subscription_id(self.replaces)]
         if self.custom_user is not None:
             ids.append(slot_id_for(self.custom_user))
         return ids, [self.custom_user] if self.custom_user is not None else []
@@ -412,17 +487,15 @@ class ApplySubscription(Command):
             )
             unit.add(link)
         learn_customer(unit, self.customer_id, user)
+        if self.replaces is not None:
+            self._replace(unit, user)
         before = unit.aggregate(sid, Subscription)
-        start, end = self.period_start, self.period_end
-        if self.status == Status.PAST_DUE and before is not None:
-            # A dunning snapshot's renews_at is the next charge attempt, not the
-            # period's end: the period stays the one last applied.
-            start, end = before.period_start, before.period_end
-        link.see(self.source_updated_at, self.variant_id, end, unit.now)
-        last = before.source_updated_at if before is not None else None
-        self.report.applied = last is None or self.source_updated_at > last
-        if not self.report.applied:
-            self.report.notes.append(f"older than the snapshot applied ({last.isoformat() if last else '-'}); kept")
+        version = before.version if before is not None else 0
+        # A dunning snapshot's renews_at is the next charge attempt, not the
+        # period's end: the period is the one of the snapshot before it in
+        # Lemon Squeezy's order (the ledger finds it, whatever arrived first).
+        kept = self.status == Status.PAST_DUE
+        replaced = link.replaced_at
         sync = SyncSubscription(
             key=sync_key,
             subscription_id=sid,
@@ -430,14 +503,18 @@ class ApplySubscription(Command):
             plan=plan.terms.name,
             billing_cycle=cycle,
             status=self.status,
-            period_start=start,
-            period_end=end,
+            period_start=self.period_start,
+            period_end=self.period_end,
             trial_ends_at=self.trial_ends_at,
             cancel_at_period_end=self.cancel_at_period_end,
             source_updated_at=self.source_updated_at,
             external_id=self.ls_subscription_id,
             customer_id=self.customer_id,
             pause_mode=self.pause_mode,
+            period_kept=kept,
+            replaces=ledger_subscription_id(self.replaces) if self.replaces is not None else None,
+            replaces_at=self.created_at if self.replaces is not None else None,
+            replaced_at=replaced,
         )
         if not unit.recorded(sync.key):
             try:
@@ -447,7 +524,46 @@ class ApplySubscription(Command):
                     f"user {user}",
                     f"the user's subscription {exc.subscription_id} is still live; this one is applied when it ends",
                 ) from None
+        after = unit.aggregate(sid, Subscription)
+        if after is not None:
+            self._see(unit, link, after, sync, None if kept else self.period_end)
+            self.report.applied = after.version > version and after.source_updated_at == self.source_updated_at
+            if not self.report.applied:
+                last = after.source_updated_at
+                self.report.notes.append(
+                    f"older than the snapshot applied ({last.isoformat() if last else '-'}), or it does not "
+                    "count; kept for the history"
+                )
         return unit.finish(self, user, amount=0, subscription_id=sid)
+
+    def _see(
+        self, unit: UnitOfWork, link: SubscriptionLink, s: Subscription, sync: SyncSubscription, end: datetime | None
+    ) -> None:
+        """Puts the snapshot on the link's timeline if it is the one the
+        ledger keeps for its second (the tie rule): invoices find their plan
+        in the same snapshot the subscription shows, whatever arrived first."""
+        mine = sync.snapshot()
+        kept = next((x for x in s.provider_snapshots if x.at == mine.at), None)
+        if kept is None or kept.position == mine.position:
+            link.see(self.source_updated_at, self.variant_id, end, unit.now)
+
+    def _replace(self, unit: UnitOfWork, user: UUID) -> None:
+        """Records on the replaced subscription's link that this one replaced
+        it, so that its own snapshots, whenever they arrive, end it then."""
+        assert self.replaces is not None and self.created_at is not None
+        old = unit.aggregate(subscription_link_id(self.replaces), SubscriptionLink)
+        if old is None:
+            old = SubscriptionLink._create(
+                SubscriptionLink.Linked,
+                id=subscription_link_id(self.replaces),
+                ls_subscription_id=self.replaces,
+                customer_id=self.customer_id,
+                user_id=user,
+                timestamp=unit.now,
+            )
+            unit.add(old)
+        if old.user_id == user:  # a subscription never ends another user's
+            old.replace_by(self.ls_subscription_id, self.created_at, unit.now)
 
     def _fields(self) -> dict[str, Any]:
         fields = {
@@ -507,7 +623,7 @@ class ApplyInvoice(Command):
         link_id = subscription_link_id(self.ls_subscription_id)
         unit.prefetch(*self.reads())
         link = unit.aggregate(link_id, SubscriptionLink)
-        if link is None:
+        if link is None or not link.timeline:
             raise Held(f"subscription {self.ls_subscription_id}", "no snapshot of the subscription seen yet")
         user = resolve_user(unit, self.custom_user, link, self.customer_id, f"subscription {self.ls_subscription_id}")
         payment = unit.aggregate(payment_id("invoice", self.invoice_id), Payment)
@@ -531,6 +647,15 @@ class ApplyInvoice(Command):
     # -- the grant ---------------------------------------------------------------
 
     def _grant(self, unit: UnitOfWork, link: SubscriptionLink, payment: Payment) -> None:
+        replaced = link.replaced_at
+        if replaced is not None and self.created_at >= replaced:
+            # The customer moved to another subscription: its invoices grant, this one's no more.
+            self.report.notes.append(
+                f"subscription {self.ls_subscription_id} was replaced by {link.replaced[0] if link.replaced else '?'} "
+                f"at {replaced.isoformat()}; nothing granted"
+            )
+            record_grant_none(unit, payment, self.report)
+            return
         entries = link.entries()
         entry = self._entry(entries, unit.now)
         plan, cycle = plan_for(unit, self.catalog, entry.variant_id)
@@ -602,7 +727,9 @@ class ApplyInvoice(Command):
         prorates something else (a quantity change) and grants nothing. A
         change is credited once: another invoice near it (a quantity change
         within the hour, in either order) grants nothing."""
-        period_end = entry.period_end
+        # A past_due snapshot keeps the period of the one before it (no period end of its own).
+        ends = [e.period_end for e in entries if e.updated_at <= entry.updated_at and e.period_end is not None]
+        period_end = ends[-1] if ends else None
         if period_end is None or period_end <= self.created_at:
             period_end = add_cycle(self.created_at, cycle)
         before = [e for e in entries if e.updated_at <= entry.updated_at]
@@ -658,18 +785,16 @@ class ApplyInvoice(Command):
     # -- a failed payment --------------------------------------------------------
 
     def _past_due(self, unit: UnitOfWork, user: UUID) -> None:
-        """past_due, as a status-only snapshot dated by the invoice: it loses
-        to any newer snapshot (a recovery), whichever arrives first. A late
-        one (older than the snapshot applied) is still recorded, for the
-        history to place at its time; it counts there only if the
-        subscription was active or trialing then, as it must be now to apply."""
+        """past_due, as a status-only snapshot dated by the invoice: the
+        ledger places it among the subscription's snapshots by that time, so
+        it loses to any newer snapshot (a recovery), counts only if the
+        subscription was active or trialing then, and takes its plan and
+        period from the snapshot before it, whichever arrives first."""
         sid = ledger_subscription_id(self.ls_subscription_id)
         s = unit.aggregate(sid, Subscription)
-        if s is None or self.updated_at == s.source_updated_at:
+        if s is None:
             return
-        late = s.source_updated_at is not None and self.updated_at < s.source_updated_at
-        if not late and s.status not in (Status.ACTIVE, Status.TRIALING):
-            return
+        version = s.version
         sync = SyncSubscription(
             key=f"lemonsqueezy:invoice:{self.invoice_id}:past_due:{self.updated_at.isoformat()}",
             subscription_id=sid,
@@ -688,7 +813,7 @@ class ApplyInvoice(Command):
         )
         if not unit.recorded(sync.key):
             sync.apply(unit)
-            self.report.applied = not late
+            self.report.applied = s.version > version and s.source_updated_at == self.updated_at
 
 
 # --------------------------------------------------------------------- orders

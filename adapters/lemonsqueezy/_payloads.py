@@ -6,8 +6,9 @@ and are strict about the ones they do: an id must be an integer, a time an
 ISO-8601 string with a zone, a status one of the documented values. A few
 shapes of Lemon Squeezy's earlier documentation are read as they meant:
 ``"refunded": null`` is not refunded, and an invoice may lack ``customer_id``
-(its subscription says whose it is). ``data.id`` must be digits only for the
-resource types the ledger applies (:data:`APPLIED_TYPES`); another type's
+(its subscription says whose it is). ``data.id`` must be a positive integer
+for the resource types the ledger applies (:data:`APPLIED_TYPES`), and is
+read in its canonical form (``000770051`` is ``770051``); another type's
 event is stored whatever its id looks like, and not applied.
 
 Two levels of failure:
@@ -27,6 +28,7 @@ import json
 import math
 import re
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -36,8 +38,8 @@ from pydantic import (
     Field,
     StrictBool,
     StrictInt,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 
 #: Lemon Squeezy's bodies are a few kilobytes; anything near this is hostile.
@@ -75,10 +77,23 @@ def _reject_constant(name: str) -> Any:
     raise MalformedBody(f"{name} is not valid JSON")
 
 
+#: A number with a fraction or an exponent: at most this long, and its
+#: decimal exponent within this bound. Lemon Squeezy's numbers are cents and
+#: ids; PostgreSQL's jsonb refuses an exponent beyond about -16,383 or
+#: +131,071, and a double overflows past 1e308, so a body that passed the
+#: signature with such a number could never be stored: it is refused (400)
+#: at once rather than failing (500) on every retry.
+MAX_NUMBER_CHARS = 100
+MAX_NUMBER_EXPONENT = 1_000
+
+
 def _finite_float(text: str) -> float:
     value = float(text)
-    if not math.isfinite(value):
+    if not math.isfinite(value) or len(text) > MAX_NUMBER_CHARS:
         raise MalformedBody(f"number {text[:20]} is out of range")
+    exponent = Decimal(text).as_tuple().exponent
+    if not isinstance(exponent, int) or not -MAX_NUMBER_EXPONENT <= exponent <= MAX_NUMBER_EXPONENT:
+        raise MalformedBody(f"number {text[:20]} is out of range (its exponent is beyond ±{MAX_NUMBER_EXPONENT})")
     return value
 
 
@@ -167,8 +182,8 @@ class Resource(_Model):
     """A JSON:API resource object, as in the body's ``data`` and in the REST API.
 
     Any printable id (no spaces, at most 100 characters) for a type the ledger
-    does not apply, so that a new kind of event is stored, not refused; digits
-    for the types it applies."""
+    does not apply, so that a new kind of event is stored, not refused; a
+    positive integer, canonical, for the types it applies."""
 
     type: Annotated[str, Field(min_length=1, max_length=50)]
     id: Annotated[str, Field(min_length=1, max_length=100, pattern=r"^[\x21-\x7e]+$")]
@@ -180,16 +195,32 @@ class Resource(_Model):
         # JSON:API ids are strings; accept a bare integer id too.
         return str(value) if type(value) is int and value > 0 else value
 
-    @model_validator(mode="after")
-    def _applied_ids_are_digits(self) -> Resource:
-        if self.type in APPLIED_TYPES and not _DIGITS.fullmatch(self.id):
-            raise ValueError(f"a {self.type} id must be 1 to 32 digits, got {self.id[:40]!r}")
-        return self
+    @field_validator("id", mode="after")
+    @classmethod
+    def _applied_ids_are_integers(cls, value: str, info: ValidationInfo) -> str:
+        """An applied type's id is Lemon Squeezy's integer, in its canonical
+        decimal form: ``000770051`` is order 770051 (not another order that
+        would be credited again), and 0 is no id."""
+        if info.data.get("type") not in APPLIED_TYPES:
+            return value
+        if not _DIGITS.fullmatch(value) or int(value) == 0:
+            raise ValueError(
+                f"a {info.data.get('type')} id must be 1 to 32 digits (a positive integer), got {value[:40]!r}"
+            )
+        return str(int(value))
 
 
 class Envelope(_Model):
     meta: Meta
     data: Resource
+
+    @property
+    def test_mode(self) -> bool:
+        """Whether the event is a test-mode one: ``meta.test_mode`` or the
+        object's own ``attributes.test_mode`` (any value but absent, null or
+        false). A live adapter never applies what either calls a test."""
+        flag = self.data.attributes.get("test_mode")
+        return self.meta.test_mode or (flag is not None and flag is not False)
 
     @property
     def custom_user_id(self) -> str | None:
@@ -281,6 +312,9 @@ class SubscriptionAttributes(_Model):
     created_at: Time
     updated_at: Time
     test_mode: StrictBool = False
+    #: The subscription this one replaces: the customer switched product
+    #: through a new subscription, and the old one is cancelled.
+    migration_from_subscription_id: Id | None = None
 
 
 InvoiceStatus = Literal["pending", "paid", "void", "refunded", "partial_refund"]

@@ -2,8 +2,10 @@
 (Lemon Squeezy gives up after its last retry).
 
 The reconciler fetches every subscription, the recent subscription
-invoices, and every refunded or partly refunded invoice however old (a
-refund's webhook may be lost long after the payment) over the REST API, and
+invoices, the invoices of each live subscription's current period when it
+began before that window (a yearly one), and every refunded or partly
+refunded invoice however old (a refund's webhook may be lost long after the
+payment) over the REST API, and
 applies each exactly as the webhook that carries it would: a snapshot newer
 than the one applied is applied; a paid invoice never granted is granted (if
 its period has not ended); a refunded amount never seen claws back. Every
@@ -12,8 +14,11 @@ running it twice, or alongside the webhooks, changes nothing twice. Nothing
 is written to ``webhook_events``: these are not deliveries.
 
 REST objects carry no ``meta.custom_data``: a subscription the ledger never
-saw is applied only if its customer is mapped to a user; otherwise it is
-reported, not guessed.
+saw is applied only if its customer is mapped to a user, or the host's
+``resolve_user`` says who it is; otherwise it is reported, not guessed. So a
+host adopting the ledger mid-life starts from its store's present: each live
+subscriber gets the current period's credits, once (ended periods grant
+nothing).
 """
 
 from __future__ import annotations
@@ -21,14 +26,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
-from ._adapter import Outcome, Processor
+from pydantic import ValidationError
+
+from ._adapter import Outcome, Processor, snapshot_period
 from ._client import DEFAULT_MAX_PAGES, LemonSqueezyClient
-from ._payloads import parse_time
+from ._payloads import Resource, parse_time, subscription_of
 
 DEFAULT_SINCE_DAYS = 45
 #: The invoice statuses whose invoices are fetched whatever their age.
 REFUND_STATUSES = ("refunded", "partial_refund")
+#: How long before a period's start its invoice may have been created.
+PERIOD_SLACK = timedelta(days=1)
 
 
 @dataclass
@@ -74,13 +84,22 @@ class Reconciler:
         """Subscriptions first (invoices find their plan in the snapshots),
         then the invoices created in the last ``since_days`` days, then the
         refunded and partly refunded invoices of any age (``filter[status]``),
-        those already checked left out."""
+        then, for each live subscription whose current period began before
+        the window, its invoices back to that period's start
+        (``filter[subscription_id]``); those already checked left out."""
         report = ReconcileReport()
         say = echo or (lambda _line: None)
+        since = self.processor.ledger.clock.now() - timedelta(days=self.since_days)
+        # Live subscriptions whose current period began before the window (a
+        # yearly one): the invoice that paid for it is older than the list
+        # below reaches, so it is asked for by subscription.
+        before_window: list[tuple[str, datetime]] = []
         for resource in self.client.subscriptions(store_id=self.store_id, max_pages=self.max_pages):
             report.subscriptions_seen += 1
             self._one("subscription", resource, report, say)
-        since = self.processor.ledger.clock.now() - timedelta(days=self.since_days)
+            start = self._period_start(resource)
+            if start is not None and start < since:
+                before_window.append((str(resource.get("id")), start))
         checked: set[str] = set()
         for resource in self.client.subscription_invoices(store_id=self.store_id, max_pages=self.max_pages):
             created = _created_at(resource)
@@ -99,7 +118,33 @@ class Reconciler:
                 report.invoices_seen += 1
                 report.old_refunds_seen += 1
                 self._one("invoice", resource, report, say)
+        for subscription_id, start in before_window:
+            pages = self.client.subscription_invoices(
+                store_id=self.store_id, subscription_id=subscription_id, max_pages=self.max_pages
+            )
+            for resource in pages:
+                created = _created_at(resource)
+                if created is not None and created < start - PERIOD_SLACK:
+                    break  # newest first: the rest paid for periods that have ended
+                key = str(resource.get("id"))
+                if key not in checked:
+                    checked.add(key)
+                    report.invoices_seen += 1
+                    self._one("invoice", resource, report, say)
         return report
+
+    def _period_start(self, resource: dict[str, Any]) -> datetime | None:
+        """The start of a live subscription's current period, as the adapter
+        reads it; None for an ended one, or one it cannot read."""
+        try:
+            attributes = subscription_of(Resource.model_validate(resource))
+            found = self.processor.catalog.find(str(attributes.variant_id))
+        except (ValidationError, ValueError):
+            return None
+        if found is None or attributes.status == "expired":
+            return None
+        _, start, end, _, _ = snapshot_period(attributes, found[1])
+        return start if end > self.processor.ledger.clock.now() else None
 
     def _one(self, what: str, resource: dict[str, object], report: ReconcileReport, say: Callable[[str], None]) -> None:
         name = f"{what} {resource.get('id', '?')}"

@@ -5,10 +5,11 @@ credits and subscriptions it explains.
 * :class:`CustomerLink`: a Lemon Squeezy customer id and the ledger user it
   was first seen with.
 * :class:`SubscriptionLink`: a Lemon Squeezy subscription: its user, its
-  customer, and a timeline of every snapshot seen (time, variant, period end),
-  in any order of arrival. Invoices find the plan they paid for in it. It
-  also records each plan change an invoice credited (an upgrade is credited
-  once, whatever invoices prorate it).
+  customer, and a timeline of every snapshot seen (time, variant, period end;
+  one per second, the one the ledger's tie rule keeps), in any order of
+  arrival. Invoices find the plan they paid for in it. It also records each
+  plan change an invoice credited (an upgrade is credited once, whatever
+  invoices prorate it), and the subscription that replaced it, if any.
 * :class:`Payment`: one invoice or order that moved credits: what it granted,
   the refunded amount last seen, what was clawed back and what could not be.
 
@@ -96,6 +97,10 @@ class SubscriptionLink(Aggregate, created_event_name="Linked"):
     #: change. A class default, replaced (never mutated) by UpgradeCredited:
     #: links saved before it existed (events and snapshots) have credited none.
     credited: tuple[Any, ...] = ()
+    #: [ls_subscription_id, at] of the subscription that replaced this one
+    #: (a product switch: its ``migration_from_subscription_id`` names this
+    #: one), or None. A class default, set by Replaced.
+    replaced: tuple[Any, ...] | None = None
 
     class Event(Aggregate.Event):
         TOPIC = f"{_T}:SubscriptionLink.Event"
@@ -118,19 +123,49 @@ class SubscriptionLink(Aggregate, created_event_name="Linked"):
         updated_at: datetime
         variant_id: str
         period_end: datetime | None
+        #: The snapshot won its second (the ledger's tie rule): it replaces
+        #: any other entry of that second. Events stored before read False.
+        one_per_second: bool = False
 
         def apply(self, link: SubscriptionLink) -> None:
             entry = [self.updated_at, self.variant_id, self.period_end]
+            if self.one_per_second:
+                link.timeline = [e for e in link.timeline if e[0] != self.updated_at]
             bisect.insort(link.timeline, entry, key=lambda e: (e[0], e[1]))
             del link.timeline[: max(0, len(link.timeline) - MAX_TIMELINE)]
 
     def see(self, updated_at: datetime, variant_id: str, period_end: datetime | None, now: datetime) -> None:
-        """Adds a snapshot to the timeline, once (a repeat adds nothing)."""
-        if any(e[0] == updated_at and e[1] == variant_id for e in self.timeline):
+        """Puts a snapshot on the timeline, as the one of its second (the
+        caller knows it won the second); a repeat adds nothing."""
+        if [[updated_at, variant_id, period_end]] == [e for e in self.timeline if e[0] == updated_at]:
             return
         self.trigger_event(
-            self.SnapshotSeen, updated_at=updated_at, variant_id=variant_id, period_end=period_end, timestamp=now
+            self.SnapshotSeen,
+            updated_at=updated_at,
+            variant_id=variant_id,
+            period_end=period_end,
+            one_per_second=True,
+            timestamp=now,
         )
+
+    class Replaced(Event):
+        """Another subscription replaced this one (a product switch)."""
+
+        TOPIC = f"{_T}:SubscriptionLink.Replaced"
+        by_ls_subscription_id: str
+        at: datetime
+
+        def apply(self, link: SubscriptionLink) -> None:
+            link.replaced = (self.by_ls_subscription_id, self.at)
+
+    def replace_by(self, ls_subscription_id: str, at: datetime, now: datetime) -> None:
+        """Records the subscription that replaced this one, once."""
+        if self.replaced is None:
+            self.trigger_event(self.Replaced, by_ls_subscription_id=ls_subscription_id, at=at, timestamp=now)
+
+    @property
+    def replaced_at(self) -> datetime | None:
+        return None if self.replaced is None else self.replaced[1]
 
     def entries(self) -> list[Seen]:
         return [Seen(e[0], e[1], e[2]) for e in self.timeline]

@@ -21,6 +21,7 @@ from ledger.domain.checks import (
     check_key,
     check_optional_text,
     check_text,
+    check_user_id,
     check_uuid,
 )
 from ledger.domain.credits import CreditKind
@@ -31,6 +32,8 @@ from ledger.domain.subscriptions import (
     BillingCycle,
     InvalidTransition,
     PauseMode,
+    ProviderSnapshot,
+    ProviderState,
     Status,
     Subscription,
     SubscriptionExists,
@@ -39,6 +42,7 @@ from ledger.domain.subscriptions import (
     add_cycle,
     pause_mode_of,
     prorated,
+    provider_states,
     subscription_id_for,
 )
 from ledger.errors import InvalidArgument
@@ -119,7 +123,7 @@ class StartSubscription(Command):
 
     def __post_init__(self) -> None:
         self._normalise("key", check_key(self.key))
-        self._normalise("user_id", check_uuid(self.user_id, "user_id"))
+        self._normalise("user_id", check_user_id(self.user_id))
         self._normalise("plan", check_plan_name(self.plan))
         self._normalise("billing_cycle", _cycle(self.billing_cycle))
         if type(self.trial_days) is not int or not 0 <= self.trial_days <= MAX_TRIAL_DAYS:
@@ -429,11 +433,17 @@ class DefinePlan(Command):
 
 @dataclass(frozen=True)
 class SyncSubscription(Command):
-    """Applies a payment provider's snapshot of a subscription, if it is newer
-    than the last one applied (``source_updated_at``); an older one changes
-    nothing. Creates the subscription on first sight, so an update that arrives
-    before its create is applied, not dropped. Moves no credits: the provider's
-    invoices do (see the Lemon Squeezy adapter)."""
+    """Applies a payment provider's snapshot of a subscription as of
+    ``source_updated_at``. The subscription becomes what all the snapshots
+    recorded describe, in the provider's order (``provider_states``), so the
+    order they arrive in does not matter: a newer snapshot is applied, an
+    older one is recorded as superseded (it changes the state only if it
+    changes what the snapshots describe, a late snapshot a past_due one takes
+    its period from, say), and of two with the same ``source_updated_at`` the
+    one that ranks higher (``snapshot_rank``) wins whichever came first.
+    Creates the subscription on first sight, so an update that arrives
+    before its create is applied, not dropped. Moves no credits: the
+    provider's invoices do (see the Lemon Squeezy adapter)."""
 
     name: ClassVar[str] = "sync_subscription"
     subscription_id: UUID = field(kw_only=True)
@@ -453,15 +463,30 @@ class SyncSubscription(Command):
     pause_mode: PauseMode = field(default=PauseMode.VOID, kw_only=True, metadata=ADDED)
     #: The provider reported only a status at ``source_updated_at`` (a failed
     #: payment's past_due): the plan and period given are the ledger's
-    #: current ones. The history takes them from the provider's snapshot
-    #: before it, and counts the status only if the subscription was active
-    #: or trialing then.
+    #: current ones. The state takes them from the provider's snapshot before
+    #: it, and counts the status only if the subscription was active or
+    #: trialing then.
     status_only: bool = field(default=False, kw_only=True, metadata=ADDED)
+    #: The plan and status are the provider's, the period is not (a provider
+    #: in dunning, whose period end is its next charge attempt): the period
+    #: is the one of the snapshot before it; the one given is used only when
+    #: there is none.
+    period_kept: bool = field(default=False, kw_only=True, metadata=ADDED)
+    #: This subscription replaces that one (the customer switched product
+    #: through a new subscription): the old one, if it exists and is the same
+    #: user's, ends at ``replaces_at`` in the same transaction, so the new one
+    #: is not held behind it.
+    replaces: UUID | None = field(default=None, kw_only=True, metadata=ADDED)
+    replaces_at: datetime | None = field(default=None, kw_only=True, metadata=ADDED)
+    #: This subscription was replaced by another at this time (the provider
+    #: said so on the other): it ends then, whatever its own snapshots say
+    #: after, and whichever of the two arrived first.
+    replaced_at: datetime | None = field(default=None, kw_only=True, metadata=ADDED)
 
     def __post_init__(self) -> None:
         self._normalise("key", check_key(self.key))
         self._normalise("subscription_id", check_uuid(self.subscription_id, "subscription_id"))
-        self._normalise("user_id", check_uuid(self.user_id, "user_id"))
+        self._normalise("user_id", check_user_id(self.user_id))
         self._normalise("plan", check_plan_name(self.plan))
         self._normalise("billing_cycle", _cycle(self.billing_cycle))
         self._normalise("pause_mode", pause_mode_of(self.pause_mode))
@@ -471,85 +496,196 @@ class SyncSubscription(Command):
             raise InvalidArgument(f"unknown subscription status {self.status!r}", param="status") from None
         for name in ("period_start", "period_end", "source_updated_at"):
             self._normalise(name, require_utc(getattr(self, name), name))
-        if self.trial_ends_at is not None:
-            self._normalise("trial_ends_at", require_utc(self.trial_ends_at, "trial_ends_at"))
+        for name in ("trial_ends_at", "replaces_at", "replaced_at"):
+            if getattr(self, name) is not None:
+                self._normalise(name, require_utc(getattr(self, name), name))
         if self.period_end < self.period_start:
             raise InvalidArgument("period_end is before period_start", param="period_end")
-        for name in ("cancel_at_period_end", "status_only"):
+        for name in ("status_only", "period_kept", "cancel_at_period_end"):
             if type(getattr(self, name)) is not bool:
                 raise InvalidArgument(f"{name} must be a bool, not {type(getattr(self, name)).__name__}", param=name)
+        if self.replaces is not None:
+            self._normalise("replaces", check_uuid(self.replaces, "replaces"))
+            if self.replaces == self.subscription_id:
+                raise InvalidArgument("a subscription cannot replace itself", param="replaces")
+            if self.replaces_at is None:
+                raise InvalidArgument("replaces needs replaces_at, when the replacement happened", param="replaces_at")
+        elif self.replaces_at is not None:
+            raise InvalidArgument("replaces_at is given without replaces", param="replaces_at")
         self._normalise("external_id", check_optional_text(self.external_id, "external_id", 100))
         self._normalise("customer_id", check_optional_text(self.customer_id, "customer_id", 100))
 
-    def _snapshot(self) -> dict[str, Any]:
-        """The snapshot's fields, as its Synced or Superseded event records them."""
-        return {
-            "status": str(self.status),
-            "period_start": self.period_start,
-            "period_end": self.period_end,
-            "trial_ends_at": self.trial_ends_at,
-            "cancel_at_period_end": self.cancel_at_period_end,
-            "source_updated_at": self.source_updated_at,
-            "status_only": self.status_only,
-        }
+    def snapshot(self) -> ProviderSnapshot:
+        """The provider's snapshot this command brings (its own content only)."""
+        bare = self.status_only
+        return ProviderSnapshot(
+            at=self.source_updated_at,
+            status=str(self.status),
+            plan=None if bare else self.plan,
+            period_start=None if bare else self.period_start,
+            period_end=None if bare else self.period_end,
+            trial_ends_at=None if bare else self.trial_ends_at,
+            cancel_at_period_end=None if bare else self.cancel_at_period_end,
+            pause_mode=str(self.pause_mode) if self.status == Status.PAUSED and not bare else None,
+            period_kept=self.period_kept and not bare,
+        )
 
     def apply(self, unit: UnitOfWork) -> Receipt:
-        plan = _plan(unit, self.plan)
+        _plan(unit, self.plan)
+        if self.replaces is not None:
+            _end_replaced(unit, self.replaces, self.user_id, self.replaces_at or self.source_updated_at)
+        seen = [self.snapshot()]
+        if self.replaced_at is not None:
+            seen.insert(0, _replacement_end(self.replaced_at))
         s = unit.aggregate(self.subscription_id, Subscription)
         if s is None:
-            slot = unit.slot(self.user_id)
-            if slot.live is not None and slot.live != self.subscription_id and self.status != Status.EXPIRED:
-                raise SubscriptionExists(self.user_id, slot.live)
-            s = Subscription._create(
-                Subscription.Started,
-                id=self.subscription_id,
-                user_id=self.user_id,
-                plan=self.plan,
-                plan_revision=plan.revision,
-                billing_cycle=str(self.billing_cycle),
-                status=str(self.status),
-                period_start=self.period_start,
-                period_end=self.period_end,
-                trial_ends_at=self.trial_ends_at,
-                lemon_squeezy_subscription_id=self.external_id,
-                lemon_squeezy_customer_id=self.customer_id,
-                granted_credits=0,
-                actor=None,
-                timestamp=unit.now,
-            )
-            unit.add(s)
-            if self.status != Status.EXPIRED:
-                slot.trigger_event(slot.Taken, subscription_id=s.id, timestamp=unit.now)
+            s = self._start(unit, seen)
         elif s.user_id != self.user_id:
             raise InvalidArgument(f"subscription {s.id} belongs to user {s.user_id}, not {self.user_id}")
-        if s.source_updated_at is not None and self.source_updated_at <= s.source_updated_at:
-            if self.source_updated_at < s.source_updated_at:
-                # Older than the one applied: recorded for the history only.
-                s.trigger_event(s.Superseded, plan=self.plan, **self._snapshot(), timestamp=unit.now)
-            return _done(unit, self, s, 0)  # nothing to apply
-        if s.plan != self.plan:
-            old = _plan(unit, s.plan)
-            upgraded = plan.terms.tier_level > old.terms.tier_level
-            s.trigger_event(
-                s.PlanChanged,
-                from_plan=s.plan,
-                to_plan=self.plan,
-                to_revision=plan.revision,
-                change="upgraded" if upgraded else "downgraded",
-                granted_credits=0,
-                actor=None,
-                reason=PROVIDER_CHANGE_REASON,
-                timestamp=unit.now,
-            )
-        was_live = s.live
-        pause_mode = str(self.pause_mode) if self.status == Status.PAUSED else None
-        s.trigger_event(s.Synced, **self._snapshot(), pause_mode=pause_mode, timestamp=unit.now)
-        slot = unit.slot(s.user_id)
-        if was_live and not s.live and slot.live == s.id:
-            slot.trigger_event(slot.Freed, subscription_id=s.id, timestamp=unit.now)
-        elif s.live and slot.live is None:
-            slot.trigger_event(slot.Taken, subscription_id=s.id, timestamp=unit.now)
+        record_snapshots(unit, s, seen)
         return _done(unit, self, s, 0)
+
+    def _start(self, unit: UnitOfWork, seen: list[ProviderSnapshot]) -> Subscription:
+        states = provider_states(seen)
+        if not states:
+            # A bare status of a subscription never seen: there is nothing to change.
+            raise UnknownSubscription(self.subscription_id)
+        first = states[-1]
+        plan = _plan(unit, first.plan)
+        slot = unit.slot(self.user_id)
+        if slot.live is not None and slot.live != self.subscription_id and first.status != Status.EXPIRED:
+            raise SubscriptionExists(self.user_id, slot.live)
+        s = Subscription._create(
+            Subscription.Started,
+            id=self.subscription_id,
+            user_id=self.user_id,
+            plan=first.plan,
+            plan_revision=plan.revision,
+            billing_cycle=str(self.billing_cycle),
+            status=first.status,
+            period_start=first.period_start or self.period_start,
+            period_end=first.period_end or self.period_end,
+            trial_ends_at=first.trial_ends_at,
+            lemon_squeezy_subscription_id=self.external_id,
+            lemon_squeezy_customer_id=self.customer_id,
+            granted_credits=0,
+            actor=None,
+            timestamp=unit.now,
+        )
+        unit.add(s)
+        if first.status != Status.EXPIRED:
+            slot.trigger_event(slot.Taken, subscription_id=s.id, timestamp=unit.now)
+        return s
+
+
+def _replacement_end(at: datetime) -> ProviderSnapshot:
+    """The end of a subscription another one replaced, as a bare status."""
+    return ProviderSnapshot(
+        at=at,
+        status=str(Status.EXPIRED),
+        plan=None,
+        period_start=None,
+        period_end=None,
+        trial_ends_at=None,
+        cancel_at_period_end=None,
+    )
+
+
+def _end_replaced(unit: UnitOfWork, replaced_id: UUID, user_id: UUID, at: datetime) -> None:
+    old = unit.aggregate(replaced_id, Subscription)
+    if old is None or old.user_id != user_id:
+        # Not seen yet (its own snapshots bring replaced_at), or another
+        # user's: a subscription never ends one it does not own.
+        return
+    record_snapshots(unit, old, [_replacement_end(at)])
+
+
+def record_snapshots(unit: UnitOfWork, s: Subscription, seen: list[ProviderSnapshot]) -> None:
+    """Records provider snapshots on a subscription and moves it to the state
+    they all describe: each new snapshot is Synced if it is the one the state
+    now comes from, else Superseded; if the state changed anyway (a late
+    snapshot changed what the ones seen describe), a restated Synced. A
+    snapshot already recorded, or beaten by one of the same second, records
+    nothing."""
+    old = list(s.provider_snapshots)
+    known = {x.position for x in old}
+    best = {x.at: x.rank for x in old}
+    new = [x for x in seen if x.position not in known and x.rank >= best.get(x.at, x.rank)]
+    if not new:
+        return
+    before = provider_states(old)
+    after = provider_states([*old, *new])
+    state = after[-1] if after else None
+    was_live = s.live
+    applied = None
+    for snapshot in sorted(new, key=lambda x: x.position):
+        if state is not None and snapshot == state.source:
+            applied = snapshot
+        else:
+            _superseded(unit, s, snapshot)
+    changed = state is not None and (not before or before[-1].values() != state.values())
+    if state is not None and (applied is not None or changed or s.source_updated_at is None):
+        _synced(unit, s, state, restated=applied is None)
+    slot = unit.slot(s.user_id)
+    if was_live and not s.live and slot.live == s.id:
+        slot.trigger_event(slot.Freed, subscription_id=s.id, timestamp=unit.now)
+    elif s.live and slot.live is None:
+        slot.trigger_event(slot.Taken, subscription_id=s.id, timestamp=unit.now)
+
+
+def _superseded(unit: UnitOfWork, s: Subscription, snapshot: ProviderSnapshot) -> None:
+    bare = snapshot.plan is None
+    s.trigger_event(
+        s.Superseded,
+        plan=snapshot.plan or s.plan,
+        status=snapshot.status,
+        period_start=snapshot.period_start or s.period_start,
+        period_end=snapshot.period_end or s.period_end,
+        trial_ends_at=snapshot.trial_ends_at,
+        cancel_at_period_end=bool(snapshot.cancel_at_period_end),
+        source_updated_at=snapshot.at,
+        status_only=bare,
+        period_kept=snapshot.period_kept,
+        pause_mode=snapshot.pause_mode,
+        timestamp=unit.now,
+    )
+
+
+def _synced(unit: UnitOfWork, s: Subscription, state: ProviderState, *, restated: bool) -> None:
+    if s.plan != state.plan:
+        plan, old = _plan(unit, state.plan), _plan(unit, s.plan)
+        upgraded = plan.terms.tier_level > old.terms.tier_level
+        s.trigger_event(
+            s.PlanChanged,
+            from_plan=s.plan,
+            to_plan=state.plan,
+            to_revision=plan.revision,
+            change="upgraded" if upgraded else "downgraded",
+            granted_credits=0,
+            actor=None,
+            reason=PROVIDER_CHANGE_REASON,
+            timestamp=unit.now,
+        )
+    source = state.source
+    s.trigger_event(
+        s.Synced,
+        status=state.status,
+        period_start=state.period_start or s.period_start,
+        period_end=state.period_end or s.period_end,
+        trial_ends_at=state.trial_ends_at,
+        cancel_at_period_end=state.cancel_at_period_end,
+        source_updated_at=source.at,
+        pause_mode=state.pause_mode,
+        status_only=source.plan is None,
+        period_kept=source.period_kept,
+        restated=restated,
+        provider_times=True,
+        cancelled_at=state.cancelled_at,
+        cancel_reason=state.cancel_reason,
+        paused_at=state.paused_at,
+        ended_at=state.ended_at,
+        timestamp=unit.now,
+    )
 
 
 def _cycle(value: object) -> BillingCycle:

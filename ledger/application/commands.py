@@ -27,6 +27,7 @@ from ledger.domain.checks import (
     check_kind,
     check_optional_text,
     check_text,
+    check_user_id,
     check_uuid,
 )
 from ledger.domain.credits import (
@@ -270,7 +271,7 @@ class GrantCredits(Command):
 
     def __post_init__(self) -> None:
         self._normalise("key", check_key(self.key))
-        self._normalise("user_id", check_uuid(self.user_id, "user_id"))
+        self._normalise("user_id", check_user_id(self.user_id))
         check_amount(self.amount_credits)
         self._normalise("kind", check_kind(self.kind, GRANT_KINDS, "grant"))
         self._normalise("description", check_text(self.description, "description", MAX_TEXT_LENGTH))
@@ -318,7 +319,7 @@ class SpendCredits(Command):
 
     def __post_init__(self) -> None:
         self._normalise("key", check_key(self.key))
-        self._normalise("user_id", check_uuid(self.user_id, "user_id"))
+        self._normalise("user_id", check_user_id(self.user_id))
         check_amount(self.amount_credits)
         self._normalise("kind", check_kind(self.kind, SPEND_KINDS, "spend"))
         self._normalise("description", check_text(self.description, "description", MAX_TEXT_LENGTH))
@@ -356,7 +357,7 @@ class ReserveCredits(Command):
 
     def __post_init__(self) -> None:
         self._normalise("key", check_key(self.key))
-        self._normalise("user_id", check_uuid(self.user_id, "user_id"))
+        self._normalise("user_id", check_user_id(self.user_id))
         self._normalise("job_id", check_uuid(self.job_id, "job_id"))
         check_amount(self.amount_credits)
         if (self.expires_at is None) == (self.expires_in is None):
@@ -401,7 +402,7 @@ class SettleReservation(Command):
         self._normalise("reservation_id", check_uuid(self.reservation_id, "reservation_id"))
         check_amount(self.actual_credits, "actual_credits")
         if self.user_id is not None:
-            self._normalise("user_id", check_uuid(self.user_id, "user_id"))
+            self._normalise("user_id", check_user_id(self.user_id))
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         account = unit.account(unit.owner_of(self.reservation_id, self.user_id))
@@ -433,7 +434,7 @@ class ReleaseReservation(Command):
         self._normalise("reservation_id", check_uuid(self.reservation_id, "reservation_id"))
         self._normalise("reason", check_text(self.reason, "reason", MAX_TEXT_LENGTH, required=True))
         if self.user_id is not None:
-            self._normalise("user_id", check_uuid(self.user_id, "user_id"))
+            self._normalise("user_id", check_user_id(self.user_id))
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         account = unit.account(unit.owner_of(self.reservation_id, self.user_id))
@@ -453,7 +454,7 @@ class AdjustCredits(Command):
 
     def __post_init__(self) -> None:
         self._normalise("key", check_key(self.key))
-        self._normalise("user_id", check_uuid(self.user_id, "user_id"))
+        self._normalise("user_id", check_user_id(self.user_id))
         if type(self.delta_credits) is not int or self.delta_credits == 0:
             raise InvalidAmount(
                 f"delta_credits must be a non-zero int, got {self.delta_credits!r}", param="delta_credits"

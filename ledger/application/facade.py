@@ -329,7 +329,7 @@ class Ledger:
         # Reads the reservation events from the notification log. Bounded pages;
         # memory grows with the number of open holds only.
         open_holds: dict[UUID, tuple[UUID, datetime]] = {}
-        for event in self._scan([Reservation.Reserved.TOPIC, Reservation.Closed.TOPIC]):
+        for event in self.scan([Reservation.Reserved.TOPIC, Reservation.Closed.TOPIC]):
             if isinstance(event, Reservation.Reserved):
                 open_holds[event.originator_id] = (event.user_id, event.expires_at)
             else:
@@ -338,13 +338,17 @@ class Ledger:
 
     # -- queries --------------------------------------------------------------------
 
-    def _fresh(self, aggregate_id: UUID, *, snapshots: bool = True) -> Any:
-        # Queries read the store, not the command cache, so that writes made by
-        # other processes show at once.
+    def read_aggregate(self, aggregate_id: UUID, *, snapshots: bool = True) -> Any:
+        """The current state of any aggregate in the store (a provider's own
+        ones too), or None. Read fresh, not from the command cache, so that
+        writes made by other processes show at once. Extension API."""
+        aggregate_id = check_uuid(aggregate_id, "aggregate_id")
+        if type(snapshots) is not bool:
+            raise InvalidArgument(f"snapshots must be a bool, not {type(snapshots).__name__}", param="snapshots")
         return self.engine.reader.load([aggregate_id], snapshots=snapshots).get(aggregate_id)
 
     def _account(self, user_id: UUID) -> CreditAccount:
-        account = self._fresh(account_id_for(check_uuid(user_id, "user_id")))
+        account = self.read_aggregate(account_id_for(check_uuid(user_id, "user_id")))
         if not isinstance(account, CreditAccount):
             raise UnknownAccount(user_id)
         return account
@@ -378,7 +382,7 @@ class Ledger:
 
     def reservation(self, reservation_id: UUID) -> ReservationView:
         """A hold as recorded: reserved, settled or released."""
-        r = self._fresh(check_uuid(reservation_id, "reservation_id"), snapshots=False)
+        r = self.read_aggregate(check_uuid(reservation_id, "reservation_id"), snapshots=False)
         if not isinstance(r, Reservation):
             raise UnknownReservation(reservation_id)
         return ReservationView(
@@ -418,7 +422,7 @@ class Ledger:
             # replay the current revision; other terms (earlier ones too) make
             # the next one.
             digest = hashlib.sha256(repr(terms.as_event_data()).encode()).hexdigest()[:16]
-            current = self._fresh(plan_id_for(terms.name), snapshots=False)
+            current = self.read_aggregate(plan_id_for(terms.name), snapshots=False)
             revision = 1
             if isinstance(current, Plan):
                 revision = current.revision + (0 if current.terms_data == terms.as_event_data() else 1)
@@ -431,7 +435,7 @@ class Ledger:
 
     def plan(self, name: str) -> PlanView:
         name = check_plan_name(name, "name")
-        plan = self._fresh(plan_id_for(name), snapshots=False)
+        plan = self.read_aggregate(plan_id_for(name), snapshots=False)
         if not isinstance(plan, Plan):
             raise UnknownPlan(name)
         return plan_view(plan.terms, plan.revision)
@@ -519,16 +523,16 @@ class Ledger:
         return self.execute(ExpireSubscription(key=key, subscription_id=subscription_id, reason=reason))
 
     def subscription(self, subscription_id: UUID) -> SubscriptionView:
-        s = self._fresh(check_uuid(subscription_id, "subscription_id"))
+        s = self.read_aggregate(check_uuid(subscription_id, "subscription_id"))
         if not isinstance(s, Subscription):
             raise UnknownSubscription(subscription_id)
         return subscription_view(s)
 
     def _live_subscription(self, user_id: UUID) -> Subscription | None:
-        slot = self._fresh(slot_id_for(check_uuid(user_id, "user_id")), snapshots=False)
+        slot = self.read_aggregate(slot_id_for(check_uuid(user_id, "user_id")), snapshots=False)
         if not isinstance(slot, SubscriberSlot) or slot.live is None:
             return None
-        s = self._fresh(slot.live)
+        s = self.read_aggregate(slot.live)
         return s if isinstance(s, Subscription) else None
 
     def subscription_of(self, user_id: UUID) -> SubscriptionView | None:
@@ -543,7 +547,7 @@ class Ledger:
         now = self.clock.now()
         terms = None
         if s is not None:
-            plan = self._fresh(plan_id_for(s.plan), snapshots=False)
+            plan = self.read_aggregate(plan_id_for(s.plan), snapshots=False)
             terms = plan.terms if isinstance(plan, Plan) else None
         return entitlements_for(user_id, s, terms, now)
 
@@ -567,7 +571,9 @@ class Ledger:
 
     def _catch_up_subscription(self, s: Subscription, now: datetime) -> int:
         """Performs a subscription's due changes one at a time: a tick that ran
-        late renews each missed period (at most MAX_DUE_PER_TICK)."""
+        late renews each missed period (at most MAX_DUE_PER_TICK). Counts only
+        the changes this tick recorded: a replayed receipt is one another tick
+        (running at the same time) recorded under the same key."""
         changes = 0
         for _ in range(MAX_DUE_PER_TICK):
             due = due_changes(s, now, auto_renew=self.credit_policy.auto_renew)
@@ -575,17 +581,24 @@ class Ledger:
                 break
             try:
                 # As of the tick's moment, which may differ from the clock's.
-                self.engine.execute(due, single=True, now=now)
+                receipts = self.engine.execute(due, single=True, now=now)
             except InvalidTransition:
                 break  # changed meanwhile (another tick, a webhook)
-            changes += 1
-            fresh = self._fresh(s.id)
+            changes += sum(1 for r in receipts if not r.replayed)
+            fresh = self.read_aggregate(s.id)
             if not isinstance(fresh, Subscription):
                 break
             s = fresh
         return changes
 
-    def _scan(self, topics: list[str]) -> Iterator[Any]:
+    def scan(self, topics: list[str]) -> Iterator[Any]:
+        """Every recorded event with one of these topics, decoded, in log
+        order, read a page at a time (memory stays bounded). Extension API."""
+        if not isinstance(topics, list | tuple) or not all(isinstance(topic, str) for topic in topics):
+            raise InvalidArgument("topics must be a list of topic strings", param="topics")
+        return self._pages(list(topics))
+
+    def _pages(self, topics: list[str]) -> Iterator[Any]:
         start = 1
         while True:
             page = self.app.recorder.select_notifications(start=start, limit=SWEEP_PAGE, topics=topics)
@@ -597,7 +610,7 @@ class Ledger:
 
     def _live_subscription_ids(self) -> set[UUID]:
         live: set[UUID] = set()
-        for event in self._scan([Subscription.Started.TOPIC, Subscription.Expired.TOPIC]):
+        for event in self.scan([Subscription.Started.TOPIC, Subscription.Expired.TOPIC]):
             if isinstance(event, Subscription.Started):
                 live.add(event.originator_id)
             else:
@@ -609,11 +622,11 @@ class Ledger:
         # those already recorded. Reads the grants in pages from the log.
         accounts = {
             e.originator_id
-            for e in self._scan([CreditAccount.Granted.TOPIC])
+            for e in self.scan([CreditAccount.Granted.TOPIC])
             if e.expires_at is not None and e.expires_at <= now
         }
         users = set()
-        for event in self._scan([CreditAccount.Opened.TOPIC]):
+        for event in self.scan([CreditAccount.Opened.TOPIC]):
             if event.originator_id in accounts:
                 users.add(event.user_id)
         return users

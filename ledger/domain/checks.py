@@ -34,6 +34,16 @@ def check_uuid(value: object, name: str) -> UUID:
     return value if type(value) is UUID else UUID(int=value.int)
 
 
+def check_user_id(value: object, name: str = "user_id") -> UUID:
+    """A user's id: a UUID, and not the nil UUID, which is nobody's (it is
+    what an unset or zeroed id reads as, and would pool every such caller's
+    credits in one account)."""
+    user = check_uuid(value, name)
+    if user.int == 0:
+        raise InvalidArgument(f"{name} must not be the nil UUID {user}: no user has it", param=name)
+    return user
+
+
 def check_storable(text: str, name: str, *, param: str | None = None) -> str:
     """Refuses text that a PostgreSQL text column (UTF-8) cannot hold: a NUL
     character, or a lone surrogate (which is not Unicode text at all)."""

@@ -10,8 +10,9 @@ the same transaction as the subscription's own events.
 from __future__ import annotations
 
 import calendar
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Literal
 from uuid import UUID, uuid5
@@ -92,6 +93,227 @@ class Status(StrEnum):
     PAUSED = "paused"
     CANCELLED = "cancelled"
     EXPIRED = "expired"
+
+
+#: The cancel_reason of a subscription a payment provider cancelled: the
+#: providers' snapshots say that it was cancelled, not why.
+PROVIDER_CANCEL_REASON = "cancelled at the payment provider"
+#: ... and of one the provider cancelled after its payment retries failed
+#: (the snapshot before the cancellation was past_due).
+PROVIDER_DUNNING_CANCEL_REASON = "cancelled at the payment provider after failed payments"
+#: How many provider snapshots a subscription keeps (a few a month); older
+#: ones drop out of its timeline.
+MAX_PROVIDER_SNAPSHOTS = 1_000
+#: The tie rule's order of statuses: later in a subscription's life, later.
+_LIFECYCLE = {"trialing": 0, "active": 1, "past_due": 2, "paused": 3, "cancelled": 4, "expired": 5}
+
+
+def _stamp(value: datetime | None) -> str:
+    # Fixed width, so that the strings sort as the times do; "" (none) first.
+    return "" if value is None else value.astimezone(UTC).strftime("%Y%m%dT%H%M%S%f")
+
+
+def snapshot_rank(
+    *,
+    plan: str | None,
+    status: str,
+    period_start: datetime | None,
+    period_end: datetime | None,
+    trial_ends_at: datetime | None,
+    cancel_at_period_end: bool | None,
+    pause_mode: str | None = None,
+) -> tuple[Any, ...]:
+    """The tie rule: of two snapshots a provider sent with the same
+    ``source_updated_at`` (its clock may have one-second resolution), the one
+    that ranks higher is the later. Over the snapshot's own content only, so
+    the winner does not depend on which arrived first: a bare expiry (the end
+    of a subscription another one replaced: an end is final), then a snapshot
+    with a plan over any other bare status, then the later period end (a
+    renewal moves it on), then the status later in a subscription's life,
+    then the rest of the content (an arbitrary but fixed order). What the
+    provider did not say is None, and ranks lowest."""
+    return (
+        (2 if status == Status.EXPIRED else 0) if plan is None else 1,
+        _stamp(period_end),
+        _LIFECYCLE.get(status, len(_LIFECYCLE)),
+        _stamp(period_start),
+        _stamp(trial_ends_at),
+        -1 if cancel_at_period_end is None else int(cancel_at_period_end),
+        plan or "",
+        pause_mode or "",
+    )
+
+
+@dataclass(frozen=True)
+class ProviderSnapshot:
+    """One snapshot of a subscription as its payment provider sent it.
+
+    ``plan`` None: only the status is the provider's (a failed payment's
+    past_due, or the end of a subscription another one replaced); everything
+    else is the snapshot's before. ``period_kept``: the plan and status are
+    the provider's, the period is the snapshot's before (a provider in
+    dunning, whose period end is its next charge attempt); its own period is
+    used only when no snapshot comes before it."""
+
+    at: datetime
+    status: str
+    plan: str | None
+    period_start: datetime | None
+    period_end: datetime | None
+    trial_ends_at: datetime | None
+    cancel_at_period_end: bool | None
+    pause_mode: str | None = None
+    period_kept: bool = False
+
+    @property
+    def rank(self) -> tuple[Any, ...]:
+        kept = self.period_kept or self.plan is None
+        return snapshot_rank(
+            plan=self.plan,
+            status=self.status,
+            period_start=None if kept else self.period_start,
+            period_end=None if kept else self.period_end,
+            trial_ends_at=self.trial_ends_at,
+            cancel_at_period_end=self.cancel_at_period_end,
+            pause_mode=self.pause_mode,
+        )
+
+    @property
+    def position(self) -> tuple[datetime, tuple[Any, ...]]:
+        return (self.at, self.rank)
+
+
+@dataclass(frozen=True)
+class ProviderState:
+    """The subscription as a provider's snapshots describe it after
+    ``source``, the last of them that counted."""
+
+    source: ProviderSnapshot
+    status: str
+    plan: str
+    #: When the snapshot the plan came from was sent (a bare status keeps the one before).
+    plan_at: datetime
+    period_start: datetime | None
+    period_end: datetime | None
+    trial_ends_at: datetime | None
+    cancel_at_period_end: bool
+    pause_mode: str | None
+    cancelled_at: datetime | None
+    cancel_reason: str | None
+    paused_at: datetime | None
+    ended_at: datetime | None
+
+    def values(self) -> tuple[Any, ...]:
+        """What the subscription's state takes from it."""
+        return (
+            self.source.at,
+            self.status,
+            self.plan,
+            self.period_start,
+            self.period_end,
+            self.trial_ends_at,
+            self.cancel_at_period_end,
+            self.pause_mode,
+            self.cancelled_at,
+            self.cancel_reason,
+            self.paused_at,
+            self.ended_at,
+        )
+
+
+def latest_per_second(snapshots: Iterable[ProviderSnapshot]) -> list[ProviderSnapshot]:
+    """The snapshots in the provider's order, one per ``at``: of several sent
+    at the same time, the one that ranks highest (see snapshot_rank)."""
+    best: dict[datetime, ProviderSnapshot] = {}
+    for snapshot in snapshots:
+        kept = best.get(snapshot.at)
+        if kept is None or snapshot.rank > kept.rank:
+            best[snapshot.at] = snapshot
+    return [best[at] for at in sorted(best)]
+
+
+def provider_states(snapshots: Iterable[ProviderSnapshot]) -> list[ProviderState]:
+    """The subscription after each snapshot that counts, in the provider's
+    order, whatever order they arrived in:
+
+    - a full snapshot is what it says; a ``period_kept`` one takes the period
+      of the state before it;
+    - a bare status takes everything else from the state before it; a
+      past_due counts only from active or trialing, an expiry from any
+      status. One with no state before it is left out (there was no
+      subscription to change), but an expiry, which ends the subscription
+      described by the first snapshot after it;
+    - expired is final: what comes after it is left out;
+    - ``cancelled_at`` and ``paused_at`` are the time of the snapshot that
+      made the change (the first of the run of that status), ``ended_at``
+      the provider's end (the expired snapshot's period end, if not after the
+      snapshot itself)."""
+    ordered = latest_per_second(snapshots)
+    states: list[ProviderState] = []
+    previous: ProviderState | None = None
+    for index, snapshot in enumerate(ordered):
+        if previous is not None and previous.status == Status.EXPIRED:
+            break
+        state = _state_after(previous, snapshot, ordered[index + 1 :])
+        if state is not None:
+            states.append(state)
+            previous = state
+    return states
+
+
+def _state_after(
+    previous: ProviderState | None, snapshot: ProviderSnapshot, later: list[ProviderSnapshot]
+) -> ProviderState | None:
+    if snapshot.plan is None:
+        base = previous
+        if base is None and snapshot.status == Status.EXPIRED:
+            first = next((s for s in later if s.plan is not None), None)
+            base = None if first is None else _state_after(None, first, [])
+        if base is None:
+            return None
+        if snapshot.status == Status.PAST_DUE and base.status not in (Status.ACTIVE, Status.TRIALING):
+            return None
+        state = replace(base, source=snapshot, status=snapshot.status, pause_mode=None)
+    else:
+        start, end = snapshot.period_start, snapshot.period_end
+        if snapshot.period_kept and previous is not None:
+            start, end = previous.period_start, previous.period_end
+        state = ProviderState(
+            source=snapshot,
+            status=snapshot.status,
+            plan=snapshot.plan,
+            plan_at=snapshot.at,
+            period_start=start,
+            period_end=end,
+            trial_ends_at=snapshot.trial_ends_at,
+            cancel_at_period_end=bool(snapshot.cancel_at_period_end),
+            pause_mode=snapshot.pause_mode if snapshot.status == Status.PAUSED else None,
+            cancelled_at=None,
+            cancel_reason=None,
+            paused_at=None,
+            ended_at=None,
+        )
+    return replace(state, **_times(previous, state))
+
+
+def _times(previous: ProviderState | None, state: ProviderState) -> dict[str, Any]:
+    """cancelled_at, cancel_reason, paused_at and ended_at after ``state``."""
+    before = previous.status if previous is not None else None
+    times: dict[str, Any] = {"cancelled_at": None, "cancel_reason": None, "paused_at": None, "ended_at": None}
+    if state.status in (Status.CANCELLED, Status.EXPIRED) and previous is not None and previous.cancelled_at:
+        # A run of cancelled snapshots keeps the time of its first; an expiry keeps the cancellation's.
+        times["cancelled_at"], times["cancel_reason"] = previous.cancelled_at, previous.cancel_reason
+    elif state.status == Status.CANCELLED:
+        times["cancelled_at"] = state.source.at
+        dunning = before == Status.PAST_DUE
+        times["cancel_reason"] = PROVIDER_DUNNING_CANCEL_REASON if dunning else PROVIDER_CANCEL_REASON
+    if state.status == Status.PAUSED:
+        times["paused_at"] = previous.paused_at if previous is not None and before == Status.PAUSED else None
+        times["paused_at"] = times["paused_at"] or state.source.at
+    if state.status == Status.EXPIRED:
+        end = state.period_end if state.source.plan is not None else None
+        times["ended_at"] = min(end, state.source.at) if end is not None else state.source.at
+    return times
 
 
 class PauseMode(StrEnum):
@@ -209,6 +431,11 @@ class Subscription(Aggregate, created_event_name="Started"):
     #: when cancelled from a pause. A class default: subscriptions written
     #: before pause modes existed (events and snapshots) read as ``void``.
     pause_mode: str = PauseMode.VOID.value
+    #: Every snapshot a payment provider sent (Synced and Superseded), in
+    #: its order: the state a provider drives is the one they describe
+    #: (provider_states), whatever order they arrived in. Replaced, never
+    #: mutated; a class default for subscriptions no provider drives.
+    provider_snapshots: tuple[ProviderSnapshot, ...] = ()
 
     class Event(Aggregate.Event):
         TOPIC = f"{TOPIC_PREFIX}:Subscription.Event"
@@ -358,9 +585,13 @@ class Subscription(Aggregate, created_event_name="Started"):
             s.ended_at = self.timestamp
 
     class Synced(Event):
-        """The payment provider's view of the subscription, applied as is."""
+        """The payment provider's view of the subscription, applied: the
+        state its snapshots describe (provider_states) once this one is
+        among them. ``restated``: no new snapshot, the state of those seen
+        changed (a late one came before the one applied)."""
 
         TOPIC = f"{TOPIC_PREFIX}:Subscription.Synced"
+        class_version = 2
         status: str
         period_start: datetime
         period_end: datetime
@@ -372,6 +603,21 @@ class Subscription(Aggregate, created_event_name="Started"):
         #: Only the status is the provider's at that time (see SyncSubscription).
         #: Events stored before the field existed read as False.
         status_only: bool = False
+        #: Version 2. The period is the snapshot's before (SyncSubscription.period_kept).
+        period_kept: bool = False
+        restated: bool = False
+        #: Version 2: the provider's times, from its snapshots. Version 1
+        #: events took the ledger's processing time (``provider_times`` False).
+        provider_times: bool = False
+        cancelled_at: datetime | None = None
+        cancel_reason: str | None = None
+        paused_at: datetime | None = None
+        ended_at: datetime | None = None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state.update(period_kept=False, restated=False, provider_times=False)
+            state.update(cancelled_at=None, cancel_reason=None, paused_at=None, ended_at=None)
 
         def apply(self, s: Subscription) -> None:
             s.status = self.status
@@ -381,19 +627,41 @@ class Subscription(Aggregate, created_event_name="Started"):
             s.trial_ends_at = self.trial_ends_at
             s.cancel_at_period_end = self.cancel_at_period_end
             s.source_updated_at = self.source_updated_at
-            if self.status == Status.EXPIRED:
-                s.ended_at = self.timestamp
-            elif self.status == Status.PAUSED and s.paused_at is None:
-                s.paused_at = self.timestamp
-            if self.status != Status.PAUSED:
-                s.paused_at = None
+            if self.provider_times:
+                s.cancelled_at, s.cancel_reason = self.cancelled_at, self.cancel_reason
+                s.paused_at, s.ended_at = self.paused_at, self.ended_at
+            else:
+                if self.status == Status.EXPIRED:
+                    s.ended_at = self.timestamp
+                elif self.status == Status.PAUSED and s.paused_at is None:
+                    s.paused_at = self.timestamp
+                if self.status != Status.PAUSED:
+                    s.paused_at = None
+            if not self.restated:
+                s.see(
+                    ProviderSnapshot(
+                        at=self.source_updated_at,
+                        status=self.status,
+                        plan=None if self.status_only else s.plan,
+                        period_start=None if self.status_only else self.period_start,
+                        period_end=None if self.status_only else self.period_end,
+                        trial_ends_at=None if self.status_only else self.trial_ends_at,
+                        cancel_at_period_end=None if self.status_only else self.cancel_at_period_end,
+                        pause_mode=None
+                        if self.status_only
+                        else (self.pause_mode if self.status == Status.PAUSED else None),
+                        period_kept=self.period_kept,
+                    )
+                )
 
     class Superseded(Event):
-        """A provider's snapshot older than the one applied: not applied (the
-        state stays the newer one's), kept so that the history can place it
-        at its time, whatever order the snapshots arrived in."""
+        """A provider's snapshot that does not count in the state (older than
+        the one applied, or after the end): not applied, kept so that the
+        history can place it at its time, and the state be the one all the
+        snapshots describe, whatever order they arrived in."""
 
         TOPIC = f"{TOPIC_PREFIX}:Subscription.Superseded"
+        class_version = 2
         plan: str
         status: str
         period_start: datetime
@@ -402,9 +670,36 @@ class Subscription(Aggregate, created_event_name="Started"):
         cancel_at_period_end: bool
         source_updated_at: datetime
         status_only: bool = False
+        #: Version 2: as on Synced.
+        period_kept: bool = False
+        pause_mode: str | None = None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state.update(period_kept=False, pause_mode=None)
 
         def apply(self, s: Subscription) -> None:
-            pass  # history only
+            s.see(
+                ProviderSnapshot(
+                    at=self.source_updated_at,
+                    status=self.status,
+                    plan=None if self.status_only else self.plan,
+                    period_start=None if self.status_only else self.period_start,
+                    period_end=None if self.status_only else self.period_end,
+                    trial_ends_at=None if self.status_only else self.trial_ends_at,
+                    cancel_at_period_end=None if self.status_only else self.cancel_at_period_end,
+                    pause_mode=None if self.status_only else self.pause_mode,
+                    period_kept=self.period_kept,
+                )
+            )
+
+    def see(self, snapshot: ProviderSnapshot) -> None:
+        """Adds a provider snapshot to the timeline (one per second: the higher rank)."""
+        kept = [s for s in self.provider_snapshots if s.at != snapshot.at]
+        same = [s for s in self.provider_snapshots if s.at == snapshot.at and s.rank > snapshot.rank]
+        kept.extend(same or [snapshot])
+        kept.sort(key=lambda s: s.at)
+        self.provider_snapshots = tuple(kept[-MAX_PROVIDER_SNAPSHOTS:])
 
     # -- guards: pure checks, raising InvalidTransition ------------------------------
 

@@ -12,7 +12,15 @@ from uuid import UUID, uuid5
 from ledger.domain.credits import CreditAccount
 from ledger.domain.entitlements import entitled
 from ledger.domain.plans import FREE_PLAN, Plan, PlanTerms, plan_id_for
-from ledger.domain.subscriptions import PROVIDER_CHANGE_REASON, PauseMode, Status, Subscription
+from ledger.domain.subscriptions import (
+    PROVIDER_CHANGE_REASON,
+    PauseMode,
+    ProviderSnapshot,
+    ProviderState,
+    Status,
+    Subscription,
+    provider_states,
+)
 from ledger.storage.viewstore import ViewTx
 from ledger.views.credits import View
 
@@ -102,7 +110,8 @@ class SubscriptionView(View):
                 change = self._apply(row, event)
                 subs[event.originator_id] = row
                 if isinstance(event, Subscription.Synced | Subscription.Superseded):
-                    timelines.add(event, row)
+                    if not getattr(event, "restated", False):  # a restatement brings no snapshot
+                        timelines.add(event, row)
                 elif change is not None and not (
                     isinstance(event, Subscription.PlanChanged)
                     and event.reason == PROVIDER_CHANGE_REASON
@@ -286,9 +295,17 @@ class SubscriptionView(View):
                 trial_ends_at=event.trial_ends_at,
                 cancel_at_period_end=event.cancel_at_period_end,
             )
-            if event.status == Status.EXPIRED:
+            if event.provider_times:
+                # The provider's times, from its snapshots (Synced version 2).
+                row.update(
+                    cancelled_at=event.cancelled_at,
+                    cancel_reason=event.cancel_reason,
+                    paused_at=event.paused_at,
+                    ended_at=event.ended_at,
+                )
+            elif event.status == Status.EXPIRED:
                 row["ended_at"] = event.timestamp
-            elif event.status == Status.PAUSED:
+            if event.status == Status.PAUSED:
                 row["_pause_mode"] = event.pause_mode or PauseMode.VOID.value
             return _synced_change(before, event.status)
         return None
@@ -417,27 +434,25 @@ def _utc(value: Any) -> Any:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-def _effective(timeline: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """The timeline with each status-only point (plan None) completed from
-    the full snapshot before it; its status counts only from active or
-    trialing, else the one before holds. A status-only point before the first
-    snapshot is left out, as it is when it arrives first (there is no
-    subscription yet to make past due)."""
-    effective: list[tuple[Any, ...]] = []
-    previous: tuple[Any, ...] | None = None
-    for snapshot in timeline:
-        if snapshot[1] is not None:
-            effective.append(snapshot)
-            previous = snapshot
-            continue
-        if previous is None:
-            continue
-        live = previous[2] in (Status.ACTIVE.value, Status.TRIALING.value)
-        status = snapshot[2] if live else previous[2]
-        effective.append((snapshot[0], previous[1], status, *previous[3:]))
-        if live:
-            previous = effective[-1]
-    return effective
+def _snapshot_of(row: tuple[Any, ...]) -> ProviderSnapshot:
+    """A subscription_snapshots row as the provider's snapshot: no plan, a
+    bare status; a plan and no period, a period kept from the snapshot before."""
+    at, plan, status, start, end, trial, cancel, _tier = row
+    return ProviderSnapshot(
+        at=at,
+        status=status,
+        plan=plan,
+        period_start=start,
+        period_end=end,
+        trial_ends_at=trial,
+        cancel_at_period_end=cancel,
+        period_kept=plan is not None and end is None,
+    )
+
+
+def _ranks_above(row: tuple[Any, ...], other: tuple[Any, ...] | None) -> bool:
+    """Whether a row wins its second over ``other`` (the tie rule, snapshot_rank)."""
+    return other is None or _snapshot_of(row).rank > _snapshot_of(other).rank
 
 
 class _Timelines:
@@ -463,12 +478,15 @@ class _Timelines:
             snapshot = (at, None, str(event.status), None, None, None, None, None)
         else:
             plan = event.plan if isinstance(event, Subscription.Superseded) else row["_plan"]
+            # A kept period is the snapshot's before: NULL here, found again
+            # from the snapshots in the provider's order when rows are written.
+            kept = getattr(event, "period_kept", False)
             snapshot = (
                 at,
                 plan,
                 str(event.status),
-                _utc(event.period_start),
-                _utc(event.period_end),
+                None if kept else _utc(event.period_start),
+                None if kept else _utc(event.period_end),
                 _utc(event.trial_ends_at),
                 bool(event.cancel_at_period_end),
                 # The plan's tier as the log stands at this event (the plans
@@ -476,11 +494,16 @@ class _Timelines:
                 # upgrade stays an upgrade when a tier is revised later.
                 self._tier(plan),
             )
-        self.pending.setdefault(event.originator_id, {})[at] = snapshot
+        pending = self.pending.setdefault(event.originator_id, {})
+        if _ranks_above(snapshot, pending.get(at)):
+            pending[at] = snapshot
 
     def write(self) -> None:
-        for subscription_id, new in self.pending.items():
+        for subscription_id, pending in self.pending.items():
             old = self._stored(subscription_id)
+            # Of two snapshots of one second, the one that ranks higher stays,
+            # whichever was projected first.
+            new = {at: s for at, s in pending.items() if at not in old or _ranks_above(s, old[at])}
             merged = {**old, **new}
             stale = [[i] for i in self._row_ids(subscription_id, old)]
             # The row Started wrote as it happened: the timeline's first row replaces it.
@@ -525,24 +548,27 @@ class _Timelines:
         return [r[0] for r in self._changes(subscription_id, snapshots)]
 
     def _changes(self, subscription_id: UUID, snapshots: dict[Any, tuple[Any, ...]]) -> list[list[Any]]:
-        """(id, from plan, to plan, change, details, time) of each row, in order."""
+        """(id, from plan, to plan, change, details, time) of each row, in order:
+        one per state the snapshots describe (provider_states, as the
+        subscription itself follows them)."""
+        tiers = {at: s[7] for at, s in snapshots.items()}
         rows: list[list[Any]] = []
-        previous: tuple[Any, ...] | None = None
-        for snapshot in _effective(sorted(snapshots.values())):
-            at, plan, status, start, end = snapshot[:5]
-            period = {"period_start": start, "period_end": end, "source_updated_at": at}
+        previous: ProviderState | None = None
+        for state in provider_states(_snapshot_of(s) for s in snapshots.values()):
+            at, plan, status = state.source.at, state.plan, state.status
+            period = {"period_start": state.period_start, "period_end": state.period_end, "source_updated_at": at}
             if previous is not None:
-                if plan != previous[1]:
-                    change = "upgraded" if snapshot[7] > previous[7] else "downgraded"
-                    details = {**period, "from": previous[1], "to": plan, "reason": PROVIDER_CHANGE_REASON}
-                    rows.append(["plan", change, previous[1], plan, details, at])
-                status_change = _synced_change(previous[2], status)
+                if plan != previous.plan:
+                    upgraded = (tiers.get(state.plan_at) or 0) > (tiers.get(previous.plan_at) or 0)
+                    details = {**period, "from": previous.plan, "to": plan, "reason": PROVIDER_CHANGE_REASON}
+                    rows.append(["plan", "upgraded" if upgraded else "downgraded", previous.plan, plan, details, at])
+                status_change = _synced_change(previous.status, status)
                 if status_change is not None:
                     rows.append(["status", status_change, None, plan, {**period, "status": status}, at])
             else:
                 change = "trial_started" if status == Status.TRIALING.value else "created"
                 rows.append(["first", change, None, plan, {**period, "status": status}, at])
-            previous = snapshot
+            previous = state
         # An id names the slot (first, plan, status) at the provider's time,
         # not the change: the rows to replace are found again whatever they say.
         return [

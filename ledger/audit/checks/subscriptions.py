@@ -11,11 +11,13 @@ What the commands allow, and so what the history may show:
   (from paused), resumed (from cancelled at period end, before that end);
   ``Cancelled``: from trialing, active, past_due or paused; ``Expired``: from any
   live status, and from cancelled at period end only once the period is over.
-- ``Synced`` applies the payment provider's view as it is, from any status, and
-  a plan change may come with it: those two are checked for consistency only,
-  and each applied snapshot must be newer than the last. ``Superseded`` (an
-  older snapshot, kept for the history) changes nothing and must be older than
-  the snapshot applied.
+- ``Synced`` applies the payment provider's view, from any status, and a
+  plan change may come with it: those two are checked for consistency only.
+  Which snapshot wins is the provider's order of them all
+  (``provider_states``: a late one may restate the state, an end is final),
+  not the order of the events, so no order between snapshots is checked.
+  ``Superseded`` (a snapshot that does not count, kept for the history)
+  changes nothing.
 
 Memory: per subscription its status, plan and period; per user its slot.
 """
@@ -226,24 +228,14 @@ class SubscriptionCheck(Check):
             self.report(position, f"subscription {event.originator_id}", "synced to an impossible state")
         sub.status, sub.period_start, sub.period_end = event.status, event.period_start, event.period_end
         sub.at_period_end = event.cancel_at_period_end
-        if sub.source_at is not None and event.source_updated_at <= sub.source_at:
-            self.report(
-                position,
-                f"subscription {event.originator_id}",
-                f"applied a snapshot of {event.source_updated_at.isoformat()} after one of {sub.source_at.isoformat()}",
-            )
         sub.source_at = event.source_updated_at
 
     def superseded(self, position: int, event: Any) -> None:
-        # Changes nothing; it must be older than the snapshot applied.
-        if (sub := self._sub(position, event)) is None:
+        # Changes nothing; it is kept for the history.
+        if self._sub(position, event) is None:
             return
-        if sub.source_at is None or event.source_updated_at >= sub.source_at:
-            self.report(
-                position,
-                f"subscription {event.originator_id}",
-                f"kept a snapshot of {event.source_updated_at.isoformat()} as superseded, but none newer was applied",
-            )
+        if event.status not in STATUSES or event.period_end < event.period_start:
+            self.report(position, f"subscription {event.originator_id}", "kept an impossible snapshot")
 
     # -- slots ----------------------------------------------------------------------
 
