@@ -58,7 +58,7 @@ from ledger import (  # noqa: E402
     audit,
 )
 from ledger.audit.digest import digest  # noqa: E402
-from ledger.domain.credits import reservation_id_for  # noqa: E402
+from ledger.domain.holds import reservation_id_for  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DECODE_PAGE = 1_000

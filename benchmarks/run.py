@@ -666,7 +666,7 @@ def fill_log(ledger: Ledger, target_events: int, user_count: int, batch: int) ->
     reserve in one batch, then the settle of that hold (with the ``user_id``
     hint) and a second spend in the next. A command records its account's event
     plus a CommandRecord event; a reserve and a settle also record an event of
-    the Reservation aggregate. So 12 events per user and round (13 the first
+    the HoldRecord aggregate. So 12 events per user and round (13 the first
     time: the account's Opened), of which 5 (6) are CreditAccount events, the
     ones the views project."""
     users = [uuid.uuid4() for _ in range(user_count)]

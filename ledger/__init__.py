@@ -20,22 +20,19 @@ from ledger.application.billing import (
     SyncSubscription,
     UnpauseSubscription,
 )
-from ledger.application.commands import (
-    AccountEvent,
-    AdjustCredits,
-    Balance,
-    Command,
-    CreditBlock,
-    GrantCredits,
-    Receipt,
-    ReleaseReservation,
-    Reservation,
-    ReserveCredits,
-    SettleReservation,
-    SpendCredits,
-)
+from ledger.application.commands import AdjustCredits, Command, GrantCredits, SpendCredits
 from ledger.application.facade import DEFAULT_URL, Ledger, resolve_url
-from ledger.application.results import Entitlements, PlanView, SubscriptionView
+from ledger.application.holds import ReleaseReservation, ReserveCredits, SettleReservation
+from ledger.application.results import (
+    AccountEvent,
+    Balance,
+    CreditBlock,
+    Entitlements,
+    PlanView,
+    Receipt,
+    Reservation,
+    SubscriptionView,
+)
 from ledger.audit.auditor import Auditor
 from ledger.audit.base import Finding
 from ledger.audit.digest import DigestHead, DigestResult, Tampering, VerifyResult

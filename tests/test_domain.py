@@ -11,7 +11,8 @@ import pytest
 from eventsourcing.persistence import IntegrityError
 
 from ledger import DEFAULT_CATALOG, ConcurrencyExhausted, InvalidAmount, InvariantViolation, Ledger, ManualClock
-from ledger.domain.credits import Block, CreditAccount, Hold, draw_order, free_credits, take
+from ledger.domain.credits import Block, CreditAccount, draw_order, free_credits, take
+from ledger.domain.holds import Hold
 from ledger.domain.plans import Plan, plan_id_for
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

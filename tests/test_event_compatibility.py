@@ -23,7 +23,8 @@ from ledger import (
     SubscriptionStatus,
     SyncSubscription,
 )
-from ledger.domain.credits import CommandRecord, CreditAccount, Reservation
+from ledger.domain.credits import CommandRecord, CreditAccount
+from ledger.domain.holds import HoldRecord
 from ledger.domain.subscriptions import Subscription, slot_id_for
 from ledger.storage.sealing import sealed
 
@@ -33,7 +34,7 @@ USER = UUID("00000000-0000-4000-8000-000000000001")
 
 def _event_classes() -> list[type]:
     found = []
-    for aggregate in (CreditAccount, Reservation, CommandRecord):
+    for aggregate in (CreditAccount, HoldRecord, CommandRecord):
         found.append(aggregate)
         for value in vars(aggregate).values():
             if isinstance(value, type) and value.__name__ not in ("Created",):

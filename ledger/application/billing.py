@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ledger.application.commands import ADDED, Command, Receipt, UnitOfWork
+from ledger.application.commands import ADDED, Command, UnitOfWork
+from ledger.application.results import Receipt
 from ledger.clock import require_utc
 from ledger.domain.checks import (
     MAX_LABEL_LENGTH,

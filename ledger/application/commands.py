@@ -1,6 +1,9 @@
-"""Public value types: kinds of credit movement, command objects, and the
-read-only views the ledger returns. Commands validate themselves when built, so
-bad input fails before anything is loaded or recorded."""
+"""Commands: the ``Command`` base, the unit of work it runs in
+(``UnitOfWork``), and the credit commands that grant, spend and adjust.
+Commands validate themselves when built, so bad input fails before anything is
+loaded or recorded. The hold commands (reserve, settle, release) live with the
+rest of a hold's lifecycle in ``ledger.application.holds``; what commands and
+queries return, in ``ledger.application.results``."""
 
 from __future__ import annotations
 
@@ -12,11 +15,10 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import cached_property
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict
-
+from ledger.application.results import Receipt
 from ledger.clock import LATEST, require_utc
 from ledger.domain.checks import (
     MAX_LABEL_LENGTH,
@@ -28,15 +30,8 @@ from ledger.domain.checks import (
     check_optional_text,
     check_text,
     check_user_id,
-    check_uuid,
 )
-from ledger.domain.credits import (
-    GRANT_KINDS,
-    SPEND_KINDS,
-    CreditKind,
-    entry_id_for,
-    reservation_id_for,
-)
+from ledger.domain.credits import GRANT_KINDS, SPEND_KINDS, CreditKind, entry_id_for
 from ledger.errors import InvalidAmount, InvalidArgument
 
 if TYPE_CHECKING:
@@ -47,7 +42,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-def _after(now: datetime, lifetime: timedelta) -> datetime:
+def lifetime_end(now: datetime, lifetime: timedelta) -> datetime:
     """``now + lifetime``, within the times the ledger takes (``clock.LATEST``)."""
     if lifetime >= LATEST - now:  # compared as durations: the sum itself may overflow
         raise InvalidArgument(
@@ -287,7 +282,7 @@ class GrantCredits(Command):
 
     def expiry(self, now: datetime) -> datetime | None:
         """When the block lapses, for a grant recorded at ``now``."""
-        return self.expires_at if self.expires_in is None else _after(now, self.expires_in)
+        return self.expires_at if self.expires_in is None else lifetime_end(now, self.expires_in)
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         account = unit.account(self.user_id, open_missing=True)
@@ -344,107 +339,6 @@ class SpendCredits(Command):
 
 
 @dataclass(frozen=True)
-class ReserveCredits(Command):
-    name: ClassVar[str] = "reserve"
-    user_id: UUID = field(kw_only=True)
-    job_id: UUID = field(kw_only=True)
-    amount_credits: int = field(kw_only=True)
-    #: When the hold expires; or else ``expires_in``.
-    expires_at: datetime | None = field(default=None, kw_only=True)
-    #: The hold's lifetime from the moment it is recorded: a worker's retry
-    #: is then the same command, where a recomputed ``expires_at`` is not.
-    expires_in: timedelta | None = field(default=None, kw_only=True, metadata=ADDED)
-
-    def __post_init__(self) -> None:
-        self._normalise("key", check_key(self.key))
-        self._normalise("user_id", check_user_id(self.user_id))
-        self._normalise("job_id", check_uuid(self.job_id, "job_id"))
-        check_amount(self.amount_credits)
-        if (self.expires_at is None) == (self.expires_in is None):
-            raise InvalidArgument("a hold needs expires_at or expires_in (exactly one of them)", param="expires_at")
-        if self.expires_at is not None:
-            self._normalise("expires_at", require_utc(self.expires_at, "expires_at"))
-        else:
-            check_expires_in(self.expires_in)
-
-    def expiry(self, now: datetime) -> datetime:
-        """When the hold expires, for a reserve recorded at ``now``."""
-        if self.expires_in is not None:
-            return _after(now, self.expires_in)
-        assert self.expires_at is not None  # one of the two, checked when built
-        return self.expires_at
-
-    def apply(self, unit: UnitOfWork) -> Receipt:
-        account = unit.account(self.user_id)
-        reservation_id = reservation_id_for(self.key)
-        account.reserve(
-            reservation_id=reservation_id,
-            job_id=self.job_id,
-            amount=self.amount_credits,
-            expires_at=self.expiry(unit.now),
-            key=self.key,
-            now=unit.now,
-        )
-        return unit.done(self, account, amount=0, reservation_id=reservation_id)
-
-
-@dataclass(frozen=True)
-class SettleReservation(Command):
-    name: ClassVar[str] = "settle"
-    hints: ClassVar[frozenset[str]] = frozenset({"user_id"})
-    reservation_id: UUID = field(kw_only=True)
-    actual_credits: int = field(kw_only=True)
-    #: Optional: the account that holds the reservation, which saves a look-up.
-    user_id: UUID | None = field(default=None, kw_only=True)
-
-    def __post_init__(self) -> None:
-        self._normalise("key", check_key(self.key))
-        self._normalise("reservation_id", check_uuid(self.reservation_id, "reservation_id"))
-        check_amount(self.actual_credits, "actual_credits")
-        if self.user_id is not None:
-            self._normalise("user_id", check_user_id(self.user_id))
-
-    def apply(self, unit: UnitOfWork) -> Receipt:
-        account = unit.account(unit.owner_of(self.reservation_id, self.user_id))
-        if str(self.reservation_id) not in account.holds:
-            raise unit.closed_status(account, self.reservation_id)
-        entry_id = entry_id_for(self.key)
-        account.settle(
-            reservation_id=self.reservation_id,
-            entry_id=entry_id,
-            actual=self.actual_credits,
-            key=self.key,
-            now=unit.now,
-        )
-        return unit.done(
-            self, account, amount=-self.actual_credits, entry_id=entry_id, reservation_id=self.reservation_id
-        )
-
-
-@dataclass(frozen=True)
-class ReleaseReservation(Command):
-    name: ClassVar[str] = "release"
-    hints: ClassVar[frozenset[str]] = frozenset({"user_id"})
-    reservation_id: UUID = field(kw_only=True)
-    reason: str = field(kw_only=True)
-    user_id: UUID | None = field(default=None, kw_only=True)
-
-    def __post_init__(self) -> None:
-        self._normalise("key", check_key(self.key))
-        self._normalise("reservation_id", check_uuid(self.reservation_id, "reservation_id"))
-        self._normalise("reason", check_text(self.reason, "reason", MAX_TEXT_LENGTH, required=True))
-        if self.user_id is not None:
-            self._normalise("user_id", check_user_id(self.user_id))
-
-    def apply(self, unit: UnitOfWork) -> Receipt:
-        account = unit.account(unit.owner_of(self.reservation_id, self.user_id))
-        if str(self.reservation_id) not in account.holds:
-            raise unit.closed_status(account, self.reservation_id)
-        account.release(reservation_id=self.reservation_id, reason=self.reason, key=self.key, now=unit.now)
-        return unit.done(self, account, amount=0, reservation_id=self.reservation_id)
-
-
-@dataclass(frozen=True)
 class AdjustCredits(Command):
     name: ClassVar[str] = "adjust"
     user_id: UUID = field(kw_only=True)
@@ -479,77 +373,3 @@ class AdjustCredits(Command):
                 reference_id=None, actor=self.actor, key=self.key, now=unit.now,
             )  # fmt: skip
         return unit.done(self, account, amount=self.delta_credits, entry_id=entry_id)
-
-
-class _View(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Receipt(_View):
-    """The result of a command. A retry with the same key returns the first
-    receipt again, with ``replayed`` set."""
-
-    key: str
-    command: str
-    #: The account's user (None for catalog commands such as define_plan).
-    user_id: UUID | None
-    #: The posted balance change (credit_transactions.id), when the command posted one.
-    entry_id: UUID | None = None
-    reservation_id: UUID | None = None
-    subscription_id: UUID | None = None
-    #: Signed change to the balance made by this command (0 for reserve and release).
-    amount_credits: int
-    balance_credits: int
-    held_credits: int
-    available_credits: int
-    recorded_at: datetime
-    replayed: bool = False
-    #: Where the command's events sit in the event log (None for a replay):
-    #: ``ledger.views.wait(position)`` waits until the read models include it.
-    position: int | None = None
-
-
-class CreditBlock(_View):
-    """Credits from one grant that are still unspent."""
-
-    block_id: UUID
-    kind: CreditKind
-    granted_credits: int
-    remaining_credits: int
-    granted_at: datetime
-    expires_at: datetime | None
-
-
-class Balance(_View):
-    user_id: UUID
-    balance_credits: int
-    held_credits: int
-    available_credits: int
-    blocks: tuple[CreditBlock, ...]
-    as_of: datetime
-
-
-ReservationStatus = Literal["reserved", "settled", "released"]
-
-
-class Reservation(_View):
-    reservation_id: UUID
-    user_id: UUID
-    job_id: UUID
-    amount_credits: int
-    expires_at: datetime
-    reserved_at: datetime
-    status: ReservationStatus
-    settled_credits: int | None = None
-    release_reason: str | None = None
-    closed_at: datetime | None = None
-
-
-class AccountEvent(_View):
-    """One recorded event of a credit account, decoded."""
-
-    user_id: UUID
-    version: int
-    type: str
-    recorded_at: datetime
-    data: dict[str, Any]

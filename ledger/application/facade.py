@@ -26,23 +26,16 @@ from ledger.application.billing import (
     UnpauseSubscription,
     due_changes,
 )
-from ledger.application.commands import (
-    AccountEvent,
-    AdjustCredits,
-    Balance,
-    Command,
-    CreditBlock,
-    GrantCredits,
-    Receipt,
-    ReleaseReservation,
-    ReserveCredits,
-    SettleReservation,
-    SpendCredits,
-)
-from ledger.application.commands import Reservation as ReservationView
+from ledger.application.commands import AdjustCredits, Command, GrantCredits, SpendCredits
+from ledger.application.holds import ReleaseReservation, ReserveCredits, SettleReservation, due_holders
 from ledger.application.results import (
+    AccountEvent,
+    Balance,
+    CreditBlock,
     Entitlements,
     PlanView,
+    Receipt,
+    Reservation,
     SubscriptionView,
     entitlements_for,
     plan_view,
@@ -51,7 +44,8 @@ from ledger.application.results import (
 from ledger.application.unit import MAX_BATCH_COMMANDS, Engine
 from ledger.clock import Clock, SystemClock, moment_for
 from ledger.domain.checks import check_key, check_uuid
-from ledger.domain.credits import CreditAccount, CreditKind, Reservation, account_id_for
+from ledger.domain.credits import CreditAccount, CreditKind, account_id_for
+from ledger.domain.holds import HoldRecord
 from ledger.domain.plans import DEFAULT_CATALOG, Plan, PlanTerms, check_plan_name, check_terms, plan_id_for
 from ledger.domain.subscriptions import (
     CreditPolicy,
@@ -307,7 +301,7 @@ class Ledger:
         concurrently and repeatedly. ``now`` may not lie more than a minute
         ahead of the clock (``TimeInFuture``) unless ``allow_future``."""
         moment = moment_for(now, self.clock, allow_future=allow_future)
-        due = sorted({user_id for user_id, expires_at in self._open_holds() if expires_at <= moment})
+        due = due_holders(self.scan, moment)
         recorded = 0
         for start in range(0, len(due), SWEEP_PAGE):
             recorded += self.engine.sweep(due[start : start + SWEEP_PAGE], moment)
@@ -324,17 +318,6 @@ class Ledger:
         recorded = self.engine.sweep([check_uuid(u, "user_ids") for u in users], moment)
         self._sync_views(recorded)
         return recorded
-
-    def _open_holds(self) -> Iterator[tuple[UUID, datetime]]:
-        # Reads the reservation events from the notification log. Bounded pages;
-        # memory grows with the number of open holds only.
-        open_holds: dict[UUID, tuple[UUID, datetime]] = {}
-        for event in self.scan([Reservation.Reserved.TOPIC, Reservation.Closed.TOPIC]):
-            if isinstance(event, Reservation.Reserved):
-                open_holds[event.originator_id] = (event.user_id, event.expires_at)
-            else:
-                open_holds.pop(event.originator_id, None)
-        yield from open_holds.values()
 
     # -- queries --------------------------------------------------------------------
 
@@ -380,19 +363,19 @@ class Ledger:
             as_of=now,
         )
 
-    def reservation(self, reservation_id: UUID) -> ReservationView:
+    def reservation(self, reservation_id: UUID) -> Reservation:
         """A hold as recorded: reserved, settled or released."""
         r = self.read_aggregate(check_uuid(reservation_id, "reservation_id"), snapshots=False)
-        if not isinstance(r, Reservation):
+        if not isinstance(r, HoldRecord):
             raise UnknownReservation(reservation_id)
-        return ReservationView(
+        return Reservation(
             reservation_id=r.id,
             user_id=r.user_id,
             job_id=r.job_id,
             amount_credits=r.amount,
             expires_at=r.expires_at,
             reserved_at=r.created_on,
-            status=r.status,  # type: ignore[arg-type]
+            status=str(r.status),  # type: ignore[arg-type]  # a HoldStatus value
             settled_credits=r.settled_credits,
             release_reason=r.release_reason,
             closed_at=r.closed_at,

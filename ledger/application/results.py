@@ -1,15 +1,18 @@
-"""What queries return: views of plans and subscriptions, and what a user is
-entitled to (the rule itself is the domain's: ``domain.entitlements``)."""
+"""What commands and queries return: receipts, balances and their blocks,
+holds, account events, views of plans and subscriptions, and what a user is
+entitled to (the rule itself is the domain's: ``domain.entitlements``). All
+are frozen pydantic models, public through ``ledger``."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
 
+from ledger.domain.credits import CreditKind
 from ledger.domain.entitlements import entitled
 from ledger.domain.plans import FREE_PLAN, PlanTerms
 from ledger.domain.subscriptions import Subscription
@@ -17,6 +20,79 @@ from ledger.domain.subscriptions import Subscription
 
 class _View(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Receipt(_View):
+    """The result of a command. A retry with the same key returns the first
+    receipt again, with ``replayed`` set."""
+
+    key: str
+    command: str
+    #: The account's user (None for catalog commands such as define_plan).
+    user_id: UUID | None
+    #: The posted balance change (credit_transactions.id), when the command posted one.
+    entry_id: UUID | None = None
+    reservation_id: UUID | None = None
+    subscription_id: UUID | None = None
+    #: Signed change to the balance made by this command (0 for reserve and release).
+    amount_credits: int
+    balance_credits: int
+    held_credits: int
+    available_credits: int
+    recorded_at: datetime
+    replayed: bool = False
+    #: Where the command's events sit in the event log (None for a replay):
+    #: ``ledger.views.wait(position)`` waits until the read models include it.
+    position: int | None = None
+
+
+class CreditBlock(_View):
+    """Credits from one grant that are still unspent."""
+
+    block_id: UUID
+    kind: CreditKind
+    granted_credits: int
+    remaining_credits: int
+    granted_at: datetime
+    expires_at: datetime | None
+
+
+class Balance(_View):
+    user_id: UUID
+    balance_credits: int
+    held_credits: int
+    available_credits: int
+    blocks: tuple[CreditBlock, ...]
+    as_of: datetime
+
+
+#: ``HoldStatus``'s values, as a hold's view shows them.
+ReservationStatus = Literal["reserved", "settled", "released"]
+
+
+class Reservation(_View):
+    """A hold as recorded: reserved, then settled or released once."""
+
+    reservation_id: UUID
+    user_id: UUID
+    job_id: UUID
+    amount_credits: int
+    expires_at: datetime
+    reserved_at: datetime
+    status: ReservationStatus
+    settled_credits: int | None = None
+    release_reason: str | None = None
+    closed_at: datetime | None = None
+
+
+class AccountEvent(_View):
+    """One recorded event of a credit account, decoded."""
+
+    user_id: UUID
+    version: int
+    type: str
+    recorded_at: datetime
+    data: dict[str, Any]
 
 
 class PlanView(_View):

@@ -19,23 +19,24 @@ from uuid import UUID
 from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
 
+from ledger.application import holds
 from ledger.application.commands import (
     Command,
     GrantCredits,
-    Receipt,
     SpendCredits,
     differing_arguments,
 )
+from ledger.application.results import Receipt
 from ledger.clock import Clock
 from ledger.domain.credits import (
     CommandRecord,
     CreditAccount,
     CreditKind,
-    Reservation,
     account_id_for,
     entry_id_for,
     record_id_for,
 )
+from ledger.domain.holds import HoldRecord
 from ledger.domain.subscriptions import CreditPolicy, SubscriberSlot, slot_id_for
 from ledger.errors import (
     BatchRejected,
@@ -69,7 +70,8 @@ class Unit:
         #: Other aggregates the unit loaded or created (subscriptions, plans, slots).
         self.others: dict[UUID, Any] = {}
         self.accounts: dict[UUID, CreditAccount] = {}
-        self.new_reservations: dict[UUID, Reservation] = {}
+        #: Records of the holds reserved in this attempt (``holds.record_events``).
+        self.new_holds: dict[UUID, HoldRecord] = {}
         self.records: dict[str, CommandRecord] = {}
         #: Aggregate ids (accounts' too) a read in this attempt found absent: not read again.
         #: Safe because creating one of them clashes in the store if another
@@ -286,30 +288,19 @@ class Unit:
         return Receipt.model_construct(**fields, entry_id=None, reservation_id=None, replayed=False)
 
     def owner_of(self, reservation_id: UUID, hint: UUID | None) -> UUID:
-        if hint is not None:
-            return hint
-        for account in self.accounts.values():  # reserved earlier in this batch
-            if str(reservation_id) in account.holds:
-                return account.user_id
-        reservation = get_or_none(self.app, reservation_id, Reservation)
-        if reservation is None:
-            raise UnknownReservation(reservation_id)
-        return reservation.user_id
+        """The user whose account holds the hold (``holds.owner_of``)."""
+        return holds.owner_of(
+            reservation_id, hint, self.accounts.values(), lambda rid: get_or_none(self.app, rid, HoldRecord)
+        )
 
     def closed_status(self, account: CreditAccount, reservation_id: UUID) -> ReservationClosed | UnknownReservation:
-        """Why a hold is not open on ``account``: closed before, or never there."""
-        for event in account.pending_events:
-            closed = getattr(event, "reservation_id", None) == reservation_id
-            if closed and isinstance(event, CreditAccount.Settled):
-                return ReservationClosed(reservation_id, "settled")
-            if closed and isinstance(event, CreditAccount.Released):
-                return ReservationClosed(reservation_id, "released")
-        # Fresh read: a reservation's close is saved as a bare event, which the
-        # cache does not see.
-        reservation = self.reader.load([reservation_id], snapshots=False).get(reservation_id)
-        if isinstance(reservation, Reservation) and reservation.user_id == account.user_id:
-            return ReservationClosed(reservation_id, reservation.status)
-        return UnknownReservation(reservation_id, account.user_id)
+        """Why a hold is not open on ``account``: closed before, or never there
+        (``holds.closed_status``)."""
+        return holds.closed_status(account, reservation_id, self._fresh_record)
+
+    def _fresh_record(self, reservation_id: UUID) -> HoldRecord | None:
+        found = self.reader.load([reservation_id], snapshots=False).get(reservation_id)
+        return found if isinstance(found, HoldRecord) else None
 
     def run(self, command: Command) -> Receipt:
         return command.apply(self)
@@ -360,43 +351,13 @@ class Unit:
         account.check_invariants()
 
     def pending(self) -> list[Any]:
-        """Everything to save: accounts, the reservation records their events
-        imply, and the command records. One transaction."""
+        """Everything to save: accounts, the hold records their events imply
+        (``holds.record_events``), and the command records. One transaction."""
         objs: list[Any] = list(self.accounts.values())
-        closes: list[Any] = []
-        for account in self.accounts.values():
-            for event in account.pending_events:
-                if isinstance(event, CreditAccount.Reserved):
-                    self.new_reservations[event.reservation_id] = Reservation._create(
-                        Reservation.Reserved,
-                        id=event.reservation_id,
-                        user_id=account.user_id,
-                        job_id=event.job_id,
-                        amount=event.amount,
-                        expires_at=event.expires_at,
-                        timestamp=event.timestamp,
-                    )
-                elif isinstance(event, CreditAccount.Settled | CreditAccount.Released):
-                    closes.append(self._close_event(event))
-        objs.extend(self.new_reservations.values())
-        objs.extend(e for e in closes if e is not None)
+        objs.extend(holds.record_events(self.accounts.values(), self.new_holds))
         objs.extend(self.others.values())
         objs.extend(self.records.values())
         return objs
-
-    def _close_event(self, event: CreditAccount.Settled | CreditAccount.Released) -> Any:
-        fields: dict[str, Any] = {"timestamp": event.timestamp}
-        if isinstance(event, CreditAccount.Settled):
-            fields.update(status="settled", settled_credits=event.amount, release_reason=None)
-        else:
-            fields.update(status="released", settled_credits=None, release_reason=event.reason)
-        new = self.new_reservations.get(event.reservation_id)
-        if new is not None:
-            new.trigger_event(Reservation.Closed, **fields)
-            return None
-        # The account says the hold was open, so its reservation is at version 1:
-        # its close is version 2, and a second close clashes in the event store.
-        return Reservation.Closed(originator_id=event.reservation_id, originator_version=2, **fields)
 
 
 class Engine:

@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from uuid import UUID
 
-from ledger.application.commands import Balance
 from ledger.application.facade import Ledger
+from ledger.application.results import Balance
 from ledger.audit.base import CheckFactory
-from ledger.audit.digest import SEGMENT_EVENTS, DigestHead, DigestResult, VerifyResult, digest, verify
+from ledger.audit.digest import SEGMENT_EVENTS, DigestHead, DigestResult, ProgressCallback, VerifyResult, digest, verify
 from ledger.audit.pointintime import Statement, balance_at, statement
-from ledger.audit.runner import DEFAULT_CHECKPOINT_EVERY, PAGE_EVENTS, AuditReport, Progress, audit
+from ledger.audit.runner import DEFAULT_CHECKPOINT_EVERY, PAGE_EVENTS, AuditReport, audit
 
 
 class Auditor:
@@ -57,7 +57,7 @@ class Auditor:
         checks: Sequence[CheckFactory] | None = None,
         max_findings: int = 1_000,
         page_events: int = PAGE_EVENTS,
-        progress: Progress | None = None,
+        progress: ProgressCallback | None = None,
     ) -> AuditReport:
         """Replays the event store and checks the ledger and its views; see :func:`ledger.audit`."""
         return audit(
@@ -81,12 +81,12 @@ class Auditor:
         return statement(self.ledger, user_id, start, end)
 
     def digest(
-        self, *, every: int = SEGMENT_EVENTS, incremental: bool = False, progress: Progress | None = None
+        self, *, every: int = SEGMENT_EVENTS, incremental: bool = False, progress: ProgressCallback | None = None
     ) -> DigestResult:
         """The head of the hash chain over the event log; anchors it in ``ledger_digests``."""
         return digest(self.ledger, every=every, incremental=incremental, progress=progress)
 
-    def verify(self, head: DigestHead | str, *, progress: Progress | None = None) -> VerifyResult:
+    def verify(self, head: DigestHead | str, *, progress: ProgressCallback | None = None) -> VerifyResult:
         """Proves the history up to ``head`` (``POSITION:HASH``) unchanged, or names what changed."""
         return verify(self.ledger, head, progress=progress)
 

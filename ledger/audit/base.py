@@ -90,10 +90,6 @@ class AuditContext:
     #: The last position replayed; kept current at page ends and checkpoints.
     position: int = 0
 
-    def in_views(self, position: int) -> bool:
-        """Whether the read models should already include ``position``."""
-        return self.views_position is not None and position <= self.views_position
-
 
 class Check:
     """One audit rule set. Every hook has a default; a check overrides what it needs."""

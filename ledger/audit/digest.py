@@ -434,7 +434,10 @@ def stored_events(app: LedgerApplication, after: int, stop: int, page: int = PAG
             yield notifications
 
 
-Progress = Callable[[int, int], None]
+#: What an audit, a digest or a verify calls as it goes: with the log position
+#: it reached and the position it reads up to. (A projector reports its own
+#: progress as a ``views.projector.Progress``.)
+ProgressCallback = Callable[[int, int], None]
 
 
 class _Anchors:
@@ -513,7 +516,7 @@ class _Anchors:
             self._at += 1
 
 
-def verify(ledger: Ledger, expected: DigestHead | str, *, progress: Progress | None = None) -> VerifyResult:
+def verify(ledger: Ledger, expected: DigestHead | str, *, progress: ProgressCallback | None = None) -> VerifyResult:
     """Recomputes the chain up to ``expected.position`` and compares it with
     ``expected`` and with the stored anchors; then compares every stored
     snapshot with the replay of its account's events."""
@@ -583,7 +586,7 @@ def digest(
     *,
     every: int = SEGMENT_EVENTS,
     incremental: bool = False,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> DigestResult:
     """Computes the head of the chain over every stored event and anchors it.
 

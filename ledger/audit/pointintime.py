@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from ledger.application.commands import Balance, CreditBlock, _View
+from ledger.application.results import Balance, CreditBlock, _View
 from ledger.clock import require_utc
 from ledger.domain.checks import check_uuid
 from ledger.domain.credits import CreditAccount, CreditKind, account_id_for

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,7 +34,7 @@ from ledger.audit.base import AuditContext, Check, CheckFactory, Finding, Findin
 from ledger.audit.checks.credits import AccountCheck, CommandCheck, SnapshotAuditCheck
 from ledger.audit.checks.subscriptions import SubscriptionCheck
 from ledger.audit.checks.views import ViewsCheck
-from ledger.audit.digest import Chain, stored_events
+from ledger.audit.digest import Chain, ProgressCallback, stored_events
 from ledger.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -44,8 +44,6 @@ if TYPE_CHECKING:
 PAGE_EVENTS = 1_000
 DEFAULT_CHECKPOINT_EVERY = 100_000
 CHECKPOINT_FORMAT = "pingvas-ledger-audit-checkpoint/1"
-
-Progress = Callable[[int, int], None]
 
 #: Checks added by other parts of the ledger (one more aggregate, one more check).
 _REGISTERED: list[CheckFactory] = []
@@ -163,7 +161,7 @@ class _Replay:
         checks: Sequence[Check],
         *,
         page_events: int,
-        progress: Progress | None,
+        progress: ProgressCallback | None,
         checkpoint: Path | None,
         checkpoint_every: int,
     ) -> None:
@@ -273,7 +271,7 @@ def audit(
     checks: Sequence[CheckFactory] | None = None,
     max_findings: int = 1_000,
     page_events: int = PAGE_EVENTS,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> AuditReport:
     """Replays every event after ``from_position`` and checks the ledger and
     its read models. ``checkpoint`` names a file to save progress to (and,

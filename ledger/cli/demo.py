@@ -6,8 +6,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from uuid import UUID
 
-from ledger.application.commands import Balance, Receipt
 from ledger.application.facade import Ledger
+from ledger.application.results import Balance, Receipt
 from ledger.clock import ManualClock
 from ledger.errors import ConfigurationError, LedgerError
 

@@ -1,10 +1,10 @@
-"""The domain layer: aggregates and their events.
+"""The credit account and the command record, with their events.
 
 ``CreditAccount`` is the authority for an account's balance, its credit blocks
-and its open holds. ``Reservation`` records a hold's life (reserved, then
-closed once), so a hold can be found by id and a second close is refused by the
-event store itself. ``CommandRecord`` remembers an idempotency key; it is saved
-in the same transaction as the command's own events.
+and its open holds: its own events reserve, settle and release a hold. The rest
+of a hold's life (its ``Hold`` state, statuses, ``HoldRecord`` and close rules)
+is in ``ledger.domain.holds``. ``CommandRecord`` remembers an idempotency key;
+it is saved in the same transaction as the command's own events.
 
 Stored events live forever: every event class carries an explicit ``TOPIC``
 that does not depend on where the class lives in the code, and a
@@ -26,6 +26,8 @@ from uuid import UUID, uuid5
 from eventsourcing.domain import Aggregate
 from eventsourcing.domain import Snapshot as BaseSnapshot
 
+from ledger.domain.holds import EXPIRED_REASON, Hold, due
+from ledger.domain.topics import TOPIC_PREFIX as TOPIC_PREFIX  # re-exported for the modules that import it from here
 from ledger.errors import (
     AccountLimitReached,
     InsufficientCredits,
@@ -38,12 +40,9 @@ from ledger.errors import (
 # Namespaces for ids derived from idempotency keys: a retry derives the same ids.
 ACCOUNT_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b01")
 RECORD_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b02")
-RESERVATION_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b03")
 ENTRY_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b04")
 # Separate from ENTRY_NS so that no caller's key can derive an expiration's id.
 EXPIRATION_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b05")
-
-TOPIC_PREFIX = "pingvas.ledger"
 
 #: The largest balance and the largest single amount: the seed stores credits in
 #: PostgreSQL ``INT`` columns (``amount``, ``balance_after``).
@@ -97,10 +96,6 @@ def record_id_for(key: str) -> UUID:
     return uuid5(RECORD_NS, key)
 
 
-def reservation_id_for(key: str) -> UUID:
-    return uuid5(RESERVATION_NS, key)
-
-
 def entry_id_for(key: str) -> UUID:
     return uuid5(ENTRY_NS, key)
 
@@ -120,18 +115,6 @@ class Block:
     granted_at: datetime
     expires_at: datetime | None
     seq: int
-
-
-@dataclass
-class Hold:
-    """An open reservation. ``allocations`` earmarks credits in blocks, in draw order."""
-
-    reservation_id: str
-    job_id: str
-    amount: int
-    reserved_at: datetime
-    expires_at: datetime
-    allocations: list[list[Any]]  # [[block_id, credits], ...]
 
 
 # ---------------------------------------------------------------- pure leaves
@@ -452,12 +435,11 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
 
     def apply_due(self, now: datetime) -> None:
         """Releases holds past their expiry, then expires lapsed blocks' free credits."""
-        due = [h for h in self.holds.values() if h.expires_at <= now]
-        for hold in sorted(due, key=lambda h: (h.expires_at, h.reservation_id)) if due else ():
+        for hold in due(self.holds.values(), now) if self.holds else ():
             self.trigger_event(
                 self.Released,
                 reservation_id=UUID(hold.reservation_id),
-                reason="expired",
+                reason=EXPIRED_REASON,
                 key=None,
                 timestamp=now,
             )
@@ -692,48 +674,6 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         if len(order) != len(blocks) or not in_order or any(blocks.get(b.block_id) is not b for b in order):
             problems.append("the draw order is not the blocks in draw order")
         return problems
-
-
-class Reservation(Aggregate, created_event_name="Reserved"):
-    """A hold's identity and outcome. Version 1 is the reservation, version 2
-    its one and only close; the account decides, this records."""
-
-    TOPIC = f"{TOPIC_PREFIX}:Reservation"
-
-    class Event(Aggregate.Event):
-        TOPIC = f"{TOPIC_PREFIX}:Reservation.Event"
-
-    class Reserved(Aggregate.Created):
-        TOPIC = f"{TOPIC_PREFIX}:Reservation.Reserved"
-        user_id: UUID
-        job_id: UUID
-        amount: int
-        expires_at: datetime
-
-    class Snapshot(BaseSnapshot):
-        TOPIC = f"{TOPIC_PREFIX}:Reservation.Snapshot"
-
-    def __init__(self, user_id: UUID, job_id: UUID, amount: int, expires_at: datetime) -> None:
-        self.user_id = user_id
-        self.job_id = job_id
-        self.amount = amount
-        self.expires_at = expires_at
-        self.status = "reserved"
-        self.settled_credits: int | None = None
-        self.release_reason: str | None = None
-        self.closed_at: datetime | None = None
-
-    class Closed(Event):
-        TOPIC = f"{TOPIC_PREFIX}:Reservation.Closed"
-        status: str  # "settled" | "released"
-        settled_credits: int | None
-        release_reason: str | None
-
-        def apply(self, reservation: Reservation) -> None:
-            reservation.status = self.status
-            reservation.settled_credits = self.settled_credits
-            reservation.release_reason = self.release_reason
-            reservation.closed_at = self.timestamp
 
 
 class CommandRecord(Aggregate, created_event_name="Recorded"):

@@ -709,6 +709,3 @@ class Subscription(Aggregate, created_event_name="Started"):
 
     def next_period(self) -> tuple[datetime, datetime]:
         return self.period_end, add_cycle(self.period_end, BillingCycle(self.billing_cycle))
-
-    def snapshot_view(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}

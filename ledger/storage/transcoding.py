@@ -8,7 +8,8 @@ from typing import Any
 
 from eventsourcing.persistence import Transcoding
 
-from ledger.domain.credits import Block, Hold
+from ledger.domain.credits import Block
+from ledger.domain.holds import Hold
 
 
 def _time(value: str | None) -> datetime | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -295,7 +294,3 @@ def differences(
                 found.extend([("-", a), ("+", b)])
             a, b = next(a_rows, None), next(b_rows, None)
     return found[:limit]
-
-
-def wait_a_little(seconds: float) -> None:
-    time.sleep(seconds)

@@ -28,13 +28,12 @@ from ledger.audit.base import AuditContext, Check, Handler
 from ledger.domain.credits import (
     ENTRY_NS,
     RECORD_NS,
-    RESERVATION_NS,
     CommandRecord,
     CreditAccount,
-    Reservation,
     account_id_for,
     expiration_entry_id,
 )
+from ledger.domain.holds import RESERVATION_NS, HoldRecord, HoldStatus
 from ledger.views.credits import RELEASED_STATUS
 
 #: How far an account's event may be recorded before the one preceding it. A
@@ -606,7 +605,7 @@ class CommandCheck(Check):
     name = "key"
     covers = (
         "every keyed command applied once: each account event with a key is saved with the one CommandRecord "
-        "of its key, whose receipt matches; every hold has its Reservation record, closed once, as the account says"
+        "of its key, whose receipt matches; every hold has its HoldRecord, closed once, as the account says"
     )
 
     def __init__(self, ctx: AuditContext) -> None:
@@ -630,8 +629,8 @@ class CommandCheck(Check):
             CreditAccount.Reserved: self.reserved,
             CreditAccount.Settled: self.settled,
             CreditAccount.Released: self.released,
-            Reservation.Reserved: self.reservation_reserved,
-            Reservation.Closed: self.reservation_closed,
+            HoldRecord.Reserved: self.reservation_reserved,
+            HoldRecord.Closed: self.reservation_closed,
             CommandRecord.Recorded: self.recorded,
         }
 
@@ -655,12 +654,12 @@ class CommandCheck(Check):
     def settled(self, position: int, event: Any) -> None:
         reservation = event.reservation_id.int
         self._applied(position, event, SETTLED, -event.amount, event.entry_id.int, reservation)
-        self._pair("closed", reservation, position, ("settled", event.amount, None), "account")
+        self._pair("closed", reservation, position, (HoldStatus.SETTLED, event.amount, None), "account")
 
     def released(self, position: int, event: Any) -> None:
         reservation = event.reservation_id.int
         self._applied(position, event, RELEASED, 0, None, reservation)
-        self._pair("closed", reservation, position, ("released", None, event.reason), "account")
+        self._pair("closed", reservation, position, (HoldStatus.RELEASED, None, event.reason), "account")
 
     # -- keys ---------------------------------------------------------------------
 
@@ -749,7 +748,7 @@ class CommandCheck(Check):
             account, record = (other, (position, values)) if side == "record" else ((position, values), other)
             show = {name: _show_id if name in _ID_FIELDS else str for name in _PAIR_FIELDS[kind]}
             diffs = "; ".join(
-                f"{name}: the account says {show[name](a)} (position {account[0]}), the Reservation record says "
+                f"{name}: the account says {show[name](a)} (position {account[0]}), the HoldRecord says "
                 f"{show[name](b)} (position {record[0]})"
                 for name, a, b in zip(_PAIR_FIELDS[kind], account[1], record[1], strict=True)
                 if a != b
@@ -796,7 +795,7 @@ class CommandCheck(Check):
                 f"CommandRecord for {said[1]}, but no account event with the key was saved with it",
             )
         for (kind, reservation), (position, _, side) in self.holds.items():
-            missing = "Reservation record" if side == "account" else "account event"
+            missing = "HoldRecord" if side == "account" else "account event"
             self.report(
                 position,
                 f"reservation {UUID(int=reservation)}",
