@@ -22,6 +22,7 @@ from ledger.domain.credits import CreditAccount, CreditKind, account_id_for
 from ledger.storage.base import Backend
 from ledger.storage.factory import backend_class, open_backend
 from ledger.storage.viewstore import ViewStore
+from ledger.views.registry import schema_tables
 from tests.conftest import fresh_pg_schema
 
 #: The tables the library owns, by their seed names (and its own additions).
@@ -125,7 +126,7 @@ class BackendContract:
         raise NotImplementedError
 
     def test_the_ddl_creates_every_owned_table(self) -> None:
-        ddl = backend_class("postgresql" if self.name == "postgresql" else "sqlite").ddl("pingvas_dev")
+        ddl = backend_class("postgresql" if self.name == "postgresql" else "sqlite").ddl(schema_tables(), "pingvas_dev")
         for table in OWNED_TABLES:
             assert f"{table} (" in ddl or f"{table}(" in ddl, table
 

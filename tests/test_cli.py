@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from ledger import Ledger
-from ledger.storage.ddl import SEED_INDEX_NAMES
+from ledger.views.schema import SEED_INDEX_NAMES
 from tests.conftest import pg_base_url
 
 

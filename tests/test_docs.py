@@ -56,7 +56,7 @@ def test_the_alembic_recipe_records_the_current_schema_version() -> None:
 def test_the_alembic_recipe_leaves_migrate_nothing_to_record(pg_url: str) -> None:
     """The revision's two statements, run as Alembic would, then `migrate`."""
     from ledger import Ledger
-    from ledger.storage.ddl import SCHEMA_VERSION, postgres_ddl
+    from ledger.views.schema import SCHEMA_VERSION, postgres_ddl
     from tests.conftest import pg_base_url
 
     schema = parse_qs(urlsplit(pg_url).query)["schema"][0]
@@ -65,13 +65,13 @@ def test_the_alembic_recipe_leaves_migrate_nothing_to_record(pg_url: str) -> Non
         conn.execute(postgres_ddl(schema))
         conn.execute("".join(insert).replace("pingvas_prod.", f'"{schema}".'))
     with Ledger(pg_url) as ledger:
-        assert ledger.views.store.migrate() == SCHEMA_VERSION
+        assert ledger.views.migrate() == SCHEMA_VERSION
         with ledger.views.store.transaction() as tx:
             assert tx.fetchall("SELECT version FROM ledger_schema_version") == [(SCHEMA_VERSION,)]
 
 
 def test_the_schema_doc_gives_the_current_version_and_no_document_outside_the_repository() -> None:
-    from ledger.storage.ddl import SCHEMA_VERSION, postgres_ddl, sqlite_ddl
+    from ledger.views.schema import SCHEMA_VERSION, postgres_ddl, sqlite_ddl
 
     schema_doc = (DOCS / "schema.md").read_text()
     assert f"| `SCHEMA_VERSION` | `{SCHEMA_VERSION}`." in schema_doc

@@ -52,7 +52,7 @@ def _write_commands(url: str, stop: threading.Event, counter: list[int]) -> None
 @pytest.mark.postgres
 def test_sigkilled_projector_resumes_exactly_once(pg_url: str) -> None:
     with Ledger(pg_url) as ledger:
-        ledger.views.store.migrate()
+        ledger.views.migrate()
     stop = threading.Event()
     counter = [0]
     writer = threading.Thread(target=_write_commands, args=(pg_url, stop, counter))

@@ -19,6 +19,7 @@ from ledger import GrantCredits, Ledger
 from ledger.storage.base import REBUILD_MARK
 from ledger.storage.config import StoreConfig, parse_url
 from ledger.storage.sqlite.backend import SQLiteBackend
+from ledger.views.registry import schema_tables
 from tests.conftest import pg_base_url
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +100,7 @@ def test_an_aside_in_use_in_another_process_is_left_alone(durable_url: str) -> N
             assert "dropped" not in err
             assert asides(config) == {name}
             assert ledger.views.drop_leftover_asides() == []  # nor from this process's other connections
-            running.migrate()  # still usable
+            running.migrate(schema_tables())  # still usable
             assert asides(config) == {name}
         finally:
             ledger.views.drop_aside(running)

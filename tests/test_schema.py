@@ -1,4 +1,4 @@
-"""The read-model DDL (ledger/storage/ddl.py): PostgreSQL and SQLite.
+"""The library's DDL (ledger/views/schema.py over ledger/storage/ddl.py): PostgreSQL and SQLite.
 
 PostgreSQL tests run on the fresh schema of the ``pg_url`` fixture (dropped by
 the fixture); the DDL creates the schema itself.
@@ -21,7 +21,7 @@ import pytest
 
 from ledger.domain.plans import plan_id_for
 from ledger.errors import ConfigurationError
-from ledger.storage.ddl import (
+from ledger.views.schema import (
     ADDED_INDEX_NAMES,
     INDEX_NAMES,
     SCHEMA_VERSION,

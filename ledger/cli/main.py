@@ -63,6 +63,7 @@ def demo(url: str | None) -> None:
 def schema(schema_name: str | None, dialect: str, user_foreign_keys: bool) -> None:
     """Print the DDL of the tables the library owns (for a host's migration)."""
     from ledger.storage.factory import backend_class
+    from ledger.views.registry import schema_tables
 
     if dialect == "sqlite":
         # Options the SQLite DDL has no use for are refused, not ignored.
@@ -73,7 +74,7 @@ def schema(schema_name: str | None, dialect: str, user_foreign_keys: bool) -> No
             raise click.UsageError(
                 f"{' and '.join(given)}: PostgreSQL only; the SQLite DDL has no schemas or host tables"
             )
-    ddl = backend_class(dialect).ddl(schema_name or "public", user_foreign_keys=user_foreign_keys)
+    ddl = backend_class(dialect).ddl(schema_tables(), schema_name or "public", user_foreign_keys=user_foreign_keys)
     click.echo(ddl)
 
 
@@ -85,7 +86,7 @@ def migrate(url: str | None, user_foreign_keys: bool) -> None:
     from ledger.application.facade import Ledger
 
     with Ledger(_url(url)) as ledger:
-        version = ledger.views.store.migrate(user_foreign_keys=user_foreign_keys)
+        version = ledger.views.migrate(user_foreign_keys=user_foreign_keys)
         click.echo(f"schema version {version} is in place")
 
 

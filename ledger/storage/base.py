@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, ClassVar
 from uuid import uuid4
 
 from ledger.storage.config import StoreConfig
+from ledger.storage.ddl import Table
 from ledger.storage.streams import StreamReader
 from ledger.storage.viewstore import TRACKED_APPLICATION, ViewStore, ViewTx
 
@@ -162,5 +163,6 @@ class Backend(ABC):
 
     @classmethod
     @abstractmethod
-    def ddl(cls, schema: str = "public", *, user_foreign_keys: bool = False) -> str:
-        """The DDL of the library's tables in this backend's dialect."""
+    def ddl(cls, tables: Sequence[Table], schema: str = "public", *, user_foreign_keys: bool = False) -> str:
+        """The DDL of ``tables`` (the owners' declarations, in creation order)
+        and of the schema-version table, in this backend's dialect."""

@@ -4,10 +4,11 @@ outlives the process; for tests, examples and trying things out."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ledger.storage.base import Backend
-from ledger.storage.ddl import sqlite_ddl
+from ledger.storage.ddl import Table, render_sqlite
 from ledger.storage.sqlite.viewstore import SQLiteViewStore
 from ledger.storage.streams import PerIdReader, StreamReader
 from ledger.storage.viewstore import ViewStore
@@ -44,5 +45,5 @@ class MemoryBackend(Backend):
         return f"file:ledger-views-{id(app)}-{which}?mode=memory&cache=shared"
 
     @classmethod
-    def ddl(cls, schema: str = "public", *, user_foreign_keys: bool = False) -> str:
-        return sqlite_ddl()
+    def ddl(cls, tables: Sequence[Table], schema: str = "public", *, user_foreign_keys: bool = False) -> str:
+        return render_sqlite(tables)

@@ -20,7 +20,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import DataError, IntegrityError, PersistenceError, Tracking, TrackingRecorder
 
-from ledger.storage.ddl import SCHEMA_VERSION
+from ledger.storage.ddl import SCHEMA_VERSION, SCHEMA_VERSION_TABLE, Table
 
 #: The name the projector tracks its position under.
 TRACKED_APPLICATION = "ledger"
@@ -80,20 +80,27 @@ class ViewStore(ABC):
         return table
 
     @abstractmethod
-    def migrate(self, *, user_foreign_keys: bool = False) -> int:
-        """Creates missing tables and indexes; returns the schema version."""
+    def migrate(self, tables: Sequence[Table], *, user_foreign_keys: bool = False) -> int:
+        """Creates ``tables`` (the owners' DDL, in creation order) and the
+        schema-version table where missing, with their indexes and triggers,
+        records :data:`SCHEMA_VERSION`; returns it."""
 
-    def ensure_schema(self) -> None:
-        """Applies the DDL only when this schema version is not recorded yet:
-        re-running it takes table locks (triggers are re-created) that would
-        contend with a running projector."""
+    @abstractmethod
+    def table_names(self) -> set[str]:
+        """The names of the tables this store holds (in its schema)."""
+
+    def ensure_schema(self, tables: Sequence[Table]) -> None:
+        """Applies the DDL only when this schema version is not recorded yet
+        or one of ``tables`` is missing (a view added since, or a table
+        dropped): re-running it takes table locks (triggers are re-created)
+        that would contend with a running projector."""
         try:
             with self.transaction() as tx:
                 recorded = tx.fetchall("SELECT 1 FROM ledger_schema_version WHERE version = %s", [SCHEMA_VERSION])
         except PersistenceError:  # the version table does not exist yet
             recorded = []
-        if not recorded:
-            self.migrate()
+        if not recorded or not {t.name for t in tables} | {SCHEMA_VERSION_TABLE.name} <= self.table_names():
+            self.migrate(tables)
 
     @abstractmethod
     def rows(self, table: str, order_by: str) -> Iterator[tuple[Any, ...]]:

@@ -1,13 +1,9 @@
-"""Read models: each ``View`` turns a page of events into rows.
-
-A view names the event topics it reads and the tables it owns, and writes a
-page inside the projector's transaction (rows and tracking position commit
-together). Adding a view is one subclass, registered in ``DEFAULT_VIEWS``.
-"""
+"""The credit read model: credit_accounts, credit_transactions (with a
+running balance_after), credit_reservations and credit_balances, with their
+DDL, and, when the host opts in, users.credits."""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -15,7 +11,9 @@ from uuid import UUID
 
 from ledger.domain.credits import CreditAccount
 from ledger.errors import InvariantViolation
+from ledger.storage.ddl import Table
 from ledger.storage.viewstore import ViewTx
+from ledger.views.base import View, ViewOptions
 
 #: The seed's word for a released hold, kept in credit_reservations.status.
 RELEASED_STATUS = "refunded"
@@ -44,21 +42,6 @@ TRANSACTION_COLUMNS = (
     "idempotency_key",
     "log_position",
 )
-
-
-class View(ABC):
-    """A read model fed by the projector."""
-
-    name: ClassVar[str]
-    topics: ClassVar[tuple[str, ...]]
-    #: Tables the view owns, each with the columns that order its rows and the
-    #: columns left out of checksums because a trigger or clock writes them.
-    tables: ClassVar[dict[str, tuple[str, tuple[str, ...]]]]
-
-    @abstractmethod
-    def process(self, events: Sequence[tuple[int, Any]], tx: ViewTx) -> None:
-        """Writes the rows for ``events``, (log position, event) pairs in log
-        order, using ``tx``."""
 
 
 def _as_uuid(value: str | None) -> UUID | None:
@@ -92,6 +75,201 @@ class _Page:
     closes: list[list[Any]] = field(default_factory=list)
 
 
+_CREDIT_TYPES = (
+    "'subscription_grant', 'subscription_renew', 'generation_use', 'api_use',\n"
+    "        'refund', 'admin_adjustment', 'bonus', 'purchase', 'expiration'"
+)
+
+CREDIT_TRANSACTIONS = Table(
+    "credit_transactions",
+    postgres="""
+-- 7. credit_transactions
+CREATE TABLE IF NOT EXISTS {S}.credit_transactions (
+    id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id UUID NOT NULL,  -- seed: REFERENCES users(id) ON DELETE CASCADE (opt-in: user_foreign_keys)
+    amount INT NOT NULL,  -- positive: credit, negative: debit
+    type VARCHAR(30) NOT NULL,
+    -- subscription_grant, subscription_renew, generation_use, api_use,
+    -- refund, admin_adjustment, bonus; ledger deviation 1: purchase, expiration
+    description VARCHAR(500),
+    reference_id UUID,  -- related entity id (job_id, subscription_id, ...)
+    reference_type VARCHAR(50),  -- generation_job, subscription, ...
+    balance_after INT NOT NULL,
+    created_at TIMESTAMP NOT NULL DEFAULT NOW(),
+    -- ledger deviation 1: the caller's reference as given ('invoice:3420871');
+    -- reference_id is a UUID and payment references are not
+    reference_label VARCHAR(100),
+    -- ledger deviation 1: the idempotency key of the command that posted the row
+    idempotency_key VARCHAR(200),
+    -- ledger deviation 11: the event's position in the event log. Rows posted at
+    -- the same instant are ordered by it; balance_after chains in this order.
+    log_position BIGINT NOT NULL,
+
+    -- ledger deviation 1: a CHECK on type
+    CONSTRAINT chk_credit_transactions_type CHECK (type IN (
+        {CREDIT_TYPES}))
+);
+""".replace("{CREDIT_TYPES}", _CREDIT_TYPES),
+    postgres_after="""
+CREATE INDEX IF NOT EXISTS idx_credit_transactions_user ON {S}.credit_transactions(user_id);
+CREATE INDEX IF NOT EXISTS idx_credit_transactions_created ON {S}.credit_transactions(created_at);
+CREATE INDEX IF NOT EXISTS idx_credit_transactions_type ON {S}.credit_transactions(type);
+-- index strategy: a user's transactions, newest first
+CREATE INDEX IF NOT EXISTS idx_credit_transactions_user_created
+ON {S}.credit_transactions(user_id, created_at DESC);
+
+-- ledger deviation 11: a user's postings in log order (the balance_after chain)
+CREATE UNIQUE INDEX IF NOT EXISTS uq_credit_transactions_user_position
+ON {S}.credit_transactions(user_id, log_position);
+""",
+    sqlite="""
+-- 7. credit_transactions
+CREATE TABLE IF NOT EXISTS credit_transactions (
+    id TEXT NOT NULL PRIMARY KEY DEFAULT {UUID},
+    user_id TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    description TEXT,  -- VARCHAR(500)
+    reference_id TEXT,  -- UUID
+    reference_type TEXT,
+    balance_after INTEGER NOT NULL,
+    created_at TEXT NOT NULL DEFAULT ({NOW}),
+    -- ledger deviation 1
+    reference_label TEXT,  -- VARCHAR(100)
+    idempotency_key TEXT,  -- VARCHAR(200)
+    log_position INTEGER NOT NULL,  -- ledger deviation 11
+
+    -- ledger deviation 1
+    CONSTRAINT chk_credit_transactions_type CHECK (type IN (
+        {CREDIT_TYPES}))
+);
+""".replace("{CREDIT_TYPES}", _CREDIT_TYPES),
+    sqlite_after="""
+CREATE INDEX IF NOT EXISTS idx_credit_transactions_user ON credit_transactions(user_id);
+CREATE INDEX IF NOT EXISTS idx_credit_transactions_created ON credit_transactions(created_at);
+CREATE INDEX IF NOT EXISTS idx_credit_transactions_type ON credit_transactions(type);
+CREATE INDEX IF NOT EXISTS idx_credit_transactions_user_created
+ON credit_transactions(user_id, created_at DESC);
+
+CREATE UNIQUE INDEX IF NOT EXISTS uq_credit_transactions_user_position
+ON credit_transactions(user_id, log_position);
+""",
+    guard=("reference_label", "idempotency_key", "log_position"),
+    user_foreign_key=("fk_credit_transactions_user", "CASCADE"),
+)
+
+CREDIT_RESERVATIONS = Table(
+    "credit_reservations",
+    postgres="""
+-- 8. credit_reservations
+CREATE TABLE IF NOT EXISTS {S}.credit_reservations (
+    id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id UUID NOT NULL,  -- seed: REFERENCES users(id) ON DELETE CASCADE (opt-in: user_foreign_keys)
+    job_id UUID NOT NULL,
+    reserved_amount INT NOT NULL,
+    status VARCHAR(20) NOT NULL DEFAULT 'reserved',
+    -- reserved, settled, refunded ('refunded' is the seed's word for a released hold)
+    settled_amount INT,
+    created_at TIMESTAMP NOT NULL DEFAULT NOW(),
+    settled_at TIMESTAMP,
+    -- ledger deviation 2: holds expire; a released hold records why
+    expires_at TIMESTAMP NOT NULL,
+    release_reason TEXT,
+    idempotency_key VARCHAR(200),
+
+    -- ledger deviation 2: a CHECK on status
+    CONSTRAINT chk_credit_reservations_status CHECK (status IN ('reserved', 'settled', 'refunded'))
+);
+""",
+    postgres_after="""
+CREATE INDEX IF NOT EXISTS idx_credit_reservations_user ON {S}.credit_reservations(user_id);
+CREATE INDEX IF NOT EXISTS idx_credit_reservations_job ON {S}.credit_reservations(job_id);
+CREATE INDEX IF NOT EXISTS idx_credit_reservations_status ON {S}.credit_reservations(status);
+""",
+    sqlite="""
+-- 8. credit_reservations
+CREATE TABLE IF NOT EXISTS credit_reservations (
+    id TEXT NOT NULL PRIMARY KEY DEFAULT {UUID},
+    user_id TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    reserved_amount INTEGER NOT NULL,
+    status TEXT NOT NULL DEFAULT 'reserved',
+    settled_amount INTEGER,
+    created_at TEXT NOT NULL DEFAULT ({NOW}),
+    settled_at TEXT,
+    -- ledger deviation 2
+    expires_at TEXT NOT NULL,
+    release_reason TEXT,
+    idempotency_key TEXT,
+
+    -- ledger deviation 2
+    CONSTRAINT chk_credit_reservations_status CHECK (status IN ('reserved', 'settled', 'refunded'))
+);
+""",
+    sqlite_after="""
+CREATE INDEX IF NOT EXISTS idx_credit_reservations_user ON credit_reservations(user_id);
+CREATE INDEX IF NOT EXISTS idx_credit_reservations_job ON credit_reservations(job_id);
+CREATE INDEX IF NOT EXISTS idx_credit_reservations_status ON credit_reservations(status);
+""",
+    guard=("expires_at", "release_reason", "idempotency_key"),
+    user_foreign_key=("fk_credit_reservations_user", "CASCADE"),
+)
+
+CREDIT_ACCOUNTS = Table(
+    "credit_accounts",
+    postgres="""
+-- ledger deviation 10: a table the seed does not have. Events name an
+-- account by its own id; this maps it to the user once, when it is opened.
+CREATE TABLE IF NOT EXISTS {S}.credit_accounts (
+    account_id UUID PRIMARY KEY,
+    user_id UUID NOT NULL UNIQUE,
+    opened_at TIMESTAMP NOT NULL
+);
+""",
+    sqlite="""
+-- ledger deviation 10: account id -> user id, written when an account opens.
+CREATE TABLE IF NOT EXISTS credit_accounts (
+    account_id TEXT NOT NULL PRIMARY KEY,
+    user_id TEXT NOT NULL UNIQUE,
+    opened_at TEXT NOT NULL
+);
+""",
+)
+
+CREDIT_BALANCES = Table(
+    "credit_balances",
+    postgres="""
+-- ledger deviation 3: a table the seed does not have. One row per account:
+-- the balance, the credits held by open reservations, and what is available.
+CREATE TABLE IF NOT EXISTS {S}.credit_balances (
+    user_id UUID PRIMARY KEY,  -- opt-in: REFERENCES users(id) ON DELETE CASCADE
+    balance INT NOT NULL,
+    held INT NOT NULL,
+    available INT NOT NULL,
+    updated_at TIMESTAMP NOT NULL DEFAULT NOW(),
+
+    CONSTRAINT chk_credit_balances CHECK (
+        balance >= 0 AND held >= 0 AND available >= 0 AND available = balance - held)
+);
+""",
+    sqlite="""
+-- ledger deviation 3: one row per account
+CREATE TABLE IF NOT EXISTS credit_balances (
+    user_id TEXT NOT NULL PRIMARY KEY,
+    balance INTEGER NOT NULL,
+    held INTEGER NOT NULL,
+    available INTEGER NOT NULL,
+    updated_at TEXT NOT NULL DEFAULT ({NOW}),
+
+    CONSTRAINT chk_credit_balances CHECK (
+        balance >= 0 AND held >= 0 AND available >= 0 AND available = balance - held)
+);
+""",
+    updated_at=True,
+    user_foreign_key=("fk_credit_balances_user", "CASCADE"),
+)
+
+
 class CreditView(View):
     """credit_transactions (with a running balance_after), credit_reservations,
     credit_balances, and, when the host opts in, users.credits."""
@@ -115,9 +293,14 @@ class CreditView(View):
         "credit_reservations": ("created_at, id", ()),
         "credit_balances": ("user_id", ("updated_at",)),
     }
+    ddl = (CREDIT_TRANSACTIONS, CREDIT_RESERVATIONS, CREDIT_ACCOUNTS, CREDIT_BALANCES)
 
     def __init__(self, *, sync_user_credits: bool = False) -> None:
         self.sync_user_credits = sync_user_credits
+
+    @classmethod
+    def create(cls, options: ViewOptions) -> CreditView:
+        return cls(sync_user_credits=options.sync_user_credits)
 
     def process(self, events: Sequence[tuple[int, Any]], tx: ViewTx) -> None:
         page = _Page()

@@ -26,7 +26,7 @@ from eventsourcing.persistence import IntegrityError, Notification
 from ledger.errors import InvalidArgument, ViewsStalled
 from ledger.storage.eventstore import LedgerApplication
 from ledger.storage.viewstore import TRACKED_APPLICATION, ViewStore, ViewTx
-from ledger.views.credits import View
+from ledger.views.base import View
 
 log = logging.getLogger("ledger.projector")
 

@@ -10,19 +10,14 @@ from typing import Any
 from ledger.storage.base import Backend
 from ledger.storage.eventstore import LedgerApplication
 from ledger.storage.viewstore import ViewStore
-from ledger.views.credits import CreditView, View
 from ledger.views.projector import Progress, Projector, checksum, differences
-from ledger.views.subscriptions import SubscriptionView
+from ledger.views.registry import default_views, schema_tables
 
 log = logging.getLogger("ledger.rebuild")
 
 #: Events per transaction when rebuilding: nobody reads the tables aside, so
 #: larger pages trade nothing for fewer round trips.
 REBUILD_PAGE_EVENTS = 5_000
-
-
-def default_views(*, sync_user_credits: bool = False, sync_user_tier: bool = False) -> list[View]:
-    return [CreditView(sync_user_credits=sync_user_credits), SubscriptionView(sync_user_tier=sync_user_tier)]
 
 
 class Views:
@@ -39,9 +34,14 @@ class Views:
         self.app = app
         self.backend = backend
         self.store = backend.view_store(app)
-        self.store.ensure_schema()
+        self.store.ensure_schema(schema_tables())
         views = default_views(sync_user_credits=sync_user_credits, sync_user_tier=sync_user_tier)
         self.projector = Projector(app, self.store, views)
+
+    def migrate(self, *, user_foreign_keys: bool = False) -> int:
+        """Creates the registered views' tables (and the inbox's) where missing,
+        records the schema version, and returns it."""
+        return self.store.migrate(schema_tables(), user_foreign_keys=user_foreign_keys)
 
     def catch_up(self, progress: Callable[[Progress], None] | None = None, *, until: int | None = None) -> int:
         """Projects every event recorded so far (or up to position ``until``), in this process."""
@@ -73,7 +73,7 @@ class Views:
             log.warning("dropped %s, left behind by a rebuild that is no longer running", name)
         aside = self.backend.view_store_aside(self.app)
         try:
-            aside.migrate()
+            aside.migrate(schema_tables())
             self.backend.before_rebuild(self.app)
             Projector(self.app, aside, default_views(sync_user_credits=False)).catch_up(
                 progress=progress, until=until, page_events=REBUILD_PAGE_EVENTS

@@ -1,6 +1,7 @@
 """The subscription read model: plans, plan_features, subscriptions,
-subscription_history and audit_logs (admin actions), and, when the host opts
-in, users.tier and users.storage_quota."""
+subscription_history, subscription_snapshots and audit_logs (admin actions),
+with their DDL (the catalog's in ``ledger/views/catalog.py``), and, when the
+host opts in, users.tier and users.storage_quota."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from ledger.domain.subscriptions import (
     Subscription,
     provider_states,
 )
+from ledger.storage.ddl import Table
 from ledger.storage.viewstore import ViewTx
-from ledger.views.credits import View
+from ledger.views.base import View, ViewOptions
+from ledger.views.catalog import PLAN_FEATURES, PLANS
 
 ROW_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b20")
 
@@ -43,6 +46,231 @@ SUBSCRIPTION_COLUMNS = (
     "cancel_at_period_end",
     "paused_at",
     "ended_at",
+)
+
+
+_SUBSCRIPTION_STATUSES = "'active', 'trialing', 'past_due', 'cancelled', 'expired', 'paused'"
+_CHANGE_TYPES = (
+    "'created', 'upgraded', 'downgraded', 'cancelled', 'renewed', 'expired',\n"
+    "        'resumed', 'paused', 'unpaused', 'past_due', 'recovered', 'trial_started', 'activated'"
+)
+
+SUBSCRIPTIONS = Table(
+    "subscriptions",
+    postgres="""
+-- 5. subscriptions
+CREATE TABLE IF NOT EXISTS {S}.subscriptions (
+    id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id UUID NOT NULL,  -- seed: REFERENCES users(id) ON DELETE CASCADE (opt-in: user_foreign_keys)
+    plan_id UUID NOT NULL REFERENCES {S}.plans(id),
+    lemon_squeezy_subscription_id VARCHAR(100),
+    lemon_squeezy_customer_id VARCHAR(100),
+    billing_cycle VARCHAR(10) NOT NULL DEFAULT 'monthly',  -- monthly, yearly
+    status VARCHAR(20) NOT NULL DEFAULT 'active',
+    -- active, trialing, past_due, cancelled, expired; ledger deviation 4: paused
+    current_period_start TIMESTAMP NOT NULL,
+    current_period_end TIMESTAMP NOT NULL,
+    trial_ends_at TIMESTAMP,
+    cancelled_at TIMESTAMP,
+    cancel_reason TEXT,
+    created_at TIMESTAMP NOT NULL DEFAULT NOW(),
+    updated_at TIMESTAMP NOT NULL DEFAULT NOW(),
+    -- ledger deviation 4: cancellation at the end of the period, pause and end
+    cancel_at_period_end BOOLEAN NOT NULL DEFAULT FALSE,
+    paused_at TIMESTAMP,
+    ended_at TIMESTAMP,
+
+    -- ledger deviation 4: 'paused' added
+    CONSTRAINT chk_status CHECK (status IN ({SUBSCRIPTION_STATUSES})),
+    CONSTRAINT chk_billing_cycle CHECK (billing_cycle IN ('monthly', 'yearly'))
+);
+""".replace("{SUBSCRIPTION_STATUSES}", _SUBSCRIPTION_STATUSES),
+    postgres_after="""
+CREATE INDEX IF NOT EXISTS idx_subscriptions_user ON {S}.subscriptions(user_id);
+CREATE INDEX IF NOT EXISTS idx_subscriptions_status ON {S}.subscriptions(status);
+CREATE INDEX IF NOT EXISTS idx_subscriptions_period_end ON {S}.subscriptions(current_period_end);
+CREATE INDEX IF NOT EXISTS idx_subscriptions_lemon_squeezy ON {S}.subscriptions(lemon_squeezy_subscription_id);
+-- index strategy: active subscriptions only
+CREATE INDEX IF NOT EXISTS idx_subscriptions_active
+ON {S}.subscriptions(user_id)
+WHERE status IN ('active', 'trialing');
+-- ledger deviation 4: one row per Lemon Squeezy subscription (webhook upserts)
+CREATE UNIQUE INDEX IF NOT EXISTS uq_subscriptions_lemon_squeezy
+ON {S}.subscriptions(lemon_squeezy_subscription_id)
+WHERE lemon_squeezy_subscription_id IS NOT NULL;
+""",
+    sqlite="""
+-- 5. subscriptions
+CREATE TABLE IF NOT EXISTS subscriptions (
+    id TEXT NOT NULL PRIMARY KEY DEFAULT {UUID},
+    user_id TEXT NOT NULL,
+    plan_id TEXT NOT NULL REFERENCES plans(id),
+    lemon_squeezy_subscription_id TEXT,
+    lemon_squeezy_customer_id TEXT,
+    billing_cycle TEXT NOT NULL DEFAULT 'monthly',
+    status TEXT NOT NULL DEFAULT 'active',
+    current_period_start TEXT NOT NULL,
+    current_period_end TEXT NOT NULL,
+    trial_ends_at TEXT,
+    cancelled_at TEXT,
+    cancel_reason TEXT,
+    created_at TEXT NOT NULL DEFAULT ({NOW}),
+    updated_at TEXT NOT NULL DEFAULT ({NOW}),
+    -- ledger deviation 4
+    cancel_at_period_end INTEGER NOT NULL DEFAULT 0 CHECK (cancel_at_period_end IN (0, 1)),
+    paused_at TEXT,
+    ended_at TEXT,
+
+    -- ledger deviation 4: 'paused' added
+    CONSTRAINT chk_status CHECK (status IN ({SUBSCRIPTION_STATUSES})),
+    CONSTRAINT chk_billing_cycle CHECK (billing_cycle IN ('monthly', 'yearly'))
+);
+""".replace("{SUBSCRIPTION_STATUSES}", _SUBSCRIPTION_STATUSES),
+    sqlite_after="""
+CREATE INDEX IF NOT EXISTS idx_subscriptions_user ON subscriptions(user_id);
+CREATE INDEX IF NOT EXISTS idx_subscriptions_status ON subscriptions(status);
+CREATE INDEX IF NOT EXISTS idx_subscriptions_period_end ON subscriptions(current_period_end);
+CREATE INDEX IF NOT EXISTS idx_subscriptions_lemon_squeezy ON subscriptions(lemon_squeezy_subscription_id);
+CREATE INDEX IF NOT EXISTS idx_subscriptions_active
+ON subscriptions(user_id)
+WHERE status IN ('active', 'trialing');
+-- ledger deviation 4
+CREATE UNIQUE INDEX IF NOT EXISTS uq_subscriptions_lemon_squeezy
+ON subscriptions(lemon_squeezy_subscription_id)
+WHERE lemon_squeezy_subscription_id IS NOT NULL;
+""",
+    guard=("cancel_at_period_end", "paused_at", "ended_at"),
+    updated_at=True,
+    user_foreign_key=("fk_subscriptions_user", "CASCADE"),
+)
+
+SUBSCRIPTION_HISTORY = Table(
+    "subscription_history",
+    postgres="""
+-- 6. subscription_history
+CREATE TABLE IF NOT EXISTS {S}.subscription_history (
+    id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+    subscription_id UUID NOT NULL REFERENCES {S}.subscriptions(id) ON DELETE CASCADE,
+    from_plan_id UUID REFERENCES {S}.plans(id),
+    to_plan_id UUID REFERENCES {S}.plans(id),
+    change_type VARCHAR(20) NOT NULL,
+    -- created, upgraded, downgraded, cancelled, renewed, expired
+    details JSONB,
+    changed_at TIMESTAMP NOT NULL DEFAULT NOW(),
+
+    -- ledger deviation 5: a CHECK (the seed lists the first six in a comment)
+    CONSTRAINT chk_subscription_history_change_type CHECK (change_type IN (
+        {CHANGE_TYPES}))
+);
+""".replace("{CHANGE_TYPES}", _CHANGE_TYPES),
+    postgres_after="""
+CREATE INDEX IF NOT EXISTS idx_subscription_history_subscription ON {S}.subscription_history(subscription_id);
+""",
+    sqlite="""
+-- 6. subscription_history
+CREATE TABLE IF NOT EXISTS subscription_history (
+    id TEXT NOT NULL PRIMARY KEY DEFAULT {UUID},
+    subscription_id TEXT NOT NULL REFERENCES subscriptions(id) ON DELETE CASCADE,
+    from_plan_id TEXT REFERENCES plans(id),
+    to_plan_id TEXT REFERENCES plans(id),
+    change_type TEXT NOT NULL,
+    details TEXT,  -- JSONB
+    changed_at TEXT NOT NULL DEFAULT ({NOW}),
+
+    -- ledger deviation 5
+    CONSTRAINT chk_subscription_history_change_type CHECK (change_type IN (
+        {CHANGE_TYPES}))
+);
+""".replace("{CHANGE_TYPES}", _CHANGE_TYPES),
+    sqlite_after="""
+CREATE INDEX IF NOT EXISTS idx_subscription_history_subscription ON subscription_history(subscription_id);
+""",
+)
+
+SUBSCRIPTION_SNAPSHOTS = Table(
+    "subscription_snapshots",
+    postgres="""
+-- ledger deviation 12: a table the seed does not have. Every snapshot a
+-- payment provider sent of a subscription, applied or superseded, by the
+-- provider's time: the history of such a subscription is written from it.
+CREATE TABLE IF NOT EXISTS {S}.subscription_snapshots (
+    subscription_id UUID NOT NULL REFERENCES {S}.subscriptions(id) ON DELETE CASCADE,
+    source_updated_at TIMESTAMP NOT NULL,
+    -- plan, period and cancel_at_period_end are NULL where the provider
+    -- reported only a status (a failed payment): they are the snapshot's before.
+    plan VARCHAR(50),
+    status VARCHAR(20) NOT NULL,
+    current_period_start TIMESTAMP,
+    current_period_end TIMESTAMP,
+    trial_ends_at TIMESTAMP,
+    cancel_at_period_end BOOLEAN,
+    plan_tier_level INT,  -- the plan's tier when the snapshot was projected
+    PRIMARY KEY (subscription_id, source_updated_at)
+);
+""",
+    sqlite="""
+-- ledger deviation 12: every provider snapshot of a subscription, by the
+-- provider's time.
+CREATE TABLE IF NOT EXISTS subscription_snapshots (
+    subscription_id TEXT NOT NULL REFERENCES subscriptions(id) ON DELETE CASCADE,
+    source_updated_at TEXT NOT NULL,
+    plan TEXT,
+    status TEXT NOT NULL,
+    current_period_start TEXT,
+    current_period_end TEXT,
+    trial_ends_at TEXT,
+    cancel_at_period_end INTEGER,
+    plan_tier_level INTEGER,
+    PRIMARY KEY (subscription_id, source_updated_at)
+);
+""",
+)
+
+AUDIT_LOGS = Table(
+    "audit_logs",
+    postgres="""
+-- 19. audit_logs
+CREATE TABLE IF NOT EXISTS {S}.audit_logs (
+    id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id UUID,  -- seed: REFERENCES users(id) ON DELETE SET NULL (opt-in: user_foreign_keys)
+    action VARCHAR(100) NOT NULL,
+    entity_type VARCHAR(50),
+    entity_id UUID,
+    old_value JSONB,
+    new_value JSONB,
+    ip_address INET,  -- ledger deviation 8: INET as in the seed (TEXT in SQLite)
+    user_agent TEXT,
+    created_at TIMESTAMP NOT NULL DEFAULT NOW()
+);
+""",
+    postgres_after="""
+CREATE INDEX IF NOT EXISTS idx_audit_logs_user ON {S}.audit_logs(user_id);
+CREATE INDEX IF NOT EXISTS idx_audit_logs_action ON {S}.audit_logs(action);
+CREATE INDEX IF NOT EXISTS idx_audit_logs_entity ON {S}.audit_logs(entity_type, entity_id);
+CREATE INDEX IF NOT EXISTS idx_audit_logs_created ON {S}.audit_logs(created_at);
+""",
+    sqlite="""
+-- 19. audit_logs
+CREATE TABLE IF NOT EXISTS audit_logs (
+    id TEXT NOT NULL PRIMARY KEY DEFAULT {UUID},
+    user_id TEXT,
+    action TEXT NOT NULL,
+    entity_type TEXT,
+    entity_id TEXT,
+    old_value TEXT,  -- JSONB
+    new_value TEXT,  -- JSONB
+    ip_address TEXT,  -- INET (ledger deviation 8)
+    user_agent TEXT,
+    created_at TEXT NOT NULL DEFAULT ({NOW})
+);
+""",
+    sqlite_after="""
+CREATE INDEX IF NOT EXISTS idx_audit_logs_user ON audit_logs(user_id);
+CREATE INDEX IF NOT EXISTS idx_audit_logs_action ON audit_logs(action);
+CREATE INDEX IF NOT EXISTS idx_audit_logs_entity ON audit_logs(entity_type, entity_id);
+CREATE INDEX IF NOT EXISTS idx_audit_logs_created ON audit_logs(created_at);
+""",
+    user_foreign_key=("fk_audit_logs_user", "SET NULL"),
 )
 
 
@@ -79,9 +307,15 @@ class SubscriptionView(View):
         "subscription_snapshots": ("subscription_id, source_updated_at", ()),
         "audit_logs": ("created_at, id", ()),
     }
+    #: plans and plan_features too: kept current from Plan events, not rebuilt.
+    ddl = (PLANS, PLAN_FEATURES, SUBSCRIPTIONS, SUBSCRIPTION_HISTORY, SUBSCRIPTION_SNAPSHOTS, AUDIT_LOGS)
 
     def __init__(self, *, sync_user_tier: bool = False) -> None:
         self.sync_user_tier = sync_user_tier
+
+    @classmethod
+    def create(cls, options: ViewOptions) -> SubscriptionView:
+        return cls(sync_user_tier=options.sync_user_tier)
 
     def process(self, events: Sequence[tuple[int, Any]], tx: ViewTx) -> None:
         plans: dict[str, PlanTerms] = {}

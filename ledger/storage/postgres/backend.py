@@ -16,7 +16,7 @@ from psycopg import sql
 
 from ledger.errors import ConfigurationError
 from ledger.storage.base import REBUILD_MARK, REBUILD_TOKEN, Backend, Wake, rebuild_token
-from ledger.storage.ddl import postgres_ddl
+from ledger.storage.ddl import Table, render_postgres
 from ledger.storage.postgres.recorder import apply_connect_options, install_ping_window
 from ledger.storage.postgres.streams import PostgresReader
 from ledger.storage.postgres.viewstore import TRACKING_TABLE, PostgresViewStore
@@ -227,8 +227,8 @@ class PostgresBackend(Backend):
             tx.execute(f'INSERT INTO {table} SELECT * FROM "{aside.schema}".{table}')
 
     @classmethod
-    def ddl(cls, schema: str = "public", *, user_foreign_keys: bool = False) -> str:
-        return postgres_ddl(schema, user_foreign_keys=user_foreign_keys)
+    def ddl(cls, tables: Sequence[Table], schema: str = "public", *, user_foreign_keys: bool = False) -> str:
+        return render_postgres(tables, schema, user_foreign_keys=user_foreign_keys)
 
 
 def _rebuild_key(name: str) -> int:

@@ -13,7 +13,7 @@ from eventsourcing.postgres import PostgresDatastore, PostgresTrackingRecorder
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from ledger.storage.ddl import SCHEMA_VERSION, postgres_ddl
+from ledger.storage.ddl import SCHEMA_VERSION, Table, render_postgres
 from ledger.storage.viewstore import ViewStore, ViewTx, naive_utc, normalise, tracking_for
 
 TRACKING_TABLE = "ledger_views_tracking"
@@ -99,11 +99,11 @@ class PostgresViewStore(ViewStore):
     def qualified(self, table: str) -> str:
         return _qualified(self.schema, table)
 
-    def migrate(self, *, user_foreign_keys: bool = False) -> int:
+    def migrate(self, tables: Sequence[Table], *, user_foreign_keys: bool = False) -> int:
         with self.datastore.transaction(commit=True) as curs:
             # Concurrent CREATE … IF NOT EXISTS in two sessions can collide: one at a time.
             curs.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATE_LOCK_KEY])
-            curs.execute(postgres_ddl(self.schema, user_foreign_keys=user_foreign_keys))
+            curs.execute(render_postgres(tables, self.schema, user_foreign_keys=user_foreign_keys))
             curs.execute(
                 sql.SQL(
                     "INSERT INTO {}.ledger_schema_version (version, applied_at) VALUES (%s, now() AT TIME ZONE 'UTC') "
@@ -112,6 +112,11 @@ class PostgresViewStore(ViewStore):
                 [SCHEMA_VERSION],
             )
         return SCHEMA_VERSION
+
+    def table_names(self) -> set[str]:
+        with self.datastore.transaction(commit=False) as curs:
+            curs.execute("SELECT tablename FROM pg_tables WHERE schemaname = %s", [self.schema])
+            return {r["tablename"] for r in curs.fetchall()}
 
     def columns(self, table: str) -> list[str]:
         with self.datastore.transaction(commit=False) as curs:

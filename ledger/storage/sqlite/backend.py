@@ -8,14 +8,14 @@ import glob
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ledger.errors import ConfigurationError
 from ledger.storage.base import REBUILD_MARK, REBUILD_TOKEN, Backend, rebuild_token
-from ledger.storage.ddl import sqlite_ddl
+from ledger.storage.ddl import Table, render_sqlite
 from ledger.storage.sqlite.streams import SQLiteReader
 from ledger.storage.sqlite.viewstore import SQLiteViewStore
 from ledger.storage.streams import StreamReader
@@ -127,8 +127,8 @@ class SQLiteBackend(Backend):
         return dropped
 
     @classmethod
-    def ddl(cls, schema: str = "public", *, user_foreign_keys: bool = False) -> str:
-        return sqlite_ddl()
+    def ddl(cls, tables: Sequence[Table], schema: str = "public", *, user_foreign_keys: bool = False) -> str:
+        return render_sqlite(tables)
 
 
 def _remove(path: str) -> None:

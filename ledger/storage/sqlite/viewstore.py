@@ -14,7 +14,7 @@ from uuid import UUID
 from eventsourcing.persistence import OperationalError
 from eventsourcing.sqlite import SQLiteCursor, SQLiteDatastore, SQLiteTrackingRecorder, SQLiteTransaction
 
-from ledger.storage.ddl import SCHEMA_VERSION, sqlite_ddl
+from ledger.storage.ddl import SCHEMA_VERSION, Table, render_sqlite
 from ledger.storage.viewstore import ViewStore, ViewTx, naive_utc, normalise, tracking_for
 
 
@@ -68,15 +68,20 @@ class SQLiteViewStore(ViewStore):
         with self.datastore.get_connection(commit=True) as conn, _Immediate(conn, commit=True) as cursor, cursor:
             yield SQLiteViewTx(cursor, self.tracking)
 
-    def migrate(self, *, user_foreign_keys: bool = False) -> int:
+    def migrate(self, tables: Sequence[Table], *, user_foreign_keys: bool = False) -> int:
         with self.datastore.transaction(commit=True) as cursor:
-            for statement in _statements(sqlite_ddl()):
+            for statement in _statements(render_sqlite(tables)):
                 cursor.execute(statement)
             cursor.execute(
                 "INSERT OR IGNORE INTO ledger_schema_version (version, applied_at) VALUES (?, datetime('now'))",
                 [SCHEMA_VERSION],
             )
         return SCHEMA_VERSION
+
+    def table_names(self) -> set[str]:
+        with self.datastore.transaction(commit=False) as cursor:
+            cursor.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            return {row[0] for row in cursor.fetchall()}
 
     def columns(self, table: str) -> list[str]:
         with self.datastore.transaction(commit=False) as cursor:
