@@ -13,7 +13,11 @@ Commands
 
 Domain
     The aggregates a command may read or change through the unit of work,
-    their id functions, and the shared policies (``prorated``, ``add_cycle``).
+    their id functions, the period arithmetic (``add_cycle``), and the credit
+    policy's rules that the core's subscription commands apply too
+    (``grant_expiry``, ``rollover_cap``, ``rollover_allowance``,
+    ``unspent_subscription_credits``, ``upgrade_grant``, ``prorated``), so a
+    provider's grants are the core's.
 
 Audit checks
     ``Check`` (with its ``AuditContext``) is one more check the audit runs;
@@ -41,11 +45,18 @@ from ledger.domain.checks import (
 )
 from ledger.domain.credits import CreditAccount, entry_id_for, record_id_for
 from ledger.domain.plans import Plan, plan_id_for
+from ledger.domain.policy import (
+    grant_expiry,
+    prorated,
+    rollover_allowance,
+    rollover_cap,
+    unspent_subscription_credits,
+    upgrade_grant,
+)
 from ledger.domain.subscriptions import (
     SubscriberSlot,
     Subscription,
     add_cycle,
-    prorated,
     slot_id_for,
     subscription_id_for,
 )
@@ -72,10 +83,15 @@ __all__ = [
     "check_user_id",
     "check_uuid",
     "entry_id_for",
+    "grant_expiry",
     "plan_id_for",
     "prorated",
     "record_id_for",
     "register_check",
+    "rollover_allowance",
+    "rollover_cap",
     "slot_id_for",
     "subscription_id_for",
+    "unspent_subscription_credits",
+    "upgrade_grant",
 ]

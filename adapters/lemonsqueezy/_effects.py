@@ -49,10 +49,14 @@ from ledger.extension import (
     check_key,
     check_user_id,
     entry_id_for,
+    grant_expiry,
     plan_id_for,
-    prorated,
     record_id_for,
+    rollover_allowance,
+    rollover_cap,
     slot_id_for,
+    unspent_subscription_credits,
+    upgrade_grant,
 )
 
 from ._state import (
@@ -670,7 +674,7 @@ class ApplyInvoice(Command):
             amount, period_end = self._period_credits(unit, payment, terms.credits), add_cycle(self.created_at, cycle)
             kind = CreditKind.SUBSCRIPTION_GRANT if self.billing_reason == "initial" else CreditKind.SUBSCRIPTION_RENEW
             what = f"{terms.display_name} plan, {self.billing_reason}"
-        expires_at = None if unit.policy.expiry == "rollover" else period_end
+        expires_at = grant_expiry(unit.policy, period_end)
         granted = record_grant(
             unit,
             payment,
@@ -709,13 +713,11 @@ class ApplyInvoice(Command):
         return now - self.created_at < timedelta(seconds=self.hold_window_s)
 
     def _period_credits(self, unit: UnitOfWork, payment: Payment, credits: int) -> int:
-        cap = unit.policy.rollover_cap_credits
-        if unit.policy.expiry != "rollover" or cap is None:
+        cap = rollover_cap(unit.policy)
+        if cap is None:
             return credits
-        account = unit.account(payment.user_id, open_missing=True)
-        kinds = {CreditKind.SUBSCRIPTION_GRANT.value, CreditKind.SUBSCRIPTION_RENEW.value}
-        unspent = sum(b.remaining for b in account.blocks.values() if b.kind in kinds)
-        return min(credits, max(0, cap - unspent))
+        unspent = unspent_subscription_credits(unit.account(payment.user_id, open_missing=True))
+        return rollover_allowance(cap, unspent, credits)
 
     def _upgrade(
         self, unit: UnitOfWork, link: SubscriptionLink, entries: list[Seen], entry: Seen, new: Plan, cycle: BillingCycle
@@ -758,11 +760,8 @@ class ApplyInvoice(Command):
         if new.terms.tier_level <= old.terms.tier_level:
             self.report.notes.append(f"{old.terms.name} -> {new.terms.name} is not an upgrade; nothing granted")
             return 0, period_end, None
-        difference = max(0, new.terms.credits - old.terms.credits)
-        if unit.policy.upgrade == "prorated":
-            difference = prorated(difference, self.created_at, minus_cycle(period_end, cycle), period_end)
-        elif unit.policy.upgrade == "none":
-            difference = 0
+        credits = (old.terms.credits, new.terms.credits)
+        difference = upgrade_grant(unit.policy, *credits, minus_cycle(period_end, cycle), period_end, self.created_at)
         change = Credited(before[start].updated_at, before[start - 1].variant_id, entry.variant_id, self.invoice_id)
         return difference, period_end, change
 

@@ -1,8 +1,10 @@
 """Subscription and plan commands, and how each runs inside a unit of work.
 
-Each command checks the subscription's state (InvalidTransition otherwise),
-triggers the subscription's events, and posts the credit effect the policy
-promises on the user's account, all in the caller's one transaction. Credit
+Each command reads the subscription, makes its change through the
+subscription's own method (which checks the state machine, TRANSITIONS in
+ledger.domain.subscriptions, raising InvalidTransition, and triggers the
+events), and posts the credit effect the policy promises (ledger.domain.policy)
+on the user's account, all in the caller's one transaction. Credit
 grants carry keys derived from the subscription and period, recorded like any
 command key, so a change re-driven under another key never grants twice.
 """
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from ledger.application.commands import ADDED, Command, UnitOfWork
 from ledger.application.results import Receipt
@@ -27,11 +29,16 @@ from ledger.domain.checks import (
 )
 from ledger.domain.credits import CreditKind
 from ledger.domain.plans import Plan, PlanTerms, check_plan_name, check_terms, plan_id_for
+from ledger.domain.policy import (
+    grant_expiry,
+    rollover_allowance,
+    rollover_cap,
+    unspent_subscription_credits,
+    upgrade_grant,
+)
 from ledger.domain.subscriptions import (
     PROVIDER_CHANGE_REASON,
-    RENEWAL_WINDOW,
     BillingCycle,
-    InvalidTransition,
     PauseMode,
     ProviderSnapshot,
     ProviderState,
@@ -42,7 +49,6 @@ from ledger.domain.subscriptions import (
     UnknownSubscription,
     add_cycle,
     pause_mode_of,
-    prorated,
     provider_states,
     subscription_id_for,
 )
@@ -52,7 +58,6 @@ if TYPE_CHECKING:
     from uuid import UUID
 
 
-SUBSCRIPTION_KINDS = frozenset({CreditKind.SUBSCRIPTION_GRANT.value, CreditKind.SUBSCRIPTION_RENEW.value})
 MAX_TRIAL_DAYS = 365
 
 
@@ -82,14 +87,11 @@ def _period_credits(
 ) -> int:
     """Grants a period's credits by the policy; returns how many were granted."""
     amount = terms.credits
-    expires_at: datetime | None = period_end
-    if unit.policy.expiry == "rollover":
-        expires_at = None
-        cap = unit.policy.rollover_cap_credits
-        if cap is not None:
-            account = unit.account(user_id, open_missing=True)
-            unspent = sum(b.remaining for b in account.blocks.values() if b.kind in SUBSCRIPTION_KINDS)
-            amount = min(amount, max(0, cap - unspent))
+    expires_at = grant_expiry(unit.policy, period_end)
+    cap = rollover_cap(unit.policy)
+    if cap is not None:
+        unspent = unspent_subscription_credits(unit.account(user_id, open_missing=True))
+        amount = rollover_allowance(cap, unspent, amount)
     if expires_at is not None and expires_at <= unit.now:
         # A period recorded after it ended (a tick that ran late): its credits
         # would lapse unused, so none are granted.
@@ -189,20 +191,12 @@ class ActivateSubscription(_OnSubscription):
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         s = _subscription(unit, self.subscription_id)
-        s.require("activate", Status.TRIALING)
-        start = unit.now
-        end = add_cycle(start, BillingCycle(s.billing_cycle))
+        s.check("activate", unit.now)
+        start, end = s.activation_period(unit.now)
         plan = _plan(unit, s.plan)
         terms = plan.terms
         granted = _period_credits(unit, s.id, s.user_id, terms, CreditKind.SUBSCRIPTION_GRANT, start, end, "activation")
-        s.trigger_event(
-            s.Activated,
-            period_start=start,
-            period_end=end,
-            plan_revision=plan.revision,
-            granted_credits=granted,
-            timestamp=start,
-        )
+        s.activate(unit.now, plan_revision=plan.revision, granted_credits=granted)
         return _done(unit, self, s, granted)
 
 
@@ -212,22 +206,13 @@ class RenewSubscription(_OnSubscription):
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         s = _subscription(unit, self.subscription_id)
-        s.require("renew", Status.ACTIVE, Status.PAST_DUE)
-        if unit.now < s.period_end - RENEWAL_WINDOW:
-            raise InvalidTransition(s.id, s.status, "renew", f"the period runs until {s.period_end.isoformat()}")
+        s.check("renew", unit.now)
         start, end = s.next_period()
         plan = _plan(unit, s.plan)
         granted = _period_credits(
             unit, s.id, s.user_id, plan.terms, CreditKind.SUBSCRIPTION_RENEW, start, end, "period"
         )
-        s.trigger_event(
-            s.Renewed,
-            period_start=start,
-            period_end=end,
-            plan_revision=plan.revision,
-            granted_credits=granted,
-            timestamp=unit.now,
-        )
+        s.renew(unit.now, plan_revision=plan.revision, granted_credits=granted)
         return _done(unit, self, s, granted)
 
 
@@ -246,21 +231,13 @@ class ChangePlan(_OnSubscription):
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         s = _subscription(unit, self.subscription_id)
-        s.require("change plan", Status.ACTIVE, Status.TRIALING, Status.PAST_DUE)
+        s.check("change plan", unit.now)
         old, new = _plan(unit, s.plan), _plan(unit, self.plan)
-        if new.terms.name == old.terms.name:
-            raise InvalidTransition(s.id, s.status, "change plan", f"already on {self.plan}")
-        if new.terms.tier_level == old.terms.tier_level:
-            raise InvalidTransition(s.id, s.status, "change plan", "plans of the same tier are not ordered")
-        upgraded = new.terms.tier_level > old.terms.tier_level
         granted = 0
-        if upgraded:
-            difference = max(0, new.terms.credits - old.terms.credits)
-            if unit.policy.upgrade == "prorated":
-                difference = prorated(difference, unit.now, s.period_start, s.period_end)
-            elif unit.policy.upgrade == "none":
-                difference = 0
-            expires_at = None if unit.policy.expiry == "rollover" else s.period_end
+        if s.plan_change(unit.now, old.terms, new.terms):
+            credits = (old.terms.credits, new.terms.credits)
+            difference = upgrade_grant(unit.policy, *credits, s.period_start, s.period_end, unit.now)
+            expires_at = grant_expiry(unit.policy, s.period_end)
             if expires_at is not None and expires_at <= unit.now:
                 difference = 0  # the period is over: its credits would lapse at once
             key = f"subscription:{s.id}:upgrade:{self.plan}:{s.period_start.isoformat()}"
@@ -274,53 +251,36 @@ class ChangePlan(_OnSubscription):
                 reference_id=str(s.id),
                 description=f"upgrade to {new.terms.display_name}",
             )
-        s.trigger_event(
-            s.PlanChanged,
-            from_plan=old.terms.name,
-            to_plan=new.terms.name,
+        s.change_plan(
+            unit.now,
+            old.terms,
+            new.terms,
             to_revision=new.revision,
-            change="upgraded" if upgraded else "downgraded",
             granted_credits=granted,
             actor=self.actor,
             reason=self.reason,
-            timestamp=unit.now,
         )
         return _done(unit, self, s, granted)
-
-
-def _status_change(change: str, to: Status, *allowed: Status) -> Any:
-    def apply(self: _OnSubscription, unit: UnitOfWork) -> Receipt:
-        s = _subscription(unit, self.subscription_id)
-        s.require(change, *allowed)
-        if change == "resume" and unit.now >= s.period_end:
-            raise InvalidTransition(s.id, s.status, "resume", "the period has ended")
-        if change == "resume" and not s.cancel_at_period_end:
-            raise InvalidTransition(s.id, s.status, "resume", "it was cancelled immediately")
-        names = {
-            "mark past due": "past_due",
-            "recover": "recovered",
-            "pause": "paused",
-            "unpause": "unpaused",
-            "resume": "resumed",
-        }
-        target = s.status_before_cancel or to if change == "resume" else to
-        extra = {"pause_mode": str(self.mode)} if isinstance(self, PauseSubscription) else {}
-        s.trigger_event(s.StatusChanged, change=names[change], status=str(target), timestamp=unit.now, **extra)
-        return _done(unit, self, s, 0)
-
-    return apply
 
 
 @dataclass(frozen=True)
 class MarkPastDue(_OnSubscription):
     name: ClassVar[str] = "mark_past_due"
-    apply = _status_change("mark past due", Status.PAST_DUE, Status.ACTIVE)
+
+    def apply(self, unit: UnitOfWork) -> Receipt:
+        s = _subscription(unit, self.subscription_id)
+        s.mark_past_due(unit.now)
+        return _done(unit, self, s, 0)
 
 
 @dataclass(frozen=True)
 class RecoverSubscription(_OnSubscription):
     name: ClassVar[str] = "recover_subscription"
-    apply = _status_change("recover", Status.ACTIVE, Status.PAST_DUE)
+
+    def apply(self, unit: UnitOfWork) -> Receipt:
+        s = _subscription(unit, self.subscription_id)
+        s.recover(unit.now)
+        return _done(unit, self, s, 0)
 
 
 @dataclass(frozen=True)
@@ -331,17 +291,25 @@ class PauseSubscription(_OnSubscription):
 
     name: ClassVar[str] = "pause_subscription"
     mode: PauseMode = field(default=PauseMode.VOID, kw_only=True, metadata=ADDED)
-    apply = _status_change("pause", Status.PAUSED, Status.ACTIVE)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "mode", pause_mode_of(self.mode))
 
+    def apply(self, unit: UnitOfWork) -> Receipt:
+        s = _subscription(unit, self.subscription_id)
+        s.pause(unit.now, self.mode)
+        return _done(unit, self, s, 0)
+
 
 @dataclass(frozen=True)
 class UnpauseSubscription(_OnSubscription):
     name: ClassVar[str] = "unpause_subscription"
-    apply = _status_change("unpause", Status.ACTIVE, Status.PAUSED)
+
+    def apply(self, unit: UnitOfWork) -> Receipt:
+        s = _subscription(unit, self.subscription_id)
+        s.unpause(unit.now)
+        return _done(unit, self, s, 0)
 
 
 @dataclass(frozen=True)
@@ -349,7 +317,11 @@ class ResumeSubscription(_OnSubscription):
     """Undoes a cancellation at period end, before the period ends."""
 
     name: ClassVar[str] = "resume_subscription"
-    apply = _status_change("resume", Status.ACTIVE, Status.CANCELLED)
+
+    def apply(self, unit: UnitOfWork) -> Receipt:
+        s = _subscription(unit, self.subscription_id)
+        s.resume(unit.now)
+        return _done(unit, self, s, 0)
 
 
 @dataclass(frozen=True)
@@ -370,12 +342,8 @@ class CancelSubscription(_OnSubscription):
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         s = _subscription(unit, self.subscription_id)
-        s.require("cancel", Status.TRIALING, Status.ACTIVE, Status.PAST_DUE, Status.PAUSED)
-        s.trigger_event(
-            s.Cancelled, at_period_end=self.at_period_end, reason=self.reason, actor=self.actor, timestamp=unit.now
-        )
-        if not self.at_period_end:
-            _expire(unit, s, "cancelled immediately")
+        s.cancel(unit.now, at_period_end=self.at_period_end, reason=self.reason, actor=self.actor)
+        _free_slot(unit, s)
         return _done(unit, self, s, 0)
 
 
@@ -390,15 +358,15 @@ class ExpireSubscription(_OnSubscription):
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         s = _subscription(unit, self.subscription_id)
-        s.require("expire", Status.TRIALING, Status.ACTIVE, Status.PAST_DUE, Status.PAUSED, Status.CANCELLED)
-        if s.status == Status.CANCELLED and unit.now < s.period_end:
-            raise InvalidTransition(s.id, s.status, "expire", f"it stays paid for until {s.period_end.isoformat()}")
-        _expire(unit, s, self.reason)
+        s.expire(unit.now, self.reason)
+        _free_slot(unit, s)
         return _done(unit, self, s, 0)
 
 
-def _expire(unit: UnitOfWork, s: Subscription, reason: str) -> None:
-    s.trigger_event(s.Expired, reason=reason, timestamp=unit.now)
+def _free_slot(unit: UnitOfWork, s: Subscription) -> None:
+    """Frees the user's slot once the subscription has expired."""
+    if s.live:
+        return
     slot = unit.slot(s.user_id)
     if slot.live == s.id:
         slot.trigger_event(slot.Freed, subscription_id=s.id, timestamp=unit.now)

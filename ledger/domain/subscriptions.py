@@ -1,27 +1,36 @@
-"""Subscriptions: their lifecycle, and the credits each change moves.
+"""Subscriptions: their lifecycle as a state machine.
 
-``Subscription`` is a strict state machine; ``SubscriberSlot`` (one per user)
-holds the id of the user's live subscription, so two subscriptions cannot be
-live at once even under concurrent starts (both would write the slot; one save
-clashes). A command's credit effect is posted on the user's CreditAccount in
-the same transaction as the subscription's own events.
+``Subscription`` is a strict state machine: ``TRANSITIONS`` lists each change
+it can make (from which statuses, to which, within which time rule), and the
+aggregate has one method per change that checks the table and triggers the
+change's events. What each change grants is the credit policy's
+(ledger.domain.policy). ``SubscriberSlot`` (one per user) holds the id of
+the user's live subscription, so two subscriptions cannot be live at once even
+under concurrent starts (both would write the slot; one save clashes). A
+command's credit effect is posted on the user's CreditAccount in the same
+transaction as the subscription's own events.
 """
 
 from __future__ import annotations
 
 import calendar
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 from uuid import UUID, uuid5
 
 from eventsourcing.domain import Aggregate
 from eventsourcing.domain import Snapshot as BaseSnapshot
 
 from ledger.domain.credits import TOPIC_PREFIX
+from ledger.domain.policy import CreditPolicy as CreditPolicy
+from ledger.domain.policy import prorated as prorated
 from ledger.errors import InvalidArgument, LedgerError
+
+if TYPE_CHECKING:
+    from ledger.domain.plans import PlanTerms
 
 SUBSCRIPTION_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b11")
 SLOT_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b12")
@@ -334,34 +343,6 @@ def pause_mode_of(value: object) -> PauseMode:
     raise InvalidArgument(f"pause mode must be void or free, got {value!r}", param="mode")
 
 
-@dataclass(frozen=True)
-class CreditPolicy:
-    """How subscription changes move credits.
-
-    ``upgrade``: what an upgrade mid-period grants: the ``full`` difference in
-    credits between the plans, the difference ``prorated`` by the days left, or
-    ``none``. ``expiry``: subscription credits ``expire`` at the end of their
-    period, or ``rollover``; with ``rollover_cap_credits`` a renewal grants only
-    up to the cap of unspent subscription credits.
-    """
-
-    upgrade: Literal["full", "prorated", "none"] = "full"
-    expiry: Literal["expire", "rollover"] = "expire"
-    rollover_cap_credits: int | None = None
-    #: Whether ``tick`` renews active subscriptions at their period end (a
-    #: payment provider's webhooks renew them otherwise).
-    auto_renew: bool = True
-
-    def __post_init__(self) -> None:
-        if self.upgrade not in ("full", "prorated", "none"):
-            raise InvalidArgument(f"upgrade policy must be full, prorated or none, got {self.upgrade!r}")
-        if self.expiry not in ("expire", "rollover"):
-            raise InvalidArgument(f"expiry policy must be expire or rollover, got {self.expiry!r}")
-        cap = self.rollover_cap_credits
-        if cap is not None and (type(cap) is not int or cap < 0):
-            raise InvalidArgument(f"rollover_cap_credits must be an int >= 0, got {cap!r}")
-
-
 def add_cycle(start: datetime, cycle: BillingCycle) -> datetime:
     """The end of a period starting at ``start``: same day next month (or the
     month's last day), or the same day next year."""
@@ -370,13 +351,6 @@ def add_cycle(start: datetime, cycle: BillingCycle) -> datetime:
     year, month = start.year + month_index // 12, month_index % 12 + 1
     day = min(start.day, calendar.monthrange(year, month)[1])
     return start.replace(year=year, month=month, day=day)
-
-
-def prorated(credits: int, now: datetime, period_start: datetime, period_end: datetime) -> int:
-    """``credits`` scaled by the share of the period left, rounded down: never more than promised."""
-    total = (period_end - period_start).total_seconds()
-    left = max(0.0, (period_end - now).total_seconds())
-    return int(credits * left // total) if total > 0 else 0
 
 
 def subscription_id_for(key: str) -> UUID:
@@ -419,6 +393,67 @@ class SubscriberSlot(Aggregate, created_event_name="Opened"):
 
         def apply(self, slot: SubscriberSlot) -> None:
             slot.live = None
+
+
+# -- the state machine -------------------------------------------------------------
+
+
+def _renew_rule(s: Subscription, now: datetime) -> str | None:
+    if now < s.period_end - RENEWAL_WINDOW:
+        return f"the period runs until {s.period_end.isoformat()}"
+    return None
+
+
+def _resume_rule(s: Subscription, now: datetime) -> str | None:
+    if now >= s.period_end:
+        return "the period has ended"
+    if not s.cancel_at_period_end:
+        return "it was cancelled immediately"
+    return None
+
+
+def _expire_rule(s: Subscription, now: datetime) -> str | None:
+    if s.status == Status.CANCELLED and now < s.period_end:
+        return f"it stays paid for until {s.period_end.isoformat()}"
+    return None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One change a subscription can make: the statuses it is allowed from,
+    the status it leaves (None: change plan keeps the status; resume returns
+    to the status before the cancel, active if none is known), the ``change``
+    its StatusChanged event records (for the changes recorded as one), and
+    its time rule: why it may not be made at ``now``, or None."""
+
+    allowed: tuple[Status, ...]
+    to: Status | None
+    status_change: str | None = None
+    rule: Callable[[Subscription, datetime], str | None] | None = None
+
+
+#: The state machine: every change a subscription makes by a command, by the
+#: name InvalidTransition gives it. A subscription is started trialing (with a
+#: trial) or active; a payment provider's snapshots (SyncSubscription) set the
+#: state they describe, outside this table.
+TRANSITIONS: Mapping[str, Transition] = {
+    "activate": Transition((Status.TRIALING,), Status.ACTIVE),
+    "renew": Transition((Status.ACTIVE, Status.PAST_DUE), Status.ACTIVE, rule=_renew_rule),
+    "change plan": Transition((Status.ACTIVE, Status.TRIALING, Status.PAST_DUE), None),
+    "mark past due": Transition((Status.ACTIVE,), Status.PAST_DUE, "past_due"),
+    "recover": Transition((Status.PAST_DUE,), Status.ACTIVE, "recovered"),
+    "pause": Transition((Status.ACTIVE,), Status.PAUSED, "paused"),
+    "unpause": Transition((Status.PAUSED,), Status.ACTIVE, "unpaused"),
+    "cancel": Transition((Status.TRIALING, Status.ACTIVE, Status.PAST_DUE, Status.PAUSED), Status.CANCELLED),
+    "resume": Transition((Status.CANCELLED,), None, "resumed", rule=_resume_rule),
+    "expire": Transition(
+        (Status.TRIALING, Status.ACTIVE, Status.PAST_DUE, Status.PAUSED, Status.CANCELLED),
+        Status.EXPIRED,
+        rule=_expire_rule,
+    ),
+}
+#: The reason of the expiry a cancel with ``at_period_end=False`` makes.
+CANCELLED_NOW_REASON = "cancelled immediately"
 
 
 class Subscription(Aggregate, created_event_name="Started"):
@@ -701,11 +736,124 @@ class Subscription(Aggregate, created_event_name="Started"):
         kept.sort(key=lambda s: s.at)
         self.provider_snapshots = tuple(kept[-MAX_PROVIDER_SNAPSHOTS:])
 
-    # -- guards: pure checks, raising InvalidTransition ------------------------------
+    # -- the transitions: each checks TRANSITIONS, then triggers its events ---------
 
-    def require(self, change: str, *allowed: Status, why: str = "") -> None:
-        if self.status not in allowed:
-            raise InvalidTransition(self.id, self.status, change, why or f"allowed from {', '.join(allowed)}")
+    def check(self, change: str, now: datetime) -> None:
+        """Raises InvalidTransition unless ``change`` (a name in TRANSITIONS)
+        may be made at ``now``: from a status it is allowed from, within its
+        time rule. A command that moves credits for a change checks first, so
+        that nothing is granted for a change that is refused."""
+        transition = TRANSITIONS[change]
+        if self.status not in transition.allowed:
+            raise InvalidTransition(self.id, self.status, change, f"allowed from {', '.join(transition.allowed)}")
+        why = transition.rule(self, now) if transition.rule is not None else None
+        if why:
+            raise InvalidTransition(self.id, self.status, change, why)
+
+    def activation_period(self, now: datetime) -> tuple[datetime, datetime]:
+        """The first paid period of a trial activated at ``now``."""
+        return now, add_cycle(now, BillingCycle(self.billing_cycle))
 
     def next_period(self) -> tuple[datetime, datetime]:
+        """The period a renewal moves to."""
         return self.period_end, add_cycle(self.period_end, BillingCycle(self.billing_cycle))
+
+    def activate(self, now: datetime, *, plan_revision: int, granted_credits: int) -> None:
+        """A trial converts to its first paid period (activation_period)."""
+        self.check("activate", now)
+        start, end = self.activation_period(now)
+        self.trigger_event(
+            self.Activated,
+            period_start=start,
+            period_end=end,
+            plan_revision=plan_revision,
+            granted_credits=granted_credits,
+            timestamp=now,
+        )
+
+    def renew(self, now: datetime, *, plan_revision: int, granted_credits: int) -> None:
+        """Moves to the next period (next_period); a past_due one becomes active."""
+        self.check("renew", now)
+        start, end = self.next_period()
+        self.trigger_event(
+            self.Renewed,
+            period_start=start,
+            period_end=end,
+            plan_revision=plan_revision,
+            granted_credits=granted_credits,
+            timestamp=now,
+        )
+
+    def plan_change(self, now: datetime, old: PlanTerms, new: PlanTerms) -> bool:
+        """Whether a change from ``old`` (the plan it is on) to ``new`` is an
+        upgrade (else a downgrade); InvalidTransition if it is no change, or
+        between plans of one tier (which are not ordered)."""
+        self.check("change plan", now)
+        if new.name == old.name:
+            raise InvalidTransition(self.id, self.status, "change plan", f"already on {new.name}")
+        if new.tier_level == old.tier_level:
+            raise InvalidTransition(self.id, self.status, "change plan", "plans of the same tier are not ordered")
+        return new.tier_level > old.tier_level
+
+    def change_plan(
+        self,
+        now: datetime,
+        old: PlanTerms,
+        new: PlanTerms,
+        *,
+        to_revision: int,
+        granted_credits: int,
+        actor: str | None,
+        reason: str | None,
+    ) -> None:
+        """Moves to plan ``new`` at its revision ``to_revision``; the status is kept."""
+        upgraded = self.plan_change(now, old, new)
+        self.trigger_event(
+            self.PlanChanged,
+            from_plan=old.name,
+            to_plan=new.name,
+            to_revision=to_revision,
+            change="upgraded" if upgraded else "downgraded",
+            granted_credits=granted_credits,
+            actor=actor,
+            reason=reason,
+            timestamp=now,
+        )
+
+    def mark_past_due(self, now: datetime) -> None:
+        self._change_status("mark past due", now)
+
+    def recover(self, now: datetime) -> None:
+        self._change_status("recover", now)
+
+    def pause(self, now: datetime, mode: PauseMode = PauseMode.VOID) -> None:
+        """Pauses: ``void``, no service while paused; ``free``, the service continues."""
+        self._change_status("pause", now, pause_mode=str(pause_mode_of(mode)))
+
+    def unpause(self, now: datetime) -> None:
+        self._change_status("unpause", now)
+
+    def resume(self, now: datetime) -> None:
+        """Undoes a cancellation at period end, before the period ends."""
+        self._change_status("resume", now)
+
+    def _change_status(self, change: str, now: datetime, **extra: Any) -> None:
+        self.check(change, now)
+        transition = TRANSITIONS[change]
+        target = transition.to if transition.to is not None else (self.status_before_cancel or Status.ACTIVE)
+        self.trigger_event(
+            self.StatusChanged, change=transition.status_change, status=str(target), timestamp=now, **extra
+        )
+
+    def cancel(self, now: datetime, *, at_period_end: bool, reason: str | None, actor: str | None) -> None:
+        """Cancels at the period's end (resume undoes it until then), or now:
+        then the subscription expires at once (CANCELLED_NOW_REASON)."""
+        self.check("cancel", now)
+        self.trigger_event(self.Cancelled, at_period_end=at_period_end, reason=reason, actor=actor, timestamp=now)
+        if not at_period_end:
+            self.trigger_event(self.Expired, reason=CANCELLED_NOW_REASON, timestamp=now)
+
+    def expire(self, now: datetime, reason: str) -> None:
+        """Ends the subscription (final); a cancelled one not before its period ends."""
+        self.check("expire", now)
+        self.trigger_event(self.Expired, reason=reason, timestamp=now)
