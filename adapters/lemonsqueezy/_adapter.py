@@ -30,6 +30,7 @@ from adapters.webhooks import (
     IngestResult,
     Outcome,
     Pipeline,
+    RefundPolicy,
     RetryReport,
     attempt,
     header,
@@ -54,7 +55,6 @@ from ._effects import (
     ApplySubscription,
     Catalog,
     LinkCustomer,
-    RefundPolicy,
     Report,
     UnknownVariant,
     canonical_id,
@@ -513,6 +513,7 @@ class Processor(Pipeline):
         self.run_held([f"customer {customer}"], report.released, limit=MAX_RELEASED_BY_LINK)
         return report
 
+
 def _event(payload: dict[str, Any]) -> Event:
     envelope = envelope_of(payload)
     return Event(envelope.meta.event_name, envelope.meta.webhook_id, envelope.test_mode, payload, envelope)
@@ -589,4 +590,3 @@ class LemonSqueezy:
     def link_customer(self, customer_id: str | int, user_id: UUID) -> LinkReport:
         """See Processor.link_customer."""
         return self.processor.link_customer(customer_id, user_id)
-

@@ -297,7 +297,9 @@ class Pipeline:
 
     # -- processing --------------------------------------------------------------
 
-    def process(self, row: InboxRow, *, release: bool = True, event: Event | None = None, fresh: bool = False) -> Outcome:
+    def process(
+        self, row: InboxRow, *, release: bool = True, event: Event | None = None, fresh: bool = False
+    ) -> Outcome:
         """Applies one stored delivery and records the outcome; never raises
         for a bad delivery (the row says what went wrong). Then runs the
         deliveries that were held for what this one brought. ``event``: the
