@@ -11,9 +11,9 @@ slash) with a 307 redirect, and a redirected delivery is not received.
 ``examples/lemonsqueezy_starlette.py`` is a whole application.
 """
 
-from adapters.webhooks import IngestResult, RefundPolicy, WebhookApp
+from adapters.webhooks import IngestResult, RefundPolicy, RetryReport, WebhookApp
 
-from ._adapter import SOURCE, Customer, LemonSqueezy, LinkReport, Processor, RetryReport, UserResolver
+from ._adapter import SOURCE, Customer, LemonSqueezy, LinkReport, Processor, UserResolver
 from ._client import LemonSqueezyApiError, LemonSqueezyClient, TokenBucket
 from ._effects import CustomerLinked
 from ._reconcile import Reconciler, ReconcileReport

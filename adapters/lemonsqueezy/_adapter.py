@@ -107,12 +107,6 @@ UserResolver = Callable[[Customer], UUID | None]
 #: How many held deliveries a link runs at once, at most (the rest: `webhooks retry`).
 MAX_RELEASED_BY_LINK = 500
 
-__all__ = [  # the kit's names that were this module's, still importable from here
-    "DEFAULT_STALE_AFTER_S",
-    "Outcome",
-    "RetryReport",
-]
-
 
 @dataclass
 class LinkReport:

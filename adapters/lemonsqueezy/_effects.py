@@ -11,7 +11,7 @@ invoice or order id, a clawback by the object and the refunded amount it
 answers. The same event re-sent under a new ``webhook_id``, or replayed by the
 reconciler, finds its effect done and does nothing.
 
-A command that cannot run yet raises :class:`Held` (the subscription was not
+A command that cannot run yet raises the kit's :class:`Held` (the subscription was not
 seen yet, no user is known, the snapshot from the invoice's time has not
 arrived); the delivery stays ``failed`` with the reason and is run again when
 what it waits for arrives, or by ``webhooks retry``.
