@@ -11,11 +11,11 @@ slash) with a 307 redirect, and a redirected delivery is not received.
 ``examples/lemonsqueezy_starlette.py`` is a whole application.
 """
 
-from adapters.webhooks import IngestResult, WebhookApp
+from adapters.webhooks import IngestResult, RefundPolicy, RetryReport, WebhookApp
 
-from ._adapter import SOURCE, Customer, LemonSqueezy, LinkReport, Processor, RetryReport, UserResolver
+from ._adapter import SOURCE, Customer, LemonSqueezy, LinkReport, Processor, UserResolver
 from ._client import LemonSqueezyApiError, LemonSqueezyClient, TokenBucket
-from ._effects import CustomerLinked, RefundPolicy
+from ._effects import CustomerLinked
 from ._reconcile import Reconciler, ReconcileReport
 from ._signature import sign, verify
 

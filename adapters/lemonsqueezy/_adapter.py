@@ -1,32 +1,46 @@
-"""The adapter: verify and store a delivery, then apply it to the ledger.
+"""The adapter: Lemon Squeezy as a provider of the webhook kit.
 
-``LemonSqueezy.ingest`` is what the webhook endpoint calls. ``Processor`` turns
-stored deliveries into ledger commands; it needs no signing secret, so
-``webhooks retry`` and the reconciler use it directly.
+``Processor`` is a ``adapters.webhooks.Pipeline`` that is its own
+``Provider``: it checks Lemon Squeezy's signature, parses its payloads and
+turns them into ledger commands; the kit stores, applies once, releases held
+deliveries and retries. It needs no signing secret but to ingest, so
+``webhooks retry`` and the reconciler use it directly. ``LemonSqueezy`` is
+the endpoint's receiver: a ``Processor`` with a signing secret.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 from uuid import UUID
 
 from pydantic import ValidationError
 
-from adapters.webhooks import HELD_PREFIX, IGNORED_PREFIX, NOTE_PREFIX, GroupCommit, Inbox, InboxRow, IngestResult
+from adapters.webhooks import (
+    DEFAULT_STALE_AFTER_S,
+    IGNORED_PREFIX,
+    Event,
+    Execute,
+    Held,
+    InboxRow,
+    IngestResult,
+    Outcome,
+    Pipeline,
+    RefundPolicy,
+    RetryReport,
+    attempt,
+    header,
+)
 from ledger import (
     MAX_CREDITS,
     BillingCycle,
     ConfigurationError,
     InvalidArgument,
     Ledger,
-    LedgerError,
     PauseMode,
     Receipt,
 )
@@ -40,9 +54,7 @@ from ._effects import (
     ApplyOrder,
     ApplySubscription,
     Catalog,
-    Held,
     LinkCustomer,
-    RefundPolicy,
     Report,
     UnknownVariant,
     canonical_id,
@@ -54,7 +66,6 @@ from ._payloads import (
     MAX_DEPTH,
     Envelope,
     InvoiceAttributes,
-    MalformedBody,
     OrderAttributes,
     SubscriptionAttributes,
     describe_error,
@@ -69,12 +80,6 @@ from ._state import CustomerLink, customer_link_id, subscription_link_id
 
 log = logging.getLogger("adapters.lemonsqueezy")
 
-#: Deliveries a processed event runs again because they waited for it.
-MAX_RELEASED = 25
-#: A ``received`` row older than this was left by a process that stopped.
-DEFAULT_STALE_AFTER_S = 300
-MAX_RETRY_BATCH = 5_000
-RETRY_PASSES = 3
 HARD_MAX_BODY_BYTES = 16 * 1024 * 1024
 CATALOG_REFRESH_S = 1.0
 
@@ -83,39 +88,6 @@ C = TypeVar("C", ApplySubscription, ApplyInvoice, ApplyOrder)
 
 #: The seed's ``webhook_events.source`` of Lemon Squeezy deliveries.
 SOURCE = "lemon_squeezy"
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What processing one event did. ``releases`` names what deliveries held
-    for it wait on (``subscription 123``); the counts are the credits moved."""
-
-    status: Literal["processed", "failed", "held", "ignored"]
-    message: str | None = None
-    releases: tuple[str, ...] = ()
-    #: The ledger committed the effects (a synchronous commit after the row's).
-    committed: bool = False
-    applied: bool = False
-    replayed: bool = False
-    granted: int = 0
-    clawed: int = 0
-    user_id: UUID | None = None
-
-
-@dataclass
-class RetryReport:
-    attempted: int = 0
-    processed: int = 0
-    failed: int = 0
-    held: int = 0
-    ignored: int = 0
-    messages: list[tuple[UUID, str, str]] = field(default_factory=list)
-
-    def add(self, row: InboxRow, outcome: Outcome) -> None:
-        self.attempted += 1
-        setattr(self, outcome.status, getattr(self, outcome.status) + 1)
-        if outcome.status != "processed" and outcome.message:
-            self.messages.append((row.row_id, row.event_type, outcome.message))
 
 
 @dataclass(frozen=True)
@@ -220,8 +192,14 @@ def _packs(credit_packs: Mapping[Any, int]) -> dict[str, int]:
     return packs
 
 
-class Processor:
-    """Applies stored deliveries to the ledger and records the outcome."""
+class Processor(Pipeline):
+    """Applies stored deliveries to the ledger and records the outcome: the
+    kit's pipeline, with Lemon Squeezy as its provider. ``signing_secret``
+    (only needed to ``ingest``), ``max_body_bytes`` and ``max_depth``: see
+    ``LemonSqueezy``."""
+
+    #: The provider's name in the kit's messages.
+    title = "Lemon Squeezy"
 
     def __init__(
         self,
@@ -233,7 +211,18 @@ class Processor:
         hold_window_s: int = DEFAULT_HOLD_WINDOW_S,
         stale_after_s: int = DEFAULT_STALE_AFTER_S,
         resolve_user: UserResolver | None = None,
+        signing_secret: str | None = None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        max_depth: int = MAX_DEPTH,
     ) -> None:
+        self._key = None if signing_secret is None else check_secret(signing_secret)
+        if type(max_body_bytes) is not int or not 1024 <= max_body_bytes <= HARD_MAX_BODY_BYTES:
+            raise ConfigurationError(f"max_body_bytes must be an int of 1024..{HARD_MAX_BODY_BYTES}")
+        if type(max_depth) is not int or not 8 <= max_depth <= 256:
+            raise ConfigurationError("max_depth must be an int of 8..256")
+        self.source = SOURCE
+        self.max_body_bytes = max_body_bytes
+        self.max_depth = max_depth
         if resolve_user is not None and not callable(resolve_user):
             raise ConfigurationError("resolve_user must be a callable: Customer -> UUID | None")
         if ledger.credit_policy.auto_renew:
@@ -243,17 +232,10 @@ class Processor:
             )
         if type(hold_window_s) is not int or not 0 <= hold_window_s <= 7 * 86_400:
             raise ConfigurationError("hold_window_s must be an int of 0..604800")
-        if type(stale_after_s) is not int or not 10 <= stale_after_s <= 86_400:
-            raise ConfigurationError("stale_after_s must be an int of 10..86400")
-        self.ledger = ledger
-        self.inbox = Inbox(ledger, SOURCE)
-        #: Concurrent deliveries' commands share ledger transactions.
-        self.group = GroupCommit(ledger)
-        self.test_mode = bool(test_mode)
+        super().__init__(ledger, self, test_mode=test_mode, stale_after_s=stale_after_s)
         self.credit_packs = _packs(credit_packs or {})
         self.refund_policy = refund_policy or RefundPolicy()
         self.hold_window_s = hold_window_s
-        self.stale_after_s = stale_after_s
         self.resolve_user = resolve_user
         self._catalog_lock = threading.Lock()
         self._catalog = load_catalog(ledger)
@@ -283,61 +265,35 @@ class Processor:
             raise UnknownVariant(variant_id)
         return found
 
-    # -- processing ------------------------------------------------------------
+    # -- the provider (adapters.webhooks.Provider) -------------------------------
 
-    def process(
-        self, row: InboxRow, *, release: bool = True, envelope: Envelope | None = None, fresh: bool = False
-    ) -> Outcome:
-        """Applies one stored delivery and records the outcome; never raises
-        for a bad delivery (the row says what went wrong). Then runs the
-        deliveries that were held for what this one brought. ``envelope``:
-        the row's payload already validated (by ingest). ``fresh``: the row
-        was just stored, and must be on disk when this returns (see _inbox)."""
-        outcome = self._outcome(row, envelope)
-        now = self.ledger.clock.now()
-        flush = fresh and not outcome.committed
-        if outcome.status == "ignored":
-            self.inbox.finish(
-                row.row_id, status="received", message=outcome.message, now=now, attempted=False, flush=flush
-            )
-        elif outcome.status == "processed":
-            message = None if outcome.message is None else NOTE_PREFIX + outcome.message
-            waiting = self.inbox.finish(
-                row.row_id,
-                status="processed",
-                message=message,
-                now=now,
-                flush=flush,
-                then_held=outcome.releases if release else (),
-                held_limit=MAX_RELEASED,
-            )
-            if waiting:
-                self._release(waiting)
-        else:
-            self.inbox.finish(row.row_id, status="failed", message=outcome.message, now=now, flush=flush)
-        return outcome
+    def verify(self, raw_body: bytes, headers: Mapping[str, str]) -> str | None:
+        if self._key is None:
+            return "no signing secret is configured: give the Processor a signing_secret to ingest"
+        signature = header(headers, SIGNATURE_HEADER)
+        if signature is None:
+            return "no X-Signature header"
+        if not verify_with_key(raw_body, signature, self._key):
+            return "X-Signature is not the HMAC-SHA256 of the body under the signing secret"
+        return None
 
-    def _outcome(self, row: InboxRow, envelope: Envelope | None) -> Outcome:
-        if envelope is None:
-            try:
-                envelope = envelope_of(row.payload)
-            except MalformedBody as exc:
-                return Outcome("failed", f"stored payload is not a Lemon Squeezy event: {exc}")
-        if envelope.test_mode != self.test_mode:
-            mode = "test" if envelope.test_mode else "live"
-            mine = "test" if self.test_mode else "live"
-            return Outcome("ignored", f"{IGNORED_PREFIX}a {mode}-mode event, and this adapter is in {mine} mode")
+    def parse(self, raw_body: bytes) -> Event:
+        return _event(parse_json(raw_body, max_bytes=self.max_body_bytes, max_depth=self.max_depth))
+
+    def load(self, payload: dict[str, Any]) -> Event:
+        return _event(payload)
+
+    def apply(self, event: Event, execute: Execute) -> Outcome:
+        """Applies an envelope; its commands run through the kit's group
+        commit (``execute`` is ``self.group.execute``)."""
+        envelope: Envelope = event.parsed
         try:
             return self._apply(envelope)
-        except Held as exc:
-            return Outcome("held", f"{HELD_PREFIX}{exc}")
         except ValidationError as exc:
             return Outcome("failed", f"invalid {envelope.data.type} attributes: {describe_error(exc)}")
-        except LedgerError as exc:
-            return Outcome("failed", f"{type(exc).__name__}: {exc}")
-        except Exception as exc:  # a bug or an outage: keep the delivery, say what happened
-            log.exception("processing Lemon Squeezy delivery %s failed", row.row_id)
-            return Outcome("failed", f"{type(exc).__name__}: {exc}")
+
+    def order(self, row: InboxRow) -> tuple[str, int]:
+        return _source_time(row)
 
     def _apply(self, envelope: Envelope) -> Outcome:
         kind = envelope.data.type
@@ -388,14 +344,8 @@ class Processor:
         flag = envelope.data.attributes.get("test_mode")  # a REST object has no meta: its own flag decides
         if (flag is not None and flag is not False) != self.test_mode:
             return Outcome("ignored", f"{IGNORED_PREFIX}the resource's test_mode differs from this adapter's")
-        try:
-            return self._apply(envelope)
-        except Held as exc:
-            return Outcome("held", f"{HELD_PREFIX}{exc}")
-        except ValidationError as exc:
-            return Outcome("failed", f"invalid {envelope.data.type} attributes: {describe_error(exc)}")
-        except LedgerError as exc:
-            return Outcome("failed", f"{type(exc).__name__}: {exc}")
+        event = Event(event_name, None, self.test_mode, resource, envelope)
+        return attempt(lambda: self.apply(event, self.group.execute))
 
     def _subscription(self, envelope: Envelope, a: SubscriptionAttributes) -> Outcome:
         variant = str(a.variant_id)
@@ -554,68 +504,13 @@ class Processor:
         customer = canonical_id(text)
         receipt = self._link(customer, check_user_id(user_id))
         report = LinkReport(customer, user_id, linked=not receipt.replayed)
-        self._run_held([f"customer {customer}"], report.released)
+        self.run_held([f"customer {customer}"], report.released, limit=MAX_RELEASED_BY_LINK)
         return report
 
-    def _run_held(self, waits_for: list[str], report: RetryReport) -> None:
-        """Runs the deliveries held for ``waits_for``, and those held for what
-        they bring, until none is left (at most MAX_RELEASED_BY_LINK)."""
-        done: set[UUID] = set()
-        while waits_for and len(done) < MAX_RELEASED_BY_LINK:
-            rows = [r for r in self.inbox.held(waits_for, limit=MAX_RELEASED_BY_LINK) if r.row_id not in done]
-            rows = [r for r in rows if r.test_mode == self.test_mode][: MAX_RELEASED_BY_LINK - len(done)]
-            rows.sort(key=_source_time)
-            waits_for = []
-            for row in rows:
-                done.add(row.row_id)
-                outcome = self.process(row, release=False)
-                report.add(row, outcome)
-                if outcome.status == "processed":
-                    waits_for.extend(outcome.releases)
 
-    # -- held deliveries and retries --------------------------------------------
-
-    def _release(self, rows: list[InboxRow]) -> None:
-        """Runs the deliveries that were held for what was just processed
-        (and, in turn, those held for them), at most MAX_RELEASED in all."""
-        budget, done = MAX_RELEASED, set()
-        while rows and budget > 0:
-            queue: list[str] = []
-            for row in rows[:budget]:
-                if row.row_id in done:
-                    continue
-                done.add(row.row_id)
-                budget -= 1
-                outcome = self.process(row, release=False)
-                if outcome.status == "processed":
-                    queue.extend(outcome.releases)
-            rows = [r for r in self.inbox.held(queue, limit=budget) if r.row_id not in done] if budget > 0 else []
-
-    def retry(self, *, limit: int = 500, progress: Callable[[InboxRow, Outcome], None] | None = None) -> RetryReport:
-        """Reprocesses failed deliveries (and ones left ``received`` by a
-        stopped process for ``stale_after_s``): each pass takes the ``limit``
-        due deliveries tried the fewest times (see ``Inbox.due``, so that
-        deliveries failing for good never starve newer ones) and applies them
-        oldest business change first; up to RETRY_PASSES passes while one
-        processes something, so that a delivery held for another one in the
-        batch goes through."""
-        if type(limit) is not int or not 1 <= limit <= MAX_RETRY_BATCH:
-            raise InvalidArgument(f"limit must be an int of 1..{MAX_RETRY_BATCH}")
-        report = RetryReport()
-        for _ in range(RETRY_PASSES):
-            stale_before = self.ledger.clock.now() - timedelta(seconds=self.stale_after_s)
-            rows = self.inbox.due(test_mode=self.test_mode, stale_before=stale_before, limit=limit)
-            rows.sort(key=_source_time)
-            progressed = False
-            for row in rows:
-                outcome = self.process(row, release=False)
-                progressed |= outcome.status == "processed"
-                report.add(row, outcome)
-                if progress is not None:
-                    progress(row, outcome)
-            if not progressed:
-                break
-        return report
+def _event(payload: dict[str, Any]) -> Event:
+    envelope = envelope_of(payload)
+    return Event(envelope.meta.event_name, envelope.meta.webhook_id, envelope.test_mode, payload, envelope)
 
 
 def _source_time(row: InboxRow) -> tuple[str, int]:
@@ -626,13 +521,6 @@ def _source_time(row: InboxRow) -> tuple[str, int]:
     updated = attributes.get("updated_at") if isinstance(attributes, dict) else None
     first = isinstance(data, dict) and data.get("type") == "subscriptions"
     return (updated if isinstance(updated, str) else "", 0 if first else 1)
-
-
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    for key, value in headers.items():
-        if key.lower() == name:
-            return value
-    return None
 
 
 class LemonSqueezy:
@@ -658,14 +546,8 @@ class LemonSqueezy:
         max_depth: int = MAX_DEPTH,
         resolve_user: UserResolver | None = None,
     ) -> None:
-        self._key = check_secret(signing_secret)
-        if type(max_body_bytes) is not int or not 1024 <= max_body_bytes <= HARD_MAX_BODY_BYTES:
-            raise ConfigurationError(f"max_body_bytes must be an int of 1024..{HARD_MAX_BODY_BYTES}")
-        if type(max_depth) is not int or not 8 <= max_depth <= 256:
-            raise ConfigurationError("max_depth must be an int of 8..256")
+        check_secret(signing_secret)  # required here: None is refused too
         self.ledger = ledger
-        self.max_body_bytes = max_body_bytes
-        self.max_depth = max_depth
         self.processor = Processor(
             ledger,
             test_mode=test_mode,
@@ -673,6 +555,9 @@ class LemonSqueezy:
             refund_policy=refund_policy,
             hold_window_s=hold_window_s,
             resolve_user=resolve_user,
+            signing_secret=signing_secret,
+            max_body_bytes=max_body_bytes,
+            max_depth=max_depth,
         )
         self.inbox = self.processor.inbox
 
@@ -680,104 +565,18 @@ class LemonSqueezy:
     def test_mode(self) -> bool:
         return self.processor.test_mode
 
+    @property
+    def max_body_bytes(self) -> int:
+        return self.processor.max_body_bytes
+
+    @property
+    def max_depth(self) -> int:
+        return self.processor.max_depth
+
     def ingest(self, raw_body: bytes, headers: Mapping[str, str]) -> IngestResult:
-        """Verifies, stores and applies one delivery. Never raises for
-        anything a sender can put in a request."""
-        raw = bytes(raw_body)
-        if len(raw) > self.max_body_bytes:
-            return _rejected(413, f"body is {len(raw)} bytes; at most {self.max_body_bytes}")
-        signature = _header(headers, SIGNATURE_HEADER)
-        if signature is None:
-            return _rejected(401, "no X-Signature header")
-        if not verify_with_key(raw, signature, self._key):
-            log.warning("rejected a webhook delivery with a bad signature")
-            return _rejected(401, "X-Signature is not the HMAC-SHA256 of the body under the signing secret")
-        try:
-            payload = parse_json(raw, max_bytes=self.max_body_bytes, max_depth=self.max_depth)
-            envelope = envelope_of(payload)
-        except MalformedBody as exc:
-            return _rejected(400, str(exc))
-        return self._store_and_apply(raw, payload, envelope)
-
-    def _store_and_apply(self, raw: bytes, payload: dict[str, Any], envelope: Envelope) -> IngestResult:
-        """Stores the whole event as received (unknown fields included), then applies it."""
-        name = envelope.meta.event_name
-        try:
-            stored = self.inbox.put(
-                event_type=name,
-                event_id=envelope.meta.webhook_id,
-                payload=payload,
-                payload_sha256=hashlib.sha256(raw).hexdigest(),
-                test_mode=envelope.test_mode,
-                now=self.ledger.clock.now(),
-                payload_text=raw.decode("utf-8"),
-            )
-        except Exception as exc:
-            log.exception("could not store a Lemon Squeezy delivery")
-            return IngestResult(
-                status="error", http_status=500, reason=f"could not store the delivery: {type(exc).__name__}"
-            )
-        if stored.duplicate:
-            return IngestResult(
-                status="duplicate",
-                http_status=200,
-                reason=f"already received (row {stored.row_id}, {stored.status})",
-                event_row_id=stored.row_id,
-                event_name=name,
-            )
-        row = InboxRow(
-            row_id=stored.row_id,
-            event_type=name,
-            event_id=envelope.meta.webhook_id,
-            payload=payload,
-            status="received",
-            error_message=None,
-            attempts=0,
-            test_mode=envelope.test_mode,
-            created_at=None,
-            processed_at=None,
-        )
-        try:
-            outcome = self.processor.process(row, envelope=envelope, fresh=True)
-        except Exception as exc:
-            # The outcome could not be recorded (the database went away). If
-            # the row is on disk, the delivery is stored: 200, and ``webhooks
-            # retry`` applies it. If that cannot be confirmed, Lemon Squeezy
-            # must try again (500); if the row survived, its retry is a duplicate.
-            log.exception("processing stored delivery %s failed", stored.row_id)
-            if self._durable(stored.row_id):
-                return IngestResult(
-                    status="stored",
-                    http_status=200,
-                    reason=f"stored; its outcome could not be recorded ({type(exc).__name__}): "
-                    "`webhooks retry` applies it",
-                    event_row_id=stored.row_id,
-                    event_name=name,
-                    processing="pending",
-                )
-            return IngestResult(
-                status="error",
-                http_status=500,
-                reason=f"stored, but the outcome could not be recorded: {type(exc).__name__}",
-                event_row_id=stored.row_id,
-                event_name=name,
-                processing="pending",
-            )
-        return IngestResult(
-            status="stored",
-            http_status=200,
-            reason=outcome.message or "stored and applied",
-            event_row_id=stored.row_id,
-            event_name=name,
-            processing=outcome.status,
-        )
-
-    def _durable(self, row_id: UUID) -> bool:
-        try:
-            return self.inbox.durable(row_id)
-        except Exception:
-            log.exception("could not confirm that delivery %s is stored", row_id)
-            return False
+        """Verifies, stores and applies one delivery (``Pipeline.ingest``).
+        Never raises for anything a sender can put in a request."""
+        return self.processor.ingest(raw_body, headers)
 
     def retry_failed(self, *, limit: int = 500) -> RetryReport:
         return self.processor.retry(limit=limit)
@@ -785,7 +584,3 @@ class LemonSqueezy:
     def link_customer(self, customer_id: str | int, user_id: UUID) -> LinkReport:
         """See Processor.link_customer."""
         return self.processor.link_customer(customer_id, user_id)
-
-
-def _rejected(http_status: int, reason: str) -> IngestResult:
-    return IngestResult(status="rejected", http_status=http_status, reason=reason)

@@ -153,10 +153,10 @@ def _processor(settings: dict[str, Any], *, create: bool = True) -> Iterator[Pro
     """The processor the webhook endpoint runs: the host's factory's, or one
     built from the options. Closes the ledger when done. ``create=False``:
     refuse a store that does not exist, after the options are checked."""
+    from adapters.webhooks import RefundPolicy
     from ledger import CreditPolicy, Ledger, LedgerError
 
     from ._adapter import LemonSqueezy, Processor
-    from ._effects import RefundPolicy
 
     ctx = click.get_current_context()
     url = _url(settings["url"])

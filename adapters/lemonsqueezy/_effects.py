@@ -11,7 +11,7 @@ invoice or order id, a clawback by the object and the refunded amount it
 answers. The same event re-sent under a new ``webhook_id``, or replayed by the
 reconciler, finds its effect done and does nothing.
 
-A command that cannot run yet raises :class:`Held` (the subscription was not
+A command that cannot run yet raises the kit's :class:`Held` (the subscription was not
 seen yet, no user is known, the snapshot from the invoice's time has not
 arrived); the delivery stays ``failed`` with the reason and is run again when
 what it waits for arrives, or by ``webhooks retry``.
@@ -27,6 +27,7 @@ from datetime import datetime, timedelta
 from typing import Any, ClassVar, Literal, TypeVar
 from uuid import UUID
 
+from adapters.webhooks import Held, RefundPolicy
 from ledger import (
     MAX_CREDITS,
     BillingCycle,
@@ -99,17 +100,6 @@ STATUS_MAP: dict[str, Status] = {
 }
 
 
-class Held(LedgerError):
-    """The command cannot run yet; ``waits_for`` names what it waits for
-    (``subscription 123``, ``customer 45``)."""
-
-    code = "held"
-
-    def __init__(self, waits_for: str, why: str) -> None:
-        self.waits_for = waits_for
-        super().__init__(f"{waits_for}: {why}")
-
-
 class UnknownVariant(LedgerError):
     """No plan in the catalog lists this Lemon Squeezy variant."""
 
@@ -151,22 +141,6 @@ class Catalog:
             if variant == variant_id:
                 return plan, BillingCycle(cycle)
         return None
-
-
-@dataclass(frozen=True)
-class RefundPolicy:
-    """What a refund does to the credits the refunded payment granted.
-
-    The refunded share of the payment's total, applied to the credits it
-    granted and rounded down, is clawed back: first from that grant's own
-    unspent credits, then (``from_other_credits``) from the account's other
-    available credits in the ledger's draw order. Held credits are never
-    taken and the balance never goes below zero; what cannot be taken is
-    recorded as the payment's shortfall. ``claw_back=False`` records refunds
-    and takes nothing."""
-
-    claw_back: bool = True
-    from_other_credits: bool = True
 
 
 @dataclass

@@ -42,6 +42,8 @@ from pydantic import (
     field_validator,
 )
 
+from adapters.webhooks import Malformed
+
 #: Lemon Squeezy's bodies are a few kilobytes; anything near this is hostile.
 MAX_BODY_BYTES = 1024 * 1024
 #: Their JSON nests five or six levels deep.
@@ -66,7 +68,7 @@ _SUSPECT_ESCAPES = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
 _NOT_BRACKETS = re.compile(rb"[^\[\]{}]+")
 
 
-class MalformedBody(ValueError):
+class MalformedBody(Malformed):
     """The body is not a Lemon Squeezy event; ``str(exc)`` says why."""
 
 

@@ -30,7 +30,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ._adapter import Outcome, Processor, snapshot_period
+from adapters.webhooks import Outcome
+
+from ._adapter import Processor, snapshot_period
 from ._client import DEFAULT_MAX_PAGES, LemonSqueezyClient
 from ._payloads import Resource, parse_time, subscription_of
 
