@@ -63,3 +63,11 @@ def test_a_provider_command_that_cannot_be_imported_is_a_clear_error() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 1
     assert "no_such_provider.cli:ghost, which cannot be imported" in out.stderr
+
+
+def test_receiving_lemon_squeezy_webhooks_loads_no_http_client() -> None:
+    # The REST client (httpx) loads only when the reconciler or client is named.
+    loaded = _modules_after("import adapters.lemonsqueezy\nfrom adapters.lemonsqueezy import LemonSqueezy, WebhookApp")
+    assert "httpx" not in loaded
+    loaded = _modules_after("from adapters.lemonsqueezy import Reconciler")
+    assert "httpx" in loaded
