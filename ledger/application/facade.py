@@ -31,12 +31,12 @@ from ledger.application.holds import ReleaseReservation, ReserveCredits, SettleR
 from ledger.application.results import (
     AccountEvent,
     Balance,
-    CreditBlock,
     Entitlements,
     PlanView,
     Receipt,
     Reservation,
     SubscriptionView,
+    credit_blocks,
     entitlements_for,
     plan_view,
     subscription_view,
@@ -343,23 +343,12 @@ class Ledger:
         account = self._account(user_id)
         now = self.clock.now()
         account.apply_due(now)  # in memory only: a query records nothing
-        blocks = tuple(
-            CreditBlock(
-                block_id=UUID(b.block_id),
-                kind=CreditKind(b.kind),
-                granted_credits=b.granted,
-                remaining_credits=b.remaining,
-                granted_at=b.granted_at,
-                expires_at=b.expires_at,
-            )
-            for b in sorted(account.blocks.values(), key=lambda b: b.seq)
-        )
         return Balance(
             user_id=user_id,
             balance_credits=account.balance,
             held_credits=account.held,
             available_credits=account.available,
-            blocks=blocks,
+            blocks=credit_blocks(account),
             as_of=now,
         )
 

@@ -12,7 +12,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
 
-from ledger.domain.credits import CreditKind
+from ledger.domain.credits import CreditAccount, CreditKind
 from ledger.domain.entitlements import entitled
 from ledger.domain.plans import FREE_PLAN, PlanTerms
 from ledger.domain.subscriptions import Subscription
@@ -211,4 +211,21 @@ def _free(user_id: UUID, now: datetime, s: Subscription | None) -> Entitlements:
         status=status,
         until=None,
         as_of=now,
+    )
+
+
+def credit_blocks(account: CreditAccount | None) -> tuple[CreditBlock, ...]:
+    """An account's live blocks as ``CreditBlock``s, oldest grant first."""
+    if account is None:
+        return ()
+    return tuple(
+        CreditBlock(
+            block_id=UUID(b.block_id),
+            kind=CreditKind(b.kind),
+            granted_credits=b.granted,
+            remaining_credits=b.remaining,
+            granted_at=b.granted_at,
+            expires_at=b.expires_at,
+        )
+        for b in sorted(account.blocks.values(), key=lambda b: b.seq)
     )

@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from ledger.application.results import Balance, CreditBlock, _View
+from ledger.application.results import Balance, _View, credit_blocks
 from ledger.clock import require_utc
 from ledger.domain.checks import check_uuid
 from ledger.domain.credits import CreditAccount, CreditKind, account_id_for
@@ -216,22 +216,6 @@ def fold(ledger: Ledger, user_id: UUID, until: datetime) -> CreditAccount | None
     return account
 
 
-def _blocks(account: CreditAccount | None) -> tuple[CreditBlock, ...]:
-    if account is None:
-        return ()
-    return tuple(
-        CreditBlock(
-            block_id=UUID(b.block_id),
-            kind=CreditKind(b.kind),
-            granted_credits=b.granted,
-            remaining_credits=b.remaining,
-            granted_at=b.granted_at,
-            expires_at=b.expires_at,
-        )
-        for b in sorted(account.blocks.values(), key=lambda b: b.seq)
-    )
-
-
 def balance_at(ledger: Ledger, user_id: UUID, as_of: datetime) -> Balance:
     """The account's balance, held and available credits and unspent blocks as
     recorded at ``as_of`` (zero before the account opened)."""
@@ -244,7 +228,7 @@ def balance_at(ledger: Ledger, user_id: UUID, as_of: datetime) -> Balance:
         balance_credits=balance,
         held_credits=held,
         available_credits=balance - held,
-        blocks=_blocks(account),
+        blocks=credit_blocks(account),
         as_of=moment,
     )
 
