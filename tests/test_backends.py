@@ -11,6 +11,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,6 +22,7 @@ from eventsourcing.persistence import IntegrityError
 from ledger import GrantCredits, Ledger, SpendCredits
 from ledger.domain.credits import CreditAccount, CreditKind, account_id_for
 from ledger.storage.base import Backend
+from ledger.storage.digests import ENTRY, Segment
 from ledger.storage.factory import backend_class, open_backend
 from ledger.storage.viewstore import ViewStore
 from ledger.views.registry import schema_tables
@@ -129,6 +132,20 @@ class BackendContract:
         ddl = backend_class("postgresql" if self.name == "postgresql" else "sqlite").ddl(schema_tables(), "pingvas_dev")
         for table in OWNED_TABLES:
             assert f"{table} (" in ddl or f"{table}(" in ddl, table
+
+    def test_the_digest_store_keeps_segments_by_index(self, ledger: Ledger) -> None:
+        store = ledger.backend.digest_store(ledger.app)
+        assert store.last() is None and list(store.segments()) == []
+        at = datetime(2026, 1, 1, tzinfo=UTC)
+        first = Segment(0, 2, 1, 2, 0, "aa" * 32, ENTRY.pack(1, b"12345678") + ENTRY.pack(2, b"abcdefgh"), at)
+        second = Segment(1, 1, 3, 3, 2, "bb" * 32, ENTRY.pack(3, b"ABCDEFGH"), at)
+        store.put([first, second])
+        store.put([replace(second, digest="cc" * 32)])  # replaced by index, not added
+        assert [s.index for s in store.segments()] == [0, 1]
+        assert [s.digest for s in store.segments(1)] == ["cc" * 32]
+        last = store.last()
+        assert last is not None and (last.index, list(last.entries())) == (1, [(3, b"ABCDEFGH")])
+        assert [list(s.entries()) for s in store.segments()][0] == [(1, b"12345678"), (2, b"abcdefgh")]
 
     def test_a_projector_waits_for_commits_or_polls(self, ledger: Ledger) -> None:
         stop = threading.Event()

@@ -28,6 +28,7 @@ from uuid import uuid4
 
 from ledger.storage.config import StoreConfig
 from ledger.storage.ddl import Table
+from ledger.storage.digests import DigestStore
 from ledger.storage.streams import StreamReader
 from ledger.storage.viewstore import TRACKED_APPLICATION, ViewStore, ViewTx
 
@@ -158,6 +159,12 @@ class Backend(ABC):
                     batch = []
             if batch:
                 tx.executemany(insert, batch)
+
+    # -- the audit's anchors -------------------------------------------------------------
+
+    @abstractmethod
+    def digest_store(self, app: LedgerApplication) -> DigestStore:
+        """Where ``digest`` keeps its anchors: ``ledger_digests`` beside the events."""
 
     # -- the schema -------------------------------------------------------------------
 

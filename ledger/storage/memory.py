@@ -4,17 +4,22 @@ outlives the process; for tests, examples and trying things out."""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ledger.storage.base import Backend
 from ledger.storage.ddl import Table, render_sqlite
+from ledger.storage.digests import DigestStore, MemoryDigestStore
 from ledger.storage.sqlite.viewstore import SQLiteViewStore
 from ledger.storage.streams import PerIdReader, StreamReader
 from ledger.storage.viewstore import ViewStore
 
 if TYPE_CHECKING:
     from ledger.storage.eventstore import LedgerApplication
+
+#: The anchors of each in-memory ledger, for as long as its application lives.
+_MEMORY_DIGESTS: weakref.WeakKeyDictionary[Any, MemoryDigestStore] = weakref.WeakKeyDictionary()
 
 
 class MemoryBackend(Backend):
@@ -43,6 +48,10 @@ class MemoryBackend(Backend):
     def _uri(app: LedgerApplication, which: str) -> str:
         # Shared cache: every connection of this ledger sees the same database.
         return f"file:ledger-views-{id(app)}-{which}?mode=memory&cache=shared"
+
+    def digest_store(self, app: LedgerApplication) -> DigestStore:
+        # An in-memory ledger keeps its anchors for as long as its application lives.
+        return _MEMORY_DIGESTS.setdefault(app, MemoryDigestStore())
 
     @classmethod
     def ddl(cls, tables: Sequence[Table], schema: str = "public", *, user_foreign_keys: bool = False) -> str:

@@ -116,6 +116,36 @@ class ViewStore(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    # -- reads outside the projector's transactions (the audit's) -----------------
+    # SQL uses ``%s`` placeholders; ids and times are compared in the form the
+    # store returns them (``stored_id``, ``stored_time``).
+
+    @abstractmethod
+    def read(self, statement: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """The rows of one read-only statement, as plain tuples."""
+
+    @abstractmethod
+    def stream(self, statement: str, params: Sequence[Any], *, page_rows: int) -> Iterator[tuple[Any, ...]]:
+        """The rows of one read-only statement, fetched ``page_rows`` at a
+        time and held open between pages (bounded memory)."""
+
+    def read_by_ids(self, select_where_id: str, ids: Sequence[Any]) -> list[tuple[Any, ...]]:
+        """Rows whose id is one of ``ids`` (as ``stored_id`` gives them);
+        ``select_where_id`` ends with the id column to match."""
+        return self.read(f"{select_where_id} IN ({', '.join(['%s'] * len(ids))})", ids)
+
+    @abstractmethod
+    def stored_id(self, value: UUID) -> Any:
+        """An id as the store takes and returns it."""
+
+    @abstractmethod
+    def stored_time(self, value: datetime) -> Any:
+        """A time as the store returns it (UTC, naive)."""
+
+    def id_key(self, value: Any) -> Any:
+        """A stored id as the cheapest key to hash it by."""
+        return value
+
     def cannot_write(self, exc: BaseException) -> bool:
         """Whether ``exc`` says that the events' data cannot be written (a value
         the database refuses, a state that does not decode), rather than that the

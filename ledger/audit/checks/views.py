@@ -20,7 +20,7 @@ differ from what the audit read; audit a quiet store, or re-run to confirm.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from uuid import UUID
 
@@ -63,40 +63,6 @@ LOOKUP_IDS = 500
 MAX_NAMED_EXTRAS = 100
 
 
-def _naive(value: datetime) -> datetime:
-    return value.astimezone(UTC).replace(tzinfo=None)
-
-
-def _naive_text(value: datetime) -> str:
-    # How the SQLite view store writes a datetime.
-    return _naive(value).isoformat(sep=" ")
-
-
-def _same(value: Any) -> Any:
-    return value
-
-
-def _text(value: Any) -> Any:
-    return None if value is None else str(value)
-
-
-def _uuid_int(value: UUID) -> int:
-    return value.int
-
-
-class _SQLiteReader:
-    """``with``: a raw sqlite3 cursor in a read-only transaction of a datastore."""
-
-    def __init__(self, datastore: Any) -> None:
-        self._transaction = datastore.transaction(commit=False)
-
-    def __enter__(self) -> Any:
-        return self._transaction.__enter__().sqlite_cursor
-
-    def __exit__(self, *exc: Any) -> None:
-        self._transaction.__exit__(*exc)
-
-
 class ViewsCheck(Check):
     name = "view"
     covers = (
@@ -111,14 +77,11 @@ class ViewsCheck(Check):
         self.until = ctx.views_position if ctx.views_position is not None else -1
         # The tracking position as the audit found it (``until`` is cut to the head).
         self._found_at = self.store.position() if ctx.views_position is not None else -1
-        # Expected values in the representation the backend returns: UUID and
-        # naive datetime from PostgreSQL, text from SQLite.
-        self._postgres: Any = self.store if self.store.backend == "postgresql" else None
-        postgres = self._postgres is not None
-        self._id: Callable[[Any], Any] = _same if postgres else _text
-        self._time: Callable[[datetime], Any] = _naive if postgres else _naive_text
-        # Live user ids keyed as cheaply as the backend allows (a UUID hashes in Python).
-        self._user_key: Callable[[Any], Any] = _uuid_int if postgres else _same
+        # Expected values in the representation the store returns them in, and
+        # live user ids keyed as cheaply as the store allows.
+        self._id: Callable[[Any], Any] = self.store.stored_id
+        self._time: Callable[[datetime], Any] = self.store.stored_time
+        self._user_key: Callable[[Any], Any] = self.store.id_key
         self._last_time: datetime | None = None
         self._last_created: Any = None
         self.chain: dict[Any, list[int]] = {}  # user -> [last balance_after, sum of amounts], live rows
@@ -146,62 +109,22 @@ class ViewsCheck(Check):
             f"SELECT {', '.join(TX_COLUMNS)} FROM {self.table('credit_transactions')} "
             "WHERE log_position > %s AND log_position <= %s ORDER BY log_position, id"
         )
-        params = [after, self.until]
-        if self._postgres is not None:
-            from psycopg.rows import tuple_row  # loaded only for PostgreSQL
-
-            # A server-side cursor: PostgreSQL sends the rows a page at a time.
-            with (
-                self._postgres.datastore.get_connection() as conn,
-                conn.transaction(),
-                conn.cursor(name="ledger_audit_rows", row_factory=tuple_row) as cursor,
-            ):
-                cursor.itersize = PAGE_ROWS
-                # The cursor stays open while the replay works between pages: the
-                # ledger's sessions end transactions idle for 30 s, this one may be.
-                conn.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
-                cursor.execute(query, params)
-                yield from cursor
-            return
-        with self._sqlite_reader() as cursor:
-            cursor.execute(query.replace("%s", "?"), [_text(p) if isinstance(p, UUID) else p for p in params])
-            while rows := cursor.fetchmany(PAGE_ROWS):
-                yield from (tuple(row) for row in rows)
-
-    def _sqlite_reader(self) -> Any:
-        """A read-only transaction on the SQLite view store. Readers share the
-        store (an in-memory store lets a writer in only when no reader is), so
-        the stream and the look-ups beside it never wait on each other."""
-        datastore = self.store.datastore  # type: ignore[attr-defined]
-        return _SQLiteReader(datastore)
+        return self.store.stream(query, [after, self.until], page_rows=PAGE_ROWS)
 
     def db_id(self, value: UUID) -> Any:
         """An id as the view store takes and returns it."""
         return self._id(value)
 
     def table(self, name: str) -> str:
-        return f'"{self._postgres.schema}".{name}' if self._postgres is not None else name
+        return self.store.qualified(name)
 
     def fetch(self, statement: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        if self._postgres is None:
-            with self._sqlite_reader() as cursor:
-                cursor.execute(statement.replace("%s", "?"), [_text(p) if isinstance(p, UUID) else p for p in params])
-                return [tuple(row) for row in cursor.fetchall()]
-        from psycopg.rows import tuple_row  # loaded only for PostgreSQL
-
-        # Plain tuples: the view store's dict rows cost more than the comparison.
-        with self._postgres.datastore.get_connection() as conn, conn.cursor(row_factory=tuple_row) as cursor:
-            cursor.execute(statement, params)
-            rows: list[tuple[Any, ...]] = cursor.fetchall()
-            return rows
+        return self.store.read(statement, params)
 
     def fetch_by_ids(self, select_where_id: str, ids: Sequence[Any]) -> list[tuple[Any, ...]]:
         """Rows whose id is one of ``ids`` (as the store represents them);
         ``select_where_id`` ends with the id column to match."""
-        if self._postgres is not None:
-            # One array parameter: binding hundreds of scalars cost more than the look-up.
-            return self.fetch(f"{select_where_id} = ANY(%s)", [list(ids)])
-        return self.fetch(f"{select_where_id} IN ({', '.join(['%s'] * len(ids))})", ids)
+        return self.store.read_by_ids(select_where_id, ids)
 
     def _peek(self) -> tuple[Any, ...] | None:
         if self._rows is None:

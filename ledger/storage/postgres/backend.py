@@ -17,6 +17,7 @@ from psycopg import sql
 from ledger.errors import ConfigurationError
 from ledger.storage.base import REBUILD_MARK, REBUILD_TOKEN, Backend, Wake, rebuild_token
 from ledger.storage.ddl import Table, render_postgres
+from ledger.storage.digests import DigestStore, SQLDigestStore
 from ledger.storage.postgres.recorder import apply_connect_options, install_ping_window
 from ledger.storage.postgres.streams import PostgresReader
 from ledger.storage.postgres.viewstore import TRACKING_TABLE, PostgresViewStore
@@ -225,6 +226,9 @@ class PostgresBackend(Backend):
             tx.execute(f"DELETE FROM {table}")
         for table in tables:  # copied on the server
             tx.execute(f'INSERT INTO {table} SELECT * FROM "{aside.schema}".{table}')
+
+    def digest_store(self, app: LedgerApplication) -> DigestStore:
+        return SQLDigestStore(app.recorder.datastore, postgres=True)  # type: ignore[attr-defined]
 
     @classmethod
     def ddl(cls, tables: Sequence[Table], schema: str = "public", *, user_foreign_keys: bool = False) -> str:

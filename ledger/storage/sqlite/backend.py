@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from ledger.errors import ConfigurationError
 from ledger.storage.base import REBUILD_MARK, REBUILD_TOKEN, Backend, rebuild_token
 from ledger.storage.ddl import Table, render_sqlite
+from ledger.storage.digests import DigestStore, SQLDigestStore
 from ledger.storage.sqlite.streams import SQLiteReader
 from ledger.storage.sqlite.viewstore import SQLiteViewStore
 from ledger.storage.streams import StreamReader
@@ -125,6 +126,9 @@ class SQLiteBackend(Backend):
             _remove(legacy)
             dropped.append(legacy)
         return dropped
+
+    def digest_store(self, app: LedgerApplication) -> DigestStore:
+        return SQLDigestStore(app.recorder.datastore, postgres=False)  # type: ignore[attr-defined]
 
     @classmethod
     def ddl(cls, tables: Sequence[Table], schema: str = "public", *, user_foreign_keys: bool = False) -> str:

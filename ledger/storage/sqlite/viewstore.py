@@ -101,6 +101,27 @@ class SQLiteViewStore(ViewStore):
             while batch := cursor.sqlite_cursor.fetchmany(5_000):
                 yield from (tuple(row) for row in batch)
 
+    def read(self, statement: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        with self.datastore.transaction(commit=False) as cursor:
+            cursor.sqlite_cursor.execute(statement.replace("%s", "?"), [_adapt(p) for p in params])
+            return [tuple(row) for row in cursor.sqlite_cursor.fetchall()]
+
+    def stream(self, statement: str, params: Sequence[Any], *, page_rows: int) -> Iterator[tuple[Any, ...]]:
+        # A read-only transaction: readers share the store (an in-memory store
+        # lets a writer in only when no reader is), so a stream and the
+        # look-ups beside it never wait on each other.
+        with self.datastore.transaction(commit=False) as cursor:
+            raw = cursor.sqlite_cursor
+            raw.execute(statement.replace("%s", "?"), [_adapt(p) for p in params])
+            while rows := raw.fetchmany(page_rows):
+                yield from (tuple(row) for row in rows)
+
+    def stored_id(self, value: UUID) -> Any:
+        return str(value)
+
+    def stored_time(self, value: datetime) -> Any:
+        return naive_utc(value).isoformat(sep=" ")  # as _adapt writes it
+
     def _driver_says_data(self, exc: BaseException) -> bool | None:
         if isinstance(exc, sqlite3.DataError | sqlite3.IntegrityError | sqlite3.ProgrammingError):
             return True  # SQLite's ProgrammingError: a value it cannot bind
