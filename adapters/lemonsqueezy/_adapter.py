@@ -49,6 +49,7 @@ from ledger.extension import Plan, check_user_id
 
 from ._effects import (
     DEFAULT_HOLD_WINDOW_S,
+    PROVIDER,
     STATUS_MAP,
     ApplyInvoice,
     ApplyOrder,
@@ -87,7 +88,7 @@ C = TypeVar("C", ApplySubscription, ApplyInvoice, ApplyOrder)
 
 
 #: The seed's ``webhook_events.source`` of Lemon Squeezy deliveries.
-SOURCE = "lemon_squeezy"
+SOURCE = PROVIDER
 
 
 @dataclass(frozen=True)
@@ -126,10 +127,11 @@ def load_catalog(ledger: Ledger) -> Catalog:
     variants: dict[str, tuple[str, str]] = {}
     for event in ledger.scan([Plan.Defined.TOPIC, Plan.Revised.TOPIC]):
         terms: dict[str, Any] = event.terms
+        ids: dict[str, Any] = terms.get("provider_ids", {}).get(SOURCE, {})
         for cycle in ("monthly", "yearly"):
-            column = f"lemon_squeezy_variant_id_{cycle}"
-            if terms.get(column):
-                variants[canonical_id(str(terms[column]))] = (str(terms["name"]), cycle)
+            variant = ids.get(f"variant_{cycle}")
+            if variant:
+                variants[canonical_id(str(variant))] = (str(terms["name"]), cycle)
     return Catalog(tuple((v, plan, cycle) for v, (plan, cycle) in sorted(variants.items())))
 
 

@@ -72,6 +72,10 @@ from ._state import (
     subscription_link_id,
 )
 
+#: Lemon Squeezy's key in the ledger's provider mappings (PlanTerms.provider_ids,
+#: Subscription.provider): the ``source`` its webhooks are stored under.
+PROVIDER = "lemon_squeezy"
+
 T = TypeVar("T")
 
 #: How far apart an invoice and the snapshot Lemon Squeezy sends with it may
@@ -488,6 +492,7 @@ class ApplySubscription(Command):
             source_updated_at=self.source_updated_at,
             external_id=self.ls_subscription_id,
             customer_id=self.customer_id,
+            provider=PROVIDER,
             pause_mode=self.pause_mode,
             period_kept=kept,
             replaces=ledger_subscription_id(self.replaces) if self.replaces is not None else None,
@@ -782,6 +787,7 @@ class ApplyInvoice(Command):
             source_updated_at=self.updated_at,
             external_id=self.ls_subscription_id,
             customer_id=self.customer_id,
+            provider=PROVIDER,
             status_only=True,
         )
         if not unit.recorded(sync.key):

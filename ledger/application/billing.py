@@ -28,7 +28,15 @@ from ledger.domain.checks import (
     check_uuid,
 )
 from ledger.domain.credits import CreditKind
-from ledger.domain.plans import Plan, PlanTerms, check_plan_name, check_terms, plan_id_for
+from ledger.domain.plans import (
+    MAX_PROVIDER_NAME,
+    SEED_PROVIDER,
+    Plan,
+    PlanTerms,
+    check_plan_name,
+    check_terms,
+    plan_id_for,
+)
 from ledger.domain.policy import (
     grant_expiry,
     rollover_allowance,
@@ -49,6 +57,7 @@ from ledger.domain.subscriptions import (
     UnknownSubscription,
     add_cycle,
     pause_mode_of,
+    provider_ids_fields,
     provider_states,
     subscription_id_for,
 )
@@ -123,6 +132,12 @@ class StartSubscription(Command):
     lemon_squeezy_subscription_id: str | None = field(default=None, kw_only=True)
     lemon_squeezy_customer_id: str | None = field(default=None, kw_only=True)
     actor: str | None = field(default=None, kw_only=True)
+    #: The payment provider that bills the subscription and its ids there
+    #: (``lemon_squeezy_*`` above are the compatibility names of Lemon
+    #: Squeezy's); ids given with no provider named are Lemon Squeezy's.
+    provider: str | None = field(default=None, kw_only=True, metadata=ADDED)
+    provider_subscription_id: str | None = field(default=None, kw_only=True, metadata=ADDED)
+    provider_customer_id: str | None = field(default=None, kw_only=True, metadata=ADDED)
 
     def __post_init__(self) -> None:
         self._normalise("key", check_key(self.key))
@@ -133,8 +148,23 @@ class StartSubscription(Command):
             raise InvalidArgument(
                 f"trial_days must be an int within 0..{MAX_TRIAL_DAYS}, got {self.trial_days!r}", param="trial_days"
             )
-        for name in ("lemon_squeezy_subscription_id", "lemon_squeezy_customer_id"):
+        for name in (
+            "lemon_squeezy_subscription_id",
+            "lemon_squeezy_customer_id",
+            "provider_subscription_id",
+            "provider_customer_id",
+        ):
             self._normalise(name, check_optional_text(getattr(self, name), name, 100))
+        if self.provider is not None:
+            self._normalise("provider", check_text(self.provider, "provider", MAX_PROVIDER_NAME, required=True))
+        if (self.lemon_squeezy_subscription_id, self.lemon_squeezy_customer_id) != (None, None) and (
+            self.provider,
+            self.provider_subscription_id,
+            self.provider_customer_id,
+        ) != (None, None, None):
+            raise InvalidArgument(
+                "give a provider's ids either as provider_* or as lemon_squeezy_*, not both", param="provider"
+            )
         self._normalise("actor", check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH))
 
     def apply(self, unit: UnitOfWork) -> Receipt:
@@ -163,8 +193,7 @@ class StartSubscription(Command):
             period_start=now,
             period_end=period_end,
             trial_ends_at=trial_ends_at,
-            lemon_squeezy_subscription_id=self.lemon_squeezy_subscription_id,
-            lemon_squeezy_customer_id=self.lemon_squeezy_customer_id,
+            **self.provider_fields(),
             granted_credits=granted,
             actor=self.actor,
             timestamp=now,
@@ -172,6 +201,12 @@ class StartSubscription(Command):
         unit.add(s)
         slot.trigger_event(slot.Taken, subscription_id=s.id, timestamp=now)
         return _done(unit, self, s, granted)
+
+    def provider_fields(self) -> dict[str, str | None]:
+        """The provider and its ids, from either spelling."""
+        if (self.lemon_squeezy_subscription_id, self.lemon_squeezy_customer_id) != (None, None):
+            return provider_ids_fields(None, self.lemon_squeezy_subscription_id, self.lemon_squeezy_customer_id)
+        return provider_ids_fields(self.provider, self.provider_subscription_id, self.provider_customer_id)
 
 
 @dataclass(frozen=True)
@@ -427,6 +462,9 @@ class SyncSubscription(Command):
     source_updated_at: datetime = field(kw_only=True)
     external_id: str | None = field(default=None, kw_only=True)
     customer_id: str | None = field(default=None, kw_only=True)
+    #: The provider whose snapshot this is, recorded with ``external_id`` and
+    #: ``customer_id`` when the subscription is first seen.
+    provider: str = field(default=SEED_PROVIDER, kw_only=True, metadata=ADDED)
     #: For status ``paused``: ``void`` (no service: not entitled) or ``free``
     #: (the service continues: the plan stays entitled).
     pause_mode: PauseMode = field(default=PauseMode.VOID, kw_only=True, metadata=ADDED)
@@ -483,6 +521,7 @@ class SyncSubscription(Command):
             raise InvalidArgument("replaces_at is given without replaces", param="replaces_at")
         self._normalise("external_id", check_optional_text(self.external_id, "external_id", 100))
         self._normalise("customer_id", check_optional_text(self.customer_id, "customer_id", 100))
+        self._normalise("provider", check_text(self.provider, "provider", MAX_PROVIDER_NAME, required=True))
 
     def snapshot(self) -> ProviderSnapshot:
         """The provider's snapshot this command brings (its own content only)."""
@@ -535,8 +574,9 @@ class SyncSubscription(Command):
             period_start=first.period_start or self.period_start,
             period_end=first.period_end or self.period_end,
             trial_ends_at=first.trial_ends_at,
-            lemon_squeezy_subscription_id=self.external_id,
-            lemon_squeezy_customer_id=self.customer_id,
+            provider=self.provider,
+            provider_subscription_id=self.external_id,
+            provider_customer_id=self.customer_id,
             granted_credits=0,
             actor=None,
             timestamp=unit.now,

@@ -70,6 +70,10 @@ def _canonical(value: Any) -> Any:
 
 
 def _json_default(value: Any) -> Any:
+    canonical_data = getattr(value, "canonical_data", None)
+    if callable(canonical_data) and not isinstance(value, type):
+        # A value whose fingerprint form differs from its fields (PlanTerms).
+        return canonical_data()
     if is_dataclass(value) and not isinstance(value, type):
         return asdict(value)
     if isinstance(value, Decimal):

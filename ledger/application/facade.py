@@ -432,8 +432,15 @@ class Ledger:
         lemon_squeezy_subscription_id: str | None = None,
         lemon_squeezy_customer_id: str | None = None,
         actor: str | None = None,
+        provider: str | None = None,
+        provider_subscription_id: str | None = None,
+        provider_customer_id: str | None = None,
     ) -> Receipt:
-        """Starts a trial (``trial_days``) or a paid period, granting the plan's credits."""
+        """Starts a trial (``trial_days``) or a paid period, granting the plan's
+        credits. ``provider``, ``provider_subscription_id`` and
+        ``provider_customer_id``: the payment provider that bills it and its
+        ids there; ``lemon_squeezy_subscription_id`` and
+        ``lemon_squeezy_customer_id`` are the same for Lemon Squeezy."""
         return self.execute(
             StartSubscription(
                 key=key,
@@ -444,6 +451,9 @@ class Ledger:
                 lemon_squeezy_subscription_id=lemon_squeezy_subscription_id,
                 lemon_squeezy_customer_id=lemon_squeezy_customer_id,
                 actor=actor,
+                provider=provider,
+                provider_subscription_id=provider_subscription_id,
+                provider_customer_id=provider_customer_id,
             )
         )
 

@@ -106,9 +106,12 @@ class PlanView(_View):
     queue_count: int
     tier_level: int
     is_active: bool
+    #: The ``lemon_squeezy`` entry of ``provider_ids``, under its compatibility names.
     lemon_squeezy_variant_id_monthly: str | None
     lemon_squeezy_variant_id_yearly: str | None
     features: dict[str, bool]
+    #: Each payment provider's ids of the plan (PlanTerms.provider_ids).
+    provider_ids: dict[str, dict[str, str]] = {}
 
 
 class SubscriptionView(_View):
@@ -124,8 +127,13 @@ class SubscriptionView(_View):
     cancelled_at: datetime | None
     cancel_reason: str | None
     cancel_at_period_end: bool
+    #: The subscription's ids when Lemon Squeezy bills it (compatibility names).
     lemon_squeezy_subscription_id: str | None
     lemon_squeezy_customer_id: str | None
+    #: The payment provider that bills it, and its ids there.
+    provider: str | None = None
+    provider_subscription_id: str | None = None
+    provider_customer_id: str | None = None
 
 
 class Entitlements(_View):
@@ -159,6 +167,7 @@ def plan_view(terms: PlanTerms, revision: int) -> PlanView:
         lemon_squeezy_variant_id_monthly=terms.lemon_squeezy_variant_id_monthly,
         lemon_squeezy_variant_id_yearly=terms.lemon_squeezy_variant_id_yearly,
         features={k: f.enabled for k, f in terms.features.items()},
+        provider_ids={provider: dict(ids) for provider, ids in terms.provider_ids.items()},
     )
 
 
@@ -178,6 +187,9 @@ def subscription_view(s: Subscription) -> SubscriptionView:
         cancel_at_period_end=s.cancel_at_period_end,
         lemon_squeezy_subscription_id=s.lemon_squeezy_subscription_id,
         lemon_squeezy_customer_id=s.lemon_squeezy_customer_id,
+        provider=s.provider,
+        provider_subscription_id=s.provider_subscription_id,
+        provider_customer_id=s.provider_customer_id,
     )
 
 

@@ -7,6 +7,7 @@ revision they were granted under.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -27,6 +28,9 @@ MAX_INT = 2**31 - 1
 MAX_BIGINT = 2**63 - 1
 #: How deep a feature's config (JSON) may nest.
 MAX_CONFIG_DEPTH = 16
+#: How long a provider's name, and its id of a plan, may be.
+MAX_PROVIDER_NAME = 50
+MAX_PROVIDER_ID = 100
 
 
 def plan_id_for(name: str) -> UUID:
@@ -49,9 +53,58 @@ class Feature:
     config: dict[str, Any] | None = None
 
 
-@dataclass(frozen=True)
+#: The provider whose ids the seed's plans and subscriptions columns hold
+#: (``lemon_squeezy_*``), and the keys of its plan ids in ``provider_ids``.
+SEED_PROVIDER = "lemon_squeezy"
+VARIANT_KEYS = {"monthly": "variant_monthly", "yearly": "variant_yearly"}
+#: The compatibility names of those ids (keywords, attributes, the seed's
+#: columns and the terms of events stored before provider_ids existed).
+_SEED_ALIASES = {
+    "lemon_squeezy_variant_id_monthly": VARIANT_KEYS["monthly"],
+    "lemon_squeezy_variant_id_yearly": VARIANT_KEYS["yearly"],
+}
+_UNSET: Any = object()
+
+
+def provider_ids_of(value: object) -> dict[str, dict[str, str]]:
+    """A plain copy of a provider mapping, without the providers that hold no
+    id (so that terms with ``{}`` and without the mapping are the same)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise InvalidArgument(f"provider_ids must be a mapping, not {type(value).__name__}", param="provider_ids")
+    copied: dict[str, dict[str, str]] = {}
+    for provider, ids in value.items():
+        if not isinstance(ids, Mapping):
+            raise InvalidArgument(
+                f"provider_ids[{provider!r}] must be a mapping, not {type(ids).__name__}", param="provider_ids"
+            )
+        if ids:
+            copied[provider] = dict(ids)
+    return copied
+
+
+def upcast_terms(terms: dict[str, Any]) -> None:
+    """Terms data stored before ``provider_ids``, in place: its
+    ``lemon_squeezy_variant_id_*`` become the ``lemon_squeezy`` entry."""
+    ids = {key: terms.pop(alias) for alias, key in _SEED_ALIASES.items() if alias in terms}
+    mapping = provider_ids_of(terms.get("provider_ids"))
+    kept = {key: value for key, value in ids.items() if value is not None}
+    if kept:
+        mapping[SEED_PROVIDER] = {**mapping.get(SEED_PROVIDER, {}), **kept}
+    terms["provider_ids"] = mapping
+
+
+@dataclass(frozen=True, init=False)
 class PlanTerms:
-    """What a plan gives, at one revision. Prices are Decimal; storage in bytes."""
+    """What a plan gives, at one revision. Prices are Decimal; storage in bytes.
+
+    ``provider_ids`` holds each payment provider's ids of the plan, by
+    provider: ``{"lemon_squeezy": {"variant_monthly": "...", "variant_yearly": "..."}}``.
+    The core reads none of them. ``lemon_squeezy_variant_id_monthly`` and
+    ``_yearly`` (keywords, positional arguments and attributes) are the
+    compatibility names of the ``lemon_squeezy`` entry's two ids.
+    """
 
     name: str
     display_name: str
@@ -62,10 +115,75 @@ class PlanTerms:
     queue_count: int
     tier_level: int
     description: str | None = None
-    lemon_squeezy_variant_id_monthly: str | None = None
-    lemon_squeezy_variant_id_yearly: str | None = None
     is_active: bool = True
     features: dict[str, Feature] = field(default_factory=dict)
+    provider_ids: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def __init__(
+        self,
+        name: str,
+        display_name: str,
+        monthly_price: Decimal,
+        yearly_price: Decimal,
+        credits: int,
+        storage_bytes: int,
+        queue_count: int,
+        tier_level: int,
+        description: str | None = None,
+        lemon_squeezy_variant_id_monthly: str | None = _UNSET,
+        lemon_squeezy_variant_id_yearly: str | None = _UNSET,
+        is_active: bool = True,
+        features: dict[str, Feature] | None = None,
+        *,
+        provider_ids: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
+        mapping = provider_ids_of(provider_ids)
+        seed = dict(mapping.get(SEED_PROVIDER, {}))
+        for key, value in (
+            (VARIANT_KEYS["monthly"], lemon_squeezy_variant_id_monthly),
+            (VARIANT_KEYS["yearly"], lemon_squeezy_variant_id_yearly),
+        ):
+            if value is _UNSET:
+                continue
+            if value is None:
+                seed.pop(key, None)
+            else:
+                seed[key] = value
+        if seed:
+            mapping[SEED_PROVIDER] = seed
+        else:
+            mapping.pop(SEED_PROVIDER, None)
+        values: dict[str, object] = {
+            "name": name,
+            "display_name": display_name,
+            "monthly_price": monthly_price,
+            "yearly_price": yearly_price,
+            "credits": credits,
+            "storage_bytes": storage_bytes,
+            "queue_count": queue_count,
+            "tier_level": tier_level,
+            "description": description,
+            "is_active": is_active,
+            "features": {} if features is None else features,
+            "provider_ids": mapping,
+        }
+        for attribute, given in values.items():
+            object.__setattr__(self, attribute, given)
+        self.__post_init__()
+
+    @property
+    def lemon_squeezy_variant_id_monthly(self) -> str | None:
+        """The ``lemon_squeezy`` entry's ``variant_monthly`` (compatibility name)."""
+        return self.provider_ids.get(SEED_PROVIDER, {}).get(VARIANT_KEYS["monthly"])
+
+    @property
+    def lemon_squeezy_variant_id_yearly(self) -> str | None:
+        """The ``lemon_squeezy`` entry's ``variant_yearly`` (compatibility name)."""
+        return self.provider_ids.get(SEED_PROVIDER, {}).get(VARIANT_KEYS["yearly"])
+
+    def provider_id(self, provider: str, key: str) -> str | None:
+        """One of a provider's ids of the plan, or None."""
+        return self.provider_ids.get(provider, {}).get(key)
 
     def __post_init__(self) -> None:
         # The checks every revision ever recorded passes (terms are rebuilt
@@ -90,9 +208,28 @@ class PlanTerms:
         data["features"] = {k: {"enabled": f.enabled, "config": f.config} for k, f in self.features.items()}
         return data
 
+    def canonical_data(self) -> dict[str, Any]:
+        """What a command's fingerprint digests of the terms: the shape before
+        ``provider_ids`` (the ``lemon_squeezy`` entry's ids under their
+        compatibility names), so that keys recorded then still replay; the
+        mapping is added only when it holds more than those."""
+        data = self.as_event_data()
+        mapping = provider_ids_of(data.pop("provider_ids"))
+        seed = mapping.pop(SEED_PROVIDER, {})
+        for alias, key in _SEED_ALIASES.items():
+            data[alias] = seed.pop(key, None)
+        if seed:
+            mapping[SEED_PROVIDER] = seed
+        if mapping:
+            data["provider_ids"] = mapping
+        return data
+
     @classmethod
     def from_event_data(cls, data: dict[str, Any]) -> PlanTerms:
+        """Terms from event data of either shape (with ``provider_ids``, or
+        with the ``lemon_squeezy_variant_id_*`` written before it)."""
         values = dict(data)
+        upcast_terms(values)
         values["features"] = {k: Feature(**v) for k, v in data["features"].items()}
         return cls(**values)
 
@@ -113,8 +250,7 @@ def check_terms(terms: object) -> PlanTerms:
         raise InvalidArgument(f"terms must be PlanTerms, not {type(terms).__name__}", param="terms")
     check_text(terms.display_name, "display_name", 100, required=True)
     check_optional_text(terms.description, "description", 10_000)
-    check_optional_text(terms.lemon_squeezy_variant_id_monthly, "lemon_squeezy_variant_id_monthly", 50)
-    check_optional_text(terms.lemon_squeezy_variant_id_yearly, "lemon_squeezy_variant_id_yearly", 50)
+    _check_provider_ids(terms.provider_ids)
     for field_name in ("monthly_price", "yearly_price"):
         if getattr(terms, field_name) > MAX_PRICE:
             raise InvalidArgument(f"{field_name} must be at most {MAX_PRICE}", param=field_name)
@@ -135,6 +271,25 @@ def check_terms(terms: object) -> PlanTerms:
                 raise InvalidArgument(f"feature {key!r}: config must be a dict or None", param="features")
             _check_json(feature.config, f"feature {key!r} config", 0)
     return terms
+
+
+def _check_provider_ids(mapping: object) -> None:
+    """Provider ids a plan may hold: text keys and ids; the seed's provider's
+    variant ids fit its VARCHAR(50) columns, checked under their
+    compatibility names."""
+    if not isinstance(mapping, dict):
+        raise InvalidArgument(f"provider_ids must be a dict, not {type(mapping).__name__}", param="provider_ids")
+    seed = mapping.get(SEED_PROVIDER)
+    if isinstance(seed, dict):
+        for alias, key in _SEED_ALIASES.items():
+            check_optional_text(seed.get(key), alias, 50)
+    for provider, ids in mapping.items():
+        check_text(provider, "a provider name", MAX_PROVIDER_NAME, required=True, param="provider_ids")
+        if not isinstance(ids, dict):
+            raise InvalidArgument(f"provider_ids[{provider!r}] must be a dict", param="provider_ids")
+        for key, value in ids.items():
+            check_text(key, f"a key of provider_ids[{provider!r}]", MAX_PLAN_NAME, required=True, param="provider_ids")
+            check_text(value, f"provider_ids[{provider!r}][{key!r}]", MAX_PROVIDER_ID, param="provider_ids")
 
 
 def _check_json(value: object, where: str, depth: int) -> None:
@@ -223,8 +378,15 @@ class Plan(Aggregate, created_event_name="Defined"):
 
     class Defined(Aggregate.Created):
         TOPIC = f"{TOPIC_PREFIX}:Plan.Defined"
+        #: Version 2: the terms hold ``provider_ids``; version 1 terms had
+        #: ``lemon_squeezy_variant_id_monthly`` and ``_yearly``.
+        class_version = 2
         terms: dict[str, Any]
         actor: str | None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            upcast_terms(state["terms"])
 
     class Snapshot(BaseSnapshot):
         TOPIC = f"{TOPIC_PREFIX}:Plan.Snapshot"
@@ -235,8 +397,14 @@ class Plan(Aggregate, created_event_name="Defined"):
 
     class Revised(Event):
         TOPIC = f"{TOPIC_PREFIX}:Plan.Revised"
+        #: Version 2: as Defined.
+        class_version = 2
         terms: dict[str, Any]
         actor: str | None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            upcast_terms(state["terms"])
 
         def apply(self, plan: Plan) -> None:
             plan.terms_data = self.terms

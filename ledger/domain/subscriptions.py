@@ -18,13 +18,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 from uuid import UUID, uuid5
 
 from eventsourcing.domain import Aggregate
 from eventsourcing.domain import Snapshot as BaseSnapshot
 
 from ledger.domain.credits import TOPIC_PREFIX
+from ledger.domain.plans import SEED_PROVIDER
 from ledger.domain.policy import CreditPolicy as CreditPolicy
 from ledger.domain.policy import prorated as prorated
 from ledger.errors import InvalidArgument, LedgerError
@@ -83,6 +84,17 @@ class UnknownPlan(LedgerError, LookupError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(f"no plan named {name!r} in the catalog")
+
+
+def provider_ids_fields(
+    provider: str | None, subscription_id: str | None, customer_id: str | None
+) -> dict[str, str | None]:
+    """Started's provider fields: a subscription with a provider's ids and no
+    provider named is the seed's provider's (the compatibility keywords and
+    the version 1 events name Lemon Squeezy's ids)."""
+    if provider is None and (subscription_id is not None or customer_id is not None):
+        provider = SEED_PROVIDER
+    return {"provider": provider, "provider_subscription_id": subscription_id, "provider_customer_id": customer_id}
 
 
 class BillingCycle(StrEnum):
@@ -485,10 +497,25 @@ class Subscription(Aggregate, created_event_name="Started"):
         period_start: datetime
         period_end: datetime
         trial_ends_at: datetime | None
-        lemon_squeezy_subscription_id: str | None
-        lemon_squeezy_customer_id: str | None
+        #: Version 2: the payment provider's ids of the subscription, with the
+        #: provider's name (None: no provider). Version 1 events had
+        #: ``lemon_squeezy_subscription_id`` and ``lemon_squeezy_customer_id``.
+        class_version = 2
+        provider: str | None
+        provider_subscription_id: str | None
+        provider_customer_id: str | None
         granted_credits: int
         actor: str | None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state.update(
+                provider_ids_fields(
+                    None,
+                    state.pop("lemon_squeezy_subscription_id", None),
+                    state.pop("lemon_squeezy_customer_id", None),
+                )
+            )
 
     class Snapshot(BaseSnapshot):
         TOPIC = f"{TOPIC_PREFIX}:Subscription.Snapshot"
@@ -503,8 +530,9 @@ class Subscription(Aggregate, created_event_name="Started"):
         period_start: datetime,
         period_end: datetime,
         trial_ends_at: datetime | None,
-        lemon_squeezy_subscription_id: str | None,
-        lemon_squeezy_customer_id: str | None,
+        provider: str | None,
+        provider_subscription_id: str | None,
+        provider_customer_id: str | None,
         granted_credits: int,
         actor: str | None,
     ) -> None:
@@ -516,8 +544,10 @@ class Subscription(Aggregate, created_event_name="Started"):
         self.period_start = period_start
         self.period_end = period_end
         self.trial_ends_at = trial_ends_at
-        self.lemon_squeezy_subscription_id = lemon_squeezy_subscription_id
-        self.lemon_squeezy_customer_id = lemon_squeezy_customer_id
+        #: The payment provider that bills the subscription, and its ids there.
+        self.provider = provider
+        self.provider_subscription_id = provider_subscription_id
+        self.provider_customer_id = provider_customer_id
         self.cancelled_at: datetime | None = None
         self.cancel_reason: str | None = None
         self.cancel_at_period_end = False
@@ -529,6 +559,31 @@ class Subscription(Aggregate, created_event_name="Started"):
         #: What a resume returns to (a cancel can come from active, past_due,
         #: paused or trialing).
         self.status_before_cancel: str | None = None
+
+    @classmethod
+    def _create(cls, event_class: Any, *, id: Any = None, **kwargs: Any) -> Self:
+        # The compatibility keywords of Started (its version 1 fields).
+        if event_class is cls.Started and (
+            "lemon_squeezy_subscription_id" in kwargs or "lemon_squeezy_customer_id" in kwargs
+        ):
+            kwargs.update(
+                provider_ids_fields(
+                    kwargs.pop("provider", None),
+                    kwargs.pop("lemon_squeezy_subscription_id", None),
+                    kwargs.pop("lemon_squeezy_customer_id", None),
+                )
+            )
+        return super()._create(event_class, id=id, **kwargs)
+
+    @property
+    def lemon_squeezy_subscription_id(self) -> str | None:
+        """``provider_subscription_id`` when Lemon Squeezy bills it (compatibility name)."""
+        return self.provider_subscription_id if self.provider == SEED_PROVIDER else None
+
+    @property
+    def lemon_squeezy_customer_id(self) -> str | None:
+        """``provider_customer_id`` when Lemon Squeezy bills it (compatibility name)."""
+        return self.provider_customer_id if self.provider == SEED_PROVIDER else None
 
     @property
     def live(self) -> bool:

@@ -12,7 +12,7 @@ from uuid import UUID, uuid5
 
 from ledger.domain.credits import CreditAccount
 from ledger.domain.entitlements import entitled
-from ledger.domain.plans import FREE_PLAN, Plan, PlanTerms, plan_id_for
+from ledger.domain.plans import FREE_PLAN, SEED_PROVIDER, Plan, PlanTerms, plan_id_for
 from ledger.domain.subscriptions import (
     PROVIDER_CHANGE_REASON,
     PauseMode,
@@ -466,12 +466,14 @@ class SubscriptionView(View):
     def _apply(row: dict[str, Any], event: Any) -> str | None:
         """Updates the row; returns the history change type, if the event is one."""
         if isinstance(event, Subscription.Started):
+            seeded = event.provider == SEED_PROVIDER
             row.update(
                 id=event.originator_id,
                 user_id=event.user_id,
                 _plan=event.plan,
-                lemon_squeezy_subscription_id=event.lemon_squeezy_subscription_id,
-                lemon_squeezy_customer_id=event.lemon_squeezy_customer_id,
+                # The seed's columns hold the seed's provider's ids (Lemon Squeezy's).
+                lemon_squeezy_subscription_id=event.provider_subscription_id if seeded else None,
+                lemon_squeezy_customer_id=event.provider_customer_id if seeded else None,
                 billing_cycle=event.billing_cycle,
                 status=event.status,
                 current_period_start=event.period_start,
