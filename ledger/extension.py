@@ -43,7 +43,7 @@ from ledger.domain.checks import (
     check_user_id,
     check_uuid,
 )
-from ledger.domain.credits import CreditAccount, entry_id_for, record_id_for
+from ledger.domain.credits import CreditAccount, account_id_for, entry_id_for, record_id_for
 from ledger.domain.plans import Plan, plan_id_for
 from ledger.domain.policy import (
     grant_expiry,
@@ -76,6 +76,7 @@ __all__ = [
     "UnitOfWork",
     "ViewStore",
     "ViewTx",
+    "account_id_for",
     "add_cycle",
     "check_key",
     "check_optional_text",
