@@ -5,6 +5,7 @@ The public surface is re-exported here; everything else is private.
 
 import typing as _typing
 
+from ledger.application.access import CheckReason, CheckResult, RecordUse
 from ledger.application.billing import (
     ActivateSubscription,
     CancelSubscription,
@@ -62,10 +63,13 @@ from ledger.errors import (
     InvalidArgument,
     InvariantViolation,
     LedgerError,
+    FeatureNotEntitled,
     ReservationClosed,
     TimeInFuture,
     UnknownAccount,
+    UnknownFeature,
     UnknownReservation,
+    UseLimitReached,
     ViewsBehind,
     ViewsStalled,
 )
@@ -149,6 +153,12 @@ __all__ = [
     "VerifyResult",
     "audit",
     "resolve_url",
+    "CheckReason",
+    "CheckResult",
+    "FeatureNotEntitled",
+    "RecordUse",
+    "UnknownFeature",
+    "UseLimitReached",
 ]
 
 

@@ -250,3 +250,58 @@ class ViewsStalled(LedgerError):
             f"v{originator_version} cannot be written ({type(cause).__name__}: {cause}); the views stay at "
             "the event before it, so the projection fails on it until the cause is fixed"
         )
+
+
+class UnknownFeature(LedgerError, LookupError):
+    """No plan in the catalog names this feature (a typo, or a feature the
+    host has not defined in any plan's ``features``)."""
+
+    code = "unknown_feature"
+    param = "feature"
+
+    def __init__(self, feature: str, known: tuple[str, ...] = ()) -> None:
+        self.feature = feature
+        self.known = known
+        listed = ", ".join(known[:20]) if known else "none"
+        super().__init__(f"no plan names the feature {feature!r} (the catalog's features: {listed})")
+
+
+class FeatureNotEntitled(LedgerError):
+    """The plan in force does not give the feature: it is not in the plan, or
+    disabled there (``reason`` ``feature_not_in_plan``), or the user's
+    subscription is not in force (``subscription_inactive``: expired, paused
+    without service)."""
+
+    code = "feature_not_entitled"
+    param = "feature"
+
+    def __init__(self, user_id: UUID, feature: str, plan: str, reason: str, message: str) -> None:
+        self.user_id = user_id
+        self.feature = feature
+        self.plan = plan
+        self.reason = reason
+        #: The message without the user's id (what a check's result says).
+        self.detail = message
+        super().__init__(f"user {user_id}: {message}")
+
+
+class UseLimitReached(LedgerError):
+    """Counting these uses would take the feature's uses in the current
+    period past the plan's limit; nothing was recorded."""
+
+    code = "use_limit_reached"
+    param = "feature"
+
+    def __init__(
+        self, user_id: UUID, feature: str, limit: int, used: int, requested: int, period_end: datetime
+    ) -> None:
+        self.user_id = user_id
+        self.feature = feature
+        self.limit = limit
+        self.used = used
+        self.requested = requested
+        self.period_end = period_end
+        super().__init__(
+            f"user {user_id} has used {feature!r} {used} of {limit} times this period; "
+            f"{requested} more would exceed the limit (the period ends {period_end.isoformat()})"
+        )

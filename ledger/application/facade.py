@@ -11,6 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from ledger.application.access import CheckResult, Checks
 from ledger.application.billing import (
     ActivateSubscription,
     CancelSubscription,
@@ -133,6 +134,7 @@ class Ledger:
         self.sync_user_credits = sync_user_credits
         self.sync_user_tier = sync_user_tier
         self._views: Views | None = None
+        self._checks: Checks | None = None
         self.credit_policy = credit_policy or CreditPolicy()
         self.engine = Engine(
             self.app,
@@ -532,6 +534,52 @@ class Ledger:
             plan = self.read_aggregate(plan_id_for(s.plan), snapshots=False)
             terms = plan.terms if isinstance(plan, Plan) else None
         return entitlements_for(user_id, s, terms, now)
+
+    @property
+    def checks(self) -> Checks:
+        """What ``check`` and ``record_use`` run on: its cache of the users'
+        state (``checks.forget()`` drops it)."""
+        if self._checks is None:
+            self._checks = Checks(
+                self.app, self.engine.reader, self.clock.now, self.execute, self.engine.find_record, self.scan
+            )
+        return self._checks
+
+    def check(
+        self,
+        user_id: UUID,
+        *,
+        feature: str | None = None,
+        credits: int | None = None,
+        uses: int = 1,
+        queued_jobs: int | None = None,
+        storage_used_bytes: int | None = None,
+        record_use_key: str | None = None,
+        max_age_s: float | None = None,
+    ) -> CheckResult:
+        """May the user do this now? From the plan in force (``feature``, its
+        limit on ``uses`` per period, ``queued_jobs`` against the plan's queue,
+        ``storage_used_bytes`` against its storage) and the available credits
+        (``credits``). Records nothing, and reads state at most ``max_age_s``
+        old (default 1 s; this ledger's own commands show at once): advisory,
+        the spend or reserve enforces. With ``record_use_key``, an allowed
+        check also records the use (``record_use``), once per key."""
+        return self.checks.check(
+            user_id,
+            feature=feature,
+            credits=credits,
+            uses=uses,
+            queued_jobs=queued_jobs,
+            storage_used_bytes=storage_used_bytes,
+            record_use_key=record_use_key,
+            max_age_s=max_age_s,
+        )
+
+    def record_use(self, user_id: UUID, feature: str, *, key: str, uses: int = 1) -> Receipt:
+        """Counts ``uses`` uses of a feature in the current period, once per
+        key; refuses a use beyond the plan's limit (UseLimitReached) or of a
+        feature the plan in force does not give (FeatureNotEntitled)."""
+        return self.checks.record_use(user_id, feature, key=key, uses=uses)
 
     def tick(self, now: datetime | None = None, *, allow_future: bool = False) -> dict[str, int]:
         """Performs what falls due: trial ends and renewals (when the policy

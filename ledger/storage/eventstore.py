@@ -7,7 +7,7 @@ through ``save_all``; queries read the store through a ``StreamReader``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID
@@ -84,6 +84,9 @@ class LedgerApplication(Application[UUID]):
 
     def __init__(self, env: Any = None) -> None:
         self.unsealed = set()
+        #: Called after every save with what it recorded (the read cache of
+        #: ``Ledger.check`` drops the state those events change).
+        self.save_listeners: list[Callable[[Sequence[Recording[UUID]]], None]] = []
         super().__init__(env)
 
     def construct_env(self, name: str, env: Any = None) -> Environment:
@@ -186,6 +189,11 @@ class LedgerApplication(Application[UUID]):
         self._notify(recordings)
         # The position of the save in the notification log, for read-your-writes.
         return max((r.notification.id for r in recordings), default=None)
+
+    def _notify(self, recordings: list[Recording[UUID]]) -> None:
+        if recordings:
+            for listener in self.save_listeners:
+                listener(recordings)
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)

@@ -1,0 +1,487 @@
+"""``check``: may this user do this now? And ``RecordUse``, the command that
+counts a use of a metered feature exactly once.
+
+A check answers from the user's entitlements (the plan in force, its features,
+queue and storage), the feature's limit on uses per period (its
+``plan_features.config``, ``domain.usage``) and the account's available credits,
+and records nothing. It is advisory: it reads a cached copy of that state, at
+most ``max_age_s`` old (default DEFAULT_MAX_AGE_S), dropped at once by every
+command this ``Ledger`` runs on the user, and never kept past a moment at
+which the state changes by itself (a hold's or a block's expiry, the end of the
+subscription's period). What is enforced is enforced by the commands: a spend
+or a reserve refuses what the account cannot cover, ``RecordUse`` refuses a use
+beyond the limit, each on the state it is committed against.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, ClassVar, Literal
+from uuid import UUID
+
+from eventsourcing.persistence import Recording
+from pydantic import BaseModel, ConfigDict
+
+from ledger.application.commands import Command, UnitOfWork
+from ledger.application.results import Receipt
+from ledger.domain.checks import check_amount, check_key, check_user_id
+from ledger.domain.credits import CreditAccount, account_id_for
+from ledger.domain.plans import FREE_PLAN, MAX_BIGINT, MAX_INT, Plan, PlanTerms, plan_id_for
+from ledger.domain.subscriptions import SubscriberSlot, Subscription, slot_id_for
+from ledger.domain.usage import (
+    UsageCounter,
+    check_feature_name,
+    check_uses,
+    counter_id_for,
+    feature_refusal,
+    plan_in_force,
+    usage_limit_of,
+    usage_period,
+    uses_left,
+)
+from ledger.errors import FeatureNotEntitled, InvalidArgument, UnknownFeature, UseLimitReached
+from ledger.storage.eventstore import LedgerApplication
+from ledger.storage.streams import StreamReader
+
+#: How old the state a check reads may be, by default (seconds).
+DEFAULT_MAX_AGE_S = 1.0
+#: The most a caller may let it be.
+MAX_AGE_LIMIT_S = 3600.0
+#: Users whose state the cache keeps; past it the cache starts afresh.
+MAX_CACHED_USERS = 100_000
+
+#: Why a check says no. ``subscription_inactive``: the user's subscription is
+#: not in force (expired, paused without service) and the free tier lacks the
+#: feature; ``feature_not_in_plan``: the plan in force does not have it or
+#: has it disabled; ``use_limit_reached``: the period's uses are spent;
+#: ``queue_full``: as many jobs queued as the plan's ``queue_count``;
+#: ``storage_full``: the storage asked for exceeds the plan's
+#: ``storage_bytes``; ``insufficient_credits``: available credits fall short.
+CheckReason = Literal[
+    "subscription_inactive",
+    "feature_not_in_plan",
+    "use_limit_reached",
+    "queue_full",
+    "storage_full",
+    "insufficient_credits",
+]
+
+
+class CheckResult(BaseModel):
+    """A check's answer, with the figures it was decided on. ``bool(result)``
+    is ``result.allowed``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    user_id: UUID
+    allowed: bool
+    #: Why not (None when allowed); the first rule that failed, in the order
+    #: feature, uses, queue, storage, credits.
+    reason: CheckReason | None = None
+    message: str | None = None
+    #: The plan in force (``free`` without one) and the subscription's status (``none`` without one).
+    plan: str
+    status: str
+    feature: str | None = None
+    #: The credits asked about, and the account's available credits.
+    requested_credits: int | None = None
+    available_credits: int
+    #: The feature's limit on uses per period (None: not limited), the uses
+    #: counted in the current period, what is left, and the period.
+    use_limit: int | None = None
+    uses: int | None = None
+    uses_left: int | None = None
+    period: str | None = None
+    period_start: datetime | None = None
+    period_end: datetime | None = None
+    #: The plan's queue and storage, and what the caller said is in use.
+    queue_count: int
+    queued_jobs: int | None = None
+    storage_bytes: int
+    storage_used_bytes: int | None = None
+    #: With ``record_use_key``: whether the use is recorded, and whether it
+    #: was recorded before under that key (a retry).
+    use_recorded: bool = False
+    replayed: bool = False
+    #: When the check was decided, and when the state it read was read.
+    as_of: datetime
+    state_as_of: datetime
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+
+@dataclass(frozen=True)
+class RecordUse(Command):
+    """Counts ``uses`` uses of a metered feature in the current period, once
+    per key; refuses (FeatureNotEntitled, UseLimitReached) what the plan in
+    force does not give, deciding on the state it commits against."""
+
+    name: ClassVar[str] = "record_use"
+    user_id: UUID = field(kw_only=True)
+    feature: str = field(kw_only=True)
+    uses: int = field(default=1, kw_only=True)
+
+    def __post_init__(self) -> None:
+        self._normalise("key", check_key(self.key))
+        self._normalise("user_id", check_user_id(self.user_id))
+        self._normalise("feature", check_feature_name(self.feature))
+        check_uses(self.uses)
+
+    def reads(self) -> tuple[list[UUID], list[UUID]]:
+        return [slot_id_for(self.user_id)], []
+
+    def apply(self, unit: UnitOfWork) -> Receipt:
+        # Read fresh from the store (prefetch), not from the command cache:
+        # the entitlement must be the one in force, whoever changed it.
+        user, now = self.user_id, unit.now
+        unit.prefetch([slot_id_for(user)])
+        slot = unit.aggregate(slot_id_for(user), SubscriberSlot)
+        s: Subscription | None = None
+        terms: PlanTerms | None = None
+        if slot is not None and slot.live is not None:
+            unit.prefetch([slot.live])
+            s = unit.aggregate(slot.live, Subscription)
+        if s is not None:
+            unit.prefetch([plan_id_for(s.plan)])
+            plan = unit.aggregate(plan_id_for(s.plan), Plan)
+            terms = plan.terms if plan is not None else None
+        in_force = plan_in_force(s, terms, now)
+        refusal = feature_refusal(user, self.feature, s, in_force, FREE_PLAN)
+        if refusal is not None:
+            raise refusal
+        plan_terms = in_force or FREE_PLAN
+        limit = usage_limit_of(plan_terms.features[self.feature].config, f"plan {plan_terms.name}, feature {self.feature!r}")
+        period = usage_period(limit, s if in_force is not None else None, now)
+        counter_id = counter_id_for(user, self.feature, period[0])
+        unit.prefetch([counter_id])
+        counter = unit.aggregate(counter_id, UsageCounter)
+        if counter is None:
+            counter = UsageCounter.open(user, self.feature, period, now)
+            unit.add(counter)
+        counter.use(self.uses, limit.uses_per_period, key=self.key, now=now)
+        return unit.finish(self, user, amount=0)
+
+
+@dataclass
+class _State:
+    """What a check reads of one user, as read at ``loaded_at``."""
+
+    loaded_at: datetime
+    #: The first moment at which the state changes by itself (an expiry, a period's end).
+    changes_at: datetime | None
+    catalog: int
+    available: int
+    subscription: Subscription | None
+    terms: PlanTerms | None
+    #: Uses counted per (feature, period start).
+    counters: dict[tuple[str, datetime], int]
+
+
+class Checks:
+    """Checks against a cache of the users' state, and the record of uses.
+    Safe to share across threads."""
+
+    def __init__(
+        self,
+        app: LedgerApplication,
+        reader: StreamReader,
+        now: Callable[[], datetime],
+        execute: Callable[[Command], Receipt],
+        find_record: Callable[[str], object | None],
+        scan: Callable[[list[str]], Iterator[Any]],
+    ) -> None:
+        self.reader = reader
+        self._now = now
+        self._execute = execute
+        self._find_record = find_record
+        self._scan = scan
+        self._users: dict[UUID, _State] = {}
+        #: Aggregate ids a cached state was read from, and whose state that is.
+        self._deps: dict[UUID, UUID] = {}
+        #: Bumped by every save that touches a cached (or loading) state: a
+        #: load that saw it change does not cache what it read.
+        self._changes = 0
+        #: Bumped by every save of a plan: every cached state's terms are dropped.
+        self._catalog = 0
+        self._features: frozenset[str] | None = None
+        self._features_read: tuple[int, datetime] | None = None
+        self._lock = threading.Lock()
+        app.save_listeners.append(self._saved)
+
+    # -- the cache -----------------------------------------------------------------
+
+    def _saved(self, recordings: Sequence[Recording[UUID]]) -> None:
+        with self._lock:
+            for recording in recordings:
+                notification = recording.notification
+                user = self._deps.get(notification.originator_id)
+                if user is not None:
+                    self._users.pop(user, None)
+                    self._changes += 1
+                if notification.topic.startswith(_PLAN_TOPICS):
+                    self._catalog += 1
+                    self._changes += 1
+
+    def forget(self) -> None:
+        """Drops every cached state: the next check of each user reads afresh."""
+        with self._lock:
+            self._users.clear()
+            self._deps.clear()
+            self._changes += 1
+
+    def _state(self, user: UUID, now: datetime, max_age: timedelta) -> _State:
+        state = self._users.get(user)
+        if (
+            state is not None
+            and state.catalog == self._catalog
+            and state.loaded_at <= now <= state.loaded_at + max_age
+            and (state.changes_at is None or now < state.changes_at)
+        ):
+            return state
+        return self._load(user, now)
+
+    def _watch(self, user: UUID, *ids: UUID) -> int:
+        with self._lock:
+            if len(self._deps) > 4 * MAX_CACHED_USERS:
+                self._users.clear()
+                self._deps.clear()
+            for aggregate_id in ids:
+                self._deps[aggregate_id] = user
+            return self._changes
+
+    def _load(self, user: UUID, now: datetime) -> _State:
+        account_id, slot_id = account_id_for(user), slot_id_for(user)
+        mark = self._watch(user, account_id, slot_id)
+        catalog = self._catalog
+        found = self.reader.load([account_id, slot_id])
+        account = found.get(account_id)
+        available, changes_at = 0, None
+        if isinstance(account, CreditAccount):
+            account.apply_due(now)  # in memory only: a check records nothing
+            available = account.available
+            changes_at = _next_change(account)
+        slot = found.get(slot_id)
+        s: Subscription | None = None
+        terms: PlanTerms | None = None
+        if isinstance(slot, SubscriberSlot) and slot.live is not None:
+            mark = min(mark, self._watch(user, slot.live))
+            loaded = self.reader.load([slot.live]).get(slot.live)
+            s = loaded if isinstance(loaded, Subscription) else None
+        if s is not None:
+            plan = self.reader.load([plan_id_for(s.plan)], snapshots=False).get(plan_id_for(s.plan))
+            terms = plan.terms if isinstance(plan, Plan) else None
+            ends = [t for t in (s.period_end, s.trial_ends_at) if t is not None and t > now]
+            changes_at = min([*ends, *([changes_at] if changes_at else [])], default=changes_at)
+        state = _State(now, changes_at, catalog, available, s, terms, {})
+        with self._lock:
+            if self._changes == mark and self._catalog == catalog:
+                if len(self._users) >= MAX_CACHED_USERS:
+                    self._users.pop(next(iter(self._users)))
+                self._users[user] = state
+        return state
+
+    def _uses(self, user: UUID, state: _State, feature: str, period_start: datetime) -> int:
+        counted = state.counters.get((feature, period_start))
+        if counted is None:
+            counter_id = counter_id_for(user, feature, period_start)
+            mark = self._watch(user, counter_id)
+            counter = self.reader.load([counter_id], snapshots=False).get(counter_id)
+            counted = counter.uses if isinstance(counter, UsageCounter) else 0
+            with self._lock:
+                if self._changes == mark:
+                    state.counters[(feature, period_start)] = counted
+        return counted
+
+    # -- features --------------------------------------------------------------------
+
+    def known_features(self) -> frozenset[str]:
+        """The features any plan in the catalog names (its current terms), and the free tier's."""
+        latest: dict[UUID, dict[str, Any]] = {}
+        for event in self._scan([Plan.Defined.TOPIC, Plan.Revised.TOPIC]):
+            latest[event.originator_id] = event.terms
+        names = set(FREE_PLAN.features)
+        for terms in latest.values():
+            names.update(terms.get("features") or {})
+        return frozenset(names)
+
+    def _require_known(self, feature: str, now: datetime, max_age: timedelta) -> None:
+        known, read = self._features, self._features_read
+        if known is not None and feature in known:
+            return
+        fresh = read is not None and read[0] == self._catalog and read[1] <= now <= read[1] + max_age
+        if known is None or not fresh:
+            catalog = self._catalog
+            known = self.known_features()
+            self._features, self._features_read = known, (catalog, now)
+        if feature not in known:
+            raise UnknownFeature(feature, tuple(sorted(known)))
+
+    # -- checks ----------------------------------------------------------------------
+
+    def check(
+        self,
+        user_id: object,
+        *,
+        feature: object = None,
+        credits: object = None,
+        uses: object = 1,
+        queued_jobs: object = None,
+        storage_used_bytes: object = None,
+        record_use_key: object = None,
+        max_age_s: object = None,
+    ) -> CheckResult:
+        user = check_user_id(user_id)
+        name = None if feature is None else check_feature_name(feature)
+        wanted = None if credits is None else check_amount(credits, "credits")
+        count = check_uses(uses)
+        jobs = None if queued_jobs is None else _bounded_int(queued_jobs, "queued_jobs", MAX_INT)
+        storage = None if storage_used_bytes is None else _bounded_int(storage_used_bytes, "storage_used_bytes", MAX_BIGINT)
+        key = None if record_use_key is None else check_key(record_use_key)
+        age = _max_age(max_age_s)
+        if name is None and wanted is None and jobs is None and storage is None:
+            raise InvalidArgument(
+                "give what to check: feature, credits, queued_jobs or storage_used_bytes", param="feature"
+            )
+        if key is not None and name is None:
+            raise InvalidArgument("record_use_key records a use of a feature: give feature too", param="feature")
+        now = self._now()
+        if name is not None:
+            self._require_known(name, now, age)
+        if key is None:
+            return self._decide(user, self._state(user, now, age), now, name, wanted, count, jobs, storage)
+        assert name is not None
+        return self._check_and_record(user, now, name, wanted, count, jobs, storage, key)
+
+    def _check_and_record(
+        self,
+        user: UUID,
+        now: datetime,
+        feature: str,
+        credits: int | None,
+        uses: int,
+        jobs: int | None,
+        storage: int | None,
+        key: str,
+    ) -> CheckResult:
+        result = self._decide(user, self._load(user, now), now, feature, credits, uses, jobs, storage)
+        if not result.allowed and self._find_record(key) is None:
+            return result  # refused, and not recorded before under this key
+        try:
+            receipt = self._execute(RecordUse(key=key, user_id=user, feature=feature, uses=uses))
+        except (FeatureNotEntitled, UseLimitReached):
+            # Another writer took the last use (or the plan changed) after
+            # the read: the command's decision, on the committed state, stands.
+            now = self._now()
+            return self._decide(user, self._load(user, now), now, feature, credits, uses, jobs, storage)
+        now = self._now()
+        after = self._decide(user, self._load(user, now), now, feature, credits, 0, jobs, storage)
+        return after.model_copy(
+            update={"allowed": True, "reason": None, "message": None, "use_recorded": True,
+                    "replayed": receipt.replayed}
+        )  # fmt: skip
+
+    def _decide(
+        self,
+        user: UUID,
+        state: _State,
+        now: datetime,
+        feature: str | None,
+        credits: int | None,
+        uses: int,
+        jobs: int | None,
+        storage: int | None,
+    ) -> CheckResult:
+        s = state.subscription
+        in_force = plan_in_force(s, state.terms, now)
+        plan = in_force or FREE_PLAN
+        reason: str | None = None
+        message: str | None = None
+        figures: dict[str, Any] = {}
+        if feature is not None:
+            refusal = feature_refusal(user, feature, s, in_force, FREE_PLAN)
+            if refusal is not None:
+                reason, message = refusal.reason, refusal.detail
+            else:
+                limit = usage_limit_of(plan.features[feature].config, f"plan {plan.name}, feature {feature!r}")
+                start, end = usage_period(limit, s if in_force is not None else None, now)
+                used = self._uses(user, state, feature, start)
+                figures = {
+                    "use_limit": limit.uses_per_period,
+                    "uses": used,
+                    "uses_left": uses_left(limit.uses_per_period, used),
+                    "period": limit.period,
+                    "period_start": start,
+                    "period_end": end,
+                }
+                if limit.uses_per_period is not None and used + uses > limit.uses_per_period:
+                    reason = "use_limit_reached"
+                    message = (
+                        f"{feature!r} used {used} of {limit.uses_per_period} times this period "
+                        f"(until {end.isoformat()})"
+                    )
+        if reason is None and jobs is not None and jobs >= plan.queue_count:
+            reason, message = "queue_full", f"{jobs} jobs queued; the {plan.name} plan runs {plan.queue_count} at a time"
+        if reason is None and storage is not None and storage > plan.storage_bytes:
+            reason = "storage_full"
+            message = f"{storage} bytes exceed the {plan.name} plan's {plan.storage_bytes} bytes of storage"
+        if reason is None and credits is not None and state.available < credits:
+            reason = "insufficient_credits"
+            message = f"{state.available} credits available, {credits} needed"
+        return CheckResult.model_construct(
+            user_id=user,
+            allowed=reason is None,
+            reason=reason,
+            message=message,
+            plan=plan.name,
+            status="none" if s is None else str(s.status),
+            feature=feature,
+            requested_credits=credits,
+            available_credits=state.available,
+            use_limit=figures.get("use_limit"),
+            uses=figures.get("uses"),
+            uses_left=figures.get("uses_left"),
+            period=figures.get("period"),
+            period_start=figures.get("period_start"),
+            period_end=figures.get("period_end"),
+            queue_count=plan.queue_count,
+            queued_jobs=jobs,
+            storage_bytes=plan.storage_bytes,
+            storage_used_bytes=storage,
+            use_recorded=False,
+            replayed=False,
+            as_of=now,
+            state_as_of=state.loaded_at,
+        )
+
+    def record_use(self, user_id: object, feature: object, *, key: object, uses: object = 1) -> Receipt:
+        command = RecordUse(key=key, user_id=user_id, feature=feature, uses=uses)  # type: ignore[arg-type]
+        self._require_known(command.feature, self._now(), timedelta(seconds=DEFAULT_MAX_AGE_S))
+        return self._execute(command)
+
+
+_PLAN_TOPICS = f"{Plan.TOPIC}."
+
+
+def _next_change(account: CreditAccount) -> datetime | None:
+    """When the account next changes by itself: the first hold's or block's expiry."""
+    moments = [h.expires_at for h in account.holds.values()]
+    moments.extend(b.expires_at for b in account.blocks.values() if b.expires_at is not None)
+    return min(moments, default=None)
+
+
+def _bounded_int(value: object, name: str, limit: int) -> int:
+    if type(value) is not int or not 0 <= value <= limit:
+        raise InvalidArgument(f"{name} must be an int within 0..{limit}, got {value!r}", param=name)
+    return value
+
+
+def _max_age(value: object) -> timedelta:
+    if value is None:
+        return timedelta(seconds=DEFAULT_MAX_AGE_S)
+    if type(value) not in (int, float) or not 0 <= value <= MAX_AGE_LIMIT_S:  # type: ignore[operator]
+        raise InvalidArgument(f"max_age_s must be a number within 0..{MAX_AGE_LIMIT_S:g}, got {value!r}", param="max_age_s")
+    return timedelta(seconds=float(value))  # type: ignore[arg-type]
