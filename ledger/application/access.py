@@ -142,9 +142,10 @@ class RecordUse(Command):
         slot = unit.aggregate(slot_id_for(user), SubscriberSlot)
         s: Subscription | None = None
         terms: PlanTerms | None = None
-        if slot is not None and slot.live is not None:
-            unit.prefetch([slot.live])
-            s = unit.aggregate(slot.live, Subscription)
+        shown = _shown_subscription(slot)
+        if shown is not None:
+            unit.prefetch([shown])
+            s = unit.aggregate(shown, Subscription)
         if s is not None:
             unit.prefetch([plan_id_for(s.plan)])
             plan = unit.aggregate(plan_id_for(s.plan), Plan)
@@ -238,7 +239,7 @@ class Checks:
         if (
             state is not None
             and state.catalog == self._catalog
-            and state.loaded_at <= now <= state.loaded_at + max_age
+            and state.loaded_at <= now < state.loaded_at + max_age
             and (state.changes_at is None or now < state.changes_at)
         ):
             return state
@@ -267,9 +268,10 @@ class Checks:
         slot = found.get(slot_id)
         s: Subscription | None = None
         terms: PlanTerms | None = None
-        if isinstance(slot, SubscriberSlot) and slot.live is not None:
-            mark = min(mark, self._watch(user, slot.live))
-            loaded = self.reader.load([slot.live]).get(slot.live)
+        shown = _shown_subscription(slot) if isinstance(slot, SubscriberSlot) else None
+        if shown is not None:
+            mark = min(mark, self._watch(user, shown))
+            loaded = self.reader.load([shown]).get(shown)
             s = loaded if isinstance(loaded, Subscription) else None
         if s is not None:
             plan = self.reader.load([plan_id_for(s.plan)], snapshots=False).get(plan_id_for(s.plan))
@@ -312,7 +314,7 @@ class Checks:
         known, read = self._features, self._features_read
         if known is not None and feature in known:
             return
-        fresh = read is not None and read[0] == self._catalog and read[1] <= now <= read[1] + max_age
+        fresh = read is not None and read[0] == self._catalog and read[1] <= now < read[1] + max_age
         if known is None or not fresh:
             catalog = self._catalog
             known = self.known_features()
@@ -464,6 +466,14 @@ class Checks:
 
 
 _PLAN_TOPICS = f"{Plan.TOPIC}."
+
+
+def _shown_subscription(slot: SubscriberSlot | None) -> UUID | None:
+    """The subscription a check decides by: the live one, else the one that
+    expired last (its status says why the plan is not in force)."""
+    if slot is None:
+        return None
+    return slot.live if slot.live is not None else getattr(slot, "last", None)
 
 
 def _next_change(account: CreditAccount) -> datetime | None:

@@ -391,6 +391,10 @@ class SubscriberSlot(Aggregate, created_event_name="Opened"):
     def __init__(self, user_id: UUID) -> None:
         self.user_id = user_id
         self.live: UUID | None = None
+        #: The subscription freed last (expired), if any: what a check names
+        #: when the user is back on the free tier. Not stored: derived from
+        #: Freed, so slots recorded before it know it too.
+        self.last: UUID | None = None
 
     class Taken(Event):
         TOPIC = f"{TOPIC_PREFIX}:SubscriberSlot.Taken"
@@ -405,6 +409,7 @@ class SubscriberSlot(Aggregate, created_event_name="Opened"):
 
         def apply(self, slot: SubscriberSlot) -> None:
             slot.live = None
+            slot.last = self.subscription_id
 
 
 # -- the state machine -------------------------------------------------------------
@@ -614,6 +619,9 @@ class Subscription(Aggregate, created_event_name="Started"):
         granted_credits: int
 
         def apply(self, s: Subscription) -> None:
+            # The period renewed from, derived (not stored): a renewal ahead
+            # of the period's end leaves it in force until the new one starts.
+            s.prior_period_start = s.period_start
             s.period_start, s.period_end = self.period_start, self.period_end
             s.plan_revision = self.plan_revision
             s.periods += 1

@@ -143,9 +143,16 @@ def feature_refusal(
 
 def usage_period(limit: UsageLimit, s: Subscription | None, now: datetime) -> tuple[datetime, datetime]:
     """The period uses are counted in at ``now``: the entitled subscription's
-    current period (``s`` is None on the free tier), else the calendar month."""
-    if limit.period == SUBSCRIPTION_PERIOD and s is not None and s.period_start <= now < s.period_end:
-        return s.period_start, s.period_end
+    period in force (``s`` is None on the free tier), else the calendar month.
+    The period in force is the current one from its start on (until it is
+    renewed, even past its end), and the one renewed from before that (a
+    renewal recorded ahead of the period's end)."""
+    if limit.period == SUBSCRIPTION_PERIOD and s is not None:
+        if s.period_start <= now:
+            return s.period_start, s.period_end
+        prior: datetime | None = getattr(s, "prior_period_start", None)
+        if prior is not None and prior <= now:
+            return prior, s.period_start
     return calendar_month(now)
 
 
