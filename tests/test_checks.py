@@ -435,3 +435,17 @@ def _terms_fields(terms: PlanTerms) -> dict[str, object]:
         "tier_level": terms.tier_level,
         "features": terms.features,
     }
+
+
+def test_a_result_is_the_model_pydantic_would_build(metered: Ledger) -> None:
+    _subscribe(metered)
+    for kwargs in ({"feature": "api_calls", "credits": 5}, {"feature": "lora_training"}, {"credits": 10**6}):
+        result = metered.check(USER, **kwargs)  # type: ignore[arg-type]
+        built = CheckResult.model_construct(**result.model_dump())
+        assert result == built and repr(result) == repr(built)
+        assert result.model_dump_json() == built.model_dump_json()
+        assert CheckResult.model_validate_json(result.model_dump_json()) == result
+        assert result.model_fields_set == built.model_fields_set
+        with pytest.raises(Exception, match="frozen"):
+            result.allowed = not result.allowed  # type: ignore[misc]
+        assert result.model_copy(update={"allowed": False}).allowed is False

@@ -33,6 +33,7 @@ from ledger.domain.plans import FREE_PLAN, MAX_BIGINT, MAX_INT, Plan, PlanTerms,
 from ledger.domain.subscriptions import SubscriberSlot, Subscription, slot_id_for
 from ledger.domain.usage import (
     UsageCounter,
+    UsageLimit,
     check_feature_name,
     check_uses,
     counter_id_for,
@@ -179,7 +180,22 @@ class _State:
     subscription: Subscription | None
     terms: PlanTerms | None
     #: Uses counted per (feature, period start).
-    counters: dict[tuple[str, datetime], int]
+    counters: dict[tuple[str, datetime], int] = field(default_factory=dict)
+    #: The plan in force as of ``loaded_at`` (None: the free tier). It can
+    #: change by itself only at ``changes_at`` (a cancelled period's end).
+    in_force: PlanTerms | None = None
+    #: Per feature: why the plan in force refuses it (None), or its limit.
+    features: dict[str, FeatureNotEntitled | UsageLimit] = field(default_factory=dict)
+
+    def feature(self, user: UUID, feature: str) -> FeatureNotEntitled | UsageLimit:
+        decided = self.features.get(feature)
+        if decided is None:
+            plan = self.in_force or FREE_PLAN
+            decided = feature_refusal(user, feature, self.subscription, self.in_force, FREE_PLAN) or usage_limit_of(
+                plan.features[feature].config, f"plan {plan.name}, feature {feature!r}"
+            )
+            self.features[feature] = decided
+        return decided
 
 
 class Checks:
@@ -278,7 +294,7 @@ class Checks:
             terms = plan.terms if isinstance(plan, Plan) else None
             ends = [t for t in (s.period_end, s.trial_ends_at) if t is not None and t > now]
             changes_at = min([*ends, *([changes_at] if changes_at else [])], default=changes_at)
-        state = _State(now, changes_at, catalog, available, s, terms, {})
+        state = _State(now, changes_at, catalog, available, s, terms, in_force=plan_in_force(s, terms, now))
         with self._lock:
             if self._changes == mark and self._catalog == catalog:
                 if len(self._users) >= MAX_CACHED_USERS:
@@ -336,10 +352,16 @@ class Checks:
         record_use_key: object = None,
         max_age_s: object = None,
     ) -> CheckResult:
-        user = check_user_id(user_id)
-        name = None if feature is None else check_feature_name(feature)
+        user = user_id if type(user_id) is UUID and user_id.int else check_user_id(user_id)
+        known = self._features
+        if feature is None:
+            name = None
+        elif type(feature) is str and known is not None and feature in known:
+            name = feature  # a name a plan carries: checked when the plan was defined
+        else:
+            name = check_feature_name(feature)
         wanted = None if credits is None else check_amount(credits, "credits")
-        count = check_uses(uses)
+        count = 1 if uses == 1 and type(uses) is int else check_uses(uses)
         jobs = None if queued_jobs is None else _bounded_int(queued_jobs, "queued_jobs", MAX_INT)
         storage = None if storage_used_bytes is None else _bounded_int(storage_used_bytes, "storage_used_bytes", MAX_BIGINT)
         key = None if record_use_key is None else check_key(record_use_key)
@@ -398,33 +420,24 @@ class Checks:
         storage: int | None,
     ) -> CheckResult:
         s = state.subscription
-        in_force = plan_in_force(s, state.terms, now)
+        in_force = state.in_force
         plan = in_force or FREE_PLAN
         reason: str | None = None
         message: str | None = None
-        figures: dict[str, Any] = {}
+        limit: int | None = None
+        used = left = period = start = end = None
         if feature is not None:
-            refusal = feature_refusal(user, feature, s, in_force, FREE_PLAN)
-            if refusal is not None:
-                reason, message = refusal.reason, refusal.detail
+            decided = state.feature(user, feature)
+            if isinstance(decided, FeatureNotEntitled):
+                reason, message = decided.reason, decided.detail
             else:
-                limit = usage_limit_of(plan.features[feature].config, f"plan {plan.name}, feature {feature!r}")
-                start, end = usage_period(limit, s if in_force is not None else None, now)
+                start, end = usage_period(decided, s if in_force is not None else None, now)
                 used = self._uses(user, state, feature, start)
-                figures = {
-                    "use_limit": limit.uses_per_period,
-                    "uses": used,
-                    "uses_left": uses_left(limit.uses_per_period, used),
-                    "period": limit.period,
-                    "period_start": start,
-                    "period_end": end,
-                }
-                if limit.uses_per_period is not None and used + uses > limit.uses_per_period:
+                limit, period = decided.uses_per_period, decided.period
+                left = uses_left(limit, used)
+                if limit is not None and used + uses > limit:
                     reason = "use_limit_reached"
-                    message = (
-                        f"{feature!r} used {used} of {limit.uses_per_period} times this period "
-                        f"(until {end.isoformat()})"
-                    )
+                    message = f"{feature!r} used {used} of {limit} times this period (until {end.isoformat()})"
         if reason is None and jobs is not None and jobs >= plan.queue_count:
             reason, message = "queue_full", f"{jobs} jobs queued; the {plan.name} plan runs {plan.queue_count} at a time"
         if reason is None and storage is not None and storage > plan.storage_bytes:
@@ -433,30 +446,32 @@ class Checks:
         if reason is None and credits is not None and state.available < credits:
             reason = "insufficient_credits"
             message = f"{state.available} credits available, {credits} needed"
-        return CheckResult.model_construct(
-            user_id=user,
-            allowed=reason is None,
-            reason=reason,
-            message=message,
-            plan=plan.name,
-            status="none" if s is None else str(s.status),
-            feature=feature,
-            requested_credits=credits,
-            available_credits=state.available,
-            use_limit=figures.get("use_limit"),
-            uses=figures.get("uses"),
-            uses_left=figures.get("uses_left"),
-            period=figures.get("period"),
-            period_start=figures.get("period_start"),
-            period_end=figures.get("period_end"),
-            queue_count=plan.queue_count,
-            queued_jobs=jobs,
-            storage_bytes=plan.storage_bytes,
-            storage_used_bytes=storage,
-            use_recorded=False,
-            replayed=False,
-            as_of=now,
-            state_as_of=state.loaded_at,
+        return _result(
+            {
+                "user_id": user,
+                "allowed": reason is None,
+                "reason": reason,
+                "message": message,
+                "plan": plan.name,
+                "status": "none" if s is None else str(s.status),
+                "feature": feature,
+                "requested_credits": credits,
+                "available_credits": state.available,
+                "use_limit": limit,
+                "uses": used,
+                "uses_left": left,
+                "period": period,
+                "period_start": start,
+                "period_end": end,
+                "queue_count": plan.queue_count,
+                "queued_jobs": jobs,
+                "storage_bytes": plan.storage_bytes,
+                "storage_used_bytes": storage,
+                "use_recorded": False,
+                "replayed": False,
+                "as_of": now,
+                "state_as_of": state.loaded_at,
+            }
         )
 
     def record_use(self, user_id: object, feature: object, *, key: object, uses: object = 1) -> Receipt:
@@ -466,6 +481,19 @@ class Checks:
 
 
 _PLAN_TOPICS = f"{Plan.TOPIC}."
+_RESULT_FIELDS = frozenset(CheckResult.model_fields)
+
+
+def _result(values: dict[str, Any]) -> CheckResult:
+    """A CheckResult of checked values (every field, in declaration order),
+    as ``model_construct`` makes one, minus its per-field pass: that pass was
+    half of a cached check's cost. tests/test_checks.py compares the two."""
+    result = object.__new__(CheckResult)
+    object.__setattr__(result, "__dict__", values)
+    object.__setattr__(result, "__pydantic_fields_set__", set(_RESULT_FIELDS))
+    object.__setattr__(result, "__pydantic_extra__", None)
+    object.__setattr__(result, "__pydantic_private__", None)
+    return result
 
 
 def _shown_subscription(slot: SubscriberSlot | None) -> UUID | None:
@@ -489,9 +517,12 @@ def _bounded_int(value: object, name: str, limit: int) -> int:
     return value
 
 
+_DEFAULT_MAX_AGE = timedelta(seconds=DEFAULT_MAX_AGE_S)
+
+
 def _max_age(value: object) -> timedelta:
     if value is None:
-        return timedelta(seconds=DEFAULT_MAX_AGE_S)
+        return _DEFAULT_MAX_AGE
     if type(value) not in (int, float) or not 0 <= value <= MAX_AGE_LIMIT_S:  # type: ignore[operator]
         raise InvalidArgument(f"max_age_s must be a number within 0..{MAX_AGE_LIMIT_S:g}, got {value!r}", param="max_age_s")
     return timedelta(seconds=float(value))  # type: ignore[arg-type]
