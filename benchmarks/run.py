@@ -41,6 +41,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import webhooks as webhook_bench  # noqa: E402  (benchmarks/webhooks.py, beside this file)
+import checks as check_bench  # noqa: E402  (benchmarks/checks.py, beside this file)
 
 import ledger as ledger_package  # noqa: E402
 from ledger import (  # noqa: E402
@@ -1030,6 +1031,13 @@ def report_targets(figures: dict[str, float]) -> None:
             f"{figures['rebuild_peak_rss_mb']:,.0f} MiB over {figures['projected_events']:,.0f} projected events",
         ),
     ]
+    checks.append(
+        (
+            f"check_per_s >= {check_bench.TARGET_CHECKS_PER_S:,.0f}",
+            figures["check_per_s"] >= check_bench.TARGET_CHECKS_PER_S,
+            f"{figures['check_per_s']:,.0f} (uncached {figures['check_uncached_per_s']:,.0f})",
+        )
+    )
     say("targets:")
     for label, met, value in checks:
         say(f"  {'met   ' if met else 'MISSED'}  {label}  ({value})")
@@ -1088,6 +1096,7 @@ def run(sizes: Sizes, timeout_s: float, *, analyze: bool = False) -> dict[str, f
         with Ledger(url) as ledger:
             figures = measure(ledger, url, schema, sizes, watchdog, analyze=analyze)
         figures.update(webhook_figures(base, sizes, figures["raw_insert_commit_per_s"], watchdog))
+        figures.update(check_figures(base, sizes, watchdog))
     except Exception:
         if watchdog.fired.is_set():
             say(f"!! aborted by the watchdog after {timeout_s:.0f} s (a call hung or the run was too slow)")
@@ -1121,6 +1130,18 @@ def webhook_figures(base: str, sizes: Sizes, raw_per_s: float, watchdog: Watchdo
         "webhooks_per_s_sequential": found["webhooks_per_s_sequential"],
         "webhook_commands_per_shared_transaction": found["commands_per_shared_transaction"],
     }
+
+
+def check_figures(base: str, sizes: Sizes, watchdog: Watchdog) -> dict[str, Any]:
+    """benchmarks/checks.py's figures (``Ledger.check``), on a schema of their own."""
+    schema = f"bench_chk_{uuid.uuid4().hex[:12]}"
+    counts = check_bench.QUICK if sizes.commands <= Sizes.quick().commands else check_bench.FULL
+    try:
+        with timed("checks", watchdog.check):
+            found = check_bench.run(base, schema, dict(counts), say)
+    finally:
+        drop_schema(base, schema)
+    return {name: found[name] for name in ("check_per_s", "check_uncached_per_s", "record_use_per_s")}
 
 
 def main(argv: list[str] | None = None) -> int:
