@@ -38,7 +38,7 @@ from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ledger import DEFAULT_CATALOG, Feature, Ledger, ManualClock, PlanTerms  # noqa: E402
+from ledger import DEFAULT_CATALOG, Feature, Ledger, ManualClock, PlanTerms
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 TARGET_CHECKS_PER_S = 20_000.0

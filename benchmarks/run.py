@@ -40,8 +40,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-import webhooks as webhook_bench  # noqa: E402  (benchmarks/webhooks.py, beside this file)
 import checks as check_bench  # noqa: E402  (benchmarks/checks.py, beside this file)
+import webhooks as webhook_bench  # noqa: E402  (benchmarks/webhooks.py, beside this file)
 
 import ledger as ledger_package  # noqa: E402
 from ledger import (  # noqa: E402

@@ -156,7 +156,9 @@ class RecordUse(Command):
         if refusal is not None:
             raise refusal
         plan_terms = in_force or FREE_PLAN
-        limit = usage_limit_of(plan_terms.features[self.feature].config, f"plan {plan_terms.name}, feature {self.feature!r}")
+        limit = usage_limit_of(
+            plan_terms.features[self.feature].config, f"plan {plan_terms.name}, feature {self.feature!r}"
+        )
         period = usage_period(limit, s if in_force is not None else None, now)
         counter_id = counter_id_for(user, self.feature, period[0])
         unit.prefetch([counter_id])
@@ -235,7 +237,7 @@ class Checks:
         with self._lock:
             for recording in recordings:
                 notification = recording.notification
-                user = self._deps.get(notification.originator_id)
+                user = self._deps.get(UUID(str(notification.originator_id)))
                 if user is not None:
                     self._users.pop(user, None)
                     self._changes += 1
@@ -363,7 +365,9 @@ class Checks:
         wanted = None if credits is None else check_amount(credits, "credits")
         count = 1 if uses == 1 and type(uses) is int else check_uses(uses)
         jobs = None if queued_jobs is None else _bounded_int(queued_jobs, "queued_jobs", MAX_INT)
-        storage = None if storage_used_bytes is None else _bounded_int(storage_used_bytes, "storage_used_bytes", MAX_BIGINT)
+        storage = (
+            None if storage_used_bytes is None else _bounded_int(storage_used_bytes, "storage_used_bytes", MAX_BIGINT)
+        )
         key = None if record_use_key is None else check_key(record_use_key)
         age = _max_age(max_age_s)
         if name is None and wanted is None and jobs is None and storage is None:
@@ -439,7 +443,10 @@ class Checks:
                     reason = "use_limit_reached"
                     message = f"{feature!r} used {used} of {limit} times this period (until {end.isoformat()})"
         if reason is None and jobs is not None and jobs >= plan.queue_count:
-            reason, message = "queue_full", f"{jobs} jobs queued; the {plan.name} plan runs {plan.queue_count} at a time"
+            reason, message = (
+                "queue_full",
+                f"{jobs} jobs queued; the {plan.name} plan runs {plan.queue_count} at a time",
+            )
         if reason is None and storage is not None and storage > plan.storage_bytes:
             reason = "storage_full"
             message = f"{storage} bytes exceed the {plan.name} plan's {plan.storage_bytes} bytes of storage"
@@ -524,5 +531,7 @@ def _max_age(value: object) -> timedelta:
     if value is None:
         return _DEFAULT_MAX_AGE
     if type(value) not in (int, float) or not 0 <= value <= MAX_AGE_LIMIT_S:  # type: ignore[operator]
-        raise InvalidArgument(f"max_age_s must be a number within 0..{MAX_AGE_LIMIT_S:g}, got {value!r}", param="max_age_s")
+        raise InvalidArgument(
+            f"max_age_s must be a number within 0..{MAX_AGE_LIMIT_S:g}, got {value!r}", param="max_age_s"
+        )
     return timedelta(seconds=float(value))  # type: ignore[arg-type]

@@ -61,6 +61,7 @@ from ledger.domain.subscriptions import (
     provider_states,
     subscription_id_for,
 )
+from ledger.domain.usage import check_usage_terms
 from ledger.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -420,6 +421,7 @@ class DefinePlan(Command):
     def __post_init__(self) -> None:
         self._normalise("key", check_key(self.key))
         check_terms(self.terms)
+        check_usage_terms(self.terms)
         self._normalise("actor", check_optional_text(self.actor, "actor", MAX_LABEL_LENGTH))
 
     def apply(self, unit: UnitOfWork) -> Receipt:

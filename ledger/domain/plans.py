@@ -270,15 +270,7 @@ def check_terms(terms: object) -> PlanTerms:
             if not isinstance(feature.config, dict):
                 raise InvalidArgument(f"feature {key!r}: config must be a dict or None", param="features")
             _check_json(feature.config, f"feature {key!r} config", 0)
-            _check_usage(key, feature.config)
     return terms
-
-
-def _check_usage(key: str, config: dict[str, Any]) -> None:
-    """A limit on uses in the config is one the ledger can count by (``domain.usage``)."""
-    from ledger.domain.usage import check_usage_config  # usage builds on plans
-
-    check_usage_config(key, config)
 
 
 def _check_provider_ids(mapping: object) -> None:

@@ -559,6 +559,8 @@ class Subscription(Aggregate, created_event_name="Started"):
         self.paused_at: datetime | None = None
         self.ended_at: datetime | None = None
         self.periods = 1
+        #: The start of the period renewed from (derived from Renewed, not stored).
+        self.prior_period_start: datetime | None = None
         #: The provider's updated_at of the newest snapshot applied (Synced).
         self.source_updated_at: datetime | None = None
         #: What a resume returns to (a cancel can come from active, past_due,

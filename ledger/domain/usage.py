@@ -93,6 +93,13 @@ def check_usage_config(key: str, config: object) -> None:
         raise InvalidArgument(str(exc), param="features") from None
 
 
+def check_usage_terms(terms: PlanTerms) -> None:
+    """Raises InvalidArgument (param ``features``) when a feature of the
+    terms holds a limit the ledger cannot count by (DefinePlan runs it)."""
+    for key, feature in terms.features.items():
+        check_usage_config(key, feature.config)
+
+
 def check_feature_name(value: object, name: str = "feature") -> str:
     """A feature's name as plans carry it: non-empty text of at most 50
     characters (the seed's ``plan_features.feature_key`` VARCHAR(50))."""
@@ -109,7 +116,11 @@ def calendar_month(now: datetime) -> tuple[datetime, datetime]:
     """The UTC calendar month holding ``now``: its first instant and the next month's."""
     now = now.astimezone(UTC)
     start = datetime(now.year, now.month, 1, tzinfo=UTC)
-    end = datetime(now.year + 1, 1, 1, tzinfo=UTC) if now.month == 12 else datetime(now.year, now.month + 1, 1, tzinfo=UTC)
+    end = (
+        datetime(now.year + 1, 1, 1, tzinfo=UTC)
+        if now.month == 12
+        else datetime(now.year, now.month + 1, 1, tzinfo=UTC)
+    )
     return start, end
 
 
@@ -197,9 +208,7 @@ class UsageCounter(Aggregate, created_event_name="Opened"):
             counter.uses += self.uses
 
     @classmethod
-    def open(
-        cls, user_id: UUID, feature: str, period: tuple[datetime, datetime], now: datetime
-    ) -> UsageCounter:
+    def open(cls, user_id: UUID, feature: str, period: tuple[datetime, datetime], now: datetime) -> UsageCounter:
         start, end = period
         return cls._create(
             cls.Opened,
