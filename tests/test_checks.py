@@ -449,3 +449,81 @@ def test_a_result_is_the_model_pydantic_would_build(metered: Ledger) -> None:
         with pytest.raises(Exception, match="frozen"):
             result.allowed = not result.allowed  # type: ignore[misc]
         assert result.model_copy(update={"allowed": False}).allowed is False
+
+
+def test_the_audit_finds_nothing_wrong_with_recorded_uses(metered: Ledger) -> None:
+    from ledger import audit
+
+    _subscribe(metered)
+    metered.record_use(USER, "api_calls", key="a1")
+    metered.check(USER, feature="api_calls", record_use_key="a2")
+    metered.record_use(USER, "sd_models", key="a3", uses=7)
+    metered.record_use(USER, "api_calls", key="a1")  # a replay
+    metered.views.catch_up()
+    report = audit(metered)
+    assert report.findings == [], report.findings
+
+
+def test_a_use_recorded_by_another_ledger_shows_after_max_age(durable_url: str) -> None:
+    clock = ManualClock(datetime(2026, 1, 1, tzinfo=UTC))
+    with Ledger(durable_url, clock=clock) as writer, Ledger(durable_url, clock=clock) as reader:
+        writer.define_plan(METERED)
+        _subscribe(writer)
+        assert reader.check(USER, feature="api_calls").uses_left == 2
+        writer.record_use(USER, "api_calls", key="w1", uses=2)
+        assert reader.check(USER, feature="api_calls").uses_left == 2  # cached
+        # The command decides on the store, not on the reader's cache.
+        with pytest.raises(UseLimitReached):
+            reader.record_use(USER, "api_calls", key="r1")
+        # ... and the refusal dropped nothing it should not have; a fresh read agrees.
+        assert reader.check(USER, feature="api_calls", max_age_s=0).uses_left == 0
+        clock.advance(timedelta(seconds=2))
+        assert not reader.check(USER, feature="api_calls")
+
+
+def test_a_plan_change_moves_the_feature_and_limit_at_once(metered: Ledger) -> None:
+    sub = _subscribe(metered, "starter")
+    assert metered.check(USER, feature="flux_model").reason == "feature_not_in_plan"
+    metered.change_plan(sub, "pro", key="upgrade")
+    upgraded = metered.check(USER, feature="flux_model")
+    assert (upgraded.allowed, upgraded.plan) == (True, "pro")
+
+
+def test_a_void_pause_is_inactive_and_a_free_pause_keeps_the_plan(metered: Ledger) -> None:
+    sub = _subscribe(metered)
+    metered.pause_subscription(sub, key="pause", mode="void")
+    paused = metered.check(USER, feature="sd_models")
+    assert (paused.reason, paused.status, paused.plan) == ("subscription_inactive", "paused", "free")
+    metered.unpause_subscription(sub, key="unpause")
+    metered.pause_subscription(sub, key="pause-free", mode="free")
+    assert metered.check(USER, feature="sd_models").allowed
+
+
+def test_a_cancelled_subscription_keeps_its_plan_until_the_period_ends(metered: Ledger, clock: ManualClock) -> None:
+    sub = _subscribe(metered)
+    metered.cancel_subscription(sub, key="cancel")
+    end = metered.subscription(sub).current_period_end
+    assert metered.check(USER, feature="sd_models", max_age_s=3600).allowed
+    clock.set(end)  # the cached state ends with the period, whatever max_age_s
+    ended = metered.check(USER, feature="sd_models", max_age_s=3600)
+    assert (ended.allowed, ended.reason, ended.status) == (False, "subscription_inactive", "cancelled")
+
+
+def test_record_use_in_a_batch_is_all_or_nothing(metered: Ledger) -> None:
+    from ledger import BatchRejected, GrantCredits
+
+    _subscribe(metered)
+    head = _log_head(metered)
+    with pytest.raises(BatchRejected) as caught:
+        metered.execute_batch(
+            [
+                GrantCredits(key="b-grant", user_id=USER, amount_credits=5, kind="bonus"),  # type: ignore[arg-type]
+                RecordUse(key="b1", user_id=USER, feature="api_calls", uses=2),
+                RecordUse(key="b2", user_id=USER, feature="api_calls"),
+            ]
+        )
+    assert isinstance(caught.value.cause, UseLimitReached) and caught.value.index == 2
+    assert _log_head(metered) == head
+    receipts = metered.execute_batch([RecordUse(key="b1", user_id=USER, feature="api_calls", uses=2)])
+    assert receipts[0].command == "record_use"
+    assert metered.check(USER, feature="api_calls").uses == 2

@@ -400,11 +400,20 @@ class Checks:
             return result  # refused, and not recorded before under this key
         try:
             receipt = self._execute(RecordUse(key=key, user_id=user, feature=feature, uses=uses))
-        except (FeatureNotEntitled, UseLimitReached):
+        except (FeatureNotEntitled, UseLimitReached) as exc:
             # Another writer took the last use (or the plan changed) after
             # the read: the command's decision, on the committed state, stands.
             now = self._now()
-            return self._decide(user, self._load(user, now), now, feature, credits, uses, jobs, storage)
+            fresh = self._decide(user, self._load(user, now), now, feature, credits, uses, jobs, storage)
+            if isinstance(exc, FeatureNotEntitled):
+                refusal = {"reason": exc.reason, "message": exc.detail}
+            else:
+                refusal = {
+                    "reason": "use_limit_reached",
+                    "message": f"{feature!r} used {exc.used} of {exc.limit} times this period "
+                    f"(until {exc.period_end.isoformat()})",
+                }
+            return fresh.model_copy(update={"allowed": False, **refusal})
         now = self._now()
         after = self._decide(user, self._load(user, now), now, feature, credits, 0, jobs, storage)
         return after.model_copy(
