@@ -527,3 +527,23 @@ def test_record_use_in_a_batch_is_all_or_nothing(metered: Ledger) -> None:
     receipts = metered.execute_batch([RecordUse(key="b1", user_id=USER, feature="api_calls", uses=2)])
     assert receipts[0].command == "record_use"
     assert metered.check(USER, feature="api_calls").uses == 2
+
+
+def test_a_feature_another_ledger_defines_is_known_after_the_rescan_interval(
+    durable_url: str,
+) -> None:
+    from ledger.application.access import FEATURE_RESCAN_S
+
+    clock = ManualClock(datetime(2026, 1, 1, tzinfo=UTC))
+    with Ledger(durable_url, clock=clock) as admin, Ledger(durable_url, clock=clock) as web:
+        admin.install_default_catalog()
+        with pytest.raises(UnknownFeature):
+            web.check(USER, feature="api_calls")
+        admin.define_plan(METERED)  # another process adds the feature
+        with pytest.raises(UnknownFeature):
+            web.check(USER, feature="api_calls")  # not read again yet: misspelt names cost no scan
+        clock.advance(timedelta(seconds=FEATURE_RESCAN_S))
+        assert web.check(USER, feature="api_calls").reason == "feature_not_in_plan"
+        # A plan defined here is known at once.
+        web.define_plan(PlanTerms(**{**_terms_fields(METERED), "name": "local", "features": {"x_y": Feature(True)}}))
+        assert web.check(USER, feature="x_y").reason == "feature_not_in_plan"

@@ -51,6 +51,10 @@ from ledger.storage.streams import StreamReader
 DEFAULT_MAX_AGE_S = 1.0
 #: The most a caller may let it be.
 MAX_AGE_LIMIT_S = 3600.0
+#: How often a feature name that no plan read so far carries makes the
+#: catalog be read again, at most (seconds).
+FEATURE_RESCAN_S = 60.0
+_FEATURE_RESCAN = timedelta(seconds=FEATURE_RESCAN_S)
 #: Users whose state the cache keeps; past it the cache starts afresh.
 MAX_CACHED_USERS = 100_000
 
@@ -294,6 +298,8 @@ class Checks:
         if s is not None:
             plan = self.reader.load([plan_id_for(s.plan)], snapshots=False).get(plan_id_for(s.plan))
             terms = plan.terms if isinstance(plan, Plan) else None
+            if terms is not None:
+                self._learn(terms)
             ends = [t for t in (s.period_end, s.trial_ends_at) if t is not None and t > now]
             changes_at = min([*ends, *([changes_at] if changes_at else [])], default=changes_at)
         state = _State(now, changes_at, catalog, available, s, terms, in_force=plan_in_force(s, terms, now))
@@ -328,17 +334,29 @@ class Checks:
             names.update(terms.get("features") or {})
         return frozenset(names)
 
-    def _require_known(self, feature: str, now: datetime, max_age: timedelta) -> None:
+    def _require_known(self, feature: str, now: datetime) -> None:
+        """Raises UnknownFeature for a name no plan carries. The catalog is
+        read when first needed, at once after this ledger saves a plan, and
+        again for a name not among those read at most every
+        FEATURE_RESCAN_S (a read of the catalog scans the log's plan events;
+        a stream of misspelt names must not repeat it)."""
         known, read = self._features, self._features_read
         if known is not None and feature in known:
             return
-        fresh = read is not None and read[0] == self._catalog and read[1] <= now < read[1] + max_age
+        fresh = read is not None and read[0] == self._catalog and read[1] <= now < read[1] + _FEATURE_RESCAN
         if known is None or not fresh:
             catalog = self._catalog
             known = self.known_features()
             self._features, self._features_read = known, (catalog, now)
         if feature not in known:
             raise UnknownFeature(feature, tuple(sorted(known)))
+
+    def _learn(self, terms: PlanTerms) -> None:
+        """Adds the features of terms a state was read with (a plan another
+        process defined shows here before a rescan)."""
+        known = self._features
+        if known is not None and not known.issuperset(terms.features):
+            self._features = known.union(terms.features)
 
     # -- checks ----------------------------------------------------------------------
 
@@ -378,7 +396,7 @@ class Checks:
             raise InvalidArgument("record_use_key records a use of a feature: give feature too", param="feature")
         now = self._now()
         if name is not None:
-            self._require_known(name, now, age)
+            self._require_known(name, now)
         if key is None:
             return self._decide(user, self._state(user, now, age), now, name, wanted, count, jobs, storage)
         assert name is not None
@@ -492,7 +510,7 @@ class Checks:
 
     def record_use(self, user_id: object, feature: object, *, key: object, uses: object = 1) -> Receipt:
         command = RecordUse(key=key, user_id=user_id, feature=feature, uses=uses)  # type: ignore[arg-type]
-        self._require_known(command.feature, self._now(), timedelta(seconds=DEFAULT_MAX_AGE_S))
+        self._require_known(command.feature, self._now())
         return self._execute(command)
 
 
