@@ -8,9 +8,12 @@ import pickle
 import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ledger import (
     CheckResult,
@@ -218,7 +221,7 @@ def test_a_check_without_a_use_to_record_records_nothing(metered: Ledger) -> Non
         {"credits": 10_000},
         {"feature": "sd_models", "credits": 1, "queued_jobs": 0, "storage_used_bytes": 1},
     ):
-        metered.check(USER, max_age_s=0, **kwargs)  # type: ignore[arg-type]
+        metered.check(USER, max_age_s=0, **kwargs)
     metered.check(uuid4(), credits=1)  # no account, no slot: nothing is opened either
     assert _log_head(metered) == head
     assert [e.type for e in metered.history(USER)] == events
@@ -423,7 +426,7 @@ def test_errors_and_results_survive_pickling(metered: Ledger) -> None:
     assert CheckResult.model_validate(result.model_dump()) == result
 
 
-def _terms_fields(terms: PlanTerms) -> dict[str, object]:
+def _terms_fields(terms: PlanTerms) -> dict[str, Any]:
     return {
         "name": terms.name,
         "display_name": terms.display_name,
@@ -440,14 +443,14 @@ def _terms_fields(terms: PlanTerms) -> dict[str, object]:
 def test_a_result_is_the_model_pydantic_would_build(metered: Ledger) -> None:
     _subscribe(metered)
     for kwargs in ({"feature": "api_calls", "credits": 5}, {"feature": "lora_training"}, {"credits": 10**6}):
-        result = metered.check(USER, **kwargs)  # type: ignore[arg-type]
+        result = metered.check(USER, **kwargs)
         built = CheckResult.model_construct(**result.model_dump())
         assert result == built and repr(result) == repr(built)
         assert result.model_dump_json() == built.model_dump_json()
         assert CheckResult.model_validate_json(result.model_dump_json()) == result
         assert result.model_fields_set == built.model_fields_set
         with pytest.raises(Exception, match="frozen"):
-            result.allowed = not result.allowed  # type: ignore[misc]
+            result.allowed = not result.allowed
         assert result.model_copy(update={"allowed": False}).allowed is False
 
 
@@ -547,3 +550,62 @@ def test_a_feature_another_ledger_defines_is_known_after_the_rescan_interval(
         # A plan defined here is known at once.
         web.define_plan(PlanTerms(**{**_terms_fields(METERED), "name": "local", "features": {"x_y": Feature(True)}}))
         assert web.check(USER, feature="x_y").reason == "feature_not_in_plan"
+
+
+# -- against a reference model -----------------------------------------------------------
+
+
+_STEP = st.tuples(
+    st.sampled_from(["record", "check_record", "check", "advance"]),
+    st.integers(min_value=0, max_value=5),  # the key's number: small, so keys repeat
+    st.integers(min_value=1, max_value=3),  # uses
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(_STEP, max_size=25))
+def test_uses_follow_the_reference_model(steps: list[tuple[str, int, int]]) -> None:
+    """Random uses, retries and checks: the count is the sum of the distinct
+    keys' accepted uses, never above the limit; a check records nothing."""
+    clock = ManualClock(datetime(2026, 1, 1, tzinfo=UTC))
+    limit = 4
+    terms = PlanTerms(
+        **{**_terms_fields(METERED), "features": {"api_calls": Feature(True, {"uses_per_period": limit})}}
+    )
+    with Ledger("memory://", clock=clock) as ledger:
+        ledger.define_plan(terms)
+        _subscribe(ledger)
+        accepted: dict[str, int] = {}  # key -> uses counted under it
+        refused_keys: set[str] = set()
+        for action, n, uses in steps:
+            key = f"k{n}:{uses}"  # a key always carries the same uses: no IdempotencyConflict
+            counted = sum(accepted.values())
+            if action == "advance":
+                clock.advance(timedelta(seconds=3))  # within the period: the count stands
+                continue
+            if action == "check":
+                head = _log_head(ledger)
+                result = ledger.check(USER, feature="api_calls", uses=uses)
+                assert result.uses == counted and result.uses_left == limit - counted
+                assert result.allowed == (counted + uses <= limit)
+                assert _log_head(ledger) == head
+                continue
+            fits = key in accepted or counted + uses <= limit
+            if action == "record":
+                try:
+                    receipt = ledger.record_use(USER, "api_calls", key=key, uses=uses)
+                except UseLimitReached:
+                    assert not fits
+                    refused_keys.add(key)
+                else:
+                    assert fits and receipt.replayed == (key in accepted)
+                    accepted[key] = uses
+            else:
+                result = ledger.check(USER, feature="api_calls", uses=uses, record_use_key=key)
+                assert result.allowed == fits and result.use_recorded == fits
+                if fits:
+                    assert result.replayed == (key in accepted)
+                    accepted[key] = uses
+            total = sum(accepted.values())
+            assert total <= limit
+            assert ledger.check(USER, feature="api_calls", max_age_s=0).uses == total
