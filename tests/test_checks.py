@@ -609,3 +609,58 @@ def test_uses_follow_the_reference_model(steps: list[tuple[str, int, int]]) -> N
             total = sum(accepted.values())
             assert total <= limit
             assert ledger.check(USER, feature="api_calls", max_age_s=0).uses == total
+
+
+def _count_loads(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    loads: list[int] = []
+    reader = ledger.checks.reader
+    original = reader.load
+
+    def counting(ids: Any, **kwargs: Any) -> Any:
+        loads.append(len(ids))
+        return original(ids, **kwargs)
+
+    monkeypatch.setattr(reader, "load", counting)
+    return loads
+
+
+def test_unchanged_state_is_kept_past_max_age_and_changed_state_is_read_again(
+    durable_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After max_age_s a check reads the log's new events (one read for all
+    users), not every user's state again."""
+    clock = ManualClock(datetime(2026, 1, 1, tzinfo=UTC))
+    other = UUID(int=77)
+    with Ledger(durable_url, clock=clock) as writer, Ledger(durable_url, clock=clock) as reader:
+        writer.grant(USER, 100, "bonus", key="g1")
+        writer.grant(other, 100, "bonus", key="g2")
+        assert reader.check(USER, credits=1).available_credits == 100
+        assert reader.check(other, credits=1).available_credits == 100
+        loads = _count_loads(reader, monkeypatch)
+        clock.advance(timedelta(seconds=5))
+        writer.spend(other, 30, key="s1")
+        assert reader.check(USER, credits=1).available_credits == 100
+        assert loads == []  # nothing of USER changed: the cached state stands
+        assert reader.check(other, credits=1).available_credits == 70  # the poll dropped it
+        assert loads != []
+        kept = reader.check(USER, credits=1)
+        assert kept.state_as_of == clock.now()  # known current as of the poll
+
+
+def test_a_poll_far_behind_drops_the_whole_cache(durable_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ledger.application import access
+
+    monkeypatch.setattr(access, "POLL_PAGE", 2)
+    monkeypatch.setattr(access, "MAX_POLL_PAGES", 1)
+    clock = ManualClock(datetime(2026, 1, 1, tzinfo=UTC))
+    with Ledger(durable_url, clock=clock) as writer, Ledger(durable_url, clock=clock) as reader:
+        writer.grant(USER, 100, "bonus", key="g1")
+        assert reader.check(USER, credits=1).available_credits == 100
+        for i in range(5):
+            writer.grant(UUID(int=1000 + i), 1, "bonus", key=f"other:{i}")
+        writer.spend(USER, 10, key="s1")
+        clock.advance(timedelta(seconds=2))
+        assert reader.check(USER, credits=1).available_credits == 90
+        writer.spend(USER, 10, key="s2")  # the next poll starts from the head it jumped to
+        clock.advance(timedelta(seconds=2))
+        assert reader.check(USER, credits=1).available_credits == 80

@@ -4,10 +4,12 @@ counts a use of a metered feature exactly once.
 A check answers from the user's entitlements (the plan in force, its features,
 queue and storage), the feature's limit on uses per period (its
 ``plan_features.config``, ``domain.usage``) and the account's available credits,
-and records nothing. It is advisory: it reads a cached copy of that state, at
-most ``max_age_s`` old (default DEFAULT_MAX_AGE_S), dropped at once by every
-command this ``Ledger`` runs on the user, and never kept past a moment at
-which the state changes by itself (a hold's or a block's expiry, the end of the
+and records nothing. It is advisory: it reads a cached copy of that state,
+dropped at once by every command this ``Ledger`` records, dropped by other
+writers' events once a check finds that the log was last read more than
+``max_age_s`` ago (default DEFAULT_MAX_AGE_S: one indexed read of the log's new
+events for every user, ``_poll``), and never kept past a moment at which the
+state changes by itself (a hold's or a block's expiry, the end of the
 subscription's period). What is enforced is enforced by the commands: a spend
 or a reserve refuses what the account cannot cover, ``RecordUse`` refuses a use
 beyond the limit, each on the state it is committed against.
@@ -22,7 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any, ClassVar, Literal
 from uuid import UUID
 
-from eventsourcing.persistence import Recording
+from eventsourcing.persistence import Notification, Recording
 from pydantic import BaseModel, ConfigDict
 
 from ledger.application.commands import Command, UnitOfWork
@@ -55,6 +57,10 @@ MAX_AGE_LIMIT_S = 3600.0
 #: catalog be read again, at most (seconds).
 FEATURE_RESCAN_S = 60.0
 _FEATURE_RESCAN = timedelta(seconds=FEATURE_RESCAN_S)
+#: Events per read of the log when polling, and the most pages one poll reads
+#: before it drops the whole cache instead.
+POLL_PAGE = 1_000
+MAX_POLL_PAGES = 20
 #: Users whose state the cache keeps; past it the cache starts afresh.
 MAX_CACHED_USERS = 100_000
 
@@ -218,6 +224,7 @@ class Checks:
         scan: Callable[[list[str]], Iterator[Any]],
     ) -> None:
         self.reader = reader
+        self._app = app
         self._now = now
         self._execute = execute
         self._find_record = find_record
@@ -233,14 +240,22 @@ class Checks:
         self._features: frozenset[str] | None = None
         self._features_read: tuple[int, datetime] | None = None
         self._lock = threading.Lock()
+        #: The log position up to which other writers' events have been read
+        #: (``_poll``), and when.
+        self._poll_lock = threading.Lock()
+        self._position = app.recorder.max_notification_id() or 0
+        self._polled_at: datetime | None = None
         app.save_listeners.append(self._saved)
 
     # -- the cache -----------------------------------------------------------------
 
     def _saved(self, recordings: Sequence[Recording[UUID]]) -> None:
+        """This ledger's saves: what they change is dropped at once."""
+        self._invalidate([r.notification for r in recordings])
+
+    def _invalidate(self, notifications: Sequence[Notification]) -> None:
         with self._lock:
-            for recording in recordings:
-                notification = recording.notification
+            for notification in notifications:
                 user = self._deps.get(UUID(str(notification.originator_id)))
                 if user is not None:
                     self._users.pop(user, None)
@@ -249,6 +264,30 @@ class Checks:
                     self._catalog += 1
                     self._changes += 1
 
+    def _poll(self, now: datetime, max_age: timedelta) -> datetime:
+        """Reads the events recorded since the last poll (by any writer) and
+        drops the cached state they change: one indexed read of the log for
+        every user, at most every ``max_age``. Returns when it last polled."""
+        with self._poll_lock:
+            polled = self._polled_at
+            if polled is not None and polled <= now < polled + max_age:
+                return polled  # another thread just polled
+            recorder = self._app.recorder
+            start = self._position + 1
+            for _ in range(MAX_POLL_PAGES):
+                page = recorder.select_notifications(start=start, limit=POLL_PAGE)
+                if page:
+                    self._invalidate(page)
+                    start = page[-1].id + 1
+                if len(page) < POLL_PAGE:
+                    break
+            else:  # far behind (a bulk import): start afresh from the head
+                self.forget()
+                start = (recorder.max_notification_id() or 0) + 1
+            self._position = start - 1
+            self._polled_at = now
+            return now
+
     def forget(self) -> None:
         """Drops every cached state: the next check of each user reads afresh."""
         with self._lock:
@@ -256,22 +295,29 @@ class Checks:
             self._deps.clear()
             self._changes += 1
 
-    def _state(self, user: UUID, now: datetime, max_age: timedelta) -> _State:
+    def _state(self, user: UUID, now: datetime, max_age: timedelta) -> tuple[_State, datetime]:
+        """The user's state, known current at the time returned with it."""
+        if not max_age:
+            return self._load(user, now), now
+        polled = self._polled_at
+        if polled is None or not polled <= now < polled + max_age:
+            polled = self._poll(now, max_age)
         state = self._users.get(user)
         if (
             state is not None
             and state.catalog == self._catalog
-            and state.loaded_at <= now < state.loaded_at + max_age
+            and state.loaded_at <= now
             and (state.changes_at is None or now < state.changes_at)
         ):
-            return state
-        return self._load(user, now)
+            return state, max(state.loaded_at, polled)
+        return self._load(user, now), now
 
     def _watch(self, user: UUID, *ids: UUID) -> int:
         with self._lock:
             if len(self._deps) > 4 * MAX_CACHED_USERS:
                 self._users.clear()
                 self._deps.clear()
+                self._changes += 1
             for aggregate_id in ids:
                 self._deps[aggregate_id] = user
             return self._changes
@@ -398,7 +444,8 @@ class Checks:
         if name is not None:
             self._require_known(name, now)
         if key is None:
-            return self._decide(user, self._state(user, now, age), now, name, wanted, count, jobs, storage)
+            state, known_at = self._state(user, now, age)
+            return self._decide(user, state, now, name, wanted, count, jobs, storage, known_at)
         assert name is not None
         return self._check_and_record(user, now, name, wanted, count, jobs, storage, key)
 
@@ -449,6 +496,7 @@ class Checks:
         uses: int,
         jobs: int | None,
         storage: int | None,
+        known_at: datetime | None = None,
     ) -> CheckResult:
         s = state.subscription
         in_force = state.in_force
@@ -504,7 +552,7 @@ class Checks:
                 "use_recorded": False,
                 "replayed": False,
                 "as_of": now,
-                "state_as_of": state.loaded_at,
+                "state_as_of": state.loaded_at if known_at is None else known_at,
             }
         )
 
