@@ -664,3 +664,24 @@ def test_a_poll_far_behind_drops_the_whole_cache(durable_url: str, monkeypatch: 
         writer.spend(USER, 10, key="s2")  # the next poll starts from the head it jumped to
         clock.advance(timedelta(seconds=2))
         assert reader.check(USER, credits=1).available_credits == 80
+
+
+def test_a_plan_change_keeps_the_periods_count_under_the_new_limit(metered: Ledger) -> None:
+    plus = PlanTerms(
+        **{
+            **_terms_fields(METERED),
+            "name": "metered_plus",
+            "tier_level": 2,
+            "features": {"api_calls": Feature(True, {"uses_per_period": 5})},
+        }
+    )
+    metered.define_plan(plus)
+    sub = _subscribe(metered)
+    metered.record_use(USER, "api_calls", key="u", uses=2)
+    assert not metered.check(USER, feature="api_calls")
+    metered.change_plan(sub, "metered_plus", key="upgrade")
+    after = metered.check(USER, feature="api_calls")
+    assert (after.allowed, after.plan, after.use_limit, after.uses, after.uses_left) == (True, "metered_plus", 5, 2, 3)
+    metered.record_use(USER, "api_calls", key="u2", uses=3)
+    with pytest.raises(UseLimitReached):
+        metered.record_use(USER, "api_calls", key="u3")
