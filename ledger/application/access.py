@@ -427,7 +427,7 @@ class Checks:
         else:
             name = check_feature_name(feature)
         wanted = None if credits is None else check_amount(credits, "credits")
-        count = 1 if uses == 1 and type(uses) is int else check_uses(uses)
+        count = 1 if type(uses) is int and uses == 1 else check_uses(uses)
         jobs = None if queued_jobs is None else _bounded_int(queued_jobs, "queued_jobs", MAX_INT)
         storage = (
             None if storage_used_bytes is None else _bounded_int(storage_used_bytes, "storage_used_bytes", MAX_BIGINT)
