@@ -685,3 +685,44 @@ def test_a_plan_change_keeps_the_periods_count_under_the_new_limit(metered: Ledg
     metered.record_use(USER, "api_calls", key="u2", uses=3)
     with pytest.raises(UseLimitReached):
         metered.record_use(USER, "api_calls", key="u3")
+
+
+def test_checks_racing_this_ledgers_writes_end_on_the_written_state(durable_url: str) -> None:
+    """Checks in some threads, spends in others, one Ledger: once the writes
+    are done, every cached answer is the committed one (no load that raced a
+    write kept what it read)."""
+    users = [UUID(int=500 + i) for i in range(3)]
+    with Ledger(durable_url) as ledger:
+        for user in users:
+            ledger.grant(user, 1_000, "bonus", key=f"race-grant:{user}")
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def spend(user: UUID) -> None:
+            try:
+                for i in range(15):
+                    ledger.spend(user, 1, key=f"race-spend:{user}:{i}")
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        def check() -> None:
+            try:
+                while not stop.is_set():
+                    for user in users:
+                        ledger.check(user, credits=1)
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        checkers = [threading.Thread(target=check) for _ in range(2)]
+        spenders = [threading.Thread(target=spend, args=(u,)) for u in users]
+        for t in [*checkers, *spenders]:
+            t.start()
+        for t in spenders:
+            t.join(timeout=120)
+        stop.set()
+        for t in checkers:
+            t.join(timeout=60)
+        assert errors == []
+        for user in users:
+            assert ledger.check(user, credits=1).available_credits == 985
+            assert ledger.balance(user).available_credits == 985
