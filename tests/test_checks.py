@@ -726,3 +726,55 @@ def test_checks_racing_this_ledgers_writes_end_on_the_written_state(durable_url:
         for user in users:
             assert ledger.check(user, credits=1).available_credits == 985
             assert ledger.balance(user).available_credits == 985
+
+
+# -- stored events live forever ------------------------------------------------------------
+
+#: A counter's events as this version stores them: later versions must load them.
+STORED_COUNTER = [
+    (
+        "pingvas.ledger:UsageCounter.Opened",
+        b'{"timestamp":{"_type_":"datetime_iso","_data_":"2026-01-01T00:00:00+00:00"},'
+        b'"originator_topic":"pingvas.ledger:UsageCounter",'
+        b'"user_id":{"_type_":"uuid_hex","_data_":"7d1f3c2a0b4e4c6d9a8b1e2f3a4b5c6d"},"feature":"api_calls",'
+        b'"period_start":{"_type_":"datetime_iso","_data_":"2026-01-01T00:00:00+00:00"},'
+        b'"period_end":{"_type_":"datetime_iso","_data_":"2026-02-01T00:00:00+00:00"}}',
+    ),
+    (
+        "pingvas.ledger:UsageCounter.Used",
+        b'{"timestamp":{"_type_":"datetime_iso","_data_":"2026-01-01T00:00:00+00:00"},'
+        b'"uses":2,"key":"use:1","limit":2}',
+    ),
+]
+
+
+def test_usage_counter_topics_are_explicit_and_stored_counters_load(ledger: Ledger) -> None:
+    from eventsourcing.persistence import StoredEvent
+
+    from ledger.domain.usage import UsageCounter, counter_id_for
+
+    classes = [UsageCounter, *(v for v in vars(UsageCounter).values() if isinstance(v, type))]
+    own = [
+        vars(k)["TOPIC"]
+        for cls in classes
+        for k in cls.__mro__[:2]
+        if k.__qualname__ == cls.__qualname__ and "TOPIC" in vars(k)
+    ]
+    assert sorted(set(own)) == [
+        "pingvas.ledger:UsageCounter",
+        "pingvas.ledger:UsageCounter.Event",
+        "pingvas.ledger:UsageCounter.Opened",
+        "pingvas.ledger:UsageCounter.Snapshot",
+        "pingvas.ledger:UsageCounter.Used",
+    ]
+    counter_id = counter_id_for(USER, "api_calls", datetime(2026, 1, 1, tzinfo=UTC))
+    assert counter_id == UUID("33e8e802-2ade-53b0-9429-c1adb279fbc5")  # ids derive from user, feature, period
+    stored = [
+        StoredEvent(originator_id=counter_id, originator_version=v, topic=topic, state=state)
+        for v, (topic, state) in enumerate(STORED_COUNTER, start=1)
+    ]
+    ledger.app.recorder.insert_events(stored)
+    ledger.define_plan(METERED)
+    _subscribe(ledger)  # its period starts at the clock's 2026-01-01, the stored counter's
+    result = ledger.check(USER, feature="api_calls")
+    assert (result.uses, result.allowed, result.reason) == (2, False, "use_limit_reached")
