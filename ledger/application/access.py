@@ -460,7 +460,8 @@ class Checks:
         storage: int | None,
         key: str,
     ) -> CheckResult:
-        result = self._decide(user, self._load(user, now), now, feature, credits, uses, jobs, storage)
+        state = self._load(user, now)
+        result = self._decide(user, state, now, feature, credits, uses, jobs, storage)
         if not result.allowed and self._find_record(key) is None:
             return result  # refused, and not recorded before under this key
         try:
@@ -479,8 +480,10 @@ class Checks:
                     f"(until {exc.period_end.isoformat()})",
                 }
             return fresh.model_copy(update={"allowed": False, **refusal})
-        now = self._now()
-        after = self._decide(user, self._load(user, now), now, feature, credits, 0, jobs, storage)
+        # The figures after it: the state just read, with the counter read again.
+        if result.period_start is not None:
+            state.counters.pop((feature, result.period_start), None)
+        after = self._decide(user, state, now, feature, credits, 0, jobs, storage)
         return after.model_copy(
             update={"allowed": True, "reason": None, "message": None, "use_recorded": True,
                     "replayed": receipt.replayed}
