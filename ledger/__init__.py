@@ -5,6 +5,7 @@ The public surface is re-exported here; everything else is private.
 
 import typing as _typing
 
+from ledger.application.async_ledger import AsyncLedger
 from ledger.application.billing import (
     ActivateSubscription,
     CancelSubscription,
@@ -61,6 +62,7 @@ from ledger.errors import (
     InvalidAmount,
     InvalidArgument,
     InvariantViolation,
+    LedgerClosed,
     LedgerError,
     ReservationClosed,
     TimeInFuture,
@@ -107,6 +109,7 @@ __all__ = [
     "MAX_CREDITS",
     "AccountEvent",
     "AccountLimitReached",
+    "AsyncLedger",
     "AdjustCredits",
     "Balance",
     "BatchRejected",
@@ -123,6 +126,7 @@ __all__ = [
     "InvalidArgument",
     "InvariantViolation",
     "Ledger",
+    "LedgerClosed",
     "LedgerError",
     "ManualClock",
     "Receipt",

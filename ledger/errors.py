@@ -250,3 +250,10 @@ class ViewsStalled(LedgerError):
             f"v{originator_version} cannot be written ({type(cause).__name__}: {cause}); the views stay at "
             "the event before it, so the projection fails on it until the cause is fixed"
         )
+
+
+class LedgerClosed(LedgerError):
+    """A call to an ``AsyncLedger`` that is closing or closed: the call did not
+    run, so nothing was recorded by it."""
+
+    code = "ledger_closed"

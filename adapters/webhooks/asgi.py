@@ -45,14 +45,23 @@ class WebhookApp:
 
     ``max_concurrency``: deliveries processed at once (each holds a worker
     thread and a database connection); more wait their turn. Keep it at or
-    under the ledger's connection pool (``pool_size`` + ``max_overflow``)."""
+    under the ledger's connection pool (``pool_size`` + ``max_overflow``).
 
-    def __init__(self, adapter: Receiver, *, max_concurrency: int = 8) -> None:
+    ``limiter``: a bound shared with other users of the same ledger instead
+    (``AsyncLedger.limiter``: the endpoint's deliveries and the application's
+    ledger calls then take turns within one bound, the pool's size);
+    ``max_concurrency`` is then the limiter's."""
+
+    def __init__(
+        self, adapter: Receiver, *, max_concurrency: int = 8, limiter: anyio.CapacityLimiter | None = None
+    ) -> None:
         if type(max_concurrency) is not int or not 1 <= max_concurrency <= 256:
             raise ValueError("max_concurrency must be an int of 1..256")
+        if limiter is not None and not isinstance(limiter, anyio.CapacityLimiter):
+            raise ValueError(f"limiter must be an anyio.CapacityLimiter, not {type(limiter).__name__}")
         self.adapter = adapter
-        self.max_concurrency = max_concurrency
-        self._limiter: anyio.CapacityLimiter | None = None
+        self.max_concurrency = max_concurrency if limiter is None else int(limiter.total_tokens)
+        self._limiter: anyio.CapacityLimiter | None = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
