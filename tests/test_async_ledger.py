@@ -325,6 +325,7 @@ async def test_a_cancelled_shutdown_still_closes_the_store(ledger_url: str) -> N
     gate = Gate()
     closed = threading.Event()
     real_close = ledger.ledger.close
+
     def close() -> None:
         real_close()
         closed.set()
