@@ -289,9 +289,7 @@ def _credit_moves(ledger: Ledger, user: UUID) -> list[tuple[str, int]]:
     columns = store.columns("credit_transactions")
     rows = [dict(zip(columns, r, strict=True)) for r in store.rows("credit_transactions", "log_position")]
     return [
-        (str(r["type"]), int(r["amount"]))
-        for r in rows
-        if str(r["user_id"]) == str(user) and r["type"] != "expiration"
+        (str(r["type"]), int(r["amount"])) for r in rows if str(r["user_id"]) == str(user) and r["type"] != "expiration"
     ]
 
 
@@ -301,4 +299,3 @@ def _history(ledger: Ledger, user: UUID) -> list[tuple[str, Any]]:
     rows = [dict(zip(columns, r, strict=True)) for r in store.rows("subscription_history", "changed_at, id")]
     sid = str(_subscription_id(ledger, user))
     return [(str(r["change_type"]), r["changed_at"]) for r in rows if str(r["subscription_id"]) == sid]
-

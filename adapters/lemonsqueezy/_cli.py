@@ -346,7 +346,9 @@ def trigger(event: str | None, story: bool, **o: Any) -> None:
     from ._simulator import EVENTS, ORDER_EVENTS, Simulator, Variant, send
 
     if story == (event is not None):
-        raise click.UsageError("give one EVENT, or --story" if not story else "--story sends its own events: drop EVENT")
+        raise click.UsageError(
+            "give one EVENT, or --story" if not story else "--story sends its own events: drop EVENT"
+        )
     if event is not None and event not in EVENTS:
         raise click.BadParameter(f"{event!r} is not an event the adapter handles: {', '.join(EVENTS)}")
     if not o["dry_run"] and (not o["target"] or not o["secret"]):

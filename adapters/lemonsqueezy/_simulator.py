@@ -441,9 +441,7 @@ def _money(total: int, refunded: int) -> dict[str, Any]:
         raise InvalidArgument("amounts are whole cents, 0 <= refunded <= total", param="total_cents")
     fields: dict[str, Any] = {}
     for suffix in ("", "_usd"):
-        fields.update(
-            {f"subtotal{suffix}": total, f"total{suffix}": total, f"refunded_amount{suffix}": refunded}
-        )
+        fields.update({f"subtotal{suffix}": total, f"total{suffix}": total, f"refunded_amount{suffix}": refunded})
         fields[f"discount_total{suffix}"] = 0
         fields[f"tax{suffix}"] = 0
     for name, cents in (("subtotal", total), ("total", total), ("refunded_amount", refunded)):
