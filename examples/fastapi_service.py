@@ -233,7 +233,8 @@ def main(url: str) -> None:
     body = json.dumps(order).encode()
 
     async def run() -> None:
-        app = create_app(url, secret=secret, variants="starter=1001/1002", packs="9001=1000")
+        # Four calls at once: the twelve jobs of one account take turns rather than all retry each other.
+        app = create_app(url, secret=secret, variants="starter=1001/1002", packs="9001=1000", max_concurrency=4)
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://service") as client:

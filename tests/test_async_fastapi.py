@@ -83,8 +83,8 @@ async def test_endpoints_and_webhooks_share_one_ledger_under_concurrency(
             answers[(n, job)] = await client.post("/jobs", json=body)
 
         async with anyio.create_task_group() as tasks:
-            for n in range(len(users)):
-                for _ in range(15):
+            for _ in range(15):  # the users in turn: concurrent writers of one account retry each other
+                for n in range(len(users)):
                     tasks.start_soon(reserve, n, uuid4())
             for body in orders:
                 tasks.start_soon(send, body)
