@@ -6,6 +6,7 @@ The public surface is re-exported here; everything else is private.
 import typing as _typing
 
 from ledger.application.access import CheckReason, CheckResult, RecordUse
+from ledger.application.async_ledger import AsyncLedger
 from ledger.application.billing import (
     ActivateSubscription,
     CancelSubscription,
@@ -63,6 +64,7 @@ from ledger.errors import (
     InvalidAmount,
     InvalidArgument,
     InvariantViolation,
+    LedgerClosed,
     LedgerError,
     ReservationClosed,
     TimeInFuture,
@@ -111,6 +113,7 @@ __all__ = [
     "MAX_CREDITS",
     "AccountEvent",
     "AccountLimitReached",
+    "AsyncLedger",
     "AdjustCredits",
     "Balance",
     "BatchRejected",
@@ -127,6 +130,7 @@ __all__ = [
     "InvalidArgument",
     "InvariantViolation",
     "Ledger",
+    "LedgerClosed",
     "LedgerError",
     "ManualClock",
     "Receipt",

@@ -305,3 +305,10 @@ class UseLimitReached(LedgerError):
             f"user {user_id} has used {feature!r} {used} of {limit} times this period; "
             f"{requested} more would exceed the limit (the period ends {period_end.isoformat()})"
         )
+
+
+class LedgerClosed(LedgerError):
+    """A call to an ``AsyncLedger`` that is closing or closed: the call did not
+    run, so nothing was recorded by it."""
+
+    code = "ledger_closed"

@@ -49,3 +49,13 @@ def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
 def test_cli_help(args: list[str]) -> None:
     result = subprocess.run([sys.executable, "-m", "ledger", *args], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "Usage" in result.stdout
+
+
+def test_fastapi_service_example(ledger_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    module = runpy.run_path(str(ROOT / "examples" / "fastapi_service.py"))
+    module["main"](ledger_url)
+    out = capsys.readouterr().out
+    assert "webhook 200 processed" in out
+    assert out.count("refused 402 insufficient_credits") == 2 and "reserved 10" in out
+    assert "'balance_credits': 400, 'held_credits': 0, 'available_credits': 400" in out
+    assert "closed True" in out

@@ -211,7 +211,7 @@ def _processor(settings: dict[str, Any], *, create: bool = True) -> Iterator[Pro
 #: Every environment variable the Lemon Squeezy commands read, for their ``--help``.
 ENVIRONMENT = (
     ("LEDGER_URL", "the ledger URL (default sqlite:///pingvas-ledger.sqlite3)"),
-    ("LEMONSQUEEZY_SIGNING_SECRET", "webhooks send --secret"),
+    ("LEMONSQUEEZY_SIGNING_SECRET", "webhooks send, trigger: --secret"),
     ("LEMONSQUEEZY_API_KEY", "reconcile --api-key"),
     ("LEMONSQUEEZY_ADAPTER", "webhooks retry, reconcile: --adapter MODULE:FACTORY"),
     ("LEMONSQUEEZY_TEST_MODE", "webhooks retry, reconcile: --test-mode"),
@@ -230,7 +230,8 @@ def _epilog() -> str:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_epilog())
 def webhooks() -> None:
-    """Lemon Squeezy webhooks: send a signed test delivery, retry failed ones, list them, link a customer."""
+    """Lemon Squeezy webhooks: send or trigger signed test deliveries, retry failed ones, list them, link a
+    customer."""
 
 
 @webhooks.command()
@@ -264,6 +265,182 @@ def send(file: Path, secret: str, target: str, timeout_s: float) -> None:
         sys.exit(1)
     click.echo(f"HTTP {response.status_code} {response.text[:2000]}")
     if not response.is_success:
+        sys.exit(1)
+
+
+def _parse_time(value: str | None, name: str) -> Any:
+    from datetime import UTC, datetime
+
+    if value is None:
+        return datetime.now(UTC).replace(microsecond=0)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO-8601 time", param_hint=name) from None
+    if moment.tzinfo is None:
+        raise click.BadParameter(f"{value!r} has no time zone (add Z or +00:00)", param_hint=name)
+    return moment.astimezone(UTC)
+
+
+def _lemon_id(value: str | None, name: str) -> int | None:
+    if value is None:
+        return None
+    if not value.isdigit() or not 0 < int(value) < 2**53:
+        raise click.BadParameter(f"a Lemon Squeezy id is a positive integer, got {value!r}", param_hint=name)
+    return int(value)
+
+
+def _variants(ledger_url: str | None, cycle: str) -> dict[str, Any]:
+    """The catalog's plans with a Lemon Squeezy variant of ``cycle``, cheapest first."""
+    from ledger import BillingCycle, Ledger, LedgerError
+
+    from ._simulator import plan_variants
+
+    try:
+        with Ledger(_url(ledger_url), create=False) as ledger:
+            found = plan_variants(ledger)
+    except LedgerError as exc:
+        raise click.ClickException(f"cannot read the plan catalog: {exc}") from exc
+    chosen = [v for (_, c), v in found.items() if c == BillingCycle(cycle)]
+    return {v.plan: v for v in sorted(chosen, key=lambda v: (v.price_cents, v.plan))}
+
+
+@webhooks.command()
+@click.argument("event", required=False, metavar="EVENT")
+@click.option("--story", is_flag=True, help="Send a whole subscription's life instead of one EVENT.")
+@click.option("--user", "user_id", required=True, help="The ledger user (a UUID), sent as meta.custom_data.user_id.")
+@click.option("--url", "target", default=None, help="The webhook endpoint, e.g. http://localhost:8000/webhooks/ls.")
+@click.option(
+    "--secret", envvar="LEMONSQUEEZY_SIGNING_SECRET", show_envvar=True, default=None, help="The signing secret."
+)
+@click.option("--ledger-url", default=None, help="The ledger whose plan catalog gives the variants ($LEDGER_URL).")
+@click.option("--plan", default=None, help="The subscription's plan (default: the cheapest with a variant).")
+@click.option("--to-plan", default=None, help="--story: the plan changed to (default: the next dearer one).")
+@click.option("--cycle", type=click.Choice(["monthly", "yearly"]), default="monthly", show_default=True)
+@click.option("--variant", "variant_id", default=None, help="A variant id instead of --plan (no catalog read).")
+@click.option("--to-variant", "to_variant_id", default=None, help="--story with --variant: the upgrade's variant.")
+@click.option("--price-cents", type=click.IntRange(0, 10**12), default=None, help="With --variant: its price.")
+@click.option("--to-price-cents", type=click.IntRange(1, 10**12), default=None, help="With --to-variant: its price.")
+@click.option("--pack", "pack_variant", default=None, help="order_created/order_refunded of this credit pack variant.")
+@click.option("--total-cents", type=click.IntRange(0, 10**12), default=None, help="The payment's total.")
+@click.option("--billing-reason", type=click.Choice(["initial", "renewal", "updated"]), default="initial")
+@click.option("--subscription-id", default=None, help="Lemon Squeezy subscription id (default: from --user).")
+@click.option("--customer-id", default=None, help="Lemon Squeezy customer id (default: from --user).")
+@click.option("--invoice-id", default=None, help="The invoice (to recover or refund one sent before).")
+@click.option("--order-id", default=None, help="The order (to refund one sent before).")
+@click.option("--at", default=None, help="Lemon Squeezy's time of the event, or the story's start (default: now).")
+@click.option("--created-at", default=None, help="The subscription's (or invoice's) created_at (default: --at).")
+@click.option("--test-mode", is_flag=True, help="A test-mode event (meta.test_mode and the object's test_mode).")
+@click.option("--no-custom-data", is_flag=True, help="Leave out meta.custom_data, as a checkout without it does.")
+@click.option("--email", default=None, help="The customer's email (what a resolve_user reads).")
+@click.option("--print", "dry_run", is_flag=True, help="Print each delivery's headers and body; send nothing.")
+@click.option("--timeout-s", default=30.0, show_default=True)
+def trigger(event: str | None, story: bool, **o: Any) -> None:
+    """Send realistic, signed Lemon Squeezy deliveries to an endpoint, like `stripe trigger`: one EVENT,
+    or with --story a subscription's whole life (checkout, renewals, plan change, failed payment and
+    recovery, refund, cancel, expiry). Variants and prices come from the ledger's plan catalog."""
+    from uuid import UUID
+
+    from ledger import LedgerError
+
+    from ._simulator import EVENTS, ORDER_EVENTS, Simulator, Variant, send
+
+    if story == (event is not None):
+        raise click.UsageError(
+            "give one EVENT, or --story" if not story else "--story sends its own events: drop EVENT"
+        )
+    if event is not None and event not in EVENTS:
+        raise click.BadParameter(f"{event!r} is not an event the adapter handles: {', '.join(EVENTS)}")
+    if not o["dry_run"] and (not o["target"] or not o["secret"]):
+        raise click.UsageError("--url and --secret (or $LEMONSQUEEZY_SIGNING_SECRET) are required, unless --print")
+    try:
+        user = UUID(o["user_id"])
+    except ValueError:
+        raise click.BadParameter(f"{o['user_id']!r} is not a UUID", param_hint="--user") from None
+    at = _parse_time(o["at"], "--at")
+    created = _parse_time(o["created_at"], "--created-at") if o["created_at"] else None
+    from ledger import BillingCycle
+
+    cycle = BillingCycle(o["cycle"])
+
+    def given(variant_opt: str, price_opt: str, plan: str) -> Variant:
+        variant = _lemon_id(o[variant_opt], f"--{variant_opt.replace('_id', '').replace('_', '-')}")
+        assert variant is not None
+        price = o[price_opt] if o[price_opt] is not None else 0
+        return Variant(variant, plan, cycle, price)
+
+    if o["variant_id"] is not None:
+        plan = given("variant_id", "price_cents", o["plan"] or "plan")
+        catalog: dict[str, Variant] = {}
+    elif event in ORDER_EVENTS and o["pack_variant"] is not None:
+        plan, catalog = Variant(0, "pack", cycle, 0), {}
+    else:
+        catalog = _variants(o["ledger_url"], o["cycle"])
+        if not catalog:
+            raise click.ClickException(f"no plan of the catalog has a {o['cycle']} Lemon Squeezy variant")
+        name = o["plan"] or next(iter(catalog))
+        if name not in catalog:
+            raise click.BadParameter(f"{name!r} has no {o['cycle']} variant; plans: {', '.join(catalog)}")
+        plan = catalog[name]
+    if o["pack_variant"] is not None:
+        pack = _lemon_id(o["pack_variant"], "--pack")
+        assert pack is not None
+        plan = Variant(pack, "credit pack", cycle, o["total_cents"] if o["total_cents"] is not None else 1000)
+    try:
+        simulator = Simulator(
+            user,
+            customer_id=_lemon_id(o["customer_id"], "--customer-id"),
+            subscription_id=_lemon_id(o["subscription_id"], "--subscription-id"),
+            test_mode=o["test_mode"],
+            custom_data=not o["no_custom_data"],
+            email=o["email"],
+        )
+        if story:
+            if o["to_variant_id"] is not None:
+                upgrade = given("to_variant_id", "to_price_cents", o["to_plan"] or "upgrade")
+            else:
+                dearer = [v for v in catalog.values() if v.price_cents > plan.price_cents]
+                name = o["to_plan"] or (dearer[0].plan if dearer else None)
+                if name is None or name not in catalog:
+                    raise click.BadParameter("no dearer plan to change to: give --to-plan", param_hint="--to-plan")
+                upgrade = catalog[name]
+            deliveries = simulator.story(at, plan, upgrade)
+        else:
+            assert event is not None
+            deliveries = [
+                simulator.event(
+                    event,
+                    plan,
+                    at=at,
+                    created=created,
+                    invoice_id=_lemon_id(o["invoice_id"], "--invoice-id"),
+                    order_id=_lemon_id(o["order_id"], "--order-id"),
+                    reason=o["billing_reason"],
+                    total_cents=o["total_cents"],
+                )
+            ]
+    except LedgerError as exc:
+        raise click.UsageError(str(exc)) from exc
+    if o["dry_run"]:
+        # Each request as sent: its headers, a blank line, its exact body (the bytes the signature is of).
+        for delivery in deliveries:
+            headers = delivery.headers(o["secret"]) if o["secret"] else {"X-Event-Name": delivery.event_name}
+            click.echo(f"POST {o['target'] or '-'}")
+            click.echo("".join(f"{name}: {value}\n" for name, value in headers.items()))
+            click.echo(delivery.body.decode("ascii") + "\n")
+        return
+    import httpx
+
+    failed = 0
+    try:
+        for delivery, status, text in send(deliveries, o["target"], o["secret"], timeout_s=o["timeout_s"]):
+            click.echo(f"{delivery.event_name} {delivery.webhook_id} HTTP {status} {text[:2000]}")
+            failed += not 200 <= status < 300
+    except httpx.HTTPError as exc:
+        click.echo(f"error: could not POST to {o['target']}: {exc}", err=True)
+        sys.exit(1)
+    if failed:
+        click.echo(f"{failed} of {len(deliveries)} deliveries were not answered 2xx", err=True)
         sys.exit(1)
 
 

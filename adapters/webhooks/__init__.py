@@ -20,7 +20,7 @@ It uses only ``ledger``'s public names and ``ledger.extension``.
 See ``docs/webhooks.md``.
 """
 
-from .asgi import Receiver, WebhookApp
+from .asgi import Receiver, Runner, WebhookApp
 from .group_commit import GroupCommit
 from .inbox import HELD_PREFIX, IGNORED_PREFIX, NOTE_PREFIX, Inbox, InboxRow, Stored
 from .pipeline import (
@@ -56,6 +56,7 @@ __all__ = [
     "Pipeline",
     "Provider",
     "Receiver",
+    "Runner",
     "RefundPolicy",
     "RetryReport",
     "Stored",

@@ -7,8 +7,9 @@ JSON: ``{"status", "reason", "id", "processing"}`` with the status code the
 provider acts on: 200 for every stored delivery (duplicates too, also when
 processing failed: the delivery is kept and retried here), 401 for a bad
 signature, 400 for a malformed body, 413 for an oversized one, 405 for
-another method, and 500 only when the delivery could not be stored, so that
-the provider retries exactly then.
+another method, 503 when the application's ledger is closing (with a
+``runner``: nothing stored), and 500 only when the delivery could not be
+stored, so that the provider retries exactly then.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Any, Protocol
 
 import anyio
 import anyio.to_thread
+
+from ledger import LedgerClosed
 
 from .results import IngestResult
 
@@ -37,6 +40,14 @@ class Receiver(Protocol):
     def ingest(self, raw_body: bytes, headers: Mapping[str, str]) -> IngestResult: ...
 
 
+class Runner(Protocol):
+    """Runs a blocking call in a worker thread: ``AsyncLedger.run_sync``."""
+
+    def __call__(
+        self, fn: Callable[[bytes, Mapping[str, str]], IngestResult], body: bytes, headers: Mapping[str, str], /
+    ) -> Awaitable[IngestResult]: ...
+
+
 class WebhookApp:
     """``await app(scope, receive, send)``: route to it in Starlette or FastAPI
     with ``app.add_route("/webhooks/lemonsqueezy", WebhookApp(adapter),
@@ -45,13 +56,23 @@ class WebhookApp:
 
     ``max_concurrency``: deliveries processed at once (each holds a worker
     thread and a database connection); more wait their turn. Keep it at or
-    under the ledger's connection pool (``pool_size`` + ``max_overflow``)."""
+    under the ledger's connection pool (``pool_size`` + ``max_overflow``).
 
-    def __init__(self, adapter: Receiver, *, max_concurrency: int = 8) -> None:
+    ``runner``: what runs ``ingest`` in a worker thread instead, in an
+    application that also calls the ledger: ``AsyncLedger.run_sync``. The
+    deliveries then take turns with the application's ledger calls within one
+    bound (the pool's size; ``max_concurrency`` is not used), and the
+    ledger's shutdown waits for those in flight; one that arrives once the
+    ledger is closing is answered 503, not stored (the provider retries)."""
+
+    def __init__(self, adapter: Receiver, *, max_concurrency: int = 8, runner: Runner | None = None) -> None:
         if type(max_concurrency) is not int or not 1 <= max_concurrency <= 256:
             raise ValueError("max_concurrency must be an int of 1..256")
+        if runner is not None and not callable(runner):
+            raise ValueError(f"runner must be callable (AsyncLedger.run_sync), not {type(runner).__name__}")
         self.adapter = adapter
         self.max_concurrency = max_concurrency
+        self.runner = runner
         self._limiter: anyio.CapacityLimiter | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -73,9 +94,16 @@ class WebhookApp:
         if body is None:
             await _answer(send, 413, {"status": "rejected", "reason": f"body over {limit} bytes"})
             return
-        if self._limiter is None:  # created in the event loop that serves the app
-            self._limiter = anyio.CapacityLimiter(self.max_concurrency)
-        result = await anyio.to_thread.run_sync(self.adapter.ingest, body, headers, limiter=self._limiter)
+        if self.runner is not None:
+            try:
+                result = await self.runner(self.adapter.ingest, body, headers)
+            except LedgerClosed:
+                await _answer(send, 503, {"status": "error", "reason": "the ledger is closing: not stored, retry"})
+                return
+        else:
+            if self._limiter is None:  # created in the event loop that serves the app
+                self._limiter = anyio.CapacityLimiter(self.max_concurrency)
+            result = await anyio.to_thread.run_sync(self.adapter.ingest, body, headers, limiter=self._limiter)
         payload = {
             "status": result.status,
             "reason": result.reason,
