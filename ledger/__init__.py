@@ -22,6 +22,7 @@ from ledger.application.billing import (
 )
 from ledger.application.commands import AdjustCredits, Command, GrantCredits, SpendCredits
 from ledger.application.facade import DEFAULT_URL, Ledger, resolve_url
+from ledger.application.group import GroupCommit, GroupCommitPolicy, GroupCommitStats
 from ledger.application.holds import ReleaseReservation, ReserveCredits, SettleReservation
 from ledger.application.results import (
     AccountEvent,
@@ -117,6 +118,9 @@ __all__ = [
     "CreditBlock",
     "CreditKind",
     "GrantCredits",
+    "GroupCommit",
+    "GroupCommitPolicy",
+    "GroupCommitStats",
     "IdempotencyConflict",
     "InsufficientCredits",
     "InvalidAmount",
