@@ -567,6 +567,26 @@ def test_a_waiting_caller_interrupted_never_stalls_the_others(grouped: Ledger, m
     assert ledger.balance(user).balance_credits == 10_000 - 360
 
 
+def test_a_command_run_from_inside_a_batch_runs_alone(ledger_url: str) -> None:
+    """A future's callback runs in the leading thread; a command it runs must
+    not wait for the queue that thread serves."""
+    with Ledger(ledger_url, group_commit=GroupCommitPolicy(max_wait_s=0.2)) as ledger:
+        group = ledger.group_commit
+        user = uuid4()
+        nested: list[tuple[str, Receipt]] = []
+
+        def grant_more(_: Future[Receipt]) -> None:
+            grant = GrantCredits(key="nested", user_id=user, amount_credits=2, kind="bonus")  # type: ignore[arg-type]
+            nested.append((threading.current_thread().name, group.execute(grant)))
+
+        future = group.submit(GrantCredits(key="outer", user_id=user, amount_credits=1, kind="bonus"))  # type: ignore[arg-type]
+        future.add_done_callback(grant_more)  # before the batch runs: it waits 0.2 s for batch-mates
+        assert future.result(timeout=60).balance_credits == 1
+        group.close()
+        assert [(name, r.balance_credits) for name, r in nested] == [("ledger-group-commit", 3)]
+        assert ledger.balance(user).balance_credits == 3
+
+
 def test_sync_views_with_group_commit(ledger_url: str) -> None:
     with Ledger(ledger_url, group_commit=True, sync_views=True) as ledger:
         users = [uuid4() for _ in range(4)]

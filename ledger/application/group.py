@@ -425,6 +425,8 @@ class GroupCommit:
         self._queue: list[_Pending] = []
         self._cond = threading.Condition()
         self._leading = False
+        #: The thread that leads (its ``threading.get_ident()``), or None.
+        self._leader: int | None = None
         self._timing = False
         self._room_waiters = 0
         self._closed = False
@@ -437,6 +439,12 @@ class GroupCommit:
     def execute(self, command: Command) -> Receipt:
         """Runs ``command``, in a batch with others' when others are waiting;
         returns its receipt or raises its own error."""
+        if self._leader == threading.get_ident():
+            # Called from inside a batch (a hook the batch runs, a future's
+            # callback): waiting for the queue would wait for ever. Alone, then.
+            if not isinstance(command, Command):
+                raise InvalidArgument(f"not a ledger command: {type(command).__name__}", param="command")
+            return self.engine.execute([command], single=True)[0]
         pending = self._enqueue(command, waiting=True)
         if not pending.lead:
             assert pending.wake is not None
@@ -511,6 +519,7 @@ class GroupCommit:
     def _lead(self, own: _Pending | None) -> None:
         """Runs batches from the head of the queue until ``own`` is done (the
         background leader: until the queue is empty), then hands the lead on."""
+        self._leader = threading.get_ident()
         try:
             while True:
                 with self._cond:
@@ -548,6 +557,7 @@ class GroupCommit:
         """Gives up the lead (lock held): to the oldest waiting caller, or to
         the background leader when the oldest queued command has none."""
         self._leading = False
+        self._leader = None
         if self._queue:
             first = self._queue[0]
             if first.wake is not None and not first.abandoned:
