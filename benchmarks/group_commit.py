@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import statistics
@@ -94,9 +95,51 @@ def cell(ledger: Ledger, users: list[uuid.UUID], threads: int, seconds: float, t
     }
 
 
+def _process(url: str, users: list[str], threads: int, seconds: float, tag: str, start_at: float, out: Any) -> None:
+    """One process of a multi-process cell: its own group-committed ledger."""
+    with Ledger(url, group_commit=True) as ledger:
+        ids = [uuid.UUID(u) for u in users]
+        cell(ledger, ids, 2, 0.2, f"{tag}:warm")
+        time.sleep(max(0.0, start_at - time.time()))
+        figures = cell(ledger, ids, threads, seconds, tag)
+        figures["clashes"] = ledger.group_commit.stats.clashes
+        out.put(figures)
+
+
+def processes_cell(
+    url: str, users: list[uuid.UUID], processes: int, threads: int, seconds: float, *, routed: bool, tag: str
+) -> dict[str, Any]:
+    """``processes`` processes of ``threads`` threads each, at once. Routed:
+    each process owns its share of the accounts; else every process writes any."""
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    start_at = time.time() + 4.0  # after every process opened its ledger and warmed up
+    shares = [users[p::processes] if routed else users for p in range(processes)]
+    procs = [
+        context.Process(
+            target=_process,
+            args=(url, [str(u) for u in shares[p]], threads, seconds, f"{tag}:{p}", start_at, out),
+        )
+        for p in range(processes)
+    ]
+    for proc in procs:
+        proc.start()
+    parts = [out.get(timeout=120) for _ in procs]
+    for proc in procs:
+        proc.join()
+    return {
+        "ops_per_s": round(sum(p["ops_per_s"] for p in parts), 1),
+        "p99_ms": max(p["p99_ms"] or 0 for p in parts),
+        "concurrency_exhausted": sum(p["concurrency_exhausted"] for p in parts),
+        "clashes": sum(p["clashes"] for p in parts),
+        "load_average": round(load_average(), 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-processes", action="store_true", help="threads of one process only")
     parser.add_argument("--seconds", type=float, default=None, help="per run of a cell (default 2, --quick 1)")
     parser.add_argument(
         "--repeats", type=int, default=None, help="runs per cell, the median kept (default 3, --quick 1)"
@@ -137,6 +180,22 @@ def main() -> None:
                             f"  batch {figures['commands_per_batch']}  load {figures['load_average']}",
                             flush=True,
                         )
+            if not args.no_processes:
+                # Across processes (group commit in each): 2 x 8 threads, the
+                # accounts routed to their process or not, and the hot account.
+                for name, chosen, routed in (
+                    ("routed_many", users, True),
+                    ("shared_many", users, False),
+                    ("shared_hot", users[:1], False),
+                ):
+                    figures = processes_cell(url, chosen, 2, 8, seconds, routed=routed, tag=f"p:{name}")
+                    results[f"2p_8t_{name}"] = figures
+                    print(
+                        f"2 processes x 8 threads, {name:11}: {figures['ops_per_s']:8.1f} commands/s"
+                        f"  p99 {figures['p99_ms']} ms  clashes {figures['clashes']}"
+                        f"  exhausted {figures['concurrency_exhausted']}  load {figures['load_average']}",
+                        flush=True,
+                    )
     finally:
         with psycopg.connect(base, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
