@@ -153,22 +153,26 @@ def main() -> None:
     url = f"{base}{sep}schema={schema}&pool_size=20&max_overflow=4"
     results: dict[str, Any] = {"load_average_start": round(load_average(), 2)}
     try:
+        # Each mode (and the processes' cells) has accounts of its own: a
+        # ledger whose cached accounts another one wrote would clash on them.
+        accounts = {name: [uuid.uuid4() for _ in range(ACCOUNTS)] for name in ("plain", "group", "processes")}
         with Ledger(url) as setup:
-            users = [uuid.uuid4() for _ in range(ACCOUNTS)]
             setup.execute_batch(
                 GrantCredits(key=f"fund:{u}", user_id=u, amount_credits=10**9, kind="bonus")  # type: ignore[arg-type]
+                for users in accounts.values()
                 for u in users
             )
         with Ledger(url) as plain, Ledger(url, group_commit=True) as group:
             ledgers = {"plain": plain, "group": group}
             for mode, ledger in ledgers.items():  # warm the command cache and the pool
-                cell(ledger, users, 4, 0.3, f"warm:{mode}")
-            for shape, chosen in (("many", users), ("hot", users[:1])):
+                cell(ledger, accounts[mode], 4, 0.3, f"warm:{mode}")
+            for shape in ("many", "hot"):
                 for threads in THREADS:
                     # The two modes take turns, so that a change of the machine's load hits both.
                     runs: dict[str, list[dict[str, Any]]] = {"plain": [], "group": []}
                     for r in range(args.repeats):
                         for mode, ledger in ledgers.items():
+                            chosen = accounts[mode] if shape == "many" else accounts[mode][:1]
                             runs[mode].append(cell(ledger, chosen, threads, seconds, f"{mode}:{shape}:{threads}:{r}"))
                     for mode, figures_of in runs.items():
                         figures = sorted(figures_of, key=lambda f: f["ops_per_s"])[len(figures_of) // 2]
@@ -183,6 +187,7 @@ def main() -> None:
             if not args.no_processes:
                 # Across processes (group commit in each): 2 x 8 threads, the
                 # accounts routed to their process or not, and the hot account.
+                users = accounts["processes"]
                 for name, chosen, routed in (
                     ("routed_many", users, True),
                     ("shared_many", users, False),
