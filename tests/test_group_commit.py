@@ -598,3 +598,45 @@ def test_sync_views_with_group_commit(ledger_url: str) -> None:
 
         run_threads(4, worker)
         assert ledger.views.position() >= 20
+
+
+def test_views_behind_is_each_commands_own(ledger_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With sync_views, a catch-up that fails after a batch committed gives
+    every command of the batch ViewsBehind with its own receipt."""
+    from ledger import ViewsBehind
+
+    with Ledger(ledger_url, group_commit=GroupCommitPolicy(max_wait_s=0.2), sync_views=True) as ledger:
+        user = uuid4()
+        ledger.grant(user, 10, "bonus", key="fund")
+
+        def broken(*args: Any, **kwargs: Any) -> int:
+            raise RuntimeError("the read models' store went away")
+
+        monkeypatch.setattr(ledger.views, "catch_up", broken)
+        futures = [
+            ledger.group_commit.submit(SpendCredits(key=f"s{i}", user_id=user, amount_credits=1)) for i in range(3)
+        ]
+        futures.append(ledger.group_commit.submit(SpendCredits(key="big", user_id=user, amount_credits=100)))
+        receipts = []
+        for future in futures[:3]:
+            error = future.exception(timeout=60)
+            assert isinstance(error, ViewsBehind) and isinstance(error.receipt, Receipt)
+            receipts.append(error.receipt)
+        assert isinstance(futures[3].exception(timeout=60), InsufficientCredits)
+        assert sorted(r.key for r in receipts) == ["s0", "s1", "s2"]
+        assert sorted(r.balance_credits for r in receipts) == [7, 8, 9]
+        assert ledger.balance(user).balance_credits == 7  # recorded all the same
+
+
+def test_a_full_queue_makes_callers_wait_for_room(ledger_url: str) -> None:
+    with Ledger(ledger_url, group_commit=GroupCommitPolicy(max_batch=2, max_queued=1)) as ledger:
+        user = uuid4()
+        ledger.grant(user, 1000, "bonus", key="fund")
+
+        def worker(n: int) -> None:
+            for i in range(10):
+                ledger.spend(user, 1, key=f"{n}:{i}")
+
+        run_threads(6, worker)
+        assert ledger.balance(user).balance_credits == 1000 - 60
+        assert ledger.group_commit.stats.largest_batch <= 2
