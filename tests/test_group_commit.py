@@ -640,3 +640,71 @@ def test_a_full_queue_makes_callers_wait_for_room(ledger_url: str) -> None:
         run_threads(6, worker)
         assert ledger.balance(user).balance_credits == 1000 - 60
         assert ledger.group_commit.stats.largest_batch <= 2
+
+
+# ------------------------------------------------------------- processes
+
+
+@pytest.mark.postgres
+def test_processes_with_group_commit_racing_for_one_account(pg_url: str) -> None:
+    """Three processes of four threads, each with group commit, race for 100
+    credits in holds of 10, every thread over the same 20 keys (concurrent
+    retries of one command, across batches and processes): exactly 10 keys
+    win, each with one hold wherever it was sent, a key refused anywhere is
+    refused everywhere, and the account is never overdrawn."""
+    import multiprocessing
+
+    user = uuid4()
+    with Ledger(pg_url) as ledger:
+        ledger.grant(user, 100, "bonus", key=f"fund:{user}")
+    keys = [f"{user}:job:{i}" for i in range(20)]
+    ctx = multiprocessing.get_context("spawn")
+    queue: Any = ctx.Queue()
+    procs = [ctx.Process(target=_reserve_with_group_commit, args=(pg_url, str(user), keys, n, queue)) for n in range(3)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    by_key: dict[str, set[tuple[str, str | None]]] = {}
+    for process_results in results:
+        for key, outcome, rid in process_results:
+            assert outcome in ("ok", "insufficient"), outcome
+            by_key.setdefault(key, set()).add((outcome, rid))
+    winners = [k for k, seen in by_key.items() if any(o == "ok" for o, _ in seen)]
+    assert len(winners) == 10
+    for key, seen in by_key.items():
+        assert len(seen) == 1, (key, seen)  # one outcome (and one hold) per key, in every thread of every process
+    with Ledger(pg_url) as ledger:
+        balance = ledger.balance(user)
+        assert (balance.balance_credits, balance.held_credits, balance.available_credits) == (100, 100, 0)
+        assert len([e for e in ledger.history(user) if e.type == "reserved"]) == 10
+
+
+def _reserve_with_group_commit(url: str, user: str, keys: list[str], n: int, queue: Any) -> None:
+    from uuid import NAMESPACE_URL, uuid5
+
+    results: list[tuple[str, str, str | None]] = []
+    lock = threading.Lock()
+    with Ledger(url, group_commit=True) as ledger:
+
+        def worker(t: int) -> None:
+            shift = 4 * n + t
+            for key in keys[shift % 20 :] + keys[: shift % 20]:
+                try:
+                    receipt = ledger.reserve(UUID(user), uuid5(NAMESPACE_URL, key), 10, FAR, key=key)
+                    outcome: tuple[str, str, str | None] = (key, "ok", str(receipt.reservation_id))
+                except InsufficientCredits:
+                    outcome = (key, "insufficient", None)
+                except LedgerError as exc:
+                    outcome = (key, f"error:{type(exc).__name__}:{exc}", None)
+                with lock:
+                    results.append(outcome)
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    queue.put(results)
