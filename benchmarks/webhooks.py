@@ -175,9 +175,9 @@ def run(
         dup_per_s = deliver(adapter, concurrent, workers, "duplicate")
         echo(f"duplicates, {workers} threads:             {dup_per_s:8.0f} deliveries/s")
 
-        group = adapter.processor.group
-        if group.batches:
-            echo(f"group commit: {group.batched} commands in {group.batches} shared transactions")
+        group = adapter.processor.group.stats
+        if group.shared_batches:
+            echo(f"group commit: {group.shared_commands} commands in {group.shared_batches} shared transactions")
         counts = adapter.inbox.counts()
         granted = ledger.balance(uuid.UUID(json.loads(concurrent[0][0])["meta"]["custom_data"]["user_id"]))
         assert granted.balance_credits == 5000, granted
@@ -193,7 +193,9 @@ def run(
             "pre_ping": pre_ping,
             "deliveries": count,
             "stored_rows": sum(counts.values()),
-            "commands_per_shared_transaction": round(group.batched / group.batches, 1) if group.batches else 1.0,
+            "commands_per_shared_transaction": (
+                round(group.shared_commands / group.shared_batches, 1) if group.shared_batches else 1.0
+            ),
         }
 
 

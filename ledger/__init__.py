@@ -24,6 +24,7 @@ from ledger.application.billing import (
 )
 from ledger.application.commands import AdjustCredits, Command, GrantCredits, SpendCredits
 from ledger.application.facade import DEFAULT_URL, Ledger, resolve_url
+from ledger.application.group import GroupCommit, GroupCommitPolicy, GroupCommitStats
 from ledger.application.holds import ReleaseReservation, ReserveCredits, SettleReservation
 from ledger.application.results import (
     AccountEvent,
@@ -124,6 +125,9 @@ __all__ = [
     "CreditBlock",
     "CreditKind",
     "GrantCredits",
+    "GroupCommit",
+    "GroupCommitPolicy",
+    "GroupCommitStats",
     "IdempotencyConflict",
     "InsufficientCredits",
     "InvalidAmount",

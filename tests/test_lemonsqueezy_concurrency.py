@@ -1,10 +1,10 @@
-"""Concurrent deliveries: the group commit that lets them share ledger
-transactions, and many customers' stories delivered at once."""
+"""Concurrent deliveries: they share ledger transactions through the
+ledger's group commit (``tests/test_group_commit.py`` tests the mechanism),
+and many customers' stories delivered at once."""
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 from uuid import UUID, uuid4
@@ -12,77 +12,8 @@ from uuid import UUID, uuid4
 import pytest
 
 from adapters.lemonsqueezy._state import ledger_subscription_id
-from adapters.webhooks import GroupCommit
 from ledger import Command, Ledger, Receipt
 from tests.lemonsqueezy_support import BEFORE, END, Builder, StoryClock, adapter_for, headers_for, open_ledger, story
-
-
-class FakeLedger:
-    """execute_batch fails if any command is 'bad'; execute fails only for the bad one."""
-
-    def __init__(self) -> None:
-        self.batches: list[int] = []
-        self.singles = 0
-        self.lock = threading.Lock()
-
-    def execute(self, command: Any) -> Any:
-        time.sleep(0.002)  # a commit: others queue meanwhile
-        with self.lock:
-            self.singles += 1
-        if command.key.startswith("bad"):
-            raise ValueError(f"{command.key} is bad")
-        return command.key
-
-    def execute_batch(self, commands: list[Any]) -> list[Any]:
-        time.sleep(0.002)  # a commit: others queue meanwhile
-        with self.lock:
-            self.batches.append(len(commands))
-        if any(c.key.startswith("bad") for c in commands):
-            raise ValueError("batch rejected")
-        return [c.key for c in commands]
-
-
-class Key:
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-
-def test_group_commit_gives_each_thread_its_own_result_and_never_hangs() -> None:
-    fake = FakeLedger()
-    group = GroupCommit(fake, max_batch=8)  # type: ignore[arg-type]
-    results: dict[str, Any] = {}
-
-    def worker(n: int) -> None:
-        for i in range(25):
-            key = f"{'bad' if (n * 25 + i) % 17 == 0 else 'ok'}-{n}-{i}"
-            try:
-                results[key] = group.execute(Key(key))  # type: ignore[arg-type]
-            except ValueError as exc:
-                results[key] = exc
-
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert not any(t.is_alive() for t in threads)
-    assert len(results) == 200
-    for key, result in results.items():
-        if key.startswith("bad"):
-            assert isinstance(result, ValueError) and str(result) == f"{key} is bad"
-        else:
-            assert result == key
-    assert max(fake.batches) > 1  # commands did share transactions
-    assert all(size <= 8 for size in fake.batches)
-
-
-def test_alone_a_command_runs_at_once_as_a_single_command() -> None:
-    fake = FakeLedger()
-    group = GroupCommit(fake)  # type: ignore[arg-type]
-    assert group.execute(Key("ok-1")) == "ok-1"  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="bad-1 is bad"):
-        group.execute(Key("bad-1"))  # type: ignore[arg-type]
-    assert (fake.batches, fake.singles) == ([], 2)
 
 
 @pytest.fixture
@@ -133,14 +64,15 @@ def test_many_customers_stories_at_once(shared_ledger: Ledger) -> None:
         assert (view.status, view.plan, view.user_id) == ("expired", "pro", b.user)
         grants = sorted(e.data["amount"] for e in ledger.history(b.user) if e.type == "granted")
         assert grants == [1000, 5000, 5000, 5000, 10000, 15000, 15000]
-    group = adapter.processor.group
-    assert group.batches > 0 and group.batched > group.batches
+    assert adapter.processor.group is ledger.group_commit  # one mechanism, the ledger's
+    stats = ledger.group_commit.stats
+    assert stats.shared_batches > 0 and stats.shared_commands > stats.shared_batches
 
 
 def test_receipts_are_a_commands_own(ledger: Ledger) -> None:
-    """Through the real ledger: a batch with a command that fails is rejected
-    and its commands run alone; the others' receipts are theirs."""
-    group = GroupCommit(ledger)
+    """A batch with a command that fails commits the others; each receipt and
+    error is its own command's."""
+    group = ledger.group_commit
     user = uuid4()
     from ledger import GrantCredits, SpendCredits
 

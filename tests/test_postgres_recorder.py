@@ -49,7 +49,7 @@ def one_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("count", [1, VALUES_MAX_ROWS, VALUES_MAX_ROWS + 1, 500])
+@pytest.mark.parametrize("count", [1, VALUES_MAX_ROWS, VALUES_MAX_ROWS + 1, 2_000])
 def test_saved_events_read_back_byte_for_byte(pg_url: str, count: int, one_round_trips: list[int]) -> None:
     with Ledger(pg_url) as ledger:
         recorder = _recorder(ledger)

@@ -9,7 +9,6 @@ shares, so that a provider's own package keeps only what is its own
   retry failed ones (``Outcome``, ``RetryReport``, ``Held``, ``Event``).
 - ``Inbox``: deliveries stored in ``webhook_events`` before anything else
   happens, recognised when redelivered, with their outcomes.
-- ``GroupCommit``: concurrent deliveries' commands share ledger transactions.
 - ``WebhookApp``: the endpoint as a plain ASGI application over a ``Receiver``.
 - ``IngestResult``: what became of one delivery, and the HTTP status to answer.
 - ``RefundPolicy``: what a refund claws back.
@@ -21,7 +20,6 @@ See ``docs/webhooks.md``.
 """
 
 from .asgi import Receiver, Runner, WebhookApp
-from .group_commit import GroupCommit
 from .inbox import HELD_PREFIX, IGNORED_PREFIX, NOTE_PREFIX, Inbox, InboxRow, Stored
 from .pipeline import (
     DEFAULT_STALE_AFTER_S,
@@ -46,7 +44,6 @@ __all__ = [
     "NOTE_PREFIX",
     "Event",
     "Execute",
-    "GroupCommit",
     "Held",
     "Inbox",
     "InboxRow",

@@ -23,9 +23,8 @@ from datetime import timedelta
 from typing import Any, Literal, Protocol
 from uuid import UUID
 
-from ledger import Command, ConfigurationError, InvalidArgument, Ledger, LedgerError, Receipt
+from ledger import Command, ConfigurationError, GroupCommit, InvalidArgument, Ledger, LedgerError, Receipt
 
-from .group_commit import GroupCommit
 from .inbox import HELD_PREFIX, IGNORED_PREFIX, NOTE_PREFIX, Inbox, InboxRow
 from .results import IngestResult
 
@@ -186,8 +185,9 @@ class Pipeline:
         self.ledger = ledger
         self.provider = provider
         self.inbox = Inbox(ledger, provider.source)
-        #: Concurrent deliveries' commands share ledger transactions.
-        self.group = GroupCommit(ledger)
+        #: Concurrent deliveries' commands share ledger transactions: the
+        #: ledger's own group commit, shared with its other callers.
+        self.group: GroupCommit = ledger.group_commit
         self.test_mode = bool(test_mode)
         self.stale_after_s = stale_after_s
         #: What the ASGI app reads at most (the provider's limit).

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Itera
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from ledger.application.facade import DEFAULT_URL, SWEEP_PAGE, Ledger
+from ledger.application.group import GroupCommitPolicy
 from ledger.clock import Clock
 from ledger.domain.subscriptions import CreditPolicy
 from ledger.errors import InvalidArgument, LedgerClosed
@@ -143,6 +144,7 @@ class AsyncLedger:
         sync_user_tier: bool = False,
         credit_policy: CreditPolicy | None = None,
         create: bool = True,
+        group_commit: GroupCommitPolicy | bool = False,
         max_concurrency: int | None = None,
     ) -> Opening:
         """Opens ``Ledger(url, ...)`` in a worker thread (opening connects
@@ -159,6 +161,7 @@ class AsyncLedger:
             sync_user_tier=sync_user_tier,
             credit_policy=credit_policy,
             create=create,
+            group_commit=group_commit,
         )
         return Opening(factory, max_concurrency)
 

@@ -28,6 +28,7 @@ from ledger.application.billing import (
     due_changes,
 )
 from ledger.application.commands import AdjustCredits, Command, GrantCredits, SpendCredits
+from ledger.application.group import GroupCommit, GroupCommitPolicy
 from ledger.application.holds import ReleaseReservation, ReserveCredits, SettleReservation, due_holders
 from ledger.application.results import (
     AccountEvent,
@@ -101,6 +102,7 @@ class Ledger:
         sync_user_tier: bool = False,
         credit_policy: CreditPolicy | None = None,
         create: bool = True,
+        group_commit: GroupCommitPolicy | bool = False,
     ) -> None:
         """``sync_views``: every command brings the read models up to date in
         this process before it returns (read-your-writes for the embedded
@@ -111,10 +113,18 @@ class Ledger:
         subscription changes move credits (default: full upgrade difference,
         subscription credits expire at the end of their period).
         ``create=False``: open only a store that exists (a mistyped path
-        raises ConfigurationError instead of creating an empty store)."""
+        raises ConfigurationError instead of creating an empty store).
+        ``group_commit``: ``True`` or a ``GroupCommitPolicy`` runs ``execute``
+        and the command methods through ``group_commit``, so that concurrent
+        callers' commands share transactions (docs/group-commit.md)."""
         if type(max_attempts) is not int or not 1 <= max_attempts <= 100:
             raise InvalidArgument(
                 f"max_attempts must be an int within 1..100, got {max_attempts!r}", param="max_attempts"
+            )
+        if not isinstance(group_commit, bool | GroupCommitPolicy):
+            raise InvalidArgument(
+                f"group_commit must be a bool or a GroupCommitPolicy, not {type(group_commit).__name__}",
+                param="group_commit",
             )
         _check_options(clock, credit_policy, sync_views=sync_views, sync_user_credits=sync_user_credits,
                        sync_user_tier=sync_user_tier, create=create)  # fmt: skip
@@ -142,6 +152,13 @@ class Ledger:
             self.backend.stream_reader(self.app),
             max_attempts=max_attempts,
             policy=self.credit_policy,
+        )
+        #: Whether ``execute`` goes through ``group_commit``.
+        self.grouped = group_commit is not False
+        self._group = GroupCommit(
+            self.engine,
+            group_commit if isinstance(group_commit, GroupCommitPolicy) else None,
+            after_batch=self._sync_views,
         )
 
     def __repr__(self) -> str:
@@ -176,7 +193,16 @@ class Ledger:
             )
         return self._views
 
+    @property
+    def group_commit(self) -> GroupCommit:
+        """This ledger's group commit: concurrent commands share transactions
+        through it (with the policy the ledger was opened with, or the
+        default one). ``execute`` uses it when the ledger was opened with
+        ``group_commit``; a host may use it either way."""
+        return self._group
+
     def close(self) -> None:
+        self._group.close()
         if self._views is not None:
             self._views.close()
         self.app.close()
@@ -190,7 +216,10 @@ class Ledger:
     # -- commands -----------------------------------------------------------------
 
     def execute(self, command: Command) -> Receipt:
-        """Runs one command; a retry with the same key returns the first receipt."""
+        """Runs one command; a retry with the same key returns the first receipt.
+        With ``group_commit``, in a transaction shared with other threads' commands."""
+        if self.grouped:
+            return self.group_commit.execute(command)
         receipt = self.engine.execute([command], single=True)[0]
         self._sync_views(receipt)
         return receipt

@@ -155,14 +155,20 @@ def owner_of(
     read_record: Callable[[UUID], HoldRecord | None],
 ) -> UUID:
     """The user whose account holds the hold: ``hint`` when given, else an
-    account of the attempt that holds it open (reserved earlier in the batch),
-    else the user its ``HoldRecord`` names."""
+    account of the attempt that holds it open (reserved earlier in the batch)
+    or reserved it in this attempt and closed it since (its record is not
+    saved yet), else the user its ``HoldRecord`` names."""
     if hint is not None:
         return hint
     rid = str(reservation_id)
+    accounts = list(accounts)
     for account in accounts:
         if rid in account.holds:
             return account.user_id
+    for account in accounts:
+        for event in account.pending_events:
+            if isinstance(event, CreditAccount.Reserved) and event.reservation_id == reservation_id:
+                return account.user_id
     record = read_record(reservation_id)
     if record is None:
         raise UnknownReservation(reservation_id)

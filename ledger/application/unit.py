@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 from uuid import UUID
@@ -83,8 +83,11 @@ class Unit:
 
     def prefetch(self, ids: Iterable[UUID], users: Iterable[UUID | None] = ()) -> None:
         """Reads, in one bulk read, the aggregates and accounts not read yet
-        in this attempt; afterwards the unit knows each of them found or absent."""
-        wanted = [i for i in dict.fromkeys(ids) if not self.knows(i)]
+        in this attempt; afterwards the unit knows each of them found or absent.
+        Those in the command cache are left to it: ``account`` and
+        ``aggregate`` take them from there, as a single command does."""
+        cached = _in_cache(self.app)
+        wanted = [i for i in dict.fromkeys(ids) if not self.knows(i) and not cached(i)]
         accounts = {
             account_id_for(u): u
             for u in users
@@ -92,6 +95,7 @@ class Unit:
             and u not in self.accounts
             and u not in self.preloaded
             and account_id_for(u) not in self.absent
+            and not cached(account_id_for(u))
         }
         if not wanted and not accounts:
             return
@@ -528,6 +532,22 @@ class Engine:
                 continue
             return count
         raise ConcurrencyExhausted(self.max_attempts)
+
+
+def _in_cache(app: LedgerApplication) -> Callable[[UUID], bool]:
+    """Whether an aggregate is in the command cache (a batch's bulk read skips it)."""
+    cache = app.repository.cache
+    if cache is None:
+        return lambda _: False
+
+    def cached(aggregate_id: UUID) -> bool:
+        try:
+            cache.get(aggregate_id)
+        except KeyError:
+            return False
+        return True
+
+    return cached
 
 
 class _Failed(Exception):

@@ -33,8 +33,9 @@ from psycopg import sql
 from psycopg.errors import LockNotAvailable
 from psycopg.pq import TransactionStatus
 
-#: Saves of up to this many events use a VALUES list instead of arrays.
-VALUES_MAX_ROWS = 32
+#: Saves of up to this many events use a VALUES list instead of arrays: a
+#: command's, and a group commit batch's (64 commands of about 3 events).
+VALUES_MAX_ROWS = 256
 #: Attempts at a save whose connection broke, and the wait between them
 #: (eventsourcing's own recorders retry so: ``retry(..., 10, wait=0.2)``).
 INSERT_ATTEMPTS = 10
