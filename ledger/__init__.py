@@ -69,6 +69,7 @@ from ledger.errors import (
     ViewsBehind,
     ViewsStalled,
 )
+from ledger.storage.freshness import CommandStats
 
 __version__ = "0.1.0"
 
@@ -149,6 +150,7 @@ __all__ = [
     "VerifyResult",
     "audit",
     "resolve_url",
+    "CommandStats",
 ]
 
 

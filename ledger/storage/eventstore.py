@@ -8,6 +8,7 @@ through ``save_all``; queries read the store through a ``StreamReader``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from copy import deepcopy
 from itertools import chain
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID
@@ -24,7 +25,9 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import JSONTranscoder, Recording, StoredEvent
 from eventsourcing.utils import Environment, strtobool
 
-from ledger.domain.credits import CreditAccount
+from ledger.domain.credits import CommandRecord, CreditAccount
+from ledger.domain.holds import HoldRecord
+from ledger.storage.freshness import CommandStats, Counters, Freshness
 from ledger.storage.sealing import sealed, trusted
 from ledger.storage.transcoding import BlockAsDict, HoldAsDict
 
@@ -36,11 +39,71 @@ AGGREGATE_CACHE_SIZE = 10_000
 
 class SealedRepository(Repository[UUID]):
     """eventsourcing's repository, except that a snapshot is used only when it
-    passes its check (``sealing.trusted``); otherwise the events are replayed."""
+    passes its check (``sealing.trusted``), otherwise the events are replayed;
+    that events are applied without the library's per-event runtime Protocol
+    check (as costly as decoding them); that aggregates other writers changed
+    are fast-forwarded in the cache from their cached version
+    (``ledger.storage.freshness``); and that write-only aggregates (command
+    records, hold records) are never cached."""
 
     def __init__(self, app: LedgerApplication, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.app = app
+        self.freshness = Freshness()
+
+    def get(
+        self,
+        aggregate_id: UUID,
+        *,
+        version: int | None = None,
+        projector_func: ProjectorFunction[Any, Any] = project_aggregate,
+        fastforward_skipping: bool = False,
+        deepcopy_from_cache: bool = True,
+    ) -> Any:
+        if self.cache is None or version is not None or projector_func is not project_aggregate:
+            self.app.counters.add("full_loads")
+            return super().get(aggregate_id, version=version, projector_func=projector_func)
+        try:
+            cached = self.cache.get(aggregate_id)
+        except KeyError:
+            aggregate = self._reconstruct_aggregate(aggregate_id, None, projector_func)
+            if not self.app.cacheable(aggregate):
+                self.app.counters.add("record_reads")
+                return aggregate
+            self.app.counters.add("full_loads")
+            self.put(aggregate)
+        else:
+            if not self.freshness.is_shared(aggregate_id):
+                self.app.counters.add("cache_hits")
+                aggregate = cached
+            else:
+                # Never mutate the cached object: other threads may be copying it.
+                aggregate = deepcopy(cached)
+                new = self.event_store.recorder.select_events(aggregate_id, gt=aggregate.version)
+                decode = self.app.mapper.to_domain_event
+                for stored in new:
+                    aggregate = decode(stored).mutate(aggregate)  # type: ignore[attr-defined]
+                self.freshness.forwarded(aggregate_id, len(new))
+                self.app.counters.add("fastforwards")
+                if not new:
+                    aggregate = cached
+                else:
+                    self.app.counters.add("fastforward_events", len(new))
+                    self.put(aggregate)
+        # Commands mutate what they get: a copy, so a refused command leaves the cache as committed.
+        if deepcopy_from_cache and self.deepcopy_from_cache:
+            aggregate = deepcopy(aggregate)
+        return aggregate
+
+    def put(self, aggregate: Any) -> None:
+        """Caches a committed state of an aggregate, unless the cache holds a newer one."""
+        assert self.cache is not None
+        try:
+            cached = self.cache.get(aggregate.id)
+        except KeyError:
+            cached = None
+        if cached is None or cached.version < aggregate.version:
+            self.cache.put(aggregate.id, aggregate)
 
     def _reconstruct_aggregate(
         self, aggregate_id: UUID, version: int | None, projector_func: ProjectorFunction[Any, Any]
@@ -65,7 +128,16 @@ class SealedRepository(Repository[UUID]):
         else:
             stream = list(events.select_events(aggregate_id, lte=version))
         decode = self.app.mapper.to_domain_event
-        aggregate = projector_func(None, chain(start, (decode(e) for e in stream)))
+        if projector_func is project_aggregate:
+            # project_aggregate, less its per-event isinstance check against a
+            # runtime Protocol: every ledger event is an eventsourcing event.
+            aggregate: Any = None
+            for event in start:
+                aggregate = event.mutate(aggregate)
+            for stored in stream:
+                aggregate = decode(stored).mutate(aggregate)  # type: ignore[attr-defined]
+        else:
+            aggregate = projector_func(None, chain(start, (decode(e) for e in stream)))
         if aggregate is None:
             raise AggregateNotFoundError(f"Aggregate {aggregate_id!r} version {version!r} not found.")
         return aggregate
@@ -81,9 +153,14 @@ class LedgerApplication(Application[UUID]):
     #: Accounts whose stored snapshot was refused on load: their next save
     #: writes a sealed snapshot, whatever the version.
     unsealed: set[UUID]
+    #: Aggregates saved once and read again only to look a key or a hold up:
+    #: kept out of the command cache, which holds what commands read back.
+    write_only: ClassVar[tuple[type, ...]] = (CommandRecord, HoldRecord)
+    repository: SealedRepository
 
     def __init__(self, env: Any = None) -> None:
         self.unsealed = set()
+        self.counters = Counters()
         super().__init__(env)
 
     def construct_env(self, name: str, env: Any = None) -> Environment:
@@ -91,15 +168,17 @@ class LedgerApplication(Application[UUID]):
         # steered by whatever eventsourcing variables the host process exports.
         settings = dict(env or {})
         settings["IS_SNAPSHOTTING_ENABLED"] = "y"
-        # Commands read aggregates from an LRU cache that is not fast-forwarded:
-        # a stale account cannot commit (its next version already exists, the
-        # save clashes), and the engine evicts and reloads on a clash. Queries
-        # never use the cache (see Ledger), so other processes' writes show.
+        # Commands read aggregates from an LRU cache. eventsourcing's own
+        # fast-forward (a query before every read) is off: the repository
+        # fast-forwards only the aggregates seen written elsewhere
+        # (ledger.storage.freshness), and a stale one cannot commit (its next
+        # version already exists, the save clashes). Queries never use the
+        # cache (see Ledger), so other processes' writes show.
         settings["AGGREGATE_CACHE_MAXSIZE"] = str(AGGREGATE_CACHE_SIZE)
         settings["AGGREGATE_CACHE_FASTFORWARD"] = "n"
         return Environment(name, settings)
 
-    def construct_repository(self) -> Repository[UUID]:
+    def construct_repository(self) -> SealedRepository:
         cache_maxsize = self.env.get(self.AGGREGATE_CACHE_MAXSIZE)
         return SealedRepository(
             self,
@@ -156,6 +235,33 @@ class LedgerApplication(Application[UUID]):
                 self.take_snapshot(aggregate_id, version)
             else:
                 self._put_snapshot(aggregate, event_at)
+
+    def cacheable(self, aggregate: Any) -> bool:
+        """Whether the command cache keeps this aggregate (not a write-only one)."""
+        return not isinstance(aggregate, self.write_only)
+
+    def _record(self, processing_event: ProcessingEvent[UUID]) -> list[Recording[UUID]]:
+        """Records the events; then caches the saved aggregates that commands
+        read back (not the write-only ones), each unless the cache already
+        holds a newer version of it."""
+        recordings = self.events.put(
+            processing_event.events, tracking=processing_event.tracking, **processing_event.saved_kwargs
+        )
+        if self.repository.cache is not None:
+            for aggregate in processing_event.aggregates.values():
+                if self.cacheable(aggregate):
+                    self.repository.put(aggregate)
+        return recordings
+
+    def refresh(self, aggregate_ids: Iterable[UUID]) -> None:
+        """These aggregates may have been written elsewhere (a save of them
+        clashed, or a command on them was refused): their next reads
+        fast-forward the cached copies from the store."""
+        self.repository.freshness.share(list(aggregate_ids))
+
+    def command_stats(self) -> CommandStats:
+        """The counts of attempts, clashes and loads so far."""
+        return self.counters.snapshot()
 
     def evict(self, aggregate_ids: Iterable[UUID]) -> None:
         """Drops aggregates from the cache, so the next read goes to the store."""
