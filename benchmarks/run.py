@@ -40,6 +40,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+import scaling as scaling_bench  # noqa: E402  (benchmarks/scaling.py, beside this file)
 import webhooks as webhook_bench  # noqa: E402  (benchmarks/webhooks.py, beside this file)
 
 import ledger as ledger_package  # noqa: E402
@@ -108,6 +109,8 @@ class Sizes:
     webhook_customers: int
     many_grants: int
     account_repeats: int
+    scaling_clients: tuple[int, ...] = scaling_bench.CLIENTS
+    scaling_cell_s: float = scaling_bench.CELL_S
 
     @classmethod
     def full(cls) -> Sizes:
@@ -149,6 +152,8 @@ class Sizes:
             webhook_customers=150,
             many_grants=2_000,
             account_repeats=20,
+            scaling_clients=scaling_bench.QUICK_CLIENTS,
+            scaling_cell_s=scaling_bench.QUICK_CELL_S,
         )
 
 
@@ -1088,6 +1093,7 @@ def run(sizes: Sizes, timeout_s: float, *, analyze: bool = False) -> dict[str, f
         with Ledger(url) as ledger:
             figures = measure(ledger, url, schema, sizes, watchdog, analyze=analyze)
         figures.update(webhook_figures(base, sizes, figures["raw_insert_commit_per_s"], watchdog))
+        figures.update(scaling_figures(base, sizes, watchdog))
     except Exception:
         if watchdog.fired.is_set():
             say(f"!! aborted by the watchdog after {timeout_s:.0f} s (a call hung or the run was too slow)")
@@ -1121,6 +1127,17 @@ def webhook_figures(base: str, sizes: Sizes, raw_per_s: float, watchdog: Watchdo
         "webhooks_per_s_sequential": found["webhooks_per_s_sequential"],
         "webhook_commands_per_shared_transaction": found["commands_per_shared_transaction"],
     }
+
+
+def scaling_figures(base: str, sizes: Sizes, watchdog: Watchdog) -> dict[str, float]:
+    """benchmarks/scaling.py's figures (1 to 16 clients, processes and
+    threads), on a schema of their own."""
+    schema = f"bench_scaling_{uuid.uuid4().hex[:12]}"
+    try:
+        with timed("scaling", watchdog.check):
+            return scaling_bench.run(base, schema, say, clients=sizes.scaling_clients, cell_s=sizes.scaling_cell_s)
+    finally:
+        drop_schema(base, schema)
 
 
 def main(argv: list[str] | None = None) -> int:

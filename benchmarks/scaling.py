@@ -24,6 +24,9 @@ The client is whatever ``--executor module:function`` builds from an open
 ``command_stats()`` (for the clash and reload figures) and ``close()`` are
 used when it has them. Threads share one executor, so an executor that groups
 concurrent commands into shared transactions is measured by the same cells.
+``scaling:evicting`` and ``scaling:forwarding`` are the two cache policies the
+ledger's was chosen against (docs/decisions.md, "Cached accounts are
+fast-forwarded once shared"), for comparison.
 """
 
 from __future__ import annotations
@@ -62,8 +65,8 @@ from ledger import (  # noqa: E402
     LedgerError,
     ReserveCredits,
     SettleReservation,
+    SpendCredits,
 )
-from ledger.domain.credits import account_id_for  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_EXECUTOR = "scaling:plain"
@@ -82,6 +85,11 @@ START_DELAY_S = 0.1
 #: Warm-up commands per client before each cell's clock starts (caches, pools, prepared statements).
 WARMUP_PAIRS = 2
 
+#: The two-Ledger figure: turns each, and the account's events before them.
+ALTERNATING_ROUNDS = 200
+QUICK_ALTERNATING_ROUNDS = 50
+ALTERNATING_HISTORY = 150
+
 TARGET_MANY_VS_RAW = 0.4
 TARGET_HOT_VS_RAW = 0.2
 TARGET_P99_MS_HOT = 50.0
@@ -93,6 +101,21 @@ def say(text: str) -> None:
 
 def plain(ledger: Ledger) -> Ledger:
     """The default client: the ``Ledger`` itself."""
+    return ledger
+
+
+def evicting(ledger: Ledger) -> Ledger:
+    """For comparison: the cache as it was before fast-forwarding, trusted
+    until a clash or refusal, which evicts the aggregates (the retry rebuilds
+    them from the store)."""
+    ledger.app.refresh = ledger.app.evict  # type: ignore[method-assign]
+    return ledger
+
+
+def forwarding(ledger: Ledger) -> Ledger:
+    """For comparison: every cached aggregate fast-forwarded before every use
+    (eventsourcing's own policy), whatever the clashes."""
+    ledger.app.repository.freshness.is_shared = lambda aggregate_id: True  # type: ignore[method-assign]
     return ledger
 
 
@@ -137,7 +160,10 @@ class Task:
 
 @dataclass
 class ClientResult:
-    ops: int = 0
+    ops: int = 0  # inside the cell's window
+    #: Every command this client ran, warm-up and the one past the window
+    #: too: what the clash and load counts are divided by.
+    commands: int = 0
     latencies_ms: list[float] | None = None
     exhausted: int = 0
     errors: int = 0
@@ -189,7 +215,9 @@ def run_client(task: Task, n: int, executor: Any, conninfo: str, warm: Callable[
             conn.commit()
     else:
         for i in range(WARMUP_PAIRS):
-            reserve_settle(executor.execute, rng.choice(users), f"{task.tag}:{n}:warm{i}", expires_at)
+            result.commands += reserve_settle(
+                executor.execute, rng.choice(users), f"{task.tag}:{n}:warm{i}", expires_at
+            )[1]
     start_at = warm()
     time.sleep(max(0.0, start_at - time.time()))
     end = time.perf_counter() + (start_at + task.duration_s - time.time())
@@ -214,6 +242,7 @@ def run_client(task: Task, n: int, executor: Any, conninfo: str, warm: Callable[
                 result.first_error = result.first_error or f"{type(exc).__name__}: {exc}"
                 continue
             finished = time.perf_counter()
+            result.commands += done
             result.exhausted += exhausted
             if finished <= end:
                 result.ops += done
@@ -258,6 +287,7 @@ def run_task(task: Task, executor: Any, ledger: Ledger, conninfo: str, start: Ca
     spent = stats_of(executor, ledger).since(before)
     return {
         "ops": sum(r.ops for r in results),
+        "commands": sum(r.commands for r in results),
         "latencies_ms": [x for r in results for x in (r.latencies_ms or [])],
         "exhausted": sum(r.exhausted for r in results),
         "errors": sum(r.errors for r in results),
@@ -269,17 +299,30 @@ def run_task(task: Task, executor: Any, ledger: Ledger, conninfo: str, start: Ca
 # ---------------------------------------------------------------- workers
 
 
+def warm_up(executor: Any, users: Sequence[str]) -> None:
+    """One reserve/settle on each account, in an order of this process's own:
+    the client has then loaded each account and met the other writers of
+    each (the first command on an account another process wrote since clashes
+    once, then the account is fast-forwarded before use: see
+    docs/performance.md). The cells measure the steady state after that."""
+    order = list(users)
+    random.Random(os.getpid()).shuffle(order)
+    tag = f"warm:{uuid.uuid4().hex[:8]}"
+    for k, user in enumerate(order):
+        reserve_settle(executor.execute, uuid.UUID(user), f"{tag}:{k}", far_future())
+
+
 def worker_main(
     url: str, threads_url: str, conninfo: str, executor_path: str, warm: Sequence[str], inbox: Any, outbox: Any
 ) -> None:
     """A client process: opens its Ledger (and, on request, a threads' Ledger)
-    once, warms its cache with every account, then runs tasks until told to stop."""
+    once, runs one reserve/settle on every account, as a worker that has been
+    up for a while would have (``warm_up``), then runs tasks until told to stop."""
     try:
         factory = load_executor(executor_path)
         ledger = Ledger(url)
-        for user in warm:
-            ledger.app.repository.get(account_id_for(uuid.UUID(user)))
         executor = factory(ledger)
+        warm_up(executor, warm)
         shared: tuple[Ledger, Any] | None = None
         outbox.put(("ready", None))
         while True:
@@ -297,9 +340,8 @@ def worker_main(
             if task.clients > 1:  # a threads cell: one Ledger shared by every thread
                 if shared is None:
                     shared_ledger = Ledger(threads_url)
-                    for user in warm:
-                        shared_ledger.app.repository.get(account_id_for(uuid.UUID(user)))
                     shared = (shared_ledger, factory(shared_ledger))
+                    warm_up(shared[1], warm)
                 outbox.put(("done", run_task(task, shared[1], shared[0], conninfo, start)))
             else:
                 outbox.put(("done", run_task(task, executor, ledger, conninfo, start)))
@@ -380,7 +422,7 @@ def cell_figures(parts: list[dict[str, Any]], duration_s: float) -> dict[str, fl
     ops = sum(p["ops"] for p in parts)
     stats = [CommandStats(**p["stats"]) for p in parts if p["stats"]]
     total = sum(stats, CommandStats())
-    commands = max(ops, 1)
+    commands = max(sum(p["commands"] for p in parts), 1)
     return {
         "per_s": ops / duration_s,
         "p50_ms": percentile(latencies, 0.50),
@@ -406,6 +448,38 @@ def names(mode: str, clients: int, workload: str) -> dict[str, str]:
         "fastforwards_per_command": f"fastforwards_per_command_{cell}_{workload}",
         "exhausted": f"concurrency_exhausted_{cell}_{workload}",
         "errors": f"errors_{cell}_{workload}",
+    }
+
+
+def alternating(url: str, policy: Callable[[Ledger], Any], rounds: int, history: int) -> dict[str, float]:
+    """Two Ledgers (as two processes) take turns spending 1 credit on one
+    account with ``history`` events: each command starts from a copy the
+    other Ledger has just made stale. Per command: time, clash rate, rebuilds."""
+    user = uuid.uuid4()
+    with Ledger(url) as a, Ledger(url) as b:
+        clients = [policy(a), policy(b)]
+        b.execute_batch(
+            GrantCredits(key=f"alt:{user}:{i}", user_id=user, amount_credits=10, kind=CreditKind.PURCHASE)
+            for i in range(history)
+        )
+        for k, client in enumerate(clients):  # both have loaded the account
+            client.execute(SpendCredits(key=f"alt:{user}:warm{k}", user_id=user, amount_credits=1))
+        before = [stats_of(c, ledger) for c, ledger in zip(clients, (a, b), strict=True)]
+        started = time.perf_counter()
+        for i in range(rounds):
+            for k, client in enumerate(clients):
+                client.execute(SpendCredits(key=f"alt:{user}:{i}:{k}", user_id=user, amount_credits=1))
+        elapsed = time.perf_counter() - started
+        spent = sum(
+            (stats_of(c, ledger).since(x) for c, ledger, x in zip(clients, (a, b), before, strict=True)),
+            CommandStats(),
+        )
+    commands = 2 * rounds
+    return {
+        "ms_per_command": 1000 * elapsed / commands,
+        "clash_rate": spent.clashes / max(spent.attempts, 1),
+        "full_loads_per_command": spent.full_loads / commands,
+        "fastforwards_per_command": spent.fastforwards / commands,
     }
 
 
@@ -438,6 +512,7 @@ def run(
     many = [uuid.uuid4() for _ in range(MANY_ACCOUNTS)]
     hot = uuid.uuid4()
     fund(url, [*many, hot])
+    figures: dict[str, float] = {}
     table = f"{schema}.scaling_raw"
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(
@@ -445,10 +520,23 @@ def run(
                 sql.Identifier(schema, "scaling_raw")
             )
         )
+    rounds = QUICK_ALTERNATING_ROUNDS if quick or duration < CELL_S else ALTERNATING_ROUNDS
+    for label, policy in (("", plain), ("_evicting", evicting)):
+        found = alternating(url, policy, rounds, ALTERNATING_HISTORY)
+        for key, value in found.items():
+            figures[f"alternating_{key}{label}"] = round(value, 4 if key != "ms_per_command" else 3)
+    echo(
+        f"two Ledgers taking turns on one {ALTERNATING_HISTORY}-event account ({rounds} rounds): "
+        f"{figures['alternating_ms_per_command']:.2f} ms a command, clash rate "
+        f"{figures['alternating_clash_rate']:.0%}, rebuilds {figures['alternating_full_loads_per_command']:.2f} "
+        f"and fast-forwards {figures['alternating_fastforwards_per_command']:.2f} a command; evicting "
+        f"instead: {figures['alternating_ms_per_command_evicting']:.2f} ms, clash rate "
+        f"{figures['alternating_clash_rate_evicting']:.0%}, rebuilds "
+        f"{figures['alternating_full_loads_per_command_evicting']:.2f} a command"
+    )
     warm = [str(u) for u in [*many, hot]]
     echo(f"scaling: {max(counts)} client processes ({executor}), cells of {duration:.1f} s, clients {counts}")
     workers = Workers(max(counts), url, threads_url, conninfo, executor, warm)
-    figures: dict[str, float] = {}
     try:
         echo(f"{'cell':>6} {'workload':>8} {'per s':>9} {'p50 ms':>8} {'p99 ms':>8} {'clash':>6} "
              f"{'loads/c':>8} {'ffwd/c':>7} {'exhaust':>7}")  # fmt: skip
