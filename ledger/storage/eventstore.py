@@ -7,6 +7,7 @@ through ``save_all``; queries read the store through a ``StreamReader``.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from copy import deepcopy
 from itertools import chain
@@ -50,6 +51,7 @@ class SealedRepository(Repository[UUID]):
         super().__init__(**kwargs)
         self.app = app
         self.freshness = Freshness()
+        self._put_lock = threading.Lock()
 
     def get(
         self,
@@ -98,12 +100,13 @@ class SealedRepository(Repository[UUID]):
     def put(self, aggregate: Any) -> None:
         """Caches a committed state of an aggregate, unless the cache holds a newer one."""
         assert self.cache is not None
-        try:
-            cached = self.cache.get(aggregate.id)
-        except KeyError:
-            cached = None
-        if cached is None or cached.version < aggregate.version:
-            self.cache.put(aggregate.id, aggregate)
+        with self._put_lock:  # the check and the put at once, across threads
+            try:
+                cached = self.cache.get(aggregate.id)
+            except KeyError:
+                cached = None
+            if cached is None or cached.version < aggregate.version:
+                self.cache.put(aggregate.id, aggregate)
 
     def _reconstruct_aggregate(
         self, aggregate_id: UUID, version: int | None, projector_func: ProjectorFunction[Any, Any]
