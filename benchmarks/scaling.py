@@ -109,6 +109,7 @@ def evicting(ledger: Ledger) -> Ledger:
     until a clash or refusal, which evicts the aggregates (the retry rebuilds
     them from the store)."""
     ledger.app.refresh = ledger.app.evict  # type: ignore[method-assign]
+    ledger.app.recheck = ledger.app.evict  # type: ignore[method-assign]
     return ledger
 
 

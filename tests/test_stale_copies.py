@@ -147,6 +147,35 @@ def test_freshness_trusts_again_after_quiet_fast_forwards() -> None:
     assert freshness.shared_count() == 2
 
 
+def test_freshness_checks_a_refused_aggregate_once() -> None:
+    freshness = Freshness(trust_after_empty=3)
+    quiet, moved = uuid4(), uuid4()
+    freshness.check_once([quiet, moved])
+    assert freshness.is_shared(quiet) and freshness.is_shared(moved)
+    freshness.forwarded(quiet, 0)  # up to date: trusted as before
+    freshness.forwarded(moved, 2)  # another writer: shared from now on
+    assert not freshness.is_shared(quiet)
+    assert freshness.is_shared(moved)
+    freshness.forwarded(moved, 0)
+    assert freshness.is_shared(moved)
+
+
+def test_a_true_refusal_on_an_up_to_date_account_leaves_it_trusted(ledger_url: str) -> None:
+    user = uuid4()
+    with Ledger(ledger_url) as ledger:
+        ledger.grant(user, 10, "bonus", key="g")
+        before = ledger.command_stats()
+        with pytest.raises(InsufficientCredits):
+            ledger.spend(user, 11, key="too-much")
+        stats = ledger.command_stats().since(before)
+        # Decided twice, the second time after one fast-forward that found nothing.
+        assert (stats.attempts, stats.fastforwards, stats.fastforward_events, stats.full_loads) == (0, 1, 0, 0)
+        before = ledger.command_stats()
+        ledger.spend(user, 10, key="all")
+        stats = ledger.command_stats().since(before)
+        assert (stats.fastforwards, stats.cache_hits) == (0, 1)
+
+
 def test_command_stats_subtract_and_add() -> None:
     one = CommandStats(batches=3, attempts=4, clashes=1)
     two = CommandStats(batches=5, attempts=7, clashes=1, full_loads=2)

@@ -438,7 +438,7 @@ class Engine:
                     # processes may have moved on: decide again on fresh state
                     # (the cached copies fast-forwarded from the store).
                     rechecked = True
-                    self.app.refresh(unit.aggregate_ids())
+                    self.app.recheck(unit.aggregate_ids())
                     continue
                 if single:
                     raise failed.cause from None

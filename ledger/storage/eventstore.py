@@ -257,10 +257,14 @@ class LedgerApplication(Application[UUID]):
         return recordings
 
     def refresh(self, aggregate_ids: Iterable[UUID]) -> None:
-        """These aggregates may have been written elsewhere (a save of them
-        clashed, or a command on them was refused): their next reads
-        fast-forward the cached copies from the store."""
+        """These aggregates were written elsewhere (a save of them clashed):
+        their next reads fast-forward the cached copies from the store."""
         self.repository.freshness.share(list(aggregate_ids))
+
+    def recheck(self, aggregate_ids: Iterable[UUID]) -> None:
+        """These aggregates may be stale (a command on them was refused): their
+        next read fast-forwards them, and they are shared if it found more."""
+        self.repository.freshness.check_once(list(aggregate_ids))
 
     def command_stats(self) -> CommandStats:
         """The counts of attempts, clashes and loads so far."""

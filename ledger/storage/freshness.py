@@ -6,10 +6,12 @@ was committed (it loaded it, or saved it). Other processes may have moved it
 on since. Reading the store before every command would cost every command a
 round trip, though most aggregates have one writer; trusting the cache
 blindly costs a clash whenever another process wrote. So the cache trusts an
-aggregate until a save of it clashes (or a command on it was refused, which
-might have been decided on a stale copy): from then on the aggregate is
+aggregate until a save of it clashes: from then on the aggregate is
 *shared*, and every read of it first fast-forwards the cached copy from its
-version (one query for the newer events only, no snapshot, no replay). An
+version (one query for the newer events only, no snapshot, no replay). A
+command that was refused (which might have been decided on a stale copy)
+fast-forwards its aggregates once before it is decided again; they become
+shared only if that found newer events. An
 aggregate whose fast-forwards found nothing new ``TRUST_AFTER_EMPTY`` times
 in a row is trusted again (docs/decisions.md, "Cached accounts are
 fast-forwarded once shared").
@@ -87,6 +89,8 @@ class Freshness:
         self._lock = threading.Lock()
         #: Shared aggregates and their fast-forwards in a row that found nothing.
         self._empty_runs: dict[UUID, int] = {}
+        #: Aggregates to fast-forward at their next read only (``check_once``).
+        self._once: set[UUID] = set()
 
     def share(self, aggregate_ids: list[UUID]) -> None:
         """These aggregates were seen written elsewhere: fast-forward them before use."""
@@ -97,12 +101,30 @@ class Freshness:
             while len(self._empty_runs) > self.max_shared:
                 del self._empty_runs[next(iter(self._empty_runs))]
 
+    def check_once(self, aggregate_ids: list[UUID]) -> None:
+        """These aggregates may be stale (a command on them was refused):
+        fast-forward them at their next read; they become shared only if
+        that finds newer events. A refusal on an up-to-date copy is common
+        (an account out of credits) and says nothing of other writers."""
+        with self._lock:
+            self._once.update(aggregate_ids)
+            if len(self._once) > self.max_shared:
+                self._once.clear()  # forgetting is safe: a stale copy still clashes
+
     def is_shared(self, aggregate_id: UUID) -> bool:
-        return aggregate_id in self._empty_runs
+        """Whether the aggregate's next read fast-forwards it first."""
+        return aggregate_id in self._empty_runs or aggregate_id in self._once
 
     def forwarded(self, aggregate_id: UUID, new_events: int) -> None:
         """A fast-forward of the aggregate found ``new_events``."""
         with self._lock:
+            if aggregate_id in self._once:
+                self._once.discard(aggregate_id)
+                if new_events and aggregate_id not in self._empty_runs:
+                    self._empty_runs[aggregate_id] = 0
+                    while len(self._empty_runs) > self.max_shared:
+                        del self._empty_runs[next(iter(self._empty_runs))]
+                    return
             if aggregate_id not in self._empty_runs:
                 return
             if new_events:
