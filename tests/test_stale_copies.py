@@ -23,6 +23,8 @@ from ledger import (
     Ledger,
     LedgerError,
     ReservationClosed,
+    ReserveCredits,
+    SettleReservation,
 )
 from ledger.domain.credits import CreditAccount, account_id_for, record_id_for
 from ledger.domain.holds import reservation_id_for
@@ -103,19 +105,35 @@ def _project(aggregate: Any, events: Any) -> Any:
 
 
 def test_write_only_aggregates_stay_out_of_the_cache(ledger_url: str) -> None:
+    """Command records are never cached; a hold's record only while the hold
+    is open (a settle without the account's id reads it)."""
     user = uuid4()
     with Ledger(ledger_url) as ledger:
         ledger.grant(user, 100, "bonus", key="fund")
         hold = ledger.reserve(user, uuid4(), 10, FAR, key="reserve")
         assert hold.reservation_id is not None
+        assert cached(ledger, reservation_id_for("reserve")) is not None
+        before = ledger.command_stats()
         ledger.settle(hold.reservation_id, 7, key="settle")  # no hint: reads the hold's record
+        assert ledger.command_stats().since(before).record_reads == 0
         assert ledger.reservation(hold.reservation_id).status == "settled"
         assert cached(ledger, account_id_for(user)) is not None
-        assert cached(ledger, reservation_id_for("reserve")) is None
+        assert cached(ledger, reservation_id_for("reserve")) is None  # closed: dropped
         for key in ("fund", "reserve", "settle"):
             assert cached(ledger, record_id_for(key)) is None
+        # Reserved and settled in one batch: the closed record is not cached either.
+        batch = ledger.execute_batch(
+            [
+                ReserveCredits(key="r2", user_id=user, job_id=uuid4(), amount_credits=5, expires_at=FAR),
+                SettleReservation(key="s2", reservation_id=reservation_id_for("r2"), actual_credits=5),
+            ]
+        )
+        assert batch[1].balance_credits == 100 - 7 - 5
+        assert cached(ledger, reservation_id_for("r2")) is None
         # A replay still finds its record, from the store.
+        before = ledger.command_stats()
         assert ledger.grant(user, 100, "bonus", key="fund").replayed
+        assert ledger.command_stats().since(before).record_reads >= 1
 
 
 def test_a_single_writer_reads_nothing_before_its_commands(ledger_url: str) -> None:

@@ -27,7 +27,7 @@ from eventsourcing.persistence import JSONTranscoder, Recording, StoredEvent
 from eventsourcing.utils import Environment, strtobool
 
 from ledger.domain.credits import CommandRecord, CreditAccount
-from ledger.domain.holds import HoldRecord
+from ledger.domain.holds import HoldRecord, HoldStatus
 from ledger.storage.freshness import CommandStats, Counters, Freshness
 from ledger.storage.sealing import sealed, trusted
 from ledger.storage.transcoding import BlockAsDict, HoldAsDict
@@ -45,7 +45,7 @@ class SealedRepository(Repository[UUID]):
     check (as costly as decoding them); that aggregates other writers changed
     are fast-forwarded in the cache from their cached version
     (``ledger.storage.freshness``); and that write-only aggregates (command
-    records, hold records) are never cached."""
+    records, closed holds' records) are never cached."""
 
     def __init__(self, app: LedgerApplication, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -156,9 +156,11 @@ class LedgerApplication(Application[UUID]):
     #: Accounts whose stored snapshot was refused on load: their next save
     #: writes a sealed snapshot, whatever the version.
     unsealed: set[UUID]
-    #: Aggregates saved once and read again only to look a key or a hold up:
-    #: kept out of the command cache, which holds what commands read back.
-    write_only: ClassVar[tuple[type, ...]] = (CommandRecord, HoldRecord)
+    #: Aggregates saved once and read again only to replay a key: kept out
+    #: of the command cache, which holds what commands read back. (A hold's
+    #: record is cached while the hold is open, for a settle or release that
+    #: does not name the account; see ``cacheable``.)
+    write_only: ClassVar[tuple[type, ...]] = (CommandRecord,)
     repository: SealedRepository
 
     def __init__(self, env: Any = None) -> None:
@@ -240,7 +242,11 @@ class LedgerApplication(Application[UUID]):
                 self._put_snapshot(aggregate, event_at)
 
     def cacheable(self, aggregate: Any) -> bool:
-        """Whether the command cache keeps this aggregate (not a write-only one)."""
+        """Whether the command cache keeps this aggregate: not a write-only
+        one, nor the record of a closed hold (nothing reads it again but the
+        checks that explain a refused close, which read the store)."""
+        if isinstance(aggregate, HoldRecord):
+            return aggregate.status is HoldStatus.RESERVED
         return not isinstance(aggregate, self.write_only)
 
     def _record(self, processing_event: ProcessingEvent[UUID]) -> list[Recording[UUID]]:
@@ -254,6 +260,8 @@ class LedgerApplication(Application[UUID]):
             for aggregate in processing_event.aggregates.values():
                 if self.cacheable(aggregate):
                     self.repository.put(aggregate)
+            # A hold reserved earlier is closed by a bare event: drop its record.
+            self.evict(e.originator_id for e in processing_event.events if isinstance(e, HoldRecord.Closed))
         return recordings
 
     def refresh(self, aggregate_ids: Iterable[UUID]) -> None:

@@ -51,8 +51,8 @@ class CommandStats:
     fastforward_events: int = 0
     #: Reads answered from the cache without a query.
     cache_hits: int = 0
-    #: Write-only aggregates (command and hold records) read from the store,
-    #: to replay a key or find a hold's account; never cached.
+    #: Write-only aggregates (command records, closed holds' records) read
+    #: from the store, to replay a key or find a hold's account; never cached.
     record_reads: int = 0
 
     def since(self, earlier: CommandStats) -> CommandStats:
