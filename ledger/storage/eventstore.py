@@ -91,7 +91,10 @@ class SealedRepository(Repository[UUID]):
                     aggregate = cached
                 else:
                     self.app.counters.add("fastforward_events", len(new))
-                    self.put(aggregate)
+                    if self.app.cacheable(aggregate):
+                        self.put(aggregate)
+                    else:  # a hold's record that another writer closed
+                        self.app.evict([aggregate_id])
         # Commands mutate what they get: a copy, so a refused command leaves the cache as committed.
         if deepcopy_from_cache and self.deepcopy_from_cache:
             aggregate = deepcopy(aggregate)
