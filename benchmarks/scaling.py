@@ -84,6 +84,8 @@ SETTLE_TRIES = 5
 START_DELAY_S = 0.1
 #: Warm-up commands per client before each cell's clock starts (caches, pools, prepared statements).
 WARMUP_PAIRS = 2
+#: Passes over every account when a client process starts (``warm_up``).
+WARMUP_PASSES = 2
 
 #: The two-Ledger figure: turns each, and the account's events before them.
 ALTERNATING_ROUNDS = 200
@@ -301,16 +303,20 @@ def run_task(task: Task, executor: Any, ledger: Ledger, conninfo: str, start: Ca
 
 
 def warm_up(executor: Any, users: Sequence[str]) -> None:
-    """One reserve/settle on each account, in an order of this process's own:
-    the client has then loaded each account and met the other writers of
-    each (the first command on an account another process wrote since clashes
-    once, then the account is fast-forwarded before use: see
-    docs/performance.md). The cells measure the steady state after that."""
-    order = list(users)
-    random.Random(os.getpid()).shuffle(order)
+    """``WARMUP_PASSES`` reserve/settles on each account, each pass in an
+    order of this process's own: the client has then loaded each account and
+    met its other writers, as a worker that has been up for a while has (the
+    first command on an account another process wrote since clashes once, and
+    then the account is fast-forwarded before use: see docs/performance.md).
+    One pass is not enough: the processes that go first on an account meet
+    no one. The cells measure the steady state after that."""
+    rng = random.Random(os.getpid())
     tag = f"warm:{uuid.uuid4().hex[:8]}"
-    for k, user in enumerate(order):
-        reserve_settle(executor.execute, uuid.UUID(user), f"{tag}:{k}", far_future())
+    for p in range(WARMUP_PASSES):
+        order = list(users)
+        rng.shuffle(order)
+        for k, user in enumerate(order):
+            reserve_settle(executor.execute, uuid.UUID(user), f"{tag}:{p}:{k}", far_future())
 
 
 def worker_main(
