@@ -41,6 +41,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import checks as check_bench  # noqa: E402  (benchmarks/checks.py, beside this file)
+import scaling as scaling_bench  # noqa: E402  (benchmarks/scaling.py, beside this file)
 import webhooks as webhook_bench  # noqa: E402  (benchmarks/webhooks.py, beside this file)
 
 import ledger as ledger_package  # noqa: E402
@@ -109,6 +110,8 @@ class Sizes:
     webhook_customers: int
     many_grants: int
     account_repeats: int
+    scaling_clients: tuple[int, ...] = scaling_bench.CLIENTS
+    scaling_cell_s: float = scaling_bench.CELL_S
 
     @classmethod
     def full(cls) -> Sizes:
@@ -150,6 +153,8 @@ class Sizes:
             webhook_customers=150,
             many_grants=2_000,
             account_repeats=20,
+            scaling_clients=scaling_bench.QUICK_CLIENTS,
+            scaling_cell_s=scaling_bench.QUICK_CELL_S,
         )
 
 
@@ -1097,6 +1102,7 @@ def run(sizes: Sizes, timeout_s: float, *, analyze: bool = False) -> dict[str, f
             figures = measure(ledger, url, schema, sizes, watchdog, analyze=analyze)
         figures.update(webhook_figures(base, sizes, figures["raw_insert_commit_per_s"], watchdog))
         figures.update(check_figures(base, sizes, watchdog))
+        figures.update(scaling_figures(base, sizes, watchdog))
     except Exception:
         if watchdog.fired.is_set():
             say(f"!! aborted by the watchdog after {timeout_s:.0f} s (a call hung or the run was too slow)")
@@ -1142,6 +1148,17 @@ def check_figures(base: str, sizes: Sizes, watchdog: Watchdog) -> dict[str, Any]
     finally:
         drop_schema(base, schema)
     return {name: found[name] for name in ("check_per_s", "check_uncached_per_s", "record_use_per_s")}
+
+
+def scaling_figures(base: str, sizes: Sizes, watchdog: Watchdog) -> dict[str, float]:
+    """benchmarks/scaling.py's figures (1 to 16 clients, processes and
+    threads), on a schema of their own."""
+    schema = f"bench_scaling_{uuid.uuid4().hex[:12]}"
+    try:
+        with timed("scaling", watchdog.check):
+            return scaling_bench.run(base, schema, say, clients=sizes.scaling_clients, cell_s=sizes.scaling_cell_s)
+    finally:
+        drop_schema(base, schema)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,6 +76,7 @@ from ledger.errors import (
     ViewsBehind,
     ViewsStalled,
 )
+from ledger.storage.freshness import CommandStats
 
 __version__ = "0.1.0"
 
@@ -167,6 +168,7 @@ __all__ = [
     "RecordUse",
     "UnknownFeature",
     "UseLimitReached",
+    "CommandStats",
 ]
 
 

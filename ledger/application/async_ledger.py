@@ -276,6 +276,7 @@ class AsyncLedger:
     tick = _in_thread(Ledger.tick)
     check = _in_thread(Ledger.check)
     record_use = _in_thread(Ledger.record_use)
+    command_stats = _in_thread(Ledger.command_stats)
 
     async def scan(self, topics: list[str]) -> AsyncIterator[Any]:
         """``Ledger.scan`` as an async iterator: every recorded event with one

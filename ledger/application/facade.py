@@ -64,6 +64,7 @@ from ledger.storage.base import Backend
 from ledger.storage.config import StoreConfig, parse_url, redact
 from ledger.storage.eventstore import LedgerApplication
 from ledger.storage.factory import open_backend
+from ledger.storage.freshness import CommandStats
 from ledger.views.runner import Views
 
 log = logging.getLogger("ledger.views")
@@ -689,6 +690,16 @@ class Ledger:
             if event.originator_id in accounts:
                 users.add(event.user_id)
         return users
+
+    # -- costs ---------------------------------------------------------------------
+
+    def command_stats(self) -> CommandStats:
+        """Counts since this ``Ledger`` was opened: command batches, attempts at
+        saving them, clashes with other writers, ``ConcurrencyExhausted``
+        raised, and how the aggregates they read were loaded (rebuilt from the
+        store, fast-forwarded from the cache, or served from it). Subtract an
+        earlier reading with ``CommandStats.since``."""
+        return self.app.command_stats()
 
 
 def resolve_url(url: str | None = None) -> str:

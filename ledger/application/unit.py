@@ -419,6 +419,8 @@ class Engine:
         known: dict[str, CommandRecord] = {}
         conflicts = 0
         rechecked = False
+        counters = self.app.counters
+        counters.add("batches")
         # Each pass either returns, raises, records a clash (bounded by
         # max_attempts), learns at least one recorded key (bounded by the
         # batch's keys) or re-checks a refusal on fresh state (once).
@@ -437,25 +439,30 @@ class Engine:
                     continue
                 if not rechecked:
                     # The refusal was decided on cached aggregates, which other
-                    # processes may have moved on: decide again on fresh state.
+                    # processes may have moved on: decide again on fresh state
+                    # (the cached copies fast-forwarded from the store).
                     rechecked = True
-                    self.app.evict(unit.aggregate_ids())
+                    self.app.recheck(unit.aggregate_ids())
                     continue
                 if single:
                     raise failed.cause from None
                 raise BatchRejected(failed.index, failed.cause) from None
+            counters.add("attempts")
             try:
                 position = self.app.save_all(unit.pending())
             except IntegrityError:
                 # A concurrent writer moved an aggregate on, or a key was used
-                # meanwhile: learn which keys now exist, then reload and re-run.
-                self.app.evict(unit.aggregate_ids())
+                # meanwhile: learn which keys now exist, then fast-forward the
+                # cached aggregates (only their new events) and re-run.
+                counters.add("clashes")
+                self.app.refresh(unit.aggregate_ids())
                 found = self._new_records(first_by_key, known, None)
                 if found:
                     known.update(found)
                     continue
                 conflicts += 1
                 if conflicts >= self.max_attempts:
+                    counters.add("exhausted")
                     raise ConcurrencyExhausted(conflicts) from None
                 time.sleep(random.uniform(0, min(0.05, 0.001 * 2**conflicts)))
                 continue
@@ -516,6 +523,7 @@ class Engine:
         ids = list(user_ids)
         if len(ids) > MAX_BATCH_COMMANDS:
             raise InvalidArgument(f"a sweep batch holds at most {MAX_BATCH_COMMANDS} accounts")
+        self.app.counters.add("batches")
         for _ in range(self.max_attempts):
             unit = Unit(self.app, self.reader, now, self.policy)
             unit.prefetch([], ids)
@@ -525,12 +533,15 @@ class Engine:
             count = sum(len(a.pending_events) for a in unit.accounts.values())
             if count == 0:
                 return 0
+            self.app.counters.add("attempts")
             try:
                 self.app.save_all(objs)
             except IntegrityError:
-                self.app.evict(account_id_for(u) for u in unit.accounts)
+                self.app.counters.add("clashes")
+                self.app.refresh(account_id_for(u) for u in unit.accounts)
                 continue
             return count
+        self.app.counters.add("exhausted")
         raise ConcurrencyExhausted(self.max_attempts)
 
 

@@ -7,7 +7,9 @@ through ``save_all``; queries read the store through a ``StreamReader``.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Sequence
+from copy import deepcopy
 from itertools import chain
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID
@@ -24,7 +26,9 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import JSONTranscoder, Recording, StoredEvent
 from eventsourcing.utils import Environment, strtobool
 
-from ledger.domain.credits import CreditAccount
+from ledger.domain.credits import CommandRecord, CreditAccount
+from ledger.domain.holds import HoldRecord, HoldStatus
+from ledger.storage.freshness import CommandStats, Counters, Freshness
 from ledger.storage.sealing import sealed, trusted
 from ledger.storage.transcoding import BlockAsDict, HoldAsDict
 
@@ -36,11 +40,76 @@ AGGREGATE_CACHE_SIZE = 10_000
 
 class SealedRepository(Repository[UUID]):
     """eventsourcing's repository, except that a snapshot is used only when it
-    passes its check (``sealing.trusted``); otherwise the events are replayed."""
+    passes its check (``sealing.trusted``), otherwise the events are replayed;
+    that events are applied without the library's per-event runtime Protocol
+    check (as costly as decoding them); that aggregates other writers changed
+    are fast-forwarded in the cache from their cached version
+    (``ledger.storage.freshness``); and that write-only aggregates (command
+    records, closed holds' records) are never cached."""
 
     def __init__(self, app: LedgerApplication, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.app = app
+        self.freshness = Freshness()
+        self._put_lock = threading.Lock()
+
+    def get(
+        self,
+        aggregate_id: UUID,
+        *,
+        version: int | None = None,
+        projector_func: ProjectorFunction[Any, Any] = project_aggregate,
+        fastforward_skipping: bool = False,
+        deepcopy_from_cache: bool = True,
+    ) -> Any:
+        if self.cache is None or version is not None or projector_func is not project_aggregate:
+            self.app.counters.add("full_loads")
+            return super().get(aggregate_id, version=version, projector_func=projector_func)
+        try:
+            cached = self.cache.get(aggregate_id)
+        except KeyError:
+            aggregate = self._reconstruct_aggregate(aggregate_id, None, projector_func)
+            if not self.app.cacheable(aggregate):
+                self.app.counters.add("record_reads")
+                return aggregate
+            self.app.counters.add("full_loads")
+            self.put(aggregate)
+        else:
+            if not self.freshness.is_shared(aggregate_id):
+                self.app.counters.add("cache_hits")
+                aggregate = cached
+            else:
+                # Never mutate the cached object: other threads may be copying it.
+                aggregate = deepcopy(cached)
+                new = self.event_store.recorder.select_events(aggregate_id, gt=aggregate.version)
+                decode = self.app.mapper.to_domain_event
+                for stored in new:
+                    aggregate = decode(stored).mutate(aggregate)  # type: ignore[attr-defined]
+                self.freshness.forwarded(aggregate_id, len(new))
+                self.app.counters.add("fastforwards")
+                if not new:
+                    aggregate = cached
+                else:
+                    self.app.counters.add("fastforward_events", len(new))
+                    if self.app.cacheable(aggregate):
+                        self.put(aggregate)
+                    else:  # a hold's record that another writer closed
+                        self.app.evict([aggregate_id])
+        # Commands mutate what they get: a copy, so a refused command leaves the cache as committed.
+        if deepcopy_from_cache and self.deepcopy_from_cache:
+            aggregate = deepcopy(aggregate)
+        return aggregate
+
+    def put(self, aggregate: Any) -> None:
+        """Caches a committed state of an aggregate, unless the cache holds a newer one."""
+        assert self.cache is not None
+        with self._put_lock:  # the check and the put at once, across threads
+            try:
+                cached = self.cache.get(aggregate.id)
+            except KeyError:
+                cached = None
+            if cached is None or cached.version < aggregate.version:
+                self.cache.put(aggregate.id, aggregate)
 
     def _reconstruct_aggregate(
         self, aggregate_id: UUID, version: int | None, projector_func: ProjectorFunction[Any, Any]
@@ -65,7 +134,16 @@ class SealedRepository(Repository[UUID]):
         else:
             stream = list(events.select_events(aggregate_id, lte=version))
         decode = self.app.mapper.to_domain_event
-        aggregate = projector_func(None, chain(start, (decode(e) for e in stream)))
+        if projector_func is project_aggregate:
+            # project_aggregate, less its per-event isinstance check against a
+            # runtime Protocol: every ledger event is an eventsourcing event.
+            aggregate: Any = None
+            for event in start:
+                aggregate = event.mutate(aggregate)
+            for stored in stream:
+                aggregate = decode(stored).mutate(aggregate)  # type: ignore[attr-defined]
+        else:
+            aggregate = projector_func(None, chain(start, (decode(e) for e in stream)))
         if aggregate is None:
             raise AggregateNotFoundError(f"Aggregate {aggregate_id!r} version {version!r} not found.")
         return aggregate
@@ -81,12 +159,19 @@ class LedgerApplication(Application[UUID]):
     #: Accounts whose stored snapshot was refused on load: their next save
     #: writes a sealed snapshot, whatever the version.
     unsealed: set[UUID]
+    #: Aggregates saved once and read again only to replay a key: kept out
+    #: of the command cache, which holds what commands read back. (A hold's
+    #: record is cached while the hold is open, for a settle or release that
+    #: does not name the account; see ``cacheable``.)
+    write_only: ClassVar[tuple[type, ...]] = (CommandRecord,)
+    repository: SealedRepository
 
     def __init__(self, env: Any = None) -> None:
         self.unsealed = set()
         #: Called after every save with what it recorded (the read cache of
         #: ``Ledger.check`` drops the state those events change).
         self.save_listeners: list[Callable[[Sequence[Recording[UUID]]], None]] = []
+        self.counters = Counters()
         super().__init__(env)
 
     def construct_env(self, name: str, env: Any = None) -> Environment:
@@ -94,15 +179,17 @@ class LedgerApplication(Application[UUID]):
         # steered by whatever eventsourcing variables the host process exports.
         settings = dict(env or {})
         settings["IS_SNAPSHOTTING_ENABLED"] = "y"
-        # Commands read aggregates from an LRU cache that is not fast-forwarded:
-        # a stale account cannot commit (its next version already exists, the
-        # save clashes), and the engine evicts and reloads on a clash. Queries
-        # never use the cache (see Ledger), so other processes' writes show.
+        # Commands read aggregates from an LRU cache. eventsourcing's own
+        # fast-forward (a query before every read) is off: the repository
+        # fast-forwards only the aggregates seen written elsewhere
+        # (ledger.storage.freshness), and a stale one cannot commit (its next
+        # version already exists, the save clashes). Queries never use the
+        # cache (see Ledger), so other processes' writes show.
         settings["AGGREGATE_CACHE_MAXSIZE"] = str(AGGREGATE_CACHE_SIZE)
         settings["AGGREGATE_CACHE_FASTFORWARD"] = "n"
         return Environment(name, settings)
 
-    def construct_repository(self) -> Repository[UUID]:
+    def construct_repository(self) -> SealedRepository:
         cache_maxsize = self.env.get(self.AGGREGATE_CACHE_MAXSIZE)
         return SealedRepository(
             self,
@@ -159,6 +246,43 @@ class LedgerApplication(Application[UUID]):
                 self.take_snapshot(aggregate_id, version)
             else:
                 self._put_snapshot(aggregate, event_at)
+
+    def cacheable(self, aggregate: Any) -> bool:
+        """Whether the command cache keeps this aggregate: not a write-only
+        one, nor the record of a closed hold (nothing reads it again but the
+        checks that explain a refused close, which read the store)."""
+        if isinstance(aggregate, HoldRecord):
+            return aggregate.status is HoldStatus.RESERVED
+        return not isinstance(aggregate, self.write_only)
+
+    def _record(self, processing_event: ProcessingEvent[UUID]) -> list[Recording[UUID]]:
+        """Records the events; then caches the saved aggregates that commands
+        read back (not the write-only ones), each unless the cache already
+        holds a newer version of it."""
+        recordings = self.events.put(
+            processing_event.events, tracking=processing_event.tracking, **processing_event.saved_kwargs
+        )
+        if self.repository.cache is not None:
+            for aggregate in processing_event.aggregates.values():
+                if self.cacheable(aggregate):
+                    self.repository.put(aggregate)
+            # A hold reserved earlier is closed by a bare event: drop its record.
+            self.evict(e.originator_id for e in processing_event.events if isinstance(e, HoldRecord.Closed))
+        return recordings
+
+    def refresh(self, aggregate_ids: Iterable[UUID]) -> None:
+        """These aggregates were written elsewhere (a save of them clashed):
+        their next reads fast-forward the cached copies from the store."""
+        self.repository.freshness.share(list(aggregate_ids))
+
+    def recheck(self, aggregate_ids: Iterable[UUID]) -> None:
+        """These aggregates may be stale (a command on them was refused): their
+        next read fast-forwards them, and they are shared if it found more."""
+        self.repository.freshness.check_once(list(aggregate_ids))
+
+    def command_stats(self) -> CommandStats:
+        """The counts of attempts, clashes and loads so far."""
+        return self.counters.snapshot()
 
     def evict(self, aggregate_ids: Iterable[UUID]) -> None:
         """Drops aggregates from the cache, so the next read goes to the store."""

@@ -1,0 +1,649 @@
+"""How throughput grows with clients, on PostgreSQL.
+
+    python benchmarks/scaling.py            # 1, 2, 4, 8, 16 clients; about 1.5 minutes
+    python benchmarks/scaling.py --quick    # 1 and 16 clients, short cells: a smoke test
+
+In one run, at each number of clients, for processes (each its own ``Ledger``)
+and for threads (sharing one ``Ledger`` in one process), three workloads:
+
+- ``many``: reserve 10 credits, then settle that hold for 7 (with the
+  ``user_id`` hint), on a random one of 50 funded accounts;
+- ``hot``: the same on one funded account;
+- ``raw``: one psycopg connection per client inserting one row and committing:
+  the server's floor for one durable write.
+
+Per cell it prints commands (or rows) per second, p50 and p99 latency of one
+command, the clash rate (saves refused because another writer got there
+first, over attempts), reloads per command (accounts rebuilt from the store,
+and cached ones fast-forwarded), and ``ConcurrencyExhausted`` raised. The last
+line is one JSON object (see benchmarks/README.md); ``benchmarks/run.py``
+merges the same figures into its own.
+
+The client is whatever ``--executor module:function`` builds from an open
+``Ledger`` (default: the ``Ledger`` itself). It must have ``execute(command)``;
+``command_stats()`` (for the clash and reload figures) and ``close()`` are
+used when it has them. Threads share one executor, so an executor that groups
+concurrent commands into shared transactions is measured by the same cells.
+``scaling:evicting`` and ``scaling:forwarding`` are the two cache policies the
+ledger's was chosen against (docs/decisions.md, "Cached accounts are
+fast-forwarded once shared"), for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import multiprocessing
+import os
+import queue as queue_module
+import random
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import psycopg
+from psycopg import sql
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from ledger import (  # noqa: E402
+    CommandStats,
+    ConcurrencyExhausted,
+    CreditKind,
+    GrantCredits,
+    Ledger,
+    LedgerError,
+    ReserveCredits,
+    SettleReservation,
+    SpendCredits,
+)
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+DEFAULT_EXECUTOR = "scaling:plain"
+CLIENTS = (1, 2, 4, 8, 16)
+QUICK_CLIENTS = (1, 16)
+CELL_S = 2.0
+QUICK_CELL_S = 0.6
+MANY_ACCOUNTS = 50
+FUNDING = 2_000_000_000  # credits per account: far more than any run spends
+WORKLOADS = ("raw", "many", "hot")
+MODES = ("p", "t")  # processes, threads
+#: A settle that ran out of attempts is tried again (same key) so that no hold is left open.
+SETTLE_TRIES = 5
+#: From the moment every client is warm to the cell's start: time to tell them all.
+START_DELAY_S = 0.1
+#: Warm-up commands per client before each cell's clock starts (caches, pools, prepared statements).
+WARMUP_PAIRS = 2
+#: Passes over every account when a client process starts (``warm_up``).
+WARMUP_PASSES = 2
+
+#: The two-Ledger figure: turns each, and the account's events before them.
+ALTERNATING_ROUNDS = 200
+QUICK_ALTERNATING_ROUNDS = 50
+ALTERNATING_HISTORY = 150
+
+TARGET_MANY_VS_RAW = 0.4
+TARGET_HOT_VS_RAW = 0.2
+TARGET_P99_MS_HOT = 50.0
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def plain(ledger: Ledger) -> Ledger:
+    """The default client: the ``Ledger`` itself."""
+    return ledger
+
+
+def evicting(ledger: Ledger) -> Ledger:
+    """For comparison: the cache as it was before fast-forwarding, trusted
+    until a clash or refusal, which evicts the aggregates (the retry rebuilds
+    them from the store)."""
+    ledger.app.refresh = ledger.app.evict  # type: ignore[method-assign]
+    ledger.app.recheck = ledger.app.evict  # type: ignore[method-assign]
+    return ledger
+
+
+def forwarding(ledger: Ledger) -> Ledger:
+    """For comparison: every cached aggregate fast-forwarded before every use
+    (eventsourcing's own policy), whatever the clashes."""
+    ledger.app.repository.freshness.is_shared = lambda aggregate_id: True  # type: ignore[method-assign]
+    return ledger
+
+
+def load_executor(path: str) -> Callable[[Ledger], Any]:
+    """``module:function`` to the function (``scaling:plain`` is this file's)."""
+    module_name, _, name = path.partition(":")
+    if not name:
+        raise SystemExit(f"--executor must be module:function, not {path!r}")
+    module = sys.modules[__name__] if module_name in ("scaling", __name__) else importlib.import_module(module_name)
+    factory = getattr(module, name)
+    if not callable(factory):
+        raise SystemExit(f"--executor {path!r} is not callable")
+    return factory  # type: ignore[no-any-return]
+
+
+def schema_url(base: str, schema: str, pool_size: int) -> str:
+    sep = "&" if "?" in base else "?"
+    return f"{base}{sep}schema={schema}&pool_size={pool_size}&max_overflow=0"
+
+
+def conninfo_of(base: str) -> str:
+    parts = urlsplit(base)
+    return parts._replace(query="").geturl()
+
+
+def far_future() -> datetime:
+    return datetime.now(UTC) + timedelta(days=2)
+
+
+# ------------------------------------------------------------------ cells
+
+
+@dataclass(frozen=True)
+class Task:
+    workload: str
+    clients: int  # threads in this worker (1 for a process cell)
+    duration_s: float
+    tag: str
+    users: tuple[str, ...]  # the accounts to draw from
+    table: str  # the raw workload's scratch table
+
+
+@dataclass
+class ClientResult:
+    ops: int = 0  # inside the cell's window
+    #: Every command this client ran, warm-up and the one past the window
+    #: too: what the clash and load counts are divided by.
+    commands: int = 0
+    latencies_ms: list[float] | None = None
+    exhausted: int = 0
+    errors: int = 0
+    first_error: str = ""
+
+
+def stats_of(executor: Any, ledger: Ledger) -> CommandStats:
+    reader = getattr(executor, "command_stats", None) or ledger.command_stats
+    found = reader()
+    return found if isinstance(found, CommandStats) else ledger.command_stats()
+
+
+def reserve_settle(execute: Callable[[Any], Any], user: uuid.UUID, key: str, expires_at: datetime) -> tuple[int, int]:
+    """One reserve and its settle; (ConcurrencyExhausted raised, commands done)."""
+    exhausted = 0
+    try:
+        receipt = execute(
+            ReserveCredits(key=f"{key}:r", user_id=user, job_id=uuid.uuid4(), amount_credits=10, expires_at=expires_at)
+        )
+    except ConcurrencyExhausted:
+        return 1, 0
+    for _ in range(SETTLE_TRIES):
+        try:
+            execute(
+                SettleReservation(key=f"{key}:s", reservation_id=receipt.reservation_id, actual_credits=7, user_id=user)
+            )
+            return exhausted, 2
+        except ConcurrencyExhausted:
+            exhausted += 1
+    return exhausted, 1
+
+
+def run_client(task: Task, n: int, executor: Any, conninfo: str, warm: Callable[[], float]) -> ClientResult:
+    """One client: warms up, calls ``warm()`` (which returns the cell's start,
+    a ``time.time()``, once every client of the cell is warm), then works
+    until the cell's end."""
+    result = ClientResult(latencies_ms=[])
+    assert result.latencies_ms is not None
+    latencies = result.latencies_ms
+    rng = random.Random(f"{task.tag}:{n}")
+    users = [uuid.UUID(u) for u in task.users]
+    expires_at = far_future()
+    conn = None
+    if task.workload == "raw":
+        conn = psycopg.connect(conninfo, autocommit=False)
+        insert = sql.SQL("INSERT INTO {} (payload) VALUES (%s)").format(sql.Identifier(*task.table.split(".")))
+        for i in range(3):
+            conn.execute(insert, (f"warm {n} {i}",))
+            conn.commit()
+    else:
+        for i in range(WARMUP_PAIRS):
+            result.commands += reserve_settle(
+                executor.execute, rng.choice(users), f"{task.tag}:{n}:warm{i}", expires_at
+            )[1]
+    start_at = warm()
+    time.sleep(max(0.0, start_at - time.time()))
+    end = time.perf_counter() + (start_at + task.duration_s - time.time())
+    i = 0
+    try:
+        while True:
+            started = time.perf_counter()
+            if started >= end:
+                break
+            i += 1
+            try:
+                if conn is not None:
+                    conn.execute(insert, (f"row {n} {i}",))
+                    conn.commit()
+                    done, exhausted = 1, 0
+                else:
+                    exhausted, done = reserve_settle(
+                        executor.execute, rng.choice(users), f"{task.tag}:{n}:{i}", expires_at
+                    )
+            except LedgerError as exc:
+                result.errors += 1
+                result.first_error = result.first_error or f"{type(exc).__name__}: {exc}"
+                continue
+            finished = time.perf_counter()
+            result.commands += done
+            result.exhausted += exhausted
+            if finished <= end:
+                result.ops += done
+                # A pair is two commands: each is charged half the pair's time.
+                per = (finished - started) * 1000 / max(done, 1)
+                latencies.extend([per] * done)
+    finally:
+        if conn is not None:
+            conn.close()
+    return result
+
+
+def run_task(task: Task, executor: Any, ledger: Ledger, conninfo: str, start: Callable[[], float]) -> dict[str, Any]:
+    """A worker's share of a cell: ``task.clients`` threads (or this thread
+    alone). ``start()`` tells the parent this worker is warm and returns the
+    cell's start."""
+    before = stats_of(executor, ledger)
+    if task.clients == 1:
+        results = [run_client(task, 0, executor, conninfo, start)]
+    else:
+        results = [ClientResult() for _ in range(task.clients)]
+        all_warm = threading.Barrier(task.clients + 1)
+        go = threading.Event()
+        start_at = [0.0]
+
+        def warm() -> float:
+            all_warm.wait()
+            go.wait()
+            return start_at[0]
+
+        def one(n: int) -> None:
+            results[n] = run_client(task, n, executor, conninfo, warm)
+
+        threads = [threading.Thread(target=one, args=(n,)) for n in range(task.clients)]
+        for t in threads:
+            t.start()
+        all_warm.wait()
+        start_at[0] = start()
+        go.set()
+        for t in threads:
+            t.join()
+    spent = stats_of(executor, ledger).since(before)
+    return {
+        "ops": sum(r.ops for r in results),
+        "commands": sum(r.commands for r in results),
+        "latencies_ms": [x for r in results for x in (r.latencies_ms or [])],
+        "exhausted": sum(r.exhausted for r in results),
+        "errors": sum(r.errors for r in results),
+        "first_error": next((r.first_error for r in results if r.first_error), ""),
+        "stats": vars(spent) if task.workload != "raw" else {},
+    }
+
+
+# ---------------------------------------------------------------- workers
+
+
+def warm_up(executor: Any, users: Sequence[str]) -> None:
+    """``WARMUP_PASSES`` reserve/settles on each account, each pass in an
+    order of this process's own: the client has then loaded each account and
+    met its other writers, as a worker that has been up for a while has (the
+    first command on an account another process wrote since clashes once, and
+    then the account is fast-forwarded before use: see docs/performance.md).
+    One pass is not enough: the processes that go first on an account meet
+    no one. The cells measure the steady state after that."""
+    rng = random.Random(os.getpid())
+    tag = f"warm:{uuid.uuid4().hex[:8]}"
+    for p in range(WARMUP_PASSES):
+        order = list(users)
+        rng.shuffle(order)
+        for k, user in enumerate(order):
+            reserve_settle(executor.execute, uuid.UUID(user), f"{tag}:{p}:{k}", far_future())
+
+
+def worker_main(
+    url: str, threads_url: str, conninfo: str, executor_path: str, warm: Sequence[str], inbox: Any, outbox: Any
+) -> None:
+    """A client process: opens its Ledger (and, on request, a threads' Ledger)
+    once, runs one reserve/settle on every account, as a worker that has been
+    up for a while would have (``warm_up``), then runs tasks until told to stop."""
+    try:
+        factory = load_executor(executor_path)
+        ledger = Ledger(url)
+        executor = factory(ledger)
+        warm_up(executor, warm)
+        shared: tuple[Ledger, Any] | None = None
+        outbox.put(("ready", None))
+        while True:
+            message = inbox.get()
+            if message is None:
+                break
+            task: Task = message
+
+            def start() -> float:
+                outbox.put(("warm", None))
+                start_at = inbox.get()
+                assert isinstance(start_at, float)
+                return start_at
+
+            if task.clients > 1:  # a threads cell: one Ledger shared by every thread
+                if shared is None:
+                    shared_ledger = Ledger(threads_url)
+                    shared = (shared_ledger, factory(shared_ledger))
+                    warm_up(shared[1], warm)
+                outbox.put(("done", run_task(task, shared[1], shared[0], conninfo, start)))
+            else:
+                outbox.put(("done", run_task(task, executor, ledger, conninfo, start)))
+        for opened, client in [(ledger, executor), *([shared] if shared else [])]:
+            close = getattr(client, "close", None)
+            if client is not opened and callable(close):
+                close()
+            opened.close()
+    except Exception as exc:  # reported to the parent, which stops the run
+        outbox.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+class Workers:
+    """Client processes, started once and reused by every cell."""
+
+    def __init__(
+        self, count: int, url: str, threads_url: str, conninfo: str, executor_path: str, warm: Sequence[str]
+    ) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.inboxes = [ctx.Queue() for _ in range(count)]
+        self.outbox = ctx.Queue()
+        self.procs = [
+            ctx.Process(
+                target=worker_main,
+                args=(url, threads_url, conninfo, executor_path, list(warm), inbox, self.outbox),
+                daemon=True,
+            )
+            for inbox in self.inboxes
+        ]
+        for p in self.procs:
+            p.start()
+        for _ in self.procs:
+            self._receive("ready", 120.0)
+
+    def _receive(self, kind: str, timeout_s: float) -> Any:
+        try:
+            got, payload = self.outbox.get(timeout=timeout_s)
+        except queue_module.Empty:
+            raise SystemExit(f"a client process sent nothing for {timeout_s:.0f} s") from None
+        if got == "error":
+            raise SystemExit(f"a client process failed: {payload}")
+        assert got == kind, got
+        return payload
+
+    def run(self, tasks: list[Task], timeout_s: float) -> list[dict[str, Any]]:
+        """Hands out the tasks; once every worker is warm, starts them all at once."""
+        inboxes = self.inboxes[: len(tasks)]
+        for inbox, task in zip(inboxes, tasks, strict=True):
+            inbox.put(task)
+        for _ in tasks:
+            self._receive("warm", timeout_s)
+        start_at = time.time() + START_DELAY_S
+        for inbox in inboxes:
+            inbox.put(start_at)
+        return [self._receive("done", timeout_s) for _ in tasks]
+
+    def stop(self) -> None:
+        for inbox in self.inboxes:
+            inbox.put(None)
+        for p in self.procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+
+
+# ------------------------------------------------------------------ a run
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def cell_figures(parts: list[dict[str, Any]], duration_s: float) -> dict[str, float]:
+    latencies = [x for p in parts for x in p["latencies_ms"]]
+    ops = sum(p["ops"] for p in parts)
+    stats = [CommandStats(**p["stats"]) for p in parts if p["stats"]]
+    total = sum(stats, CommandStats())
+    commands = max(sum(p["commands"] for p in parts), 1)
+    return {
+        "per_s": ops / duration_s,
+        "p50_ms": percentile(latencies, 0.50),
+        "p99_ms": percentile(latencies, 0.99),
+        "clash_rate": total.clashes / total.attempts if total.attempts else 0.0,
+        "full_loads_per_command": total.full_loads / commands,
+        "fastforwards_per_command": total.fastforwards / commands,
+        "exhausted": float(sum(p["exhausted"] for p in parts)),
+        "errors": float(sum(p["errors"] for p in parts)),
+    }
+
+
+def names(mode: str, clients: int, workload: str) -> dict[str, str]:
+    """The JSON names of one cell's figures."""
+    cell = f"{clients}{mode}"
+    per_s = f"raw_insert_commit_per_s_{cell}" if workload == "raw" else f"commands_per_s_{cell}_{workload}"
+    return {
+        "per_s": per_s,
+        "p50_ms": f"p50_ms_{cell}_{workload}",
+        "p99_ms": f"p99_ms_{cell}_{workload}",
+        "clash_rate": f"clash_rate_{cell}_{workload}",
+        "full_loads_per_command": f"full_loads_per_command_{cell}_{workload}",
+        "fastforwards_per_command": f"fastforwards_per_command_{cell}_{workload}",
+        "exhausted": f"concurrency_exhausted_{cell}_{workload}",
+        "errors": f"errors_{cell}_{workload}",
+    }
+
+
+def alternating(url: str, policy: Callable[[Ledger], Any], rounds: int, history: int) -> dict[str, float]:
+    """Two Ledgers (as two processes) take turns spending 1 credit on one
+    account with ``history`` events: each command starts from a copy the
+    other Ledger has just made stale. Per command: time, clash rate, rebuilds."""
+    user = uuid.uuid4()
+    with Ledger(url) as a, Ledger(url) as b:
+        clients = [policy(a), policy(b)]
+        b.execute_batch(
+            GrantCredits(key=f"alt:{user}:{i}", user_id=user, amount_credits=10, kind=CreditKind.PURCHASE)
+            for i in range(history)
+        )
+        for k, client in enumerate(clients):  # both have loaded the account
+            client.execute(SpendCredits(key=f"alt:{user}:warm{k}", user_id=user, amount_credits=1))
+        before = [stats_of(c, ledger) for c, ledger in zip(clients, (a, b), strict=True)]
+        started = time.perf_counter()
+        for i in range(rounds):
+            for k, client in enumerate(clients):
+                client.execute(SpendCredits(key=f"alt:{user}:{i}:{k}", user_id=user, amount_credits=1))
+        elapsed = time.perf_counter() - started
+        spent = sum(
+            (stats_of(c, ledger).since(x) for c, ledger, x in zip(clients, (a, b), before, strict=True)),
+            CommandStats(),
+        )
+    commands = 2 * rounds
+    return {
+        "ms_per_command": 1000 * elapsed / commands,
+        "clash_rate": spent.clashes / max(spent.attempts, 1),
+        "full_loads_per_command": spent.full_loads / commands,
+        "fastforwards_per_command": spent.fastforwards / commands,
+    }
+
+
+def fund(url: str, users: Sequence[uuid.UUID]) -> None:
+    with Ledger(url) as ledger:
+        ledger.execute_batch(
+            GrantCredits(key=f"scaling:fund:{u}", user_id=u, amount_credits=FUNDING, kind=CreditKind.PURCHASE)
+            for u in users
+        )
+
+
+def run(
+    base: str,
+    schema: str,
+    echo: Callable[[str], None] = say,
+    *,
+    quick: bool = False,
+    clients: Sequence[int] | None = None,
+    cell_s: float | None = None,
+    executor: str = DEFAULT_EXECUTOR,
+) -> dict[str, float]:
+    """Every cell on a fresh ``schema`` (the caller drops it). Returns the figures by JSON name."""
+    counts = tuple(clients or (QUICK_CLIENTS if quick else CLIENTS))
+    duration = cell_s or (QUICK_CELL_S if quick else CELL_S)
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0]
+    conninfo = conninfo_of(base)
+    url = schema_url(base, schema, 2)
+    threads_url = schema_url(base, schema, max(counts))
+    many = [uuid.uuid4() for _ in range(MANY_ACCOUNTS)]
+    hot = uuid.uuid4()
+    fund(url, [*many, hot])
+    figures: dict[str, float] = {}
+    table = f"{schema}.scaling_raw"
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE TABLE {} (id BIGSERIAL PRIMARY KEY, payload TEXT NOT NULL)").format(
+                sql.Identifier(schema, "scaling_raw")
+            )
+        )
+    rounds = QUICK_ALTERNATING_ROUNDS if quick or duration < CELL_S else ALTERNATING_ROUNDS
+    for label, policy in (("", plain), ("_evicting", evicting)):
+        found = alternating(url, policy, rounds, ALTERNATING_HISTORY)
+        for key, value in found.items():
+            figures[f"alternating_{key}{label}"] = round(value, 4 if key != "ms_per_command" else 3)
+    echo(
+        f"two Ledgers taking turns on one {ALTERNATING_HISTORY}-event account ({rounds} rounds): "
+        f"{figures['alternating_ms_per_command']:.2f} ms a command, clash rate "
+        f"{figures['alternating_clash_rate']:.0%}, rebuilds {figures['alternating_full_loads_per_command']:.2f} "
+        f"and fast-forwards {figures['alternating_fastforwards_per_command']:.2f} a command; evicting "
+        f"instead: {figures['alternating_ms_per_command_evicting']:.2f} ms, clash rate "
+        f"{figures['alternating_clash_rate_evicting']:.0%}, rebuilds "
+        f"{figures['alternating_full_loads_per_command_evicting']:.2f} a command"
+    )
+    warm = [str(u) for u in [*many, hot]]
+    echo(f"scaling: {max(counts)} client processes ({executor}), cells of {duration:.1f} s, clients {counts}")
+    workers = Workers(max(counts), url, threads_url, conninfo, executor, warm)
+    try:
+        echo(f"{'cell':>6} {'workload':>8} {'per s':>9} {'p50 ms':>8} {'p99 ms':>8} {'clash':>6} "
+             f"{'loads/c':>8} {'ffwd/c':>7} {'exhaust':>7}")  # fmt: skip
+        for mode in MODES:
+            for n in counts:
+                for workload in WORKLOADS:
+                    users = tuple(warm[:MANY_ACCOUNTS]) if workload == "many" else (str(hot),)
+                    tag = f"sc:{uuid.uuid4().hex[:10]}"
+                    if mode == "p":
+                        tasks = [Task(workload, 1, duration, f"{tag}:{k}", users, table) for k in range(n)]
+                    else:
+                        tasks = [Task(workload, n, duration, tag, users, table)]
+                    parts = workers.run(tasks, timeout_s=60 + 4 * duration)
+                    cell = cell_figures(parts, duration)
+                    for key, name in names(mode, n, workload).items():
+                        figures[name] = round(cell[key], 4 if "per_command" in key or key == "clash_rate" else 1)
+                    first_error = next((p["first_error"] for p in parts if p["first_error"]), "")
+                    echo(
+                        f"{n:>5}{mode} {workload:>8} {cell['per_s']:>9,.0f} {cell['p50_ms']:>8.2f} "
+                        f"{cell['p99_ms']:>8.2f} {cell['clash_rate']:>6.1%} {cell['full_loads_per_command']:>8.3f} "
+                        f"{cell['fastforwards_per_command']:>7.3f} {cell['exhausted']:>7.0f}"
+                        + (f"  errors {cell['errors']:.0f}, first: {first_error}" if first_error else "")
+                    )
+    finally:
+        workers.stop()
+    top = max(counts)
+    for mode in MODES:
+        figures[f"concurrency_exhausted_{top}{mode}"] = (
+            figures[f"concurrency_exhausted_{top}{mode}_many"] + figures[f"concurrency_exhausted_{top}{mode}_hot"]
+        )
+    figures["scaling_cell_s"] = duration
+    figures["scaling_elapsed_s"] = round(time.perf_counter() - started, 1)
+    figures["scaling_load_average_1m"] = round(max(load_before, os.getloadavg()[0]), 2)
+    report_targets(figures, counts, echo)
+    return figures
+
+
+def report_targets(figures: dict[str, float], counts: Sequence[int], echo: Callable[[str], None]) -> None:
+    top = max(counts)
+    raw = figures[f"raw_insert_commit_per_s_{top}p"]
+    many = [figures[f"commands_per_s_{n}p_many"] for n in counts]
+    hot = figures[f"commands_per_s_{top}p_hot"]
+    checks = [
+        (
+            f"commands_per_s_{top}p_many >= {TARGET_MANY_VS_RAW} x raw_insert_commit_per_s_{top}p",
+            many[-1] >= TARGET_MANY_VS_RAW * raw,
+            f"{many[-1]:,.0f} vs {raw:,.0f}: {many[-1] / raw:.2f}",
+        ),
+        (
+            "commands_per_s_Np_many never lower than with fewer processes",
+            all(b >= a for a, b in itertools.pairwise(many)),
+            " -> ".join(f"{x:,.0f}" for x in many),
+        ),
+        (
+            f"commands_per_s_{top}p_hot >= {TARGET_HOT_VS_RAW} x raw_insert_commit_per_s_{top}p",
+            hot >= TARGET_HOT_VS_RAW * raw,
+            f"{hot:,.0f} vs {raw:,.0f}: {hot / raw:.2f}",
+        ),
+        (
+            f"concurrency_exhausted_{top}p == 0",
+            figures[f"concurrency_exhausted_{top}p"] == 0,
+            f"{figures[f'concurrency_exhausted_{top}p']:.0f}",
+        ),
+        (
+            f"p99_ms_{top}p_hot <= {TARGET_P99_MS_HOT:.0f}",
+            figures[f"p99_ms_{top}p_hot"] <= TARGET_P99_MS_HOT,
+            f"{figures[f'p99_ms_{top}p_hot']:.1f} ms",
+        ),
+    ]
+    echo("scaling targets:")
+    for label, met, value in checks:
+        echo(f"  {'met   ' if met else 'MISSED'}  {label}  ({value})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 and 16 clients, short cells: a smoke test")
+    parser.add_argument("--clients", default=None, help="comma-separated client counts (default 1,2,4,8,16)")
+    parser.add_argument("--cell-s", type=float, default=None, help=f"seconds per cell (default {CELL_S})")
+    parser.add_argument(
+        "--executor",
+        default=DEFAULT_EXECUTOR,
+        help="module:function building the client from an open Ledger (default: the Ledger itself)",
+    )
+    args = parser.parse_args(argv)
+    clients = tuple(int(c) for c in args.clients.split(",")) if args.clients else None
+    if clients is not None and (not clients or any(not 1 <= c <= 64 for c in clients)):
+        parser.error("--clients takes counts within 1..64")
+    base = os.environ.get("LEDGER_TEST_DATABASE_URL", DEFAULT_DATABASE_URL)
+    schema = f"bench_scaling_{uuid.uuid4().hex[:12]}"
+    say(f"PostgreSQL {conninfo_of(base)}, schema {schema}; load average {os.getloadavg()[0]:.2f}")
+    try:
+        figures = run(base, schema, quick=args.quick, clients=clients, cell_s=args.cell_s, executor=args.executor)
+    finally:
+        with psycopg.connect(conninfo_of(base), autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+    say(f"elapsed: {figures['scaling_elapsed_s']:.1f} s; load average {os.getloadavg()[0]:.2f}")
+    print(json.dumps(figures), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
