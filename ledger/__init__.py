@@ -21,6 +21,7 @@ from ledger.application.billing import (
     UnpauseSubscription,
 )
 from ledger.application.commands import AdjustCredits, Command, GrantCredits, SpendCredits
+from ledger.application.limits import SetCreditLimit
 from ledger.application.facade import DEFAULT_URL, Ledger, resolve_url
 from ledger.application.holds import ReleaseReservation, ReserveCredits, SettleReservation
 from ledger.application.results import (
@@ -39,7 +40,7 @@ from ledger.audit.digest import DigestHead, DigestResult, Tampering, VerifyResul
 from ledger.audit.pointintime import Statement, StatementEntry, StatementHold, StatementHoldEvent
 from ledger.audit.runner import AuditReport, audit
 from ledger.clock import Clock, ManualClock, SystemClock
-from ledger.domain.credits import MAX_CREDITS, CreditKind
+from ledger.domain.credits import MAX_CREDIT_LIMIT, MAX_CREDITS, CreditKind
 from ledger.domain.plans import DEFAULT_CATALOG, FREE_PLAN, Feature, PlanTerms
 from ledger.domain.subscriptions import (
     BillingCycle,
@@ -105,6 +106,7 @@ __all__ = [
     "ViewsStalled",
     "DEFAULT_URL",
     "MAX_CREDITS",
+    "MAX_CREDIT_LIMIT",
     "AccountEvent",
     "AccountLimitReached",
     "AdjustCredits",
@@ -132,6 +134,7 @@ __all__ = [
     "ReserveCredits",
     "SettleReservation",
     "SpendCredits",
+    "SetCreditLimit",
     "SystemClock",
     "TimeInFuture",
     "UnknownAccount",
