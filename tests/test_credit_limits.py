@@ -25,7 +25,6 @@ from ledger import (
 )
 from ledger.audit.pointintime import balance_at, statement
 from ledger.domain.credits import CreditAccount, account_id_for
-from ledger.storage.config import parse_url
 from ledger.views.schema import postgres_ddl
 from tests.conftest import START, pg_base_url
 
@@ -33,15 +32,18 @@ HOUR = timedelta(hours=1)
 
 
 def rows(ledger: Ledger, sql: str, params: list[object]) -> list[tuple[object, ...]]:
+    """A read of the views; ``{table}`` names a table as the store spells it."""
     ledger.views.catch_up()
-    return ledger.views.store.read(sql, params)
+    store = ledger.views.store
+    names = {t: store.qualified(t) for t in ("credit_balances", "credit_transactions")}
+    return store.read(sql.format(**names), params)
 
 
 def balance_row(ledger: Ledger, user: UUID) -> tuple[object, ...]:
     store = ledger.views.store
     found = rows(
         ledger,
-        "SELECT balance, held, available, credit_limit FROM credit_balances WHERE user_id = %s",
+        "SELECT balance, held, available, credit_limit FROM {credit_balances} WHERE user_id = %s",
         [store.stored_id(user)],
     )
     assert len(found) == 1
@@ -194,7 +196,7 @@ def test_grants_repay_debt_first_and_the_repaid_part_never_lapses(ledger: Ledger
         (t, a, b)
         for t, a, b in rows(
             ledger,
-            "SELECT type, amount, balance_after FROM credit_transactions WHERE user_id = %s ORDER BY log_position",
+            "SELECT type, amount, balance_after FROM {credit_transactions} WHERE user_id = %s ORDER BY log_position",
             [ledger.views.store.stored_id(user)],
         )
     ]
@@ -476,7 +478,7 @@ def test_sqlite_migrates_a_version_2_balances_table(tmp_path: object) -> None:
 
 @pytest.mark.postgres
 def test_postgres_migrates_a_version_2_balances_table(pg_url: str) -> None:
-    schema = parse_url(pg_url).schema
+    schema = pg_url.rsplit("schema=", 1)[1]
     base = pg_base_url()
     with psycopg.connect(base, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
@@ -492,7 +494,7 @@ def test_postgres_migrates_a_version_2_balances_table(pg_url: str) -> None:
             [user],
         )
         for _ in range(2):  # idempotent
-            conn.execute(postgres_ddl(schema))  # type: ignore[call-overload]
+            conn.execute(postgres_ddl(schema).encode())
         assert conn.execute(
             f'SELECT balance, held, available, credit_limit FROM "{schema}".credit_balances'
         ).fetchall() == [(100, 30, 70, 0)]
