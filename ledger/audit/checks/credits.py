@@ -596,7 +596,8 @@ class AccountCheck(Check):
                 self.report(
                     None,
                     account.subject,
-                    f"balance {account.balance} but its blocks hold {unspent} credits and its debt is {account.debt}",
+                    f"balance {account.balance} but its blocks hold {unspent} credits"
+                    + (f", less a debt of {account.debt}" if account.debt else ""),
                     check="balance",
                 )
             if account.held != sum(h[1] for h in account.holds.values()):
