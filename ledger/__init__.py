@@ -21,9 +21,9 @@ from ledger.application.billing import (
     UnpauseSubscription,
 )
 from ledger.application.commands import AdjustCredits, Command, GrantCredits, SpendCredits
-from ledger.application.limits import SetCreditLimit
 from ledger.application.facade import DEFAULT_URL, Ledger, resolve_url
 from ledger.application.holds import ReleaseReservation, ReserveCredits, SettleReservation
+from ledger.application.limits import SetCreditLimit
 from ledger.application.results import (
     AccountEvent,
     Balance,
@@ -132,9 +132,9 @@ __all__ = [
     "Reservation",
     "ReservationClosed",
     "ReserveCredits",
+    "SetCreditLimit",
     "SettleReservation",
     "SpendCredits",
-    "SetCreditLimit",
     "SystemClock",
     "TimeInFuture",
     "UnknownAccount",

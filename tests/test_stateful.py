@@ -441,8 +441,11 @@ class Model:
             changed.add(rid)
         if call.op != "limit":
             # A debit leaves available at or above zero: within the limit.
-            assert account.available >= 0 or call.op in ("grant", "release") or applied.amount >= 0 or (
-                call.op == "settle" and applied.closed is not None and -applied.amount <= applied.closed[1].amount
+            assert (
+                account.available >= 0
+                or call.op in ("grant", "release")
+                or applied.amount >= 0
+                or (call.op == "settle" and applied.closed is not None and -applied.amount <= applied.closed[1].amount)
             ), f"{call} left available {account.available}"
         if account.in_use <= account.limit:
             account.lowered = False

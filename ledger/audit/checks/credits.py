@@ -302,7 +302,15 @@ class AccountCheck(Check):
         return max(0, live - account.held)
 
     def _draw(
-        self, position: int, account: Account, draws: Any, amount: int, at: datetime, *, lapsed: bool, short: bool = False
+        self,
+        position: int,
+        account: Account,
+        draws: Any,
+        amount: int,
+        at: datetime,
+        *,
+        lapsed: bool,
+        short: bool = False,
     ) -> int:
         """Takes credits from blocks; ``lapsed`` allows lapsed blocks (a hold's
         earmarks), ``short`` draws that fall short of ``amount`` (the rest on
