@@ -528,3 +528,23 @@ def test_a_ledger_on_a_version_2_sqlite_store_migrates_when_opened(tmp_path: obj
         ledger.spend(user, 40, key="s")
         assert balance_row(ledger, user) == (-30, 0, 20, 50)
         assert audit(ledger).ok
+
+
+def test_snapshots_of_accounts_without_a_limit_keep_their_shape(ledger_url: str, clock: ManualClock) -> None:
+    with Ledger(ledger_url, clock=clock) as ledger:
+        plain, limited = uuid4(), uuid4()
+        ledger.grant(plain, 500, "purchase", key="plain")
+        ledger.set_credit_limit(limited, 500, "postpaid", "ops", key="limited")
+        for i in range(105):
+            ledger.spend(plain, 1, key=f"p{i}")
+            ledger.spend(limited, 1, key=f"l{i}")
+        states = {}
+        for user in (plain, limited):
+            (stored,) = ledger.app.snapshots.recorder.select_events(account_id_for(user), desc=True, limit=1)
+            states[user] = ledger.app.mapper.to_domain_event(stored).state
+        assert "credit_limit" not in states[plain] and "debt" not in states[plain]
+            # The snapshot at version 100: opened, limit set, 98 spends on credit.
+        assert (states[limited]["credit_limit"], states[limited]["debt"]) == (500, 98)
+        report = audit(ledger, compare_views=False)
+        assert report.ok, report.render()
+        assert report.summary["snapshotted_accounts"] == 2

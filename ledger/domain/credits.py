@@ -236,6 +236,11 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
             snapshot = super().take(aggregate)
             for name in CreditAccount.DERIVED:
                 snapshot.state.pop(name, None)
+            for name in CreditAccount.UNLESS_ZERO:
+                if snapshot.state.get(name) == 0:
+                    # An account without a limit or debt keeps the shape of a
+                    # snapshot taken before limits existed.
+                    del snapshot.state[name]
             return snapshot
 
         def mutate(self, _: None) -> Any:
@@ -248,6 +253,8 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
     #: ``apply`` so that a command costs what is live, not a re-sort and
     #: re-sum of every block and hold each time; rebuilt on restore.
     DERIVED = ("_order", "_marked", "_held")
+    #: Stored in a snapshot only when not 0 (their class attributes are the default).
+    UNLESS_ZERO = ("credit_limit", "debt")
 
     #: How far below zero the balance may go (``LimitSet``); 0 unless set. A
     #: class attribute too, so that an account restored from a snapshot taken
