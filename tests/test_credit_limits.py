@@ -548,3 +548,53 @@ def test_snapshots_of_accounts_without_a_limit_keep_their_shape(ledger_url: str,
         report = audit(ledger, compare_views=False)
         assert report.ok, report.render()
         assert report.summary["snapshotted_accounts"] == 2
+
+
+def test_concurrent_spends_on_credit_stop_at_the_floor(durable_url: str) -> None:
+    """Writers in threads, each with its own Ledger, race to spend on credit:
+    the floor holds, whatever the interleaving."""
+    import threading
+
+    user = uuid4()
+    with Ledger(durable_url) as setup:
+        setup.set_credit_limit(user, 50, "postpaid", "ops", key="race:limit")
+    barrier = threading.Barrier(4)
+    outcomes: list[str] = []
+
+    def writer(n: int) -> None:
+        with Ledger(durable_url) as ledger:
+            barrier.wait()
+            for i in range(4):
+                try:
+                    ledger.spend(user, 5, key=f"race:{n}:{i}")
+                    outcomes.append("spent")
+                except InsufficientCredits:
+                    outcomes.append("refused")
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("spent") == 10 and outcomes.count("refused") == 6
+    with Ledger(durable_url) as ledger:
+        assert state(ledger, user) == (-50, 0, 0, 50)
+        report = audit(ledger)
+        assert report.ok, report.render()
+
+
+def test_the_balance_command_shows_the_limit(durable_url: str, clock: ManualClock) -> None:
+    import subprocess
+    import sys
+
+    user = uuid4()
+    with Ledger(durable_url, clock=clock) as ledger:
+        ledger.set_credit_limit(user, 30, "postpaid", "ops", key="cli:limit")
+        ledger.spend(user, 20, key="cli:spend")
+    out = subprocess.run(
+        [sys.executable, "-m", "ledger", "balance", "--url", durable_url, "--user", str(user), "--as-of",
+         (START + HOUR).isoformat()],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "balance -20, held 0, available 10, credit limit 30" in out.stdout
