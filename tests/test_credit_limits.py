@@ -543,7 +543,7 @@ def test_snapshots_of_accounts_without_a_limit_keep_their_shape(ledger_url: str,
             (stored,) = ledger.app.snapshots.recorder.select_events(account_id_for(user), desc=True, limit=1)
             states[user] = ledger.app.mapper.to_domain_event(stored).state
         assert "credit_limit" not in states[plain] and "debt" not in states[plain]
-            # The snapshot at version 100: opened, limit set, 98 spends on credit.
+        # The snapshot at version 100: opened, limit set, 98 spends on credit.
         assert (states[limited]["credit_limit"], states[limited]["debt"]) == (500, 98)
         report = audit(ledger, compare_views=False)
         assert report.ok, report.render()
@@ -598,3 +598,33 @@ def test_the_balance_command_shows_the_limit(durable_url: str, clock: ManualCloc
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "balance -20, held 0, available 10, credit limit 30" in out.stdout
+
+
+def test_credits_lapse_under_a_hold_on_credit_after_the_limit_is_lowered(ledger: Ledger, clock: ManualClock) -> None:
+    """A hold on credit, a grant that then lapses, and a limit lowered to 0
+    between: the expiry takes free credits only, and the audit agrees."""
+    user = uuid4()
+    ledger.set_credit_limit(user, 100, "postpaid", "ops", key="l1")
+    ledger.reserve(user, uuid4(), 100, expires_in=timedelta(days=10), key="r")  # all on credit
+    ledger.grant(user, 50, "bonus", key="g", expires_in=timedelta(days=1))  # free: no debt to repay
+    ledger.set_credit_limit(user, 0, "prepaid again", "ops", key="l2")
+    assert state(ledger, user) == (50, 100, -50, 0)
+    clock.advance(timedelta(days=2))
+    assert ledger.record_due([user]) == 1
+    assert state(ledger, user) == (0, 100, -100, 0)
+    report = audit(ledger)
+    assert report.ok, report.render()
+
+
+def test_the_audit_names_an_expiry_of_earmarked_credits(ledger: Ledger, clock: ManualClock) -> None:
+    user = uuid4()
+    block = ledger.grant(user, 50, "bonus", key="g", expires_in=timedelta(days=1)).entry_id
+    ledger.reserve(user, uuid4(), 50, expires_in=timedelta(days=5), key="r")
+    clock.advance(timedelta(days=2))
+    account = ledger.read_aggregate(account_id_for(user))
+    assert isinstance(account, CreditAccount)
+    # A forged expiry of the credits the open hold still earmarks.
+    account.trigger_event(CreditAccount.Expired, entry_id=uuid4(), block_id=block, amount=50, timestamp=clock.now())
+    ledger.app.save(account)
+    report = audit(ledger, compare_views=False)
+    assert any(f.check == "negative" and "the holds earmark 50" in f.message for f in report.findings), report.render()

@@ -75,6 +75,7 @@ class Account:
         "account_id",
         "balance",
         "blocks",
+        "credit_holds",
         "credit_limit",
         "debt",
         "held",
@@ -98,6 +99,7 @@ class Account:
         self.held = 0
         self.credit_limit = 0
         self.debt = 0  # credits spent beyond the blocks
+        self.credit_holds: dict[UUID, int] = {}  # open holds that hold credits on credit -> how many
         self.holds: dict[UUID, OpenHold] = {}
         self.blocks: dict[str, int] = {}  # block id as the events' draws name it -> unspent credits
         self.lapses: dict[str, datetime] = {}  # block id -> expires_at, for blocks that lapse
@@ -122,6 +124,7 @@ class Account:
             "held": self.held,
             "credit_limit": self.credit_limit,
             "debt": self.debt,
+            "credit_holds": {str(r): c for r, c in self.credit_holds.items()},
             "holds": {
                 str(r): [str(j), a, e.isoformat(), at.isoformat(), k] for r, (j, a, e, at, k) in self.holds.items()
             },
@@ -143,6 +146,7 @@ class Account:
         account.held = int(data["held"])
         account.credit_limit = int(data.get("credit_limit", 0))  # saved before limits: none
         account.debt = int(data.get("debt", 0))
+        account.credit_holds = {UUID(r): int(c) for r, c in data.get("credit_holds", {}).items()}
         account.holds = {
             UUID(r): (UUID(j), int(a), datetime.fromisoformat(e), datetime.fromisoformat(at), k)
             for r, (j, a, e, at, k) in data["holds"].items()
@@ -463,6 +467,8 @@ class AccountCheck(Check):
                 f"hold {reservation_id} allocates {allocated} credits for {amount}",
                 check="block",
             )
+        if allocated < amount:
+            account.credit_holds[reservation_id] = amount - allocated
         hold: OpenHold = (event.job_id, amount, event.expires_at, event.timestamp, event.key)
         account.holds[reservation_id] = hold
         account.held += amount
@@ -482,6 +488,7 @@ class AccountCheck(Check):
             )
             return None
         account.held -= hold[1]
+        account.credit_holds.pop(reservation_id, None)
         return hold
 
     def settled(self, position: int, event: Any) -> None:
@@ -555,10 +562,18 @@ class AccountCheck(Check):
         account.balance -= event.amount
         self.totals["expired"] += event.amount
         self.postings += 1
-        if account.credit_limit == 0 and account.debt == 0:
-            # Without credit an expiry takes free credits only; with it the
-            # floor binds debits, and credits that lapse are not a debit.
-            self._never_negative(position, account)
+        # An expiry takes free credits only: what the open holds earmark
+        # (held, less what they hold on credit) stays in the blocks. (The
+        # floor binds debits; credits that lapse are not one.)
+        earmarked = account.held - sum(account.credit_holds.values())
+        if account.balance + account.debt < earmarked:
+            self.report(
+                position,
+                account.subject,
+                f"expires credits open holds earmark: the blocks keep {account.balance + account.debt} credits, "
+                f"the holds earmark {earmarked}",
+                check="negative",
+            )
         expected = expiration_entry_id(account.account_id, event.originator_version).int
         if event.entry_id.int != expected:
             # 0.1 derived expiration ids in the entry namespace; both are genuine.
