@@ -348,7 +348,7 @@ class Ledger:
         return account
 
     def balance(self, user_id: UUID) -> Balance:
-        """Balance, held and available credits and the open blocks, as of now.
+        """Balance, held and available credits, the credit limit and the open blocks, as of now.
         Holds past their expiry and lapsed credits are left out even before a
         sweep records them."""
         account = self._account(user_id)

@@ -442,11 +442,6 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         after a limit was lowered below what is in use."""
         return self.balance - self._held + self.credit_limit
 
-    @property
-    def unbacked(self) -> int:
-        """Credits the open holds hold on credit (beyond their earmarks)."""
-        return self._held - sum(self._marked.values())
-
     def add_block(self, block: Block) -> None:
         replaced = self.blocks.get(block.block_id)
         if replaced is not None:  # never by the ledger's own events (entry ids are unique)
