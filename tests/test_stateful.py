@@ -634,10 +634,19 @@ class LedgerMachine(RuleBasedStateMachine):
 
     # -- rules -------------------------------------------------------------------
 
-    @initialize(opened=st.lists(users, unique=True), amount=st.integers(50, 300), ttl=st.sampled_from(GRANT_TTLS[2:]))
-    def open_accounts(self, opened: list[int], amount: int, ttl: timedelta) -> None:
+    @initialize(
+        opened=st.lists(users, unique=True),
+        amount=st.integers(50, 300),
+        ttl=st.sampled_from(GRANT_TTLS[2:]),
+        limited=st.lists(users, unique=True, max_size=2),
+        limit=st.integers(1, 150),
+    )
+    def open_accounts(self, opened: list[int], amount: int, ttl: timedelta, limited: list[int], limit: int) -> None:
         """Starts some accounts with credits, one expiring and one not, so that
-        spends and holds mostly succeed; the other accounts stay unopened."""
+        spends and holds mostly succeed, and gives some a credit limit, so that
+        spends and holds go on credit; the other accounts stay unopened."""
+        for user in limited:
+            self.run(Call("limit", self.key(None, "open-limit"), self.users[user], limit, reason="enterprise"))
         for user in opened:
             self.run(Call("grant", self.key(None, "open"), self.users[user], amount, CreditKind.PURCHASE))
             expires_at = self.clock.now() + ttl
