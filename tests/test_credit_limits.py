@@ -628,3 +628,38 @@ def test_the_audit_names_an_expiry_of_earmarked_credits(ledger: Ledger, clock: M
     ledger.app.save(account)
     report = audit(ledger, compare_views=False)
     assert any(f.check == "negative" and "the holds earmark 50" in f.message for f in report.findings), report.render()
+
+
+def test_an_audit_resumed_from_a_checkpoint_keeps_limits_debt_and_holds_on_credit(
+    ledger: Ledger, clock: ManualClock, tmp_path: object
+) -> None:
+    from pathlib import Path
+
+    from ledger.audit.runner import checkpoint_position
+
+    user = uuid4()
+    ledger.set_credit_limit(user, 100, "postpaid", "ops", key="l")
+    ledger.spend(user, 30, key="s")  # debt 30
+    ledger.reserve(user, uuid4(), 40, expires_in=timedelta(days=3), key="r")  # 40 on credit
+    ledger.grant(user, 50, "bonus", key="g", expires_in=timedelta(days=1))  # repays 30, 20 free
+    clock.advance(timedelta(days=2))
+    ledger.record_due([user])  # the 20 lapse under the hold on credit
+    ledger.spend(user, 10, key="s2")
+    ledger.views.catch_up()
+    path = Path(str(tmp_path)) / "cp.json"
+
+    class Stop(Exception):
+        pass
+
+    def stop(position: int, head: int) -> None:
+        if path.exists() and checkpoint_position(path) >= 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        audit(ledger, checkpoint=path, checkpoint_every=1, page_events=1, progress=stop)
+    position = checkpoint_position(path)
+    assert 0 < position < (ledger.app.recorder.max_notification_id() or 0)
+    whole = audit(ledger)
+    resumed = audit(ledger, from_position=position, checkpoint=path)
+    assert whole.ok and resumed.ok, resumed.render()
+    assert (resumed.digest, resumed.summary) == (whole.digest, whole.summary)
