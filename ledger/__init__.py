@@ -26,6 +26,7 @@ from ledger.application.commands import AdjustCredits, Command, GrantCredits, Sp
 from ledger.application.facade import DEFAULT_URL, Ledger, resolve_url
 from ledger.application.group import GroupCommit, GroupCommitPolicy, GroupCommitStats
 from ledger.application.holds import ReleaseReservation, ReserveCredits, SettleReservation
+from ledger.application.limits import SetCreditLimit
 from ledger.application.results import (
     AccountEvent,
     Balance,
@@ -42,7 +43,7 @@ from ledger.audit.digest import DigestHead, DigestResult, Tampering, VerifyResul
 from ledger.audit.pointintime import Statement, StatementEntry, StatementHold, StatementHoldEvent
 from ledger.audit.runner import AuditReport, audit
 from ledger.clock import Clock, ManualClock, SystemClock
-from ledger.domain.credits import MAX_CREDITS, CreditKind
+from ledger.domain.credits import MAX_CREDIT_LIMIT, MAX_CREDITS, CreditKind
 from ledger.domain.plans import DEFAULT_CATALOG, FREE_PLAN, Feature, PlanTerms
 from ledger.domain.subscriptions import (
     BillingCycle,
@@ -113,6 +114,7 @@ __all__ = [
     "ViewsStalled",
     "DEFAULT_URL",
     "MAX_CREDITS",
+    "MAX_CREDIT_LIMIT",
     "AccountEvent",
     "AccountLimitReached",
     "AsyncLedger",
@@ -143,6 +145,7 @@ __all__ = [
     "Reservation",
     "ReservationClosed",
     "ReserveCredits",
+    "SetCreditLimit",
     "SettleReservation",
     "SpendCredits",
     "SystemClock",

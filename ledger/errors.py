@@ -84,7 +84,8 @@ class TimeInFuture(InvalidArgument):
 
 
 class InsufficientCredits(LedgerError):
-    """The account's available credits (balance minus held) do not cover a debit."""
+    """The account's available credits (balance minus held, plus the account's
+    credit limit) do not cover a debit. Below zero after a limit was lowered."""
 
     code = "insufficient_credits"
 

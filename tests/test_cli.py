@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from ledger import Ledger
-from ledger.views.schema import SEED_INDEX_NAMES
+from ledger.views.schema import SCHEMA_VERSION, SEED_INDEX_NAMES
 from tests.conftest import pg_base_url
 
 
@@ -54,10 +54,10 @@ def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def test_migrate_is_idempotent_and_records_the_version(durable_url: str) -> None:
-    assert "schema version 2" in ledger_cli("migrate", "--url", durable_url).stdout
-    assert "schema version 2" in ledger_cli("migrate", "--url", durable_url).stdout
+    assert f"schema version {SCHEMA_VERSION}" in ledger_cli("migrate", "--url", durable_url).stdout
+    assert f"schema version {SCHEMA_VERSION}" in ledger_cli("migrate", "--url", durable_url).stdout
     with Ledger(durable_url) as ledger, ledger.views.store.transaction() as tx:
-        assert tx.fetchall("SELECT version FROM ledger_schema_version") == [(2,)]
+        assert tx.fetchall("SELECT version FROM ledger_schema_version") == [(SCHEMA_VERSION,)]
 
 
 def test_rebuild_prints_checksums_and_verify_finds_an_edited_row(durable_url: str) -> None:

@@ -165,8 +165,10 @@ BAD_ROWS: list[tuple[str, Row]] = [
     ("credit_transactions", {"type": "gift"}),
     ("credit_reservations", {"status": "released"}),  # the table keeps the seed's word, 'refunded'
     ("credit_balances", {"available": 91}),
-    ("credit_balances", {"balance": -1, "held": 0, "available": -1}),
-    ("credit_balances", {"balance": 5, "held": 10, "available": -5}),
+    ("credit_balances", {"balance": 5, "held": 10, "available": 0}),
+    ("credit_balances", {"balance": -10, "held": 0, "available": 40, "credit_limit": 100}),  # 90
+    ("credit_balances", {"balance": 10, "held": 0, "available": 0, "credit_limit": -10}),
+    ("credit_balances", {"balance": 10, "held": -5, "available": 15}),
     ("webhook_events", {"status": "ignored"}),
 ]
 GOOD_ROWS: list[tuple[str, Row]] = [
@@ -177,6 +179,10 @@ GOOD_ROWS: list[tuple[str, Row]] = [
     ("credit_transactions", {"type": "expiration", "amount": -100, "balance_after": 0}),
     ("credit_reservations", {"status": "refunded", "release_reason": "job failed"}),
     ("credit_balances", {"balance": 0, "held": 0, "available": 0}),
+    # On credit (docs/credit-limits.md): below zero, down to minus the limit,
+    ("credit_balances", {"balance": -60, "held": 30, "available": 10, "credit_limit": 100}),
+    # and further below after the limit was lowered under what is in use.
+    ("credit_balances", {"balance": -45, "held": 0, "available": -45, "credit_limit": 0}),
     ("webhook_events", {"status": "processed", "test_mode": True, "attempts": 2}),
 ]
 
@@ -196,7 +202,7 @@ def insert_sql(table: str, row: Row, placeholder: str, qualifier: str = "") -> s
 
 
 def test_constants() -> None:
-    assert SCHEMA_VERSION == 2
+    assert SCHEMA_VERSION == 3
     assert len(set(TABLES)) == len(TABLES)
     assert set(VIEW_TABLES) == {
         "credit_accounts",

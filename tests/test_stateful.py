@@ -3,7 +3,11 @@ checked step by step against a small reference model written here.
 
 The model is plain Python and keeps, per account, the state the ledger has
 *recorded*: credit blocks (remaining credits, expiry, grant order) and open
-holds (amount, expiry, which block credits they earmark). Due effects (expired
+holds (amount, expiry, which block credits they earmark), and its credit
+limit with the debt spent on credit beyond the blocks (docs/credit-limits.md:
+a hold beyond the free credits earmarks less than it holds, free credits repay
+debt at once, and credit in use never exceeds the limit except after the limit
+was lowered below it, until it is back within). Due effects (expired
 holds, lapsed credits) are recorded only when a command or a sweep touches the
 account, while ``balance()`` applies them in memory; the model does the same,
 so it can also predict exactly what ``expire_holds()`` records.
@@ -61,12 +65,14 @@ SETTINGS = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 
-Op = Literal["grant", "spend", "reserve", "settle", "release", "adjust"]
-OPS: list[Op] = ["grant", "spend", "reserve", "settle", "release", "adjust"]
+Op = Literal["grant", "spend", "reserve", "settle", "release", "adjust", "limit"]
+OPS: list[Op] = ["grant", "spend", "reserve", "settle", "release", "adjust", "limit"]
 #: Commands whose user_id only routes the command and is not part of its arguments.
 ROUTED: frozenset[str] = frozenset({"settle", "release"})
 #: Commands that post a balance change and so name an entry in their receipt.
 POSTING: frozenset[str] = frozenset({"grant", "spend", "settle", "adjust"})
+#: The commands' own names where the test's short name differs.
+COMMAND_NAMES = {"limit": "set_credit_limit"}
 #: Receipt fields a replay does not repeat: it says it is one, and it recorded
 #: nothing, so it has no log position of its own (where the receipt has one).
 REPLAY_DIFFERS = {"replayed", "position"}
@@ -139,6 +145,8 @@ class Call:
         if self.op == "reserve":
             assert self.job_id is not None and self.expires_at is not None
             return ledger.reserve(self.user_id, self.job_id, self.amount, self.expires_at, key=self.key)
+        if self.op == "limit":
+            return ledger.set_credit_limit(self.user_id, self.amount, self.reason, "stateful-test", key=self.key)
         return ledger.adjust(self.user_id, self.amount, self.reason, "stateful-test", key=self.key)
 
 
@@ -165,6 +173,18 @@ class ModelHold:
     allocations: list[tuple[UUID, int]]
 
 
+def take_upto(amount: int, sources: list[tuple[UUID, int]]) -> tuple[list[tuple[UUID, int]], int]:
+    """Takes up to ``amount`` credits from ``sources``; the draws and what they fell short by."""
+    draws = []
+    for block_id, credits in sources:
+        if amount == 0:
+            break
+        part = min(amount, credits)
+        draws.append((block_id, part))
+        amount -= part
+    return draws, amount
+
+
 def take(amount: int, sources: list[tuple[UUID, int]]) -> list[tuple[UUID, int]] | None:
     """Takes ``amount`` credits from ``sources`` front to back; None if they fall short."""
     draws = []
@@ -182,10 +202,15 @@ class ModelAccount:
     #: Insertion order is grant order (block ids are the grants' entry ids).
     blocks: dict[UUID, ModelBlock] = field(default_factory=dict)
     holds: dict[UUID, ModelHold] = field(default_factory=dict)
+    limit: int = 0
+    #: Credits spent on credit, beyond the blocks.
+    debt: int = 0
+    #: The last limit change left more credit in use than the limit allows.
+    lowered: bool = False
 
     @property
     def balance(self) -> int:
-        return sum(b.remaining for b in self.blocks.values())
+        return sum(b.remaining for b in self.blocks.values()) - self.debt
 
     @property
     def held(self) -> int:
@@ -193,7 +218,21 @@ class ModelAccount:
 
     @property
     def available(self) -> int:
-        return self.balance - self.held
+        return self.balance - self.held + self.limit
+
+    @property
+    def in_use(self) -> int:
+        """Credit in use: debt, and what holds hold beyond their earmarks."""
+        return self.debt + sum(h.amount - sum(c for _, c in h.allocations) for h in self.holds.values())
+
+    def repay(self, now: datetime) -> int:
+        """Free credits of live blocks pay off debt; returns the events that records (0 or 1)."""
+        if self.debt == 0:
+            return 0
+        draws, short = take_upto(self.debt, self.free(now))
+        self.draw(draws)
+        self.debt = short
+        return 1 if draws else 0
 
     def earmarked(self, block_id: UUID) -> int:
         return sum(credits for h in self.holds.values() for b, credits in h.allocations if b == block_id)
@@ -230,7 +269,7 @@ class ModelAccount:
             if lapsing > 0:
                 self.draw([(block_id, lapsing)])
                 lapsed += 1
-        return released, lapsed
+        return released, lapsed + self.repay(now)
 
 
 @dataclass
@@ -295,10 +334,14 @@ class Model:
             return self._close(call, now)
         user = call.user_id
         assert user is not None
-        opens = call.op == "grant" or (call.op == "adjust" and call.amount > 0)
+        opens = call.op in ("grant", "limit") or (call.op == "adjust" and call.amount > 0)
         if not opens and user not in self.accounts:
             return Refused(UnknownAccount, {"user_id": user})
         account, released = self.effective(user, now)
+        if call.op == "limit":
+            account.limit = call.amount
+            account.lowered = account.in_use > account.limit
+            return Applied(user, account, 0, released)
         if opens:
             kind = call.kind if call.op == "grant" else CreditKind.ADMIN_ADJUSTMENT
             assert kind is not None
@@ -310,16 +353,17 @@ class Model:
             assert call.expires_at is not None
             if call.expires_at <= now:
                 return Refused(InvalidArgument, {"param": "expires_at"})
-            allocations = take(call.amount, account.free(now))
-            if allocations is None:
+            if call.amount > account.available:
                 return Refused(InsufficientCredits, self._short(user, call.amount, account))
+            allocations, _ = take_upto(call.amount, account.free(now))  # the rest on credit
             return Applied(user, account, 0, released, new_hold=ModelHold(call.amount, call.expires_at, allocations))
         # spend, or adjust downwards
         amount = abs(call.amount)
-        draws = take(amount, account.free(now))
-        if draws is None:
+        if amount > account.available:
             return Refused(InsufficientCredits, self._short(user, amount, account))
+        draws, short = take_upto(amount, account.free(now))
         account.draw(draws)
+        account.debt += short
         return Applied(user, account, -amount, released)
 
     def _close(self, call: Call, now: datetime) -> Refused | Applied:
@@ -348,17 +392,23 @@ class Model:
             closed = HoldRecord(owner, hold.amount, "released", release_reason=call.reason)
             return Applied(owner, account, 0, released, closed=(rid, closed))
         actual = call.amount
-        if actual <= hold.amount:
+        backed = sum(c for _, c in hold.allocations)
+        short = 0
+        if actual <= backed:
             draws = take(actual, hold.allocations)
             assert draws is not None
         else:
-            # The extra comes from free credits; the hold's own earmarks are not free.
-            extra = take(actual - hold.amount, account.free(now))
-            if extra is None:
-                return Refused(InsufficientCredits, self._short(owner, actual - hold.amount, account))
-            draws = [*hold.allocations, *extra]
+            # The extra must be available; it and the part the hold held on
+            # credit come from free credits (the hold's own earmarks are not
+            # free), then from credit.
+            extra = actual - hold.amount
+            if extra > 0 and extra > account.available:
+                return Refused(InsufficientCredits, self._short(owner, extra, account))
+            more, short = take_upto(actual - backed, account.free(now))
+            draws = [*hold.allocations, *more]
         del account.holds[rid]
         account.draw(draws)
+        account.debt += short
         closed = HoldRecord(owner, hold.amount, "settled", settled_credits=actual)
         return Applied(owner, account, -actual, released, closed=(rid, closed))
 
@@ -389,6 +439,16 @@ class Model:
             rid, record = applied.closed
             self.reservations[rid] = record
             changed.add(rid)
+        if call.op != "limit":
+            # A debit leaves available at or above zero: within the limit.
+            assert (
+                account.available >= 0
+                or call.op in ("grant", "release")
+                or applied.amount >= 0
+                or (call.op == "settle" and applied.closed is not None and -applied.amount <= applied.closed[1].amount)
+            ), f"{call} left available {account.available}"
+        if account.in_use <= account.limit:
+            account.lowered = False
         self.accounts[applied.owner] = account
         self.used[call.key] = (call, receipt)
         return changed
@@ -487,7 +547,7 @@ class LedgerMachine(RuleBasedStateMachine):
         assert seen == (
             False,
             call.key,
-            call.op,
+            COMMAND_NAMES.get(call.op, call.op),
             expected.owner,
             expected.amount,
             account.balance,
@@ -524,7 +584,13 @@ class LedgerMachine(RuleBasedStateMachine):
             expected.held,
             expected.available,
         ), f"user {user}: ledger {seen}, model {expected}"
-        assert seen.available_credits >= 0
+        assert seen.credit_limit_credits == expected.limit
+        # No balance below minus the limit, ever: credit in use stays within
+        # the limit unless the limit was lowered below it since.
+        assert expected.in_use <= expected.limit or expected.lowered, f"user {user}: model {expected}"
+        if not expected.lowered:
+            assert seen.available_credits >= 0, f"user {user}: ledger {seen}"
+            assert seen.balance_credits - seen.held_credits >= -seen.credit_limit_credits
         assert seen.as_of == now
         assert [
             (b.block_id, b.kind, b.granted_credits, b.remaining_credits, b.granted_at, b.expires_at)
@@ -568,10 +634,19 @@ class LedgerMachine(RuleBasedStateMachine):
 
     # -- rules -------------------------------------------------------------------
 
-    @initialize(opened=st.lists(users, unique=True), amount=st.integers(50, 300), ttl=st.sampled_from(GRANT_TTLS[2:]))
-    def open_accounts(self, opened: list[int], amount: int, ttl: timedelta) -> None:
+    @initialize(
+        opened=st.lists(users, unique=True),
+        amount=st.integers(50, 300),
+        ttl=st.sampled_from(GRANT_TTLS[2:]),
+        limited=st.lists(users, unique=True, max_size=2),
+        limit=st.integers(1, 150),
+    )
+    def open_accounts(self, opened: list[int], amount: int, ttl: timedelta, limited: list[int], limit: int) -> None:
         """Starts some accounts with credits, one expiring and one not, so that
-        spends and holds mostly succeed; the other accounts stay unopened."""
+        spends and holds mostly succeed, and gives some a credit limit, so that
+        spends and holds go on credit; the other accounts stay unopened."""
+        for user in limited:
+            self.run(Call("limit", self.key(None, "open-limit"), self.users[user], limit, reason="enterprise"))
         for user in opened:
             self.run(Call("grant", self.key(None, "open"), self.users[user], amount, CreditKind.PURCHASE))
             expires_at = self.clock.now() + ttl
@@ -631,6 +706,10 @@ class LedgerMachine(RuleBasedStateMachine):
     def adjust(self, user: int, amount: int, negative: bool, pick: int | None) -> None:
         delta = -amount if negative else amount
         self.run(Call("adjust", self.key(pick, "adjust"), self.users[user], delta, reason="support ticket"))
+
+    @rule(user=users, limit=st.sampled_from([0, 0, 20, 50, 100]) | st.integers(0, 200), pick=key_picks)
+    def set_credit_limit(self, user: int, limit: int, pick: int | None) -> None:
+        self.run(Call("limit", self.key(pick, "limit"), self.users[user], limit, reason="credit review"))
 
     # Mostly within a day, so holds (which last up to a week) often outlive a
     # step; sometimes weeks, so blocks lapse and every hold expires.

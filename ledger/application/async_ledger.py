@@ -277,6 +277,7 @@ class AsyncLedger:
     check = _in_thread(Ledger.check)
     record_use = _in_thread(Ledger.record_use)
     command_stats = _in_thread(Ledger.command_stats)
+    set_credit_limit = _in_thread(Ledger.set_credit_limit)
 
     async def scan(self, topics: list[str]) -> AsyncIterator[Any]:
         """``Ledger.scan`` as an async iterator: every recorded event with one

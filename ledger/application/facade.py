@@ -30,6 +30,7 @@ from ledger.application.billing import (
 from ledger.application.commands import AdjustCredits, Command, GrantCredits, SpendCredits
 from ledger.application.group import GroupCommit, GroupCommitPolicy
 from ledger.application.holds import ReleaseReservation, ReserveCredits, SettleReservation, due_holders
+from ledger.application.limits import SetCreditLimit
 from ledger.application.results import (
     AccountEvent,
     Balance,
@@ -326,6 +327,16 @@ class Ledger:
             AdjustCredits(key=key, user_id=user_id, delta_credits=delta_credits, reason=reason, actor=actor)
         )
 
+    def set_credit_limit(self, user_id: UUID, limit_credits: int, reason: str, actor: str, *, key: str) -> Receipt:
+        """Lets the balance go below zero, down to ``-limit_credits``: spends,
+        reserves and over-settles may then use credit (available credits are
+        balance - held + limit). 0 removes the limit; a limit below what is
+        in use refuses new debits until the account is back above the floor.
+        Opens the account if the user has none."""
+        return self.execute(
+            SetCreditLimit(key=key, user_id=user_id, limit_credits=limit_credits, reason=reason, actor=actor)
+        )
+
     def expire_holds(self, now: datetime | None = None, *, allow_future: bool = False) -> int:
         """Releases every hold whose ``expires_at`` has passed, and records the
         expiry of lapsed credits on those accounts. Returns the number of account
@@ -369,7 +380,7 @@ class Ledger:
         return account
 
     def balance(self, user_id: UUID) -> Balance:
-        """Balance, held and available credits and the open blocks, as of now.
+        """Balance, held and available credits, the credit limit and the open blocks, as of now.
         Holds past their expiry and lapsed credits are left out even before a
         sweep records them."""
         account = self._account(user_id)
@@ -382,6 +393,7 @@ class Ledger:
             available_credits=account.available,
             blocks=credit_blocks(account),
             as_of=now,
+            credit_limit_credits=account.credit_limit,
         )
 
     def reservation(self, reservation_id: UUID) -> Reservation:

@@ -59,11 +59,15 @@ class CreditBlock(_View):
 
 class Balance(_View):
     user_id: UUID
+    #: Below zero when the account spent on credit (docs/credit-limits.md).
     balance_credits: int
     held_credits: int
+    #: balance - held + credit limit: what may be spent or held now.
     available_credits: int
     blocks: tuple[CreditBlock, ...]
     as_of: datetime
+    #: How far below zero the balance may go (``Ledger.set_credit_limit``).
+    credit_limit_credits: int = 0
 
 
 #: ``HoldStatus``'s values, as a hold's view shows them.

@@ -268,7 +268,7 @@ class Unit:
 
     def finish(self, c: Command, user_id: UUID | None, *, amount: int, subscription_id: UUID | None = None) -> Receipt:
         """The receipt and key record of a command that is not a credit command."""
-        balance = held = 0
+        balance = held = available = 0
         if user_id is not None:
             try:
                 account = self.account(user_id)
@@ -276,7 +276,7 @@ class Unit:
                 account = None  # no credits yet: the receipt says 0
             if account is not None:
                 account.check_invariants()
-                balance, held = account.balance, account.held
+                balance, held, available = account.balance, account.held, account.available
         fields: dict[str, Any] = {
             "key": c.key,
             "command": c.name,
@@ -284,7 +284,7 @@ class Unit:
             "amount_credits": amount,
             "balance_credits": balance,
             "held_credits": held,
-            "available_credits": balance - held,
+            "available_credits": available,
             "recorded_at": self.now,
             "subscription_id": subscription_id,
         }
@@ -330,7 +330,7 @@ class Unit:
             "amount_credits": amount,
             "balance_credits": account.balance,
             "held_credits": held,
-            "available_credits": account.balance - held,
+            "available_credits": account.available,
             "recorded_at": self.now,
         }
         self._record(c, fields)

@@ -95,6 +95,10 @@ class Statement(_View):
     hold_events: tuple[StatementHoldEvent, ...]
     opening_holds: tuple[StatementHold, ...]
     closing_holds: tuple[StatementHold, ...]
+    #: The account's credit limit at either end (docs/credit-limits.md): a
+    #: balance below zero is spent on credit, down to minus the limit.
+    opening_credit_limit_credits: int = 0
+    closing_credit_limit_credits: int = 0
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2)
@@ -221,15 +225,16 @@ def balance_at(ledger: Ledger, user_id: UUID, as_of: datetime) -> Balance:
     recorded at ``as_of`` (zero before the account opened)."""
     moment = require_utc(as_of, "as_of")
     account = fold(ledger, user_id, moment)
-    balance = account.balance if account is not None else 0
-    held = account.held if account is not None else 0
+    if account is None:
+        return Balance(user_id=user_id, balance_credits=0, held_credits=0, available_credits=0, blocks=(), as_of=moment)
     return Balance(
         user_id=user_id,
-        balance_credits=balance,
-        held_credits=held,
-        available_credits=balance - held,
+        balance_credits=account.balance,
+        held_credits=account.held,
+        available_credits=account.available,
         blocks=credit_blocks(account),
         as_of=moment,
+        credit_limit_credits=account.credit_limit,
     )
 
 
@@ -327,7 +332,7 @@ def statement(ledger: Ledger, user_id: UUID, start: datetime, end: datetime) -> 
     if end < start:
         raise InvalidArgument(f"a statement's end ({end.isoformat()}) is before its start ({start.isoformat()})")
     account: CreditAccount | None = None
-    opening: tuple[int, int, tuple[StatementHold, ...]] | None = None
+    opening: tuple[int, int, tuple[StatementHold, ...], int] | None = None
     entries: list[StatementEntry] = []
     hold_events: list[StatementHoldEvent] = []
     seen = False
@@ -365,10 +370,12 @@ def statement(ledger: Ledger, user_id: UUID, start: datetime, end: datetime) -> 
         hold_events=tuple(hold_events),
         opening_holds=opening[2],
         closing_holds=closing[2],
+        opening_credit_limit_credits=opening[3],
+        closing_credit_limit_credits=closing[3],
     )
 
 
-def _state(account: CreditAccount | None) -> tuple[int, int, tuple[StatementHold, ...]]:
+def _state(account: CreditAccount | None) -> tuple[int, int, tuple[StatementHold, ...], int]:
     if account is None:
-        return 0, 0, ()
-    return account.balance, account.held, _open_holds(account)
+        return 0, 0, (), 0
+    return account.balance, account.held, _open_holds(account), account.credit_limit

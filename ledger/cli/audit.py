@@ -134,6 +134,7 @@ def balance(url: str | None, user_id: UUID, as_of: datetime, as_json: bool) -> N
     click.echo(
         f"user {user_id} as of {result.as_of.isoformat()}: balance {result.balance_credits}, "
         f"held {result.held_credits}, available {result.available_credits}"
+        + (f", credit limit {result.credit_limit_credits}" if result.credit_limit_credits else "")
     )
     for block in result.blocks:
         expires = block.expires_at.isoformat() if block.expires_at else "never"

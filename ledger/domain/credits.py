@@ -48,6 +48,11 @@ EXPIRATION_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b05")
 #: PostgreSQL ``INT`` columns (``amount``, ``balance_after``).
 MAX_CREDITS = 2_147_483_647
 
+#: The largest credit limit an account may have (docs/credit-limits.md): the
+#: balance may go as low as minus the limit, and balance + limit must stay
+#: within MAX_CREDITS so that the available credits fit the same columns.
+MAX_CREDIT_LIMIT = 1_000_000_000
+
 
 class CreditKind(StrEnum):
     """What a posted balance change was. The values are the seed's
@@ -164,6 +169,25 @@ def take(amount: int, sources: Iterable[tuple[str, int]]) -> list[list[Any]] | N
     return draws if wanted == 0 else None
 
 
+def take_upto(amount: int, sources: Iterable[tuple[str, int]]) -> tuple[list[list[Any]], int]:
+    """Takes up to ``amount`` from ``sources`` in order: the draws and the
+    credits they fell short by (0 when the sources cover ``amount``)."""
+    draws: list[list[Any]] = []
+    wanted = amount
+    for block_id, credits in sources:
+        if wanted == 0:
+            break
+        part = min(credits, wanted)
+        draws.append([block_id, part])
+        wanted -= part
+    return draws, wanted
+
+
+def drawn(draws: Iterable[list[Any]]) -> int:
+    """The credits a list of draws (or a hold's allocations) takes from blocks."""
+    return sum(credits for _, credits in draws)
+
+
 def merge_draws(*parts: list[list[Any]]) -> list[list[Any]]:
     merged: dict[str, int] = {}
     for part in parts:
@@ -212,6 +236,11 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
             snapshot = super().take(aggregate)
             for name in CreditAccount.DERIVED:
                 snapshot.state.pop(name, None)
+            for name in CreditAccount.UNLESS_ZERO:
+                if snapshot.state.get(name) == 0:
+                    # An account without a limit or debt keeps the shape of a
+                    # snapshot taken before limits existed.
+                    del snapshot.state[name]
             return snapshot
 
         def mutate(self, _: None) -> Any:
@@ -224,6 +253,16 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
     #: ``apply`` so that a command costs what is live, not a re-sort and
     #: re-sum of every block and hold each time; rebuilt on restore.
     DERIVED = ("_order", "_marked", "_held")
+    #: Stored in a snapshot only when not 0 (their class attributes are the default).
+    UNLESS_ZERO = ("credit_limit", "debt")
+
+    #: How far below zero the balance may go (``LimitSet``); 0 unless set. A
+    #: class attribute too, so that an account restored from a snapshot taken
+    #: before limits existed has none.
+    credit_limit = 0
+    #: Credits spent beyond the blocks (docs/credit-limits.md): the balance is
+    #: the blocks' remainders minus the debt. Grants repay it first (``Repaid``).
+    debt = 0
 
     def __init__(self, user_id: UUID) -> None:
         self.user_id = user_id
@@ -231,6 +270,8 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         self.blocks: dict[str, Block] = {}
         self.holds: dict[str, Hold] = {}
         self.next_seq = 0
+        self.credit_limit = 0
+        self.debt = 0
         # The derived attributes of no blocks and no holds (rebuild_derived).
         self._order: list[Block] = []
         self._marked: dict[str, int] = {}
@@ -285,7 +326,9 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         key: str
 
         def apply(self, account: CreditAccount) -> None:
+            # What the draws fall short of the amount by was spent on credit.
             account.draw(self.draws)
+            account.debt += self.amount - drawn(self.draws)
             account.balance -= self.amount
 
     class Reserved(Event):
@@ -321,6 +364,7 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         def apply(self, account: CreditAccount) -> None:
             account.close(str(self.reservation_id))
             account.draw(self.draws)
+            account.debt += self.amount - drawn(self.draws)
             account.balance -= self.amount
 
     class Released(Event):
@@ -341,6 +385,30 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         def apply(self, account: CreditAccount) -> None:
             account.draw([[str(self.block_id), self.amount]])
             account.balance -= self.amount
+
+    class LimitSet(Event):
+        """The account's credit limit became ``limit_credits``."""
+
+        TOPIC = f"{TOPIC_PREFIX}:CreditAccount.LimitSet"
+        limit_credits: int
+        reason: str
+        actor: str
+        key: str
+
+        def apply(self, account: CreditAccount) -> None:
+            account.credit_limit = self.limit_credits
+
+    class Repaid(Event):
+        """Free credits of live blocks paid off debt: the blocks lose what the
+        debt loses, so the balance does not change."""
+
+        TOPIC = f"{TOPIC_PREFIX}:CreditAccount.Repaid"
+        amount: int
+        draws: list[list[Any]]
+
+        def apply(self, account: CreditAccount) -> None:
+            account.draw(self.draws)
+            account.debt -= self.amount
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CreditAccount:
         # The command cache hands out a copy per command; the generic deepcopy
@@ -369,7 +437,10 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
 
     @property
     def available(self) -> int:
-        return self.balance - self._held
+        """What the account may spend or hold now: balance - held + credit
+        limit. The one definition of available credits; below zero only
+        after a limit was lowered below what is in use."""
+        return self.balance - self._held + self.credit_limit
 
     def add_block(self, block: Block) -> None:
         replaced = self.blocks.get(block.block_id)
@@ -460,6 +531,18 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
                 amount=amount,
                 timestamp=now,
             )
+        self.repay(now)
+
+    def repay(self, now: datetime) -> None:
+        """Pays off debt from the free credits of live blocks, in draw order
+        (``Repaid``), so that an account never has both: a grant, a release or
+        a settle that frees credits while the account is in debt repays it
+        first. Lapsed credits repay nothing (they expire)."""
+        if self.debt <= 0:
+            return
+        draws, short = take_upto(self.debt, self.free_in_order(now))
+        if draws:
+            self.trigger_event(self.Repaid, amount=self.debt - short, draws=draws, timestamp=now)
 
     def grant(
         self,
@@ -475,10 +558,11 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         key: str,
         now: datetime,
     ) -> None:
-        if self.balance + amount > MAX_CREDITS:
+        if self.balance + amount + self.credit_limit > MAX_CREDITS:
             raise InvalidAmount(
                 f"granting {amount} would take the balance of user {self.user_id} "
                 f"past the limit of {MAX_CREDITS} credits"
+                + (f" (less its credit limit of {self.credit_limit})" if self.credit_limit else "")
             )
         if expires_at is not None and expires_at <= now:
             raise InvalidArgument(
@@ -501,6 +585,7 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
             key=key,
             timestamp=now,
         )
+        self.repay(now)
 
     def debit(
         self,
@@ -515,9 +600,7 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         key: str,
         now: datetime,
     ) -> None:
-        draws = take(amount, self.free_in_order(now))
-        if draws is None:
-            raise InsufficientCredits(self.user_id, amount, self.available)
+        draws = self._on_account(amount, now)
         self.trigger_event(
             self.Debited,
             entry_id=entry_id,
@@ -587,9 +670,9 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
             )
         if len(self.holds) >= MAX_OPEN_HOLDS:
             raise AccountLimitReached(self.user_id, "open holds", MAX_OPEN_HOLDS)
-        allocations = take(amount, self.free_in_order(now))
-        if allocations is None:
-            raise InsufficientCredits(self.user_id, amount, self.available)
+        # Beyond the free credits, the hold is on credit (its allocations sum
+        # to less than its amount).
+        allocations = self._on_account(amount, now)
         self.trigger_event(
             self.Reserved,
             reservation_id=reservation_id,
@@ -609,15 +692,19 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
 
     def settle(self, *, reservation_id: UUID, entry_id: UUID, actual: int, key: str, now: datetime) -> None:
         hold = self.open_hold(reservation_id)
-        if actual <= hold.amount:
+        backed = drawn(hold.allocations)
+        if actual <= backed:
             draws = take(actual, ((b, c) for b, c in hold.allocations))
-            assert draws is not None  # a hold's allocations always sum to its amount
+            assert draws is not None  # at most what the allocations sum to
         else:
+            # The hold's earmarks, then free credits, then credit: within
+            # the hold's amount that credit was held already; the extra must
+            # be available.
             extra = actual - hold.amount
-            extra_draws = take(extra, self.free_in_order(now))
-            if extra_draws is None:
+            if extra > 0 and extra > self.available:
                 raise InsufficientCredits(self.user_id, extra, self.available)
-            draws = merge_draws(hold.allocations, extra_draws)
+            more, _ = take_upto(actual - backed, self.free_in_order(now))
+            draws = merge_draws(hold.allocations, more)
         self.trigger_event(
             self.Settled,
             reservation_id=reservation_id,
@@ -627,24 +714,55 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
             key=key,
             timestamp=now,
         )
+        self.repay(now)
 
     def release(self, *, reservation_id: UUID, reason: str, key: str, now: datetime) -> None:
         self.open_hold(reservation_id)
         self.trigger_event(self.Released, reservation_id=reservation_id, reason=reason, key=key, timestamp=now)
+        self.repay(now)
+
+    def _on_account(self, amount: int, now: datetime) -> list[list[Any]]:
+        """The draws for a debit or a hold of ``amount``: free credits in draw
+        order, and beyond them credit, down to the floor of minus the credit
+        limit (InsufficientCredits past it)."""
+        if amount > self.available:
+            raise InsufficientCredits(self.user_id, amount, self.available)
+        draws, short = take_upto(amount, self.free_in_order(now))
+        if short > self.credit_limit:  # cannot happen: available counts the free credits
+            raise InvariantViolation(f"a draw of {amount} credits fell {short} short of the free credits")
+        return draws
+
+    def set_limit(self, *, limit_credits: int, reason: str, actor: str, key: str, now: datetime) -> None:
+        """Sets the credit limit. Lowering it below what is in use is allowed:
+        new debits are then refused until the account is back above the floor."""
+        if self.balance + limit_credits > MAX_CREDITS:
+            raise InvalidAmount(
+                f"a credit limit of {limit_credits} with the balance of {self.balance} of user {self.user_id} "
+                f"would put the available credits past {MAX_CREDITS}",
+                param="limit_credits",
+            )
+        self.trigger_event(
+            self.LimitSet, limit_credits=limit_credits, reason=reason, actor=actor, key=key, timestamp=now
+        )
 
     # -- invariants ---------------------------------------------------------------
 
     def check_invariants(self) -> None:
         """Raises InvariantViolation when the state is inconsistent. Runs after every command."""
         problems = []
-        if self.balance < 0:
-            problems.append(f"balance {self.balance} < 0")
-        if self.balance != sum(b.remaining for b in self.blocks.values()):
-            problems.append(f"balance {self.balance} != sum of block remainders")
+        if not 0 <= self.credit_limit <= MAX_CREDIT_LIMIT:
+            problems.append(f"credit limit {self.credit_limit} outside 0..{MAX_CREDIT_LIMIT}")
+        if self.debt < 0:
+            problems.append(f"debt {self.debt} < 0")
+        if self.balance != sum(b.remaining for b in self.blocks.values()) - self.debt:
+            problems.append(f"balance {self.balance} != sum of block remainders - debt {self.debt}")
         held = sum(h.amount for h in self.holds.values())
         if held < 0:
             problems.append(f"held {held} < 0")
-        if self.balance - held < 0:
+        unbacked = held - sum(drawn(h.allocations) for h in self.holds.values())
+        if self.debt == 0 and unbacked == 0 and self.balance - held < 0:
+            # On credit, available may be below zero after the limit was
+            # lowered; the commands refuse any debit that would take it there.
             problems.append(f"available {self.balance - held} < 0")
         for block in self.blocks.values():
             if not 0 < block.remaining <= block.granted:
@@ -655,8 +773,12 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
             if marked is None or credits > marked.remaining:
                 problems.append(f"block {block_id} earmarks {credits} credits it does not have")
         for hold in self.holds.values():
-            if sum(c for _, c in hold.allocations) != hold.amount:
-                problems.append(f"hold {hold.reservation_id} allocations do not sum to {hold.amount}")
+            if not 0 <= drawn(hold.allocations) <= hold.amount:
+                problems.append(f"hold {hold.reservation_id} allocations sum outside 0..{hold.amount}")
+        if self.debt > 0:
+            unmarked = [b.block_id for b in self.blocks.values() if b.remaining > marks.get(b.block_id, 0)]
+            if unmarked:
+                problems.append(f"debt {self.debt} beside free credits in blocks {', '.join(unmarked[:3])}")
         problems.extend(self._derived_problems(held, marks))
         if problems:
             raise InvariantViolation(f"account of user {self.user_id}: " + "; ".join(problems))

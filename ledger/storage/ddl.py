@@ -48,7 +48,7 @@ __all__ = [
 #: records it in ``ledger_schema_version``. A new table alone (a new view's)
 #: need not raise it: a store that lacks a registered table is migrated
 #: whatever version it recorded (``ViewStore.ensure_schema``).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 from uuid import UUID
 
-from ledger.domain.credits import CreditAccount
+from ledger.domain.credits import MAX_CREDIT_LIMIT, CreditAccount
 from ledger.errors import InvariantViolation
 from ledger.storage.ddl import Table
 from ledger.storage.viewstore import ViewTx
@@ -59,9 +59,11 @@ class _Balance:
     balance: int
     held: int
     changed_at: Any = None
+    credit_limit: int = 0
 
     def row(self) -> list[Any]:
-        return [self.user_id, self.balance, self.held, self.balance - self.held, self.changed_at]
+        available = self.balance - self.held + self.credit_limit
+        return [self.user_id, self.balance, self.held, available, self.changed_at, self.credit_limit]
 
 
 @dataclass
@@ -241,29 +243,62 @@ CREDIT_BALANCES = Table(
     postgres="""
 -- ledger deviation 3: a table the seed does not have. One row per account:
 -- the balance, the credits held by open reservations, and what is available.
+-- Schema version 3 (ledger deviation 13): credit_limit, how far below zero
+-- the balance may go; available = balance - held + credit_limit.
 CREATE TABLE IF NOT EXISTS {S}.credit_balances (
     user_id UUID PRIMARY KEY,  -- opt-in: REFERENCES users(id) ON DELETE CASCADE
     balance INT NOT NULL,
     held INT NOT NULL,
     available INT NOT NULL,
     updated_at TIMESTAMP NOT NULL DEFAULT NOW(),
+    credit_limit INT NOT NULL DEFAULT 0,
 
     CONSTRAINT chk_credit_balances CHECK (
-        balance >= 0 AND held >= 0 AND available >= 0 AND available = balance - held)
+        held >= 0 AND credit_limit >= 0 AND available = balance - held + credit_limit)
 );
+""",
+    postgres_after="""
+-- ledger deviation 13: a table of schema version 2 gains credit_limit and the
+-- CHECK that lets the balance go below zero (idempotent).
+ALTER TABLE {S}.credit_balances ADD COLUMN IF NOT EXISTS credit_limit INT NOT NULL DEFAULT 0;
+ALTER TABLE {S}.credit_balances DROP CONSTRAINT IF EXISTS chk_credit_balances;
+ALTER TABLE {S}.credit_balances ADD CONSTRAINT chk_credit_balances CHECK (
+    held >= 0 AND credit_limit >= 0 AND available = balance - held + credit_limit);
 """,
     sqlite="""
 -- ledger deviation 3: one row per account
+-- ledger deviation 13 (schema version 3): credit_limit
 CREATE TABLE IF NOT EXISTS credit_balances (
     user_id TEXT NOT NULL PRIMARY KEY,
     balance INTEGER NOT NULL,
     held INTEGER NOT NULL,
     available INTEGER NOT NULL,
     updated_at TEXT NOT NULL DEFAULT ({NOW}),
+    credit_limit INTEGER NOT NULL DEFAULT 0,
 
     CONSTRAINT chk_credit_balances CHECK (
-        balance >= 0 AND held >= 0 AND available >= 0 AND available = balance - held)
+        held >= 0 AND credit_limit >= 0 AND available = balance - held + credit_limit)
 );
+""",
+    sqlite_after="""
+-- ledger deviation 13: SQLite cannot change a CHECK in place, so the table is
+-- copied into the version 3 shape (credit_limit is what available says beyond
+-- balance - held: 0 in a table of version 2). Idempotent.
+CREATE TABLE IF NOT EXISTS credit_balances_v3 (
+    user_id TEXT NOT NULL PRIMARY KEY,
+    balance INTEGER NOT NULL,
+    held INTEGER NOT NULL,
+    available INTEGER NOT NULL,
+    updated_at TEXT NOT NULL DEFAULT ({NOW}),
+    credit_limit INTEGER NOT NULL DEFAULT 0,
+
+    CONSTRAINT chk_credit_balances CHECK (
+        held >= 0 AND credit_limit >= 0 AND available = balance - held + credit_limit)
+);
+INSERT INTO credit_balances_v3 (user_id, balance, held, available, updated_at, credit_limit)
+SELECT user_id, balance, held, available, updated_at, available - balance + held FROM credit_balances;
+DROP TABLE credit_balances;
+ALTER TABLE credit_balances_v3 RENAME TO credit_balances;
 """,
     updated_at=True,
     user_foreign_key=("fk_credit_balances_user", "CASCADE"),
@@ -285,6 +320,7 @@ class CreditView(View):
             CreditAccount.Settled,
             CreditAccount.Released,
             CreditAccount.Expired,
+            CreditAccount.LimitSet,
         )
     )
     tables: ClassVar[dict[str, tuple[str, tuple[str, ...]]]] = {
@@ -343,11 +379,12 @@ class CreditView(View):
         users = list(set(page.accounts.values()))
         if users:
             rows = tx.fetchall(
-                f"SELECT user_id, balance, held FROM credit_balances WHERE user_id IN ({tx.in_list(len(users))})",
+                "SELECT user_id, balance, held, credit_limit FROM credit_balances "
+                f"WHERE user_id IN ({tx.in_list(len(users))})",
                 users,
             )
-            for user_id, balance, held in rows:
-                page.balances[_uuid(user_id)] = _Balance(_uuid(user_id), balance, held)
+            for user_id, balance, held, credit_limit in rows:
+                page.balances[_uuid(user_id)] = _Balance(_uuid(user_id), balance, held, credit_limit=credit_limit)
 
     # -- turning events into rows ------------------------------------------------------
 
@@ -427,7 +464,9 @@ class CreditView(View):
                 str(event.block_id),
             )
             page.transactions.append(row)
-        if balance.balance < 0 or balance.held < 0 or balance.balance < balance.held:
+        elif isinstance(event, CreditAccount.LimitSet):
+            balance.credit_limit = event.limit_credits
+        if balance.held < 0 or balance.balance < -MAX_CREDIT_LIMIT or balance.credit_limit < 0:
             raise InvariantViolation(f"view balance of user {user_id} went negative at {event.originator_version}")
 
     @staticmethod
@@ -477,9 +516,10 @@ class CreditView(View):
         )
         rows = [b.row() for b in page.balances.values() if b.changed_at is not None]
         tx.executemany(
-            "INSERT INTO credit_balances (user_id, balance, held, available, updated_at) VALUES (%s, %s, %s, %s, %s) "
+            "INSERT INTO credit_balances (user_id, balance, held, available, updated_at, credit_limit) "
+            "VALUES (%s, %s, %s, %s, %s, %s) "
             "ON CONFLICT (user_id) DO UPDATE SET balance = excluded.balance, held = excluded.held, "
-            "available = excluded.available, updated_at = excluded.updated_at",
+            "available = excluded.available, updated_at = excluded.updated_at, credit_limit = excluded.credit_limit",
             rows,
         )
         if self.sync_user_credits:

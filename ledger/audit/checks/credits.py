@@ -4,8 +4,9 @@
 of the domain code: versions without gaps, time that never runs backwards,
 grants and draws that add up, holds closed at most once and settled within
 what they held (or with the extra covered), and no balance or available
-balance below zero at any moment. It keeps per account only what the rules
-need: balance, held, open holds and unspent blocks.
+balance below the floor at any moment: zero, or minus the account's credit
+limit (docs/credit-limits.md). It keeps per account only what the rules
+need: balance, held, credit limit, debt, open holds and unspent blocks.
 
 ``CommandCheck`` proves every keyed command was applied once. A command's
 events, its reservation record and its ``CommandRecord`` are saved in one
@@ -27,6 +28,7 @@ from uuid import UUID
 from ledger.audit.base import AuditContext, Check, Handler
 from ledger.domain.credits import (
     ENTRY_NS,
+    MAX_CREDIT_LIMIT,
     RECORD_NS,
     CommandRecord,
     CreditAccount,
@@ -73,6 +75,9 @@ class Account:
         "account_id",
         "balance",
         "blocks",
+        "credit_holds",
+        "credit_limit",
+        "debt",
         "held",
         "holds",
         "lapses",
@@ -92,9 +97,16 @@ class Account:
         self.last_at = opened_at
         self.balance = 0
         self.held = 0
+        self.credit_limit = 0
+        self.debt = 0  # credits spent beyond the blocks
+        self.credit_holds: dict[UUID, int] = {}  # open holds that hold credits on credit -> how many
         self.holds: dict[UUID, OpenHold] = {}
         self.blocks: dict[str, int] = {}  # block id as the events' draws name it -> unspent credits
         self.lapses: dict[str, datetime] = {}  # block id -> expires_at, for blocks that lapse
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held + self.credit_limit
 
     @property
     def subject(self) -> str:
@@ -110,6 +122,9 @@ class Account:
             "last_at": self.last_at.isoformat(),
             "balance": self.balance,
             "held": self.held,
+            "credit_limit": self.credit_limit,
+            "debt": self.debt,
+            "credit_holds": {str(r): c for r, c in self.credit_holds.items()},
             "holds": {
                 str(r): [str(j), a, e.isoformat(), at.isoformat(), k] for r, (j, a, e, at, k) in self.holds.items()
             },
@@ -129,6 +144,9 @@ class Account:
         account.last_at = datetime.fromisoformat(data["last_at"])
         account.balance = int(data["balance"])
         account.held = int(data["held"])
+        account.credit_limit = int(data.get("credit_limit", 0))  # saved before limits: none
+        account.debt = int(data.get("debt", 0))
+        account.credit_holds = {UUID(r): int(c) for r, c in data.get("credit_holds", {}).items()}
         account.holds = {
             UUID(r): (UUID(j), int(a), datetime.fromisoformat(e), datetime.fromisoformat(at), k)
             for r, (j, a, e, at, k) in data["holds"].items()
@@ -194,8 +212,9 @@ class AccountCheck(Check):
     name = "account"
     covers = (
         "per account: versions without gaps, time order, balance = sum of postings, draws from blocks that "
-        "hold the credits, no balance or available balance below zero, holds closed at most once and settled "
-        "within what they held or with the extra covered"
+        "hold the credits, no spend, reserve or over-settle taking the available balance below zero (the balance "
+        "below minus the credit limit), debt only when no free credits are left and repaid from live blocks, "
+        "holds closed at most once and settled within what they held or with the extra covered"
     )
 
     def __init__(self, ctx: AuditContext) -> None:
@@ -215,6 +234,8 @@ class AccountCheck(Check):
             CreditAccount.Settled: self.settled,
             CreditAccount.Released: self.released,
             CreditAccount.Expired: self.expired,
+            CreditAccount.LimitSet: self.limit_set,
+            CreditAccount.Repaid: self.repaid,
         }
 
     # -- every event ------------------------------------------------------------
@@ -250,17 +271,54 @@ class AccountCheck(Check):
         return account
 
     def _never_negative(self, position: int, account: Account) -> None:
-        if account.balance < 0 or account.held < 0 or account.balance < account.held:
+        """After a spend or a reserve: available (balance - held + limit) is
+        not below zero, so the balance is not below minus the limit."""
+        if account.held < 0 or account.available < 0:
+            floor = f", below the floor of -{account.credit_limit}" if account.credit_limit else ""
             self.report(
                 position,
                 account.subject,
-                f"balance {account.balance}, held {account.held}, available "
-                f"{account.balance - account.held}: below zero",
+                f"balance {account.balance}, held {account.held}, available {account.available}: below zero{floor}",
                 check="negative",
             )
 
-    def _draw(self, position: int, account: Account, draws: Any, amount: int, at: datetime, *, lapsed: bool) -> None:
-        """Takes credits from blocks; ``lapsed`` allows lapsed blocks (a hold's earmarks)."""
+    def _on_credit(self, position: int, account: Account, short: int, free: int) -> None:
+        """A draw fell ``short`` credits of its amount: that part is debt, which
+        the account may take on only once no free credits are left."""
+        if short < 0:
+            return  # reported by _draw
+        if short and free:
+            self.report(
+                position,
+                account.subject,
+                f"takes {short} credits on credit with {free} free credits left in its blocks",
+                check="negative",
+            )
+        account.debt += short
+
+    def _free(self, account: Account, at: datetime) -> int:
+        """Unspent credits in live blocks that no open hold earmarks (holds'
+        earmarks are not kept: a live block's credits beyond held - unbacked)."""
+        live = sum(c for b, c in account.blocks.items() if not (b in account.lapses and account.lapses[b] <= at))
+        # balance = blocks - debt; held = earmarks + unbacked, and earmarks
+        # are in blocks: free >= live - (held - 0). A lower bound is enough
+        # to tell that none are left when it is 0.
+        return max(0, live - account.held)
+
+    def _draw(
+        self,
+        position: int,
+        account: Account,
+        draws: Any,
+        amount: int,
+        at: datetime,
+        *,
+        lapsed: bool,
+        short: bool = False,
+    ) -> int:
+        """Takes credits from blocks; ``lapsed`` allows lapsed blocks (a hold's
+        earmarks), ``short`` draws that fall short of ``amount`` (the rest on
+        credit). Returns by how much they fell short."""
         total = 0
         blocks = account.blocks
         for block_id, credits in draws:
@@ -290,10 +348,11 @@ class AccountCheck(Check):
             else:
                 del blocks[block_id]
                 account.lapses.pop(block_id, None)
-        if total != amount:
+        if total > amount or (total < amount and not short):
             self.report(
                 position, account.subject, f"draws total {total} credits for an amount of {amount}", check="block"
             )
+        return amount - total
 
     def _derived(self, position: int, account: Account, what: str, actual: UUID, expected: int) -> None:
         if actual.int != expected:
@@ -352,11 +411,15 @@ class AccountCheck(Check):
         amount = event.amount
         if amount <= 0:
             self.report(position, account.subject, f"debit of {amount} credits", check="balance")
-        self._draw(position, account, event.draws, amount, event.timestamp, lapsed=False)
+        free = self._free(account, event.timestamp)
+        short = self._draw(position, account, event.draws, amount, event.timestamp, lapsed=False, short=True)
+        self._on_credit(position, account, short, max(0, free - (amount - short)))
         account.balance -= amount
         self.totals["debited"] += amount
         self.postings += 1
-        self._never_negative(position, account)
+        if short > 0 or event.kind != "refund":
+            # A refund's claw back takes free credits only, and is never refused.
+            self._never_negative(position, account)
         self._derived(position, account, "entry id", event.entry_id, entry_int_for(event.key))
         self.sink.posting(
             position,
@@ -396,13 +459,16 @@ class AccountCheck(Check):
                     f"block {block_id}, which has {account.blocks.get(block_id, 0)}",
                     check="block",
                 )
-        if allocated != amount:
+        if allocated > amount or (allocated < amount and account.credit_limit == 0):
+            # Short of the amount, the rest is held on credit: only with a limit.
             self.report(
                 position,
                 account.subject,
                 f"hold {reservation_id} allocates {allocated} credits for {amount}",
                 check="block",
             )
+        if allocated < amount:
+            account.credit_holds[reservation_id] = amount - allocated
         hold: OpenHold = (event.job_id, amount, event.expires_at, event.timestamp, event.key)
         account.holds[reservation_id] = hold
         account.held += amount
@@ -422,6 +488,7 @@ class AccountCheck(Check):
             )
             return None
         account.held -= hold[1]
+        account.credit_holds.pop(reservation_id, None)
         return hold
 
     def settled(self, position: int, event: Any) -> None:
@@ -438,7 +505,7 @@ class AccountCheck(Check):
                     check="hold",
                 )
             extra = amount - hold[1]
-            available = account.balance - account.held - hold[1]
+            available = account.available - hold[1]
             if extra > 0 and extra > available:
                 self.report(
                     position,
@@ -449,11 +516,16 @@ class AccountCheck(Check):
                 )
         if amount <= 0:
             self.report(position, account.subject, f"settles hold {reservation_id} for {amount} credits", check="hold")
-        self._draw(position, account, event.draws, amount, event.timestamp, lapsed=True)
+        short = self._draw(position, account, event.draws, amount, event.timestamp, lapsed=True, short=True)
+        if short > 0:
+            account.debt += short
         account.balance -= amount
         self.totals["settled"] += amount
         self.postings += 1
-        self._never_negative(position, account)
+        if hold is None or amount > hold[1]:
+            # Within what the hold held, a settle moves nothing below where the
+            # hold already had it (the limit may have been lowered since).
+            self._never_negative(position, account)
         self._derived(position, account, "entry id", event.entry_id, entry_int_for(event.key))
         if hold is not None:
             self.sink.hold_closed(position, account, reservation_id, hold, "settled", amount, event.timestamp, None)
@@ -490,7 +562,18 @@ class AccountCheck(Check):
         account.balance -= event.amount
         self.totals["expired"] += event.amount
         self.postings += 1
-        self._never_negative(position, account)
+        # An expiry takes free credits only: what the open holds earmark
+        # (held, less what they hold on credit) stays in the blocks. (The
+        # floor binds debits; credits that lapse are not one.)
+        earmarked = account.held - sum(account.credit_holds.values())
+        if account.balance + account.debt < earmarked:
+            self.report(
+                position,
+                account.subject,
+                f"expires credits open holds earmark: the blocks keep {account.balance + account.debt} credits, "
+                f"the holds earmark {earmarked}",
+                check="negative",
+            )
         expected = expiration_entry_id(account.account_id, event.originator_version).int
         if event.entry_id.int != expected:
             # 0.1 derived expiration ids in the entry namespace; both are genuine.
@@ -509,16 +592,35 @@ class AccountCheck(Check):
             None,
         )
 
+    def limit_set(self, position: int, event: Any) -> None:
+        account = self._step(position, event)
+        limit = event.limit_credits
+        if type(limit) is not int or not 0 <= limit <= MAX_CREDIT_LIMIT:
+            self.report(position, account.subject, f"credit limit set to {limit!r}", check="limit")
+            return
+        account.credit_limit = limit
+
+    def repaid(self, position: int, event: Any) -> None:
+        account = self._step(position, event)
+        amount = event.amount
+        if not 0 < amount <= account.debt:
+            self.report(
+                position, account.subject, f"repays {amount} credits of a debt of {account.debt}", check="balance"
+            )
+        self._draw(position, account, event.draws, amount, event.timestamp, lapsed=False)
+        account.debt -= amount
+
     # -- the end ------------------------------------------------------------------
 
     def finish(self) -> None:
         for account in self.accounts.values():
             unspent = sum(account.blocks.values())
-            if unspent != account.balance:
+            if unspent - account.debt != account.balance:
                 self.report(
                     None,
                     account.subject,
-                    f"balance {account.balance} but its blocks hold {unspent} credits",
+                    f"balance {account.balance} but its blocks hold {unspent} credits"
+                    + (f", less a debt of {account.debt}" if account.debt else ""),
                     check="balance",
                 )
             if account.held != sum(h[1] for h in account.holds.values()):
@@ -564,8 +666,15 @@ class AccountCheck(Check):
 # The account events a command records, as small codes: the window of one
 # transaction keeps ints and strings only, which the garbage collector does not
 # track (holding a batch's decoded events made the collector a third of the cost).
-GRANTED, DEBITED, RESERVED, SETTLED, RELEASED = range(1, 6)
-_EVENT_NAMES = {GRANTED: "Granted", DEBITED: "Debited", RESERVED: "Reserved", SETTLED: "Settled", RELEASED: "Released"}
+GRANTED, DEBITED, RESERVED, SETTLED, RELEASED, LIMIT_SET = range(1, 7)
+_EVENT_NAMES = {
+    GRANTED: "Granted",
+    DEBITED: "Debited",
+    RESERVED: "Reserved",
+    SETTLED: "Settled",
+    RELEASED: "Released",
+    LIMIT_SET: "LimitSet",
+}
 _COMMAND_CODES: dict[str, tuple[int, ...]] = {
     "grant": (GRANTED,),
     "spend": (DEBITED,),
@@ -573,6 +682,7 @@ _COMMAND_CODES: dict[str, tuple[int, ...]] = {
     "reserve": (RESERVED,),
     "settle": (SETTLED,),
     "release": (RELEASED,),
+    "set_credit_limit": (LIMIT_SET,),
 }
 _PAIR_FIELDS = {"reserved": ("user", "job", "amount", "expires_at"), "closed": ("status", "settled", "reason")}
 _ID_FIELDS = frozenset({"user", "job"})
@@ -629,6 +739,7 @@ class CommandCheck(Check):
             CreditAccount.Reserved: self.reserved,
             CreditAccount.Settled: self.settled,
             CreditAccount.Released: self.released,
+            CreditAccount.LimitSet: self.limit_set,
             HoldRecord.Reserved: self.reservation_reserved,
             HoldRecord.Closed: self.reservation_closed,
             CommandRecord.Recorded: self.recorded,
@@ -660,6 +771,9 @@ class CommandCheck(Check):
         reservation = event.reservation_id.int
         self._applied(position, event, RELEASED, 0, None, reservation)
         self._pair("closed", reservation, position, (HoldStatus.RELEASED, None, event.reason), "account")
+
+    def limit_set(self, position: int, event: Any) -> None:
+        self._applied(position, event, LIMIT_SET, 0, None, None)
 
     # -- keys ---------------------------------------------------------------------
 

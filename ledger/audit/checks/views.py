@@ -396,21 +396,23 @@ class ViewsCheck(Check):
 
     def _compare_balances(self) -> None:
         seen: set[UUID] = set()
-        for rows in self._pages("credit_balances", "user_id", "user_id, balance, held, available"):
-            for user_id, balance, held, available in rows:
+        columns = "user_id, balance, held, available, credit_limit"
+        for rows in self._pages("credit_balances", "user_id", columns):
+            for user_id, balance, held, available, credit_limit in rows:
                 self.compared["credit_balances"] += 1
                 account = self._account_of(user_id)
                 if account is None:
                     self.report(None, f"user {user_id}", "credit_balances row for an account no event opened")
                     continue
                 seen.add(account.account_id)
-                expected = (account.balance, account.held, account.balance - account.held)
-                if (balance, held, available) != expected:
+                expected = (account.balance, account.held, account.available, account.credit_limit)
+                if (balance, held, available, credit_limit) != expected:
                     self.report(
                         None,
                         account.subject,
-                        f"credit_balances says balance {balance}, held {held}, available {available}; "
-                        f"the events say {expected[0]}, {expected[1]}, {expected[2]}",
+                        f"credit_balances says balance {balance}, held {held}, available {available}, "
+                        f"credit limit {credit_limit}; the events say {expected[0]}, {expected[1]}, "
+                        f"{expected[2]}, {expected[3]}",
                     )
                 link = self.chain.get(self._user_key(user_id))
                 total = link[1] if link is not None else 0
