@@ -23,12 +23,16 @@ from ledger.application.billing import (
 from ledger.application.commands import AdjustCredits, Command, GrantCredits, SpendCredits
 from ledger.application.facade import DEFAULT_URL, Ledger, resolve_url
 from ledger.application.holds import ReleaseReservation, ReserveCredits, SettleReservation
+from ledger.application.pricing import DefinePriceBook, ReserveForJob
 from ledger.application.results import (
     AccountEvent,
     Balance,
     CreditBlock,
     Entitlements,
     PlanView,
+    PriceBookRevision,
+    Quote,
+    QuoteLine,
     Receipt,
     Reservation,
     SubscriptionView,
@@ -41,6 +45,7 @@ from ledger.audit.runner import AuditReport, audit
 from ledger.clock import Clock, ManualClock, SystemClock
 from ledger.domain.credits import MAX_CREDITS, CreditKind
 from ledger.domain.plans import DEFAULT_CATALOG, FREE_PLAN, Feature, PlanTerms
+from ledger.domain.pricing import DEFAULT_PRICE_BOOK, JobParam, JobPrice, ParamKind, PriceBook, PriceRule, RuleMode
 from ledger.domain.subscriptions import (
     BillingCycle,
     CreditPolicy,
@@ -60,11 +65,13 @@ from ledger.errors import (
     InsufficientCredits,
     InvalidAmount,
     InvalidArgument,
+    InvalidJobParameter,
     InvariantViolation,
     LedgerError,
     ReservationClosed,
     TimeInFuture,
     UnknownAccount,
+    UnknownJobType,
     UnknownReservation,
     ViewsBehind,
     ViewsStalled,
@@ -149,6 +156,21 @@ __all__ = [
     "VerifyResult",
     "audit",
     "resolve_url",
+    # Pricing (docs/pricing.md).
+    "DEFAULT_PRICE_BOOK",
+    "DefinePriceBook",
+    "InvalidJobParameter",
+    "JobParam",
+    "JobPrice",
+    "ParamKind",
+    "PriceBook",
+    "PriceBookRevision",
+    "PriceRule",
+    "Quote",
+    "QuoteLine",
+    "ReserveForJob",
+    "RuleMode",
+    "UnknownJobType",
 ]
 
 

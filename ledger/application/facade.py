@@ -29,6 +29,13 @@ from ledger.application.billing import (
 )
 from ledger.application.commands import AdjustCredits, Command, GrantCredits, SpendCredits
 from ledger.application.holds import ReleaseReservation, ReserveCredits, SettleReservation, due_holders
+from ledger.application.pricing import (
+    DefinePriceBook,
+    PriceCache,
+    ReserveForJob,
+    recorded_quote,
+    revisions,
+)
 from ledger.application.results import (
     AccountEvent,
     Balance,
@@ -43,13 +50,6 @@ from ledger.application.results import (
     entitlements_for,
     plan_view,
     subscription_view,
-)
-from ledger.application.pricing import (
-    DefinePriceBook,
-    PriceCache,
-    ReserveForJob,
-    recorded_quote,
-    revisions,
 )
 from ledger.application.unit import MAX_BATCH_COMMANDS, Engine
 from ledger.clock import Clock, SystemClock, moment_for

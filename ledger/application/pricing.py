@@ -40,9 +40,9 @@ from ledger.domain.plans import FREE_PLAN
 from ledger.domain.pricing import (
     PRICE_BOOK_ID,
     Line,
-    Priced,
     PriceBook,
     PriceBookRecord,
+    Priced,
     check_factor,
     check_job_type,
     check_price_book,
@@ -110,7 +110,9 @@ def check_params(value: object) -> dict[str, Any]:
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"params must hold JSON values only: {exc}", param="params") from None
     if len(text) > MAX_PARAMS_BYTES:
-        raise InvalidArgument(f"params take {len(text):,} characters as JSON; at most {MAX_PARAMS_BYTES:,}", param="params")
+        raise InvalidArgument(
+            f"params take {len(text):,} characters as JSON; at most {MAX_PARAMS_BYTES:,}", param="params"
+        )
     # The caller's own mapping, copied: floats stay floats (priced by their repr).
     return dict(value)
 
@@ -242,10 +244,15 @@ def price_record(priced: Priced, revision: int, safety_margin: Decimal) -> dict[
         "credits": priced.credits,
         "exact_credits": priced.exact_credits,
         "lines": [
-            {"label": line.label, "kind": str(line.kind), "credits": line.credits, "quantity": line.quantity,
-             "factor": line.factor}
+            {
+                "label": line.label,
+                "kind": str(line.kind),
+                "credits": line.credits,
+                "quantity": line.quantity,
+                "factor": line.factor,
+            }
             for line in priced.lines
-        ],  # fmt: skip
+        ],
         "plan": priced.plan,
         "plan_multiplier": priced.plan_multiplier,
         "safety_margin": safety_margin,
@@ -313,7 +320,9 @@ class PriceCache:
     aggregate, whose version is compared); another process's within
     ``max_age_s``. Thread-safe: entries are replaced whole."""
 
-    def __init__(self, read: Callable[[UUID], Any], command_cache: Any, max_age_s: float = PRICE_CACHE_MAX_AGE_S) -> None:
+    def __init__(
+        self, read: Callable[[UUID], Any], command_cache: Any, max_age_s: float = PRICE_CACHE_MAX_AGE_S
+    ) -> None:
         self.read = read
         self.command_cache = command_cache
         self.max_age_s = max_age_s

@@ -84,7 +84,7 @@ class HoldRecord(Aggregate, created_event_name="Reserved"):
         job_id: UUID
         amount: int
         expires_at: datetime
-        price: dict[str, Any] | None
+        price: dict[str, Any] | None = None
 
         @staticmethod
         def upcast_v1_v2(state: dict[str, Any]) -> None:

@@ -131,7 +131,9 @@ class JobParam:
             return self.default
         if self.kind is ParamKind.CHOICE:
             if type(value) is not str or value not in self.choices:
-                raise InvalidJobParameter(job_type, self.name, f"must be one of {', '.join(self.choices)}; got {value!r}")
+                raise InvalidJobParameter(
+                    job_type, self.name, f"must be one of {', '.join(self.choices)}; got {value!r}"
+                )
             return value
         number = _number(value)
         if number is None:
@@ -140,24 +142,27 @@ class JobParam:
             if number != number.to_integral_value():
                 raise InvalidJobParameter(job_type, self.name, f"must be a whole number; got {value!r}")
             if not self.minimum <= number <= self.maximum:
-                raise InvalidJobParameter(job_type, self.name, f"must be within {self.minimum}..{self.maximum}; got {value!r}")
+                raise InvalidJobParameter(
+                    job_type, self.name, f"must be within {self.minimum}..{self.maximum}; got {value!r}"
+                )
             return int(number)
         if not self.minimum <= number <= self.maximum:
-            raise InvalidJobParameter(job_type, self.name, f"must be within {self.minimum}..{self.maximum}; got {value!r}")
+            raise InvalidJobParameter(
+                job_type, self.name, f"must be within {self.minimum}..{self.maximum}; got {value!r}"
+            )
         return number
 
 
 def _number(value: object) -> Decimal | None:
     """A JSON number as an exact Decimal (a float by its shortest repr), or None."""
-    kind = type(value)
-    if kind is int:
-        return Decimal(value)  # type: ignore[arg-type]
-    if kind is float:
+    if type(value) is int:
+        return Decimal(value)
+    if type(value) is float:
         if value != value or value in (float("inf"), float("-inf")):
             return None
         return Decimal(repr(value))
-    if kind is Decimal:
-        return value if value.is_finite() else None  # type: ignore[union-attr,return-value]
+    if type(value) is Decimal:
+        return value if value.is_finite() else None
     return None
 
 
@@ -203,7 +208,12 @@ class PriceRule:
 
     @classmethod
     def by_choice(
-        cls, param: str, options: Mapping[str, Decimal | int], *, mode: RuleMode = RuleMode.MULTIPLY, label: str | None = None
+        cls,
+        param: str,
+        options: Mapping[str, Decimal | int],
+        *,
+        mode: RuleMode = RuleMode.MULTIPLY,
+        label: str | None = None,
     ) -> PriceRule:
         """Adds, or multiplies by, the value of the option ``param`` names."""
         return cls(label or param, RuleMode(mode), (param,), options={k: Decimal(v) for k, v in options.items()})
@@ -219,6 +229,10 @@ class JobPrice:
     params: tuple[JobParam, ...] = ()
     rules: tuple[PriceRule, ...] = ()
     minimum_credits: int = 1
+    #: The rules in the order they apply (derived, not compared or stored).
+    _ordered: tuple[tuple[PriceRule, ...], tuple[PriceRule, ...]] = field(
+        init=False, repr=False, compare=False, default=((), ())
+    )
 
     def __post_init__(self) -> None:
         # The rules in the order they apply: every add, then every multiply.
@@ -414,7 +428,7 @@ def _price(
         with localcontext(_EXACT):
             total = job.base_credits
             lines = [Line("base", LineKind.BASE, total)]
-            adds, multiplies = job._ordered  # type: ignore[attr-defined]
+            adds, multiplies = job._ordered
             for rule in adds:
                 if rule.options is not None:
                     added = rule.options[values[rule.params[0]]]  # type: ignore[index]
@@ -511,7 +525,9 @@ def check_price_book(book: object) -> PriceBook:
         raise InvalidArgument(f"a price book prices at most {MAX_JOB_TYPES} job types", param="book")
     check_optional_text(book.description, "description", MAX_DESCRIPTION)
     if not isinstance(book.plan_multipliers, Mapping) or len(book.plan_multipliers) > MAX_PLAN_MULTIPLIERS:
-        raise InvalidArgument(f"plan_multipliers must be a mapping of at most {MAX_PLAN_MULTIPLIERS} plans", param="book")
+        raise InvalidArgument(
+            f"plan_multipliers must be a mapping of at most {MAX_PLAN_MULTIPLIERS} plans", param="book"
+        )
     for plan, multiplier in book.plan_multipliers.items():
         check_identifier(plan, "a plan name in plan_multipliers")
         try:
@@ -677,7 +693,11 @@ DEFAULT_PRICE_BOOK = PriceBook(
                 JobParam.integer("height", 64, 8192, default=1024),
                 JobParam.number("scale", 1, 8, default=2),
             ),
-            (PriceRule("output_resolution", RuleMode.ADD, ("width", "height", "scale", "scale"), scale=PER_1024_SQUARE),),
+            (
+                PriceRule(
+                    "output_resolution", RuleMode.ADD, ("width", "height", "scale", "scale"), scale=PER_1024_SQUARE
+                ),
+            ),
         ),
         "workflow": JobPrice(Decimal(8), _image_params(), _image_rules()),
     },
@@ -727,7 +747,8 @@ class PriceBookRecord(Aggregate, created_event_name="Defined"):
         parsed = self.__dict__.get("_book")
         if parsed is None:
             parsed = self.__dict__["_book"] = PriceBook.from_event_data(self.book_data)
-        return parsed  # type: ignore[no-any-return]
+        assert isinstance(parsed, PriceBook)
+        return parsed
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PriceBookRecord:
         # The command cache hands out a copy per command; Revised replaces

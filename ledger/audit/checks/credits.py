@@ -571,6 +571,7 @@ _COMMAND_CODES: dict[str, tuple[int, ...]] = {
     "spend": (DEBITED,),
     "adjust": (GRANTED, DEBITED),
     "reserve": (RESERVED,),
+    "reserve_for_job": (RESERVED,),
     "settle": (SETTLED,),
     "release": (RELEASED,),
 }
