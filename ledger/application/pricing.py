@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from uuid import UUID
 
 from ledger.application.commands import ADDED_FIELD, Command, UnitOfWork, _canonical, _json_default, lifetime_end
@@ -50,6 +50,8 @@ from ledger.domain.pricing import (
 )
 from ledger.domain.subscriptions import SubscriberSlot, Subscription, slot_id_for
 from ledger.errors import InvalidAmount, InvalidArgument, UnknownJobType
+
+T = TypeVar("T")
 
 #: How long a process trusts the price book, and a user's plan, it read for
 #: quotes before reading them again (changes this process records show at
@@ -259,25 +261,47 @@ def price_record(priced: Priced, revision: int, safety_margin: Decimal) -> dict[
     }
 
 
+_LINE_FIELDS = frozenset(QuoteLine.model_fields)
+_QUOTE_FIELDS = frozenset(Quote.model_fields)
+
+
+def _built(cls: type[T], fields_set: frozenset[str], values: dict[str, Any]) -> T:
+    """A model from values already checked, every field given: what
+    ``model_construct`` makes, without its per-field work (a quote is on
+    a web handler's hot path)."""
+    model = cls.__new__(cls)
+    object.__setattr__(model, "__dict__", values)
+    object.__setattr__(model, "__pydantic_fields_set__", set(fields_set))
+    object.__setattr__(model, "__pydantic_extra__", None)
+    object.__setattr__(model, "__pydantic_private__", None)
+    return model
+
+
 def _line(line: Line) -> QuoteLine:
-    return QuoteLine.model_construct(
-        label=line.label, kind=str(line.kind), credits=line.credits, quantity=line.quantity, factor=line.factor
-    )
+    return _built(
+        QuoteLine,
+        _LINE_FIELDS,
+        {"label": line.label, "kind": line.kind.value, "credits": line.credits, "quantity": line.quantity,
+         "factor": line.factor},
+    )  # fmt: skip
 
 
 def quote_view(priced: Priced, revision: int, user_id: UUID, at: datetime) -> Quote:
-    # Built from checked state: pydantic's validation is skipped (a quote is on the hot path).
-    return Quote.model_construct(
-        user_id=user_id,
-        job_type=priced.job_type,
-        credits=priced.credits,
-        exact_credits=priced.exact_credits,
-        breakdown=tuple(_line(line) for line in priced.lines),
-        params=dict(priced.params),
-        price_revision=revision,
-        plan=priced.plan,
-        plan_multiplier=priced.plan_multiplier,
-        quoted_at=at,
+    return _built(
+        Quote,
+        _QUOTE_FIELDS,
+        {
+            "user_id": user_id,
+            "job_type": priced.job_type,
+            "credits": priced.credits,
+            "exact_credits": priced.exact_credits,
+            "breakdown": tuple(_line(line) for line in priced.lines),
+            "params": dict(priced.params),
+            "price_revision": revision,
+            "plan": priced.plan,
+            "plan_multiplier": priced.plan_multiplier,
+            "quoted_at": at,
+        },
     )
 
 
@@ -327,7 +351,8 @@ class PriceCache:
         self.command_cache = command_cache
         self.max_age_s = max_age_s
         self._book: tuple[float, PriceBookRecord | None] | None = None
-        self._plans: OrderedDict[UUID, tuple[float, str, int, UUID | None, int]] = OrderedDict()
+        #: user -> (read at, plan, slot id, slot version, subscription id, subscription version)
+        self._plans: OrderedDict[UUID, tuple[float, str, UUID, int, UUID | None, int]] = OrderedDict()
         self._lock = threading.Lock()
 
     def _local(self, aggregate_id: UUID) -> Any:
@@ -362,10 +387,10 @@ class PriceCache:
     def plan(self, user_id: UUID, at: datetime, *, fresh: bool = False) -> str:
         """The plan the user is entitled to at ``at`` (``free`` without one)."""
         now = time.monotonic()
-        slot_id = slot_id_for(user_id)
         entry = self._plans.get(user_id)
-        if not fresh and entry is not None and now - entry[0] < self.max_age_s and not self._moved(slot_id, entry):
+        if not fresh and entry is not None and now - entry[0] < self.max_age_s and not self._moved(entry):
             return entry[1]
+        slot_id = slot_id_for(user_id)
         slot = self.read(slot_id)
         s = self.read(slot.live) if isinstance(slot, SubscriberSlot) and slot.live is not None else None
         s = s if isinstance(s, Subscription) else None
@@ -374,6 +399,7 @@ class PriceCache:
             self._plans[user_id] = (
                 now,
                 plan,
+                slot_id,
                 slot.version if isinstance(slot, SubscriberSlot) else 0,
                 None if s is None else s.id,
                 0 if s is None else s.version,
@@ -383,15 +409,15 @@ class PriceCache:
                 self._plans.popitem(last=False)
         return plan
 
-    def _moved(self, slot_id: UUID, entry: tuple[float, str, int, UUID | None, int]) -> bool:
+    def _moved(self, entry: tuple[float, str, UUID, int, UUID | None, int]) -> bool:
         """Whether this process recorded a change of the user's slot or subscription since."""
-        slot = self._local(slot_id)
-        if isinstance(slot, SubscriberSlot) and slot.version > entry[2]:
+        slot = self._local(entry[2])
+        if isinstance(slot, SubscriberSlot) and slot.version > entry[3]:
             return True
-        if entry[3] is None:
+        if entry[4] is None:
             return False
-        s = self._local(entry[3])
-        return isinstance(s, Subscription) and s.version > entry[4]
+        s = self._local(entry[4])
+        return isinstance(s, Subscription) and s.version > entry[5]
 
     def quote(self, user_id: UUID, job_type: str, params: Mapping[str, Any], at: datetime, *, fresh: bool) -> Quote:
         record = self.record(fresh=fresh)

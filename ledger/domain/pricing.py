@@ -403,14 +403,8 @@ def tidy(value: Decimal) -> Decimal:
     return integral if integral == value else value.normalize(_EXACT)
 
 
-def _tidy_line(line: Line) -> Line:
-    return Line(
-        line.label,
-        line.kind,
-        tidy(line.credits),
-        None if line.quantity is None else tidy(line.quantity),
-        None if line.factor is None else tidy(line.factor),
-    )
+def _tidy_or_none(value: Decimal | None) -> Decimal | None:
+    return None if value is None else tidy(value)
 
 
 def _quantity(rule: PriceRule, values: Mapping[str, int | Decimal | str]) -> Decimal:
@@ -424,20 +418,21 @@ def _quantity(rule: PriceRule, values: Mapping[str, int | Decimal | str]) -> Dec
 def _price(
     job: JobPrice, job_type: str, values: dict[str, int | Decimal | str], plan: str | None, multiplier: Decimal
 ) -> Priced:
+    new_line = Line._make
     try:
         with localcontext(_EXACT):
             total = job.base_credits
-            lines = [Line("base", LineKind.BASE, total)]
+            lines = [new_line(("base", LineKind.BASE, tidy(total), None, None))]
             adds, multiplies = job._ordered
             for rule in adds:
                 if rule.options is not None:
-                    added = rule.options[values[rule.params[0]]]  # type: ignore[index]
+                    added = rule.options[values[rule.params[0]]]  # type: ignore[index]  # a choice: a str
                     quantity = None
                 else:
                     quantity = _quantity(rule, values)
                     added = rule.rate * quantity
                 total += added
-                lines.append(Line(rule.label, LineKind.ADD, added, quantity=quantity))
+                lines.append(new_line((rule.label, LineKind.ADD, tidy(added), _tidy_or_none(quantity), None)))
             for rule in multiplies:
                 if rule.options is not None:
                     factor = rule.options[values[rule.params[0]]]  # type: ignore[index]
@@ -447,23 +442,27 @@ def _price(
                     factor = ONE + rule.rate * quantity
                 added = total * factor - total
                 total += added
-                lines.append(Line(rule.label, LineKind.MULTIPLY, added, quantity=quantity, factor=factor))
+                lines.append(
+                    new_line((rule.label, LineKind.MULTIPLY, tidy(added), _tidy_or_none(quantity), tidy(factor)))
+                )
             if multiplier != ONE:
                 added = total * multiplier - total
                 total += added
-                lines.append(Line(f"plan:{plan}", LineKind.PLAN, added, factor=multiplier))
+                lines.append(new_line((f"plan:{plan}", LineKind.PLAN, tidy(added), None, tidy(multiplier))))
             exact = total
             credits = int(exact.to_integral_value(rounding=ROUND_CEILING))
             if credits != exact:
-                lines.append(Line("rounding", LineKind.ROUNDING, Decimal(credits) - exact))
+                lines.append(new_line(("rounding", LineKind.ROUNDING, tidy(Decimal(credits) - exact), None, None)))
             if credits < job.minimum_credits:
-                lines.append(Line("minimum", LineKind.MINIMUM, Decimal(job.minimum_credits - credits)))
+                lines.append(
+                    new_line(("minimum", LineKind.MINIMUM, Decimal(job.minimum_credits - credits), None, None))
+                )
                 credits = job.minimum_credits
     except (Inexact, InvalidOperation, Overflow, DivisionByZero) as exc:  # pragma: no cover - bounded by the checks
         raise InvariantViolation(f"pricing {job_type!r} was not exact: {type(exc).__name__}") from exc
     if not 1 <= credits <= MAX_CREDITS:
         raise InvariantViolation(f"{job_type!r} priced at {credits} credits, outside 1..{MAX_CREDITS}")
-    return Priced(job_type, credits, tidy(exact), tuple(_tidy_line(line) for line in lines), values, plan, multiplier)
+    return Priced(job_type, credits, tidy(exact), tuple(lines), values, plan, multiplier)
 
 
 def hold_credits(quoted: int, safety_margin: Decimal) -> int:
