@@ -149,7 +149,11 @@ def test_an_invalid_parameter_is_named(ledger: Ledger, params: dict[str, Any], p
     ledger.define_price_book(small_book())
     with pytest.raises(InvalidJobParameter) as caught:
         ledger.quote(ALICE, "render", params)
-    assert (caught.value.parameter, caught.value.param, caught.value.job_type) == (parameter, f"params.{parameter}", "render")
+    assert (caught.value.parameter, caught.value.param, caught.value.job_type) == (
+        parameter,
+        f"params.{parameter}",
+        "render",
+    )
     assert caught.value.code == "invalid_job_parameter" and isinstance(caught.value, InvalidArgument)
     assert words in str(caught.value)
 
@@ -261,7 +265,9 @@ def test_a_bad_book_is_refused_and_records_nothing(ledger: Ledger, book: PriceBo
 
 def test_plan_multipliers_follow_the_users_live_plan(ledger: Ledger, clock: ManualClock) -> None:
     ledger.install_default_catalog()
-    ledger.define_price_book(small_book(multipliers={"pro": Decimal("0.8"), "studio": Decimal("0.5"), "free": Decimal(2)}))
+    ledger.define_price_book(
+        small_book(multipliers={"pro": Decimal("0.8"), "studio": Decimal("0.5"), "free": Decimal(2)})
+    )
     assert (ledger.quote(ALICE, "render", {}).plan, ledger.quote(ALICE, "render", {}).credits) == ("free", 20)
     sid = ledger.start_subscription(ALICE, "pro", key="alice-pro").subscription_id
     assert sid is not None
