@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import timedelta
 from decimal import Decimal
@@ -108,17 +110,14 @@ def test_a_quote_rounds_up_applies_the_minimum_and_ignores_undeclared_parameters
         assert sum(line.credits for line in low.breakdown) == 3
 
 
-class ledger_at_base:  # noqa: N801  (a context manager read as a phrase)
+@contextmanager
+def ledger_at_base(ledger: Ledger, base: int) -> Iterator[None]:
     """The small book with another base, restored on exit."""
-
-    def __init__(self, ledger: Ledger, base: int) -> None:
-        self.ledger, self.base = ledger, base
-
-    def __enter__(self) -> None:
-        self.ledger.define_price_book(small_book(base=self.base))
-
-    def __exit__(self, *exc: object) -> None:
-        self.ledger.define_price_book(small_book())
+    ledger.define_price_book(small_book(base=base))
+    try:
+        yield
+    finally:
+        ledger.define_price_book(small_book())
 
 
 def test_a_quote_records_nothing(ledger: Ledger) -> None:
