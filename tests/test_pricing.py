@@ -440,3 +440,65 @@ def test_the_price_book_record_is_one_aggregate(ledger: Ledger) -> None:
     current = ledger.price_book()
     assert current is not None and current.book == DEFAULT_PRICE_BOOK
     assert RuleMode.ADD == "add"
+
+
+# ------------------------------------------------------------------ auditing
+
+
+def test_the_audit_names_a_priced_hold_whose_record_does_not_add_up() -> None:
+    """A hold's recorded price is checked by the audit: lines, rounding, margin."""
+    import json
+
+    from eventsourcing.persistence import StoredEvent
+
+    from ledger.domain.holds import HoldRecord
+
+    with Ledger("memory://") as ledger:
+        ledger.define_price_book(small_book())
+        ledger.grant(ALICE, 100, "bonus", key="g")
+        ledger.reserve_for_job(ALICE, "render", {"steps": 30}, job_id=JOB, key="job-1", expires_in=HOUR)
+        assert audit(ledger).findings == []
+        stored = list(ledger.app.recorder.select_notifications(start=1, limit=1_000))
+    with Ledger("memory://") as copy:
+        rows = []
+        for n in stored:
+            state = n.state
+            if n.topic == HoldRecord.Reserved.TOPIC:
+                value = json.loads(state)
+                assert value["price"]["credits"] == 15
+                value["price"]["credits"] = 14  # the hold's 15 credits, recorded as a 14-credit quote
+                state = json.dumps(value).encode()
+            rows.append(StoredEvent(n.originator_id, n.originator_version, n.topic, state))
+        copy.app.recorder.insert_events(rows)
+        messages = [f.message for f in audit(copy, compare_views=False).findings]
+        assert any("priced hold: its breakdown adds up to 15, not its 14 credits" in m for m in messages), messages
+
+
+def test_price_problems_are_named() -> None:
+    from ledger.domain.pricing import price_problem
+
+    book = small_book()
+    priced = book.price("render", {"steps": 21})
+    from ledger.application.pricing import price_record
+
+    record = price_record(priced, 1, Decimal("0.5"))
+    assert price_problem(record, 17) is None  # 11 x 1.5 = 16.5, up to 17
+    assert price_problem(record, 16) == "it holds 16 credits; 11 with a margin of 0.5 is 17"
+    assert "below its exact price" in str(price_problem({**record, "exact_credits": Decimal("11.5")}, 17))
+    assert "cannot be read" in str(price_problem({"credits": 1}, 1))
+
+
+def test_a_number_parameter_is_bounded_in_places_and_shown_short(ledger: Ledger) -> None:
+    book = PriceBook(jobs={"clip": JobPrice(Decimal(1), (JobParam.number("seconds", 0, 600, default=1),), (
+        PriceRule.per_unit("seconds", Decimal("0.25")),), )})  # fmt: skip
+    ledger.define_price_book(book)
+    with pytest.raises(InvalidJobParameter, match="more than 24 decimal places"):
+        ledger.quote(ALICE, "clip", {"seconds": Decimal("1E-30")})
+    with pytest.raises(InvalidJobParameter) as caught:
+        ledger.quote(ALICE, "clip", {"seconds": "x" * 10_000})
+    assert len(str(caught.value)) < 200
+    with pytest.raises(InvalidArgument, match="places"):
+        ledger.define_price_book(PriceBook(jobs={"clip": replace(book.jobs["clip"], base_credits=Decimal("1E-30"))}))
+    rule = PriceRule.factor("huge", ("seconds",), scale=Decimal("1E+20"))
+    with pytest.raises(InvalidArgument, match="scale"):
+        ledger.define_price_book(PriceBook(jobs={"clip": replace(book.jobs["clip"], rules=(rule,))}))

@@ -62,7 +62,11 @@ def books(draw: st.DrawFn) -> PriceBook:
 def job_params(draw: st.DrawFn) -> dict[str, Any]:
     return {
         "a": draw(st.integers(0, 50)),
-        "b": draw(st.one_of(st.decimals(min_value=0, max_value=10, places=3), st.floats(0, 10), st.integers(0, 10))),
+        "b": draw(
+            st.one_of(
+                st.decimals(min_value=0, max_value=10, places=3), st.floats(1e-9, 10), st.just(0.0), st.integers(0, 10)
+            )
+        ),
         "c": draw(st.integers(1, 8)),
         "choice": draw(st.sampled_from(CHOICES)),
     }

@@ -61,6 +61,8 @@ MAX_PARAM_VALUE = Decimal(10**9)
 MAX_MULTIPLIER = Decimal(100)
 #: Significant digits of any number in a book (rates, bounds, factors).
 MAX_DIGITS = 24
+#: Decimal places of any number in a book, or of a number parameter.
+MAX_PLACES = 24
 #: Decimal places of a plan multiplier or a safety margin.
 MAX_FACTOR_PLACES = 6
 
@@ -132,7 +134,7 @@ class JobParam:
         if self.kind is ParamKind.CHOICE:
             if type(value) is not str or value not in self.choices:
                 raise InvalidJobParameter(
-                    job_type, self.name, f"must be one of {', '.join(self.choices)}; got {value!r}"
+                    job_type, self.name, f"must be one of {', '.join(self.choices)}; got {_shown(value)}"
                 )
             return value
         number = _number(value)
@@ -140,17 +142,26 @@ class JobParam:
             raise InvalidJobParameter(job_type, self.name, f"must be a number, not {type(value).__name__}")
         if self.kind is ParamKind.INT:
             if number != number.to_integral_value():
-                raise InvalidJobParameter(job_type, self.name, f"must be a whole number; got {value!r}")
+                raise InvalidJobParameter(job_type, self.name, f"must be a whole number; got {_shown(value)}")
             if not self.minimum <= number <= self.maximum:
                 raise InvalidJobParameter(
-                    job_type, self.name, f"must be within {self.minimum}..{self.maximum}; got {value!r}"
+                    job_type, self.name, f"must be within {self.minimum}..{self.maximum}; got {_shown(value)}"
                 )
             return int(number)
         if not self.minimum <= number <= self.maximum:
             raise InvalidJobParameter(
-                job_type, self.name, f"must be within {self.minimum}..{self.maximum}; got {value!r}"
+                job_type, self.name, f"must be within {self.minimum}..{self.maximum}; got {_shown(value)}"
             )
+        exponent = number.as_tuple().exponent
+        if isinstance(exponent, int) and exponent < -MAX_PLACES:
+            raise InvalidJobParameter(job_type, self.name, f"has more than {MAX_PLACES} decimal places")
         return number
+
+
+def _shown(value: object) -> str:
+    """A caller's value as an error message shows it: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def _number(value: object) -> Decimal | None:
@@ -465,6 +476,26 @@ def _price(
     return Priced(job_type, credits, tidy(exact), tuple(lines), values, plan, multiplier)
 
 
+def price_problem(price: Mapping[str, Any], held_credits: int) -> str | None:
+    """What is wrong with a hold's recorded price (``HoldRecord.price``), or
+    None: its lines must add up to its credits, the credits be at least its
+    exact price rounded up, and the hold the credits with its margin."""
+    try:
+        with localcontext(_EXACT):
+            lines = sum((Decimal(line["credits"]) for line in price["lines"]), ZERO)
+            credits, exact, margin = price["credits"], Decimal(price["exact_credits"]), Decimal(price["safety_margin"])
+            if lines != credits:
+                return f"its breakdown adds up to {lines}, not its {credits} credits"
+            if credits < exact.to_integral_value(rounding=ROUND_CEILING):
+                return f"its {credits} credits are below its exact price {exact} rounded up"
+    except (KeyError, TypeError, ValueError, ArithmeticError) as exc:
+        return f"its price cannot be read: {type(exc).__name__}: {exc}"
+    expected = hold_credits(credits, margin)
+    if held_credits != expected:
+        return f"it holds {held_credits} credits; {credits} with a margin of {margin} is {expected}"
+    return None
+
+
 def hold_credits(quoted: int, safety_margin: Decimal) -> int:
     """A hold for a quote with a safety margin (a fraction: ``0.1`` is 10%),
     rounded up to whole credits."""
@@ -490,8 +521,11 @@ def check_job_type(value: object) -> str:
 def _check_decimal(value: object, where: str, *, low: Decimal = ZERO, high: Decimal | None = None) -> Decimal:
     if not isinstance(value, Decimal) or type(value) is not Decimal or not value.is_finite():
         raise InvalidArgument(f"{where} must be a finite Decimal, not {value!r}", param="book")
-    if len(value.as_tuple().digits) > MAX_DIGITS:
-        raise InvalidArgument(f"{where} has more than {MAX_DIGITS} significant digits: {value}", param="book")
+    shape = value.as_tuple()
+    if len(shape.digits) > MAX_DIGITS or (isinstance(shape.exponent, int) and shape.exponent < -MAX_PLACES):
+        raise InvalidArgument(
+            f"{where} has more than {MAX_DIGITS} significant digits or {MAX_PLACES} places: {value}", param="book"
+        )
     if value < low or (high is not None and value > high):
         bound = f"{low}..{high}" if high is not None else f">= {low}"
         raise InvalidArgument(f"{where} must be {bound}, got {value}", param="book")
@@ -646,8 +680,8 @@ def _check_rule(where: str, rule: object, declared: Mapping[str, JobParam]) -> N
         if declared[name].kind is ParamKind.CHOICE:
             raise InvalidArgument(f"{where} multiplies {name!r}, a choice; give it options", param="book")
     _check_decimal(rule.rate, f"{where}: rate", high=Decimal(MAX_CREDITS))
-    _check_decimal(rule.included, f"{where}: included")
-    _check_decimal(rule.scale, f"{where}: scale")
+    _check_decimal(rule.included, f"{where}: included", high=MAX_PARAM_VALUE**MAX_RULE_PARAMS)
+    _check_decimal(rule.scale, f"{where}: scale", high=MAX_PARAM_VALUE)
 
 
 # --------------------------------------------------------------- the default book
