@@ -502,3 +502,20 @@ def test_a_number_parameter_is_bounded_in_places_and_shown_short(ledger: Ledger)
     rule = PriceRule.factor("huge", ("seconds",), scale=Decimal("1E+20"))
     with pytest.raises(InvalidArgument, match="scale"):
         ledger.define_price_book(PriceBook(jobs={"clip": replace(book.jobs["clip"], rules=(rule,))}))
+
+
+def test_two_processes_revising_the_book_make_two_revisions(durable_url: str, clock: ManualClock) -> None:
+    """A revision made from a stale copy of the book clashes in the store and
+    is made again on the fresh one: no revision is lost or doubled."""
+    with Ledger(durable_url, clock=clock) as ours, Ledger(durable_url, clock=clock) as theirs:
+        ours.define_price_book(small_book())
+        assert theirs.quote(ALICE, "render", {}).credits == 10  # theirs has read revision 1
+        theirs.define_price_book(small_book(base=11), key="theirs")
+        ours.define_price_book(small_book(base=12), key="ours")  # from ours' copy of revision 1
+        assert [(r.revision, r.book.jobs["render"].base_credits) for r in theirs.price_book_history()] == [
+            (1, 10),
+            (2, 11),
+            (3, 12),
+        ]
+        assert ours.quote(ALICE, "render", {}).credits == 12
+        assert theirs.quote(ALICE, "render", {}, fresh=True).credits == 12
