@@ -277,13 +277,25 @@ def _built(cls: type[T], fields_set: frozenset[str], values: dict[str, Any]) -> 
     return model
 
 
+#: Lines already made, shared by the quotes that have them (QuoteLine is
+#: frozen): most quotes repeat their book's common lines.
+_LINES: dict[Line, QuoteLine] = {}
+MAX_SHARED_LINES = 4_096
+
+
 def _line(line: Line) -> QuoteLine:
-    return _built(
-        QuoteLine,
-        _LINE_FIELDS,
-        {"label": line.label, "kind": line.kind.value, "credits": line.credits, "quantity": line.quantity,
-         "factor": line.factor},
-    )  # fmt: skip
+    made = _LINES.get(line)
+    if made is None:
+        made = _built(
+            QuoteLine,
+            _LINE_FIELDS,
+            {"label": line.label, "kind": line.kind.value, "credits": line.credits, "quantity": line.quantity,
+             "factor": line.factor},
+        )  # fmt: skip
+        if len(_LINES) >= MAX_SHARED_LINES:
+            _LINES.clear()
+        _LINES[line] = made
+    return made
 
 
 def quote_view(priced: Priced, revision: int, user_id: UUID, at: datetime) -> Quote:

@@ -103,6 +103,16 @@ class JobParam:
     maximum: Decimal = ZERO
     default: int | Decimal | str | None = None
     choices: tuple[str, ...] = ()
+    #: A whole number's bounds as ints (derived: the common case is checked without Decimal).
+    _int_bounds: tuple[int, int] | None = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.kind is ParamKind.INT and isinstance(self.minimum, Decimal) and isinstance(self.maximum, Decimal):
+            try:
+                if self.minimum.is_finite() and self.maximum.is_finite():
+                    object.__setattr__(self, "_int_bounds", (int(self.minimum), int(self.maximum)))
+            except (ValueError, ArithmeticError):  # pragma: no cover - refused by check_price_book
+                pass
 
     @classmethod
     def integer(cls, name: str, minimum: int, maximum: int, *, default: int | None = None) -> JobParam:
@@ -131,6 +141,9 @@ class JobParam:
             if self.default is None:
                 raise InvalidJobParameter(job_type, self.name, "is required")
             return self.default
+        bounds = self._int_bounds
+        if bounds is not None and type(value) is int and bounds[0] <= value <= bounds[1]:
+            return value
         if self.kind is ParamKind.CHOICE:
             if type(value) is not str or value not in self.choices:
                 raise InvalidJobParameter(
