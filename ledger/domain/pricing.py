@@ -257,12 +257,16 @@ class JobPrice:
     _ordered: tuple[tuple[PriceRule, ...], tuple[PriceRule, ...]] = field(
         init=False, repr=False, compare=False, default=((), ())
     )
+    #: ``base_credits`` as the breakdown shows it (derived).
+    _base_shown: Decimal = field(init=False, repr=False, compare=False, default=ZERO)
 
     def __post_init__(self) -> None:
         # The rules in the order they apply: every add, then every multiply.
         rules = self.rules if isinstance(self.rules, tuple) else ()
         adds = tuple(r for r in rules if getattr(r, "mode", None) is RuleMode.ADD)
         object.__setattr__(self, "_ordered", (adds, tuple(r for r in rules if r not in adds)))
+        if isinstance(self.base_credits, Decimal) and self.base_credits.is_finite():
+            object.__setattr__(self, "_base_shown", tidy(self.base_credits))
 
 
 @dataclass(frozen=True)
@@ -423,6 +427,8 @@ class Priced:
 
 def tidy(value: Decimal) -> Decimal:
     """The same number without trailing zeros (``2`` for ``2.000``, ``0.5`` for ``0.50``)."""
+    if value is ZERO or value is ONE:
+        return value
     integral = value.to_integral_value()
     return integral if integral == value else value.normalize(_EXACT)
 
@@ -446,7 +452,7 @@ def _price(
     try:
         with localcontext(_EXACT):
             total = job.base_credits
-            lines = [new_line(("base", LineKind.BASE, tidy(total), None, None))]
+            lines = [new_line(("base", LineKind.BASE, job._base_shown, None, None))]
             adds, multiplies = job._ordered
             for rule in adds:
                 if rule.options is not None:
@@ -454,7 +460,7 @@ def _price(
                     quantity = None
                 else:
                     quantity = _quantity(rule, values)
-                    added = rule.rate * quantity
+                    added = ZERO if quantity is ZERO else rule.rate * quantity
                 total += added
                 lines.append(new_line((rule.label, LineKind.ADD, tidy(added), _tidy_or_none(quantity), None)))
             for rule in multiplies:
@@ -463,8 +469,8 @@ def _price(
                     quantity = None
                 else:
                     quantity = _quantity(rule, values)
-                    factor = ONE + rule.rate * quantity
-                added = total * factor - total
+                    factor = ONE if quantity is ZERO else ONE + rule.rate * quantity
+                added = ZERO if factor == ONE else total * factor - total
                 total += added
                 lines.append(
                     new_line((rule.label, LineKind.MULTIPLY, tidy(added), _tidy_or_none(quantity), tidy(factor)))
