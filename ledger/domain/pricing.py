@@ -254,7 +254,9 @@ class JobPrice:
     rules: tuple[PriceRule, ...] = ()
     minimum_credits: int = 1
     #: The rules in the order they apply (derived, not compared or stored).
-    _ordered: tuple[tuple[PriceRule, ...], tuple[PriceRule, ...]] = field(
+    #: Each with whether its quantity, and its rate times it, need no tidying
+    #: (whole numbers), and its options as shown.
+    _ordered: tuple[tuple[_Step, ...], tuple[_Step, ...]] = field(
         init=False, repr=False, compare=False, default=((), ())
     )
     #: ``base_credits`` as the breakdown shows it (derived).
@@ -263,10 +265,42 @@ class JobPrice:
     def __post_init__(self) -> None:
         # The rules in the order they apply: every add, then every multiply.
         rules = self.rules if isinstance(self.rules, tuple) else ()
-        adds = tuple(r for r in rules if getattr(r, "mode", None) is RuleMode.ADD)
-        object.__setattr__(self, "_ordered", (adds, tuple(r for r in rules if r not in adds)))
+        kinds = (
+            {getattr(p, "name", None): getattr(p, "kind", None) for p in self.params}
+            if isinstance(self.params, tuple)
+            else {}
+        )
+        steps = [_step(r, kinds) for r in rules if isinstance(r, PriceRule)]
+        adds = tuple(step for step in steps if step[0].mode is RuleMode.ADD)
+        object.__setattr__(self, "_ordered", (adds, tuple(step for step in steps if step not in adds)))
         if isinstance(self.base_credits, Decimal) and self.base_credits.is_finite():
             object.__setattr__(self, "_base_shown", tidy(self.base_credits))
+
+
+#: A rule as pricing applies it: the rule, whether its quantity is always a
+#: whole number with no trailing zeros to drop, whether its rate times that
+#: is too, and its options as a breakdown shows them.
+_Step = tuple[PriceRule, bool, bool, Mapping[str, Decimal] | None]
+
+
+def _whole(value: object) -> bool:
+    if not isinstance(value, Decimal) or not value.is_finite():
+        return False
+    exponent = value.as_tuple().exponent
+    return isinstance(exponent, int) and exponent >= 0
+
+
+def _step(rule: PriceRule, kinds: Mapping[Any, Any]) -> _Step:
+    whole = (
+        isinstance(rule.params, tuple)
+        and all(kinds.get(name) is ParamKind.INT for name in rule.params)
+        and _whole(rule.scale)
+        and _whole(rule.included)
+    )
+    shown = None
+    if isinstance(rule.options, Mapping):
+        shown = {k: tidy(v) if isinstance(v, Decimal) and v.is_finite() else v for k, v in rule.options.items()}
+    return (rule, whole, whole and _whole(rule.rate), shown)
 
 
 @dataclass(frozen=True)
@@ -454,27 +488,40 @@ def _price(
             total = job.base_credits
             lines = [new_line(("base", LineKind.BASE, job._base_shown, None, None))]
             adds, multiplies = job._ordered
-            for rule in adds:
-                if rule.options is not None:
-                    added = rule.options[values[rule.params[0]]]  # type: ignore[index]  # a choice: a str
-                    quantity = None
+            for rule, whole, whole_rate, shown in adds:
+                if shown is not None:
+                    choice = values[rule.params[0]]
+                    added = rule.options[choice]  # type: ignore[index]  # a choice: a str
+                    lines.append(new_line((rule.label, LineKind.ADD, shown[choice], None, None)))  # type: ignore[index]
                 else:
                     quantity = _quantity(rule, values)
                     added = ZERO if quantity is ZERO else rule.rate * quantity
+                    lines.append(
+                        new_line(
+                            (
+                                rule.label,
+                                LineKind.ADD,
+                                added if whole_rate else tidy(added),
+                                quantity if whole else tidy(quantity),
+                                None,
+                            )
+                        )
+                    )
                 total += added
-                lines.append(new_line((rule.label, LineKind.ADD, tidy(added), _tidy_or_none(quantity), None)))
-            for rule in multiplies:
-                if rule.options is not None:
-                    factor = rule.options[values[rule.params[0]]]  # type: ignore[index]
-                    quantity = None
+            for rule, whole, _, shown in multiplies:
+                if shown is not None:
+                    choice = values[rule.params[0]]
+                    factor = rule.options[choice]  # type: ignore[index]
+                    factor_shown = shown[choice]  # type: ignore[index]
+                    quantity_shown = None
                 else:
                     quantity = _quantity(rule, values)
                     factor = ONE if quantity is ZERO else ONE + rule.rate * quantity
+                    factor_shown = tidy(factor)
+                    quantity_shown = quantity if whole else tidy(quantity)
                 added = ZERO if factor == ONE else total * factor - total
                 total += added
-                lines.append(
-                    new_line((rule.label, LineKind.MULTIPLY, tidy(added), _tidy_or_none(quantity), tidy(factor)))
-                )
+                lines.append(new_line((rule.label, LineKind.MULTIPLY, tidy(added), quantity_shown, factor_shown)))
             if multiplier != ONE:
                 added = total * multiplier - total
                 total += added
