@@ -41,6 +41,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import checks as check_bench  # noqa: E402  (benchmarks/checks.py, beside this file)
+import pricing as pricing_bench  # noqa: E402  (benchmarks/pricing.py, beside this file)
 import scaling as scaling_bench  # noqa: E402  (benchmarks/scaling.py, beside this file)
 import webhooks as webhook_bench  # noqa: E402  (benchmarks/webhooks.py, beside this file)
 
@@ -1035,6 +1036,11 @@ def report_targets(figures: dict[str, float]) -> None:
             figures["rebuild_peak_rss_mb"] < TARGET_REBUILD_PEAK_RSS_MB,
             f"{figures['rebuild_peak_rss_mb']:,.0f} MiB over {figures['projected_events']:,.0f} projected events",
         ),
+        (
+            f"quote_per_s >= {pricing_bench.TARGET_QUOTES_PER_S:,.0f}",
+            figures["quote_per_s"] >= pricing_bench.TARGET_QUOTES_PER_S,
+            f"{figures['quote_per_s']:,.0f} ({figures['quote_per_s_fresh']:,.0f} fresh from the store)",
+        ),
     ]
     checks.append(
         (
@@ -1103,6 +1109,7 @@ def run(sizes: Sizes, timeout_s: float, *, analyze: bool = False) -> dict[str, f
         figures.update(webhook_figures(base, sizes, figures["raw_insert_commit_per_s"], watchdog))
         figures.update(check_figures(base, sizes, watchdog))
         figures.update(scaling_figures(base, sizes, watchdog))
+        figures.update(pricing_figures(base, sizes, watchdog))
     except Exception:
         if watchdog.fired.is_set():
             say(f"!! aborted by the watchdog after {timeout_s:.0f} s (a call hung or the run was too slow)")
@@ -1157,6 +1164,20 @@ def scaling_figures(base: str, sizes: Sizes, watchdog: Watchdog) -> dict[str, fl
     try:
         with timed("scaling", watchdog.check):
             return scaling_bench.run(base, schema, say, clients=sizes.scaling_clients, cell_s=sizes.scaling_cell_s)
+    finally:
+        drop_schema(base, schema)
+
+
+def pricing_figures(base: str, sizes: Sizes, watchdog: Watchdog) -> dict[str, Any]:
+    """benchmarks/pricing.py's figures (quotes in process, a hold sized by a
+    quote), on a schema of their own."""
+    schema = f"bench_price_{uuid.uuid4().hex[:12]}"
+    quick = sizes.commands < Sizes.full().commands
+    try:
+        with timed("pricing", watchdog.check):
+            return pricing_bench.run(
+                ledger_url(base, schema), say, quotes=2_000 if quick else 20_000, repeats=10 if quick else 50
+            )
     finally:
         drop_schema(base, schema)
 

@@ -27,12 +27,16 @@ from ledger.application.facade import DEFAULT_URL, Ledger, resolve_url
 from ledger.application.group import GroupCommit, GroupCommitPolicy, GroupCommitStats
 from ledger.application.holds import ReleaseReservation, ReserveCredits, SettleReservation
 from ledger.application.limits import SetCreditLimit
+from ledger.application.pricing import DefinePriceBook, ReserveForJob
 from ledger.application.results import (
     AccountEvent,
     Balance,
     CreditBlock,
     Entitlements,
     PlanView,
+    PriceBookRevision,
+    Quote,
+    QuoteLine,
     Receipt,
     Reservation,
     SubscriptionView,
@@ -45,6 +49,7 @@ from ledger.audit.runner import AuditReport, audit
 from ledger.clock import Clock, ManualClock, SystemClock
 from ledger.domain.credits import MAX_CREDIT_LIMIT, MAX_CREDITS, CreditKind
 from ledger.domain.plans import DEFAULT_CATALOG, FREE_PLAN, Feature, PlanTerms
+from ledger.domain.pricing import DEFAULT_PRICE_BOOK, JobParam, JobPrice, ParamKind, PriceBook, PriceRule, RuleMode
 from ledger.domain.subscriptions import (
     BillingCycle,
     CreditPolicy,
@@ -65,6 +70,7 @@ from ledger.errors import (
     InsufficientCredits,
     InvalidAmount,
     InvalidArgument,
+    InvalidJobParameter,
     InvariantViolation,
     LedgerClosed,
     LedgerError,
@@ -72,6 +78,7 @@ from ledger.errors import (
     TimeInFuture,
     UnknownAccount,
     UnknownFeature,
+    UnknownJobType,
     UnknownReservation,
     UseLimitReached,
     ViewsBehind,
@@ -172,6 +179,21 @@ __all__ = [
     "UnknownFeature",
     "UseLimitReached",
     "CommandStats",
+    # Pricing (docs/pricing.md).
+    "DEFAULT_PRICE_BOOK",
+    "DefinePriceBook",
+    "InvalidJobParameter",
+    "JobParam",
+    "JobPrice",
+    "ParamKind",
+    "PriceBook",
+    "PriceBookRevision",
+    "PriceRule",
+    "Quote",
+    "QuoteLine",
+    "ReserveForJob",
+    "RuleMode",
+    "UnknownJobType",
 ]
 
 

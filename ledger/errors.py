@@ -313,3 +313,32 @@ class LedgerClosed(LedgerError):
     run, so nothing was recorded by it."""
 
     code = "ledger_closed"
+
+
+class UnknownJobType(LedgerError, LookupError):
+    """The price book prices no job of this type (or no price book is defined yet)."""
+
+    code = "unknown_job_type"
+    param = "job_type"
+
+    def __init__(self, job_type: object, known: tuple[str, ...] = ()) -> None:
+        self.job_type = job_type
+        self.known = known
+        if known:
+            hint = f"the price book prices {', '.join(sorted(known))}"
+        else:
+            hint = "no price book is defined yet: define_price_book() or install_default_price_book()"
+        super().__init__(f"no price for job type {job_type!r}; {hint}")
+
+
+class InvalidJobParameter(InvalidArgument):
+    """A job's parameter is missing, of the wrong kind or outside the bounds
+    the price book declares for it. ``parameter`` names it; ``param`` is
+    ``params.<name>``."""
+
+    code = "invalid_job_parameter"
+
+    def __init__(self, job_type: str, parameter: str, problem: str) -> None:
+        self.job_type = job_type
+        self.parameter = parameter
+        super().__init__(f"{job_type} parameter {parameter!r} {problem}", param=f"params.{parameter}")

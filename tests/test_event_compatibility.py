@@ -287,3 +287,34 @@ def test_synced_and_superseded_events_of_version_1_load_as_they_were(ledger: Led
         assert isinstance(s, Subscription)
         assert (s.status, s.ended_at) == ("expired", synced[-1].timestamp)  # the ledger's time, as recorded then
         assert [x.at.second for x in s.provider_snapshots] == [1, 5, 9]
+
+
+# ------------------------------------------------------------- the price book
+
+
+def test_holds_written_before_the_price_book_load_without_a_quote(ledger: Ledger) -> None:
+    """HoldRecord.Reserved became version 2 (``price``): a version 1 hold
+    (every hold 0.1 wrote) loads through its upcast, with no quote."""
+    expected = _load_fixture(ledger, "stored_events_v0_1.json", with_snapshots=False)
+    for rid in expected["reservation_statuses"]:
+        hold = ledger.reservation(UUID(rid))
+        assert (hold.quote, hold.safety_margin) == (None, None)
+    assert ledger.price_book() is None
+
+
+def test_priced_holds_and_price_book_revisions_still_load(ledger: Ledger) -> None:
+    expected = _load_fixture(ledger, "stored_events_priced_holds.json", with_snapshots=False)
+    assert len(ledger.price_book_history()) == expected["revisions"]
+    for rid, want in expected["holds"].items():
+        hold = ledger.reservation(UUID(rid))
+        assert hold.quote is not None
+        assert (hold.amount_credits, hold.status, str(hold.safety_margin)) == (
+            want["amount_credits"],
+            want["status"],
+            want["safety_margin"],
+        )
+        assert hold.quote.model_dump(mode="json") == want["quote"]
+    # What was priced then still prices, from the revision it recorded.
+    current = ledger.price_book()
+    assert current is not None and current.revision == 2
+    assert ledger.quote(USER, "upscale", {"scale": 4}).credits == 16

@@ -26,6 +26,7 @@ import ledger as package
 from adapters.lemonsqueezy import _effects as lemonsqueezy_effects
 from ledger import (
     DEFAULT_CATALOG,
+    DEFAULT_PRICE_BOOK,
     AdjustCredits,
     ConfigurationError,
     CreditKind,
@@ -441,6 +442,13 @@ def _valid(param: str, now: datetime) -> st.SearchStrategy[Any]:
         "billing_cycle": st.sampled_from(["monthly", "yearly"]),
         "trial_days": st.integers(0, 30),
         "at_period_end": st.booleans(),
+        "job_type": st.sampled_from(["text_to_image", "upscale", "nope"]),
+        "params": st.fixed_dictionaries(
+            {}, optional={"steps": st.integers(-5, 200), "width": st.integers(0, 5000), "scale": st.floats(0, 9)}
+        ),
+        "safety_margin": st.decimals(min_value=0, max_value=2, places=2),
+        "book": st.just(DEFAULT_PRICE_BOOK),
+        "fresh": st.booleans(),
     }.get(param, st.none() | text)
 
 

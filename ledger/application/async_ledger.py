@@ -278,6 +278,12 @@ class AsyncLedger:
     record_use = _in_thread(Ledger.record_use)
     command_stats = _in_thread(Ledger.command_stats)
     set_credit_limit = _in_thread(Ledger.set_credit_limit)
+    define_price_book = _in_thread(Ledger.define_price_book)
+    install_default_price_book = _in_thread(Ledger.install_default_price_book)
+    price_book = _in_thread(Ledger.price_book)
+    price_book_history = _in_thread(Ledger.price_book_history)
+    quote = _in_thread(Ledger.quote)
+    reserve_for_job = _in_thread(Ledger.reserve_for_job)
 
     async def scan(self, topics: list[str]) -> AsyncIterator[Any]:
         """``Ledger.scan`` as an async iterator: every recorded event with one

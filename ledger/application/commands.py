@@ -187,6 +187,10 @@ class UnitOfWork(Protocol):
         own (or only through ``grant_once``) and returns its receipt."""
         ...
 
+    def price_hold(self, reservation_id: UUID, price: dict[str, Any]) -> None:
+        """Records, on the record of a hold this attempt reserved, the quote
+        that sized it and the price book revision it came from."""
+
 
 @dataclass(frozen=True)
 class Command:

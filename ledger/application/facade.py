@@ -8,6 +8,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
@@ -31,11 +32,20 @@ from ledger.application.commands import AdjustCredits, Command, GrantCredits, Sp
 from ledger.application.group import GroupCommit, GroupCommitPolicy
 from ledger.application.holds import ReleaseReservation, ReserveCredits, SettleReservation, due_holders
 from ledger.application.limits import SetCreditLimit
+from ledger.application.pricing import (
+    DefinePriceBook,
+    PriceCache,
+    ReserveForJob,
+    recorded_quote,
+    revisions,
+)
 from ledger.application.results import (
     AccountEvent,
     Balance,
     Entitlements,
     PlanView,
+    PriceBookRevision,
+    Quote,
     Receipt,
     Reservation,
     SubscriptionView,
@@ -46,10 +56,11 @@ from ledger.application.results import (
 )
 from ledger.application.unit import MAX_BATCH_COMMANDS, Engine
 from ledger.clock import Clock, SystemClock, moment_for
-from ledger.domain.checks import check_key, check_uuid
+from ledger.domain.checks import check_key, check_user_id, check_uuid
 from ledger.domain.credits import CreditAccount, CreditKind, account_id_for
 from ledger.domain.holds import HoldRecord
 from ledger.domain.plans import DEFAULT_CATALOG, Plan, PlanTerms, check_plan_name, check_terms, plan_id_for
+from ledger.domain.pricing import DEFAULT_PRICE_BOOK, PRICE_BOOK_ID, PriceBook, PriceBookRecord, check_price_book
 from ledger.domain.subscriptions import (
     CreditPolicy,
     InvalidTransition,
@@ -412,6 +423,8 @@ class Ledger:
             settled_credits=r.settled_credits,
             release_reason=r.release_reason,
             closed_at=r.closed_at,
+            quote=None if r.price is None else recorded_quote(r.price, r.user_id, r.created_on),
+            safety_margin=None if r.price is None else r.price["safety_margin"],
         )
 
     def history(self, user_id: UUID, *, after_version: int = 0, limit: int = 1_000) -> list[AccountEvent]:
@@ -712,6 +725,88 @@ class Ledger:
         store, fast-forwarded from the cache, or served from it). Subtract an
         earlier reading with ``CommandStats.since``."""
         return self.app.command_stats()
+
+    # -- pricing -------------------------------------------------------------------------
+
+    @property
+    def _prices(self) -> PriceCache:
+        """The price book and users' plans as quotes read them (made on first use)."""
+        cache: PriceCache | None = self.__dict__.get("_price_cache")
+        if cache is None:
+            cache = self.__dict__["_price_cache"] = PriceCache(
+                lambda aggregate_id: self.read_aggregate(aggregate_id, snapshots=False), self.app.repository.cache
+            )
+        return cache
+
+    def define_price_book(self, book: PriceBook, *, key: str | None = None, actor: str | None = None) -> Receipt:
+        """Defines the price book or revises it; the same book as the current one changes nothing."""
+        check_price_book(book)
+        if key is not None:
+            key = check_key(key)
+        else:
+            # Keyed by the revision it makes, as define_plan is.
+            data = book.as_event_data()
+            digest = hashlib.sha256(repr(data).encode()).hexdigest()[:16]
+            current = self.read_aggregate(PRICE_BOOK_ID, snapshots=False)
+            revision = 1
+            if isinstance(current, PriceBookRecord):
+                revision = current.revision + (0 if current.book_data == data else 1)
+            key = f"price_book:revision:{revision}:{digest}"
+        return self.execute(DefinePriceBook(key=key, book=book, actor=actor))
+
+    def install_default_price_book(self) -> Receipt:
+        """The seed's job types with the library's starting prices (``DEFAULT_PRICE_BOOK``), once."""
+        return self.define_price_book(DEFAULT_PRICE_BOOK)
+
+    def price_book(self) -> PriceBookRevision | None:
+        """The price book's current revision, read from the store; None before one is defined."""
+        history = self.price_book_history()
+        return history[-1] if history else None
+
+    def price_book_history(self) -> list[PriceBookRevision]:
+        """Every revision of the price book, oldest first."""
+        return revisions(list(self.app.events.get(PRICE_BOOK_ID)))
+
+    def quote(self, user_id: UUID, job_type: str, params: Mapping[str, Any], *, fresh: bool = False) -> Quote:
+        """What a job of ``job_type`` with ``params`` costs the user now, in
+        whole credits, with its breakdown and the price book revision used.
+        Records nothing. Reads the book (and the user's plan, when the book
+        has plan multipliers) from memory, at most a second old
+        (``fresh=True`` reads the store). Raises UnknownJobType and
+        InvalidJobParameter (naming the parameter)."""
+        user_id = check_user_id(user_id)
+        if type(fresh) is not bool:
+            raise InvalidArgument(f"fresh must be a bool, not {type(fresh).__name__}", param="fresh")
+        return self._prices.quote(user_id, job_type, params, self.clock.now(), fresh=fresh)
+
+    def reserve_for_job(
+        self,
+        user_id: UUID,
+        job_type: str,
+        params: Mapping[str, Any],
+        *,
+        job_id: UUID,
+        key: str,
+        expires_at: datetime | None = None,
+        expires_in: timedelta | None = None,
+        safety_margin: Decimal = Decimal(0),
+    ) -> Receipt:
+        """Holds credits for a job, sized by its quote plus ``safety_margin``
+        (a fraction: ``Decimal("0.1")`` is 10%), rounded up; the hold records
+        the quote and the price book revision (``reservation(...).quote``).
+        Settle and release it as any hold."""
+        command = ReserveForJob(
+            key=key,
+            user_id=user_id,
+            job_id=job_id,
+            job_type=job_type,
+            params=params,
+            safety_margin=safety_margin,
+            expires_at=expires_at,
+            expires_in=expires_in,
+        )
+        self._prices.record()  # brings the command cache's book up to the quotes' (at most a second old)
+        return self.execute(command)
 
 
 def resolve_url(url: str | None = None) -> str:

@@ -198,12 +198,17 @@ def closed_status(
     return why_not_open(reservation_id, account.user_id, closed_now=closed_now, record=record)
 
 
-def record_events(accounts: Iterable[CreditAccount], new_records: dict[UUID, HoldRecord]) -> list[Any]:
+def record_events(
+    accounts: Iterable[CreditAccount],
+    new_records: dict[UUID, HoldRecord],
+    prices: Mapping[UUID, dict[str, Any]] | None = None,
+) -> list[Any]:
     """What the accounts' pending hold events imply for their holds' records:
     a new ``HoldRecord`` per reserve (kept in ``new_records``, which a close in
-    the same attempt then closes), and a bare ``HoldRecord.Closed`` at version
-    2 per close of a hold reserved before. Saved with the accounts, in one
-    transaction."""
+    the same attempt then closes), with the price that sized it when one did
+    (``prices``, by reservation id), and a bare ``HoldRecord.Closed`` at
+    version 2 per close of a hold reserved before. Saved with the accounts, in
+    one transaction."""
     closes: list[Any] = []
     for account in accounts:
         for event in account.pending_events:
@@ -215,6 +220,7 @@ def record_events(accounts: Iterable[CreditAccount], new_records: dict[UUID, Hol
                     job_id=event.job_id,
                     amount=event.amount,
                     expires_at=event.expires_at,
+                    price=None if prices is None else prices.get(event.reservation_id),
                     timestamp=event.timestamp,
                 )
             elif isinstance(event, CreditAccount.Settled | CreditAccount.Released):

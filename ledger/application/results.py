@@ -10,11 +10,12 @@ from decimal import Decimal
 from typing import Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, InstanceOf
 
 from ledger.domain.credits import CreditAccount, CreditKind
 from ledger.domain.entitlements import entitled
 from ledger.domain.plans import FREE_PLAN, PlanTerms
+from ledger.domain.pricing import PriceBook
 from ledger.domain.subscriptions import Subscription
 
 
@@ -87,6 +88,11 @@ class Reservation(_View):
     settled_credits: int | None = None
     release_reason: str | None = None
     closed_at: datetime | None = None
+    #: The quote that sized the hold (``reserve_for_job``), with the price
+    #: book revision that priced it; None for a hold of a given amount.
+    quote: Quote | None = None
+    #: The margin the hold adds to the quote (``0.1``: 10%), with ``quote``.
+    safety_margin: Decimal | None = None
 
 
 class AccountEvent(_View):
@@ -245,3 +251,56 @@ def credit_blocks(account: CreditAccount | None) -> tuple[CreditBlock, ...]:
         )
         for b in sorted(account.blocks.values(), key=lambda b: b.seq)
     )
+
+
+# ---------------------------------------------------------------- pricing
+
+
+#: ``LineKind``'s values, as a quote's breakdown shows them.
+QuoteLineKind = Literal["base", "add", "multiply", "plan", "rounding", "minimum"]
+
+
+class QuoteLine(_View):
+    """One line of a quote's breakdown: the credits it adds (exact; the lines
+    add up to the quote's ``credits``), and the rule's quantity (``add`` and
+    ``multiply`` lines of numeric rules) or factor (``multiply`` and ``plan``)."""
+
+    label: str
+    kind: QuoteLineKind
+    credits: Decimal
+    quantity: Decimal | None = None
+    factor: Decimal | None = None
+
+
+class Quote(_View):
+    """What a job costs a user: whole ``credits`` (what the seed's
+    ``generation_jobs.estimated_credits`` holds), the breakdown, and the
+    price book revision that priced it."""
+
+    user_id: UUID
+    job_type: str
+    credits: int
+    #: The price before rounding up and the minimum.
+    exact_credits: Decimal
+    breakdown: tuple[QuoteLine, ...]
+    #: The parameters as priced: those the book declares, defaults filled in.
+    params: dict[str, int | Decimal | str]
+    price_revision: int
+    #: The user's plan when the book has plan multipliers (else None).
+    plan: str | None
+    plan_multiplier: Decimal
+    quoted_at: datetime
+
+
+class PriceBookRevision(_View):
+    """One revision of the price book."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", arbitrary_types_allowed=True)
+
+    revision: int
+    defined_at: datetime
+    actor: str | None
+    book: InstanceOf[PriceBook]
+
+
+Reservation.model_rebuild()

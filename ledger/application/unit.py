@@ -72,6 +72,8 @@ class Unit:
         self.accounts: dict[UUID, CreditAccount] = {}
         #: Records of the holds reserved in this attempt (``holds.record_events``).
         self.new_holds: dict[UUID, HoldRecord] = {}
+        #: What priced the holds reserved in this attempt (``price_hold``).
+        self.hold_prices: dict[UUID, dict[str, Any]] = {}
         self.records: dict[str, CommandRecord] = {}
         #: Aggregate ids (accounts' too) a read in this attempt found absent: not read again.
         #: Safe because creating one of them clashes in the store if another
@@ -349,6 +351,11 @@ class Unit:
             timestamp=self.now,
         )
 
+    def price_hold(self, reservation_id: UUID, price: dict[str, Any]) -> None:
+        """Records, on the ``HoldRecord`` of a hold reserved in this attempt,
+        the quote that sized it."""
+        self.hold_prices[reservation_id] = price
+
     def sweep(self, user_id: UUID) -> None:
         """Loads an account so its due holds and lapsed blocks are recorded."""
         account = self.account(user_id)
@@ -358,7 +365,7 @@ class Unit:
         """Everything to save: accounts, the hold records their events imply
         (``holds.record_events``), and the command records. One transaction."""
         objs: list[Any] = list(self.accounts.values())
-        objs.extend(holds.record_events(self.accounts.values(), self.new_holds))
+        objs.extend(holds.record_events(self.accounts.values(), self.new_holds, self.hold_prices))
         objs.extend(self.others.values())
         objs.extend(self.records.values())
         return objs

@@ -76,19 +76,33 @@ class HoldRecord(Aggregate, created_event_name="Reserved"):
 
     class Reserved(Aggregate.Created):
         TOPIC = f"{TOPIC_PREFIX}:Reservation.Reserved"
+        #: Version 2: ``price``, what priced a hold sized by a quote
+        #: (``ReserveForJob``): None for a hold of a given amount, as every
+        #: version 1 hold was.
+        class_version = 2
         user_id: UUID
         job_id: UUID
         amount: int
         expires_at: datetime
+        price: dict[str, Any] | None = None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["price"] = None
 
     class Snapshot(BaseSnapshot):
         TOPIC = f"{TOPIC_PREFIX}:Reservation.Snapshot"
 
-    def __init__(self, user_id: UUID, job_id: UUID, amount: int, expires_at: datetime) -> None:
+    def __init__(
+        self, user_id: UUID, job_id: UUID, amount: int, expires_at: datetime, price: dict[str, Any] | None = None
+    ) -> None:
         self.user_id = user_id
         self.job_id = job_id
         self.amount = amount
         self.expires_at = expires_at
+        #: The quote that sized the hold and the price book revision it came
+        #: from (``ledger.application.pricing.price_record``), or None.
+        self.price = price
         self.status = HoldStatus.RESERVED
         self.settled_credits: int | None = None
         self.release_reason: str | None = None

@@ -36,6 +36,7 @@ from ledger.domain.credits import (
     expiration_entry_id,
 )
 from ledger.domain.holds import RESERVATION_NS, HoldRecord, HoldStatus
+from ledger.domain.pricing import price_problem
 from ledger.views.credits import RELEASED_STATUS
 
 #: How far an account's event may be recorded before the one preceding it. A
@@ -680,6 +681,7 @@ _COMMAND_CODES: dict[str, tuple[int, ...]] = {
     "spend": (DEBITED,),
     "adjust": (GRANTED, DEBITED),
     "reserve": (RESERVED,),
+    "reserve_for_job": (RESERVED,),
     "settle": (SETTLED,),
     "release": (RELEASED,),
     "set_credit_limit": (LIMIT_SET,),
@@ -879,6 +881,10 @@ class CommandCheck(Check):
             )
         values = (event.user_id.int, event.job_id.int, event.amount, event.expires_at)
         self._pair("reserved", event.originator_id.int, position, values, "record")
+        price = getattr(event, "price", None)
+        problem = None if price is None else price_problem(price, event.amount)
+        if problem is not None:
+            self.report(position, f"reservation {event.originator_id}", f"priced hold: {problem}", check="reservation")
 
     def reservation_closed(self, position: int, event: Any) -> None:
         if event.originator_version != 2:
