@@ -23,6 +23,7 @@ from ledger.application.billing import (
 from ledger.application.commands import AdjustCredits, Command, GrantCredits, SpendCredits
 from ledger.application.facade import DEFAULT_URL, Ledger, resolve_url
 from ledger.application.holds import ReleaseReservation, ReserveCredits, SettleReservation
+from ledger.application.notify import DeliveryReport, Notifier, RetryPolicy
 from ledger.application.results import (
     AccountEvent,
     Balance,
@@ -33,6 +34,8 @@ from ledger.application.results import (
     Reservation,
     SubscriptionView,
 )
+from ledger.application.signing import verify_signature
+from ledger.application.thresholds import BalanceThresholds, SetBalanceThresholds, ThresholdState
 from ledger.audit.auditor import Auditor
 from ledger.audit.base import Finding
 from ledger.audit.digest import DigestHead, DigestResult, Tampering, VerifyResult
@@ -51,6 +54,7 @@ from ledger.domain.subscriptions import (
     UnknownSubscription,
 )
 from ledger.domain.subscriptions import Status as SubscriptionStatus
+from ledger.domain.thresholds import Threshold
 from ledger.errors import (
     AccountLimitReached,
     BatchRejected,
@@ -60,6 +64,7 @@ from ledger.errors import (
     InsufficientCredits,
     InvalidAmount,
     InvalidArgument,
+    InvalidSignature,
     InvariantViolation,
     LedgerError,
     ReservationClosed,
@@ -69,6 +74,7 @@ from ledger.errors import (
     ViewsBehind,
     ViewsStalled,
 )
+from ledger.views.outbox import DeadLetter, Notification, Outbox, OutboxMoved
 
 __version__ = "0.1.0"
 
@@ -149,6 +155,22 @@ __all__ = [
     "VerifyResult",
     "audit",
     "resolve_url",
+]
+# Balance thresholds and the notification outbox (docs/notifications.md).
+__all__ += [
+    "BalanceThresholds",
+    "DeadLetter",
+    "DeliveryReport",
+    "InvalidSignature",
+    "Notification",
+    "Notifier",
+    "Outbox",
+    "OutboxMoved",
+    "RetryPolicy",
+    "SetBalanceThresholds",
+    "Threshold",
+    "ThresholdState",
+    "verify_signature",
 ]
 
 

@@ -250,3 +250,15 @@ class ViewsStalled(LedgerError):
             f"v{originator_version} cannot be written ({type(cause).__name__}: {cause}); the views stay at "
             "the event before it, so the projection fails on it until the cause is fixed"
         )
+
+
+class InvalidSignature(LedgerError):
+    """A notification's signature does not verify (``verify_signature``):
+    ``reason`` is ``missing_timestamp``, ``stale_timestamp``,
+    ``missing_signature`` or ``mismatch``."""
+
+    code = "invalid_signature"
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)

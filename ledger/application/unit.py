@@ -353,6 +353,10 @@ class Unit:
     def pending(self) -> list[Any]:
         """Everything to save: accounts, the hold records their events imply
         (``holds.record_events``), and the command records. One transaction."""
+        for account in self.accounts.values():
+            # Balance thresholds are crossed by the transaction as a whole:
+            # recorded here, with the events that crossed them.
+            account.cross_thresholds(self.now)
         objs: list[Any] = list(self.accounts.values())
         objs.extend(holds.record_events(self.accounts.values(), self.new_holds))
         objs.extend(self.others.values())

@@ -232,3 +232,12 @@ def main() -> None:
 
 for _command in audit_commands.COMMANDS:
     cli.add_command(_command)
+
+
+def _add_notify() -> None:
+    from ledger.cli.notify import notify
+
+    cli.add_command(notify)
+
+
+_add_notify()

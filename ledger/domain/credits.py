@@ -27,6 +27,14 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.domain import Snapshot as BaseSnapshot
 
 from ledger.domain.holds import EXPIRED_REASON, Hold, due
+from ledger.domain.thresholds import (
+    DEPLETED,
+    Threshold,
+    crossings,
+    initially_fired,
+    thresholds_data,
+    thresholds_from_data,
+)
 from ledger.domain.topics import TOPIC_PREFIX as TOPIC_PREFIX  # re-exported for the modules that import it from here
 from ledger.errors import (
     AccountLimitReached,
@@ -225,12 +233,26 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
     #: re-sum of every block and hold each time; rebuilt on restore.
     DERIVED = ("_order", "_marked", "_held")
 
+    #: Balance thresholds (ledger.domain.thresholds), as event data. Class
+    #: attributes give their values to accounts restored from snapshots taken
+    #: before thresholds existed; events replace them, never change them in place.
+    #: The host's thresholds; None: the plan's.
+    host_thresholds: list[dict[str, int]] | None = None
+    #: The plan's default thresholds, adopted with each period's grant.
+    plan_thresholds: list[dict[str, int]] | tuple[()] = ()
+    #: The credits granted for the current period (the base of percentages).
+    period_grant = 0
+    #: The thresholds that fired and have not re-armed (ids; "depleted" too).
+    fired: tuple[str, ...] | list[str] = (DEPLETED,)
+
     def __init__(self, user_id: UUID) -> None:
         self.user_id = user_id
         self.balance = 0
         self.blocks: dict[str, Block] = {}
         self.holds: dict[str, Hold] = {}
         self.next_seq = 0
+        # A new account holds nothing: it starts depleted (no crossing yet).
+        self.fired = (DEPLETED,)
         # The derived attributes of no blocks and no holds (rebuild_derived).
         self._order: list[Block] = []
         self._marked: dict[str, int] = {}
@@ -341,6 +363,65 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         def apply(self, account: CreditAccount) -> None:
             account.draw([[str(self.block_id), self.amount]])
             account.balance -= self.amount
+
+    # Balance thresholds and their crossings (ledger.domain.thresholds).
+
+    class BalanceThresholdsSet(Event):
+        """The host set the account's thresholds (None: back to the plan's)."""
+
+        TOPIC = f"{TOPIC_PREFIX}:CreditAccount.BalanceThresholdsSet"
+        thresholds: list[dict[str, int]] | None
+        actor: str | None
+        key: str
+
+        def apply(self, account: CreditAccount) -> None:
+            account.host_thresholds = None if self.thresholds is None else [dict(t) for t in self.thresholds]
+            account.refire()
+
+    class PlanThresholdsAdopted(Event):
+        """A period's grant under a plan: its default thresholds and the grant
+        that percentages are shares of."""
+
+        TOPIC = f"{TOPIC_PREFIX}:CreditAccount.PlanThresholdsAdopted"
+        plan: str
+        thresholds: list[dict[str, int]]
+        period_grant_credits: int
+
+        def apply(self, account: CreditAccount) -> None:
+            account.plan_thresholds = [dict(t) for t in self.thresholds]
+            account.period_grant = self.period_grant_credits
+            account.refire()
+
+    class BalanceLow(Event):
+        """Available credits fell to a threshold's level or below."""
+
+        TOPIC = f"{TOPIC_PREFIX}:CreditAccount.BalanceLow"
+        threshold: str
+        level_credits: int
+        available_credits: int
+
+        def apply(self, account: CreditAccount) -> None:
+            account.fired = (*account.fired, self.threshold)
+
+    class BalanceDepleted(Event):
+        """Available credits reached 0 (the floor)."""
+
+        TOPIC = f"{TOPIC_PREFIX}:CreditAccount.BalanceDepleted"
+        available_credits: int
+
+        def apply(self, account: CreditAccount) -> None:
+            account.fired = (*account.fired, DEPLETED)
+
+    class BalanceRecovered(Event):
+        """Available credits rose above a fired threshold's level: it re-arms."""
+
+        TOPIC = f"{TOPIC_PREFIX}:CreditAccount.BalanceRecovered"
+        threshold: str
+        level_credits: int
+        available_credits: int
+
+        def apply(self, account: CreditAccount) -> None:
+            account.fired = tuple(i for i in account.fired if i != self.threshold)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CreditAccount:
         # The command cache hands out a copy per command; the generic deepcopy
@@ -631,6 +712,75 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
     def release(self, *, reservation_id: UUID, reason: str, key: str, now: datetime) -> None:
         self.open_hold(reservation_id)
         self.trigger_event(self.Released, reservation_id=reservation_id, reason=reason, key=key, timestamp=now)
+
+    # -- balance thresholds ---------------------------------------------------------
+
+    def thresholds(self) -> tuple[Threshold, ...]:
+        """The thresholds in force: the host's when set, else the plan's."""
+        data = self.plan_thresholds if self.host_thresholds is None else self.host_thresholds
+        return thresholds_from_data(data) if data else ()
+
+    def refire(self) -> None:
+        """The fired set after the thresholds or their base changed
+        (``initially_fired``): changing thresholds never notifies by itself."""
+        self.fired = initially_fired(self.thresholds(), self.period_grant, self.fired, self.available)
+
+    def set_balance_thresholds(
+        self, thresholds: tuple[Threshold, ...] | None, *, actor: str | None, key: str, now: datetime
+    ) -> None:
+        self.trigger_event(
+            self.BalanceThresholdsSet,
+            thresholds=None if thresholds is None else thresholds_data(thresholds),
+            actor=actor,
+            key=key,
+            timestamp=now,
+        )
+
+    def adopt_plan_thresholds(
+        self, *, plan: str, thresholds: tuple[Threshold, ...], period_grant_credits: int, now: datetime
+    ) -> None:
+        """Records a plan's default thresholds and period grant, when they differ from the account's."""
+        data = thresholds_data(thresholds)
+        if list(self.plan_thresholds) == data and self.period_grant == period_grant_credits:
+            return
+        self.trigger_event(
+            self.PlanThresholdsAdopted,
+            plan=plan,
+            thresholds=data,
+            period_grant_credits=period_grant_credits,
+            timestamp=now,
+        )
+
+    def cross_thresholds(self, now: datetime) -> None:
+        """Records the crossings of the account's state now: run once per
+        transaction, after its commands (``Unit.pending``). Decided from
+        ``available`` alone."""
+        available = self.available
+        fired = self.fired
+        if self.host_thresholds is None and not self.plan_thresholds:
+            # Depletion only: the common case, without building levels.
+            depleted = DEPLETED in fired
+            if depleted == (available <= 0):
+                return
+        for crossing in crossings(self.thresholds(), self.period_grant, fired, available):
+            if crossing.fired and crossing.threshold is None:
+                self.trigger_event(self.BalanceDepleted, available_credits=available, timestamp=now)
+            elif crossing.fired:
+                self.trigger_event(
+                    self.BalanceLow,
+                    threshold=crossing.threshold_id,
+                    level_credits=crossing.level_credits,
+                    available_credits=available,
+                    timestamp=now,
+                )
+            else:
+                self.trigger_event(
+                    self.BalanceRecovered,
+                    threshold=crossing.threshold_id,
+                    level_credits=crossing.level_credits,
+                    available_credits=available,
+                    timestamp=now,
+                )
 
     # -- invariants ---------------------------------------------------------------
 
