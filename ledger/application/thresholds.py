@@ -15,7 +15,9 @@ from ledger.application.commands import Command, UnitOfWork
 from ledger.application.results import Receipt
 from ledger.domain.checks import MAX_LABEL_LENGTH, check_key, check_optional_text, check_user_id
 from ledger.domain.credits import CreditAccount
-from ledger.domain.thresholds import DEPLETED, Threshold, check_thresholds, levels
+from ledger.domain.plans import Plan, PlanTerms, plan_id_for
+from ledger.domain.subscriptions import SubscriberSlot, Subscription, slot_id_for
+from ledger.domain.thresholds import DEPLETED, Threshold, check_thresholds, levels, plan_thresholds
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,28 @@ class SetBalanceThresholds(Command):
     def apply(self, unit: UnitOfWork) -> Receipt:
         account = unit.account(self.user_id, open_missing=True)
         account.set_balance_thresholds(self.thresholds, actor=self.actor, key=self.key, now=unit.now)
+        terms = _live_terms(unit, self.user_id)
+        if terms is not None:
+            # The plan's defaults and the period's grant, until the next period's grant records them.
+            account.adopt_plan_thresholds(
+                plan=terms.name,
+                thresholds=plan_thresholds(terms.features),
+                period_grant_credits=account.period_grant or terms.credits,
+                now=unit.now,
+            )
         return unit.done(self, account, amount=0)
+
+
+def _live_terms(unit: UnitOfWork, user_id: UUID) -> PlanTerms | None:
+    """The terms of the user's live subscription's plan, or None."""
+    slot = unit.aggregate(slot_id_for(user_id), SubscriberSlot)
+    if slot is None or slot.live is None:
+        return None
+    subscription = unit.aggregate(slot.live, Subscription)
+    if subscription is None:
+        return None
+    plan = unit.aggregate(plan_id_for(subscription.plan), Plan)
+    return None if plan is None else plan.terms
 
 
 class ThresholdState(BaseModel):
@@ -60,7 +83,8 @@ class BalanceThresholds(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     user_id: UUID
-    #: ``host`` (set_balance_thresholds) or ``plan`` (the plan's defaults; none when no plan gave any).
+    #: ``host`` (set_balance_thresholds), ``plan`` (the plan's defaults) or
+    #: ``none`` (not watched: no crossings are recorded).
     source: str
     thresholds: list[dict[str, int]]
     #: The credits granted for the current period: the base of percentages.
@@ -75,11 +99,11 @@ def thresholds_of(account: CreditAccount) -> BalanceThresholds:
     fired = set(account.fired)
     states = [
         ThresholdState(threshold=i, level_credits=level, fired=i in fired)
-        for i, _, level in levels(in_force, account.period_grant)
+        for i, _, level in (levels(in_force, account.period_grant) if account.watched() else [])
     ]
     return BalanceThresholds(
         user_id=account.user_id,
-        source="plan" if account.host_thresholds is None else "host",
+        source="host" if account.host_thresholds is not None else "plan" if account.plan_thresholds is not None else "none",
         thresholds=[t.as_data() for t in in_force],
         period_grant_credits=account.period_grant,
         available_credits=account.available,

@@ -233,17 +233,19 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
     #: re-sum of every block and hold each time; rebuilt on restore.
     DERIVED = ("_order", "_marked", "_held")
 
-    #: Balance thresholds (ledger.domain.thresholds), as event data. Class
-    #: attributes give their values to accounts restored from snapshots taken
-    #: before thresholds existed; events replace them, never change them in place.
+    #: Balance thresholds (ledger.domain.thresholds), as event data. An
+    #: account is watched only once its host or its plan gave it thresholds
+    #: (an empty list: depletion only); until then it records no crossing.
+    #: Class attributes give accounts restored from snapshots taken before
+    #: thresholds existed their values; events replace them, never change them in place.
     #: The host's thresholds; None: the plan's.
     host_thresholds: list[dict[str, int]] | None = None
-    #: The plan's default thresholds, adopted with each period's grant.
-    plan_thresholds: list[dict[str, int]] | tuple[()] = ()
+    #: The plan's default thresholds; None: the plan has none (feature ``balance_notifications``).
+    plan_thresholds: list[dict[str, int]] | None = None
     #: The credits granted for the current period (the base of percentages).
     period_grant = 0
     #: The thresholds that fired and have not re-armed (ids; "depleted" too).
-    fired: tuple[str, ...] | list[str] = (DEPLETED,)
+    fired: tuple[str, ...] | list[str] = ()
 
     def __init__(self, user_id: UUID) -> None:
         self.user_id = user_id
@@ -251,8 +253,6 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         self.blocks: dict[str, Block] = {}
         self.holds: dict[str, Hold] = {}
         self.next_seq = 0
-        # A new account holds nothing: it starts depleted (no crossing yet).
-        self.fired = (DEPLETED,)
         # The derived attributes of no blocks and no holds (rebuild_derived).
         self._order: list[Block] = []
         self._marked: dict[str, int] = {}
@@ -375,8 +375,9 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         key: str
 
         def apply(self, account: CreditAccount) -> None:
+            watched = account.watched()
             account.host_thresholds = None if self.thresholds is None else [dict(t) for t in self.thresholds]
-            account.refire()
+            account.refire(watched)
 
     class PlanThresholdsAdopted(Event):
         """A period's grant under a plan: its default thresholds and the grant
@@ -384,13 +385,15 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
 
         TOPIC = f"{TOPIC_PREFIX}:CreditAccount.PlanThresholdsAdopted"
         plan: str
-        thresholds: list[dict[str, int]]
+        #: None: the plan has no default thresholds.
+        thresholds: list[dict[str, int]] | None
         period_grant_credits: int
 
         def apply(self, account: CreditAccount) -> None:
-            account.plan_thresholds = [dict(t) for t in self.thresholds]
+            watched = account.watched()
+            account.plan_thresholds = None if self.thresholds is None else [dict(t) for t in self.thresholds]
             account.period_grant = self.period_grant_credits
-            account.refire()
+            account.refire(watched)
 
     class BalanceLow(Event):
         """Available credits fell to a threshold's level or below."""
@@ -715,15 +718,24 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
 
     # -- balance thresholds ---------------------------------------------------------
 
+    def watched(self) -> bool:
+        """Whether crossings are recorded: the host or the plan gave thresholds."""
+        return self.host_thresholds is not None or self.plan_thresholds is not None
+
     def thresholds(self) -> tuple[Threshold, ...]:
-        """The thresholds in force: the host's when set, else the plan's."""
+        """The thresholds in force besides depletion: the host's when set, else the plan's."""
         data = self.plan_thresholds if self.host_thresholds is None else self.host_thresholds
         return thresholds_from_data(data) if data else ()
 
-    def refire(self) -> None:
+    def refire(self, watched_before: bool) -> None:
         """The fired set after the thresholds or their base changed
-        (``initially_fired``): changing thresholds never notifies by itself."""
-        self.fired = initially_fired(self.thresholds(), self.period_grant, self.fired, self.available)
+        (``initially_fired``): changing thresholds never notifies by itself;
+        an account watched from now on starts depleted when it is at 0."""
+        if not self.watched():
+            self.fired = ()
+            return
+        previously = self.fired if watched_before else ((DEPLETED,) if self.available <= 0 else ())
+        self.fired = initially_fired(self.thresholds(), self.period_grant, previously, self.available)
 
     def set_balance_thresholds(
         self, thresholds: tuple[Threshold, ...] | None, *, actor: str | None, key: str, now: datetime
@@ -737,11 +749,16 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         )
 
     def adopt_plan_thresholds(
-        self, *, plan: str, thresholds: tuple[Threshold, ...], period_grant_credits: int, now: datetime
+        self, *, plan: str, thresholds: tuple[Threshold, ...] | None, period_grant_credits: int, now: datetime
     ) -> None:
-        """Records a plan's default thresholds and period grant, when they differ from the account's."""
-        data = thresholds_data(thresholds)
-        if list(self.plan_thresholds) == data and self.period_grant == period_grant_credits:
+        """Records a plan's default thresholds (None: it has none) and the
+        period's grant, when they differ from the account's. An account that
+        neither its host nor its plan watches records nothing."""
+        data = None if thresholds is None else thresholds_data(thresholds)
+        if data is None and not self.watched():
+            return
+        current = None if self.plan_thresholds is None else list(self.plan_thresholds)
+        if current == data and self.period_grant == period_grant_credits:
             return
         self.trigger_event(
             self.PlanThresholdsAdopted,
@@ -755,13 +772,10 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         """Records the crossings of the account's state now: run once per
         transaction, after its commands (``Unit.pending``). Decided from
         ``available`` alone."""
+        if self.host_thresholds is None and self.plan_thresholds is None:
+            return  # not watched: the common case costs two attribute reads
         available = self.available
         fired = self.fired
-        if self.host_thresholds is None and not self.plan_thresholds:
-            # Depletion only: the common case, without building levels.
-            depleted = DEPLETED in fired
-            if depleted == (available <= 0):
-                return
         for crossing in crossings(self.thresholds(), self.period_grant, fired, available):
             if crossing.fired and crossing.threshold is None:
                 self.trigger_event(self.BalanceDepleted, available_credits=available, timestamp=now)

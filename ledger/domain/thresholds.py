@@ -117,12 +117,13 @@ def thresholds_from_data(data: Iterable[Any]) -> tuple[Threshold, ...]:
     return tuple(Threshold.from_data(d) for d in data)
 
 
-def plan_thresholds(features: Mapping[str, Any]) -> tuple[Threshold, ...]:
+def plan_thresholds(features: Mapping[str, Any]) -> tuple[Threshold, ...] | None:
     """A plan's default thresholds from its features: the feature
-    ``balance_notifications`` (enabled) with ``config["thresholds"]``."""
+    ``balance_notifications``, enabled, with ``config["thresholds"]`` (none
+    or an empty list: depletion only). None when the plan has no such feature."""
     feature = features.get(PLAN_FEATURE)
     if feature is None or not getattr(feature, "enabled", False):
-        return ()
+        return None
     config = getattr(feature, "config", None) or {}
     return check_thresholds(config.get("thresholds", []))
 
