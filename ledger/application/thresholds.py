@@ -103,7 +103,11 @@ def thresholds_of(account: CreditAccount) -> BalanceThresholds:
     ]
     return BalanceThresholds(
         user_id=account.user_id,
-        source="host" if account.host_thresholds is not None else "plan" if account.plan_thresholds is not None else "none",
+        source="host"
+        if account.host_thresholds is not None
+        else "plan"
+        if account.plan_thresholds is not None
+        else "none",
         thresholds=[t.as_data() for t in in_force],
         period_grant_credits=account.period_grant,
         available_credits=account.available,

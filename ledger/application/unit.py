@@ -521,10 +521,12 @@ class Engine:
             unit.prefetch([], ids)
             for user_id in ids:
                 unit.sweep(user_id)
-            objs = unit.pending()
+            # Releases and expirations; the threshold crossings they cause
+            # (recorded by ``pending``) are not counted.
             count = sum(len(a.pending_events) for a in unit.accounts.values())
             if count == 0:
                 return 0
+            objs = unit.pending()
             try:
                 self.app.save_all(objs)
             except IntegrityError:
