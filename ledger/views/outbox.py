@@ -298,7 +298,8 @@ class Outbox:
 
     def position(self) -> int:
         """The position of the last notification this consumer finished with."""
-        rows = self.store.read("SELECT position FROM notification_consumers WHERE name = %s", [self.name])
+        table = self.store.qualified("notification_consumers")
+        rows = self.store.read(f"SELECT position FROM {table} WHERE name = %s", [self.name])
         return int(rows[0][0]) if rows else 0
 
     def lag(self) -> int:
@@ -446,7 +447,7 @@ class Outbox:
         params: list[Any] = [self.name] if status == "all" else [self.name, status]
         rows = self.store.read(
             "SELECT consumer, notification_id, position, type, user_id, attempts, last_error, status, dead_at, "
-            f"redelivered_at FROM notification_dead_letters WHERE consumer = %s{where} ORDER BY position LIMIT {limit}",
+            f"redelivered_at FROM {self.store.qualified('notification_dead_letters')} WHERE consumer = %s{where} ORDER BY position LIMIT {limit}",
             params,
         )
         return [
