@@ -36,7 +36,6 @@ from hypothesis.stateful import (
 
 from ledger import (
     CreditKind,
-    Threshold,
     IdempotencyConflict,
     InsufficientCredits,
     InvalidArgument,
@@ -45,6 +44,7 @@ from ledger import (
     ManualClock,
     Receipt,
     ReservationClosed,
+    Threshold,
     UnknownAccount,
     UnknownReservation,
 )

@@ -445,9 +445,10 @@ class Outbox:
             raise InvalidArgument(f"limit must be within 1..10000, got {limit!r}", param="limit")
         where = "" if status == "all" else " AND status = %s"
         params: list[Any] = [self.name] if status == "all" else [self.name, status]
+        table = self.store.qualified("notification_dead_letters")
         rows = self.store.read(
             "SELECT consumer, notification_id, position, type, user_id, attempts, last_error, status, dead_at, "
-            f"redelivered_at FROM {self.store.qualified('notification_dead_letters')} WHERE consumer = %s{where} ORDER BY position LIMIT {limit}",
+            f"redelivered_at FROM {table} WHERE consumer = %s{where} ORDER BY position LIMIT {limit}",
             params,
         )
         return [
