@@ -4,9 +4,10 @@ order (so in order per account). Run by ``python -m ledger notify``.
 
 One notifier delivers one notification at a time: a later notification of
 the same account is never sent before an earlier one has been delivered or
-given up on. Its position moves past a notification in the same transaction
-that records a dead letter for it, if it was given up on; a crash before
-that commit sends it again (at least once: receivers dedupe by ``id``).
+given up on. Its position moves once per pass past what the pass delivered,
+and past a notification given up on in the same transaction that records
+its dead letter; a crash before a commit sends again what it had not
+committed (at least once: receivers dedupe by ``id``).
 """
 
 from __future__ import annotations
@@ -154,26 +155,26 @@ class Notifier:
 
     def run_once(self, *, limit: int = 100) -> DeliveryReport:
         """Delivers (or dead-letters) the pending notifications, at most
-        ``limit``, in order; returns what it did."""
+        ``limit``, in order; returns what it did. The position moves once per
+        pass (and at each dead letter, which is written in that same
+        transaction): a crash re-sends at most the pass's delivered ones."""
         report = DeliveryReport()
         position = self.outbox.position()
-        for notification in self.outbox.read(position, limit):
-            delivered, tries, error = self.deliver(notification)
-            report.attempts += tries
-            if not delivered and self.stop.is_set():
-                break  # not given up on: sent again by the next run
-            try:
+        reached = position
+        try:
+            for notification in self.outbox.read(position, limit):
+                delivered, tries, error = self.deliver(notification)
+                report.attempts += tries
+                if delivered:
+                    reached = notification.position
+                    report.delivered += 1
+                    report.positions.append(reached)
+                    continue
+                if self.stop.is_set():
+                    break  # not given up on: sent again by the next run
                 with self.outbox.advancing(position, notification.position) as tx:
-                    if not delivered:
-                        self.outbox.bury(tx, notification, attempts=tries, error=error)
-            except OutboxMoved:
-                log.info("another notifier of consumer %r moved on; reading again", self.outbox.name)
-                break
-            position = notification.position
-            if delivered:
-                report.delivered += 1
-                report.positions.append(position)
-            else:
+                    self.outbox.bury(tx, notification, attempts=tries, error=error)
+                position = reached = notification.position
                 report.dead += 1
                 log.error(
                     "notification %s (position %d) dead-lettered after %d tries: %s",
@@ -182,6 +183,10 @@ class Notifier:
                     tries,
                     error,
                 )
+            if reached > position:
+                self.outbox.commit(position, reached)
+        except OutboxMoved:
+            log.info("another notifier of consumer %r moved on; reading again", self.outbox.name)
         return report
 
     def run(

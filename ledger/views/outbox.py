@@ -365,8 +365,11 @@ class Outbox:
     def _user_of(self, aggregate_id: UUID) -> UUID | None:
         user = self._users.get(aggregate_id)
         if user is None:
-            aggregate: Any = self.app.repository.get(aggregate_id)
-            user = getattr(aggregate, "user_id", None)
+            # The aggregate's first event names its user (an account's Opened,
+            # a subscription's Started): one row, not the whole aggregate.
+            first = self.app.recorder.select_events(aggregate_id, lte=1, limit=1)
+            if first:
+                user = getattr(self.app.mapper.to_domain_event(first[0]), "user_id", None)
             if user is not None:
                 self._remember(aggregate_id, user)
         return user
