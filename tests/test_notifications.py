@@ -30,6 +30,8 @@ from ledger import (
     verify_signature,
 )
 from ledger.application.signing import SIGNATURE_HEADER, TIMESTAMP_HEADER, sign, signed_headers
+from ledger.domain.credits import account_id_for
+from ledger.storage.eventstore import SNAPSHOT_INTERVAL_EVENTS
 
 USER = UUID(int=0xA11CE)
 SECRET = "whsec-test-0123456789abcdef"
@@ -383,3 +385,48 @@ def test_threshold_values() -> None:
     assert Threshold.credits(5).id == "credits:5" and Threshold.percent(10).level(999) == 99
     assert Threshold.percent(10).level(0) is None
     assert Threshold.from_data({"percent": 7}) == Threshold.percent(7)
+
+
+@pytest.mark.parametrize("with_snapshots", [True, False])
+def test_accounts_stored_before_thresholds_load_unwatched_and_can_be_watched(
+    ledger: Ledger, with_snapshots: bool
+) -> None:
+    from tests.test_event_compatibility import USER as STORED_USER
+    from tests.test_event_compatibility import _load_fixture
+
+    expected = _load_fixture(ledger, "stored_events_v0_1.json", with_snapshots=with_snapshots)
+    assert ledger.balance_thresholds(STORED_USER).source == "none"
+    ledger.spend(STORED_USER, 1, key="watched:unwatched-spend")
+    assert crossings(ledger, STORED_USER) == []
+    available = ledger.balance(STORED_USER).available_credits
+    assert available > 2
+    ledger.set_balance_thresholds(STORED_USER, [Threshold.credits(available - 2)], key="watched:set")
+    ledger.spend(STORED_USER, 1, key="watched:s1")
+    ledger.spend(STORED_USER, 1, key="watched:s2")
+    ledger.spend(STORED_USER, 1, key="watched:s3")
+    assert crossings(ledger, STORED_USER) == [("balancelow", f"credits:{available - 2}", available - 2)]
+    assert len(ledger.history(STORED_USER, limit=10_000)) == expected["events"] + 6
+
+
+def test_threshold_state_survives_snapshots_and_reopening(durable_url: str) -> None:
+    spends = SNAPSHOT_INTERVAL_EVENTS + 5
+    with Ledger(durable_url) as ledger:
+        ledger.grant(USER, 10_000, "purchase", key="g")
+        ledger.set_balance_thresholds(USER, [Threshold.credits(9_950), Threshold.credits(10)], key="t")
+        for i in range(spends):
+            ledger.spend(USER, 1, key=f"s{i}")
+        assert ledger.app.snapshots is not None
+        assert ledger.app.snapshots.recorder.select_events(account_id_for(USER), desc=True, limit=1)
+    with Ledger(durable_url) as reopened:
+        state = reopened.balance_thresholds(USER)
+        assert state.available_credits == 10_000 - spends
+        assert [(s.threshold, s.fired) for s in state.states] == [
+            ("credits:9950", True),
+            ("credits:10", False),
+            ("depleted", False),
+        ]
+        reopened.spend(USER, state.available_credits - 10, key="down")
+        assert [(kind, t) for kind, t, _ in crossings(reopened, USER)] == [
+            ("balancelow", "credits:9950"),
+            ("balancelow", "credits:10"),
+        ]
