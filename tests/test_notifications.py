@@ -430,3 +430,18 @@ def test_threshold_state_survives_snapshots_and_reopening(durable_url: str) -> N
             ("balancelow", "credits:9950"),
             ("balancelow", "credits:10"),
         ]
+
+
+def test_a_plan_stored_with_a_config_the_feature_refuses_gives_no_defaults(ledger: Ledger) -> None:
+    from ledger.domain.plans import Plan, plan_id_for
+
+    terms = _watched_plan([{"percent": 10}])
+    data = terms.as_event_data()
+    data["features"]["balance_notifications"]["config"] = {"thresholds": [{"percent": 500}]}
+    # As a store written before the feature was checked holds it.
+    ledger.app.save(Plan._create(Plan.Defined, id=plan_id_for("watched"), terms=data, actor=None))
+    ledger.set_balance_thresholds(USER, [Threshold.credits(10)], key="t")
+    started = ledger.start_subscription(USER, "watched", key="sub")
+    assert started.balance_credits == 1_000
+    state = ledger.balance_thresholds(USER)
+    assert (state.source, state.period_grant_credits) == ("host", 1_000)

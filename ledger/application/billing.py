@@ -130,9 +130,13 @@ def _adopt_plan_thresholds(unit: UnitOfWork, user_id: UUID, terms: PlanTerms, gr
     except UnknownAccount:
         return
     grant = granted if replace else account.period_grant + granted
-    account.adopt_plan_thresholds(
-        plan=terms.name, thresholds=plan_thresholds(terms.features), period_grant_credits=grant, now=unit.now
-    )
+    try:
+        defaults = plan_thresholds(terms.features)
+    except InvalidArgument:
+        # Terms recorded before check_terms knew the feature: a period's
+        # grant never fails for it; the plan then gives no defaults.
+        defaults = None
+    account.adopt_plan_thresholds(plan=terms.name, thresholds=defaults, period_grant_credits=grant, now=unit.now)
 
 
 def _done(unit: UnitOfWork, c: Command, s: Subscription, granted: int) -> Receipt:

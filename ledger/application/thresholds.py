@@ -18,6 +18,7 @@ from ledger.domain.credits import CreditAccount
 from ledger.domain.plans import Plan, PlanTerms, plan_id_for
 from ledger.domain.subscriptions import SubscriberSlot, Subscription, slot_id_for
 from ledger.domain.thresholds import DEPLETED, Threshold, check_thresholds, levels, plan_thresholds
+from ledger.errors import InvalidArgument
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,13 @@ class SetBalanceThresholds(Command):
         terms = _live_terms(unit, self.user_id)
         if terms is not None:
             # The plan's defaults and the period's grant, until the next period's grant records them.
+            try:
+                defaults = plan_thresholds(terms.features)
+            except InvalidArgument:  # terms recorded before check_terms knew the feature
+                defaults = None
             account.adopt_plan_thresholds(
                 plan=terms.name,
-                thresholds=plan_thresholds(terms.features),
+                thresholds=defaults,
                 period_grant_credits=account.period_grant or terms.credits,
                 now=unit.now,
             )
