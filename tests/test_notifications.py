@@ -304,6 +304,7 @@ def test_consume_is_at_least_once_and_resumable(ledger: Ledger) -> None:
     assert [n.data["entry_id"] for n in handled][2:] == [n.data["entry_id"] for n in handled][2:]
     assert len({n.id for n in handled}) == 5 and len(handled) == 6  # the failed one came again
     assert outbox.pending() == [] and outbox.consume(handled.append) == 0
+    assert outbox.lag() == 0  # past the key records after the last notification too
     # Another consumer has its own position.
     assert len(ledger.outbox("billing").pending()) == 5
 

@@ -128,7 +128,7 @@ def test_notifier_delivers_through_a_failing_receiver(ledger_url: str, receiver:
                 assert report.dead == 0
         assert receiver.requests == total + 4  # four failures, each retried
         check_delivered(ledger, receiver)
-        assert ledger.outbox("hooks").pending() == []
+        assert ledger.outbox("hooks").pending() == [] and ledger.outbox("hooks").lag() == 0
 
 
 def test_notifier_dead_letters_then_redrives(ledger_url: str, receiver: Receiver) -> None:

@@ -161,8 +161,9 @@ class Notifier:
         report = DeliveryReport()
         position = self.outbox.position()
         reached = position
+        found, through = self.outbox.scan(position, limit)
         try:
-            for notification in self.outbox.read(position, limit):
+            for notification in found:
                 delivered, tries, error = self.deliver(notification)
                 report.attempts += tries
                 if delivered:
@@ -183,6 +184,8 @@ class Notifier:
                     tries,
                     error,
                 )
+            else:
+                reached = max(reached, through)  # every one handled: past the rest of the scan too
             if reached > position:
                 self.outbox.commit(position, reached)
         except OutboxMoved:

@@ -308,10 +308,20 @@ class Outbox:
 
     def read(self, after: int, limit: int = 100) -> list[Notification]:
         """The notifications after log position ``after``, at most ``limit``, in order."""
+        return self.scan(after, limit)[0]
+
+    def scan(self, after: int, limit: int = 100) -> tuple[list[Notification], int]:
+        """The notifications after ``after`` (at most ``limit``) and the log
+        position the scan covered: the head when it found fewer than
+        ``limit`` (no notification lies between the last one and the head),
+        else the last one's position. A consumer done with them may move
+        its position there."""
         if type(limit) is not int or not 1 <= limit <= MAX_READ:
             raise InvalidArgument(f"limit must be within 1..{MAX_READ}, got {limit!r}", param="limit")
         found: list[Notification] = []
         start = after + 1
+        # The head is read first: writers commit in position order (the
+        # projector relies on the same), so every event up to it is visible.
         head = self.head()
         while len(found) < limit and start <= head:
             page = self.app.recorder.select_notifications(start=start, limit=limit, stop=head, topics=self.topics)
@@ -322,9 +332,9 @@ class Outbox:
                 if notification is not None:
                     found.append(notification)
                     if len(found) == limit:
-                        break
+                        return found, notification.position
             start = page[-1].id + 1
-        return found
+        return found, max(head, after)
 
     def at(self, position: int) -> Notification | None:
         """The notification at a log position (None when the event there is not one)."""
@@ -412,11 +422,14 @@ class Outbox:
         with self._lock:
             position = self.position()
             handled = 0
-            for notification in self.read(position, limit):
+            found, through = self.scan(position, limit)
+            for notification in found:
                 handler(notification)
                 self.commit(position, notification.position)
                 position = notification.position
                 handled += 1
+            if through > position:
+                self.commit(position, through)  # past the events that are not notifications
             return handled
 
     # -- dead letters ----------------------------------------------------------------
