@@ -6,11 +6,15 @@ hand-over, dead letters; and the signature a receiver checks."""
 
 from __future__ import annotations
 
+import json
 import threading
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
+from eventsourcing.persistence import StoredEvent
 
 from ledger import (
     DEFAULT_CATALOG,
@@ -388,14 +392,33 @@ def test_threshold_values() -> None:
     assert Threshold.from_data({"percent": 7}) == Threshold.percent(7)
 
 
+#: The account of tests/fixtures/stored_events_v0_1.json (see tests/test_event_compatibility.py).
+STORED_USER = UUID("00000000-0000-4000-8000-000000000001")
+
+
+def load_v0_1_fixture(ledger: Ledger, *, with_snapshots: bool) -> dict[str, Any]:
+    """The events (and snapshots) version 0.1 wrote, inserted as they were stored."""
+    data = json.loads((Path(__file__).parent / "fixtures" / "stored_events_v0_1.json").read_text())
+
+    def stored(table: str) -> list[StoredEvent]:
+        return [
+            StoredEvent(UUID(r["originator_id"]), r["originator_version"], r["topic"], r["state"].encode())
+            for r in data["rows"]
+            if r["table"] == table
+        ]
+
+    ledger.app.recorder.insert_events(stored("events"))
+    if with_snapshots:
+        assert ledger.app.snapshots is not None
+        ledger.app.snapshots.recorder.insert_events(stored("snapshots"))
+    return dict(data["expected"])
+
+
 @pytest.mark.parametrize("with_snapshots", [True, False])
 def test_accounts_stored_before_thresholds_load_unwatched_and_can_be_watched(
     ledger: Ledger, with_snapshots: bool
 ) -> None:
-    from tests.test_event_compatibility import USER as STORED_USER
-    from tests.test_event_compatibility import _load_fixture
-
-    expected = _load_fixture(ledger, "stored_events_v0_1.json", with_snapshots=with_snapshots)
+    expected = load_v0_1_fixture(ledger, with_snapshots=with_snapshots)
     assert ledger.balance_thresholds(STORED_USER).source == "none"
     ledger.spend(STORED_USER, 1, key="watched:unwatched-spend")
     assert crossings(ledger, STORED_USER) == []
