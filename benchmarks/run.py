@@ -41,6 +41,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 import checks as check_bench  # noqa: E402  (benchmarks/checks.py, beside this file)
+import notify as notify_bench  # noqa: E402  (benchmarks/notify.py, beside this file)
 import pricing as pricing_bench  # noqa: E402  (benchmarks/pricing.py, beside this file)
 import scaling as scaling_bench  # noqa: E402  (benchmarks/scaling.py, beside this file)
 import webhooks as webhook_bench  # noqa: E402  (benchmarks/webhooks.py, beside this file)
@@ -1049,6 +1050,14 @@ def report_targets(figures: dict[str, float]) -> None:
             f"{figures['check_per_s']:,.0f} (uncached {figures['check_uncached_per_s']:,.0f})",
         )
     )
+    if "notify_lag_ms_p99" in figures:
+        checks.append(
+            (
+                f"notify_lag_ms_p99 < {notify_bench.TARGET_LAG_MS_P99:g}",
+                figures["notify_lag_ms_p99"] < notify_bench.TARGET_LAG_MS_P99,
+                f"{figures['notify_lag_ms_p99']:.0f} ms at {figures['notify_commands_per_s']:.0f} commands/s",
+            )
+        )
     say("targets:")
     for label, met, value in checks:
         say(f"  {'met   ' if met else 'MISSED'}  {label}  ({value})")
@@ -1110,6 +1119,7 @@ def run(sizes: Sizes, timeout_s: float, *, analyze: bool = False) -> dict[str, f
         figures.update(check_figures(base, sizes, watchdog))
         figures.update(scaling_figures(base, sizes, watchdog))
         figures.update(pricing_figures(base, sizes, watchdog))
+        figures.update(notify_figures(base, sizes, watchdog))
     except Exception:
         if watchdog.fired.is_set():
             say(f"!! aborted by the watchdog after {timeout_s:.0f} s (a call hung or the run was too slow)")
@@ -1123,6 +1133,19 @@ def run(sizes: Sizes, timeout_s: float, *, analyze: bool = False) -> dict[str, f
     figures["elapsed_s"] = round(time.perf_counter() - started, 1)
     figures["load_average_1m"] = round(load_average(), 2)
     return figures
+
+
+def notify_figures(base: str, sizes: Sizes, watchdog: Watchdog) -> dict[str, Any]:
+    """benchmarks/notify.py's figures (commit to delivery through ``python -m
+    ledger notify``), on a schema of their own; the quick run measures 5 s."""
+    schema = f"bench_notify_{uuid.uuid4().hex[:12]}"
+    seconds = 5.0 if sizes.commands < Sizes.full().commands else 20.0
+    try:
+        with timed("notify", watchdog.check):
+            found = notify_bench.run(base, schema, seconds, notify_bench.DEFAULT_RATE, say)
+    finally:
+        drop_schema(base, schema)
+    return {k: v for k, v in found.items() if k.startswith("notify_") and k != "notify_met"}
 
 
 def webhook_figures(base: str, sizes: Sizes, raw_per_s: float, watchdog: Watchdog) -> dict[str, Any]:

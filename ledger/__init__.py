@@ -27,6 +27,7 @@ from ledger.application.facade import DEFAULT_URL, Ledger, resolve_url
 from ledger.application.group import GroupCommit, GroupCommitPolicy, GroupCommitStats
 from ledger.application.holds import ReleaseReservation, ReserveCredits, SettleReservation
 from ledger.application.limits import SetCreditLimit
+from ledger.application.notify import DeliveryReport, Notifier, RetryPolicy
 from ledger.application.pricing import DefinePriceBook, ReserveForJob
 from ledger.application.results import (
     AccountEvent,
@@ -41,6 +42,8 @@ from ledger.application.results import (
     Reservation,
     SubscriptionView,
 )
+from ledger.application.signing import verify_signature
+from ledger.application.thresholds import BalanceThresholds, SetBalanceThresholds, ThresholdState
 from ledger.audit.auditor import Auditor
 from ledger.audit.base import Finding
 from ledger.audit.digest import DigestHead, DigestResult, Tampering, VerifyResult
@@ -60,6 +63,7 @@ from ledger.domain.subscriptions import (
     UnknownSubscription,
 )
 from ledger.domain.subscriptions import Status as SubscriptionStatus
+from ledger.domain.thresholds import Threshold
 from ledger.errors import (
     AccountLimitReached,
     BatchRejected,
@@ -71,6 +75,7 @@ from ledger.errors import (
     InvalidAmount,
     InvalidArgument,
     InvalidJobParameter,
+    InvalidSignature,
     InvariantViolation,
     LedgerClosed,
     LedgerError,
@@ -85,6 +90,7 @@ from ledger.errors import (
     ViewsStalled,
 )
 from ledger.storage.freshness import CommandStats
+from ledger.views.outbox import DeadLetter, Notification, Outbox, OutboxMoved
 
 __version__ = "0.1.0"
 
@@ -194,6 +200,22 @@ __all__ = [
     "ReserveForJob",
     "RuleMode",
     "UnknownJobType",
+]
+# Balance thresholds and the notification outbox (docs/notifications.md).
+__all__ += [
+    "BalanceThresholds",
+    "DeadLetter",
+    "DeliveryReport",
+    "InvalidSignature",
+    "Notification",
+    "Notifier",
+    "Outbox",
+    "OutboxMoved",
+    "RetryPolicy",
+    "SetBalanceThresholds",
+    "Threshold",
+    "ThresholdState",
+    "verify_signature",
 ]
 
 

@@ -342,3 +342,15 @@ class InvalidJobParameter(InvalidArgument):
         self.job_type = job_type
         self.parameter = parameter
         super().__init__(f"{job_type} parameter {parameter!r} {problem}", param=f"params.{parameter}")
+
+
+class InvalidSignature(LedgerError):
+    """A notification's signature does not verify (``verify_signature``):
+    ``reason`` is ``missing_timestamp``, ``stale_timestamp``,
+    ``missing_signature`` or ``mismatch``."""
+
+    code = "invalid_signature"
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)

@@ -48,6 +48,7 @@ from ledger import (
     ManualClock,
     Receipt,
     ReservationClosed,
+    Threshold,
     UnknownAccount,
     UnknownReservation,
 )
@@ -487,6 +488,13 @@ class LedgerMachine(RuleBasedStateMachine):
         self.free_keys: list[str] = []
         #: Holds whose expected record changed since the last invariant check.
         self.dirty: set[UUID] = set()
+        #: Balance thresholds: the watched accounts' credit levels, the
+        #: thresholds the reference model has fired, and the crossing events
+        #: it expects, per (user, event type, threshold id).
+        self.levels: dict[UUID, list[int]] = {}
+        self.fired: dict[UUID, set[str]] = {}
+        self.crossings: dict[tuple[UUID, str, str], int] = {}
+        self.threshold_calls: list[tuple[UUID, list[Threshold], str]] = []
 
     def teardown(self) -> None:
         try:
@@ -529,6 +537,7 @@ class LedgerMachine(RuleBasedStateMachine):
             return expected
         expected.receipt = receipt
         self.dirty |= self.model.commit(call, expected, receipt, now)
+        self.cross(expected.owner)
         if call.key in self.free_keys:
             self.free_keys.remove(call.key)
         account = self.model.accounts[expected.owner]
@@ -640,17 +649,68 @@ class LedgerMachine(RuleBasedStateMachine):
         ttl=st.sampled_from(GRANT_TTLS[2:]),
         limited=st.lists(users, unique=True, max_size=2),
         limit=st.integers(1, 150),
+        shares=st.lists(
+            st.lists(st.integers(5, 110), min_size=1, max_size=3) | st.just([]) | st.none(),
+            min_size=N_USERS,
+            max_size=N_USERS,
+        ),
     )
-    def open_accounts(self, opened: list[int], amount: int, ttl: timedelta, limited: list[int], limit: int) -> None:
+    def open_accounts(
+        self,
+        opened: list[int],
+        amount: int,
+        ttl: timedelta,
+        limited: list[int],
+        limit: int,
+        shares: list[list[int] | None],
+    ) -> None:
         """Starts some accounts with credits, one expiring and one not, so that
         spends and holds mostly succeed, and gives some a credit limit, so that
-        spends and holds go on credit; the other accounts stay unopened."""
+        spends and holds go on credit; the other accounts stay unopened.
+        Opened accounts with ``shares`` are watched: credit thresholds at those
+        percentages of their opening credits, a percentage threshold (inactive:
+        no subscription grant) and depletion."""
         for user in limited:
             self.run(Call("limit", self.key(None, "open-limit"), self.users[user], limit, reason="enterprise"))
         for user in opened:
             self.run(Call("grant", self.key(None, "open"), self.users[user], amount, CreditKind.PURCHASE))
             expires_at = self.clock.now() + ttl
             self.run(Call("grant", self.key(None, "open"), self.users[user], amount, CreditKind.BONUS, expires_at))
+            chosen = shares[user]
+            if chosen is not None:
+                self.watch(self.users[user], sorted({max(1, 2 * amount * share // 100) for share in chosen}))
+
+    def watch(self, user: UUID, levels: list[int]) -> None:
+        thresholds = [Threshold.credits(level) for level in levels] + [Threshold.percent(10)]
+        key = self.key(None, "thresholds")
+        self.ledger.set_balance_thresholds(user, thresholds, key=key)
+        self.threshold_calls.append((user, thresholds, key))
+        # Setting thresholds never notifies: those at or above available start fired.
+        available = self.model.accounts[user].available
+        self.levels[user] = sorted(levels, reverse=True)
+        self.fired[user] = {f"credits:{level}" for level in levels if available <= level}
+        if available <= 0:
+            self.fired[user].add("depleted")
+
+    def cross(self, user: UUID) -> None:
+        """The reference rule, after a transaction on ``user``'s account: each
+        armed threshold at or above available fires once; each fired one below
+        available re-arms."""
+        if user not in self.levels:
+            return
+        available = self.model.accounts[user].available
+        fired = self.fired[user]
+        for threshold, level in [*((f"credits:{lv}", lv) for lv in self.levels[user]), ("depleted", 0)]:
+            if threshold not in fired and available <= level:
+                kind = "balancedepleted" if threshold == "depleted" else "balancelow"
+                fired.add(threshold)
+            elif threshold in fired and available > level:
+                kind = "balancerecovered"
+                fired.discard(threshold)
+            else:
+                continue
+            at = (user, kind, threshold)
+            self.crossings[at] = self.crossings.get(at, 0) + 1
 
     @rule(
         user=users,
@@ -719,9 +779,13 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @rule()
     def expire_holds(self) -> None:
-        expected, changed = self.model.expire_holds(self.clock.now())
+        now = self.clock.now()
+        swept = [u for u, a in self.model.accounts.items() if any(h.expires_at <= now for h in a.holds.values())]
+        expected, changed = self.model.expire_holds(now)
         assert self.ledger.expire_holds() == expected
         self.dirty |= changed
+        for user in swept:
+            self.cross(user)
 
     @precondition(lambda self: bool(self.model.used))
     @rule(op=st.sampled_from(OPS), pick=st.integers(0, 200), toggle_hint=st.booleans())
@@ -817,6 +881,27 @@ class LedgerMachine(RuleBasedStateMachine):
             actual = {"below": max(1, reserved // 2), "equal": reserved, "above": reserved + 1}[close]
             self.run(Call("settle", self.key(None, "settle"), amount=actual, reservation_id=rid))
 
+    @precondition(lambda self: bool(self.levels))
+    @rule(pick=st.integers(0, 10), edge=st.sampled_from([-1, 0, 1]), drain=st.booleans())
+    def spend_to_a_threshold(self, pick: int, edge: int, drain: bool) -> None:
+        """Spends a watched account down to just above, exactly at, or just
+        below one of its levels (or to 0): the boundaries of the crossing rule."""
+        watched = sorted(self.levels)
+        user = watched[pick % len(watched)]
+        levels = self.levels[user]
+        target = 0 if drain or not levels else max(0, levels[pick % len(levels)] + edge)
+        now = self.clock.now()
+        available = self.model.effective(user, now)[0].available
+        if available > target:
+            self.run(Call("spend", self.key(None, "to-threshold"), user, available - target, CreditKind.API_USE))
+
+    @precondition(lambda self: bool(self.threshold_calls))
+    @rule(pick=st.integers(0, 10))
+    def retry_thresholds(self, pick: int) -> None:
+        """Setting thresholds again under the same key records nothing."""
+        user, thresholds, key = self.threshold_calls[pick % len(self.threshold_calls)]
+        assert self.ledger.set_balance_thresholds(user, thresholds, key=key).replayed
+
     @precondition(lambda self: self.shared_store)
     @rule()
     def reopen(self) -> None:
@@ -841,6 +926,23 @@ class LedgerMachine(RuleBasedStateMachine):
                 record.release_reason,
             ), f"reservation {rid}: ledger {seen}, model {record}"
         self.dirty.clear()
+
+    @invariant()
+    def one_notification_per_crossing(self) -> None:
+        for user, levels in self.levels.items():
+            seen: dict[tuple[UUID, str, str], int] = {}
+            for event in self.ledger.history(user, limit=10_000):
+                if event.type in ("balancelow", "balancerecovered"):
+                    at = (user, event.type, event.data["threshold"])
+                elif event.type == "balancedepleted":
+                    at = (user, event.type, "depleted")
+                else:
+                    continue
+                seen[at] = seen.get(at, 0) + 1
+            expected = {at: n for at, n in self.crossings.items() if at[0] == user}
+            assert seen == expected, f"user {user} (levels {levels}): ledger crossings {seen}, model {expected}"
+            state = self.ledger.balance_thresholds(user)
+            assert {s.threshold for s in state.states if s.fired} == self.fired[user]
 
 
 def machine_for(url: str) -> type[LedgerMachine]:

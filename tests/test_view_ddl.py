@@ -63,7 +63,7 @@ def test_every_table_has_one_owner() -> None:
     owned = [t.name for t in schema_tables()]
     assert len(owned) == len(set(owned))
     assert (*owned, SCHEMA_VERSION_TABLE.name) == TABLES
-    assert {t.name for t in OTHER_TABLES} == {"webhook_events"}
+    assert {t.name for t in OTHER_TABLES} == {"webhook_events", "notification_consumers", "notification_dead_letters"}
     with pytest.raises(ConfigurationError, match="declared twice: plans"):
         render_sqlite([*schema_tables(), next(t for t in schema_tables() if t.name == "plans")])
 

@@ -284,6 +284,9 @@ class AsyncLedger:
     price_book_history = _in_thread(Ledger.price_book_history)
     quote = _in_thread(Ledger.quote)
     reserve_for_job = _in_thread(Ledger.reserve_for_job)
+    set_balance_thresholds = _in_thread(Ledger.set_balance_thresholds)
+    balance_thresholds = _in_thread(Ledger.balance_thresholds)
+    outbox = _in_thread(Ledger.outbox)
 
     async def scan(self, topics: list[str]) -> AsyncIterator[Any]:
         """``Ledger.scan`` as an async iterator: every recorded event with one

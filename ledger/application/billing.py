@@ -61,8 +61,9 @@ from ledger.domain.subscriptions import (
     provider_states,
     subscription_id_for,
 )
+from ledger.domain.thresholds import plan_thresholds
 from ledger.domain.usage import check_usage_terms
-from ledger.errors import InvalidArgument
+from ledger.errors import InvalidArgument, UnknownAccount
 
 if TYPE_CHECKING:
     from uuid import UUID
@@ -107,7 +108,7 @@ def _period_credits(
         # would lapse unused, so none are granted.
         return 0
     key = f"subscription:{subscription_id}:{purpose}:{period_start.isoformat()}"
-    return unit.grant_once(
+    granted = unit.grant_once(
         user_id,
         amount,
         kind,
@@ -117,6 +118,26 @@ def _period_credits(
         reference_id=str(subscription_id),
         description=f"{terms.display_name} plan, {purpose}",
     )
+    _adopt_plan_thresholds(unit, user_id, terms, granted, replace=True)
+    return granted
+
+
+def _adopt_plan_thresholds(unit: UnitOfWork, user_id: UUID, terms: PlanTerms, granted: int, *, replace: bool) -> None:
+    """Gives the account the plan's default balance thresholds and the
+    period's grant (``replace``) or adds ``granted`` to it (an upgrade within
+    the period). An account that does not exist is not opened for it."""
+    try:
+        account = unit.account(user_id)
+    except UnknownAccount:
+        return
+    grant = granted if replace else account.period_grant + granted
+    try:
+        defaults = plan_thresholds(terms.features)
+    except InvalidArgument:
+        # Terms recorded before check_terms knew the feature: a period's
+        # grant never fails for it; the plan then gives no defaults.
+        defaults = None
+    account.adopt_plan_thresholds(plan=terms.name, thresholds=defaults, period_grant_credits=grant, now=unit.now)
 
 
 def _done(unit: UnitOfWork, c: Command, s: Subscription, granted: int) -> Receipt:
@@ -287,6 +308,7 @@ class ChangePlan(_OnSubscription):
                 reference_id=str(s.id),
                 description=f"upgrade to {new.terms.display_name}",
             )
+        _adopt_plan_thresholds(unit, s.user_id, new.terms, granted, replace=False)
         s.change_plan(
             unit.now,
             old.terms,
@@ -677,6 +699,7 @@ def _synced(unit: UnitOfWork, s: Subscription, state: ProviderState, *, restated
             reason=PROVIDER_CHANGE_REASON,
             timestamp=unit.now,
         )
+        _adopt_plan_thresholds(unit, s.user_id, plan.terms, 0, replace=False)
     source = state.source
     s.trigger_event(
         s.Synced,

@@ -54,6 +54,7 @@ from ledger.application.results import (
     plan_view,
     subscription_view,
 )
+from ledger.application.thresholds import BalanceThresholds, SetBalanceThresholds, parse_thresholds, thresholds_of
 from ledger.application.unit import MAX_BATCH_COMMANDS, Engine
 from ledger.clock import Clock, SystemClock, moment_for
 from ledger.domain.checks import check_key, check_user_id, check_uuid
@@ -71,12 +72,14 @@ from ledger.domain.subscriptions import (
     pause_mode_of,
     slot_id_for,
 )
+from ledger.domain.thresholds import Threshold
 from ledger.errors import ConfigurationError, InvalidArgument, UnknownAccount, UnknownReservation, ViewsBehind
 from ledger.storage.base import Backend
 from ledger.storage.config import StoreConfig, parse_url, redact
 from ledger.storage.eventstore import LedgerApplication
 from ledger.storage.factory import open_backend
 from ledger.storage.freshness import CommandStats
+from ledger.views.outbox import Outbox
 from ledger.views.runner import Views
 
 log = logging.getLogger("ledger.views")
@@ -807,6 +810,34 @@ class Ledger:
         )
         self._prices.record()  # brings the command cache's book up to the quotes' (at most a second old)
         return self.execute(command)
+
+    # -- balance thresholds and the notification outbox (docs/notifications.md) ------
+
+    def set_balance_thresholds(
+        self,
+        user_id: UUID,
+        thresholds: Iterable[Threshold | Mapping[str, int]] | None,
+        *,
+        key: str,
+        actor: str | None = None,
+    ) -> Receipt:
+        """Sets the account's low-balance thresholds (``Threshold.credits(500)``,
+        ``Threshold.percent(10)`` or ``{"credits": 500}``); ``None`` returns it to
+        its plan's defaults. Depletion (0 available) is always watched."""
+        return self.execute(
+            SetBalanceThresholds(key=key, user_id=user_id, thresholds=parse_thresholds(thresholds), actor=actor)
+        )
+
+    def balance_thresholds(self, user_id: UUID) -> BalanceThresholds:
+        """The account's thresholds in force, their levels and which have fired."""
+        account = self._account(user_id)
+        account.apply_due(self.clock.now())  # in memory only, as balance()
+        return thresholds_of(account)
+
+    def outbox(self, name: str = "default", *, types: Iterable[str] | None = None) -> Outbox:
+        """The notification outbox as consumer ``name`` sees it (its own
+        position), for the notification ``types`` given (default: all)."""
+        return Outbox(self.app, self.views.store, name, types=types)
 
 
 def resolve_url(url: str | None = None) -> str:

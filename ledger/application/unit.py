@@ -364,6 +364,10 @@ class Unit:
     def pending(self) -> list[Any]:
         """Everything to save: accounts, the hold records their events imply
         (``holds.record_events``), and the command records. One transaction."""
+        for account in self.accounts.values():
+            # Balance thresholds are crossed by the transaction as a whole:
+            # recorded here, with the events that crossed them.
+            account.cross_thresholds(self.now)
         objs: list[Any] = list(self.accounts.values())
         objs.extend(holds.record_events(self.accounts.values(), self.new_holds, self.hold_prices))
         objs.extend(self.others.values())
@@ -536,11 +540,13 @@ class Engine:
             unit.prefetch([], ids)
             for user_id in ids:
                 unit.sweep(user_id)
-            objs = unit.pending()
+            # Releases and expirations; the threshold crossings they cause
+            # (recorded by ``pending``) are not counted.
             count = sum(len(a.pending_events) for a in unit.accounts.values())
             if count == 0:
                 return 0
             self.app.counters.add("attempts")
+            objs = unit.pending()
             try:
                 self.app.save_all(objs)
             except IntegrityError:

@@ -20,7 +20,11 @@ from ledger.errors import InvalidArgument, LedgerError, TimeInFuture
 
 #: The environment variables the core's commands read, for ``--help``. A
 #: provider's commands name theirs in their own help (``webhooks --help``).
-ENVIRONMENT = (("LEDGER_URL", "the ledger URL of every command with --url (default sqlite:///pingvas-ledger.sqlite3)"),)
+ENVIRONMENT = (
+    ("LEDGER_URL", "the ledger URL of every command with --url (default sqlite:///pingvas-ledger.sqlite3)"),
+    ("LEDGER_NOTIFY_URL", "notify: the host's endpoint (--url)"),
+    ("LEDGER_NOTIFY_SECRET", "notify: the signing secret (--secret)"),
+)
 
 
 def _epilog() -> str:
@@ -232,3 +236,12 @@ def main() -> None:
 
 for _command in audit_commands.COMMANDS:
     cli.add_command(_command)
+
+
+def _add_notify() -> None:
+    from ledger.cli.notify import notify
+
+    cli.add_command(notify)
+
+
+_add_notify()

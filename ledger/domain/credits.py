@@ -27,6 +27,14 @@ from eventsourcing.domain import Aggregate
 from eventsourcing.domain import Snapshot as BaseSnapshot
 
 from ledger.domain.holds import EXPIRED_REASON, Hold, due
+from ledger.domain.thresholds import (
+    DEPLETED,
+    Threshold,
+    crossings,
+    initially_fired,
+    thresholds_data,
+    thresholds_from_data,
+)
 from ledger.domain.topics import TOPIC_PREFIX as TOPIC_PREFIX  # re-exported for the modules that import it from here
 from ledger.errors import (
     AccountLimitReached,
@@ -264,6 +272,20 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
     #: the blocks' remainders minus the debt. Grants repay it first (``Repaid``).
     debt = 0
 
+    #: Balance thresholds (ledger.domain.thresholds), as event data. An
+    #: account is watched only once its host or its plan gave it thresholds
+    #: (an empty list: depletion only); until then it records no crossing.
+    #: Class attributes give accounts restored from snapshots taken before
+    #: thresholds existed their values; events replace them, never change them in place.
+    #: The host's thresholds; None: the plan's.
+    host_thresholds: list[dict[str, int]] | None = None
+    #: The plan's default thresholds; None: the plan has none (feature ``balance_notifications``).
+    plan_thresholds: list[dict[str, int]] | None = None
+    #: The credits granted for the current period (the base of percentages).
+    period_grant = 0
+    #: The thresholds that fired and have not re-armed (ids; "depleted" too).
+    fired: tuple[str, ...] | list[str] = ()
+
     def __init__(self, user_id: UUID) -> None:
         self.user_id = user_id
         self.balance = 0
@@ -409,6 +431,68 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         def apply(self, account: CreditAccount) -> None:
             account.draw(self.draws)
             account.debt -= self.amount
+
+    # Balance thresholds and their crossings (ledger.domain.thresholds).
+
+    class BalanceThresholdsSet(Event):
+        """The host set the account's thresholds (None: back to the plan's)."""
+
+        TOPIC = f"{TOPIC_PREFIX}:CreditAccount.BalanceThresholdsSet"
+        thresholds: list[dict[str, int]] | None
+        actor: str | None
+        key: str
+
+        def apply(self, account: CreditAccount) -> None:
+            watched = account.watched()
+            account.host_thresholds = None if self.thresholds is None else [dict(t) for t in self.thresholds]
+            account.refire(watched)
+
+    class PlanThresholdsAdopted(Event):
+        """A period's grant under a plan: its default thresholds and the grant
+        that percentages are shares of."""
+
+        TOPIC = f"{TOPIC_PREFIX}:CreditAccount.PlanThresholdsAdopted"
+        plan: str
+        #: None: the plan has no default thresholds.
+        thresholds: list[dict[str, int]] | None
+        period_grant_credits: int
+
+        def apply(self, account: CreditAccount) -> None:
+            watched = account.watched()
+            account.plan_thresholds = None if self.thresholds is None else [dict(t) for t in self.thresholds]
+            account.period_grant = self.period_grant_credits
+            account.refire(watched)
+
+    class BalanceLow(Event):
+        """Available credits fell to a threshold's level or below."""
+
+        TOPIC = f"{TOPIC_PREFIX}:CreditAccount.BalanceLow"
+        threshold: str
+        level_credits: int
+        available_credits: int
+
+        def apply(self, account: CreditAccount) -> None:
+            account.fired = (*account.fired, self.threshold)
+
+    class BalanceDepleted(Event):
+        """Available credits reached 0 (the floor)."""
+
+        TOPIC = f"{TOPIC_PREFIX}:CreditAccount.BalanceDepleted"
+        available_credits: int
+
+        def apply(self, account: CreditAccount) -> None:
+            account.fired = (*account.fired, DEPLETED)
+
+    class BalanceRecovered(Event):
+        """Available credits rose above a fired threshold's level: it re-arms."""
+
+        TOPIC = f"{TOPIC_PREFIX}:CreditAccount.BalanceRecovered"
+        threshold: str
+        level_credits: int
+        available_credits: int
+
+        def apply(self, account: CreditAccount) -> None:
+            account.fired = tuple(i for i in account.fired if i != self.threshold)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> CreditAccount:
         # The command cache hands out a copy per command; the generic deepcopy
@@ -744,6 +828,86 @@ class CreditAccount(Aggregate, created_event_name="Opened"):
         self.trigger_event(
             self.LimitSet, limit_credits=limit_credits, reason=reason, actor=actor, key=key, timestamp=now
         )
+
+    # -- balance thresholds ---------------------------------------------------------
+
+    def watched(self) -> bool:
+        """Whether crossings are recorded: the host or the plan gave thresholds."""
+        return self.host_thresholds is not None or self.plan_thresholds is not None
+
+    def thresholds(self) -> tuple[Threshold, ...]:
+        """The thresholds in force besides depletion: the host's when set, else the plan's."""
+        data = self.plan_thresholds if self.host_thresholds is None else self.host_thresholds
+        return thresholds_from_data(data) if data else ()
+
+    def refire(self, watched_before: bool) -> None:
+        """The fired set after the thresholds or their base changed
+        (``initially_fired``): changing thresholds never notifies by itself;
+        an account watched from now on starts depleted when it is at 0."""
+        if not self.watched():
+            self.fired = ()
+            return
+        previously = self.fired if watched_before else ((DEPLETED,) if self.available <= 0 else ())
+        self.fired = initially_fired(self.thresholds(), self.period_grant, previously, self.available)
+
+    def set_balance_thresholds(
+        self, thresholds: tuple[Threshold, ...] | None, *, actor: str | None, key: str, now: datetime
+    ) -> None:
+        self.trigger_event(
+            self.BalanceThresholdsSet,
+            thresholds=None if thresholds is None else thresholds_data(thresholds),
+            actor=actor,
+            key=key,
+            timestamp=now,
+        )
+
+    def adopt_plan_thresholds(
+        self, *, plan: str, thresholds: tuple[Threshold, ...] | None, period_grant_credits: int, now: datetime
+    ) -> None:
+        """Records a plan's default thresholds (None: it has none) and the
+        period's grant, when they differ from the account's. An account that
+        neither its host nor its plan watches records nothing."""
+        data = None if thresholds is None else thresholds_data(thresholds)
+        if data is None and not self.watched():
+            return
+        current = None if self.plan_thresholds is None else list(self.plan_thresholds)
+        if current == data and self.period_grant == period_grant_credits:
+            return
+        self.trigger_event(
+            self.PlanThresholdsAdopted,
+            plan=plan,
+            thresholds=data,
+            period_grant_credits=period_grant_credits,
+            timestamp=now,
+        )
+
+    def cross_thresholds(self, now: datetime) -> None:
+        """Records the crossings of the account's state now: run once per
+        transaction, after its commands (``Unit.pending``). Decided from
+        ``available`` alone."""
+        if self.host_thresholds is None and self.plan_thresholds is None:
+            return  # not watched: the common case costs two attribute reads
+        available = self.available
+        fired = self.fired
+        for crossing in crossings(self.thresholds(), self.period_grant, fired, available):
+            if crossing.fired and crossing.threshold is None:
+                self.trigger_event(self.BalanceDepleted, available_credits=available, timestamp=now)
+            elif crossing.fired:
+                self.trigger_event(
+                    self.BalanceLow,
+                    threshold=crossing.threshold_id,
+                    level_credits=crossing.level_credits,
+                    available_credits=available,
+                    timestamp=now,
+                )
+            else:
+                self.trigger_event(
+                    self.BalanceRecovered,
+                    threshold=crossing.threshold_id,
+                    level_credits=crossing.level_credits,
+                    available_credits=available,
+                    timestamp=now,
+                )
 
     # -- invariants ---------------------------------------------------------------
 

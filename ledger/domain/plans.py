@@ -18,6 +18,7 @@ from eventsourcing.domain import Snapshot as BaseSnapshot
 
 from ledger.domain.checks import check_optional_text, check_storable, check_text
 from ledger.domain.credits import MAX_CREDITS, TOPIC_PREFIX
+from ledger.domain.thresholds import plan_thresholds
 from ledger.errors import InvalidArgument
 
 PLAN_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b10")
@@ -270,6 +271,7 @@ def check_terms(terms: object) -> PlanTerms:
             if not isinstance(feature.config, dict):
                 raise InvalidArgument(f"feature {key!r}: config must be a dict or None", param="features")
             _check_json(feature.config, f"feature {key!r} config", 0)
+    plan_thresholds(terms.features)  # the default balance thresholds, when the plan has them
     return terms
 
 

@@ -13,6 +13,7 @@ from ledger.storage.ddl import Table
 from ledger.views.base import View, ViewOptions
 from ledger.views.credits import CreditView
 from ledger.views.inbox import WEBHOOK_EVENTS
+from ledger.views.outbox import DEAD_LETTERS, NOTIFICATION_CONSUMERS
 from ledger.views.subscriptions import SubscriptionView
 
 __all__ = ["OTHER_TABLES", "VIEWS", "default_views", "schema_tables"]
@@ -24,9 +25,10 @@ VIEWS: tuple[type[View], ...] = (
 )
 
 #: The tables the library creates that no view writes: the payment
-#: providers' inbox (``ledger/views/inbox.py``). The schema-version table is
+#: providers' inbox (``ledger/views/inbox.py``) and the notification outbox's
+#: consumer positions and dead letters (``ledger/views/outbox.py``). The schema-version table is
 #: storage's (``ledger.storage.ddl.SCHEMA_VERSION_TABLE``).
-OTHER_TABLES: tuple[Table, ...] = (WEBHOOK_EVENTS,)
+OTHER_TABLES: tuple[Table, ...] = (WEBHOOK_EVENTS, NOTIFICATION_CONSUMERS, DEAD_LETTERS)
 
 
 def default_views(*, sync_user_credits: bool = False, sync_user_tier: bool = False) -> list[View]:

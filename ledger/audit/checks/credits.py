@@ -237,7 +237,17 @@ class AccountCheck(Check):
             CreditAccount.Expired: self.expired,
             CreditAccount.LimitSet: self.limit_set,
             CreditAccount.Repaid: self.repaid,
+            # Thresholds and their crossings move no credits (ledger.domain.thresholds).
+            CreditAccount.BalanceThresholdsSet: self.stepped,
+            CreditAccount.PlanThresholdsAdopted: self.stepped,
+            CreditAccount.BalanceLow: self.stepped,
+            CreditAccount.BalanceDepleted: self.stepped,
+            CreditAccount.BalanceRecovered: self.stepped,
         }
+
+    def stepped(self, position: int, event: Any) -> None:
+        """An account event that moves no credits: its place in the sequence."""
+        self._step(position, event)
 
     # -- every event ------------------------------------------------------------
 
