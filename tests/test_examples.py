@@ -41,6 +41,10 @@ def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
         "credits  +10000",
         "renews",
         "back to free",
+        "price book revision 1",
+        "insufficient_credits",
+        "credit limit of 500",
+        "outbox: balance.low",
     ):
         assert expected in out, expected
 
@@ -59,3 +63,24 @@ def test_fastapi_service_example(ledger_url: str, capsys: pytest.CaptureFixture[
     assert out.count("refused 402 insufficient_credits") == 2 and "reserved 10" in out
     assert "'balance_credits': 400, 'held_credits': 0, 'available_credits': 400" in out
     assert "closed True" in out
+
+
+def test_demo_prices_checks_limits_and_notifies(ledger_url: str) -> None:
+    """The demo's third story on every backend: a quoted job held and settled,
+    a check refused for lack of credits, a credit limit, and one low-balance
+    and one depletion notification read from the outbox."""
+    from ledger.cli.demo import run_demo
+
+    lines: list[str] = []
+    run_demo(ledger_url, echo=lines.append)
+    out = "\n".join(lines)
+    assert "15 credits (price book revision 1)" in out
+    assert "reserve_for_job, a 20% margin: holds 18" in out
+    assert "check(credits=500): allowed=False, insufficient_credits" in out
+    assert "check(credits=500): allowed=True" in out
+    assert "balance   -500  held     0  available      0" in out
+    notified = [line.strip() for line in lines if line.strip().startswith("outbox:")]
+    assert notified == [
+        "outbox: balance.low (threshold 20), available 15",
+        "outbox: balance.depleted (threshold 0), available 0",
+    ]

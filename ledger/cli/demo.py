@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from uuid import UUID
 
 from ledger.application.facade import Ledger
 from ledger.application.results import Balance, Receipt
 from ledger.clock import ManualClock
+from ledger.domain.thresholds import Threshold
 from ledger.errors import ConfigurationError, LedgerError
+from ledger.views.outbox import Notification
 
 DEMO_START = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 DEMO_USER = UUID("00000000-0000-4000-8000-00000000a11c")
@@ -135,6 +138,8 @@ def run_demo(url: str, echo: Callable[[str], None] = print) -> Balance:
             )
         echo("")
         run_subscription_demo(ledger, clock, echo)
+        echo("")
+        run_pricing_demo(ledger, clock, echo)
         return final
 
 
@@ -173,6 +178,64 @@ def run_subscription_demo(ledger: Ledger, clock: ManualClock, echo: Callable[[st
     clock.set(ledger.subscription(sid).current_period_end)
     ledger.tick()
     step("period ends: expired, back to free", _last(ledger, sid))
+
+
+def run_pricing_demo(ledger: Ledger, clock: ManualClock, echo: Callable[[str], None]) -> None:
+    """A third user: a quoted job, a check refused for lack of credits, a
+    credit limit, and a low-balance notification read from the outbox."""
+    user = UUID("00000000-0000-4000-8000-0000000000c0")
+    job = UUID("00000000-0000-4000-8000-0000000000d4")
+    echo(f"Priced jobs, checks, a credit limit and notifications for user {user}\n")
+
+    def row(what: str, receipt: Receipt) -> None:
+        echo(f"  {what:<46} {_line(receipt)}")
+
+    ledger.install_default_price_book()
+    ledger.grant(user, 100, "purchase", key="demo:c:order:1", description="Credit pack 100")
+    ledger.set_balance_thresholds(user, [Threshold.credits(20)], key="demo:c:thresholds")
+    outbox = ledger.outbox("demo", types=["balance.low", "balance.depleted", "balance.recovered"])
+    outbox.commit(outbox.position(), outbox.head())  # the demo's consumer starts from now
+
+    params = {"width": 1024, "height": 1536, "steps": 40, "batch_size": 2}
+    quote = ledger.quote(user, "text_to_image", params)
+    lines = ", ".join(f"{line.label} {line.kind} {line.credits}" for line in quote.breakdown)
+    echo(f"  quote text_to_image {params}: {quote.credits} credits (price book revision {quote.price_revision})")
+    echo(f"    breakdown: {lines}")
+    held = ledger.reserve_for_job(
+        user,
+        "text_to_image",
+        params,
+        job_id=job,
+        key=f"job:{job}:reserve",
+        expires_in=timedelta(hours=1),
+        safety_margin=Decimal("0.2"),
+    )
+    row(f"reserve_for_job, a 20% margin: holds {held.held_credits}", held)
+    assert held.reservation_id is not None
+    settled = ledger.settle(held.reservation_id, quote.credits, key=f"job:{job}:settle")
+    row(f"the job ran: settled for the quoted {quote.credits}", settled)
+
+    refused = ledger.check(user, credits=500)
+    echo(f"  check(credits=500): allowed={refused.allowed}, {refused.reason}: {refused.message}")
+    limited = ledger.set_credit_limit(user, 500, "postpaid contract", "finance:ana", key="demo:c:limit")
+    row("finance sets a credit limit of 500", limited)
+    allowed = ledger.check(user, credits=500)
+    echo(f"  check(credits=500): allowed={allowed.allowed}")
+    spent = ledger.spend(user, 570, key="demo:c:batch-render", description="batch render on credit")
+    row("a batch render spends 570, on credit", spent)
+    spent = ledger.spend(user, 15, key="demo:c:upscale", description="upscale")
+    row("an upscale spends the last 15", spent)
+    try:
+        ledger.spend(user, 1, key="demo:c:one-more")
+    except LedgerError as exc:
+        echo(f"  at the floor a spend is refused: {type(exc).__name__}: {exc}")
+
+    def show(notification: Notification) -> None:
+        level = notification.data.get("level_credits")
+        at = f" (threshold {level})" if level is not None else ""
+        echo(f"  outbox: {notification.type}{at}, available {notification.data.get('available_credits')}")
+
+    outbox.consume(show)
 
 
 def _last(ledger: Ledger, subscription_id: UUID) -> Receipt:
