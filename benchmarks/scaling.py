@@ -24,6 +24,7 @@ The client is whatever ``--executor module:function`` builds from an open
 ``command_stats()`` (for the clash and reload figures) and ``close()`` are
 used when it has them. Threads share one executor, so an executor that groups
 concurrent commands into shared transactions is measured by the same cells.
+``scaling:grouped`` runs the commands through the ledger's group commit.
 ``scaling:evicting`` and ``scaling:forwarding`` are the two cache policies the
 ledger's was chosen against (docs/decisions.md, "Cached accounts are
 fast-forwarded once shared"), for comparison.
@@ -120,6 +121,26 @@ def forwarding(ledger: Ledger) -> Ledger:
     (eventsourcing's own policy), whatever the clashes."""
     ledger.app.repository.freshness.is_shared = lambda aggregate_id: True  # type: ignore[method-assign]
     return ledger
+
+
+class Grouped:
+    """The ledger's commands through its group commit (``Ledger.group_commit``):
+    threads sharing this client share transactions."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.execute = ledger.group_commit.execute
+
+    def command_stats(self) -> Any:
+        return self.ledger.command_stats()
+
+    def close(self) -> None:
+        self.ledger.close()
+
+
+def grouped(ledger: Ledger) -> Grouped:
+    """Concurrent commands share transactions (docs/group-commit.md)."""
+    return Grouped(ledger)
 
 
 def load_executor(path: str) -> Callable[[Ledger], Any]:
