@@ -157,7 +157,9 @@ def sample_commands(clock: ManualClock) -> list[Any]:
         ),
         SettleReservation(key="f", reservation_id=uuid4(), actual_credits=1, user_id=user),
         DefinePlan(key="g", terms=DEFAULT_CATALOG[0], actor="ops"),  # a nested value: the JSON round trip
-        StartSubscription(key="h", user_id=user, plan=DEFAULT_CATALOG[0].name, billing_cycle=BillingCycle.YEARLY, trial_days=3),
+        StartSubscription(
+            key="h", user_id=user, plan=DEFAULT_CATALOG[0].name, billing_cycle=BillingCycle.YEARLY, trial_days=3
+        ),
     ]
 
 
@@ -189,7 +191,9 @@ def test_the_fingerprint_of_a_grant_is_unchanged() -> None:
     )
     assert grant.fingerprint == "3f078616d823e861627369476bc5b297ccb4be643d625da965e507f25230fb7b"
     user = grant.user_id
-    lasting = GrantCredits(key="k", user_id=user, amount_credits=5, kind=CreditKind.BONUS, expires_in=timedelta(hours=2))
+    lasting = GrantCredits(
+        key="k", user_id=user, amount_credits=5, kind=CreditKind.BONUS, expires_in=timedelta(hours=2)
+    )
     assert lasting.fingerprint == "b130e5539bcea552c1196a2fd0ef0291e8e002c34ca8c8d0c63c4635bf35fc0c"
     until = GrantCredits(
         key="k", user_id=user, amount_credits=5, kind=CreditKind.BONUS, expires_at=datetime(2026, 3, 1, tzinfo=UTC)

@@ -110,7 +110,9 @@ def test_an_event_the_reader_cannot_decode_stalls_the_views_as_without_the_pipel
     assert ledger.views.position() == head
 
 
-def test_a_database_error_in_the_reader_is_raised(ledger: Ledger, clock: ManualClock, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_database_error_in_the_reader_is_raised(
+    ledger: Ledger, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fill(ledger, clock, users=10)
     projector = ledger.views.projector
     select = ledger.app.recorder.select_notifications

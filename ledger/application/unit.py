@@ -22,13 +22,13 @@ from eventsourcing.persistence import IntegrityError
 from eventsourcing.utils import get_topic
 
 from ledger.application import holds
-from ledger.application.gcpause import GC_PAUSE_MIN_COMMANDS, collector_paused
 from ledger.application.commands import (
     Command,
     GrantCredits,
     SpendCredits,
     differing_arguments,
 )
+from ledger.application.gcpause import GC_PAUSE_MIN_COMMANDS, collector_paused
 from ledger.application.results import Receipt
 from ledger.clock import Clock
 from ledger.domain.credits import (
@@ -95,6 +95,7 @@ def positioned(receipt: Receipt, position: int | None) -> Receipt:
     object.__setattr__(copied, "__pydantic_extra__", None)
     object.__setattr__(copied, "__pydantic_private__", None)
     return copied
+
 
 MAX_BATCH_COMMANDS = 10_000
 MAX_ATTEMPTS = 16
@@ -417,7 +418,8 @@ class Unit:
     def _record(self, c: Command, fields: dict[str, Any]) -> None:
         # The created event alone (what ``CommandRecord._create`` would
         # trigger, without building the aggregate it is never read back as).
-        self.records[c.key] = CommandRecord.Recorded(
+        # (mypy sees only the base event's fields of eventsourcing's event dataclasses.)
+        self.records[c.key] = CommandRecord.Recorded(  # type: ignore[call-arg]
             originator_topic=_RECORD_TOPIC,
             originator_id=record_id_for(c.key),
             originator_version=CommandRecord.INITIAL_VERSION,

@@ -156,7 +156,11 @@ def pipelined_catch_up(
             while True:
                 item = reader.next()
                 if isinstance(item, ReadFailed):
-                    log.info("the rebuild's reader failed after position %d (%r): going on page by page", position, item.error)
+                    log.info(
+                        "the rebuild's reader failed after position %d (%r): going on page by page",
+                        position,
+                        item.error,
+                    )
                     break
                 if item.start != position:  # cannot happen: the reader reads in order
                     raise AssertionError(f"page from {item.start} read, position is {position}")
