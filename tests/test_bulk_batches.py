@@ -293,3 +293,15 @@ def test_overlapping_pauses_resume_when_the_last_ends() -> None:
     assert gc.isenabled() and not gcpause.paused()
     with gcpause.collector_paused(active=False):
         assert gc.isenabled()
+
+
+def test_the_read_of_new_events_is_chunked(ledger: Ledger, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ledger.application import unit
+
+    monkeypatch.setattr(unit, "CHUNK_IDS", 7)
+    users = [uuid4() for _ in range(30)]
+    ledger.execute_batch(grants(users, "open"))
+    reads = Reads(ledger, monkeypatch)
+    receipts = ledger.execute_batch(grants(users, "again"))
+    assert [len(a) for a in reads.after] == [7, 7, 7, 7, 2]
+    assert reads.loaded == [] and [r.balance_credits for r in receipts] == [20] * 30

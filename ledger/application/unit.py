@@ -52,7 +52,7 @@ from ledger.errors import (
     UnknownReservation,
 )
 from ledger.storage.eventstore import LedgerApplication, get_or_none
-from ledger.storage.streams import StreamReader
+from ledger.storage.streams import CHUNK_IDS, StreamReader
 
 T = TypeVar("T")
 
@@ -181,7 +181,10 @@ class Unit:
                 cached[account_id] = aggregate
         if not cached:
             return {}
-        newer = self.reader.events_after({i: a.version for i, a in cached.items()})
+        versions = [(i, a.version) for i, a in cached.items()]
+        newer: dict[UUID, list[Any]] = {}
+        for start in range(0, len(versions), CHUNK_IDS):  # statements and results bounded, as ``load``'s
+            newer.update(self.reader.events_after(dict(versions[start : start + CHUNK_IDS])))
         decode = self.app.mapper.to_domain_event
         found: dict[UUID, CreditAccount] = {}
         for account_id, aggregate in cached.items():
