@@ -1230,6 +1230,13 @@ def main(argv: list[str] | None = None) -> int:
         "the run measures the server as it is)",
     )
     parser.add_argument(
+        "--log-events",
+        type=int,
+        default=None,
+        help="fill the event log to about this many events for the rebuild figures (default 1,000,000; 30,000 "
+        "under --quick)",
+    )
+    parser.add_argument(
         "--only",
         metavar="GROUPS",
         default=None,
@@ -1254,6 +1261,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile_rebuild:
         os.environ[PROFILE_ENV] = os.path.abspath(args.profile_rebuild)
         say("!! --profile-rebuild: the rebuild runs under cProfile; rebuild_events_per_s is not comparable")
+    if args.log_events is not None:
+        if not 1_000 <= args.log_events <= 10_000_000:
+            parser.error("--log-events must be within 1,000..10,000,000")
+        sizes = replace(
+            sizes, log_events=args.log_events, log_users=min(sizes.log_users, max(1_000, args.log_events // 17))
+        )
     if args.only is not None:
         groups = {g.strip() for g in args.only.split(",") if g.strip()}
         if not groups or not groups <= set(FIGURE_GROUPS):
