@@ -180,9 +180,9 @@ def test_an_error_only_the_reader_meets_is_recovered_page_by_page(
     assert readers() == []
 
 
-@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize(("depth", "decode_in_reader"), [(1, True), (2, True), (1, False)])
 def test_the_reader_runs_at_most_depth_pages_ahead_of_the_writer(
-    ledger: Ledger, clock: ManualClock, monkeypatch: pytest.MonkeyPatch, depth: int
+    ledger: Ledger, clock: ManualClock, monkeypatch: pytest.MonkeyPatch, depth: int, decode_in_reader: bool
 ) -> None:
     """The memory bound: while page k is written, the reader has read at most
     ``depth`` more pages (queued) and holds one more (waiting for room)."""
@@ -205,7 +205,7 @@ def test_the_reader_runs_at_most_depth_pages_ahead_of_the_writer(
         write(position, events, new_position, commit=commit)
 
     monkeypatch.setattr(projector, "_write", slow_write)
-    pipelined_catch_up(projector, page_events=4, depth=depth)
+    pipelined_catch_up(projector, page_events=4, depth=depth, decode_in_reader=decode_in_reader)
     assert len(ahead) > 2 * (depth + 2)
     assert max(ahead) == depth + 1  # reached, and never passed
     assert ledger.views.position() == projector.head()
@@ -236,3 +236,21 @@ def test_the_depth_and_page_size_are_bounded(ledger: Ledger) -> None:
         pipelined_catch_up(ledger.views.projector, depth=pipeline.MAX_PIPELINE_DEPTH + 1)
     with pytest.raises(InvalidArgument):
         pipelined_catch_up(ledger.views.projector, page_events=10_001)
+
+
+def test_decoding_in_the_writer_gives_the_same_tables(ledger: Ledger, clock: ManualClock) -> None:
+    from ledger.views.projector import Projector
+    from ledger.views.registry import default_views, schema_tables
+
+    fill(ledger, clock, users=15)
+    views = ledger.views
+    views.catch_up()
+    aside = views.backend.view_store_aside(ledger.app)
+    try:
+        aside.migrate(schema_tables())
+        projector = Projector(ledger.app, aside, default_views(sync_user_credits=False))
+        assert pipelined_catch_up(projector, page_events=11, decode_in_reader=False) > 0
+        assert views.checksums(aside) == views.checksums()
+    finally:
+        views.drop_aside(aside)
+    assert readers() == []

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +48,9 @@ class Page:
     start: int
     end: int
     head: int
-    events: list[tuple[int, Any]]
+    notifications: Sequence[Any]
+    #: The decoded events, when the reader decodes (else the writer does).
+    events: list[tuple[int, Any]] | None
 
     @property
     def last(self) -> bool:
@@ -67,8 +69,18 @@ class PageReader(threading.Thread):
     """Reads and decodes the pages after ``start`` into a bounded queue, in
     order, until the head (or ``until``), a failure, or ``cancel``."""
 
-    def __init__(self, projector: Projector, start: int, *, page_events: int, until: int | None, depth: int) -> None:
+    def __init__(
+        self,
+        projector: Projector,
+        start: int,
+        *,
+        page_events: int,
+        until: int | None,
+        depth: int,
+        decode: bool = True,
+    ) -> None:
         super().__init__(name="ledger-rebuild-reader", daemon=True)
+        self.decode = decode
         self.projector = projector
         self.start_position = start
         self.page_events = page_events
@@ -87,7 +99,7 @@ class PageReader(threading.Thread):
                 if self.until is not None:
                     head = min(self.until, head)
                 if head <= position:
-                    self._put(Page(position, position, head, []))
+                    self._put(Page(position, position, head, [], []))
                     return
                 notifications = app.recorder.select_notifications(
                     start=position + 1, limit=self.page_events, stop=head, topics=self.projector.topics
@@ -95,7 +107,8 @@ class PageReader(threading.Thread):
                 # With no matching events left below the head, jump to the head.
                 end = notifications[-1].id if len(notifications) == self.page_events else head
                 decode = app.mapper.to_domain_event
-                page = Page(position, end, head, [(n.id, decode(n)) for n in notifications])
+                events = [(n.id, decode(n)) for n in notifications] if self.decode else None
+                page = Page(position, end, head, notifications, events)
                 self.pages_read += 1
                 self._put(page)
                 if page.last:
@@ -140,6 +153,7 @@ def pipelined_catch_up(
     until: int | None = None,
     stop: threading.Event | None = None,
     depth: int = PIPELINE_DEPTH,
+    decode_in_reader: bool = True,
 ) -> int:
     """``Projector.catch_up``, with the next ``depth`` pages read and decoded
     while a page is written; returns how many events were projected."""
@@ -150,7 +164,10 @@ def pipelined_catch_up(
     projected = 0
     with projector._lock:
         position = projector.store.position()
-        reader = PageReader(projector, position, page_events=page_events, until=until, depth=depth)
+        reader = PageReader(
+            projector, position, page_events=page_events, until=until, depth=depth, decode=decode_in_reader
+        )
+        decode = projector.app.mapper.to_domain_event
         reader.start()
         try:
             while True:
@@ -166,12 +183,15 @@ def pipelined_catch_up(
                     raise AssertionError(f"page from {item.start} read, position is {position}")
                 if item.end > position:
                     try:
-                        projector._write(position, item.events, item.end)
+                        events = item.events
+                        if events is None:
+                            events = [(n.id, decode(n)) for n in item.notifications]
+                        projector._write(position, events, item.end)
                     except Exception as exc:
                         log.info("a rebuild page after position %d failed (%r): going on page by page", position, exc)
                         break
                     position = item.end
-                    projected += len(item.events)
+                    projected += len(events)
                     if progress is not None:
                         progress(Progress(position, item.head, projected))
                 if item.last or (stop is not None and stop.is_set()):
