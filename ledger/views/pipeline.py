@@ -18,6 +18,10 @@ failed page again and handles it as without the pipeline: a recurring error is
 raised, an event that cannot be written is named by ``ViewsStalled``, a page
 another projector wrote first is skipped. An error in the reader thread is
 therefore never lost: it recurs (and is raised) or it was transient.
+
+``decode_in_reader=False`` leaves the reader only the fetch and decodes in the
+writer: the reader then holds the interpreter lock only to build rows, for
+hosts where decoding in two threads competes more than it overlaps.
 """
 
 from __future__ import annotations
