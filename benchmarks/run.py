@@ -76,7 +76,8 @@ ADMIN_APP_NAME = "ledger-bench-admin"
 TARGET_COMMANDS_VS_RAW = 0.4
 TARGET_BULK_GRANTS_PER_S = 10_000.0
 TARGET_LOAD_RATIO = 2.0
-TARGET_REBUILD_VS_DECODE = 0.3
+TARGET_REBUILD_VS_DECODE = 0.35
+TARGET_BULK_LAST_VS_FIRST = 0.9  # the last renewal round within 10% of the first
 TARGET_REBUILD_PEAK_RSS_MB = 300.0
 TARGET_HISTORY_RATIO = 2.0  # an account's command and snapshot vs one without the history
 
@@ -124,7 +125,7 @@ class Sizes:
             bulk_accounts=10_000,
             open_batch=5_000,
             renew_batch=DEFAULT_RENEW_BATCH,
-            renew_rounds=2,
+            renew_rounds=3,
             big_history_events=100_000,
             history_batch=5_000,
             load_repeats=20,
@@ -145,7 +146,7 @@ class Sizes:
             bulk_accounts=1_000,
             open_batch=500,
             renew_batch=500,
-            renew_rounds=2,
+            renew_rounds=3,
             big_history_events=5_000,
             history_batch=1_000,
             load_repeats=10,
@@ -420,24 +421,44 @@ def renewal_batches(users: list[UUID], batch: int, period: str) -> list[list[Gra
     ]
 
 
-def bulk_grants_per_s(ledger: Ledger, users: list[UUID], batch: int, rounds: int) -> float:
+def bulk_grants_per_s(ledger: Ledger, users: list[UUID], batch: int, rounds: int) -> tuple[float, list[float]]:
     """``rounds`` renewal runs (one grant per existing account each), ``batch``
-    grants per execute_batch call; the rate over all rounds."""
+    grants per execute_batch call; the rate over all rounds, and each round's."""
     total = 0.0
+    rates: list[float] = []
     for n in range(rounds):
         batches = renewal_batches(users, batch, f"2026-{n + 2:02d}")  # built outside the timing
         start = time.perf_counter()
+        cpu = time.process_time()
         for commands in batches:
             ledger.execute_batch(commands)
         elapsed = time.perf_counter() - start
+        cpu = time.process_time() - cpu
         total += elapsed
+        rates.append(len(users) / elapsed)
         say(
             f"renewal round {n + 1}: {len(users):,} grants to existing accounts (batches of {batch:,}) "
-            f"in {elapsed:.2f} s -> {len(users) / elapsed:,.0f} grants/s"
+            f"in {elapsed:.2f} s ({cpu:.2f} s of client CPU) -> {len(users) / elapsed:,.0f} grants/s; "
+            f"load average {load_average():.2f}"
         )
     rate = rounds * len(users) / total
-    say(f"renewal grants over {rounds} round(s): {rate:,.0f} grants/s")
-    return rate
+    say(f"renewal grants over {rounds} round(s): {rate:,.0f} grants/s; last round vs first {rates[-1] / rates[0]:.2f}")
+    return rate, rates
+
+
+def bulk_figures(ledger: Ledger, sizes: Sizes) -> dict[str, float]:
+    """Opens ``sizes.bulk_accounts`` accounts, then renews them round after round."""
+    users = [uuid.uuid4() for _ in range(sizes.bulk_accounts)]
+    opened = open_accounts(ledger, users, sizes.open_batch)
+    bulk, rates = bulk_grants_per_s(ledger, users, sizes.renew_batch, sizes.renew_rounds)
+    return {
+        "bulk_grants_per_s": round(bulk, 1),
+        "bulk_open_accounts_per_s": round(opened, 1),
+        # Context: a round must not be slower than the one before it replayed.
+        "bulk_first_round_grants_per_s": round(rates[0], 1),
+        "bulk_last_round_grants_per_s": round(rates[-1], 1),
+        "bulk_last_vs_first_round": round(rates[-1] / rates[0], 3),
+    }
 
 
 def build_history(ledger: Ledger, user_id: UUID, events: int, batch: int, tag: str) -> None:
@@ -781,6 +802,7 @@ def drop_rebuild_schemas(base: str, schema: str) -> None:
 
 
 CHILD_URL_ENV = "LEDGER_BENCH_CHILD_URL"  # the ledger URL, kept off the command line
+SEQUENTIAL_REBUILD_ENV = "LEDGER_BENCH_SEQUENTIAL_REBUILD"  # set: the rebuild child reads and writes pages in turn
 PROFILE_ENV = "LEDGER_BENCH_PROFILE_REBUILD"  # --profile-rebuild: where the child writes its cProfile stats
 
 
@@ -829,7 +851,10 @@ def child_rebuild(url: str) -> dict[str, Any]:
         start = time.perf_counter()
         if profiler is not None:
             profiler.enable()
-        aside = views.build_aside(progress)
+        if os.environ.get(SEQUENTIAL_REBUILD_ENV):
+            aside = views.build_aside(progress, pipelined=False)
+        else:
+            aside = views.build_aside(progress)
         if profiler is not None:
             profiler.disable()
         elapsed = time.perf_counter() - start
@@ -1001,6 +1026,11 @@ def report_targets(figures: dict[str, float]) -> None:
             f"{figures['bulk_grants_per_s']:,.0f}",
         ),
         (
+            f"bulk_last_vs_first_round >= {TARGET_BULK_LAST_VS_FIRST:g}",
+            figures["bulk_last_vs_first_round"] >= TARGET_BULK_LAST_VS_FIRST,
+            f"{figures['bulk_last_round_grants_per_s']:,.0f} vs {figures['bulk_first_round_grants_per_s']:,.0f}",
+        ),
+        (
             f"load_ms_100k_events <= {TARGET_LOAD_RATIO:g} x load_ms_10_events",
             figures["load_ms_100k_events"] <= TARGET_LOAD_RATIO * figures["load_ms_10_events"],
             f"{figures['load_ms_100k_events']:.2f} vs {figures['load_ms_10_events']:.2f} ms",
@@ -1074,10 +1104,8 @@ def measure(
         cmds_nohint = commands_per_s(ledger, sizes.commands, sizes.warmup_commands, hint=False)
         stmts = statements_per_command(ledger, sizes.statement_sample)
     say(f"commands_vs_raw: {cmds / raw:.2f}")
-    users = [uuid.uuid4() for _ in range(sizes.bulk_accounts)]
     with timed("bulk", check):
-        opened = open_accounts(ledger, users, sizes.open_batch)
-        bulk = bulk_grants_per_s(ledger, users, sizes.renew_batch, sizes.renew_rounds)
+        bulk = bulk_figures(ledger, sizes)
     with timed("loads", check):
         ms_small, ms_big = load_times(ledger, sizes.big_history_events, sizes.history_batch, sizes.load_repeats)
     with timed("accounts", check):
@@ -1086,13 +1114,12 @@ def measure(
         "commands_per_s": round(cmds, 1),
         "raw_insert_commit_per_s": round(raw, 1),
         "commands_vs_raw": round(cmds / raw, 3),
-        "bulk_grants_per_s": round(bulk, 1),
+        **bulk,
         "load_ms_10_events": round(ms_small, 3),
         "load_ms_100k_events": round(ms_big, 3),
         # Context, not targets:
         "commands_per_s_without_hint": round(cmds_nohint, 1),
         "sql_statements_per_command": round(stmts, 2),
-        "bulk_open_accounts_per_s": round(opened, 1),
         "renew_batch": sizes.renew_batch,
         "big_history_events": sizes.big_history_events,
         **accounts,
@@ -1146,6 +1173,57 @@ def notify_figures(base: str, sizes: Sizes, watchdog: Watchdog) -> dict[str, Any
     finally:
         drop_schema(base, schema)
     return {k: v for k, v in found.items() if k.startswith("notify_") and k != "notify_met"}
+
+
+#: The groups of figures ``--only`` can run by themselves.
+FIGURE_GROUPS = ("bulk", "rebuild")
+
+
+def run_only(sizes: Sizes, timeout_s: float, groups: set[str], *, analyze: bool = False) -> dict[str, float]:
+    """Only some groups of figures (``--only``), on a fresh schema dropped
+    afterwards. ``rebuild`` also rebuilds page by page without the pipeline,
+    for a baseline from the same run (``rebuild_sequential_vs_decode``)."""
+    base = base_url()
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    app_name = f"ledger-{schema}"
+    os.environ["PGAPPNAME"] = app_name
+    say(f"ledger {os.path.dirname(ledger_package.__file__)}; PostgreSQL {admin_conninfo(base)}, schema {schema}")
+    say(f"only {', '.join(sorted(groups))}; load average {load_average():.2f}")
+    started = time.perf_counter()
+    watchdog = Watchdog(base, app_name, timeout_s)
+    watchdog.start()
+    url = ledger_url(base, schema)
+    figures: dict[str, float] = {}
+    try:
+        with Ledger(url) as ledger:
+            if "bulk" in groups:
+                with timed("bulk", watchdog.check):
+                    figures.update(bulk_figures(ledger, sizes))
+            if "rebuild" in groups:
+                figures.update(read_model_figures(ledger, url, sizes, watchdog, analyze=analyze))
+                os.environ[SEQUENTIAL_REBUILD_ENV] = "1"
+                try:
+                    with timed("rebuild without the pipeline (child process)", watchdog.check):
+                        sequential = run_child("rebuild", url, watchdog.remaining() + 60)
+                finally:
+                    del os.environ[SEQUENTIAL_REBUILD_ENV]
+                rate = sequential["events"] / sequential["seconds"]
+                say(
+                    f"rebuild without the pipeline: {sequential['events']:,} events in {sequential['seconds']:.2f} s "
+                    f"-> {rate:,.0f} events/s; peak RSS {sequential['peak_rss_kb'] / 1024:,.1f} MiB"
+                )
+                figures["rebuild_sequential_events_per_s"] = round(rate, 1)
+                figures["rebuild_sequential_vs_decode"] = round(rate / figures["raw_decode_events_per_s"], 3)
+                figures["rebuild_sequential_peak_rss_mb"] = round(sequential["peak_rss_kb"] / 1024, 1)
+    finally:
+        watchdog.stop()
+        with timed("drop schema"):
+            drop_rebuild_schemas(base, schema)
+            drop_schema(base, schema)
+        say(f"elapsed: {time.perf_counter() - started:.1f} s; load average {load_average():.2f}")
+    figures["elapsed_s"] = round(time.perf_counter() - started, 1)
+    figures["load_average_1m"] = round(load_average(), 2)
+    return figures
 
 
 def webhook_figures(base: str, sizes: Sizes, raw_per_s: float, watchdog: Watchdog) -> dict[str, Any]:
@@ -1233,6 +1311,19 @@ def main(argv: list[str] | None = None) -> int:
         help="ANALYZE the events table before the rebuild, as autovacuum would in time (off by default: "
         "the run measures the server as it is)",
     )
+    parser.add_argument(
+        "--log-events",
+        type=int,
+        default=None,
+        help="fill the event log to about this many events for the rebuild figures (default 1,000,000; 30,000 "
+        "under --quick)",
+    )
+    parser.add_argument(
+        "--only",
+        metavar="GROUPS",
+        default=None,
+        help=f"run only these groups of figures, comma-separated ({', '.join(FIGURE_GROUPS)}); no targets report",
+    )
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:  # a child process of run_child
@@ -1252,6 +1343,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile_rebuild:
         os.environ[PROFILE_ENV] = os.path.abspath(args.profile_rebuild)
         say("!! --profile-rebuild: the rebuild runs under cProfile; rebuild_events_per_s is not comparable")
+    if args.log_events is not None:
+        if not 1_000 <= args.log_events <= 10_000_000:
+            parser.error("--log-events must be within 1,000..10,000,000")
+        sizes = replace(
+            sizes, log_events=args.log_events, log_users=min(sizes.log_users, max(1_000, args.log_events // 17))
+        )
+    if args.only is not None:
+        groups = {g.strip() for g in args.only.split(",") if g.strip()}
+        if not groups or not groups <= set(FIGURE_GROUPS):
+            parser.error(f"--only takes groups out of {', '.join(FIGURE_GROUPS)}")
+        print(json.dumps(run_only(sizes, args.timeout, groups, analyze=args.analyze)), flush=True)
+        return 0
     figures = run(sizes, args.timeout, analyze=args.analyze)
     report_targets(figures)
     if not args.quick and figures["elapsed_s"] > TIME_BUDGET_S:

@@ -34,8 +34,13 @@ FAR = datetime(2099, 1, 1, tzinfo=UTC)
 
 
 def state_of(aggregate: Any) -> dict[str, Any]:
-    """An aggregate's whole state, less the events not saved yet."""
-    return {k: v for k, v in vars(aggregate).items() if k != "_pending_events"}
+    """An aggregate's whole state, less the events not saved yet. An
+    account's attributes that snapshots store only when not 0 (its class
+    gives the default) are read as the account answers them."""
+    state = {k: v for k, v in vars(aggregate).items() if k != "_pending_events"}
+    if isinstance(aggregate, CreditAccount):
+        state.update((name, getattr(aggregate, name)) for name in CreditAccount.UNLESS_ZERO)
+    return state
 
 
 def fresh_account(url: str, user: UUID) -> CreditAccount:

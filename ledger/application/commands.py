@@ -192,6 +192,22 @@ class UnitOfWork(Protocol):
         that sized it and the price book revision it came from."""
 
 
+#: Per command class: (name, added in a later version, default) of each
+#: field its fingerprint covers (``dataclasses.fields`` is slow per call).
+_FINGERPRINTED: dict[type, tuple[tuple[str, bool, Any], ...]] = {}
+
+
+def _fingerprinted_fields(cls: type[Command]) -> tuple[tuple[str, bool, Any], ...]:
+    found = _FINGERPRINTED.get(cls)
+    if found is None:
+        found = _FINGERPRINTED[cls] = tuple(
+            (f.name, bool(f.metadata.get(ADDED_FIELD)), f.default)
+            for f in fields(cls)
+            if f.name != "key" and f.name not in cls.hints
+        )
+    return found
+
+
 @dataclass(frozen=True)
 class Command:
     """A ledger command: validated arguments, and ``apply``, which runs it in
@@ -205,15 +221,36 @@ class Command:
     key: str
 
     @cached_property
+    def _canonical_body(self) -> dict[str, Any]:
+        """The command's name and fingerprinted arguments, before JSON encoding."""
+        body = {}
+        for name, added, default in _fingerprinted_fields(type(self)):
+            value = getattr(self, name)
+            if not (added and value == default):
+                body[name] = _canonical(value)
+        return {"command": self.name, **body}
+
+    @cached_property
     def _canonical_text(self) -> str:
-        body = {
-            f.name: _canonical(getattr(self, f.name))
-            for f in fields(self)
-            if f.name != "key"
-            and f.name not in self.hints
-            and not (f.metadata.get(ADDED_FIELD) and getattr(self, f.name) == f.default)
-        }
-        return json.dumps({"command": self.name, **body}, sort_keys=True, default=_json_default)
+        return json.dumps(self._canonical_body, sort_keys=True, default=_json_default)
+
+    @cached_property
+    def _plain_arguments(self) -> dict[str, Any] | None:
+        """``arguments`` when every value is a JSON scalar already (as a
+        grant's are), built without decoding the canonical text; None when a
+        value needs the JSON round trip (a list, a Decimal, a nested value)."""
+        plain: dict[str, Any] = {}
+        body = self._canonical_body
+        for name in sorted(body):
+            value = body[name]
+            kind = type(value)
+            if value is None or kind is str or kind is int or kind is bool:
+                plain[name] = value
+            elif isinstance(value, str):  # a str enum: JSON keeps its text
+                plain[name] = str.__str__(value)
+            else:
+                return None
+        return plain
 
     @cached_property
     def fingerprint(self) -> str:
@@ -225,6 +262,9 @@ class Command:
         """What the fingerprint digests, as JSON values: the command's name
         and the arguments that make it this command (recorded with its key,
         so that a conflicting reuse can say which of them differ)."""
+        plain = self._plain_arguments
+        if plain is not None:
+            return dict(plain)
         arguments: dict[str, Any] = json.loads(self._canonical_text)
         return arguments
 

@@ -44,6 +44,33 @@ class ViewTx(ABC):
         marks = ", ".join(["%s"] * len(columns))
         self.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)
 
+    def upsert_rows(self, table: str, columns: Sequence[str], key: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Inserts each row, or sets every other column of the row whose
+        ``key`` column (one of ``columns``, unique among ``rows``) matches."""
+        marks = ", ".join(["%s"] * len(columns))
+        updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != key)
+        self.executemany(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks}) ON CONFLICT ({key}) DO UPDATE SET {updates}",
+            rows,
+        )
+
+    def update_rows(
+        self,
+        table: str,
+        columns: Sequence[str],
+        key: str,
+        rows: Sequence[Sequence[Any]],
+        *,
+        where: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        """For each row (the values of ``columns``, then the ``key`` value,
+        unique among ``rows``): sets those columns of the row with that key,
+        if its ``where`` columns hold the given values."""
+        sets = ", ".join(f"{c} = %s" for c in columns)
+        conditions = "".join(f" AND {c} = %s" for c, _ in where)
+        extra = [v for _, v in where]
+        self.executemany(f"UPDATE {table} SET {sets} WHERE {key} = %s{conditions}", [[*row, *extra] for row in rows])
+
     @abstractmethod
     def track(self, position: int) -> None:
         """Records the projector's new position in this same transaction."""

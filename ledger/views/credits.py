@@ -509,17 +509,18 @@ class CreditView(View):
         tx.insert_rows("credit_accounts", ("account_id", "user_id", "opened_at"), page.new_accounts)
         tx.insert_rows("credit_reservations", RESERVATION_COLUMNS, page.reservations)
         tx.insert_rows("credit_transactions", TRANSACTION_COLUMNS, page.transactions)
-        tx.executemany(
-            "UPDATE credit_reservations SET status = %s, settled_amount = %s, settled_at = %s, "
-            "release_reason = %s WHERE id = %s AND status = 'reserved'",
+        tx.update_rows(
+            "credit_reservations",
+            ("status", "settled_amount", "settled_at", "release_reason"),
+            "id",
             page.closes,
+            where=[("status", "reserved")],
         )
         rows = [b.row() for b in page.balances.values() if b.changed_at is not None]
-        tx.executemany(
-            "INSERT INTO credit_balances (user_id, balance, held, available, updated_at, credit_limit) "
-            "VALUES (%s, %s, %s, %s, %s, %s) "
-            "ON CONFLICT (user_id) DO UPDATE SET balance = excluded.balance, held = excluded.held, "
-            "available = excluded.available, updated_at = excluded.updated_at, credit_limit = excluded.credit_limit",
+        tx.upsert_rows(
+            "credit_balances",
+            ("user_id", "balance", "held", "available", "updated_at", "credit_limit"),
+            "user_id",
             rows,
         )
         if self.sync_user_credits:

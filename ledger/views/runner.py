@@ -10,6 +10,7 @@ from typing import Any
 from ledger.storage.base import Backend
 from ledger.storage.eventstore import LedgerApplication
 from ledger.storage.viewstore import ViewStore
+from ledger.views.pipeline import pipelined_catch_up
 from ledger.views.projector import Progress, Projector, checksum, differences
 from ledger.views.registry import default_views, schema_tables
 
@@ -66,18 +67,28 @@ class Views:
         target = store or self.store
         return {table: checksum(target, table, order_by, skip) for table, order_by, skip in self.tables()}
 
-    def build_aside(self, progress: Callable[[Progress], None] | None = None, *, until: int | None = None) -> ViewStore:
+    def build_aside(
+        self,
+        progress: Callable[[Progress], None] | None = None,
+        *,
+        until: int | None = None,
+        pipelined: bool = True,
+    ) -> ViewStore:
         """Replays the whole log into fresh tables beside the live ones
-        (after dropping what killed rebuilds left behind)."""
+        (after dropping what killed rebuilds left behind). ``pipelined`` reads
+        and decodes the next page while one is written (``views.pipeline``);
+        without it, pages are read and written in turn."""
         for name in self.backend.drop_leftover_asides():
             log.warning("dropped %s, left behind by a rebuild that is no longer running", name)
         aside = self.backend.view_store_aside(self.app)
         try:
             aside.migrate(schema_tables())
             self.backend.before_rebuild(self.app)
-            Projector(self.app, aside, default_views(sync_user_credits=False)).catch_up(
-                progress=progress, until=until, page_events=REBUILD_PAGE_EVENTS
-            )
+            projector = Projector(self.app, aside, default_views(sync_user_credits=False))
+            if pipelined:
+                pipelined_catch_up(projector, progress=progress, until=until, page_events=REBUILD_PAGE_EVENTS)
+            else:
+                projector.catch_up(progress=progress, until=until, page_events=REBUILD_PAGE_EVENTS)
         except BaseException:
             self.backend.drop_aside(aside)  # a failed replay leaves nothing behind
             raise

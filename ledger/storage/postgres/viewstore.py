@@ -12,6 +12,7 @@ from uuid import UUID
 import psycopg
 from eventsourcing.postgres import PostgresDatastore, PostgresTrackingRecorder
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
@@ -42,6 +43,7 @@ class PostgresViewTx(ViewTx):
     def __init__(self, curs: Any, tracking: PostgresTrackingRecorder) -> None:
         self.curs = curs
         self.tracking = tracking
+        self._staged = 0  # staging tables made in this transaction
 
     def execute(self, statement: str, params: Sequence[Any] = ()) -> None:
         self.curs.execute(statement, [_adapt(p) for p in params])
@@ -62,6 +64,61 @@ class PostgresViewTx(ViewTx):
         with self.curs.copy(statement) as copy:
             for row in rows:
                 copy.write_row([_adapt(v) for v in row])
+
+    def upsert_rows(self, table: str, columns: Sequence[str], key: str, rows: Sequence[Sequence[Any]]) -> None:
+        if not self._stageable(rows, columns.index(key)):
+            super().upsert_rows(table, columns, key, rows)
+            return
+        # COPY into a staging table, then one statement: a page's thousand
+        # upserts as statements spent a quarter of a rebuild binding them.
+        stage = self._stage(table, columns, rows)
+        names = ", ".join(columns)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != key)
+        self.curs.execute(
+            f"INSERT INTO {table} ({names}) SELECT {names} FROM {stage} ON CONFLICT ({key}) DO UPDATE SET {updates}"
+        )
+
+    def update_rows(
+        self,
+        table: str,
+        columns: Sequence[str],
+        key: str,
+        rows: Sequence[Sequence[Any]],
+        *,
+        where: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        if not self._stageable(rows, len(columns)):
+            super().update_rows(table, columns, key, rows, where=where)
+            return
+        stage = self._stage(table, [*columns, key], rows)
+        sets = ", ".join(f"{c} = s.{c}" for c in columns)
+        conditions = "".join(f" AND t.{c} = %s" for c, _ in where)
+        self.curs.execute(
+            f"UPDATE {table} AS t SET {sets} FROM {stage} AS s WHERE t.{key} = s.{key}{conditions}",
+            [_adapt(v) for _, v in where],
+        )
+
+    def _stageable(self, rows: Sequence[Sequence[Any]], key_at: int) -> bool:
+        """Whether rows go through a staging table: enough of them, inside a
+        transaction (the table is dropped at its end), with unique keys (one
+        statement may not change a row twice)."""
+        return (
+            len(rows) >= COPY_MIN_ROWS
+            and self.curs.connection.info.transaction_status == TransactionStatus.INTRANS
+            and len({row[key_at] for row in rows}) == len(rows)
+        )
+
+    def _stage(self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+        """A temporary table with ``columns`` of ``table`` (their types, no
+        constraints), dropped at commit, holding ``rows``."""
+        self._staged += 1
+        stage = f"pingvas_stage_{self._staged}"
+        names = ", ".join(columns)
+        self.curs.execute(f"CREATE TEMP TABLE {stage} ON COMMIT DROP AS SELECT {names} FROM {table} WITH NO DATA")
+        with self.curs.copy(f"COPY {stage} ({names}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row([_adapt(v) for v in row])
+        return stage
 
     def fetchall(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         self.curs.execute(statement, [_adapt(p) for p in params])
