@@ -19,6 +19,7 @@ docs/notifications.md; its ``type`` values and ``data`` keys are stable.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from collections import OrderedDict
@@ -56,6 +57,8 @@ SCHEMA = 1
 #: Notifications per read.
 MAX_READ = 1_000
 MAX_CONSUMER_NAME = 100
+#: A consumer names at most this many notification types.
+MAX_TYPE_NAMES = 100
 #: Accounts and subscriptions whose user the outbox remembers.
 _USERS_CACHED = 65_536
 
@@ -278,7 +281,7 @@ class Outbox:
         self.app = app
         self.store = store
         self.name = check_text(name, "name", MAX_CONSUMER_NAME, required=True)
-        chosen = list(NOTIFICATION_TYPES) if types is None else list(types)
+        chosen = list(NOTIFICATION_TYPES) if types is None else _type_names(types)
         unknown = sorted(set(chosen) - set(NOTIFICATION_TYPES))
         if unknown or not chosen:
             raise InvalidArgument(
@@ -511,3 +514,19 @@ def _time(value: Any) -> datetime:
 
 def outbox_tables() -> Sequence[Table]:
     return (NOTIFICATION_CONSUMERS, DEAD_LETTERS)
+
+
+def _type_names(types: object) -> list[str]:
+    """The ``types`` a consumer asked for, as a list of strings: a lone
+    string, a non-iterable or anything but strings is refused (an
+    ``InvalidArgument``, never a ``TypeError``), and at most 100 are read."""
+    if isinstance(types, str | bytes) or not isinstance(types, Iterable):
+        raise InvalidArgument(
+            f"types must be an iterable of notification type names, not {type(types).__name__}", param="types"
+        )
+    chosen = list(itertools.islice(types, MAX_TYPE_NAMES + 1))
+    if len(chosen) > MAX_TYPE_NAMES or not all(isinstance(name, str) for name in chosen):
+        raise InvalidArgument(
+            f"types must be at most {MAX_TYPE_NAMES} notification type names (strings)", param="types"
+        )
+    return chosen
