@@ -223,6 +223,30 @@ async def test_many_tasks_share_one_ledger_within_the_pool(ledger_url: str) -> N
 
 
 @pytest.mark.anyio
+async def test_tasks_on_one_hot_account_share_transactions_with_group_commit(ledger_url: str) -> None:
+    """200 tasks reserve and settle on one account through a ledger opened
+    with group commit: none is refused for contention (ConcurrencyExhausted),
+    the balance is exact, and the commands shared transactions."""
+    user = uuid4()
+    async with AsyncLedger.open(ledger_url, group_commit=True) as ledger:
+        await ledger.grant(user, 1_000, "bonus", key=f"{user}:fund")
+
+        async def task(n: int) -> None:
+            receipt = await ledger.reserve(user, uuid4(), 5, FAR, key=f"{user}:job:{n}")
+            assert receipt.reservation_id is not None
+            await ledger.settle(receipt.reservation_id, 3, key=f"{user}:settle:{n}")
+
+        async with anyio.create_task_group() as tasks:
+            for n in range(200):
+                tasks.start_soon(task, n)
+        balance = await ledger.balance(user)
+        assert (balance.balance_credits, balance.held_credits) == (1_000 - 200 * 3, 0)
+        stats = ledger.ledger.group_commit.stats
+        assert stats.commands >= 400 and stats.shared_batches >= 1
+        assert len(await ledger.history(user, limit=10_000)) == 2 + 200 * 2
+
+
+@pytest.mark.anyio
 async def test_the_default_bound_is_the_connection_pool(durable_url: str) -> None:
     async with AsyncLedger.open(durable_url) as ledger:
         assert ledger.max_concurrency == pool_capacity(ledger.ledger) == 15  # 5 + 10, the seed's pool
