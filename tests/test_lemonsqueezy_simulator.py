@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -259,6 +260,19 @@ def test_print_shows_each_request_and_sends_nothing(served: Served) -> None:
 def test_bad_invocations_say_what_is_wrong(args: list[str], message: str) -> None:
     result = CliRunner().invoke(cli, ["webhooks", "trigger", "--user", str(uuid4()), *args], env={})
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_without_a_ledger_to_read_the_variants_from_it_says_which_options_to_give(tmp_path: Path) -> None:
+    missing = f"sqlite:///{tmp_path / 'none.sqlite3'}"
+    result = CliRunner().invoke(
+        cli,
+        ["webhooks", "trigger", "subscription_created", "--user", str(uuid4()), "--print", "--ledger-url", missing],
+        env={},
+    )
+    assert result.exit_code == 1, result.output
+    assert "cannot read the plan catalog" in result.output
+    assert "--ledger-url" in result.output and "--variant and --price-cents" in result.output
+    assert not (tmp_path / "none.sqlite3").exists()  # nothing was created
 
 
 def test_the_templates_ship_with_the_package() -> None:

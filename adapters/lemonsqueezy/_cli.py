@@ -300,7 +300,11 @@ def _variants(ledger_url: str | None, cycle: str) -> dict[str, Any]:
         with Ledger(_url(ledger_url), create=False) as ledger:
             found = plan_variants(ledger)
     except LedgerError as exc:
-        raise click.ClickException(f"cannot read the plan catalog: {exc}") from exc
+        # The store's own message names the ledger's --url; here that option is the endpoint.
+        raise click.ClickException(
+            f"cannot read the plan catalog: {exc}. Name the host's ledger with --ledger-url (or $LEDGER_URL), "
+            "or give the variant yourself with --variant and --price-cents"
+        ) from exc
     chosen = [v for (_, c), v in found.items() if c == BillingCycle(cycle)]
     return {v.plan: v for v in sorted(chosen, key=lambda v: (v.price_cents, v.plan))}
 
