@@ -21,7 +21,10 @@ from ledger.errors import InvalidArgument, LedgerError, TimeInFuture
 #: The environment variables the core's commands read, for ``--help``. A
 #: provider's commands name theirs in their own help (``webhooks --help``).
 ENVIRONMENT = (
-    ("LEDGER_URL", "the ledger URL of every command with --url (default sqlite:///pingvas-ledger.sqlite3)"),
+    (
+        "LEDGER_URL",
+        "the ledger URL: --url, or --ledger-url where --url is an endpoint (default sqlite:///pingvas-ledger.sqlite3)",
+    ),
     ("LEDGER_NOTIFY_URL", "notify: the host's endpoint (--url)"),
     ("LEDGER_NOTIFY_SECRET", "notify: the signing secret (--secret)"),
 )
