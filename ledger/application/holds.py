@@ -41,6 +41,29 @@ from ledger.domain.holds import (
 )
 from ledger.errors import InvalidArgument, ReservationClosed, UnknownReservation
 
+# ------------------------------------------------------------------ a hold's lifetime
+
+
+def checked_lifetime(expires_at: datetime | None, expires_in: timedelta | None) -> datetime | None:
+    """Checks a reserve's lifetime, given as exactly one of ``expires_at`` (an
+    aware time) and ``expires_in`` (a bounded duration); returns ``expires_at``
+    in UTC (None when the lifetime is ``expires_in``)."""
+    if (expires_at is None) == (expires_in is None):
+        raise InvalidArgument("a hold needs expires_at or expires_in (exactly one of them)", param="expires_at")
+    if expires_at is not None:
+        return require_utc(expires_at, "expires_at")
+    check_expires_in(expires_in)
+    return None
+
+
+def hold_expiry(expires_at: datetime | None, expires_in: timedelta | None, now: datetime) -> datetime:
+    """When a hold reserved at ``now`` expires (its lifetime as ``checked_lifetime`` accepted it)."""
+    if expires_in is not None:
+        return lifetime_end(now, expires_in)
+    assert expires_at is not None  # one of the two, checked when built
+    return expires_at
+
+
 # ------------------------------------------------------------------ commands
 
 
@@ -61,19 +84,13 @@ class ReserveCredits(Command):
         self._normalise("user_id", check_user_id(self.user_id))
         self._normalise("job_id", check_uuid(self.job_id, "job_id"))
         check_amount(self.amount_credits)
-        if (self.expires_at is None) == (self.expires_in is None):
-            raise InvalidArgument("a hold needs expires_at or expires_in (exactly one of them)", param="expires_at")
-        if self.expires_at is not None:
-            self._normalise("expires_at", require_utc(self.expires_at, "expires_at"))
-        else:
-            check_expires_in(self.expires_in)
+        expires_at = checked_lifetime(self.expires_at, self.expires_in)
+        if expires_at is not None:
+            self._normalise("expires_at", expires_at)
 
     def expiry(self, now: datetime) -> datetime:
         """When the hold expires, for a reserve recorded at ``now``."""
-        if self.expires_in is not None:
-            return lifetime_end(now, self.expires_in)
-        assert self.expires_at is not None  # one of the two, checked when built
-        return self.expires_at
+        return hold_expiry(self.expires_at, self.expires_in, now)
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         account = unit.account(self.user_id)

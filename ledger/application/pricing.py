@@ -22,13 +22,12 @@ from functools import cached_property
 from typing import Any, ClassVar, TypeVar
 from uuid import UUID
 
-from ledger.application.commands import ADDED_FIELD, Command, UnitOfWork, _canonical, _json_default, lifetime_end
+from ledger.application.commands import ADDED_FIELD, Command, UnitOfWork, _canonical, _json_default
+from ledger.application.holds import checked_lifetime, hold_expiry
 from ledger.application.results import PriceBookRevision, Quote, QuoteLine, Receipt
-from ledger.clock import require_utc
 from ledger.domain.checks import (
     MAX_LABEL_LENGTH,
     check_amount,
-    check_expires_in,
     check_key,
     check_optional_text,
     check_user_id,
@@ -157,12 +156,9 @@ class ReserveForJob(Command):
         self._normalise("job_type", check_job_type(self.job_type))
         self._normalise("params", check_params(self.params))
         check_factor(self.safety_margin, "safety_margin", MAX_SAFETY_MARGIN)
-        if (self.expires_at is None) == (self.expires_in is None):
-            raise InvalidArgument("a hold needs expires_at or expires_in (exactly one of them)", param="expires_at")
-        if self.expires_at is not None:
-            self._normalise("expires_at", require_utc(self.expires_at, "expires_at"))
-        else:
-            check_expires_in(self.expires_in)
+        expires_at = checked_lifetime(self.expires_at, self.expires_in)
+        if expires_at is not None:
+            self._normalise("expires_at", expires_at)
 
     @cached_property
     def _canonical_text(self) -> str:
@@ -179,10 +175,7 @@ class ReserveForJob(Command):
         return json.dumps({"command": self.name, **body}, sort_keys=True, default=_json_default)
 
     def expiry(self, now: datetime) -> datetime:
-        if self.expires_in is not None:
-            return lifetime_end(now, self.expires_in)
-        assert self.expires_at is not None  # one of the two, checked when built
-        return self.expires_at
+        return hold_expiry(self.expires_at, self.expires_in, now)
 
     def apply(self, unit: UnitOfWork) -> Receipt:
         record = unit.aggregate(PRICE_BOOK_ID, PriceBookRecord)
