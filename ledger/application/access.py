@@ -28,7 +28,7 @@ from eventsourcing.persistence import Notification, Recording
 from pydantic import BaseModel, ConfigDict
 
 from ledger.application.commands import Command, UnitOfWork
-from ledger.application.results import Receipt
+from ledger.application.results import Receipt, assembled
 from ledger.domain.checks import check_amount, check_key, check_user_id
 from ledger.domain.credits import CreditAccount, account_id_for
 from ledger.domain.plans import FREE_PLAN, MAX_BIGINT, MAX_INT, Plan, PlanTerms, plan_id_for
@@ -573,12 +573,7 @@ def _result(values: dict[str, Any]) -> CheckResult:
     """A CheckResult of checked values (every field, in declaration order),
     as ``model_construct`` makes one, minus its per-field pass: that pass was
     half of a cached check's cost. tests/test_checks.py compares the two."""
-    result = object.__new__(CheckResult)
-    object.__setattr__(result, "__dict__", values)
-    object.__setattr__(result, "__pydantic_fields_set__", set(_RESULT_FIELDS))
-    object.__setattr__(result, "__pydantic_extra__", None)
-    object.__setattr__(result, "__pydantic_private__", None)
-    return result
+    return assembled(CheckResult, values, set(_RESULT_FIELDS))
 
 
 def _shown_subscription(slot: SubscriberSlot | None) -> UUID | None:

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import cached_property
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 from uuid import UUID
 
 from ledger.application.commands import ADDED_FIELD, Command, UnitOfWork, _canonical, _json_default
 from ledger.application.holds import checked_lifetime, hold_expiry
-from ledger.application.results import PriceBookRevision, Quote, QuoteLine, Receipt
+from ledger.application.results import PriceBookRevision, Quote, QuoteLine, Receipt, assembled
 from ledger.domain.checks import (
     MAX_LABEL_LENGTH,
     check_amount,
@@ -49,8 +49,6 @@ from ledger.domain.pricing import (
 )
 from ledger.domain.subscriptions import SubscriberSlot, Subscription, slot_id_for
 from ledger.errors import InvalidAmount, InvalidArgument, UnknownJobType
-
-T = TypeVar("T")
 
 #: How long a process trusts the price book, and a user's plan, it read for
 #: quotes before reading them again (changes this process records show at
@@ -258,18 +256,6 @@ _LINE_FIELDS = frozenset(QuoteLine.model_fields)
 _QUOTE_FIELDS = frozenset(Quote.model_fields)
 
 
-def _built(cls: type[T], fields_set: frozenset[str], values: dict[str, Any]) -> T:
-    """A model from values already checked, every field given: what
-    ``model_construct`` makes, without its per-field work (a quote is on
-    a web handler's hot path)."""
-    model = cls.__new__(cls)
-    object.__setattr__(model, "__dict__", values)
-    object.__setattr__(model, "__pydantic_fields_set__", set(fields_set))
-    object.__setattr__(model, "__pydantic_extra__", None)
-    object.__setattr__(model, "__pydantic_private__", None)
-    return model
-
-
 #: Lines already made, shared by the quotes that have them (QuoteLine is
 #: frozen): most quotes repeat their book's common lines.
 _LINES: dict[Line, QuoteLine] = {}
@@ -279,11 +265,13 @@ MAX_SHARED_LINES = 4_096
 def _line(line: Line) -> QuoteLine:
     made = _LINES.get(line)
     if made is None:
-        made = _built(
+        # A quote is on a web handler's hot path: its models are assembled
+        # from values already checked, without pydantic's per-field pass.
+        made = assembled(
             QuoteLine,
-            _LINE_FIELDS,
             {"label": line.label, "kind": line.kind.value, "credits": line.credits, "quantity": line.quantity,
              "factor": line.factor},
+            set(_LINE_FIELDS),
         )  # fmt: skip
         if len(_LINES) >= MAX_SHARED_LINES:
             _LINES.clear()
@@ -292,9 +280,8 @@ def _line(line: Line) -> QuoteLine:
 
 
 def quote_view(priced: Priced, revision: int, user_id: UUID, at: datetime) -> Quote:
-    return _built(
+    return assembled(
         Quote,
-        _QUOTE_FIELDS,
         {
             "user_id": user_id,
             "job_type": priced.job_type,
@@ -307,6 +294,7 @@ def quote_view(priced: Priced, revision: int, user_id: UUID, at: datetime) -> Qu
             "plan_multiplier": priced.plan_multiplier,
             "quoted_at": at,
         },
+        set(_QUOTE_FIELDS),
     )
 
 

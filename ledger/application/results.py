@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, InstanceOf
@@ -17,6 +17,23 @@ from ledger.domain.entitlements import entitled
 from ledger.domain.plans import FREE_PLAN, PlanTerms
 from ledger.domain.pricing import PriceBook
 from ledger.domain.subscriptions import Subscription
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def assembled(cls: type[M], state: dict[str, Any], fields_set: set[str]) -> M:
+    """A model of ``cls`` whose ``__dict__`` is ``state`` (every field, in
+    declaration order, values already checked) and whose fields set is
+    ``fields_set``: what ``model_construct`` makes, without its per-field
+    pass. For results built on hot paths (receipts, checks, quotes) from
+    state the ledger checked itself; the one place that sets pydantic's
+    internals by hand."""
+    model = cls.__new__(cls)
+    object.__setattr__(model, "__dict__", state)
+    object.__setattr__(model, "__pydantic_fields_set__", fields_set)
+    object.__setattr__(model, "__pydantic_extra__", None)
+    object.__setattr__(model, "__pydantic_private__", None)
+    return model
 
 
 class _View(BaseModel):
