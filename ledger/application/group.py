@@ -22,7 +22,6 @@ runs them a batch at a time, each batch in one transaction:
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -36,7 +35,7 @@ from eventsourcing.persistence import IntegrityError, PersistenceError
 
 from ledger.application.commands import Command, differing_arguments
 from ledger.application.results import Receipt
-from ledger.application.unit import Engine, Unit
+from ledger.application.unit import Engine, Unit, clash_backoff, positioned
 from ledger.domain.credits import CommandRecord, CreditAccount
 from ledger.errors import (
     ConcurrencyExhausted,
@@ -241,6 +240,7 @@ def run_each(
     winning; nothing is recorded then."""
     if len(commands) > MAX_GROUP_BATCH:
         raise InvalidArgument(f"a group commit batch holds at most {MAX_GROUP_BATCH} commands, got {len(commands)}")
+    engine.app.counters.add("batches")
     outcomes: dict[int, Receipt | Exception] = {}
     live: list[int] = []
     by_key: dict[str, Command] = {}
@@ -273,12 +273,15 @@ def run_each(
                 assert restarts <= 3 * len(live), "a batch restarted more often than its commands allow"
         position = None
         if unit.records:
+            engine.app.counters.add("attempts")
             try:
                 position = engine.app.save_all(unit.pending())
             except IntegrityError:
                 # Another writer moved an aggregate on, or recorded a key: learn
-                # which keys exist, then run the batch afresh.
-                engine.app.evict(unit.aggregate_ids())
+                # which keys exist, fast-forward the cached aggregates (only
+                # their new events, as the engine does), then run the batch afresh.
+                engine.app.counters.add("clashes")
+                engine.app.refresh(unit.aggregate_ids())
                 found = engine._new_records(by_key, known, None)
                 if found:
                     known.update(found)
@@ -286,11 +289,12 @@ def run_each(
                 conflicts += 1
                 counts.clashes += 1
                 if conflicts >= engine.max_attempts:
+                    engine.app.counters.add("exhausted")
                     raise ConcurrencyExhausted(conflicts) from None
-                time.sleep(random.uniform(0, min(0.05, 0.001 * 2**conflicts)))
+                clash_backoff(conflicts)
                 continue
         for index, receipt in receipts.items():
-            outcomes[index] = receipt if receipt.replayed else receipt.model_copy(update={"position": position})
+            outcomes[index] = receipt if receipt.replayed else positioned(receipt, position)
         outcomes.update(failed)
         return [outcomes[i] for i in range(len(commands))]
 

@@ -35,7 +35,7 @@ class CommandStats:
     """What this ``Ledger``'s commands cost in attempts and loads, since it
     was opened (``Ledger.command_stats``). Counts, all of them."""
 
-    #: Calls of the engine (one per ``execute``, ``execute_batch`` or sweep).
+    #: Calls of the engine (one per ``execute``, ``execute_batch``, sweep or group commit batch).
     batches: int = 0
     #: Attempts at saving them (a batch that clashed is attempted again).
     attempts: int = 0
