@@ -450,15 +450,9 @@ class Ledger:
         if key is not None:
             key = check_key(key)
         else:
-            # Keyed by the revision it makes: the same terms as the current ones
-            # replay the current revision; other terms (earlier ones too) make
-            # the next one.
-            digest = hashlib.sha256(repr(terms.as_event_data()).encode()).hexdigest()[:16]
             current = self.read_aggregate(plan_id_for(terms.name), snapshots=False)
-            revision = 1
-            if isinstance(current, Plan):
-                revision = current.revision + (0 if current.terms_data == terms.as_event_data() else 1)
-            key = f"plan:{terms.name}:revision:{revision}:{digest}"
+            now = (current.revision, current.terms_data) if isinstance(current, Plan) else None
+            key = revision_key(f"plan:{terms.name}", terms.as_event_data(), now)
         return self.execute(DefinePlan(key=key, terms=terms, actor=actor))
 
     def install_default_catalog(self) -> list[Receipt]:
@@ -747,14 +741,9 @@ class Ledger:
         if key is not None:
             key = check_key(key)
         else:
-            # Keyed by the revision it makes, as define_plan is.
-            data = book.as_event_data()
-            digest = hashlib.sha256(repr(data).encode()).hexdigest()[:16]
             current = self.read_aggregate(PRICE_BOOK_ID, snapshots=False)
-            revision = 1
-            if isinstance(current, PriceBookRecord):
-                revision = current.revision + (0 if current.book_data == data else 1)
-            key = f"price_book:revision:{revision}:{digest}"
+            now = (current.revision, current.book_data) if isinstance(current, PriceBookRecord) else None
+            key = revision_key("price_book", book.as_event_data(), now)
         return self.execute(DefinePriceBook(key=key, book=book, actor=actor))
 
     def install_default_price_book(self) -> Receipt:
@@ -838,6 +827,17 @@ class Ledger:
         """The notification outbox as consumer ``name`` sees it (its own
         position), for the notification ``types`` given (default: all)."""
         return Outbox(self.app, self.views.store, name, types=types)
+
+
+def revision_key(prefix: str, data: Any, current: tuple[int, Any] | None) -> str:
+    """The key of a catalog definition given without one (a plan's terms, the
+    price book): keyed by the revision it makes, so the same data as the
+    current revision (``current``: its number and data) replays it, and other
+    data (earlier revisions' too) makes the next one. Stored keys have this
+    shape: ``{prefix}:revision:{n}:{digest}``."""
+    digest = hashlib.sha256(repr(data).encode()).hexdigest()[:16]
+    revision = 1 if current is None else current[0] + (0 if current[1] == data else 1)
+    return f"{prefix}:revision:{revision}:{digest}"
 
 
 def resolve_url(url: str | None = None) -> str:
