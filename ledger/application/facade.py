@@ -156,6 +156,7 @@ class Ledger:
             except Exception as exc:  # eventsourcing raises OSError and driver errors here
                 raise ConfigurationError(f"cannot open ledger store {self.config.backend}: {exc}") from exc
         self.backend.opened(self.app)
+        self.app.write_locks = self.backend.write_locks(self.app)
         self.sync_views = sync_views
         self.sync_user_credits = sync_user_credits
         self.sync_user_tier = sync_user_tier

@@ -9,6 +9,7 @@ error), and only then is the record read and its first receipt returned.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import time
@@ -531,49 +532,58 @@ class Engine:
         # Each pass either returns, raises, records a clash (bounded by
         # max_attempts), learns at least one recorded key (bounded by the
         # batch's keys) or re-checks a refusal on fresh state (once).
+        # A single command's attempt runs in a write session: an account
+        # other processes write is locked before it is read, until the
+        # save commits (ledger.storage.writelocks). A batch stays optimistic.
+        attempt = self.app.write_locks.session if len(commands) == 1 else contextlib.nullcontext
+        backoff = 0
         while True:
-            unit = Unit(self.app, self.reader, now or self.clock.now(), self.policy)
-            if len(commands) > 1:
-                self._prefetch(unit, [c for c in commands if c.key not in known])
-            try:
-                receipts = self._run(unit, commands, known)
-            except _Failed as failed:
-                # Replay wins over a business error: the failing command, or one
-                # before it, may have been recorded by another writer meanwhile.
-                found = self._new_records(first_by_key, known, failed.command.key)
-                if found:
-                    known.update(found)
+            if backoff:
+                clash_backoff(backoff)  # outside the session: nothing is held while waiting
+                backoff = 0
+            with attempt():
+                unit = Unit(self.app, self.reader, now or self.clock.now(), self.policy)
+                if len(commands) > 1:
+                    self._prefetch(unit, [c for c in commands if c.key not in known])
+                try:
+                    receipts = self._run(unit, commands, known)
+                except _Failed as failed:
+                    # Replay wins over a business error: the failing command, or one
+                    # before it, may have been recorded by another writer meanwhile.
+                    found = self._new_records(first_by_key, known, failed.command.key)
+                    if found:
+                        known.update(found)
+                        continue
+                    if not rechecked:
+                        # The refusal was decided on cached aggregates, which other
+                        # processes may have moved on: decide again on fresh state
+                        # (the cached copies fast-forwarded from the store).
+                        rechecked = True
+                        self.app.recheck(unit.aggregate_ids())
+                        continue
+                    if single:
+                        raise failed.cause from None
+                    raise BatchRejected(failed.index, failed.cause) from None
+                counters.add("attempts")
+                try:
+                    position = self.app.save_all(unit.pending())
+                except IntegrityError:
+                    # A concurrent writer moved an aggregate on, or a key was used
+                    # meanwhile: learn which keys now exist, then fast-forward the
+                    # cached aggregates (only their new events) and re-run.
+                    counters.add("clashes")
+                    self.app.refresh(unit.aggregate_ids())
+                    found = self._new_records(first_by_key, known, None)
+                    if found:
+                        known.update(found)
+                        continue
+                    conflicts += 1
+                    if conflicts >= self.max_attempts:
+                        counters.add("exhausted")
+                        raise ConcurrencyExhausted(conflicts) from None
+                    backoff = conflicts
                     continue
-                if not rechecked:
-                    # The refusal was decided on cached aggregates, which other
-                    # processes may have moved on: decide again on fresh state
-                    # (the cached copies fast-forwarded from the store).
-                    rechecked = True
-                    self.app.recheck(unit.aggregate_ids())
-                    continue
-                if single:
-                    raise failed.cause from None
-                raise BatchRejected(failed.index, failed.cause) from None
-            counters.add("attempts")
-            try:
-                position = self.app.save_all(unit.pending())
-            except IntegrityError:
-                # A concurrent writer moved an aggregate on, or a key was used
-                # meanwhile: learn which keys now exist, then fast-forward the
-                # cached aggregates (only their new events) and re-run.
-                counters.add("clashes")
-                self.app.refresh(unit.aggregate_ids())
-                found = self._new_records(first_by_key, known, None)
-                if found:
-                    known.update(found)
-                    continue
-                conflicts += 1
-                if conflicts >= self.max_attempts:
-                    counters.add("exhausted")
-                    raise ConcurrencyExhausted(conflicts) from None
-                clash_backoff(conflicts)
-                continue
-            return [r if r.replayed else positioned(r, position) for r in receipts]
+                return [r if r.replayed else positioned(r, position) for r in receipts]
 
     @staticmethod
     def _prefetch(unit: Unit, commands: Sequence[Command]) -> None:

@@ -8,6 +8,7 @@ asks which backend it is. Each backend owns:
   must happen around opening it (a lock, a folder), and what is installed on
   it once open;
 - the bulk stream reader the unit of work and the queries load through;
+- the write locks a command takes on an account other processes write too;
 - the view store the read models live in, a fresh one to rebuild into, and
   the swap of a rebuild into the live tables;
 - the DDL dialect of the library's tables;
@@ -31,6 +32,7 @@ from ledger.storage.ddl import Table
 from ledger.storage.digests import DigestStore
 from ledger.storage.streams import StreamReader
 from ledger.storage.viewstore import TRACKED_APPLICATION, ViewStore, ViewTx
+from ledger.storage.writelocks import WriteLocks
 
 if TYPE_CHECKING:
     import threading
@@ -90,6 +92,10 @@ class Backend(ABC):
     @abstractmethod
     def stream_reader(self, app: LedgerApplication) -> StreamReader:
         """The bulk reader of aggregates for this store."""
+
+    def write_locks(self, app: LedgerApplication) -> WriteLocks:
+        """How commands lock the accounts several processes write (the default: they do not)."""
+        return WriteLocks(app.recorder)
 
     def commit_waiter(self, app: LedgerApplication, stop: threading.Event) -> Wake | None:
         """A way to sleep until the next commit, for a projector; None: poll."""

@@ -31,6 +31,7 @@ from ledger.domain.holds import HoldRecord, HoldStatus
 from ledger.storage.freshness import CommandStats, Counters, Freshness
 from ledger.storage.sealing import sealed, trusted
 from ledger.storage.transcoding import BlockAsDict, HoldAsDict
+from ledger.storage.writelocks import WriteLocks
 
 T = TypeVar("T")
 
@@ -81,7 +82,12 @@ class SealedRepository(Repository[UUID]):
             else:
                 # Never mutate the cached object: other threads may be copying it.
                 aggregate = deepcopy(cached)
-                new = self.event_store.recorder.select_events(aggregate_id, gt=aggregate.version)
+                # An account several processes write is locked first, inside
+                # a write session (ledger.storage.writelocks): its writers take
+                # turns instead of clashing.
+                new = self.app.write_locks.events_after(
+                    aggregate_id, aggregate.version, lock=isinstance(cached, CreditAccount)
+                )
                 decode = self.app.mapper.to_domain_event
                 for stored in new:
                     aggregate = decode(stored).mutate(aggregate)  # type: ignore[attr-defined]
@@ -165,6 +171,8 @@ class LedgerApplication(Application[UUID]):
     #: does not name the account; see ``cacheable``.)
     write_only: ClassVar[tuple[type, ...]] = (CommandRecord,)
     repository: SealedRepository
+    #: The backend's write locks (``Backend.write_locks``), set when the ledger opens.
+    write_locks: WriteLocks
 
     def __init__(self, env: Any = None) -> None:
         self.unsealed = set()
@@ -173,6 +181,7 @@ class LedgerApplication(Application[UUID]):
         self.save_listeners: list[Callable[[Sequence[Recording[UUID]]], None]] = []
         self.counters = Counters()
         super().__init__(env)
+        self.write_locks = WriteLocks(self.recorder)
 
     def construct_env(self, name: str, env: Any = None) -> Environment:
         # Only the settings the ledger was opened with: a library must not be

@@ -21,8 +21,10 @@ from ledger.storage.digests import DigestStore, SQLDigestStore
 from ledger.storage.postgres.recorder import apply_connect_options, install_ping_window
 from ledger.storage.postgres.streams import PostgresReader
 from ledger.storage.postgres.viewstore import TRACKING_TABLE, PostgresViewStore
+from ledger.storage.postgres.writelocks import PostgresWriteLocks
 from ledger.storage.streams import StreamReader
 from ledger.storage.viewstore import ViewStore, ViewTx
+from ledger.storage.writelocks import WriteLocks
 
 if TYPE_CHECKING:
     import threading
@@ -113,6 +115,12 @@ class PostgresBackend(Backend):
 
     def stream_reader(self, app: LedgerApplication) -> StreamReader:
         return PostgresReader(app)
+
+    def write_locks(self, app: LedgerApplication) -> WriteLocks:
+        recorder: Any = app.recorder
+        locks = PostgresWriteLocks(recorder)
+        recorder.open_transaction = locks.open_transaction
+        return locks
 
     def commit_waiter(self, app: LedgerApplication, stop: threading.Event) -> Wake | None:
         """LISTEN on the event table's channel (eventsourcing NOTIFYs on it at each commit)."""

@@ -19,14 +19,17 @@ staging table and one INSERT … SELECT, then COMMIT.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from random import random
 from time import monotonic, sleep
 from typing import Any
 from uuid import UUID
 
+import psycopg
+from eventsourcing import persistence as es_persistence
 from eventsourcing.persistence import InterfaceError, InternalError, OperationalError, StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore, PostgresFactory
 from psycopg import sql
@@ -128,10 +131,16 @@ class LedgerPostgresRecorder(PostgresApplicationRecorder):
         self._table = table
         self._table_text = table.as_string(None)
         self._values_statements: dict[int, sql.Composed] = {}
-        self._prelude = sql.SQL(
-            "BEGIN; SET LOCAL lock_timeout = '{}s'; LOCK TABLE {} IN EXCLUSIVE MODE; NOTIFY {}"
-        ).format(sql.Literal(self.datastore.lock_timeout), table, sql.Identifier(self.channel_name))
+        #: The statements before the insert, inside its transaction.
+        self._table_lock = sql.SQL("SET LOCAL lock_timeout = '{}s'; LOCK TABLE {} IN EXCLUSIVE MODE; NOTIFY {}").format(
+            sql.Literal(self.datastore.lock_timeout), table, sql.Identifier(self.channel_name)
+        )
+        self._prelude = sql.SQL("BEGIN; {}").format(self._table_lock)
         self._prelude_text = self._prelude.as_string(None)
+        self._table_lock_text = self._table_lock.as_string(None)
+        #: Set by the backend: the transaction a write session locked an
+        #: account in, for the save to commit (``ledger.storage.writelocks``).
+        self.open_transaction: Callable[[], Any] = lambda: None
         # ON COMMIT DELETE ROWS: the staging rows vanish with the transaction.
         self._staging_ddl = sql.SQL(
             "CREATE TEMP TABLE IF NOT EXISTS pingvas_ledger_staging (ordinal int4, originator_id uuid, "
@@ -145,18 +154,22 @@ class LedgerPostgresRecorder(PostgresApplicationRecorder):
             "ORDER BY ordinal RETURNING notification_id"
         ).format(table)
 
-    def _insert_in_one_round_trip(self, conn: Any, curs: Any, stored_events: Sequence[StoredEvent]) -> list[int]:
-        """A command's save as one message: BEGIN, lock timeout, table lock,
-        NOTIFY, INSERT … RETURNING and COMMIT, the rows as SQL literals. An
-        error stops the message at the failing statement, leaving the
+    def _insert_in_one_round_trip(
+        self, conn: Any, curs: Any, stored_events: Sequence[StoredEvent], *, begin: bool = True
+    ) -> list[int]:
+        """A command's save as one message: BEGIN (unless ``begin`` is False:
+        a write session's transaction is open already), lock timeout, table
+        lock, NOTIFY, INSERT … RETURNING and COMMIT, the rows as SQL literals.
+        An error stops the message at the failing statement, leaving the
         transaction aborted: it is rolled back here."""
         rows = ", ".join(
             f"('{e.originator_id}'::uuid, {int(e.originator_version)}, {_text_literal(e.topic)}, "
             f"'\\x{e.state.hex()}'::bytea)"
             for e in stored_events
         )
+        prelude = self._prelude_text if begin else self._table_lock_text
         query = (
-            f"{self._prelude_text}; INSERT INTO {self._table_text} (originator_id, originator_version, topic, state) "
+            f"{prelude}; INSERT INTO {self._table_text} (originator_id, originator_version, topic, state) "
             f"VALUES {rows} RETURNING notification_id; COMMIT"
         )
         try:
@@ -228,6 +241,9 @@ class LedgerPostgresRecorder(PostgresApplicationRecorder):
     def _insert_once(self, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
         if not stored_events:
             return []
+        locked = self.open_transaction()
+        if locked is not None:
+            return self._insert_locked(locked, stored_events, **kwargs)
         # The pool's connections are in autocommit mode; the transaction is
         # opened by the prelude's BEGIN and closed here, by COMMIT or ROLLBACK.
         with self.datastore.get_connection() as conn, conn.cursor() as curs:
@@ -251,3 +267,52 @@ class LedgerPostgresRecorder(PostgresApplicationRecorder):
                     conn.execute("ROLLBACK")
                 raise
             return ids
+
+    def _insert_locked(self, conn: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
+        """The save of a write session that locked an account: on the
+        session's connection, inside the transaction that holds the lock; the
+        COMMIT releases it. psycopg's errors are raised as eventsourcing's,
+        as the datastore's checkout raises them (a clash is an IntegrityError)."""
+        with translated_errors(), conn.cursor() as curs:
+            plain = not any(value is not None for value in kwargs.values())
+            if len(stored_events) <= VALUES_MAX_ROWS and plain and _literals_safe(conn, stored_events):
+                return self._insert_in_one_round_trip(conn, curs, stored_events, begin=False)
+            try:
+                curs.execute(self._table_lock)
+                self._insert_events(curs, stored_events, **kwargs)
+                self._insert_rows(curs, stored_events)
+                ids: Sequence[int] | None = self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
+                curs.execute("COMMIT")
+            except BaseException:
+                if not conn.closed:
+                    conn.execute("ROLLBACK")
+                raise
+            return ids
+
+
+#: psycopg's error classes and eventsourcing's, most specific first (as
+#: eventsourcing's ``PostgresDatastore.get_connection`` maps them).
+_ERRORS: tuple[tuple[type[psycopg.Error], type[Exception]], ...] = (
+    (psycopg.InterfaceError, InterfaceError),
+    (psycopg.OperationalError, OperationalError),
+    (psycopg.DataError, es_persistence.DataError),
+    (psycopg.IntegrityError, es_persistence.IntegrityError),
+    (psycopg.InternalError, InternalError),
+    (psycopg.ProgrammingError, es_persistence.ProgrammingError),
+    (psycopg.NotSupportedError, es_persistence.NotSupportedError),
+    (psycopg.DatabaseError, es_persistence.DatabaseError),
+    (psycopg.Error, es_persistence.PersistenceError),
+)
+
+
+@contextlib.contextmanager
+def translated_errors() -> Iterator[None]:
+    """Raises psycopg's errors as eventsourcing's classes, the psycopg error
+    as the cause: code above the recorder catches eventsourcing's."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        for theirs, ours in _ERRORS:
+            if isinstance(exc, theirs):
+                raise ours(str(exc)) from exc
+        raise  # pragma: no cover  (psycopg.Error is the last entry)

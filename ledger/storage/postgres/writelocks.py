@@ -1,0 +1,147 @@
+"""Write locks on PostgreSQL (``ledger.storage.writelocks``): a
+transaction-scoped advisory lock per account, taken in the transaction that
+then saves the command's events.
+
+A session pins one pooled connection to its thread from its first locked read
+to its end, so the thread's other reads and its save run on that connection,
+inside the transaction that holds the lock (and one thread never holds two of
+the pool's connections, which could exhaust it). The lock is released by the
+save's COMMIT, or by the ROLLBACK that ends a session whose command failed.
+
+The lock's key is the account id hashed with the events table's schema and
+name, so that ledgers in other schemas of the same database, and other
+programs' advisory locks, do not share it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import InternalError, StoredEvent
+from psycopg.pq import TransactionStatus
+
+from ledger.storage.postgres.recorder import translated_errors
+from ledger.storage.writelocks import WriteLocks
+
+
+class _Session:
+    """One write session: its pinned connection, once a read locked an account."""
+
+    def __init__(self) -> None:
+        self.conn: Any = None
+        self.locked: UUID | None = None
+        self._checkout = contextlib.ExitStack()
+
+    def pin(self, checkout: contextlib.AbstractContextManager[Any]) -> Any:
+        self.conn = self._checkout.enter_context(checkout)
+        return self.conn
+
+    def close(self) -> None:
+        """Rolls back what the session left open (a failed or unsaved command)
+        and returns its connection to the pool."""
+        try:
+            conn = self.conn
+            if conn is not None and not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
+                conn.execute("ROLLBACK")
+        finally:
+            self.conn = None
+            self._checkout.close()
+
+
+class PostgresWriteLocks(WriteLocks):
+    def __init__(self, recorder: Any) -> None:
+        super().__init__(recorder)
+        self._local = threading.local()
+        datastore = recorder.datastore
+        table = f"{datastore.schema}.{recorder.events_table_name}"
+        self._namespace = hashlib.blake2b(table.encode(), digest_size=16).digest()
+        self._lock_timeout_s = int(datastore.lock_timeout)
+        self._select = (
+            "SELECT originator_id, originator_version, topic, state FROM {table} "
+            "WHERE originator_id = '{id}'::uuid AND originator_version > {version} ORDER BY originator_version"
+        ).replace("{table}", recorder._table_text)
+        self._pool_checkout: Callable[[], contextlib.AbstractContextManager[Any]] = datastore.get_connection
+        datastore.get_connection = self._get_connection
+
+    def _session(self) -> _Session | None:
+        session: _Session | None = getattr(self._local, "session", None)
+        return session
+
+    @contextlib.contextmanager
+    def _get_connection(self) -> Iterator[Any]:
+        """The datastore's checkout, except that a thread whose session has
+        pinned a connection gets that one (inside its transaction)."""
+        session = self._session()
+        if session is not None and session.conn is not None and not session.conn.closed:
+            with translated_errors():
+                yield session.conn
+            return
+        with self._pool_checkout() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        if self._session() is not None:  # nested (a command run inside another's attempt): the outer one locks
+            yield
+            return
+        session = _Session()
+        self._local.session = session
+        try:
+            yield
+        finally:
+            self._local.session = None
+            session.close()
+
+    def lock_key(self, aggregate_id: UUID) -> int:
+        """A signed 64-bit advisory lock key for the aggregate in this events table."""
+        digest = hashlib.blake2b(aggregate_id.bytes, digest_size=8, key=self._namespace).digest()
+        return int.from_bytes(digest, "big", signed=True)
+
+    def events_after(self, aggregate_id: UUID, version: int, *, lock: bool) -> list[StoredEvent]:
+        session = self._session()
+        if not lock or session is None or session.locked is not None:
+            return super().events_after(aggregate_id, version, lock=lock)
+        assert type(version) is int and version >= 0
+        conn = session.conn if session.conn is not None else session.pin(self._pool_checkout())
+        if conn.info.transaction_status != TransactionStatus.IDLE:
+            raise InternalError("a write session's connection is already inside a transaction")
+        # One message: the transaction, the lock and the read that the lock
+        # makes current (UUID text and an int need no quoting).
+        query = (
+            f"BEGIN; SET LOCAL lock_timeout = '{self._lock_timeout_s}s'; "
+            f"SELECT pg_advisory_xact_lock({self.lock_key(aggregate_id)}); "
+            + self._select.format(id=aggregate_id, version=version)
+        )
+        with translated_errors(), conn.cursor() as curs:
+            curs.execute(query.encode())
+            while curs.nextset():
+                pass
+            rows = curs.fetchall()
+        session.locked = aggregate_id
+        return [
+            StoredEvent(
+                originator_id=r["originator_id"],
+                originator_version=r["originator_version"],
+                topic=r["topic"],
+                state=bytes(r["state"]),
+            )
+            for r in rows
+        ]
+
+    def open_transaction(self) -> Any:
+        """The connection of this thread's session, if it holds a lock: the
+        save commits on it (which releases the lock). Handed out once: a
+        retried save runs on a fresh connection, unlocked and still checked."""
+        session = self._session()
+        if session is None or session.locked is None or session.conn is None:
+            return None
+        conn = session.conn
+        session.locked = None
+        if conn.closed or conn.info.transaction_status != TransactionStatus.INTRANS:
+            return None
+        return conn

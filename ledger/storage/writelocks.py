@@ -1,0 +1,53 @@
+"""Write locks: how a command keeps other processes off an account it is
+about to change, where the store can.
+
+Commands are optimistic: each reads its accounts as of a version, and its
+save fails (a clash) if another writer recorded a newer version first; the
+command is then run again on the newer state (``Engine``). That costs nothing
+while accounts have one writer each, and a clash and a re-run when they do
+not. On an account that several processes write at once (a hot account), the
+re-runs can themselves clash, and the latency of a command grows with its
+writers.
+
+So a backend that can lock offers a *write session*: inside it, the first
+shared account a command reads (one that clashed before:
+``ledger.storage.freshness``) is locked before it is read, in the transaction
+the command's save then commits, which releases the lock. Writers of that
+account then take turns instead of clashing. One account at most is locked
+per session: the lock is always taken before the events table's, and no
+session waits for a lock while holding another account's, so sessions cannot
+deadlock each other. The unique (aggregate, version) constraint still decides
+every save; the lock only keeps writers from losing to it
+(docs/decisions.md, "Hot accounts are locked, not retried").
+
+This module's ``WriteLocks`` is the backend without locks (memory: one
+process; SQLite: one writer at a time already): sessions do nothing and reads
+go straight to the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+from uuid import UUID
+
+from eventsourcing.persistence import StoredEvent
+
+
+class WriteLocks:
+    """Write sessions that lock nothing (see the module's text)."""
+
+    def __init__(self, recorder: Any) -> None:
+        self.recorder = recorder
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """One attempt at a command: what it locks is released when this ends."""
+        yield
+
+    def events_after(self, aggregate_id: UUID, version: int, *, lock: bool) -> list[StoredEvent]:
+        """The aggregate's stored events after ``version``, in order. With
+        ``lock``, inside a session, the aggregate is first locked against the
+        other sessions (on a backend that can)."""
+        return list(self.recorder.select_events(aggregate_id, gt=version))
