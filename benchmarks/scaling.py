@@ -10,7 +10,11 @@ and for threads (sharing one ``Ledger`` in one process), three workloads:
   ``user_id`` hint), on a random one of 50 funded accounts;
 - ``hot``: the same on one funded account;
 - ``raw``: one psycopg connection per client inserting one row and committing:
-  the server's floor for one durable write.
+  the server's floor for one durable write;
+- ``raw_locked`` (processes only): the same insert and commit in one message,
+  after ``LOCK TABLE … IN EXCLUSIVE MODE`` on the table, as every save to an
+  eventsourcing events table takes it: the ceiling of any such store's
+  commits across processes, whatever its client does.
 
 Per cell it prints commands (or rows) per second, p50 and p99 latency of one
 command, the clash rate (saves refused because another writer got there
@@ -27,7 +31,9 @@ concurrent commands into shared transactions is measured by the same cells.
 ``scaling:grouped`` runs the commands through the ledger's group commit.
 ``scaling:evicting`` and ``scaling:forwarding`` are the two cache policies the
 ledger's was chosen against (docs/decisions.md, "Cached accounts are
-fast-forwarded once shared"), for comparison.
+fast-forwarded once shared"), and ``scaling:unlocked`` the ledger without its
+write locks (docs/decisions.md, "Hot accounts are locked, not retried"), for
+comparison.
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ from ledger import (  # noqa: E402
     SettleReservation,
     SpendCredits,
 )
+from ledger.storage.writelocks import WriteLocks  # noqa: E402  (``unlocked`` puts back the lock-free default)
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 DEFAULT_EXECUTOR = "scaling:plain"
@@ -77,7 +84,9 @@ CELL_S = 2.0
 QUICK_CELL_S = 0.6
 MANY_ACCOUNTS = 50
 FUNDING = 2_000_000_000  # credits per account: far more than any run spends
-WORKLOADS = ("raw", "many", "hot")
+WORKLOADS = ("raw", "raw_locked", "many", "hot")
+#: Workloads that run in process cells only (what they measure is the server's).
+PROCESS_ONLY = ("raw_locked",)
 MODES = ("p", "t")  # processes, threads
 #: A settle that ran out of attempts is tried again (same key) so that no hold is left open.
 SETTLE_TRIES = 5
@@ -113,6 +122,13 @@ def evicting(ledger: Ledger) -> Ledger:
     them from the store)."""
     ledger.app.refresh = ledger.app.evict  # type: ignore[method-assign]
     ledger.app.recheck = ledger.app.evict  # type: ignore[method-assign]
+    return ledger
+
+
+def unlocked(ledger: Ledger) -> Ledger:
+    """For comparison: no write locks; every command optimistic, a hot
+    account's writers clash and retry."""
+    ledger.app.write_locks = WriteLocks(ledger.app.recorder)
     return ledger
 
 
@@ -231,12 +247,19 @@ def run_client(task: Task, n: int, executor: Any, conninfo: str, warm: Callable[
     users = [uuid.UUID(u) for u in task.users]
     expires_at = far_future()
     conn = None
+    table = sql.Identifier(*task.table.split("."))
     if task.workload == "raw":
         conn = psycopg.connect(conninfo, autocommit=False)
-        insert = sql.SQL("INSERT INTO {} (payload) VALUES (%s)").format(sql.Identifier(*task.table.split(".")))
+        insert = sql.SQL("INSERT INTO {} (payload) VALUES (%s)").format(table)
         for i in range(3):
             conn.execute(insert, (f"warm {n} {i}",))
             conn.commit()
+    elif task.workload == "raw_locked":
+        conn = psycopg.connect(conninfo, autocommit=True)
+        locked = sql.SQL("BEGIN; LOCK TABLE {} IN EXCLUSIVE MODE; INSERT INTO {} (payload) VALUES ('row'); COMMIT")
+        one_message = locked.format(table, table).as_string(conn).encode()
+        for _ in range(3):
+            conn.execute(one_message)
     else:
         for i in range(WARMUP_PAIRS):
             result.commands += reserve_settle(
@@ -253,7 +276,10 @@ def run_client(task: Task, n: int, executor: Any, conninfo: str, warm: Callable[
                 break
             i += 1
             try:
-                if conn is not None:
+                if task.workload == "raw_locked":
+                    conn.execute(one_message)  # type: ignore[union-attr]
+                    done, exhausted = 1, 0
+                elif conn is not None:
                     conn.execute(insert, (f"row {n} {i}",))
                     conn.commit()
                     done, exhausted = 1, 0
@@ -316,7 +342,7 @@ def run_task(task: Task, executor: Any, ledger: Ledger, conninfo: str, start: Ca
         "exhausted": sum(r.exhausted for r in results),
         "errors": sum(r.errors for r in results),
         "first_error": next((r.first_error for r in results if r.first_error), ""),
-        "stats": vars(spent) if task.workload != "raw" else {},
+        "stats": vars(spent) if not task.workload.startswith("raw") else {},
     }
 
 
@@ -466,7 +492,10 @@ def cell_figures(parts: list[dict[str, Any]], duration_s: float) -> dict[str, fl
 def names(mode: str, clients: int, workload: str) -> dict[str, str]:
     """The JSON names of one cell's figures."""
     cell = f"{clients}{mode}"
-    per_s = f"raw_insert_commit_per_s_{cell}" if workload == "raw" else f"commands_per_s_{cell}_{workload}"
+    per_s = {
+        "raw": f"raw_insert_commit_per_s_{cell}",
+        "raw_locked": f"raw_locked_insert_commit_per_s_{cell}",
+    }.get(workload, f"commands_per_s_{cell}_{workload}")
     return {
         "per_s": per_s,
         "p50_ms": f"p50_ms_{cell}_{workload}",
@@ -571,6 +600,8 @@ def run(
         for mode in MODES:
             for n in counts:
                 for workload in WORKLOADS:
+                    if mode != "p" and workload in PROCESS_ONLY:
+                        continue
                     users = tuple(warm[:MANY_ACCOUNTS]) if workload == "many" else (str(hot),)
                     tag = f"sc:{uuid.uuid4().hex[:10]}"
                     if mode == "p":
@@ -637,6 +668,12 @@ def report_targets(figures: dict[str, float], counts: Sequence[int], echo: Calla
     echo("scaling targets:")
     for label, met, value in checks:
         echo(f"  {'met   ' if met else 'MISSED'}  {label}  ({value})")
+    locked = figures.get(f"raw_locked_insert_commit_per_s_{top}p")
+    if locked:
+        echo(
+            f"  context: under the events table's lock the server commits {locked:,.0f}/s at {top} processes; "
+            f"many reaches {many[-1] / locked:.2f} of that, hot {hot / locked:.2f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
