@@ -22,11 +22,18 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from uuid import UUID
 
+import psycopg
 from eventsourcing.persistence import InternalError, StoredEvent
 from psycopg.pq import TransactionStatus
 
 from ledger.storage.postgres.recorder import translated_errors
 from ledger.storage.writelocks import WriteLocks
+
+
+def _usable(conn: Any) -> bool:
+    """Whether a pinned connection can run the session's next statement (not
+    lost, not in a failed transaction): otherwise the pool serves the thread."""
+    return conn is not None and not conn.closed and conn.info.transaction_status != TransactionStatus.INERROR
 
 
 class _Session:
@@ -47,7 +54,10 @@ class _Session:
         try:
             conn = self.conn
             if conn is not None and not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
-                conn.execute("ROLLBACK")
+                # A failure here must not hide the command's own outcome: the
+                # pool rolls back (or discards) a connection returned mid-transaction.
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("ROLLBACK")
         finally:
             self.conn = None
             self._checkout.close()
@@ -77,7 +87,7 @@ class PostgresWriteLocks(WriteLocks):
         """The datastore's checkout, except that a thread whose session has
         pinned a connection gets that one (inside its transaction)."""
         session = self._session()
-        if session is not None and session.conn is not None and not session.conn.closed:
+        if session is not None and _usable(session.conn):
             with translated_errors():
                 yield session.conn
             return
