@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -544,6 +545,16 @@ def test_a_waiting_caller_interrupted_never_stalls_the_others(grouped: Ledger, m
 
     monkeypatch.setattr(group_module._Pending, "__init__", init)
     ledger = grouped
+    # Each batch takes a few milliseconds, as on a real store, so that callers
+    # queue behind it and wait (on the memory store a lone caller can lead
+    # every batch itself, and then no wait is ever interrupted).
+    run_each = group_module.run_each
+
+    def slow_run_each(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.002)
+        return run_each(*args, **kwargs)
+
+    monkeypatch.setattr(group_module, "run_each", slow_run_each)
     user = uuid4()
     ledger.grant(user, 10_000, "bonus", key="fund")
     outcomes: Counter[str] = Counter()
