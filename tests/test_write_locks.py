@@ -54,13 +54,15 @@ def shared_account(ledger: Ledger, user: UUID, credits: int) -> UUID:
     return account_id
 
 
-def test_hot_account_writers_take_turns_instead_of_clashing(url: str) -> None:
+@pytest.mark.parametrize("group_commit", [False, True], ids=["plain", "group-commit"])
+def test_hot_account_writers_take_turns_instead_of_clashing(url: str, group_commit: bool) -> None:
     """Eight ledgers (eight caches, as eight processes) spend from one account
     at once. Each clashes at most about once, on the attempt that finds the
     account shared; after that every writer locks it, and none runs out of
-    attempts. Without the locks the same load clashes hundreds of times."""
+    attempts. Without the locks the same load clashes hundreds of times. A
+    group commit batch of one command locks as a single command does."""
     writers, spends = 8, 40
-    ledgers = [Ledger(url) for _ in range(writers)]
+    ledgers = [Ledger(url, group_commit=group_commit) for _ in range(writers)]
     try:
         user = uuid4()
         ledgers[0].grant(user, 10_000, "bonus", key="fund")

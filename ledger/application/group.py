@@ -254,49 +254,56 @@ def run_each(
     rechecked: set[int] = set()
     counts = counts if counts is not None else RunCounts()
     conflicts = 0
+    backoff = 0
     while True:
-        moment = now or engine.clock.now()
-        failed: dict[int, Exception] = {}
-        restarts = 0
-        while True:
-            unit = _IsolatingUnit(engine.app, engine.reader, moment, engine.policy)
-            pending = [commands[i] for i in live if i not in failed and commands[i].key not in known]
-            if len(pending) > 1:
-                engine._prefetch(unit, pending)
-            try:
-                receipts = _run(engine, unit, commands, live, known, failed, rechecked)
-                break
-            except _Restart:
-                restarts += 1
-                counts.restarts += 1
-                # Each restart fails a command, rechecks one (once) or learns a key.
-                assert restarts <= 3 * len(live), "a batch restarted more often than its commands allow"
-        position = None
-        if unit.records:
-            engine.app.counters.add("attempts")
-            try:
-                position = engine.app.save_all(unit.pending())
-            except IntegrityError:
-                # Another writer moved an aggregate on, or recorded a key: learn
-                # which keys exist, fast-forward the cached aggregates (only
-                # their new events, as the engine does), then run the batch afresh.
-                engine.app.counters.add("clashes")
-                engine.app.refresh(unit.aggregate_ids())
-                found = engine._new_records(by_key, known, None)
-                if found:
-                    known.update(found)
+        if backoff:
+            clash_backoff(backoff)  # outside the session: nothing is held while waiting
+            backoff = 0
+        # As a single command's: the batch's first shared account is locked
+        # before it is read, until the save commits (ledger.storage.writelocks).
+        with engine.app.write_locks.session():
+            moment = now or engine.clock.now()
+            failed: dict[int, Exception] = {}
+            restarts = 0
+            while True:
+                unit = _IsolatingUnit(engine.app, engine.reader, moment, engine.policy)
+                pending = [commands[i] for i in live if i not in failed and commands[i].key not in known]
+                if len(pending) > 1:
+                    engine._prefetch(unit, pending)
+                try:
+                    receipts = _run(engine, unit, commands, live, known, failed, rechecked)
+                    break
+                except _Restart:
+                    restarts += 1
+                    counts.restarts += 1
+                    # Each restart fails a command, rechecks one (once) or learns a key.
+                    assert restarts <= 3 * len(live), "a batch restarted more often than its commands allow"
+            position = None
+            if unit.records:
+                engine.app.counters.add("attempts")
+                try:
+                    position = engine.app.save_all(unit.pending())
+                except IntegrityError:
+                    # Another writer moved an aggregate on, or recorded a key: learn
+                    # which keys exist, fast-forward the cached aggregates (only
+                    # their new events, as the engine does), then run the batch afresh.
+                    engine.app.counters.add("clashes")
+                    engine.app.refresh(unit.aggregate_ids())
+                    found = engine._new_records(by_key, known, None)
+                    if found:
+                        known.update(found)
+                        continue
+                    conflicts += 1
+                    counts.clashes += 1
+                    if conflicts >= engine.max_attempts:
+                        engine.app.counters.add("exhausted")
+                        raise ConcurrencyExhausted(conflicts) from None
+                    backoff = conflicts
                     continue
-                conflicts += 1
-                counts.clashes += 1
-                if conflicts >= engine.max_attempts:
-                    engine.app.counters.add("exhausted")
-                    raise ConcurrencyExhausted(conflicts) from None
-                clash_backoff(conflicts)
-                continue
-        for index, receipt in receipts.items():
-            outcomes[index] = receipt if receipt.replayed else positioned(receipt, position)
-        outcomes.update(failed)
-        return [outcomes[i] for i in range(len(commands))]
+            for index, receipt in receipts.items():
+                outcomes[index] = receipt if receipt.replayed else positioned(receipt, position)
+            outcomes.update(failed)
+            return [outcomes[i] for i in range(len(commands))]
 
 
 def _run(
