@@ -41,9 +41,9 @@ def one_round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     original = LedgerPostgresRecorder._insert_in_one_round_trip
 
-    def spy(self: LedgerPostgresRecorder, conn: Any, curs: Any, events: Any) -> list[int]:
+    def spy(self: LedgerPostgresRecorder, conn: Any, curs: Any, events: Any, *, begin: bool = True) -> list[int]:
         calls.append(len(events))
-        return original(self, conn, curs, events)
+        return original(self, conn, curs, events, begin=begin)
 
     monkeypatch.setattr(LedgerPostgresRecorder, "_insert_in_one_round_trip", spy)
     return calls

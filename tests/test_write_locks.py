@@ -189,3 +189,27 @@ def test_other_backends_lock_nothing(tmp_path: Any) -> None:
                     e.originator_version for e in ledger.app.write_locks.events_after(account_id, 1, lock=True)
                 ] == [2]
             assert ledger.spend(user, 5, key="s").balance_credits == 0
+
+
+@pytest.mark.parametrize("count", [3, 300])
+def test_a_save_inside_a_session_commits_in_its_transaction(url: str, count: int) -> None:
+    """The save after a locked read runs in the session's transaction, in one
+    message (a command's few rows) or through the staging table (more than
+    ``VALUES_MAX_ROWS``); its COMMIT releases the lock, and its rows are there."""
+    from eventsourcing.persistence import StoredEvent
+
+    with Ledger(url) as ledger:
+        user = uuid4()
+        account_id = shared_account(ledger, user, 10)
+        locks = locks_of(ledger)
+        recorder: Any = ledger.app.recorder
+        rows = [StoredEvent(uuid4(), 1, "tests:Row", b"\x00\x01") for _ in range(count)]
+        with locks.session():
+            locks.events_after(account_id, 1, lock=True)
+            pinned: Any = locks._session()
+            ids = recorder.insert_events(rows)
+            assert pinned.conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE  # committed on it
+            assert lock_is_free(locks.lock_key(account_id))
+        assert len(ids) == count and ids == sorted(ids)
+        stored = recorder.select_events(rows[-1].originator_id)
+        assert [(e.topic, e.state) for e in stored] == [("tests:Row", b"\x00\x01")]

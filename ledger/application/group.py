@@ -284,21 +284,16 @@ def run_each(
                 try:
                     position = engine.app.save_all(unit.pending())
                 except IntegrityError:
-                    # Another writer moved an aggregate on, or recorded a key: learn
-                    # which keys exist, fast-forward the cached aggregates (only
-                    # their new events, as the engine does), then run the batch afresh.
-                    engine.app.counters.add("clashes")
-                    engine.app.refresh(unit.aggregate_ids())
-                    found = engine._new_records(by_key, known, None)
-                    if found:
-                        known.update(found)
-                        continue
-                    conflicts += 1
-                    counts.clashes += 1
-                    if conflicts >= engine.max_attempts:
-                        engine.app.counters.add("exhausted")
-                        raise ConcurrencyExhausted(conflicts) from None
-                    backoff = conflicts
+                    # As the engine does: learn the keys recorded meanwhile,
+                    # fast-forward the aggregates, then run the batch afresh.
+                    try:
+                        counted = engine.clashed(unit, by_key, known, conflicts)
+                    except ConcurrencyExhausted:
+                        counts.clashes += 1  # the last clash counts too
+                        raise
+                    if counted > conflicts:
+                        counts.clashes += 1
+                    backoff, conflicts = (counted if counted > conflicts else 0), counted
                     continue
             for index, receipt in receipts.items():
                 outcomes[index] = receipt if receipt.replayed else positioned(receipt, position)

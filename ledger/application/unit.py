@@ -568,22 +568,28 @@ class Engine:
                 try:
                     position = self.app.save_all(unit.pending())
                 except IntegrityError:
-                    # A concurrent writer moved an aggregate on, or a key was used
-                    # meanwhile: learn which keys now exist, then fast-forward the
-                    # cached aggregates (only their new events) and re-run.
-                    counters.add("clashes")
-                    self.app.refresh(unit.aggregate_ids())
-                    found = self._new_records(first_by_key, known, None)
-                    if found:
-                        known.update(found)
-                        continue
-                    conflicts += 1
-                    if conflicts >= self.max_attempts:
-                        counters.add("exhausted")
-                        raise ConcurrencyExhausted(conflicts) from None
-                    backoff = conflicts
+                    counted = self.clashed(unit, first_by_key, known, conflicts)
+                    backoff, conflicts = (counted if counted > conflicts else 0), counted
                     continue
                 return [r if r.replayed else positioned(r, position) for r in receipts]
+
+    def clashed(self, unit: Unit, by_key: dict[str, Command], known: dict[str, CommandRecord], conflicts: int) -> int:
+        """A save of ``unit`` clashed: a concurrent writer moved an aggregate
+        on, or used a key meanwhile. Learns which keys now exist (into
+        ``known``: the next run replays them) and marks the aggregates shared
+        (the next run fast-forwards them); returns the conflicts so far,
+        one more unless keys were learnt, and raises ConcurrencyExhausted once
+        they reach ``max_attempts``."""
+        self.app.counters.add("clashes")
+        self.app.refresh(unit.aggregate_ids())
+        found = self._new_records(by_key, known, None)
+        if found:
+            known.update(found)
+            return conflicts
+        if conflicts + 1 >= self.max_attempts:
+            self.app.counters.add("exhausted")
+            raise ConcurrencyExhausted(conflicts + 1)
+        return conflicts + 1
 
     @staticmethod
     def _prefetch(unit: Unit, commands: Sequence[Command]) -> None:

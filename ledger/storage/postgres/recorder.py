@@ -243,43 +243,34 @@ class LedgerPostgresRecorder(PostgresApplicationRecorder):
             return []
         locked = self.open_transaction()
         if locked is not None:
-            return self._insert_locked(locked, stored_events, **kwargs)
+            # A write session's transaction, which holds an account's lock: the
+            # save commits in it (releasing the lock). psycopg's errors are
+            # raised as eventsourcing's, as the datastore's checkout raises them.
+            with translated_errors():
+                return self._insert_on(locked, stored_events, begin=False, **kwargs)
         # The pool's connections are in autocommit mode; the transaction is
         # opened by the prelude's BEGIN and closed here, by COMMIT or ROLLBACK.
-        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+        with self.datastore.get_connection() as conn:
             assert conn.autocommit
+            return self._insert_on(conn, stored_events, begin=True, **kwargs)
+
+    def _insert_on(
+        self, conn: Any, stored_events: Sequence[StoredEvent], *, begin: bool, **kwargs: Any
+    ) -> Sequence[int] | None:
+        """The save on ``conn``: in a transaction of its own (``begin``) or in
+        the one open on it."""
+        with conn.cursor() as curs:
             # Nothing else to write in the transaction (no tracking record).
             plain = not any(value is not None for value in kwargs.values())
             if len(stored_events) <= VALUES_MAX_ROWS and plain and _literals_safe(conn, stored_events):
-                return self._insert_in_one_round_trip(conn, curs, stored_events)
+                return self._insert_in_one_round_trip(conn, curs, stored_events, begin=begin)
             try:
-                curs.execute(self._prelude)
+                curs.execute(self._prelude if begin else self._table_lock)
                 # The lock must be held until COMMIT, or notification ids could
                 # be committed out of order: insert only inside the transaction.
                 if conn.info.transaction_status != TransactionStatus.INTRANS:
                     raise InternalError("the events insert is not inside the locked transaction")
                 self._insert_events(curs, stored_events, **kwargs)  # subclasses' hook (tracking)
-                self._insert_rows(curs, stored_events)
-                ids: Sequence[int] | None = self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
-                curs.execute("COMMIT")
-            except BaseException:
-                if not conn.closed:
-                    conn.execute("ROLLBACK")
-                raise
-            return ids
-
-    def _insert_locked(self, conn: Any, stored_events: Sequence[StoredEvent], **kwargs: Any) -> Sequence[int] | None:
-        """The save of a write session that locked an account: on the
-        session's connection, inside the transaction that holds the lock; the
-        COMMIT releases it. psycopg's errors are raised as eventsourcing's,
-        as the datastore's checkout raises them (a clash is an IntegrityError)."""
-        with translated_errors(), conn.cursor() as curs:
-            plain = not any(value is not None for value in kwargs.values())
-            if len(stored_events) <= VALUES_MAX_ROWS and plain and _literals_safe(conn, stored_events):
-                return self._insert_in_one_round_trip(conn, curs, stored_events, begin=False)
-            try:
-                curs.execute(self._table_lock)
-                self._insert_events(curs, stored_events, **kwargs)
                 self._insert_rows(curs, stored_events)
                 ids: Sequence[int] | None = self._fetch_ids_after_insert_events(curs, stored_events, **kwargs)
                 curs.execute("COMMIT")
