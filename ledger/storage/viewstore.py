@@ -75,8 +75,13 @@ class ViewTx(ABC):
     def track(self, position: int) -> None:
         """Records the projector's new position in this same transaction."""
 
-    def in_list(self, count: int) -> str:
-        return ", ".join(["%s"] * count)
+    def where_in(self, column: str, values: Sequence[Any], *, negate: bool = False) -> tuple[str, list[Any]]:
+        """A condition that ``column`` is (``negate``: is not) one of
+        ``values`` (at least one), and its parameters. Here an ``IN`` list of
+        placeholders; a backend with arrays binds one array instead, whose
+        statement is parsed once whatever the number of values."""
+        assert values, "an IN list needs at least one value"
+        return f"{column} {'NOT IN' if negate else 'IN'} ({', '.join(['%s'] * len(values))})", list(values)
 
 
 class Lease(Protocol):

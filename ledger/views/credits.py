@@ -364,24 +364,21 @@ class CreditView(View):
                 wanted_holds.add(event.reservation_id)
         missing = [a for a in known if a not in page.accounts]
         if missing:
-            rows = tx.fetchall(
-                f"SELECT account_id, user_id FROM credit_accounts WHERE account_id IN ({tx.in_list(len(missing))})",
-                missing,
-            )
+            where, params = tx.where_in("account_id", missing)
+            rows = tx.fetchall(f"SELECT account_id, user_id FROM credit_accounts WHERE {where}", params)
             page.accounts.update({_uuid(a): _uuid(u) for a, u in rows})
         if wanted_holds:
+            where, params = tx.where_in("id", list(wanted_holds))
             rows = tx.fetchall(
-                "SELECT id, job_id, reserved_amount FROM credit_reservations "
-                f"WHERE status = 'reserved' AND id IN ({tx.in_list(len(wanted_holds))})",
-                list(wanted_holds),
+                f"SELECT id, job_id, reserved_amount FROM credit_reservations WHERE status = 'reserved' AND {where}",
+                params,
             )
             page.holds.update({_uuid(r): (_uuid(j), amount) for r, j, amount in rows})
         users = list(set(page.accounts.values()))
         if users:
+            where, params = tx.where_in("user_id", users)
             rows = tx.fetchall(
-                "SELECT user_id, balance, held, credit_limit FROM credit_balances "
-                f"WHERE user_id IN ({tx.in_list(len(users))})",
-                users,
+                f"SELECT user_id, balance, held, credit_limit FROM credit_balances WHERE {where}", params
             )
             for user_id, balance, held, credit_limit in rows:
                 page.balances[_uuid(user_id)] = _Balance(_uuid(user_id), balance, held, credit_limit=credit_limit)

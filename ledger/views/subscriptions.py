@@ -435,10 +435,8 @@ class SubscriptionView(View):
         # A revision that drops a feature drops its row.
         keep = list(terms.features)
         if keep:
-            tx.execute(
-                f"DELETE FROM plan_features WHERE plan_id = %s AND feature_key NOT IN ({tx.in_list(len(keep))})",
-                [plan_id, *keep],
-            )
+            where, params = tx.where_in("feature_key", keep, negate=True)
+            tx.execute(f"DELETE FROM plan_features WHERE plan_id = %s AND {where}", [plan_id, *params])
         else:
             tx.execute("DELETE FROM plan_features WHERE plan_id = %s", [plan_id])
         for key, feature in terms.features.items():

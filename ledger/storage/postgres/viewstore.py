@@ -120,6 +120,12 @@ class PostgresViewTx(ViewTx):
                 copy.write_row([_adapt(v) for v in row])
         return stage
 
+    def where_in(self, column: str, values: Sequence[Any], *, negate: bool = False) -> tuple[str, list[Any]]:
+        # One array parameter: a page's IN list of 5,000 placeholders cost
+        # psycopg 11 ms to parse, three times a page, in a rebuild.
+        assert values, "an IN list needs at least one value"
+        return f"{'NOT ' if negate else ''}{column} = ANY(%s)", [list(values)]
+
     def fetchall(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         self.curs.execute(statement, [_adapt(p) for p in params])
         return [tuple(row.values()) for row in self.curs.fetchall()]
