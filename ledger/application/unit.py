@@ -10,7 +10,6 @@ error), and only then is the record read and its first receipt returned.
 from __future__ import annotations
 
 import contextlib
-import copy
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -196,7 +195,9 @@ class Unit:
         for account_id, aggregate in cached.items():
             # A copy, as the repository hands out: the attempt may fail and
             # the cached account must stay as recorded.
-            account: Any = copy.deepcopy(aggregate)
+            # (Its own __deepcopy__, called directly: copy.deepcopy's memo
+            # bookkeeping cost a tenth as much again, and an account shares nothing.)
+            account: Any = aggregate.__deepcopy__({})
             for stored in newer.get(account_id, ()):
                 account = decode(stored).mutate(account)  # type: ignore[attr-defined]
             found[account_id] = account

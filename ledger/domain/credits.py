@@ -14,6 +14,7 @@ that does not depend on where the class lives in the code, and a
 from __future__ import annotations
 
 import bisect
+import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,7 +22,7 @@ from enum import StrEnum
 from functools import lru_cache
 from itertools import pairwise
 from typing import Any
-from uuid import UUID, uuid5
+from uuid import UUID
 
 from eventsourcing.domain import Aggregate
 from eventsourcing.domain import Snapshot as BaseSnapshot
@@ -51,6 +52,10 @@ RECORD_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b02")
 ENTRY_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b04")
 # Separate from ENTRY_NS so that no caller's key can derive an expiration's id.
 EXPIRATION_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b05")
+_ACCOUNT_NS_BYTES = ACCOUNT_NS.bytes
+_RECORD_NS_BYTES = RECORD_NS.bytes
+_ENTRY_NS_BYTES = ENTRY_NS.bytes
+_EXPIRATION_NS_BYTES = EXPIRATION_NS.bytes
 
 #: The largest balance and the largest single amount: the seed stores credits in
 #: PostgreSQL ``INT`` columns (``amount``, ``balance_after``).
@@ -99,22 +104,35 @@ MAX_LIVE_BLOCKS = 1_000
 MAX_OPEN_HOLDS = 1_000
 
 
+#: What ``UUID(bytes=…, version=5)`` clears and sets in the int of a name-based UUID.
+_NOT_VARIANT_VERSION = ~((0xC000 << 48) | (0xF000 << 64))
+_RFC_4122_VERSION_5 = (0x8000 << 48) | (5 << 76)
+
+
+def _uuid5(namespace: bytes, name: str) -> UUID:
+    """``uuid.uuid5`` of the namespace with these bytes: the same UUID at two
+    thirds of its cost (a batch of 10,000 grants derives 20,000 ids), as
+    uuid5 builds it through ``UUID(bytes=…)``."""
+    digest = hashlib.sha1(namespace + name.encode("utf-8")).digest()
+    return UUID(int=(int.from_bytes(digest[:16]) & _NOT_VARIANT_VERSION) | _RFC_4122_VERSION_5)
+
+
 @lru_cache(maxsize=65_536)  # derived several times per command; uuid5 hashes
 def account_id_for(user_id: UUID) -> UUID:
-    return uuid5(ACCOUNT_NS, user_id.hex)
+    return _uuid5(_ACCOUNT_NS_BYTES, user_id.hex)
 
 
 @lru_cache(maxsize=65_536)
 def record_id_for(key: str) -> UUID:
-    return uuid5(RECORD_NS, key)
+    return _uuid5(_RECORD_NS_BYTES, key)
 
 
 def entry_id_for(key: str) -> UUID:
-    return uuid5(ENTRY_NS, key)
+    return _uuid5(_ENTRY_NS_BYTES, key)
 
 
 def expiration_entry_id(account_id: UUID, version: int) -> UUID:
-    return uuid5(EXPIRATION_NS, f"{account_id}:{version}")
+    return _uuid5(_EXPIRATION_NS_BYTES, f"{account_id}:{version}")
 
 
 @dataclass

@@ -23,14 +23,14 @@ from eventsourcing.application import (
     project_aggregate,
 )
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import JSONTranscoder, Recording, StoredEvent
+from eventsourcing.persistence import JSONTranscoder, Recording, StoredEvent, Transcoder
 from eventsourcing.utils import Environment, strtobool
 
 from ledger.domain.credits import CommandRecord, CreditAccount
 from ledger.domain.holds import HoldRecord, HoldStatus
 from ledger.storage.freshness import CommandStats, Counters, Freshness
 from ledger.storage.sealing import sealed, trusted
-from ledger.storage.transcoding import BlockAsDict, HoldAsDict
+from ledger.storage.transcoding import BlockAsDict, HoldAsDict, LedgerTranscoder
 from ledger.storage.writelocks import WriteLocks
 
 T = TypeVar("T")
@@ -327,6 +327,14 @@ class LedgerApplication(Application[UUID]):
         if recordings:
             for listener in self.save_listeners:
                 listener(recordings)
+
+    def construct_transcoder(self) -> Transcoder:
+        transcoder = self.factory.transcoder()
+        if type(transcoder) is JSONTranscoder:  # the default: the same bytes, encoded faster
+            transcoder = LedgerTranscoder()
+        if isinstance(transcoder, JSONTranscoder):
+            self.register_transcodings(transcoder)
+        return transcoder
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)
