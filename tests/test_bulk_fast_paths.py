@@ -18,13 +18,15 @@ from uuid import RFC_4122, UUID, uuid4, uuid5
 import pytest
 from eventsourcing.persistence import JSONTranscoder, Mapper, StoredEvent, TranscodingNotRegisteredError
 
-from ledger import Ledger
+from ledger import InvariantViolation, Ledger
 from ledger.domain.credits import (
     ACCOUNT_NS,
     ENTRY_NS,
     EXPIRATION_NS,
     RECORD_NS,
     Block,
+    CreditAccount,
+    CreditKind,
     account_id_for,
     entry_id_for,
     expiration_entry_id,
@@ -152,9 +154,67 @@ def test_ids_derived_from_keys_are_uuid5s_of_their_namespaces() -> None:
     names += [str(uuid4()) for _ in range(200)]
     for name in names:
         assert entry_id_for(name) == uuid5(ENTRY_NS, name)
-        assert record_id_for.__wrapped__(name) == uuid5(RECORD_NS, name)
+        assert record_id_for(name) == uuid5(RECORD_NS, name)
         assert expiration_entry_id(UUID(int=7), len(name)) == uuid5(EXPIRATION_NS, f"{UUID(int=7)}:{len(name)}")
         user = uuid4()
         assert account_id_for.__wrapped__(user) == uuid5(ACCOUNT_NS, user.hex)
         assert entry_id_for(name).version == 5
         assert entry_id_for(name).variant == RFC_4122
+
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _granted_account(grants: int) -> CreditAccount:
+    account = CreditAccount._create(CreditAccount.Opened, id=uuid4(), user_id=uuid4(), timestamp=T0)
+    for n in range(grants):
+        account.grant(
+            entry_id=uuid4(), amount=10 + n, kind=CreditKind.BONUS, description="", reference_type=None,
+            reference_id=None, expires_at=T0 + timedelta(days=n) if n % 2 else None, actor=None, key=f"k{n}", now=T0,
+        )  # fmt: skip
+    return account
+
+
+def _swap_first_two(account: CreditAccount) -> None:
+    account._order[0], account._order[1] = account._order[1], account._order[0]
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda a: setattr(a, "balance", a.balance + 1),
+        lambda a: setattr(a, "balance", -1),
+        lambda a: setattr(a, "debt", 1),
+        lambda a: setattr(a, "debt", -1),
+        lambda a: setattr(a, "credit_limit", -1),
+        lambda a: setattr(a, "credit_limit", 10**10),
+        lambda a: setattr(a, "_held", 1),
+        lambda a: a._marked.update({next(iter(a.blocks)): 1}),
+        lambda a: setattr(a._order[0], "remaining", 0),
+        lambda a: setattr(a._order[0], "remaining", a._order[0].granted + 1),
+        lambda a: a._order.pop(),
+        lambda a: a._order.append(a._order[0]),
+        lambda a: a._order.__setitem__(1, a._order[0]),
+        _swap_first_two,
+        lambda a: a._order.__setitem__(0, Block(**{**vars(a._order[0])})),  # not the block of its id
+        lambda a: a.blocks.pop(a._order[0].block_id),
+    ],
+)
+def test_accounts_without_holds_are_checked_in_full_when_anything_is_off(corrupt: Any) -> None:
+    account = _granted_account(3)
+    assert account._holds_without_holds()
+    account.check_invariants()
+    corrupt(account)
+    assert not account._holds_without_holds()
+    with pytest.raises(InvariantViolation):
+        account.check_invariants()
+
+
+def test_accounts_with_holds_or_without_blocks_are_checked_in_full() -> None:
+    empty = _granted_account(0)
+    assert empty._holds_without_holds()  # no blocks, nothing held: consistent
+    empty.check_invariants()
+    held = _granted_account(2)
+    held.reserve(reservation_id=uuid4(), job_id=uuid4(), amount=5, expires_at=T0 + timedelta(hours=1), key="r", now=T0)
+    assert not held._holds_without_holds()
+    held.check_invariants()

@@ -271,8 +271,14 @@ class Command:
         for name, added, default in _fingerprinted_fields(type(self)):
             value = getattr(self, name)
             if not (added and value == default):
-                # Most values are plain already: not one of the types _canonical converts.
-                body[name] = value if type(value) in _PLAIN_TYPES else _canonical(value)
+                if type(value) in _PLAIN_TYPES:  # most are: none of the types _canonical converts
+                    body[name] = value
+                elif isinstance(value, str):
+                    # A str enum as its text, which is what JSON encodes of it: a
+                    # body of plain values is not tracked by the garbage collector.
+                    body[name] = str.__str__(value)
+                else:
+                    body[name] = _canonical(value)
         return {"command": self.name, **body}
 
     @lock_free_cached_property

@@ -194,10 +194,9 @@ class Unit:
         found: dict[UUID, CreditAccount] = {}
         for account_id, aggregate in cached.items():
             # A copy, as the repository hands out: the attempt may fail and
-            # the cached account must stay as recorded.
-            # (Its own __deepcopy__, called directly: copy.deepcopy's memo
-            # bookkeeping cost a tenth as much again, and an account shares nothing.)
-            account: Any = aggregate.__deepcopy__({})
+            # the cached account must stay as recorded. (A fork: its blocks
+            # are shared, never changed in place; see CreditAccount.fork.)
+            account: Any = aggregate.fork()
             for stored in newer.get(account_id, ()):
                 account = decode(stored).mutate(account)  # type: ignore[attr-defined]
             found[account_id] = account
