@@ -6,8 +6,10 @@ keys are the ``uuid.uuid5`` of their namespaces."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
+import pickle
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -158,8 +160,11 @@ def test_ids_derived_from_keys_are_uuid5s_of_their_namespaces() -> None:
         assert expiration_entry_id(UUID(int=7), len(name)) == uuid5(EXPIRATION_NS, f"{UUID(int=7)}:{len(name)}")
         user = uuid4()
         assert account_id_for.__wrapped__(user) == uuid5(ACCOUNT_NS, user.hex)
-        assert entry_id_for(name).version == 5
-        assert entry_id_for(name).variant == RFC_4122
+        derived, reference = entry_id_for(name), uuid5(ENTRY_NS, name)
+        assert (derived.version, derived.variant, derived.is_safe) == (5, RFC_4122, reference.is_safe)
+        assert (str(derived), repr(derived), hash(derived)) == (str(reference), repr(reference), hash(reference))
+        assert type(derived) is UUID and pickle.loads(pickle.dumps(derived)) == reference
+        assert copy.deepcopy(derived) == reference and derived.bytes == reference.bytes
 
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

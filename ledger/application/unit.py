@@ -139,14 +139,13 @@ class Unit:
         stale copy and clashes whole."""
         in_cache = _in_cache(self.app)
         wanted = [i for i in dict.fromkeys(ids) if not self.knows(i) and not in_cache(i)]
-        accounts = {
-            account_id_for(u): u
-            for u in users
-            if u is not None
-            and u not in self.accounts
-            and u not in self.preloaded
-            and account_id_for(u) not in self.absent
-        }
+        accounts: dict[UUID, UUID] = {}
+        for u in users:
+            if u is None or u in self.accounts or u in self.preloaded:
+                continue
+            account_id = account_id_for(u)  # once: each look-up hashes the UUID, a Python call
+            if account_id not in self.absent:
+                accounts[account_id] = u
         if not wanted and not accounts:
             return
         cached = self._cached_accounts(accounts)
@@ -197,7 +196,7 @@ class Unit:
             # the cached account must stay as recorded. (A fork: its blocks
             # are shared, never changed in place; see CreditAccount.fork.)
             account: Any = aggregate.fork()
-            for stored in newer.get(account_id, ()):
+            for stored in newer.get(account_id, ()) if newer else ():  # usually none at all
                 account = decode(stored).mutate(account)  # type: ignore[attr-defined]
             found[account_id] = account
         return found

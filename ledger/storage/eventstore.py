@@ -235,12 +235,18 @@ class LedgerApplication(Application[UUID]):
         if self.snapshots is None:
             return
         due: dict[UUID, int] = {}
+        # A version below the smallest interval is a multiple of none: most of
+        # a batch's events are passed over without looking their aggregate up.
+        smallest = min((i for i in self.snapshotting_intervals.values() if i), default=0)
         for event in processing.events:
+            if 0 < event.originator_version < smallest:
+                continue
             aggregate = processing.aggregates.get(event.originator_id)
             interval = self.snapshotting_intervals.get(type(aggregate))
             if interval and event.originator_version % interval == 0:
                 due[event.originator_id] = max(due.get(event.originator_id, 0), event.originator_version)
-        for aggregate_id in self.unsealed.intersection(processing.aggregates):
+        # (Only when some are: the intersection hashes every saved aggregate's id.)
+        for aggregate_id in self.unsealed.intersection(processing.aggregates) if self.unsealed else ():
             self.unsealed.discard(aggregate_id)
             aggregate = processing.aggregates[aggregate_id]
             if isinstance(aggregate, CreditAccount):  # the kind the ledger snapshots
