@@ -88,9 +88,21 @@ def _duration(value: timedelta) -> str:
     return f"PT{seconds}.{micros:06d}".rstrip("0") + "S" if micros else f"PT{seconds}S"
 
 
+#: The last time ``_canonical`` wrote, and its text: a batch's commands
+#: often share one (their grants' expiry), and isoformat costs more than the
+#: rest of a grant's canonical form. (One tuple, read and replaced whole.)
+_last_time: tuple[datetime | None, str] = (None, "")
+
+
 def _canonical(value: Any) -> Any:
     if isinstance(value, datetime):
-        return value.isoformat()
+        global _last_time
+        last = _last_time
+        if last[0] is value:
+            return last[1]
+        text = value.isoformat()
+        _last_time = (value, text)
+        return text
     if isinstance(value, timedelta):
         return _duration(value)
     if isinstance(value, UUID):
