@@ -62,6 +62,7 @@ _RECEIPT_FIELDS: tuple[tuple[str, Any], ...] = tuple(
     (name, None if info.is_required() else info.get_default(call_default_factory=True))
     for name, info in Receipt.model_fields.items()
 )
+_RECEIPT_DEFAULTS: dict[str, Any] = dict(_RECEIPT_FIELDS)
 _RECEIPT_REQUIRED = frozenset(name for name, info in Receipt.model_fields.items() if info.is_required())
 
 
@@ -73,9 +74,10 @@ def built_receipt(values: dict[str, Any]) -> Receipt:
     missing = _RECEIPT_REQUIRED.difference(values)
     if missing:
         raise AssertionError(f"a receipt without {sorted(missing)}")
-    state = {name: values.get(name, default) for name, default in _RECEIPT_FIELDS}
-    unknown = values.keys() - state.keys()
-    if unknown:
+    # The defaults, in field order, overwritten in place: the order stays the fields'.
+    state = {**_RECEIPT_DEFAULTS, **values}
+    if len(state) != len(_RECEIPT_DEFAULTS):
+        unknown = values.keys() - _RECEIPT_DEFAULTS.keys()
         raise AssertionError(f"a receipt with unknown fields {sorted(unknown)}")
     return assembled(Receipt, state, set(values))
 
