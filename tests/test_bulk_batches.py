@@ -8,7 +8,7 @@ from __future__ import annotations
 import gc
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 from uuid import UUID, uuid4
@@ -17,6 +17,7 @@ import pytest
 
 from ledger import (
     DEFAULT_CATALOG,
+    AdjustCredits,
     BatchRejected,
     BillingCycle,
     CreditKind,
@@ -31,6 +32,7 @@ from ledger import (
     StartSubscription,
 )
 from ledger.application import gcpause
+from ledger.application.commands import ADDED_FIELD, Command, _canonical, _json_default
 from ledger.application.unit import built_receipt, positioned
 from ledger.domain.credits import account_id_for, record_id_for
 
@@ -172,6 +174,36 @@ def test_arguments_are_the_canonical_texts_json_values(clock: ManualClock) -> No
         assert [type(v) for v in arguments.values()] == [type(v) for v in decoded.values()]
         arguments["command"] = "edited"  # a fresh dict each time
         assert command.arguments == decoded
+
+
+def _canonical_text_as_first_written(command: Command) -> str:
+    """The canonical text as ``Command`` first computed it: every field but
+    the key and the hints through ``_canonical``, then ``json.dumps``."""
+    body = {}
+    for f in fields(command):
+        value = getattr(command, f.name)
+        if f.name == "key" or f.name in command.hints or (f.metadata.get(ADDED_FIELD) and value == f.default):
+            continue
+        body[f.name] = _canonical(value)
+    return json.dumps({"command": command.name, **body}, sort_keys=True, default=_json_default)
+
+
+def test_canonical_texts_are_those_json_dumps_writes(clock: ManualClock) -> None:
+    now = clock.now()
+    commands: list[Command] = [
+        *sample_commands(clock),
+        GrantCredits(
+            key="k", user_id=uuid4(), amount_credits=7, kind=CreditKind.PURCHASE, description="caf\u00e9 \u2603 \"q\"",
+            reference_type="order", reference_id="\U0001f600", expires_at=now + timedelta(days=3), actor="admin:x",
+        ),
+        GrantCredits(key="k", user_id=uuid4(), amount_credits=7, kind=CreditKind.BONUS, expires_in=timedelta(0, 1, 5)),
+        SpendCredits(key="s", user_id=uuid4(), amount_credits=3, kind=CreditKind.GENERATION_USE, description="\t\n"),
+        AdjustCredits(key="a", user_id=uuid4(), delta_credits=-4, reason="r\u00e9", actor="admin:y"),
+    ]  # fmt: skip
+    for command in commands:
+        if type(command)._canonical_text is not Command._canonical_text:
+            continue  # a command with its own canonical text (ReserveForJob's digests its parameters)
+        assert command._canonical_text == _canonical_text_as_first_written(command), type(command).__name__
 
 
 def test_the_fingerprint_of_a_grant_is_unchanged() -> None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from functools import cached_property
+from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, overload
 from uuid import UUID
 
 from ledger.application.results import Receipt
@@ -42,6 +42,35 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
+class lock_free_cached_property(Generic[T]):
+    """``functools.cached_property`` without its lock: on Python 3.11 the
+    first read of each instance's value takes a lock shared by every
+    instance (3.12 dropped it), four times per command here. Two threads
+    that compute a command's value at once compute the same value."""
+
+    def __init__(self, func: Callable[[Any], T]) -> None:
+        self.func = func
+        self.name = func.__name__
+        self.__doc__ = func.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> lock_free_cached_property[T]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> T: ...
+
+    def __get__(self, instance: object | None, owner: type | None = None) -> T | lock_free_cached_property[T]:
+        if instance is None:
+            return self
+        value = self.func(instance)
+        # Stored where functools' is: later reads find it before this descriptor.
+        instance.__dict__[self.name] = value
+        return value
+
+
 def lifetime_end(now: datetime, lifetime: timedelta) -> datetime:
     """``now + lifetime``, within the times the ledger takes (``clock.LATEST``)."""
     if lifetime >= LATEST - now:  # compared as durations: the sum itself may overflow
@@ -59,9 +88,21 @@ def _duration(value: timedelta) -> str:
     return f"PT{seconds}.{micros:06d}".rstrip("0") + "S" if micros else f"PT{seconds}S"
 
 
+#: The last time ``_canonical`` wrote, and its text: a batch's commands
+#: often share one (their grants' expiry), and isoformat costs more than the
+#: rest of a grant's canonical form. (One tuple, read and replaced whole.)
+_last_time: tuple[datetime | None, str] = (None, "")
+
+
 def _canonical(value: Any) -> Any:
     if isinstance(value, datetime):
-        return value.isoformat()
+        global _last_time
+        last = _last_time
+        if last[0] is value:
+            return last[1]
+        text = value.isoformat()
+        _last_time = (value, text)
+        return text
     if isinstance(value, timedelta):
         return _duration(value)
     if isinstance(value, UUID):
@@ -79,6 +120,21 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Decimal):
         return str(value)
     return _canonical(value)
+
+
+#: Exact types ``_canonical`` returns unchanged (a subclass may be anything).
+_PLAIN_TYPES = frozenset({str, int, bool, float, type(None)})
+
+
+def _canonical_json(body: dict[str, Any]) -> str:
+    """``json.dumps(body, sort_keys=True, default=_json_default)``: the same
+    text, from the C encoder ``json.dumps`` ends in, built here directly (it
+    builds an encoder object first, then the C one, per command)."""
+    if c_make_encoder is None:
+        return json.dumps(body, sort_keys=True, default=_json_default)
+    # json.dumps' settings: circular check on, ASCII, ", " and ": ", keys sorted, NaN allowed.
+    encode = c_make_encoder({}, _json_default, encode_basestring_ascii, None, ": ", ", ", True, False, True)
+    return "".join(encode(body, 0))
 
 
 #: ``field`` metadata of a keyword field added to a command in a later
@@ -220,21 +276,28 @@ class Command:
     hints: ClassVar[frozenset[str]] = frozenset()
     key: str
 
-    @cached_property
+    @lock_free_cached_property
     def _canonical_body(self) -> dict[str, Any]:
         """The command's name and fingerprinted arguments, before JSON encoding."""
         body = {}
         for name, added, default in _fingerprinted_fields(type(self)):
             value = getattr(self, name)
             if not (added and value == default):
-                body[name] = _canonical(value)
+                if type(value) in _PLAIN_TYPES:  # most are: none of the types _canonical converts
+                    body[name] = value
+                elif isinstance(value, str):
+                    # A str enum as its text, which is what JSON encodes of it: a
+                    # body of plain values is not tracked by the garbage collector.
+                    body[name] = str.__str__(value)
+                else:
+                    body[name] = _canonical(value)
         return {"command": self.name, **body}
 
-    @cached_property
+    @lock_free_cached_property
     def _canonical_text(self) -> str:
-        return json.dumps(self._canonical_body, sort_keys=True, default=_json_default)
+        return _canonical_json(self._canonical_body)
 
-    @cached_property
+    @lock_free_cached_property
     def _plain_arguments(self) -> dict[str, Any] | None:
         """``arguments`` when every value is a JSON scalar already (as a
         grant's are), built without decoding the canonical text; None when a
@@ -252,7 +315,7 @@ class Command:
                 return None
         return plain
 
-    @cached_property
+    @lock_free_cached_property
     def fingerprint(self) -> str:
         """A digest of the command's name and arguments (not its key)."""
         return hashlib.sha256(self._canonical_text.encode()).hexdigest()

@@ -10,7 +10,6 @@ error), and only then is the record read and its first receipt returned.
 from __future__ import annotations
 
 import contextlib
-import copy
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -63,6 +62,7 @@ _RECEIPT_FIELDS: tuple[tuple[str, Any], ...] = tuple(
     (name, None if info.is_required() else info.get_default(call_default_factory=True))
     for name, info in Receipt.model_fields.items()
 )
+_RECEIPT_DEFAULTS: dict[str, Any] = dict(_RECEIPT_FIELDS)
 _RECEIPT_REQUIRED = frozenset(name for name, info in Receipt.model_fields.items() if info.is_required())
 
 
@@ -74,9 +74,10 @@ def built_receipt(values: dict[str, Any]) -> Receipt:
     missing = _RECEIPT_REQUIRED.difference(values)
     if missing:
         raise AssertionError(f"a receipt without {sorted(missing)}")
-    state = {name: values.get(name, default) for name, default in _RECEIPT_FIELDS}
-    unknown = values.keys() - state.keys()
-    if unknown:
+    # The defaults, in field order, overwritten in place: the order stays the fields'.
+    state = {**_RECEIPT_DEFAULTS, **values}
+    if len(state) != len(_RECEIPT_DEFAULTS):
+        unknown = values.keys() - _RECEIPT_DEFAULTS.keys()
         raise AssertionError(f"a receipt with unknown fields {sorted(unknown)}")
     return assembled(Receipt, state, set(values))
 
@@ -140,14 +141,13 @@ class Unit:
         stale copy and clashes whole."""
         in_cache = _in_cache(self.app)
         wanted = [i for i in dict.fromkeys(ids) if not self.knows(i) and not in_cache(i)]
-        accounts = {
-            account_id_for(u): u
-            for u in users
-            if u is not None
-            and u not in self.accounts
-            and u not in self.preloaded
-            and account_id_for(u) not in self.absent
-        }
+        accounts: dict[UUID, UUID] = {}
+        for u in users:
+            if u is None or u in self.accounts or u in self.preloaded:
+                continue
+            account_id = account_id_for(u)  # once: each look-up hashes the UUID, a Python call
+            if account_id not in self.absent:
+                accounts[account_id] = u
         if not wanted and not accounts:
             return
         cached = self._cached_accounts(accounts)
@@ -195,9 +195,10 @@ class Unit:
         found: dict[UUID, CreditAccount] = {}
         for account_id, aggregate in cached.items():
             # A copy, as the repository hands out: the attempt may fail and
-            # the cached account must stay as recorded.
-            account: Any = copy.deepcopy(aggregate)
-            for stored in newer.get(account_id, ()):
+            # the cached account must stay as recorded. (A fork: its blocks
+            # are shared, never changed in place; see CreditAccount.fork.)
+            account: Any = aggregate.fork()
+            for stored in newer.get(account_id, ()) if newer else ():  # usually none at all
                 account = decode(stored).mutate(account)  # type: ignore[attr-defined]
             found[account_id] = account
         return found

@@ -23,14 +23,14 @@ from eventsourcing.application import (
     project_aggregate,
 )
 from eventsourcing.domain import Aggregate
-from eventsourcing.persistence import JSONTranscoder, Recording, StoredEvent
+from eventsourcing.persistence import JSONTranscoder, Recording, StoredEvent, Transcoder
 from eventsourcing.utils import Environment, strtobool
 
 from ledger.domain.credits import CommandRecord, CreditAccount
 from ledger.domain.holds import HoldRecord, HoldStatus
 from ledger.storage.freshness import CommandStats, Counters, Freshness
 from ledger.storage.sealing import sealed, trusted
-from ledger.storage.transcoding import BlockAsDict, HoldAsDict
+from ledger.storage.transcoding import BlockAsDict, HoldAsDict, LedgerTranscoder
 from ledger.storage.writelocks import WriteLocks
 
 T = TypeVar("T")
@@ -235,12 +235,18 @@ class LedgerApplication(Application[UUID]):
         if self.snapshots is None:
             return
         due: dict[UUID, int] = {}
+        # A version below the smallest interval is a multiple of none: most of
+        # a batch's events are passed over without looking their aggregate up.
+        smallest = min((i for i in self.snapshotting_intervals.values() if i), default=0)
         for event in processing.events:
+            if 0 < event.originator_version < smallest:
+                continue
             aggregate = processing.aggregates.get(event.originator_id)
             interval = self.snapshotting_intervals.get(type(aggregate))
             if interval and event.originator_version % interval == 0:
                 due[event.originator_id] = max(due.get(event.originator_id, 0), event.originator_version)
-        for aggregate_id in self.unsealed.intersection(processing.aggregates):
+        # (Only when some are: the intersection hashes every saved aggregate's id.)
+        for aggregate_id in self.unsealed.intersection(processing.aggregates) if self.unsealed else ():
             self.unsealed.discard(aggregate_id)
             aggregate = processing.aggregates[aggregate_id]
             if isinstance(aggregate, CreditAccount):  # the kind the ledger snapshots
@@ -327,6 +333,14 @@ class LedgerApplication(Application[UUID]):
         if recordings:
             for listener in self.save_listeners:
                 listener(recordings)
+
+    def construct_transcoder(self) -> Transcoder:
+        transcoder = self.factory.transcoder()
+        if type(transcoder) is JSONTranscoder:  # the default: the same bytes, encoded faster
+            transcoder = LedgerTranscoder()
+        if isinstance(transcoder, JSONTranscoder):
+            self.register_transcodings(transcoder)
+        return transcoder
 
     def register_transcodings(self, transcoder: JSONTranscoder) -> None:
         super().register_transcodings(transcoder)

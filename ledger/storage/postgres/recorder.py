@@ -30,11 +30,18 @@ from uuid import UUID
 
 import psycopg
 from eventsourcing import persistence as es_persistence
-from eventsourcing.persistence import InterfaceError, InternalError, OperationalError, StoredEvent
+from eventsourcing.persistence import (
+    InterfaceError,
+    InternalError,
+    OperationalError,
+    ProgrammingError,
+    StoredEvent,
+)
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore, PostgresFactory
 from psycopg import sql
 from psycopg.errors import LockNotAvailable
 from psycopg.pq import TransactionStatus
+from psycopg.rows import tuple_row
 
 #: Saves of up to this many events use a VALUES list instead of arrays: a
 #: command's, and a group commit batch's (64 commands of about 3 events).
@@ -206,6 +213,21 @@ class LedgerPostgresRecorder(PostgresApplicationRecorder):
             for ordinal, e in enumerate(stored_events):
                 copy.write_row((ordinal, e.originator_id, e.originator_version, e.topic, e.state))
         curs.execute(self._insert_staged)
+
+    def _fetch_ids_after_insert_events(
+        self, curs: Any, stored_events: Sequence[StoredEvent], **kwargs: Any
+    ) -> Sequence[int] | None:
+        """eventsourcing's, with the ids read as tuples rather than through
+        the connection's dict rows: a dict per event, 20,000 for a batch."""
+        assert curs.statusmessage and curs.statusmessage.startswith("INSERT"), curs.statusmessage
+        row_factory = curs.row_factory
+        curs.row_factory = tuple_row
+        try:
+            return [row[0] for row in curs.fetchall()]
+        except psycopg.ProgrammingError as exc:
+            raise ProgrammingError(f"Couldn't get all notification IDs (got 0, expected {len(stored_events)})") from exc
+        finally:
+            curs.row_factory = row_factory
 
     def _insert_values(self, rows: int) -> sql.Composed:
         statement: sql.Composed | None = self._values_statements.get(rows)
