@@ -68,8 +68,8 @@ def test_a_pipelined_rebuild_equals_a_page_by_page_one_and_the_live_views(
     views.catch_up()
     monkeypatch.setattr(runner, "REBUILD_PAGE_EVENTS", 13)  # many pages, a short last one
     pages: list[Progress] = []
-    piped = views.build_aside(pages.append, until=views.position())
-    plain = views.build_aside(until=views.position(), pipelined=False)
+    piped = views.build_aside(pages.append, until=views.position(), pipelined=True)
+    plain = views.build_aside(until=views.position())
     try:
         assert len(pages) > 10
         assert [p.events for p in pages] == sorted(p.events for p in pages)
@@ -143,7 +143,7 @@ def test_a_rebuild_whose_reader_fails_leaves_no_tables_and_no_thread(
 
     monkeypatch.setattr(ledger.app.recorder, "select_notifications", broken)
     with pytest.raises(ConnectionError):
-        ledger.views.build_aside()
+        ledger.views.build_aside(pipelined=True)
     monkeypatch.setattr(ledger.app.recorder, "select_notifications", select)
     assert readers() == []
     assert ledger.views.drop_leftover_asides() == []  # build_aside dropped its own
@@ -170,7 +170,7 @@ def test_an_error_only_the_reader_meets_is_recovered_page_by_page(
 
     monkeypatch.setattr(ledger.app.recorder, "select_notifications", flaky)
     monkeypatch.setattr(runner, "REBUILD_PAGE_EVENTS", 9)
-    aside = views.build_aside(until=views.position())
+    aside = views.build_aside(until=views.position(), pipelined=True)
     try:
         assert calls[0] == 3
         assert views.checksums(aside) == expected

@@ -18,7 +18,7 @@ log = logging.getLogger("ledger.rebuild")
 
 #: Events per transaction when rebuilding: nobody reads the tables aside, so
 #: larger pages trade nothing for fewer round trips.
-REBUILD_PAGE_EVENTS = 5_000
+REBUILD_PAGE_EVENTS = 10_000
 
 
 class Views:
@@ -72,12 +72,16 @@ class Views:
         progress: Callable[[Progress], None] | None = None,
         *,
         until: int | None = None,
-        pipelined: bool = True,
+        pipelined: bool = False,
     ) -> ViewStore:
         """Replays the whole log into fresh tables beside the live ones
-        (after dropping what killed rebuilds left behind). ``pipelined`` reads
-        and decodes the next page while one is written (``views.pipeline``);
-        without it, pages are read and written in turn."""
+        (after dropping what killed rebuilds left behind), page by page.
+        ``pipelined`` reads and decodes the next page in a thread while one
+        is written (``views.pipeline``): where the server has cores of its
+        own. Where client and server share the cores, the thread's decoding
+        competes with the writer for the interpreter lock, and page by page
+        was the faster (docs/decisions.md, "A rebuild goes page by page
+        unless asked to pipeline")."""
         for name in self.backend.drop_leftover_asides():
             log.warning("dropped %s, left behind by a rebuild that is no longer running", name)
         aside = self.backend.view_store_aside(self.app)
