@@ -7,6 +7,7 @@ whether the command succeeds, is refused or loses its connection.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -213,3 +214,54 @@ def test_a_save_inside_a_session_commits_in_its_transaction(url: str, count: int
         assert len(ids) == count and ids == sorted(ids)
         stored = recorder.select_events(rows[-1].originator_id)
         assert [(e.topic, e.state) for e in stored] == [("tests:Row", b"\x00\x01")]
+
+
+def _terminate(pid: int) -> None:
+    with psycopg.connect(pg_base_url(), autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    time.sleep(0.1)
+
+
+def test_a_locked_read_on_a_dead_pooled_connection_goes_on_without_the_lock(url: str) -> None:
+    """A pooled connection whose server process ended while it was idle (a
+    restart, a failover) is handed out, unpinged, inside the pre-ping window.
+    The locked read fails on it; the command goes on with an unlocked read,
+    retried on a fresh connection as every other read is, and records once."""
+    with Ledger(f"{url}&pool_size=1&max_overflow=0&pre_ping_window_s=60") as ledger:
+        user = uuid4()
+        account_id = shared_account(ledger, user, 10)
+        locks = locks_of(ledger)
+        checkout = locks._pool_checkout
+        killed: list[int] = []
+
+        @contextlib.contextmanager
+        def dying() -> Iterator[Any]:
+            with checkout() as conn:
+                if not killed:  # the first checkout only: the pool's idle connection
+                    killed.append(conn.info.backend_pid)
+                    _terminate(conn.info.backend_pid)
+                yield conn
+
+        locks._pool_checkout = dying  # type: ignore[method-assign]
+        receipt = ledger.spend(user, 3, key="after-a-restart")
+        locks._pool_checkout = checkout  # type: ignore[method-assign]
+        assert killed and receipt.balance_credits == 7
+        assert ledger.balance(user).balance_credits == 7
+        assert lock_is_free(locks.lock_key(account_id))
+
+
+def test_a_lock_not_granted_in_time_costs_the_lock_not_the_command(url: str) -> None:
+    """Another session holds the account's lock past ``lock_timeout``: the
+    command reads without the lock and commits, checked by the store."""
+    with Ledger(url) as ledger:
+        user = uuid4()
+        account_id = shared_account(ledger, user, 10)
+        locks = locks_of(ledger)
+        locks._lock_timeout_s = "0.2"
+        with psycopg.connect(pg_base_url(), autocommit=True) as holder:
+            holder.execute("SELECT pg_advisory_lock(%s)", (locks.lock_key(account_id),))
+            started = time.monotonic()
+            assert ledger.spend(user, 4, key="past-the-timeout").balance_credits == 6
+            assert 0.2 <= time.monotonic() - started < 5
+            holder.execute("SELECT pg_advisory_unlock(%s)", (locks.lock_key(account_id),))
+        assert ledger.balance(user).balance_credits == 6

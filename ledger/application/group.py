@@ -22,6 +22,7 @@ runs them a batch at a time, each batch in one transaction:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -259,9 +260,10 @@ def run_each(
         if backoff:
             clash_backoff(backoff)  # outside the session: nothing is held while waiting
             backoff = 0
-        # As a single command's: the batch's first shared account is locked
-        # before it is read, until the save commits (ledger.storage.writelocks).
-        with engine.app.write_locks.session():
+        # A batch of one runs as a single command does: its shared account is
+        # locked before it is read, until the save commits
+        # (ledger.storage.writelocks). A larger batch stays optimistic.
+        with engine.app.write_locks.session() if len(live) == 1 else contextlib.nullcontext():
             moment = now or engine.clock.now()
             failed: dict[int, Exception] = {}
             restarts = 0

@@ -190,7 +190,8 @@ class LedgerPostgresRecorder(PostgresApplicationRecorder):
                 raise InternalError(f"the events insert did not commit ({curs.statusmessage})")
         except BaseException:
             if not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
-                conn.execute("ROLLBACK")
+                with contextlib.suppress(psycopg.Error):  # never in place of the error being raised
+                    conn.execute("ROLLBACK")
             raise
         if len(ids) != len(stored_events):
             raise InternalError(f"{len(stored_events)} events inserted, {len(ids)} notification ids returned")
@@ -298,7 +299,8 @@ class LedgerPostgresRecorder(PostgresApplicationRecorder):
                 curs.execute("COMMIT")
             except BaseException:
                 if not conn.closed:
-                    conn.execute("ROLLBACK")
+                    with contextlib.suppress(psycopg.Error):  # never in place of the error being raised
+                        conn.execute("ROLLBACK")
                 raise
             return ids
 

@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 from uuid import UUID
 
 import psycopg
-from eventsourcing.persistence import InternalError, StoredEvent
+from eventsourcing.persistence import InterfaceError, InternalError, OperationalError, StoredEvent
 from psycopg.pq import TransactionStatus
 
 from ledger.storage.postgres.recorder import translated_errors
 from ledger.storage.writelocks import WriteLocks
+
+log = logging.getLogger("ledger.storage")
 
 
 def _usable(conn: Any) -> bool:
@@ -41,16 +44,19 @@ class _Session:
 
     def __init__(self) -> None:
         self.conn: Any = None
+        #: The account whose lock the open transaction holds, until the save takes it.
         self.locked: UUID | None = None
+        #: Whether the session has locked an account or given up on it: it locks no other.
+        self.tried = False
         self._checkout = contextlib.ExitStack()
 
     def pin(self, checkout: contextlib.AbstractContextManager[Any]) -> Any:
         self.conn = self._checkout.enter_context(checkout)
         return self.conn
 
-    def close(self) -> None:
-        """Rolls back what the session left open (a failed or unsaved command)
-        and returns its connection to the pool."""
+    def release(self) -> None:
+        """Rolls back what the session left open (a failed or unsaved command,
+        a lock given up) and returns its connection to the pool."""
         try:
             conn = self.conn
             if conn is not None and not conn.closed and conn.info.transaction_status != TransactionStatus.IDLE:
@@ -60,6 +66,7 @@ class _Session:
                     conn.execute("ROLLBACK")
         finally:
             self.conn = None
+            self.locked = None
             self._checkout.close()
 
 
@@ -70,7 +77,8 @@ class PostgresWriteLocks(WriteLocks):
         datastore = recorder.datastore
         table = f"{datastore.schema}.{recorder.events_table_name}"
         self._namespace = hashlib.blake2b(table.encode(), digest_size=16).digest()
-        self._lock_timeout_s = int(datastore.lock_timeout)
+        #: As the events table's lock waits (the recorder's prelude).
+        self._lock_timeout_s = str(datastore.lock_timeout)
         self._select = (
             "SELECT originator_id, originator_version, topic, state FROM {table} "
             "WHERE originator_id = '{id}'::uuid AND originator_version > {version} ORDER BY originator_version"
@@ -87,10 +95,14 @@ class PostgresWriteLocks(WriteLocks):
         """The datastore's checkout, except that a thread whose session has
         pinned a connection gets that one (inside its transaction)."""
         session = self._session()
-        if session is not None and _usable(session.conn):
-            with translated_errors():
-                yield session.conn
-            return
+        if session is not None and session.conn is not None:
+            if _usable(session.conn):
+                with translated_errors():
+                    yield session.conn
+                return
+            # Lost, or its transaction failed: the lock went with it. Let go
+            # of the connection too, so the thread never holds two.
+            session.release()
         with self._pool_checkout() as conn:
             yield conn
 
@@ -100,12 +112,12 @@ class PostgresWriteLocks(WriteLocks):
             yield
             return
         session = _Session()
-        self._local.session = session
         try:
+            self._local.session = session
             yield
         finally:
             self._local.session = None
-            session.close()
+            session.release()
 
     def lock_key(self, aggregate_id: UUID) -> int:
         """A signed 64-bit advisory lock key for the aggregate in this events table."""
@@ -114,24 +126,21 @@ class PostgresWriteLocks(WriteLocks):
 
     def events_after(self, aggregate_id: UUID, version: int, *, lock: bool) -> list[StoredEvent]:
         session = self._session()
-        if not lock or session is None or session.locked is not None:
+        if not lock or session is None or session.tried:
             return super().events_after(aggregate_id, version, lock=lock)
         assert type(version) is int and version >= 0
-        conn = session.conn if session.conn is not None else session.pin(self._pool_checkout())
-        if conn.info.transaction_status != TransactionStatus.IDLE:
-            raise InternalError("a write session's connection is already inside a transaction")
-        # One message: the transaction, the lock and the read that the lock
-        # makes current (UUID text and an int need no quoting).
-        query = (
-            f"BEGIN; SET LOCAL lock_timeout = '{self._lock_timeout_s}s'; "
-            f"SELECT pg_advisory_xact_lock({self.lock_key(aggregate_id)}); "
-            + self._select.format(id=aggregate_id, version=version)
-        )
-        with translated_errors(), conn.cursor() as curs:
-            curs.execute(query.encode())
-            while curs.nextset():
-                pass
-            rows = curs.fetchall()
+        session.tried = True
+        try:
+            rows = self._locked_read(session, aggregate_id, version)
+        except (InterfaceError, OperationalError) as exc:
+            # A pooled connection that died (a restart, a failover), or a lock
+            # not granted within lock_timeout: the command goes on without the
+            # lock, as it did before there were locks. The read is retried on
+            # a fresh connection like every other read, and the save is still
+            # checked by the store (a clash runs the command again).
+            log.warning("account %s read without its write lock: %s", aggregate_id, exc)
+            session.release()
+            return super().events_after(aggregate_id, version, lock=lock)
         session.locked = aggregate_id
         return [
             StoredEvent(
@@ -142,6 +151,24 @@ class PostgresWriteLocks(WriteLocks):
             )
             for r in rows
         ]
+
+    def _locked_read(self, session: _Session, aggregate_id: UUID, version: int) -> list[Any]:
+        """Opens the session's transaction, takes the account's lock and reads
+        its events after ``version``: one message, on the pinned connection."""
+        conn = session.conn if session.conn is not None else session.pin(self._pool_checkout())
+        if conn.info.transaction_status != TransactionStatus.IDLE:
+            raise InternalError("a write session's connection is already inside a transaction")
+        # UUID text and an int need no quoting.
+        query = (
+            f"BEGIN; SET LOCAL lock_timeout = '{self._lock_timeout_s}s'; "
+            f"SELECT pg_advisory_xact_lock({self.lock_key(aggregate_id)}); "
+            + self._select.format(id=aggregate_id, version=version)
+        )
+        with translated_errors(), conn.cursor() as curs:
+            curs.execute(query.encode())
+            while curs.nextset():
+                pass
+            return list(curs.fetchall())
 
     def open_transaction(self) -> Any:
         """The connection of this thread's session, if it holds a lock: the
