@@ -58,9 +58,9 @@ def shared_account(ledger: Ledger, user: UUID, credits: int) -> UUID:
 @pytest.mark.parametrize("group_commit", [False, True], ids=["plain", "group-commit"])
 def test_hot_account_writers_take_turns_instead_of_clashing(url: str, group_commit: bool) -> None:
     """Eight ledgers (eight caches, as eight processes) spend from one account
-    at once. Each clashes at most about once, on the attempt that finds the
-    account shared; after that every writer locks it, and none runs out of
-    attempts. Without the locks the same load clashes hundreds of times. A
+    at once. Each clashes a few times at most (the attempt that finds the
+    account shared, and after trusting it again); otherwise every writer locks
+    it, and none runs out of attempts. Without the locks the same load clashes hundreds of times. A
     group commit batch of one command locks as a single command does."""
     writers, spends = 8, 40
     ledgers = [Ledger(url, group_commit=group_commit) for _ in range(writers)]
@@ -87,7 +87,11 @@ def test_hot_account_writers_take_turns_instead_of_clashing(url: str, group_comm
         assert ledgers[0].balance(user).balance_credits == 10_000 - writers * spends
         stats = [ledger.command_stats() for ledger in ledgers]
         assert sum(s.exhausted for s in stats) == 0
-        assert sum(s.clashes for s in stats) <= 2 * writers, [s.clashes for s in stats]
+        # Each ledger clashes once or twice: on its first attempt, and when an
+        # account it trusted again (after 32 quiet reads) was written meanwhile.
+        # Without the locks: about one attempt in two clashes (hundreds here).
+        clashes, attempts = sum(s.clashes for s in stats), sum(s.attempts for s in stats)
+        assert clashes <= 4 * writers and clashes < 0.1 * attempts, [s.clashes for s in stats]
     finally:
         for ledger in ledgers:
             ledger.close()
