@@ -9,6 +9,7 @@ page can never be applied twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -140,6 +141,15 @@ class ViewStore(ABC):
 
     @abstractmethod
     def columns(self, table: str) -> list[str]: ...
+
+    @contextlib.contextmanager
+    def indexes_built_after(self, tables: Sequence[str]) -> Iterator[None]:
+        """For a rebuild into fresh tables: inside, the secondary indexes of
+        ``tables`` (neither unique nor a key's) are dropped; when the block
+        ends without error they are built again, once, over all the rows,
+        which costs less than keeping them up to date row by row. Here (a
+        backend without the need) nothing is dropped."""
+        yield
 
     def raw_rows(self, table: str) -> Iterator[tuple[Any, ...]]:
         """Streams a table's rows as stored, in no particular order (for a copy)."""

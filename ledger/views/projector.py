@@ -58,6 +58,7 @@ class Projector:
         self.store = store
         self.views = list(views)
         self.topics = sorted({t for v in self.views for t in v.topics})
+        self._view_topics = [frozenset(v.topics) for v in self.views]
         self._lock = threading.Lock()  # one page at a time in this process
 
     def head(self) -> int:
@@ -141,8 +142,9 @@ class Projector:
         try:
             with self.store.transaction() as tx:
                 self._expect(tx, position)
-                for view in self.views:
-                    mine = [(p, e) for p, e in events if _topic(e) in view.topics]
+                topics = [_topic(e) for _, e in events]  # once an event, whatever the views
+                for view, wanted in zip(self.views, self._view_topics, strict=True):
+                    mine = [pe for pe, topic in zip(events, topics, strict=True) if topic in wanted]
                     if mine:
                         view.process(mine, tx)
                 tx.track(new_position)

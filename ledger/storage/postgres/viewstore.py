@@ -138,8 +138,13 @@ class PostgresViewTx(ViewTx):
         return f"{'NOT ' if negate else ''}{column} = ANY(%s)", [list(values)]
 
     def fetchall(self, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        self.curs.execute(statement, _adapted(params))
-        return [tuple(row.values()) for row in self.curs.fetchall()]
+        # Tuples straight from the driver, in the same transaction: the
+        # datastore's cursors build a dict per row, which a rebuild's pages
+        # turned back into tuples by the thousand.
+        with self.curs.connection.cursor(row_factory=tuple_row) as curs:
+            curs.execute(statement, _adapted(params))
+            rows: list[tuple[Any, ...]] = curs.fetchall()
+            return rows
 
     def track(self, position: int) -> None:
         self.tracking._insert_tracking(self.curs, tracking_for(position))
@@ -188,6 +193,26 @@ class PostgresViewStore(ViewStore):
                 [SCHEMA_VERSION],
             )
         return SCHEMA_VERSION
+
+    @contextmanager
+    def indexes_built_after(self, tables: Sequence[str]) -> Iterator[None]:
+        with self.datastore.transaction(commit=True) as curs:
+            curs.execute(
+                "SELECT n.nspname AS schema, c.relname AS name, pg_get_indexdef(x.indexrelid) AS definition "
+                "FROM pg_index x JOIN pg_class c ON c.oid = x.indexrelid "
+                "JOIN pg_class t ON t.oid = x.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %s AND t.relname = ANY(%s) AND NOT x.indisunique AND NOT x.indisprimary "
+                "AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = x.indexrelid) "
+                "ORDER BY c.relname",
+                [self.schema, list(tables)],
+            )
+            deferred = [(r["schema"], r["name"], r["definition"]) for r in curs.fetchall()]
+            for schema, name, _ in deferred:
+                curs.execute(sql.SQL("DROP INDEX {}.{}").format(sql.Identifier(schema), sql.Identifier(name)))
+        yield
+        with self.datastore.transaction(commit=True) as curs:
+            for _, _, definition in deferred:
+                curs.execute(definition)
 
     def table_names(self) -> set[str]:
         with self.datastore.transaction(commit=False) as curs:
