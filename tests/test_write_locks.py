@@ -261,7 +261,7 @@ def test_a_lock_not_granted_in_time_costs_the_lock_not_the_command(url: str) -> 
         user = uuid4()
         account_id = shared_account(ledger, user, 10)
         locks = locks_of(ledger)
-        locks._lock_timeout_s = "0.2"
+        locks._lock_timeout = "SET LOCAL lock_timeout = '0.2s'"
         with psycopg.connect(pg_base_url(), autocommit=True) as holder:
             holder.execute("SELECT pg_advisory_lock(%s)", (locks.lock_key(account_id),))
             started = time.monotonic()

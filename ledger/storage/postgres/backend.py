@@ -117,10 +117,7 @@ class PostgresBackend(Backend):
         return PostgresReader(app)
 
     def write_locks(self, app: LedgerApplication) -> WriteLocks:
-        recorder: Any = app.recorder
-        locks = PostgresWriteLocks(recorder)
-        recorder.open_transaction = locks.open_transaction
-        return locks
+        return PostgresWriteLocks(app.recorder)
 
     def commit_waiter(self, app: LedgerApplication, stop: threading.Event) -> Wake | None:
         """LISTEN on the event table's channel (eventsourcing NOTIFYs on it at each commit)."""

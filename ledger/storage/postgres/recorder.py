@@ -138,9 +138,14 @@ class LedgerPostgresRecorder(PostgresApplicationRecorder):
         self._table = table
         self._table_text = table.as_string(None)
         self._values_statements: dict[int, sql.Composed] = {}
+        #: How long a save waits for a lock: the events table's, or an
+        #: account's in a write session (``ledger.storage.postgres.writelocks``).
+        self.lock_timeout_statement = (
+            sql.SQL("SET LOCAL lock_timeout = '{}s'").format(sql.Literal(self.datastore.lock_timeout)).as_string(None)
+        )
         #: The statements before the insert, inside its transaction.
-        self._table_lock = sql.SQL("SET LOCAL lock_timeout = '{}s'; LOCK TABLE {} IN EXCLUSIVE MODE; NOTIFY {}").format(
-            sql.Literal(self.datastore.lock_timeout), table, sql.Identifier(self.channel_name)
+        self._table_lock = sql.SQL("{}; LOCK TABLE {} IN EXCLUSIVE MODE; NOTIFY {}").format(
+            sql.SQL(self.lock_timeout_statement), table, sql.Identifier(self.channel_name)
         )
         self._prelude = sql.SQL("BEGIN; {}").format(self._table_lock)
         self._prelude_text = self._prelude.as_string(None)

@@ -77,14 +77,14 @@ class PostgresWriteLocks(WriteLocks):
         datastore = recorder.datastore
         table = f"{datastore.schema}.{recorder.events_table_name}"
         self._namespace = hashlib.blake2b(table.encode(), digest_size=16).digest()
-        #: As the events table's lock waits (the recorder's prelude).
-        self._lock_timeout_s = str(datastore.lock_timeout)
-        self._select = (
-            "SELECT originator_id, originator_version, topic, state FROM {table} "
-            "WHERE originator_id = '{id}'::uuid AND originator_version > {version} ORDER BY originator_version"
-        ).replace("{table}", recorder._table_text)
+        #: The wait for an account's lock: as for the events table's.
+        self._lock_timeout: str = recorder.lock_timeout_statement
+        self._events_table: str = recorder._table_text
+        # The two hooks: the datastore's checkout serves a session's pinned
+        # connection, and the recorder's save commits in its transaction.
         self._pool_checkout: Callable[[], contextlib.AbstractContextManager[Any]] = datastore.get_connection
         datastore.get_connection = self._get_connection
+        recorder.open_transaction = self.open_transaction
 
     def _session(self) -> _Session | None:
         session: _Session | None = getattr(self._local, "session", None)
@@ -160,9 +160,10 @@ class PostgresWriteLocks(WriteLocks):
             raise InternalError("a write session's connection is already inside a transaction")
         # UUID text and an int need no quoting.
         query = (
-            f"BEGIN; SET LOCAL lock_timeout = '{self._lock_timeout_s}s'; "
-            f"SELECT pg_advisory_xact_lock({self.lock_key(aggregate_id)}); "
-            + self._select.format(id=aggregate_id, version=version)
+            f"BEGIN; {self._lock_timeout}; SELECT pg_advisory_xact_lock({self.lock_key(aggregate_id)}); "
+            f"SELECT originator_id, originator_version, topic, state FROM {self._events_table} "
+            f"WHERE originator_id = '{aggregate_id}'::uuid AND originator_version > {version} "
+            "ORDER BY originator_version"
         )
         with translated_errors(), conn.cursor() as curs:
             curs.execute(query.encode())
