@@ -22,7 +22,6 @@ runs them a batch at a time, each batch in one transaction:
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -263,7 +262,7 @@ def run_each(
         # A batch of one runs as a single command does: its shared account is
         # locked before it is read, until the save commits
         # (ledger.storage.writelocks). A larger batch stays optimistic.
-        with engine.app.write_locks.session() if len(live) == 1 else contextlib.nullcontext():
+        with engine.app.write_locks.attempt(len(live)):
             moment = now or engine.clock.now()
             failed: dict[int, Exception] = {}
             restarts = 0

@@ -9,7 +9,6 @@ error), and only then is the record read and its first receipt returned.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -536,13 +535,13 @@ class Engine:
         # A single command's attempt runs in a write session: an account
         # other processes write is locked before it is read, until the
         # save commits (ledger.storage.writelocks). A batch stays optimistic.
-        attempt = self.app.write_locks.session if len(commands) == 1 else contextlib.nullcontext
+        locks = self.app.write_locks
         backoff = 0
         while True:
             if backoff:
                 clash_backoff(backoff)  # outside the session: nothing is held while waiting
                 backoff = 0
-            with attempt():
+            with locks.attempt(len(commands)):
                 unit = Unit(self.app, self.reader, now or self.clock.now(), self.policy)
                 if len(commands) > 1:
                     self._prefetch(unit, [c for c in commands if c.key not in known])

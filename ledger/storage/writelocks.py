@@ -41,6 +41,13 @@ class WriteLocks:
     def __init__(self, recorder: Any) -> None:
         self.recorder = recorder
 
+    def attempt(self, commands: int) -> contextlib.AbstractContextManager[None]:
+        """What an attempt at ``commands`` commands in one transaction runs
+        in: a write session for a lone command; nothing for a batch, which
+        stays optimistic (it reads its accounts in bulk, and locking them
+        would hold many locks across its work)."""
+        return self.session() if commands == 1 else contextlib.nullcontext()
+
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
         """One attempt at a command: what it locks is released when this ends."""
