@@ -1124,26 +1124,32 @@ def measure(
     }
 
 
-def run(sizes: Sizes, timeout_s: float, *, analyze: bool = False) -> dict[str, float]:
-    """Measures everything on a fresh schema; drops it afterwards, also on error."""
+@dataclass
+class Run:
+    """A run's fresh schema, its ledger URL and its watchdog (``fresh_run``)."""
+
+    base: str
+    schema: str
+    url: str
+    watchdog: Watchdog
+
+
+@contextmanager
+def fresh_run(timeout_s: float, heading: str, figures: dict[str, float]) -> Iterator[Run]:
+    """A fresh schema and a watchdog for one run; afterwards, also on error,
+    the schema (and any rebuild's) is dropped, and ``figures`` gets the
+    elapsed time and the load average."""
     base = base_url()
     schema = f"bench_{uuid.uuid4().hex[:12]}"
     app_name = f"ledger-{schema}"
     os.environ["PGAPPNAME"] = app_name  # tags the ledger's pooled connections for the watchdog
     say(f"ledger {os.path.dirname(ledger_package.__file__)}; PostgreSQL {admin_conninfo(base)}, schema {schema}")
-    say(f"load average {load_average():.2f}")
+    say(f"{heading}load average {load_average():.2f}")
     started = time.perf_counter()
     watchdog = Watchdog(base, app_name, timeout_s)
     watchdog.start()
-    url = ledger_url(base, schema)
     try:
-        with Ledger(url) as ledger:
-            figures = measure(ledger, url, schema, sizes, watchdog, analyze=analyze)
-        figures.update(webhook_figures(base, sizes, figures["raw_insert_commit_per_s"], watchdog))
-        figures.update(check_figures(base, sizes, watchdog))
-        figures.update(scaling_figures(base, sizes, watchdog))
-        figures.update(pricing_figures(base, sizes, watchdog))
-        figures.update(notify_figures(base, sizes, watchdog))
+        yield Run(base, schema, ledger_url(base, schema), watchdog)
     except Exception:
         if watchdog.fired.is_set():
             say(f"!! aborted by the watchdog after {timeout_s:.0f} s (a call hung or the run was too slow)")
@@ -1156,6 +1162,19 @@ def run(sizes: Sizes, timeout_s: float, *, analyze: bool = False) -> dict[str, f
         say(f"elapsed: {time.perf_counter() - started:.1f} s; load average {load_average():.2f}")
     figures["elapsed_s"] = round(time.perf_counter() - started, 1)
     figures["load_average_1m"] = round(load_average(), 2)
+
+
+def run(sizes: Sizes, timeout_s: float, *, analyze: bool = False) -> dict[str, float]:
+    """Measures everything on a fresh schema; drops it afterwards, also on error."""
+    figures: dict[str, float] = {}
+    with fresh_run(timeout_s, "", figures) as r:
+        with Ledger(r.url) as ledger:
+            figures.update(measure(ledger, r.url, r.schema, sizes, r.watchdog, analyze=analyze))
+        figures.update(webhook_figures(r.base, sizes, figures["raw_insert_commit_per_s"], r.watchdog))
+        figures.update(check_figures(r.base, sizes, r.watchdog))
+        figures.update(scaling_figures(r.base, sizes, r.watchdog))
+        figures.update(pricing_figures(r.base, sizes, r.watchdog))
+        figures.update(notify_figures(r.base, sizes, r.watchdog))
     return figures
 
 
@@ -1180,47 +1199,35 @@ def run_only(sizes: Sizes, timeout_s: float, groups: set[str], *, analyze: bool 
     """Only some groups of figures (``--only``), on a fresh schema dropped
     afterwards. ``rebuild`` also rebuilds with the pipeline (a thread reading
     ahead), for a comparison from the same run (``rebuild_pipelined_vs_decode``)."""
-    base = base_url()
-    schema = f"bench_{uuid.uuid4().hex[:12]}"
-    app_name = f"ledger-{schema}"
-    os.environ["PGAPPNAME"] = app_name
-    say(f"ledger {os.path.dirname(ledger_package.__file__)}; PostgreSQL {admin_conninfo(base)}, schema {schema}")
-    say(f"only {', '.join(sorted(groups))}; load average {load_average():.2f}")
-    started = time.perf_counter()
-    watchdog = Watchdog(base, app_name, timeout_s)
-    watchdog.start()
-    url = ledger_url(base, schema)
     figures: dict[str, float] = {}
-    try:
-        with Ledger(url) as ledger:
-            if "bulk" in groups:
-                with timed("bulk", watchdog.check):
-                    figures.update(bulk_figures(ledger, sizes))
-            if "rebuild" in groups:
-                figures.update(read_model_figures(ledger, url, sizes, watchdog, analyze=analyze))
-                os.environ[PIPELINED_REBUILD_ENV] = "1"
-                try:
-                    with timed("rebuild with the pipeline (child process)", watchdog.check):
-                        piped = run_child("rebuild", url, watchdog.remaining() + 60)
-                finally:
-                    del os.environ[PIPELINED_REBUILD_ENV]
-                rate = piped["events"] / piped["seconds"]
-                say(
-                    f"rebuild with the pipeline: {piped['events']:,} events in {piped['seconds']:.2f} s "
-                    f"-> {rate:,.0f} events/s; peak RSS {piped['peak_rss_kb'] / 1024:,.1f} MiB"
-                )
-                figures["rebuild_pipelined_events_per_s"] = round(rate, 1)
-                figures["rebuild_pipelined_vs_decode"] = round(rate / figures["raw_decode_events_per_s"], 3)
-                figures["rebuild_pipelined_peak_rss_mb"] = round(piped["peak_rss_kb"] / 1024, 1)
-    finally:
-        watchdog.stop()
-        with timed("drop schema"):
-            drop_rebuild_schemas(base, schema)
-            drop_schema(base, schema)
-        say(f"elapsed: {time.perf_counter() - started:.1f} s; load average {load_average():.2f}")
-    figures["elapsed_s"] = round(time.perf_counter() - started, 1)
-    figures["load_average_1m"] = round(load_average(), 2)
+    with fresh_run(timeout_s, f"only {', '.join(sorted(groups))}; ", figures) as r, Ledger(r.url) as ledger:
+        if "bulk" in groups:
+            with timed("bulk", r.watchdog.check):
+                figures.update(bulk_figures(ledger, sizes))
+        if "rebuild" in groups:
+            figures.update(read_model_figures(ledger, r.url, sizes, r.watchdog, analyze=analyze))
+            figures.update(pipelined_rebuild_figures(r.url, figures["raw_decode_events_per_s"], r.watchdog))
     return figures
+
+
+def pipelined_rebuild_figures(url: str, decode_per_s: float, watchdog: Watchdog) -> dict[str, float]:
+    """The same rebuild with the pipeline, in a child process of its own."""
+    os.environ[PIPELINED_REBUILD_ENV] = "1"
+    try:
+        with timed("rebuild with the pipeline (child process)", watchdog.check):
+            piped = run_child("rebuild", url, watchdog.remaining() + 60)
+    finally:
+        del os.environ[PIPELINED_REBUILD_ENV]
+    rate = piped["events"] / piped["seconds"]
+    say(
+        f"rebuild with the pipeline: {piped['events']:,} events in {piped['seconds']:.2f} s "
+        f"-> {rate:,.0f} events/s; peak RSS {piped['peak_rss_kb'] / 1024:,.1f} MiB"
+    )
+    return {
+        "rebuild_pipelined_events_per_s": round(rate, 1),
+        "rebuild_pipelined_vs_decode": round(rate / decode_per_s, 3),
+        "rebuild_pipelined_peak_rss_mb": round(piped["peak_rss_kb"] / 1024, 1),
+    }
 
 
 def webhook_figures(base: str, sizes: Sizes, raw_per_s: float, watchdog: Watchdog) -> dict[str, Any]:

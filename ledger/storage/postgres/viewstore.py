@@ -106,7 +106,7 @@ class PostgresViewTx(ViewTx):
         conditions = "".join(f" AND t.{c} = %s" for c, _ in where)
         self.curs.execute(
             f"UPDATE {table} AS t SET {sets} FROM {stage} AS s WHERE t.{key} = s.{key}{conditions}",
-            [_adapt(v) for _, v in where],
+            _adapted([v for _, v in where]),
         )
 
     def _stageable(self, rows: Sequence[Sequence[Any]], key_at: int) -> bool:
