@@ -344,16 +344,15 @@ def test_a_rebuilt_view_shows_the_same(durable_url: str, clock: ManualClock) -> 
         assert balance_row(ledger, user) == before == (-45, 0, 15, 60)
 
 
-def test_the_audit_names_a_debit_below_the_floor(ledger: Ledger) -> None:
-    user = uuid4()
-    ledger.set_credit_limit(user, 10, "small", "ops", key="l")
+def forge_debit(ledger: Ledger, user: UUID, amount: int) -> None:
+    """A debit of ``amount`` that draws on no block, saved around the command
+    seam (as a forged or buggy writer would): what the audit must name."""
     account = ledger.read_aggregate(account_id_for(user))
     assert isinstance(account, CreditAccount)
-    # A forged debit past the floor, saved around the command seam.
     account.trigger_event(
         CreditAccount.Debited,
         entry_id=uuid4(),
-        amount=25,
+        amount=amount,
         kind="api_use",
         description="",
         reference_type=None,
@@ -364,6 +363,12 @@ def test_the_audit_names_a_debit_below_the_floor(ledger: Ledger) -> None:
         timestamp=ledger.clock.now(),
     )
     ledger.app.save(account)
+
+
+def test_the_audit_names_a_debit_below_the_floor(ledger: Ledger) -> None:
+    user = uuid4()
+    ledger.set_credit_limit(user, 10, "small", "ops", key="l")
+    forge_debit(ledger, user, 25)  # past the floor
     report = audit(ledger, compare_views=False)
     negative = [f for f in report.findings if f.check == "negative"]
     assert negative and "below the floor of -10" in negative[0].message, report.render()
@@ -373,23 +378,7 @@ def test_the_audit_names_debt_beside_free_credits(ledger: Ledger) -> None:
     user = uuid4()
     ledger.grant(user, 50, "purchase", key="g")
     ledger.set_credit_limit(user, 100, "postpaid", "ops", key="l")
-    account = ledger.read_aggregate(account_id_for(user))
-    assert isinstance(account, CreditAccount)
-    # 30 on credit while 50 free credits sit in the block.
-    account.trigger_event(
-        CreditAccount.Debited,
-        entry_id=uuid4(),
-        amount=30,
-        kind="api_use",
-        description="",
-        reference_type=None,
-        reference_id=None,
-        actor=None,
-        draws=[],
-        key="forged",
-        timestamp=ledger.clock.now(),
-    )
-    ledger.app.save(account)
+    forge_debit(ledger, user, 30)  # on credit while 50 free credits sit in the block
     report = audit(ledger, compare_views=False)
     assert any(f.check == "negative" and "on credit with 50 free" in f.message for f in report.findings)
 
