@@ -739,6 +739,18 @@ class ApplyInvoice(Command):
         if new.terms.tier_level <= old.terms.tier_level:
             self.report.notes.append(f"{old.terms.name} -> {new.terms.name} is not an upgrade; nothing granted")
             return 0, period_end, None
+        # As the ledger's own change_plan: a second upgrade to the same plan in
+        # one period grants nothing, even after a downgrade in between. Else
+        # the credits would depend on whether the downgrade's snapshot arrived
+        # before the second change's invoice, and a round trip through a
+        # downgrade (which Lemon Squeezy credits back) would grant twice.
+        again = self._credited_in_period(link, new, minus_cycle(period_end, cycle), period_end)
+        if again is not None:
+            self.report.notes.append(
+                f"an upgrade to {new.terms.name} in this period was credited by invoice {again.invoice_id}; "
+                "nothing granted"
+            )
+            return 0, period_end, None
         credits = (old.terms.credits, new.terms.credits)
         difference = upgrade_grant(unit.policy, *credits, minus_cycle(period_end, cycle), period_end, self.created_at)
         change = Credited(before[start].updated_at, before[start - 1].variant_id, entry.variant_id, self.invoice_id)
@@ -757,6 +769,15 @@ class ApplyInvoice(Command):
         first, last = entries[start].updated_at, entries[end].updated_at
         for credited in link.credited_changes():
             if credited.to_variant == variant and first <= credited.change_at <= last:
+                return credited
+        return None
+
+    def _credited_in_period(self, link: SubscriptionLink, new: Plan, start: datetime, end: datetime) -> Credited | None:
+        """A credited change to ``new``'s plan within the period ``start`` .. ``end``, if any."""
+        for credited in link.credited_changes():
+            found = self.catalog.find(credited.to_variant)
+            plan = found[0] if found is not None else None
+            if plan == new.terms.name and start <= credited.change_at < end:
                 return credited
         return None
 
