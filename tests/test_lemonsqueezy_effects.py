@@ -450,6 +450,98 @@ def test_one_plan_change_is_credited_once_whatever_invoices_prorate_it(
     assert (credited.from_variant, credited.to_variant) == ("1001", "2001")
 
 
+@pytest.mark.parametrize(
+    "order",
+    [
+        "in order",
+        # The downgrade's snapshot last: the second upgrade's invoice finds no change near it.
+        "downgrade's snapshot last",
+        # The first upgrade's snapshot last: the second upgrade's invoice is processed first.
+        "first upgrade's snapshot last",
+    ],
+)
+def test_an_upgrade_again_after_a_downgrade_in_one_period_is_credited_once(
+    adapter: LemonSqueezy, ledger: Ledger, clock: StoryClock, order: str
+) -> None:
+    """Starter to Pro, back to Starter, and to Pro again within one period,
+    each with its proration invoice: the upgrade's credits once, as the
+    ledger's own change_plan grants them, whatever order the deliveries
+    arrive in (before, twice in order, and once when the downgrade's
+    snapshot came after the second upgrade's invoice)."""
+    b = Builder()
+    started(adapter, b)
+    paid(adapter, b)
+    up, down, again = START + 10 * DAY, START + 12 * DAY, START + 14 * DAY
+    snapshots = [
+        b.subscription_event("subscription_updated", updated=at, variant=variant, renews_at=R1)
+        for at, variant in ((up, "2001"), (down, "1001"), (again, "2001"))
+    ]
+    invoices = [
+        b.invoice_event(
+            "subscription_payment_success",
+            invoice,
+            reason="updated",
+            status="paid",
+            created=at + SEC,
+            updated=at + 2 * SEC,
+            total=total,
+        )
+        for invoice, at, total in (("550002", up, 4000), ("550003", down, 0), ("550004", again, 3000))
+    ]
+    clock.set(again + 5 * SEC)
+    deliveries = {
+        "in order": [snapshots[0], invoices[0], snapshots[1], invoices[1], snapshots[2], invoices[2]],
+        "downgrade's snapshot last": [snapshots[0], snapshots[2], *invoices, snapshots[1]],
+        "first upgrade's snapshot last": [snapshots[1], snapshots[2], *invoices, snapshots[0]],
+    }[order]
+    for body in deliveries:
+        send(adapter, body)
+    adapter.retry_failed()
+    assert not adapter.inbox.counts().get("failed")
+    granted = [e.data["amount"] for e in ledger.history(USER) if e.type == "granted"]
+    assert granted == [5000, 10000]  # the checkout's, and starter -> pro once
+    assert subscription(ledger).plan == "pro"
+
+
+@pytest.mark.parametrize("order", ["in order", "pro's snapshot last"])
+def test_two_upgrades_in_one_period_grant_one_upgrade_in_all(
+    adapter: LemonSqueezy, ledger: Ledger, clock: StoryClock, order: str
+) -> None:
+    """Starter to Pro, then Pro to Studio, each with its proration invoice:
+    Studio's credits minus Starter's in all. Before, when the change to Pro
+    was seen after the Studio invoice, that invoice was credited from
+    Starter, and the Pro invoice from Starter again."""
+    b = Builder()
+    started(adapter, b)
+    paid(adapter, b)
+    to_pro, to_studio = START + 10 * DAY, START + 12 * DAY
+    pro, studio = (
+        b.subscription_event("subscription_updated", updated=at, variant=variant, renews_at=R1)
+        for at, variant in ((to_pro, "2001"), (to_studio, "3001"))
+    )
+    invoices = [
+        b.invoice_event(
+            "subscription_payment_success",
+            invoice,
+            reason="updated",
+            status="paid",
+            created=at + SEC,
+            updated=at + 2 * SEC,
+            total=total,
+        )
+        for invoice, at, total in (("550002", to_pro, 4000), ("550003", to_studio, 5000))
+    ]
+    clock.set(to_pro + 5 * SEC)  # every invoice young: one waits for its snapshot, none is applied blind
+    deliveries = [pro, invoices[0], studio, invoices[1]] if order == "in order" else [studio, *invoices, pro]
+    for body in deliveries:
+        send(adapter, body)
+    adapter.retry_failed()
+    assert not adapter.inbox.counts().get("failed")
+    granted = [e.data["amount"] for e in ledger.history(USER) if e.type == "granted"]
+    assert granted[0] == 5000 and sum(granted[1:]) == 25000  # studio (30000) minus starter (5000)
+    assert subscription(ledger).plan == "studio"
+
+
 def test_a_second_plan_change_is_credited_on_its_own(adapter: LemonSqueezy, ledger: Ledger, clock: StoryClock) -> None:
     """Starter -> pro -> studio within the hour: two changes, each credited once."""
     b = Builder()

@@ -739,8 +739,27 @@ class ApplyInvoice(Command):
         if new.terms.tier_level <= old.terms.tier_level:
             self.report.notes.append(f"{old.terms.name} -> {new.terms.name} is not an upgrade; nothing granted")
             return 0, period_end, None
-        credits = (old.terms.credits, new.terms.credits)
-        difference = upgrade_grant(unit.policy, *credits, minus_cycle(period_end, cycle), period_end, self.created_at)
+        # The upgrades of one period add up to one upgrade, from the lowest
+        # plan any of them left to the highest any reached: what the others
+        # credited is taken off. Else a change whose snapshot came after a
+        # later change's invoice would be credited from too low a plan
+        # (starter -> pro -> studio granting studio - starter, then pro -
+        # starter again), and a round trip through a downgrade (which Lemon
+        # Squeezy credits back) would grant the same upgrade twice.
+        period_start = minus_cycle(period_end, cycle)
+        low, high, credited_before = old.terms.credits, new.terms.credits, 0
+        for earlier in link.credited_changes():
+            if period_start <= earlier.change_at < period_end:
+                was = plan_for(unit, self.catalog, earlier.from_variant)[0].terms.credits
+                became = plan_for(unit, self.catalog, earlier.to_variant)[0].terms.credits
+                low, high, credited_before = min(low, was), max(high, became), credited_before + became - was
+        left = high - low - credited_before
+        if left <= 0:
+            self.report.notes.append(
+                f"the upgrades to {new.terms.name} in this period were credited before; nothing granted"
+            )
+            return 0, period_end, None
+        difference = upgrade_grant(unit.policy, 0, left, period_start, period_end, self.created_at)
         change = Credited(before[start].updated_at, before[start - 1].variant_id, entry.variant_id, self.invoice_id)
         return difference, period_end, change
 
