@@ -53,6 +53,13 @@ def test_create_false_refuses_a_missing_sqlite_store_and_creates_nothing(tmp_pat
         assert ledger.app.recorder.max_notification_id() in (None, 0)
 
 
+def test_a_sqlite_folder_that_cannot_be_made_is_a_configuration_error(tmp_path: Path) -> None:
+    """Not the OSError of mkdir, which the commands showed as a traceback."""
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigurationError, match=r"cannot create the folder .*a-file"):
+        Ledger(f"sqlite:///{tmp_path / 'a-file' / 'ledger.sqlite3'}")
+
+
 @pytest.mark.postgres
 def test_create_false_refuses_a_missing_postgres_schema_and_creates_nothing(pg_url: str) -> None:
     schema = _schema_of(pg_url)
