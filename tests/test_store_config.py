@@ -4,6 +4,7 @@ secrets, and a lock timeout on the events table is raised at once."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 import time
@@ -58,6 +59,9 @@ def test_a_sqlite_folder_that_cannot_be_made_is_a_configuration_error(tmp_path: 
     (tmp_path / "a-file").write_text("")
     with pytest.raises(ConfigurationError, match=r"cannot create the folder .*a-file"):
         Ledger(f"sqlite:///{tmp_path / 'a-file' / 'ledger.sqlite3'}")
+    # A store that cannot be opened is named by its URL, not only "sqlite".
+    with pytest.raises(ConfigurationError, match=re.escape(f"cannot open ledger store sqlite:///{tmp_path}: ")):
+        Ledger(f"sqlite:///{tmp_path}")
 
 
 @pytest.mark.postgres

@@ -71,7 +71,7 @@ class SQLiteBackend(Backend):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a parent that is a file, a read-only or missing mount: the URL's fault
             raise ConfigurationError(
-                f"cannot open ledger store sqlite: cannot create the folder {self.path.parent}: {exc.strerror}"
+                f"cannot open ledger store at {self.path}: cannot create the folder {self.path.parent}: {exc.strerror}"
             ) from exc
         yield
 
