@@ -6,6 +6,7 @@ options that mean nothing for a dialect are refused."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -103,8 +104,18 @@ def test_demo_twice_on_one_store_refuses_the_second_run_and_records_nothing(tmp_
 
 
 def test_demo_without_url_runs_again_and_again() -> None:
+    folders = set()
     for _ in range(2):
-        assert ledger_cli("demo").returncode == 0
+        run = ledger_cli("demo")
+        assert run.returncode == 0
+        # The last line names the folder the run leaves behind, and how to look at it.
+        last = run.stdout.rstrip().splitlines()[-1]
+        assert last.startswith("The demo's store is kept in ") and last.endswith("delete it when done.")
+        folder = Path(last.removeprefix("The demo's store is kept in ").split(" (try: ")[0])
+        assert (folder / "ledger.sqlite3").is_file() and f"audit --url sqlite:///{folder}/ledger.sqlite3" in last
+        folders.add(folder)
+        shutil.rmtree(folder)
+    assert len(folders) == 2
 
 
 # ------------------------------------------------------------ reconcile without a network
