@@ -54,6 +54,25 @@ def test_a_command_on_a_mistyped_sqlite_path_refuses_and_creates_nothing(tmp_pat
     assert not path.parent.exists()
 
 
+MEMORY_REFUSING = {
+    **REFUSING,
+    "migrate": ["migrate"],
+    "project": ["project"],
+    "reconcile": ["reconcile", "--api-key", "x"],
+    "webhooks link": ["webhooks", "link", "1", USER],
+}
+
+
+@pytest.mark.parametrize("command", sorted(MEMORY_REFUSING))
+def test_a_command_on_memory_refuses_it(command: str) -> None:
+    """Each memory:// ledger is empty: audit said PASSED, digest anchored 0:000…,
+    tick found nothing due, and migrate or project kept nothing."""
+    result = ledger_cli(*MEMORY_REFUSING[command], "--url", "memory://")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "memory:// is a store of one ledger object only" in result.stderr
+    assert "PASSED" not in result.stdout and "Traceback" not in result.stderr
+
+
 def test_ledger_url_from_the_environment_is_refused_the_same_way(tmp_path: Path) -> None:
     env_path = tmp_path / "env-typo.sqlite3"
     result = subprocess.run(
