@@ -6,7 +6,8 @@ visit, audit the ledger, keep a new digest, and write a statement per user.
 
 ``digests.txt`` is the auditor's own append-only list of heads, one per line,
 kept outside the database (the last line is the one to verify against). The
-script exits 1 if anything is wrong: a changed history, or audit findings.
+script exits 1 if anything is wrong: a changed history, or audit findings;
+2 if there is no ledger at ``--url`` (nothing is created, nothing is kept).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from uuid import UUID
 
-from ledger import Auditor, DigestHead
+from ledger import Auditor, ConfigurationError, DigestHead
 
 
 def day(text: str) -> datetime:
@@ -81,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--end", type=day, required=True)
     parser.add_argument("users", nargs="*", type=UUID)
     args = parser.parse_args(argv)
-    return 0 if visit(args.url, args.digests, args.statements, args.start, args.end, args.users) else 1
+    try:
+        return 0 if visit(args.url, args.digests, args.statements, args.start, args.end, args.users) else 1
+    except ConfigurationError as exc:  # a mistyped URL: no store to audit
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -109,3 +109,28 @@ def test_digest_then_verify_names_a_tampered_event(durable_url: str) -> None:
     assert refused.returncode == 1 and "NOT anchored" in refused.stdout
     garbage = ledger_cli("verify", "--url", durable_url, "--digest", "12:abc")
     assert garbage.returncode == 2 and "POSITION:HASH" in garbage.stderr
+
+
+def test_a_file_that_cannot_be_written_is_refused_before_the_replay(tmp_path: Path) -> None:
+    """An unwritable --checkpoint failed with a traceback after a page of
+    events was replayed, an unwritable --output after the statement was made."""
+    url = f"sqlite:///{tmp_path / 'cli.sqlite3'}"
+    with Ledger(url, clock=ManualClock(START)) as ledger:
+        story(ledger, ledger.clock)  # type: ignore[arg-type]
+    missing = tmp_path / "no-such-folder"
+    audited = ledger_cli("audit", "--url", url, "--checkpoint", str(missing / "audit.json"))
+    stated = ledger_cli(
+        "statement", "--url", url, "--user", str(uuid4()), "--start", "2026-01-01", "--end", "2026-02-01",
+        "--output", str(missing / "statement.csv"),
+    )  # fmt: skip
+    for result, option in ((audited, "--checkpoint"), (stated, "--output")):
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"Invalid value for {option}: cannot write" in result.stderr and "Traceback" not in result.stderr
+    assert "replaying" not in audited.stderr and not missing.exists()
+    # A file that can be written is not left behind when the store is refused.
+    output = tmp_path / "statement.csv"
+    typo = ledger_cli(
+        "statement", "--url", f"sqlite:///{tmp_path / 'typo.sqlite3'}", "--user", str(uuid4()),
+        "--start", "2026-01-01", "--end", "2026-02-01", "--output", str(output),
+    )  # fmt: skip
+    assert typo.returncode == 2 and not output.exists()

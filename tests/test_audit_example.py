@@ -7,7 +7,9 @@ from datetime import timedelta
 from pathlib import Path
 from uuid import uuid4
 
-from ledger import Ledger, ManualClock
+import pytest
+
+from ledger import Auditor, ConfigurationError, Ledger, ManualClock
 from tests.conftest import START
 from tests.test_audit_tamper import raw_events
 
@@ -45,3 +47,16 @@ def test_the_auditor_example(tmp_path: Path, capsys: object) -> None:
     with raw_events(url) as raw:
         raw.alter(raw.position_of("CreditAccount.Debited"), b'"amount":30', b'"amount":3')
     assert main(args) == 1
+
+
+def test_a_mistyped_url_is_refused_and_keeps_no_head(tmp_path: Path) -> None:
+    """An empty store created on the spot audited as PASSED and appended the
+    head 0:000… to the digests, which the next visit then verified."""
+    typo = tmp_path / "typo.sqlite3"
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        Auditor(f"sqlite:///{typo}")
+    main = runpy.run_path(str(ROOT / "examples" / "auditor.py"))["main"]
+    digests = tmp_path / "digests.txt"
+    args = ["--url", f"sqlite:///{typo}", "--digests", str(digests), "--start", "2026-01-01", "--end", "2026-02-01"]
+    assert main(args) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -42,6 +42,7 @@ def test_demo_tells_the_whole_story(tmp_path: Path) -> None:
         "renews",
         "back to free",
         "price book revision 1",
+        "resolution x1.5 (+2.5)",  # a multiply line: its factor, then the credits it adds
         "insufficient_credits",
         "credit limit of 500",
         "outbox: balance.low",

@@ -6,6 +6,7 @@ options that mean nothing for a dialect are refused."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -51,6 +52,25 @@ def test_a_command_on_a_mistyped_sqlite_path_refuses_and_creates_nothing(tmp_pat
     assert "no ledger store at" in result.stderr and "does not exist" in result.stderr
     assert "PASSED" not in result.stdout and "Traceback" not in result.stderr
     assert not path.parent.exists()
+
+
+MEMORY_REFUSING = {
+    **REFUSING,
+    "migrate": ["migrate"],
+    "project": ["project"],
+    "reconcile": ["reconcile", "--api-key", "x"],
+    "webhooks link": ["webhooks", "link", "1", USER],
+}
+
+
+@pytest.mark.parametrize("command", sorted(MEMORY_REFUSING))
+def test_a_command_on_memory_refuses_it(command: str) -> None:
+    """Each memory:// ledger is empty: audit said PASSED, digest anchored 0:000…,
+    tick found nothing due, and migrate or project kept nothing."""
+    result = ledger_cli(*MEMORY_REFUSING[command], "--url", "memory://")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "memory:// is a store of one ledger object only" in result.stderr
+    assert "PASSED" not in result.stdout and "Traceback" not in result.stderr
 
 
 def test_ledger_url_from_the_environment_is_refused_the_same_way(tmp_path: Path) -> None:
@@ -103,8 +123,18 @@ def test_demo_twice_on_one_store_refuses_the_second_run_and_records_nothing(tmp_
 
 
 def test_demo_without_url_runs_again_and_again() -> None:
+    folders = set()
     for _ in range(2):
-        assert ledger_cli("demo").returncode == 0
+        run = ledger_cli("demo")
+        assert run.returncode == 0
+        # The last line names the folder the run leaves behind, and how to look at it.
+        last = run.stdout.rstrip().splitlines()[-1]
+        assert last.startswith("The demo's store is kept in ") and last.endswith("delete it when done.")
+        folder = Path(last.removeprefix("The demo's store is kept in ").split(" (try: ")[0])
+        assert (folder / "ledger.sqlite3").is_file() and f"audit --url sqlite:///{folder}/ledger.sqlite3" in last
+        folders.add(folder)
+        shutil.rmtree(folder)
+    assert len(folders) == 2
 
 
 # ------------------------------------------------------------ reconcile without a network

@@ -4,6 +4,7 @@ secrets, and a lock timeout on the events table is raised at once."""
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 import time
@@ -51,6 +52,16 @@ def test_create_false_refuses_a_missing_sqlite_store_and_creates_nothing(tmp_pat
     Ledger(f"sqlite:///{path}").close()  # create=True (the default) creates it
     with Ledger(f"sqlite:///{path}", create=False) as ledger:
         assert ledger.app.recorder.max_notification_id() in (None, 0)
+
+
+def test_a_sqlite_folder_that_cannot_be_made_is_a_configuration_error(tmp_path: Path) -> None:
+    """Not the OSError of mkdir, which the commands showed as a traceback."""
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ConfigurationError, match=r"cannot create the folder .*a-file"):
+        Ledger(f"sqlite:///{tmp_path / 'a-file' / 'ledger.sqlite3'}")
+    # A store that cannot be opened is named by its URL, not only "sqlite".
+    with pytest.raises(ConfigurationError, match=re.escape(f"cannot open ledger store sqlite:///{tmp_path}: ")):
+        Ledger(f"sqlite:///{tmp_path}")
 
 
 @pytest.mark.postgres

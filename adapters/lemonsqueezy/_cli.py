@@ -17,12 +17,25 @@ from typing import TYPE_CHECKING, Any, cast
 import click
 from click.core import ParameterSource
 
-from ledger import resolve_url as _url
+from ledger import ConfigurationError, resolve_url
 
 from ._effects import DEFAULT_HOLD_WINDOW_S
 
 if TYPE_CHECKING:
     from ._adapter import Processor
+
+
+def _url(url: str | None) -> str:
+    resolved = resolve_url(url)
+    # As the core's commands: every memory:// ledger is a store of its own, so
+    # a command on one would start from an empty ledger and keep nothing.
+    if resolved.lower().startswith("memory:"):
+        raise ConfigurationError(
+            "memory:// is a store of one ledger object only: this command would start from an empty ledger "
+            "and keep nothing; give a sqlite:/// or postgresql:// URL (--url or LEDGER_URL)"
+        )
+    return resolved
+
 
 MAX_SEND_BYTES = 16 * 1024 * 1024
 URL_HELP = "Ledger URL (default: $LEDGER_URL, else sqlite:///pingvas-ledger.sqlite3)."

@@ -154,7 +154,9 @@ class Ledger:
             try:
                 self.app = LedgerApplication(env=self.backend.eventsourcing_env())
             except Exception as exc:  # eventsourcing raises OSError and driver errors here
-                raise ConfigurationError(f"cannot open ledger store {self.config.backend}: {exc}") from exc
+                # Named by its URL (secrets hidden), not just its kind: the
+                # default URL is a file in whatever directory the command ran.
+                raise ConfigurationError(f"cannot open ledger store {self.url}: {exc}") from exc
         self.backend.opened(self.app)
         self.app.write_locks = self.backend.write_locks(self.app)
         self.sync_views = sync_views

@@ -35,7 +35,10 @@ class Auditor:
 
     def __init__(self, ledger: Ledger | str) -> None:
         self._owned = isinstance(ledger, str)
-        self.ledger = Ledger(ledger) if isinstance(ledger, str) else ledger
+        # As the auditor's commands do: a mistyped URL is an error, not an
+        # empty store created on the spot that audits as PASSED and digests
+        # to a head of position 0.
+        self.ledger = Ledger(ledger, create=False) if isinstance(ledger, str) else ledger
 
     def close(self) -> None:
         if self._owned:

@@ -55,6 +55,19 @@ class _Moment(_ParamType):
 MOMENT = _Moment()
 
 
+def _writable(path: Path, option: str) -> None:
+    """Refuses a file the command could not write before the work, not after
+    it (an audit's checkpoint is first written after a page of events)."""
+    existed = path.exists()
+    try:
+        with path.open("a"):
+            pass
+    except OSError as exc:
+        raise click.BadParameter(f"cannot write {path}: {exc.strerror}", param_hint=option) from None
+    if not existed:
+        path.unlink()  # the probe leaves nothing behind
+
+
 @contextmanager
 def _progress(label: str, show: bool) -> Iterator[Callable[[int, int], None] | None]:
     """A progress bar on stderr, fed with (position, head)."""
@@ -102,6 +115,8 @@ def audit(
 
     if from_position and checkpoint is None:
         raise click.UsageError("--from-position needs the --checkpoint file a previous run wrote at that position")
+    if checkpoint is not None:
+        _writable(checkpoint, "--checkpoint")
     with Ledger(_url(url), create=False) as ledger, _progress("replaying events", not quiet) as progress:
         report = run_audit(
             ledger,
@@ -156,6 +171,8 @@ def statement(url: str | None, user_id: UUID, start: datetime, end: datetime, fm
     from ledger.application.facade import Ledger
     from ledger.audit.pointintime import statement as make_statement
 
+    if output is not None:
+        _writable(output, "--output")
     with Ledger(_url(url), create=False) as ledger:
         result = make_statement(ledger, user_id, start, end)
     text = result.to_csv() if fmt == "csv" else result.to_json() if fmt == "json" else _statement_text(result)

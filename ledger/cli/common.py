@@ -24,8 +24,18 @@ URL_HELP = "Ledger URL (default: $LEDGER_URL, else sqlite:///pingvas-ledger.sqli
 
 def _url(url: str | None) -> str:
     from ledger.application.facade import resolve_url
+    from ledger.errors import ConfigurationError
+    from ledger.storage.config import parse_url
 
-    return resolve_url(url)
+    resolved = resolve_url(url)
+    # Every memory:// ledger is a store of its own: a command would open an
+    # empty one, audit it as PASSED, find nothing due, and keep nothing.
+    if parse_url(resolved).backend == "memory":
+        raise ConfigurationError(
+            "memory:// is a store of one ledger object only: this command would start from an empty ledger "
+            "and keep nothing; give a sqlite:/// or postgresql:// URL (--url or LEDGER_URL)"
+        )
+    return resolved
 
 
 class LedgerGroup(click.Group):

@@ -8,7 +8,7 @@ from decimal import Decimal
 from uuid import UUID
 
 from ledger.application.facade import Ledger
-from ledger.application.results import Balance, Receipt
+from ledger.application.results import Balance, QuoteLine, Receipt
 from ledger.clock import ManualClock
 from ledger.domain.thresholds import Threshold
 from ledger.errors import ConfigurationError, LedgerError
@@ -24,6 +24,16 @@ def _line(balance: Balance | Receipt) -> str:
     else:
         b, h, a = balance.balance_credits, balance.held_credits, balance.available_credits
     return f"balance {b:>6}  held {h:>5}  available {a:>6}"
+
+
+def _quote_line(line: QuoteLine) -> str:
+    # A line's credits are what it adds, so a multiply line shows its factor
+    # beside them: "resolution multiply 2.5" read as a factor of 2.5.
+    if line.kind == "base":
+        return f"{line.label} {line.credits}"
+    if line.factor is not None:
+        return f"{line.label} x{line.factor} (+{line.credits})"
+    return f"{line.label} +{line.credits}"
 
 
 def run_demo(url: str, echo: Callable[[str], None] = print) -> Balance:
@@ -198,7 +208,7 @@ def run_pricing_demo(ledger: Ledger, clock: ManualClock, echo: Callable[[str], N
 
     params = {"width": 1024, "height": 1536, "steps": 40, "batch_size": 2}
     quote = ledger.quote(user, "text_to_image", params)
-    lines = ", ".join(f"{line.label} {line.kind} {line.credits}" for line in quote.breakdown)
+    lines = ", ".join(_quote_line(line) for line in quote.breakdown)
     echo(f"  quote text_to_image {params}: {quote.credits} credits (price book revision {quote.price_revision})")
     echo(f"    breakdown: {lines}")
     held = ledger.reserve_for_job(

@@ -58,7 +58,14 @@ def demo(url: str | None) -> None:
     if url is None:
         folder = Path(tempfile.mkdtemp(prefix="pingvas-ledger-demo-"))
         url = f"sqlite:///{folder / 'ledger.sqlite3'}"
-    run_demo(url, echo=click.echo)
+        run_demo(url, echo=click.echo)
+        # Kept for the other commands to look at, so said: each run leaves a
+        # folder of its own behind.
+        click.echo(
+            f"\nThe demo's store is kept in {folder} (try: python -m ledger audit --url {url}); delete it when done."
+        )
+    else:
+        run_demo(url, echo=click.echo)
 
 
 @cli.command()

@@ -67,7 +67,12 @@ class SQLiteBackend(Backend):
 
     @contextlib.contextmanager
     def opening(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a parent that is a file, a read-only or missing mount: the URL's fault
+            raise ConfigurationError(
+                f"cannot open ledger store at {self.path}: cannot create the folder {self.path.parent}: {exc.strerror}"
+            ) from exc
         yield
 
     def stream_reader(self, app: LedgerApplication) -> StreamReader:
