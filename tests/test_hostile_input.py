@@ -485,3 +485,76 @@ def test_hostile_values_at_every_method_raise_only_ledger_errors(
         assert str(exc), f"{type(exc).__name__} without a message"
         assert _head(ledger) == head, f"{name} raised {exc!r} but recorded events"
     ledger.views.catch_up()  # whatever was accepted can be projected
+
+
+def test_a_providers_subscription_id_names_one_subscription(ledger: Ledger, clock: ManualClock) -> None:
+    """A second subscription under a provider's id another one has is refused
+    when commanded; accepted, its Started event would stall the read models
+    on the unique index of subscriptions.lemon_squeezy_subscription_id."""
+    ledger.install_default_catalog()
+    first = ledger.start_subscription(UUID(int=1), "pro", key="first", lemon_squeezy_subscription_id="42")
+    ledger.start_subscription(
+        UUID(int=2), "pro", key="other-provider", provider="paddle", provider_subscription_id="42"
+    )
+    now = clock.now()
+    head = _head(ledger)
+    for param, call in [
+        (
+            "lemon_squeezy_subscription_id",
+            lambda: ledger.start_subscription(UUID(int=3), "pro", key="second", lemon_squeezy_subscription_id="42"),
+        ),
+        (
+            "provider_subscription_id",
+            lambda: ledger.start_subscription(
+                UUID(int=3), "pro", key="third", provider="lemon_squeezy", provider_subscription_id="42"
+            ),
+        ),
+        (
+            "external_id",
+            lambda: ledger.execute(
+                _sync(
+                    "",
+                    key="sync",
+                    subscription_id=uuid4(),
+                    user_id=UUID(int=4),
+                    period_start=now,
+                    period_end=now + timedelta(days=30),
+                    source_updated_at=now,
+                    external_id="42",
+                )
+            ),
+        ),
+    ]:
+        with pytest.raises(InvalidArgument, match="names one subscription") as info:
+            call()
+        assert info.value.param == param and str(first.subscription_id) in str(info.value)
+    # Within one batch, the second of two starts under one id is the bad command.
+    with pytest.raises(package.BatchRejected) as batch:
+        ledger.execute_batch(
+            package.StartSubscription(
+                key=f"batch:{n}", user_id=UUID(int=5 + n), plan="pro", provider="paddle", provider_subscription_id="43"
+            )
+            for n in range(2)
+        )
+    assert (batch.value.index, batch.value.param, type(batch.value.cause)) == (
+        1,
+        "provider_subscription_id",
+        InvalidArgument,
+    )
+    assert _head(ledger) == head
+    # The same subscription synced again under its own id is not a second one.
+    ledger.execute(
+        _sync(
+            "",
+            key="again",
+            subscription_id=first.subscription_id,
+            user_id=UUID(int=1),
+            period_start=now,
+            period_end=now + timedelta(days=30),
+            source_updated_at=now,
+            external_id="42",
+        )
+    )
+    ledger.views.catch_up()
+    with ledger.views.store.transaction() as tx:
+        assert tx.fetchall("SELECT count(*) FROM subscriptions WHERE lemon_squeezy_subscription_id = '42'") == [(1,)]
