@@ -262,6 +262,19 @@ def test_a_bad_book_is_refused_and_records_nothing(ledger: Ledger, book: PriceBo
         ledger.define_price_book({"jobs": {}})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("number", [Decimal("1E-999999"), Decimal("-1E-100001")])
+def test_a_number_too_fine_for_a_book_is_refused_not_trapped_when_built(ledger: Ledger, number: Decimal) -> None:
+    """Building the book shows its numbers tidied; a number below the exact
+    context's range must reach check_price_book, not trap while being built."""
+    before = events(ledger)
+    choice = PriceRule.by_choice("quality", {"draft": number, "final": 1})
+    params = (JobParam.integer("steps", 1, 100), JobParam.choice("quality", ("draft", "final")))
+    for book in (lambda: _job(base_credits=number), lambda: _job(params=params, rules=(choice,))):
+        with pytest.raises(InvalidArgument, match="places"):
+            ledger.define_price_book(book())
+    assert events(ledger) == before
+
+
 def test_plan_multipliers_follow_the_users_live_plan(ledger: Ledger, clock: ManualClock) -> None:
     ledger.install_default_catalog()
     ledger.define_price_book(

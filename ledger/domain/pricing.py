@@ -273,7 +273,7 @@ class JobPrice:
         steps = [_step(r, kinds) for r in rules if isinstance(r, PriceRule)]
         adds = tuple(step for step in steps if step[0].mode is RuleMode.ADD)
         object.__setattr__(self, "_ordered", (adds, tuple(step for step in steps if step not in adds)))
-        if isinstance(self.base_credits, Decimal) and self.base_credits.is_finite():
+        if _tidiable(self.base_credits):
             object.__setattr__(self, "_base_shown", tidy(self.base_credits))
 
 
@@ -290,6 +290,17 @@ def _whole(value: object) -> bool:
     return isinstance(exponent, int) and exponent >= 0
 
 
+def _tidiable(value: object) -> bool:
+    """Whether ``tidy`` takes ``value`` as it is built. A number with more
+    places than a book may have (``1E-999999``) is left as given, since tidying
+    it would trap in the exact context: check_price_book refuses it, naming
+    where it is."""
+    if not isinstance(value, Decimal) or not value.is_finite():
+        return False
+    exponent = value.as_tuple().exponent
+    return isinstance(exponent, int) and exponent >= -MAX_PLACES
+
+
 def _step(rule: PriceRule, kinds: Mapping[Any, Any]) -> _Step:
     whole = (
         isinstance(rule.params, tuple)
@@ -299,7 +310,7 @@ def _step(rule: PriceRule, kinds: Mapping[Any, Any]) -> _Step:
     )
     shown = None
     if isinstance(rule.options, Mapping):
-        shown = {k: tidy(v) if isinstance(v, Decimal) and v.is_finite() else v for k, v in rule.options.items()}
+        shown = {k: tidy(v) if _tidiable(v) else v for k, v in rule.options.items()}
     return (rule, whole, whole and _whole(rule.rate), shown)
 
 
