@@ -558,3 +558,34 @@ def test_a_providers_subscription_id_names_one_subscription(ledger: Ledger, cloc
     ledger.views.catch_up()
     with ledger.views.store.transaction() as tx:
         assert tx.fetchall("SELECT count(*) FROM subscriptions WHERE lemon_squeezy_subscription_id = '42'") == [(1,)]
+
+
+def test_one_bad_command_in_a_full_batch_is_named_by_its_position(ledger: Ledger) -> None:
+    ledger.grant(UUID(int=1), 10, "bonus", key="funds")
+    head = _head(ledger)
+
+    def batch(bad: object) -> list[Any]:
+        commands: list[Any] = [
+            GrantCredits(key=f"g{i}", user_id=UUID(int=100 + i), amount_credits=1, kind=CreditKind.BONUS)
+            for i in range(9_999)
+        ]
+        commands.insert(5_000, bad)
+        return commands
+
+    with pytest.raises(InvalidArgument, match="not a ledger command: str, at index 5000 of the batch") as info:
+        ledger.execute_batch(batch("grant"))
+    assert info.value.param == "commands"
+    with pytest.raises(InvalidArgument, match=r"not a ledger command: str$") as info:
+        ledger.execute("grant")  # type: ignore[arg-type]
+    assert info.value.param == "command"
+    conflicting = GrantCredits(key="funds", user_id=UUID(int=1), amount_credits=11, kind=CreditKind.BONUS)
+    with pytest.raises(package.BatchRejected) as rejected:
+        ledger.execute_batch(batch(conflicting))
+    assert (rejected.value.index, rejected.value.param, rejected.value.cause.code) == (
+        5_000,
+        "key",
+        "idempotency_conflict",
+    )
+    assert _head(ledger) == head
+    assert ledger.execute_batch(batch(conflicting)[:10])[-1].balance_credits == 1  # the ledger goes on
+    ledger.views.catch_up()
