@@ -397,6 +397,13 @@ def test_reserve_for_job_checks_its_arguments(changes: dict[str, Any], param: st
     assert caught.value.param == param
 
 
+@pytest.mark.parametrize("value", [b"x", bytearray(b"x"), object(), {1, 2}, 1j])
+def test_a_parameter_that_is_not_json_is_named_by_its_type(value: object) -> None:
+    with pytest.raises(InvalidArgument, match=f"{type(value).__name__} is not a JSON value") as caught:
+        ReserveForJob(key="k", user_id=ALICE, job_id=JOB, job_type="render", params={"x": [value]}, expires_in=HOUR)
+    assert caught.value.param == "params" and "ircular" not in str(caught.value)
+
+
 def test_a_margin_beyond_what_a_hold_holds_is_refused(ledger: Ledger) -> None:
     book = PriceBook(jobs={"big": JobPrice(Decimal(MAX_CREDITS // 2))})
     ledger.define_price_book(book)

@@ -105,7 +105,7 @@ def check_params(value: object) -> dict[str, Any]:
         raise InvalidArgument("params' names must be str", param="params")
     _check_depth(value, 0)
     try:
-        text = json.dumps(value, sort_keys=True, default=_json_default, allow_nan=False, separators=(",", ":"))
+        text = json.dumps(value, sort_keys=True, default=_params_default, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"params must hold JSON values only: {exc}", param="params") from None
     if len(text) > MAX_PARAMS_BYTES:
@@ -114,6 +114,16 @@ def check_params(value: object) -> dict[str, Any]:
         )
     # The caller's own mapping, copied: floats stay floats (priced by their repr).
     return dict(value)
+
+
+def _params_default(value: Any) -> Any:
+    """The fingerprint's form of a parameter value, or TypeError naming its
+    type: handed back unchanged (bytes), json would report it as a
+    "circular reference" instead."""
+    shown = _json_default(value)
+    if shown is value:
+        raise TypeError(f"{type(value).__name__} is not a JSON value")
+    return shown
 
 
 def _check_depth(value: Any, depth: int) -> None:
