@@ -60,6 +60,10 @@ class Text(str):
     """A str subclass."""
 
 
+class Price(Decimal):
+    """A Decimal subclass, as a money library hands out."""
+
+
 def _head(ledger: Ledger) -> int:
     return ledger.app.recorder.max_notification_id() or 0
 
@@ -272,6 +276,7 @@ def test_plan_terms_the_stores_cannot_hold_are_refused(ledger: Ledger) -> None:
     for param, terms in [
         ("monthly_price", lambda: _terms(monthly_price=Decimal("NaN"))),
         ("monthly_price", lambda: _terms(monthly_price=Decimal("1e40"))),
+        ("yearly_price", lambda: _terms(yearly_price=Price("100.00"))),
         ("yearly_price", lambda: _terms(yearly_price=Decimal("100000000.00"))),
         ("credits", lambda: _terms(credits=2**31)),
         ("storage_bytes", lambda: _terms(storage_bytes=2**63)),

@@ -397,6 +397,25 @@ def test_reserve_for_job_checks_its_arguments(changes: dict[str, Any], param: st
     assert caught.value.param == param
 
 
+def test_a_decimal_subclass_is_refused_by_its_type(ledger: Ledger) -> None:
+    class Money(Decimal):
+        pass
+
+    with pytest.raises(InvalidArgument, match=r"safety_margin must be a finite Decimal, not Money\('0.1'\)"):
+        ReserveForJob(
+            key="k",
+            user_id=ALICE,
+            job_id=JOB,
+            job_type="render",
+            params={},
+            expires_in=HOUR,
+            safety_margin=Money("0.1"),
+        )
+    book = PriceBook(jobs=small_book().jobs, plan_multipliers={"pro": Money("0.9")})
+    with pytest.raises(InvalidArgument, match=r"must be a finite Decimal, not Money\('0.9'\)"):
+        ledger.define_price_book(book)
+
+
 @pytest.mark.parametrize("value", [b"x", bytearray(b"x"), object(), {1, 2}, 1j])
 def test_a_parameter_that_is_not_json_is_named_by_its_type(value: object) -> None:
     with pytest.raises(InvalidArgument, match=f"{type(value).__name__} is not a JSON value") as caught:

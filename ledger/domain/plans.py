@@ -253,6 +253,9 @@ def check_terms(terms: object) -> PlanTerms:
     check_optional_text(terms.description, "description", 10_000)
     _check_provider_ids(terms.provider_ids)
     for field_name in ("monthly_price", "yearly_price"):
+        if type(getattr(terms, field_name)) is not Decimal:  # the event store transcodes a Decimal by its exact type
+            kind = type(getattr(terms, field_name)).__name__
+            raise InvalidArgument(f"{field_name} must be a Decimal, not {kind}", param=field_name)
         if getattr(terms, field_name) > MAX_PRICE:
             raise InvalidArgument(f"{field_name} must be at most {MAX_PRICE}", param=field_name)
     limits = {"credits": MAX_CREDITS, "storage_bytes": MAX_BIGINT, "queue_count": MAX_INT, "tier_level": MAX_INT}

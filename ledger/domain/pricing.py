@@ -595,9 +595,17 @@ def check_job_type(value: object) -> str:
     return check_identifier(value, "job_type", "job_type")
 
 
+def _given(value: object) -> str:
+    """A refused value as a message shows it: a Decimal subclass by its type,
+    since its repr reads as the plain Decimal it is refused for not being."""
+    if isinstance(value, Decimal) and type(value) is not Decimal:
+        return f"{type(value).__name__}({str(value)!r})"
+    return repr(value)
+
+
 def _check_decimal(value: object, where: str, *, low: Decimal = ZERO, high: Decimal | None = None) -> Decimal:
     if not isinstance(value, Decimal) or type(value) is not Decimal or not value.is_finite():
-        raise InvalidArgument(f"{where} must be a finite Decimal, not {value!r}", param="book")
+        raise InvalidArgument(f"{where} must be a finite Decimal, not {_given(value)}", param="book")
     shape = value.as_tuple()
     if len(shape.digits) > MAX_DIGITS or (isinstance(shape.exponent, int) and shape.exponent < -MAX_PLACES):
         raise InvalidArgument(
@@ -612,7 +620,7 @@ def _check_decimal(value: object, where: str, *, low: Decimal = ZERO, high: Deci
 def check_factor(value: object, name: str, high: Decimal) -> Decimal:
     """A plan multiplier or a safety margin: a Decimal within 0..high, at most 6 places."""
     if type(value) is not Decimal or not value.is_finite():
-        raise InvalidArgument(f"{name} must be a finite Decimal, not {value!r}", param=name)
+        raise InvalidArgument(f"{name} must be a finite Decimal, not {_given(value)}", param=name)
     exponent = value.as_tuple().exponent
     if not ZERO <= value <= high or (isinstance(exponent, int) and exponent < -MAX_FACTOR_PLACES):
         raise InvalidArgument(
