@@ -41,6 +41,7 @@ from ledger import (
     PlanTerms,
     SyncSubscription,
 )
+from ledger.domain.plans import plan_id_for
 from ledger.domain.subscriptions import subscription_id_for
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -593,4 +594,17 @@ def test_one_bad_command_in_a_full_batch_is_named_by_its_position(ledger: Ledger
     )
     assert _head(ledger) == head
     assert ledger.execute_batch(batch(conflicting)[:10])[-1].balance_credits == 1  # the ledger goes on
+    ledger.views.catch_up()
+
+
+def test_a_feature_config_built_of_dict_subclasses_is_defined_and_read_back(ledger: Ledger) -> None:
+    from collections import OrderedDict, defaultdict
+
+    limits: defaultdict[str, int] = defaultdict(int, daily=5)
+    terms = _terms(features={**PRO.features, "x": Feature(True, {"limits": limits, "order": OrderedDict(a=1)})})
+    assert ledger.define_plan(terms).command == "define_plan"
+    stored = ledger.read_aggregate(plan_id_for("pro"), snapshots=False)
+    assert stored.terms.features["x"].config == {"limits": {"daily": 5}, "order": {"a": 1}}
+    ledger.define_plan(terms)  # the same terms again: no revision
+    assert ledger.plan("pro").revision == 1 and ledger.plan("pro").features["x"] is True
     ledger.views.catch_up()
