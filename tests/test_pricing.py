@@ -397,6 +397,18 @@ def test_reserve_for_job_checks_its_arguments(changes: dict[str, Any], param: st
     assert caught.value.param == param
 
 
+def test_params_may_be_any_mapping(ledger: Ledger) -> None:
+    from types import MappingProxyType
+
+    ledger.define_price_book(small_book())
+    ledger.grant(ALICE, 100, "bonus", key="g")
+    frozen = MappingProxyType({"steps": 30})
+    assert ledger.quote(ALICE, "render", frozen).credits == ledger.quote(ALICE, "render", {"steps": 30}).credits
+    first = ledger.reserve_for_job(ALICE, "render", frozen, job_id=JOB, key="j", expires_in=HOUR)
+    assert ledger.reserve_for_job(ALICE, "render", {"steps": 30}, job_id=JOB, key="j", expires_in=HOUR).replayed
+    assert first.held_credits == 15
+
+
 def test_a_decimal_subclass_is_refused_by_its_type(ledger: Ledger) -> None:
     class Money(Decimal):
         pass
