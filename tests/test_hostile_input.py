@@ -41,6 +41,7 @@ from ledger import (
     PlanTerms,
     SyncSubscription,
 )
+from ledger.domain.plans import plan_id_for
 from ledger.domain.subscriptions import subscription_id_for
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -58,6 +59,10 @@ class UserId(UUID):
 
 class Text(str):
     """A str subclass."""
+
+
+class Price(Decimal):
+    """A Decimal subclass, as a money library hands out."""
 
 
 def _head(ledger: Ledger) -> int:
@@ -272,6 +277,7 @@ def test_plan_terms_the_stores_cannot_hold_are_refused(ledger: Ledger) -> None:
     for param, terms in [
         ("monthly_price", lambda: _terms(monthly_price=Decimal("NaN"))),
         ("monthly_price", lambda: _terms(monthly_price=Decimal("1e40"))),
+        ("yearly_price", lambda: _terms(yearly_price=Price("100.00"))),
         ("yearly_price", lambda: _terms(yearly_price=Decimal("100000000.00"))),
         ("credits", lambda: _terms(credits=2**31)),
         ("storage_bytes", lambda: _terms(storage_bytes=2**63)),
@@ -485,3 +491,120 @@ def test_hostile_values_at_every_method_raise_only_ledger_errors(
         assert str(exc), f"{type(exc).__name__} without a message"
         assert _head(ledger) == head, f"{name} raised {exc!r} but recorded events"
     ledger.views.catch_up()  # whatever was accepted can be projected
+
+
+def test_a_providers_subscription_id_names_one_subscription(ledger: Ledger, clock: ManualClock) -> None:
+    """A second subscription under a provider's id another one has is refused
+    when commanded; accepted, its Started event would stall the read models
+    on the unique index of subscriptions.lemon_squeezy_subscription_id."""
+    ledger.install_default_catalog()
+    first = ledger.start_subscription(UUID(int=1), "pro", key="first", lemon_squeezy_subscription_id="42")
+    ledger.start_subscription(
+        UUID(int=2), "pro", key="other-provider", provider="paddle", provider_subscription_id="42"
+    )
+    now = clock.now()
+    head = _head(ledger)
+    for param, call in [
+        (
+            "lemon_squeezy_subscription_id",
+            lambda: ledger.start_subscription(UUID(int=3), "pro", key="second", lemon_squeezy_subscription_id="42"),
+        ),
+        (
+            "provider_subscription_id",
+            lambda: ledger.start_subscription(
+                UUID(int=3), "pro", key="third", provider="lemon_squeezy", provider_subscription_id="42"
+            ),
+        ),
+        (
+            "external_id",
+            lambda: ledger.execute(
+                _sync(
+                    "",
+                    key="sync",
+                    subscription_id=uuid4(),
+                    user_id=UUID(int=4),
+                    period_start=now,
+                    period_end=now + timedelta(days=30),
+                    source_updated_at=now,
+                    external_id="42",
+                )
+            ),
+        ),
+    ]:
+        with pytest.raises(InvalidArgument, match="names one subscription") as info:
+            call()
+        assert info.value.param == param and str(first.subscription_id) in str(info.value)
+    # Within one batch, the second of two starts under one id is the bad command.
+    with pytest.raises(package.BatchRejected) as batch:
+        ledger.execute_batch(
+            package.StartSubscription(
+                key=f"batch:{n}", user_id=UUID(int=5 + n), plan="pro", provider="paddle", provider_subscription_id="43"
+            )
+            for n in range(2)
+        )
+    assert (batch.value.index, batch.value.param, type(batch.value.cause)) == (
+        1,
+        "provider_subscription_id",
+        InvalidArgument,
+    )
+    assert _head(ledger) == head
+    # The same subscription synced again under its own id is not a second one.
+    ledger.execute(
+        _sync(
+            "",
+            key="again",
+            subscription_id=first.subscription_id,
+            user_id=UUID(int=1),
+            period_start=now,
+            period_end=now + timedelta(days=30),
+            source_updated_at=now,
+            external_id="42",
+        )
+    )
+    ledger.views.catch_up()
+    with ledger.views.store.transaction() as tx:
+        assert tx.fetchall("SELECT count(*) FROM subscriptions WHERE lemon_squeezy_subscription_id = '42'") == [(1,)]
+
+
+def test_one_bad_command_in_a_full_batch_is_named_by_its_position(ledger: Ledger) -> None:
+    ledger.grant(UUID(int=1), 10, "bonus", key="funds")
+    head = _head(ledger)
+
+    def batch(bad: object) -> list[Any]:
+        commands: list[Any] = [
+            GrantCredits(key=f"g{i}", user_id=UUID(int=100 + i), amount_credits=1, kind=CreditKind.BONUS)
+            for i in range(9_999)
+        ]
+        commands.insert(5_000, bad)
+        return commands
+
+    with pytest.raises(InvalidArgument, match="not a ledger command: str, at index 5000 of the batch") as info:
+        ledger.execute_batch(batch("grant"))
+    assert info.value.param == "commands"
+    with pytest.raises(InvalidArgument, match=r"not a ledger command: str$") as info:
+        ledger.execute("grant")  # type: ignore[arg-type]
+    assert info.value.param == "command"
+    conflicting = GrantCredits(key="funds", user_id=UUID(int=1), amount_credits=11, kind=CreditKind.BONUS)
+    with pytest.raises(package.BatchRejected) as rejected:
+        ledger.execute_batch(batch(conflicting))
+    assert (rejected.value.index, rejected.value.param, rejected.value.cause.code) == (
+        5_000,
+        "key",
+        "idempotency_conflict",
+    )
+    assert _head(ledger) == head
+    assert ledger.execute_batch(batch(conflicting)[:10])[-1].balance_credits == 1  # the ledger goes on
+    ledger.views.catch_up()
+
+
+def test_a_feature_config_built_of_dict_subclasses_is_defined_and_read_back(ledger: Ledger) -> None:
+    from collections import OrderedDict, defaultdict
+
+    limits: defaultdict[str, int] = defaultdict(int, daily=5)
+    terms = _terms(features={**PRO.features, "x": Feature(True, {"limits": limits, "order": OrderedDict(a=1)})})
+    assert ledger.define_plan(terms).command == "define_plan"
+    stored = ledger.read_aggregate(plan_id_for("pro"), snapshots=False)
+    assert stored.terms.features["x"].config == {"limits": {"daily": 5}, "order": {"a": 1}}
+    ledger.define_plan(terms)  # the same terms again: no revision
+    assert ledger.plan("pro").revision == 1 and ledger.plan("pro").features["x"] is True
+    ledger.views.catch_up()

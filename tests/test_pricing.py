@@ -262,6 +262,19 @@ def test_a_bad_book_is_refused_and_records_nothing(ledger: Ledger, book: PriceBo
         ledger.define_price_book({"jobs": {}})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("number", [Decimal("1E-999999"), Decimal("-1E-100001")])
+def test_a_number_too_fine_for_a_book_is_refused_not_trapped_when_built(ledger: Ledger, number: Decimal) -> None:
+    """Building the book shows its numbers tidied; a number below the exact
+    context's range must reach check_price_book, not trap while being built."""
+    before = events(ledger)
+    choice = PriceRule.by_choice("quality", {"draft": number, "final": 1})
+    params = (JobParam.integer("steps", 1, 100), JobParam.choice("quality", ("draft", "final")))
+    for book in (lambda: _job(base_credits=number), lambda: _job(params=params, rules=(choice,))):
+        with pytest.raises(InvalidArgument, match="places"):
+            ledger.define_price_book(book())
+    assert events(ledger) == before
+
+
 def test_plan_multipliers_follow_the_users_live_plan(ledger: Ledger, clock: ManualClock) -> None:
     ledger.install_default_catalog()
     ledger.define_price_book(
@@ -382,6 +395,44 @@ def test_reserve_for_job_checks_its_arguments(changes: dict[str, Any], param: st
     with pytest.raises(InvalidArgument) as caught:
         ReserveForJob(**{**arguments, **changes})
     assert caught.value.param == param
+
+
+def test_params_may_be_any_mapping(ledger: Ledger) -> None:
+    from types import MappingProxyType
+
+    ledger.define_price_book(small_book())
+    ledger.grant(ALICE, 100, "bonus", key="g")
+    frozen = MappingProxyType({"steps": 30})
+    assert ledger.quote(ALICE, "render", frozen).credits == ledger.quote(ALICE, "render", {"steps": 30}).credits
+    first = ledger.reserve_for_job(ALICE, "render", frozen, job_id=JOB, key="j", expires_in=HOUR)
+    assert ledger.reserve_for_job(ALICE, "render", {"steps": 30}, job_id=JOB, key="j", expires_in=HOUR).replayed
+    assert first.held_credits == 15
+
+
+def test_a_decimal_subclass_is_refused_by_its_type(ledger: Ledger) -> None:
+    class Money(Decimal):
+        pass
+
+    with pytest.raises(InvalidArgument, match=r"safety_margin must be a finite Decimal, not Money\('0.1'\)"):
+        ReserveForJob(
+            key="k",
+            user_id=ALICE,
+            job_id=JOB,
+            job_type="render",
+            params={},
+            expires_in=HOUR,
+            safety_margin=Money("0.1"),
+        )
+    book = PriceBook(jobs=small_book().jobs, plan_multipliers={"pro": Money("0.9")})
+    with pytest.raises(InvalidArgument, match=r"must be a finite Decimal, not Money\('0.9'\)"):
+        ledger.define_price_book(book)
+
+
+@pytest.mark.parametrize("value", [b"x", bytearray(b"x"), object(), {1, 2}, 1j])
+def test_a_parameter_that_is_not_json_is_named_by_its_type(value: object) -> None:
+    with pytest.raises(InvalidArgument, match=f"{type(value).__name__} is not a JSON value") as caught:
+        ReserveForJob(key="k", user_id=ALICE, job_id=JOB, job_type="render", params={"x": [value]}, expires_in=HOUR)
+    assert caught.value.param == "params" and "ircular" not in str(caught.value)
 
 
 def test_a_margin_beyond_what_a_hold_holds_is_refused(ledger: Ledger) -> None:

@@ -64,7 +64,12 @@ def job_params(draw: st.DrawFn) -> dict[str, Any]:
         "a": draw(st.integers(0, 50)),
         "b": draw(
             st.one_of(
-                st.decimals(min_value=0, max_value=10, places=3), st.floats(1e-9, 10), st.just(0.0), st.integers(0, 10)
+                # From 1e-6: a float's shortest repr then has at most 22 places,
+                # within the 24 a number parameter may have.
+                st.decimals(min_value=0, max_value=10, places=3),
+                st.floats(1e-6, 10),
+                st.just(0.0),
+                st.integers(0, 10),
             )
         ),
         "c": draw(st.integers(1, 8)),

@@ -48,6 +48,7 @@ from ledger.domain.subscriptions import (
     PROVIDER_CHANGE_REASON,
     BillingCycle,
     PauseMode,
+    ProviderIdClaim,
     ProviderSnapshot,
     ProviderState,
     Status,
@@ -57,6 +58,7 @@ from ledger.domain.subscriptions import (
     UnknownSubscription,
     add_cycle,
     pause_mode_of,
+    provider_id_claim_id_for,
     provider_ids_fields,
     provider_states,
     subscription_id_for,
@@ -140,6 +142,33 @@ def _adopt_plan_thresholds(unit: UnitOfWork, user_id: UUID, terms: PlanTerms, gr
     account.adopt_plan_thresholds(plan=terms.name, thresholds=defaults, period_grant_credits=grant, now=unit.now)
 
 
+def _claim_provider_id(unit: UnitOfWork, s: Subscription, param: str) -> None:
+    """Records that the new subscription ``s`` is the one its provider's
+    subscription id names; refuses an id another subscription holds."""
+    if s.provider is None or s.provider_subscription_id is None:
+        return
+    claim_id = provider_id_claim_id_for(s.provider, s.provider_subscription_id)
+    claim = unit.aggregate(claim_id, ProviderIdClaim)
+    if claim is not None:
+        if claim.subscription_id != s.id:
+            raise InvalidArgument(
+                f"{s.provider} subscription {s.provider_subscription_id!r} is already subscription "
+                f"{claim.subscription_id}; a provider's subscription id names one subscription",
+                param=param,
+            )
+        return
+    unit.add(
+        ProviderIdClaim._create(
+            ProviderIdClaim.Claimed,
+            id=claim_id,
+            provider=s.provider,
+            provider_subscription_id=s.provider_subscription_id,
+            subscription_id=s.id,
+            timestamp=unit.now,
+        )
+    )
+
+
 def _done(unit: UnitOfWork, c: Command, s: Subscription, granted: int) -> Receipt:
     return unit.finish(c, s.user_id, amount=granted, subscription_id=s.id)
 
@@ -220,6 +249,8 @@ class StartSubscription(Command):
             actor=self.actor,
             timestamp=now,
         )
+        given = "lemon_squeezy_subscription_id" if self.lemon_squeezy_subscription_id else "provider_subscription_id"
+        _claim_provider_id(unit, s, given)
         unit.add(s)
         slot.trigger_event(slot.Taken, subscription_id=s.id, timestamp=now)
         return _done(unit, self, s, granted)
@@ -605,6 +636,7 @@ class SyncSubscription(Command):
             actor=None,
             timestamp=unit.now,
         )
+        _claim_provider_id(unit, s, "external_id")
         unit.add(s)
         if first.status != Status.EXPIRED:
             slot.trigger_event(slot.Taken, subscription_id=s.id, timestamp=unit.now)

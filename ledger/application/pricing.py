@@ -104,8 +104,9 @@ def check_params(value: object) -> dict[str, Any]:
     if not all(isinstance(k, str) for k in value):
         raise InvalidArgument("params' names must be str", param="params")
     _check_depth(value, 0)
+    params = dict(value)  # any mapping: json encodes only dicts as objects
     try:
-        text = json.dumps(value, sort_keys=True, default=_json_default, allow_nan=False, separators=(",", ":"))
+        text = json.dumps(params, sort_keys=True, default=_params_default, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"params must hold JSON values only: {exc}", param="params") from None
     if len(text) > MAX_PARAMS_BYTES:
@@ -113,7 +114,17 @@ def check_params(value: object) -> dict[str, Any]:
             f"params take {len(text):,} characters as JSON; at most {MAX_PARAMS_BYTES:,}", param="params"
         )
     # The caller's own mapping, copied: floats stay floats (priced by their repr).
-    return dict(value)
+    return params
+
+
+def _params_default(value: Any) -> Any:
+    """The fingerprint's form of a parameter value, or TypeError naming its
+    type: handed back unchanged (bytes), json would report it as a
+    "circular reference" instead."""
+    shown = _json_default(value)
+    if shown is value:
+        raise TypeError(f"{type(value).__name__} is not a JSON value")
+    return shown
 
 
 def _check_depth(value: Any, depth: int) -> None:

@@ -513,9 +513,14 @@ class Engine:
             return []
         if len(commands) > MAX_BATCH_COMMANDS:
             raise InvalidArgument(f"a batch holds at most {MAX_BATCH_COMMANDS} commands, got {len(commands)}")
-        for c in commands:
+        for index, c in enumerate(commands):
             if not isinstance(c, Command):
-                raise InvalidArgument(f"not a ledger command: {type(c).__name__}")
+                if single:
+                    raise InvalidArgument(f"not a ledger command: {type(c).__name__}", param="command")
+                # In a batch of thousands, the position is what finds it.
+                raise InvalidArgument(
+                    f"not a ledger command: {type(c).__name__}, at index {index} of the batch", param="commands"
+                )
         first_by_key: dict[str, Command] = {}
         for c in commands:
             first = first_by_key.setdefault(c.key, c)

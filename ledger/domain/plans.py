@@ -8,7 +8,7 @@ revision they were granted under.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from uuid import UUID, uuid5
@@ -205,8 +205,12 @@ class PlanTerms:
                 raise InvalidArgument(f"plan {field_name} must be an int >= 0, got {value!r}", param=field_name)
 
     def as_event_data(self) -> dict[str, Any]:
-        data = asdict(self)
+        # Not asdict(self): it would rebuild every config's containers by
+        # calling their types, which a defaultdict's (its first argument
+        # the factory) refuses with a bare TypeError; features are built here.
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
         data["features"] = {k: {"enabled": f.enabled, "config": f.config} for k, f in self.features.items()}
+        data["provider_ids"] = {k: dict(ids) for k, ids in self.provider_ids.items()}
         return data
 
     def canonical_data(self) -> dict[str, Any]:
@@ -253,6 +257,9 @@ def check_terms(terms: object) -> PlanTerms:
     check_optional_text(terms.description, "description", 10_000)
     _check_provider_ids(terms.provider_ids)
     for field_name in ("monthly_price", "yearly_price"):
+        if type(getattr(terms, field_name)) is not Decimal:  # the event store transcodes a Decimal by its exact type
+            kind = type(getattr(terms, field_name)).__name__
+            raise InvalidArgument(f"{field_name} must be a Decimal, not {kind}", param=field_name)
         if getattr(terms, field_name) > MAX_PRICE:
             raise InvalidArgument(f"{field_name} must be at most {MAX_PRICE}", param=field_name)
     limits = {"credits": MAX_CREDITS, "storage_bytes": MAX_BIGINT, "queue_count": MAX_INT, "tier_level": MAX_INT}

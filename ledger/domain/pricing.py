@@ -273,7 +273,7 @@ class JobPrice:
         steps = [_step(r, kinds) for r in rules if isinstance(r, PriceRule)]
         adds = tuple(step for step in steps if step[0].mode is RuleMode.ADD)
         object.__setattr__(self, "_ordered", (adds, tuple(step for step in steps if step not in adds)))
-        if isinstance(self.base_credits, Decimal) and self.base_credits.is_finite():
+        if _tidiable(self.base_credits):
             object.__setattr__(self, "_base_shown", tidy(self.base_credits))
 
 
@@ -290,6 +290,17 @@ def _whole(value: object) -> bool:
     return isinstance(exponent, int) and exponent >= 0
 
 
+def _tidiable(value: object) -> bool:
+    """Whether ``tidy`` takes ``value`` as it is built. A number with more
+    places than a book may have (``1E-999999``) is left as given, since tidying
+    it would trap in the exact context: check_price_book refuses it, naming
+    where it is."""
+    if not isinstance(value, Decimal) or not value.is_finite():
+        return False
+    exponent = value.as_tuple().exponent
+    return isinstance(exponent, int) and exponent >= -MAX_PLACES
+
+
 def _step(rule: PriceRule, kinds: Mapping[Any, Any]) -> _Step:
     whole = (
         isinstance(rule.params, tuple)
@@ -299,7 +310,7 @@ def _step(rule: PriceRule, kinds: Mapping[Any, Any]) -> _Step:
     )
     shown = None
     if isinstance(rule.options, Mapping):
-        shown = {k: tidy(v) if isinstance(v, Decimal) and v.is_finite() else v for k, v in rule.options.items()}
+        shown = {k: tidy(v) if _tidiable(v) else v for k, v in rule.options.items()}
     return (rule, whole, whole and _whole(rule.rate), shown)
 
 
@@ -584,9 +595,17 @@ def check_job_type(value: object) -> str:
     return check_identifier(value, "job_type", "job_type")
 
 
+def _given(value: object) -> str:
+    """A refused value as a message shows it: a Decimal subclass by its type,
+    since its repr reads as the plain Decimal it is refused for not being."""
+    if isinstance(value, Decimal) and type(value) is not Decimal:
+        return f"{type(value).__name__}({str(value)!r})"
+    return repr(value)
+
+
 def _check_decimal(value: object, where: str, *, low: Decimal = ZERO, high: Decimal | None = None) -> Decimal:
     if not isinstance(value, Decimal) or type(value) is not Decimal or not value.is_finite():
-        raise InvalidArgument(f"{where} must be a finite Decimal, not {value!r}", param="book")
+        raise InvalidArgument(f"{where} must be a finite Decimal, not {_given(value)}", param="book")
     shape = value.as_tuple()
     if len(shape.digits) > MAX_DIGITS or (isinstance(shape.exponent, int) and shape.exponent < -MAX_PLACES):
         raise InvalidArgument(
@@ -601,7 +620,7 @@ def _check_decimal(value: object, where: str, *, low: Decimal = ZERO, high: Deci
 def check_factor(value: object, name: str, high: Decimal) -> Decimal:
     """A plan multiplier or a safety margin: a Decimal within 0..high, at most 6 places."""
     if type(value) is not Decimal or not value.is_finite():
-        raise InvalidArgument(f"{name} must be a finite Decimal, not {value!r}", param=name)
+        raise InvalidArgument(f"{name} must be a finite Decimal, not {_given(value)}", param=name)
     exponent = value.as_tuple().exponent
     if not ZERO <= value <= high or (isinstance(exponent, int) and exponent < -MAX_FACTOR_PLACES):
         raise InvalidArgument(

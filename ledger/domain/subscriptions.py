@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 SUBSCRIPTION_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b11")
 SLOT_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b12")
+PROVIDER_ID_NS = UUID("5b0f7f4e-8d0c-4c7e-9a53-0c2f1f6a7b13")
 
 #: How early before its period ends a subscription may be renewed.
 RENEWAL_WINDOW = timedelta(days=3)
@@ -410,6 +411,37 @@ class SubscriberSlot(Aggregate, created_event_name="Opened"):
         def apply(self, slot: SubscriberSlot) -> None:
             slot.live = None
             slot.last = self.subscription_id
+
+
+def provider_id_claim_id_for(provider: str, provider_subscription_id: str) -> UUID:
+    # The provider's name is counted so that no pair of names spells another pair.
+    return uuid5(PROVIDER_ID_NS, f"{len(provider)}:{provider}:{provider_subscription_id}")
+
+
+class ProviderIdClaim(Aggregate, created_event_name="Claimed"):
+    """The one subscription a payment provider's subscription id names. A
+    provider's id is one subscription there, and the read model keeps one row
+    per Lemon Squeezy id (a unique index): a second subscription started
+    with the same id would stall the views on its Started event for good."""
+
+    TOPIC = f"{TOPIC_PREFIX}:ProviderIdClaim"
+
+    class Event(Aggregate.Event):
+        TOPIC = f"{TOPIC_PREFIX}:ProviderIdClaim.Event"
+
+    class Claimed(Aggregate.Created):
+        TOPIC = f"{TOPIC_PREFIX}:ProviderIdClaim.Claimed"
+        provider: str
+        provider_subscription_id: str
+        subscription_id: UUID
+
+    class Snapshot(BaseSnapshot):
+        TOPIC = f"{TOPIC_PREFIX}:ProviderIdClaim.Snapshot"
+
+    def __init__(self, provider: str, provider_subscription_id: str, subscription_id: UUID) -> None:
+        self.provider = provider
+        self.provider_subscription_id = provider_subscription_id
+        self.subscription_id = subscription_id
 
 
 # -- the state machine -------------------------------------------------------------
