@@ -38,6 +38,19 @@ def test_the_readme_lists_every_doc() -> None:
     assert [p.name for p in DOC_FILES if f"`docs/{p.name}`" not in index] == []
 
 
+def test_the_readme_example_type_checks_under_mypy_strict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The first code a user copies must pass the strictness the library is
+    # held to: a hold's receipt names the hold (HoldReceipt), so settling
+    # by it needs no cast.
+    mypy_api = pytest.importorskip("mypy.api")
+    block = README.read_text().split("## Use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    example = tmp_path / "readme_use.py"
+    example.write_text(block)
+    monkeypatch.chdir(README.parent)  # the project's mypy settings, and its ledger
+    out, err, status = mypy_api.run(["--strict", "--cache-dir", str(tmp_path / "cache"), str(example)])
+    assert status == 0, out + err
+
+
 def alembic_recipe() -> str:
     text = (DOCS / "operations.md").read_text()
     return text.split("### In an Alembic migration", 1)[1].split("\n### ", 1)[0]

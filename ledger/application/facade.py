@@ -43,6 +43,7 @@ from ledger.application.results import (
     AccountEvent,
     Balance,
     Entitlements,
+    HoldReceipt,
     PlanView,
     PriceBookRevision,
     Quote,
@@ -313,11 +314,11 @@ class Ledger:
         *,
         key: str,
         expires_in: timedelta | None = None,
-    ) -> Receipt:
+    ) -> HoldReceipt:
         """Holds credits for a job until ``expires_at``, or for ``expires_in``
         from when the hold is recorded (a worker's retry is then the same
         command); ``receipt.reservation_id`` names the hold."""
-        return self.execute(
+        return self._on_hold(
             ReserveCredits(
                 key=key,
                 user_id=user_id,
@@ -328,15 +329,24 @@ class Ledger:
             )
         )
 
-    def settle(self, reservation_id: UUID, actual_credits: int, *, key: str, user_id: UUID | None = None) -> Receipt:
+    def settle(
+        self, reservation_id: UUID, actual_credits: int, *, key: str, user_id: UUID | None = None
+    ) -> HoldReceipt:
         """Charges ``actual_credits`` for a hold and frees the rest of it."""
-        return self.execute(
+        return self._on_hold(
             SettleReservation(key=key, reservation_id=reservation_id, actual_credits=actual_credits, user_id=user_id)
         )
 
-    def release(self, reservation_id: UUID, reason: str, *, key: str, user_id: UUID | None = None) -> Receipt:
+    def release(self, reservation_id: UUID, reason: str, *, key: str, user_id: UUID | None = None) -> HoldReceipt:
         """Frees a hold without charging it."""
-        return self.execute(ReleaseReservation(key=key, reservation_id=reservation_id, reason=reason, user_id=user_id))
+        return self._on_hold(ReleaseReservation(key=key, reservation_id=reservation_id, reason=reason, user_id=user_id))
+
+    def _on_hold(self, command: Command) -> HoldReceipt:
+        """``execute(command)`` for a command on a hold, typed as what it
+        returns: a receipt that names the hold."""
+        receipt = self.execute(command)
+        assert isinstance(receipt, HoldReceipt), receipt
+        return receipt
 
     def adjust(self, user_id: UUID, delta_credits: int, reason: str, actor: str, *, key: str) -> Receipt:
         """An admin adjustment of either sign; never takes the balance below held credits."""
@@ -785,7 +795,7 @@ class Ledger:
         expires_at: datetime | None = None,
         expires_in: timedelta | None = None,
         safety_margin: Decimal = Decimal(0),
-    ) -> Receipt:
+    ) -> HoldReceipt:
         """Holds credits for a job, sized by its quote plus ``safety_margin``
         (a fraction: ``Decimal("0.1")`` is 10%), rounded up; the hold records
         the quote and the price book revision (``reservation(...).quote``).
@@ -801,7 +811,7 @@ class Ledger:
             expires_in=expires_in,
         )
         self._prices.record()  # brings the command cache's book up to the quotes' (at most a second old)
-        return self.execute(command)
+        return self._on_hold(command)
 
     # -- balance thresholds and the notification outbox (docs/notifications.md) ------
 

@@ -64,6 +64,18 @@ class Receipt(_View):
     position: int | None = None
 
 
+class HoldReceipt(Receipt):
+    """The receipt of a command on a hold (reserve, reserve_for_job, settle,
+    release): ``reservation_id`` names the hold, always."""
+
+    reservation_id: UUID
+
+
+def receipt_class(reservation_id: UUID | None) -> type[Receipt]:
+    """The receipt class for a command's outcome: a hold's, or the plain one."""
+    return Receipt if reservation_id is None else HoldReceipt
+
+
 class CreditBlock(_View):
     """Credits from one grant that are still unspent."""
 

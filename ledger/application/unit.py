@@ -28,7 +28,7 @@ from ledger.application.commands import (
     differing_arguments,
 )
 from ledger.application.gcpause import GC_PAUSE_MIN_COMMANDS, collector_paused
-from ledger.application.results import Receipt, assembled
+from ledger.application.results import Receipt, assembled, receipt_class
 from ledger.clock import Clock
 from ledger.domain.credits import (
     CommandRecord,
@@ -78,7 +78,7 @@ def built_receipt(values: dict[str, Any]) -> Receipt:
     if len(state) != len(_RECEIPT_DEFAULTS):
         unknown = values.keys() - _RECEIPT_DEFAULTS.keys()
         raise AssertionError(f"a receipt with unknown fields {sorted(unknown)}")
-    return assembled(Receipt, state, set(values))
+    return assembled(receipt_class(state["reservation_id"]), state, set(values))
 
 
 def positioned(receipt: Receipt, position: int | None) -> Receipt:
@@ -494,7 +494,7 @@ class Engine:
             recorded = record.arguments
             differ = None if recorded is None else differing_arguments(recorded, command.arguments)
             raise IdempotencyConflict(command.key, record.command, command.name, differ)
-        return Receipt.model_validate({**record.receipt, "replayed": True})
+        return receipt_class(record.receipt.get("reservation_id")).model_validate({**record.receipt, "replayed": True})
 
     def execute(
         self, commands: Sequence[Command], *, single: bool = False, now: datetime | None = None
