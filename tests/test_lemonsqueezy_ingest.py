@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from adapters.lemonsqueezy import LemonSqueezy, sign, verify
 from adapters.lemonsqueezy._adapter import DEFAULT_STALE_AFTER_S
 from adapters.lemonsqueezy._payloads import MAX_BODY_BYTES, MalformedBody, parse_json
-from ledger import ConfigurationError, CreditPolicy, Ledger
+from ledger import ConfigurationError, CreditPolicy, InvalidArgument, Ledger
 from ledger.storage.eventstore import LedgerApplication
 from tests.conftest import fresh_pg_schema
 from tests.lemonsqueezy_support import (
@@ -127,6 +127,34 @@ def test_headers_are_matched_case_insensitively(adapter: LemonSqueezy) -> None:
     body = (FIXTURES / "order_created.json").read_bytes()
     result = adapter.ingest(body, {"X-SIGNATURE": sign(body, SECRET)})
     assert result.status == "stored"
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "param"),
+    [
+        ("text, not bytes", None, "raw_body"),
+        (12_345, None, "raw_body"),
+        (b"{}", [(b"x-signature", b"00")], "headers"),  # an ASGI scope's raw headers
+        (b"{}", {"x-signature": b"00"}, "headers"),
+        (b"{}", {b"x-signature": "00"}, "headers"),
+        (b"{}", {None: "00"}, "headers"),
+        (b"{}", "x-signature: 00", "headers"),
+        (b"{}", {f"x-{i}": "" for i in range(1_001)}, "headers"),
+    ],
+)
+def test_a_host_that_passes_other_than_bytes_and_text_headers_gets_invalid_argument(
+    adapter: LemonSqueezy, body: Any, headers: Any, param: str
+) -> None:
+    body = (FIXTURES / "order_created.json").read_bytes() if body is None else body
+    if headers is None:
+        headers = {"X-Signature": sign(b"", SECRET)}
+    with pytest.raises(InvalidArgument) as raised:
+        adapter.ingest(body, headers)
+    assert raised.value.param == param
+    assert rows(adapter) == []
+    # The adapter works on afterwards.
+    good = (FIXTURES / "order_created.json").read_bytes()
+    assert adapter.ingest(bytearray(good), {"X-Signature": sign(good, SECRET)}).status == "stored"
 
 
 # ---------------------------------------------------------- malformed bodies

@@ -164,6 +164,37 @@ def rejected(http_status: int, reason: str) -> IngestResult:
     return IngestResult(status="rejected", http_status=http_status, reason=reason)
 
 
+#: Headers a request may carry into ``ingest`` (servers cap them far lower).
+MAX_HEADERS = 1_000
+
+
+def _request_body(raw_body: object) -> bytes:
+    if not isinstance(raw_body, bytes | bytearray | memoryview):
+        raise InvalidArgument(
+            f"raw_body must be the request body's bytes, not {type(raw_body).__name__}", param="raw_body"
+        )
+    return bytes(raw_body)
+
+
+def _check_headers(headers: object) -> None:
+    """The headers as a mapping of text to text: an ASGI scope's raw list of
+    byte pairs, or bytes values, would otherwise fail deep in a provider's
+    signature check with an error that does not say what was wrong."""
+    if not isinstance(headers, Mapping):
+        raise InvalidArgument(
+            f"headers must be a mapping of header names to values, not {type(headers).__name__}", param="headers"
+        )
+    if len(headers) > MAX_HEADERS:
+        raise InvalidArgument(f"{len(headers)} headers; at most {MAX_HEADERS}", param="headers")
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise InvalidArgument(
+                f"headers must map str to str, not {type(name).__name__} to {type(value).__name__} "
+                "(decode an ASGI scope's raw headers as latin-1)",
+                param="headers",
+            )
+
+
 class Pipeline:
     """A provider's deliveries, from the request to the ledger: ``ingest``
     (the ASGI app's receiver), ``process``, ``retry`` and ``run_held``.
@@ -197,8 +228,11 @@ class Pipeline:
 
     def ingest(self, raw_body: bytes, headers: Mapping[str, str]) -> IngestResult:
         """Verifies, stores and applies one delivery. Never raises for
-        anything a sender can put in a request."""
-        raw = bytes(raw_body)
+        anything a sender can put in a request; a host that passes something
+        other than the body's bytes and its headers as text gets
+        ``InvalidArgument``, and nothing is stored."""
+        raw = _request_body(raw_body)
+        _check_headers(headers)
         limit = self.provider.max_body_bytes
         if len(raw) > limit:
             return rejected(413, f"body is {len(raw)} bytes; at most {limit}")
