@@ -152,6 +152,17 @@ def _forge_transaction(ledger: Ledger, user: UUID, log_position: int, when: obje
     return forged
 
 
+@pytest.mark.parametrize("log_position", [0, -1])
+def test_a_row_before_the_first_position_is_named(ledger: Ledger, clock: ManualClock, log_position: int) -> None:
+    # Say a row carried over from the seed's own credit_transactions, given
+    # log_position 0 when the host added the ledger's columns by hand.
+    users = story(ledger, clock)
+    forged = _forge_transaction(ledger, users["bob"], log_position, clock.now())
+    report = audit(ledger)
+    assert not report.ok
+    assert_names(report, "view", str(forged), "not produced by any event", str(users["bob"]))
+
+
 @pytest.mark.parametrize("where", ["far past the head", "at an event the views have not projected"])
 def test_a_row_past_the_views_position_is_named(ledger: Ledger, clock: ManualClock, where: str) -> None:
     users = story(ledger, clock)

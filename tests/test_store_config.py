@@ -179,6 +179,29 @@ def test_sslmode_require_is_passed_to_libpq(pg_url: str) -> None:
         Ledger(f"{pg_url}&sslmode=require")
 
 
+@pytest.mark.postgres
+def test_a_connection_limit_reached_at_open_is_named(pg_url: str) -> None:
+    """The pool's timeout alone ("couldn't get a connection") hides why: the
+    server refuses the role any connection past its limit, and the open's
+    advisory-lock connection is the one it allows."""
+    role = f"ledger_test_limit_{uuid4().hex[:8]}"
+    schema = parse_qs(urlsplit(pg_url).query)["schema"][0]
+    with psycopg.connect(pg_base_url(), autocommit=True) as admin:
+        database = admin.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
+        admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'limit-test' CONNECTION LIMIT 1")
+        admin.execute(f'GRANT CREATE ON DATABASE "{database}" TO {role}')
+        admin.execute(f'CREATE SCHEMA "{schema}" AUTHORIZATION {role}')
+        try:
+            parts = urlsplit(pg_url)
+            url = parts._replace(netloc=f"{role}:limit-test@{parts.hostname}:{parts.port or 5432}").geturl()
+            with pytest.raises(ConfigurationError, match=f'too many connections for role "{role}"'):
+                Ledger(f"{url}&pool_timeout_s=1")
+        finally:
+            admin.execute(f'DROP SCHEMA "{schema}" CASCADE')
+            admin.execute(f'REVOKE CREATE ON DATABASE "{database}" FROM {role}')
+            admin.execute(f"DROP ROLE {role}")
+
+
 # ------------------------------------------------------------ lock timeout
 
 

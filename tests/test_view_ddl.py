@@ -93,3 +93,25 @@ def test_opening_the_views_creates_a_registered_table_that_is_missing(durable_ur
     with Ledger(durable_url) as ledger:
         assert "credit_accounts" in ledger.views.store.table_names()
         assert ledger.views.migrate() == SCHEMA_VERSION
+
+
+#: ``credit_transactions`` as the seed creates it: without the ledger's columns.
+SEED_CREDIT_TRANSACTIONS = (
+    "CREATE TABLE credit_transactions (id UUID PRIMARY KEY, user_id UUID NOT NULL, amount INT NOT NULL, "
+    "type VARCHAR(30) NOT NULL, description VARCHAR(500), reference_id UUID, reference_type VARCHAR(50), "
+    "balance_after INT NOT NULL, created_at TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP)"
+)
+
+
+def test_migrate_names_a_seed_shaped_table_and_runs_nothing(durable_url: str) -> None:
+    with Ledger(durable_url) as ledger:
+        store = ledger.views.store
+        with store.transaction() as tx:
+            tx.execute("DROP TABLE credit_transactions")
+            tx.execute(SEED_CREDIT_TRANSACTIONS)
+            tx.execute("DROP TABLE credit_accounts")
+        with pytest.raises(
+            ConfigurationError, match=r"credit_transactions\W* lacks reference_label, idempotency_key, log_position"
+        ):
+            ledger.views.migrate()
+        assert "credit_accounts" not in store.table_names()  # the script did not run

@@ -157,7 +157,8 @@ class Ledger:
             except Exception as exc:  # eventsourcing raises OSError and driver errors here
                 # Named by its URL (secrets hidden), not just its kind: the
                 # default URL is a file in whatever directory the command ran.
-                raise ConfigurationError(f"cannot open ledger store {self.url}: {exc}") from exc
+                why = self.backend.why_opening_failed(exc)
+                raise ConfigurationError(f"cannot open ledger store {self.url}: {exc}{why}") from exc
         self.backend.opened(self.app)
         self.app.write_locks = self.backend.write_locks(self.app)
         self.sync_views = sync_views

@@ -86,6 +86,11 @@ class Backend(ABC):
         """Held while the event store is opened (and its tables created)."""
         yield
 
+    def why_opening_failed(self, exc: BaseException) -> str:
+        """What the store's own error ``exc`` at open leaves out, as a clause to
+        append to it, or ``""`` (the default: its message says it all)."""
+        return ""
+
     def opened(self, app: LedgerApplication) -> None:  # noqa: B027  (a hook: most backends need nothing)
         """Called once the event store is open."""
 

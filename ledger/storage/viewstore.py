@@ -21,6 +21,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import DataError, IntegrityError, PersistenceError, Tracking, TrackingRecorder
 
+from ledger.errors import ConfigurationError
 from ledger.storage.ddl import SCHEMA_VERSION, SCHEMA_VERSION_TABLE, Table
 
 #: The name the projector tracks its position under.
@@ -121,6 +122,27 @@ class ViewStore(ABC):
     @abstractmethod
     def table_names(self) -> set[str]:
         """The names of the tables this store holds (in its schema)."""
+
+    def refuse_seed_shaped(self, tables: Sequence[Table]) -> None:
+        """Raises ``ConfigurationError`` naming every table of ``tables`` that
+        exists without the columns its guard selects (created by the host from
+        the seed): the script's guard would stop at the first with only
+        "column ... does not exist", which names neither the table nor the way
+        out."""
+        present = self.table_names()
+        lacking = []
+        for table in tables:
+            if table.guard and table.name in present:
+                columns = set(self.columns(table.name))
+                missing = [c for c in table.guard if c not in columns]
+                if missing:
+                    lacking.append(f"{self.qualified(table.name)} lacks {', '.join(missing)}")
+        if lacking:
+            raise ConfigurationError(
+                f"tables already exist without the ledger's columns ({'; '.join(lacking)}), "
+                "created from the seed: add the columns by hand (docs/schema.md), "
+                "or give the ledger a schema of its own; the script was not run"
+            )
 
     def ensure_schema(self, tables: Sequence[Table]) -> None:
         """Applies the DDL only when this schema version is not recorded yet

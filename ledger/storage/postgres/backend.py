@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from eventsourcing.postgres import PostgresDatastore
 from psycopg import sql
+from psycopg_pool import PoolTimeout
 
 from ledger.errors import ConfigurationError
 from ledger.storage.base import REBUILD_MARK, REBUILD_TOKEN, Backend, Wake, rebuild_token
@@ -109,6 +110,24 @@ class PostgresBackend(Backend):
                 yield
             finally:
                 conn.execute("SELECT pg_advisory_unlock(%s)", (DDL_LOCK_KEY,))
+
+    def why_opening_failed(self, exc: BaseException) -> str:
+        # The pool retries failed connections in the background and, at its
+        # timeout, says only "couldn't get a connection after N sec": the
+        # server's refusal ("too many connections for role", a connection
+        # limit the advisory-lock connection of opening() has just reached)
+        # goes to a log few processes show. One more attempt, made while that
+        # connection is still held, recovers it.
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, PoolTimeout):
+            cause = cause.__cause__
+        if cause is None:
+            return ""
+        try:
+            psycopg.connect(self.conninfo(), **self.config.connect_kwargs()).close()
+        except psycopg.Error as refused:
+            return f" (a new connection is refused: {str(refused).strip()})"
+        return ""
 
     def opened(self, app: LedgerApplication) -> None:
         app.ping_window = install_ping_window(self._datastore(app), self.config.pre_ping_window_s)

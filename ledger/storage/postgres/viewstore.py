@@ -181,6 +181,7 @@ class PostgresViewStore(ViewStore):
         return _qualified(self.schema, table)
 
     def migrate(self, tables: Sequence[Table], *, user_foreign_keys: bool = False) -> int:
+        self.refuse_seed_shaped(tables)
         with self.datastore.transaction(commit=True) as curs:
             # Concurrent CREATE … IF NOT EXISTS in two sessions can collide: one at a time.
             curs.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATE_LOCK_KEY])

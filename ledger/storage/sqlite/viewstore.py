@@ -69,6 +69,7 @@ class SQLiteViewStore(ViewStore):
             yield SQLiteViewTx(cursor, self.tracking)
 
     def migrate(self, tables: Sequence[Table], *, user_foreign_keys: bool = False) -> int:
+        self.refuse_seed_shaped(tables)
         with self.datastore.transaction(commit=True) as cursor:
             for statement in _statements(render_sqlite(tables)):
                 cursor.execute(statement)
