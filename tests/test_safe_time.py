@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from uuid import UUID, uuid4
 
@@ -76,6 +76,40 @@ def test_a_simulation_opts_in_to_a_future_now(ledger: Ledger, clock: ManualClock
 def test_a_naive_now_is_refused(ledger: Ledger, clock: ManualClock) -> None:
     with pytest.raises(InvalidArgument, match="timezone-aware"):
         ledger.tick(datetime(2026, 1, 1))
+
+
+class _FixedClock:
+    """A clock of the caller's own, returning whatever it was given."""
+
+    def __init__(self, moment: datetime) -> None:
+        self.moment = moment
+
+    def now(self) -> datetime:
+        return self.moment
+
+
+def test_a_clock_that_reads_naive_is_refused_and_records_nothing(ledger_url: str) -> None:
+    """A naive reading would be stored as event timestamps that no aware time
+    can be compared with: the audit and balances at an instant would fail for
+    good once a correct clock recorded after it."""
+    clock = _FixedClock(datetime(2026, 1, 1, 12))
+    with Ledger(ledger_url, clock=clock) as ledger:
+        user = uuid4()
+        with pytest.raises(InvalidArgument, match="timezone-aware"):
+            ledger.grant(user, 100, "purchase", key=f"{user}:grant")
+        assert _head(ledger) == 0
+
+
+def test_a_clock_in_another_zone_records_utc(ledger_url: str) -> None:
+    berlin = timezone(timedelta(hours=1))
+    clock = _FixedClock(datetime(2026, 1, 1, 12, tzinfo=berlin))
+    with Ledger(ledger_url, clock=clock) as ledger:
+        user = uuid4()
+        receipt = ledger.grant(user, 100, "purchase", key=f"{user}:grant", expires_in=timedelta(hours=1))
+        assert receipt.recorded_at.tzinfo is UTC and receipt.recorded_at == datetime(2026, 1, 1, 11, tzinfo=UTC)
+        assert {e.recorded_at.tzinfo for e in ledger.history(user)} == {UTC}
+        (block,) = ledger.balance(user).blocks
+        assert block.expires_at is not None and block.expires_at.tzinfo is UTC
 
 
 # ------------------------------------------------------------ tick --now
