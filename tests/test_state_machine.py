@@ -173,6 +173,7 @@ def test_prorated_rounds_down_and_never_goes_negative() -> None:
     assert policy.prorated(100, T0 + 10 * DAY, T0, T0 + 30 * DAY) == 66
     assert policy.prorated(100, T0 + 31 * DAY, T0, T0 + 30 * DAY) == 0
     assert policy.prorated(100, T0, T0, T0) == 0
+    assert policy.prorated(100, T0 - DAY, T0, T0 + 30 * DAY) == 100  # before the period starts: all of it
 
 
 def test_prorated_is_exact_to_the_microsecond() -> None:

@@ -82,7 +82,9 @@ def prorated(credits: int, now: datetime, period_start: datetime, period_end: da
     # result such as 10400 down to 10399, and a year's seconds times
     # MAX_CREDITS is past a float's 53 bits.
     total = (period_end - period_start) // _MICROSECOND
-    left = max(0, (period_end - now) // _MICROSECOND)
+    # At most the whole period: a renewal recorded ahead of the period's end
+    # starts the next period later than now.
+    left = min(total, max(0, (period_end - now) // _MICROSECOND))
     return credits * left // total if total > 0 else 0
 
 
