@@ -15,7 +15,7 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from ledger import InvalidArgument, Ledger, LedgerError, ManualClock, TimeInFuture
+from ledger import Auditor, InvalidArgument, Ledger, LedgerError, ManualClock, TimeInFuture
 from ledger.clock import FUTURE_TOLERANCE
 
 DAY = timedelta(days=1)
@@ -63,6 +63,33 @@ def test_a_now_within_the_tolerance_or_in_the_past_is_accepted(ledger: Ledger, c
     assert ledger.history(user)[-1].type == "reserved"
     SWEEPS[sweep](ledger, user, clock.now() + FUTURE_TOLERANCE)
     assert ledger.history(user)[-1].type == "released"
+
+
+def test_a_tick_as_of_an_earlier_moment_records_nothing_before_what_is_recorded(
+    ledger: Ledger, clock: ManualClock
+) -> None:
+    """A renewal due by the earlier moment is made, but the account recorded a
+    spend since: the renewal and its grant are stamped no earlier than that,
+    so the account's events follow the clock and the audit finds nothing."""
+    ledger.install_default_catalog()
+    user = uuid4()
+    sid = ledger.start_subscription(user, "starter", key=f"{user}:start").subscription_id
+    ledger.grant(user, 100, "purchase", key=f"{user}:purchase")
+    period_end = ledger.subscription(sid).current_period_end
+    clock.set(period_end + 9 * DAY)
+    ledger.spend(user, 10, key=f"{user}:spend")  # records the period's lapse, renews nothing
+    assert ledger.tick(period_end)["subscriptions"] == 1  # as of the period's end
+    renewed = ledger.subscription(sid)
+    assert renewed.current_period_start == period_end and renewed.status == "active"
+    grant = ledger.history(user)[-1]
+    assert (grant.type, grant.data["kind"], grant.recorded_at) == ("granted", "subscription_renew", clock.now())
+    assert Auditor(ledger).audit().findings == []
+    other = uuid4()  # nothing recorded after the earlier moment: the tick stamps it then
+    sid = ledger.start_subscription(other, "starter", key=f"{other}:start").subscription_id
+    other_end = ledger.subscription(sid).current_period_end
+    clock.set(other_end + DAY)
+    ledger.tick(other_end)
+    assert ledger.history(other)[-1].recorded_at == other_end
 
 
 def test_a_simulation_opts_in_to_a_future_now(ledger: Ledger, clock: ManualClock) -> None:
