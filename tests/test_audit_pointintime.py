@@ -218,6 +218,44 @@ def test_statements_export_as_csv_and_json(ledger: Ledger, clock: ManualClock) -
     assert type(s).model_validate(data) == s
 
 
+class _SetClock:
+    """A clock the test sets to any moment, backwards too (as two hosts' clocks may be)."""
+
+    def __init__(self, moment: datetime) -> None:
+        self.moment = moment
+
+    def now(self) -> datetime:
+        return self.moment
+
+
+def test_an_event_stamped_before_the_one_it_follows_is_in_the_next_statement(ledger_url: str) -> None:
+    """Within the audit's slack a later version may carry an earlier time. The
+    fold stops at the first event recorded later than an instant, so such an
+    event belongs to the period after it: listed there, and the statements
+    still reconcile and chain."""
+    clock = _SetClock(START)
+    user = uuid4()
+    with Ledger(ledger_url, clock=clock) as ledger:
+        ledger.grant(user, 100, "purchase", key=f"{user}:grant")
+        clock.moment = START + 10 * MINUTE
+        ledger.spend(user, 10, key=f"{user}:spend-1")
+        clock.moment = START + 9 * MINUTE  # a writer whose clock read a minute earlier
+        ledger.spend(user, 20, key=f"{user}:spend-2")
+        clock.moment = START + 20 * MINUTE
+        ledger.spend(user, 1, key=f"{user}:spend-3")
+        auditor = Auditor(ledger)
+        assert auditor.audit().findings == []
+        cut = START + 9 * MINUTE + timedelta(seconds=30)
+        first = auditor.statement(user, START - MINUTE, cut)
+        second = auditor.statement(user, cut, START + 30 * MINUTE)
+        assert [e.amount_credits for e in first.entries] == [100]
+        assert [e.amount_credits for e in second.entries] == [-10, -20, -1]
+        for s in (first, second):
+            assert s.opening_balance_credits + sum(e.amount_credits for e in s.entries) == s.closing_balance_credits
+        assert first.closing_balance_credits == second.opening_balance_credits == 100
+        assert second.closing_balance_credits == ledger.balance(user).balance_credits == 69
+
+
 def test_balance_before_the_account_opened_is_zero(ledger: Ledger, clock: ManualClock) -> None:
     user, _ = march(ledger, clock)
     before = Auditor(ledger).balance(user, as_of=START - timedelta(seconds=1))

@@ -284,6 +284,24 @@ def test_the_cache_ends_at_an_expiry_whatever_max_age(metered: Ledger, clock: Ma
     assert metered.check(USER, credits=1, max_age_s=3600).available_credits == 100  # the block lapsed
 
 
+def test_a_lapsed_block_a_hold_keeps_does_not_end_the_cache(
+    metered: Ledger, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The block's remainder stays in the balance until the hold closes; the
+    state after the lapse is cached like any other, until the hold expires."""
+    metered.grant(USER, 100, "bonus", key="g1", expires_in=timedelta(minutes=10))
+    metered.reserve(USER, uuid4(), 60, key="r1", expires_in=timedelta(hours=1))
+    clock.advance(timedelta(minutes=20))
+    assert metered.check(USER, credits=1, max_age_s=3600).available_credits == 0
+    loads = _count_loads(metered, monkeypatch)
+    clock.advance(timedelta(minutes=1))
+    assert metered.check(USER, credits=1, max_age_s=3600).available_credits == 0
+    assert loads == []  # cached: nothing has changed since the lapse
+    clock.advance(timedelta(hours=1))
+    assert metered.check(USER, credits=1, max_age_s=3600).available_credits == 0  # the hold lapsed too
+    assert metered.balance(USER).balance_credits == 0
+
+
 def test_another_ledgers_writes_show_within_max_age(durable_url: str) -> None:
     clock = ManualClock(datetime(2026, 1, 1, tzinfo=UTC))
     with Ledger(durable_url, clock=clock) as writer, Ledger(durable_url, clock=clock) as reader:

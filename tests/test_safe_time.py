@@ -9,13 +9,13 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from uuid import UUID, uuid4
 
 import pytest
 
-from ledger import InvalidArgument, Ledger, LedgerError, ManualClock, TimeInFuture
+from ledger import Auditor, InvalidArgument, Ledger, LedgerError, ManualClock, TimeInFuture
 from ledger.clock import FUTURE_TOLERANCE
 
 DAY = timedelta(days=1)
@@ -65,6 +65,33 @@ def test_a_now_within_the_tolerance_or_in_the_past_is_accepted(ledger: Ledger, c
     assert ledger.history(user)[-1].type == "released"
 
 
+def test_a_tick_as_of_an_earlier_moment_records_nothing_before_what_is_recorded(
+    ledger: Ledger, clock: ManualClock
+) -> None:
+    """A renewal due by the earlier moment is made, but the account recorded a
+    spend since: the renewal and its grant are stamped no earlier than that,
+    so the account's events follow the clock and the audit finds nothing."""
+    ledger.install_default_catalog()
+    user = uuid4()
+    sid = ledger.start_subscription(user, "starter", key=f"{user}:start").subscription_id
+    ledger.grant(user, 100, "purchase", key=f"{user}:purchase")
+    period_end = ledger.subscription(sid).current_period_end
+    clock.set(period_end + 9 * DAY)
+    ledger.spend(user, 10, key=f"{user}:spend")  # records the period's lapse, renews nothing
+    assert ledger.tick(period_end)["subscriptions"] == 1  # as of the period's end
+    renewed = ledger.subscription(sid)
+    assert renewed.current_period_start == period_end and renewed.status == "active"
+    grant = ledger.history(user)[-1]
+    assert (grant.type, grant.data["kind"], grant.recorded_at) == ("granted", "subscription_renew", clock.now())
+    assert Auditor(ledger).audit().findings == []
+    other = uuid4()  # nothing recorded after the earlier moment: the tick stamps it then
+    sid = ledger.start_subscription(other, "starter", key=f"{other}:start").subscription_id
+    other_end = ledger.subscription(sid).current_period_end
+    clock.set(other_end + DAY)
+    ledger.tick(other_end)
+    assert ledger.history(other)[-1].recorded_at == other_end
+
+
 def test_a_simulation_opts_in_to_a_future_now(ledger: Ledger, clock: ManualClock) -> None:
     user = _story(ledger, clock)
     assert ledger.tick(clock.now() + 31 * DAY, allow_future=True)["holds_and_lapses"] == 2
@@ -76,6 +103,40 @@ def test_a_simulation_opts_in_to_a_future_now(ledger: Ledger, clock: ManualClock
 def test_a_naive_now_is_refused(ledger: Ledger, clock: ManualClock) -> None:
     with pytest.raises(InvalidArgument, match="timezone-aware"):
         ledger.tick(datetime(2026, 1, 1))
+
+
+class _FixedClock:
+    """A clock of the caller's own, returning whatever it was given."""
+
+    def __init__(self, moment: datetime) -> None:
+        self.moment = moment
+
+    def now(self) -> datetime:
+        return self.moment
+
+
+def test_a_clock_that_reads_naive_is_refused_and_records_nothing(ledger_url: str) -> None:
+    """A naive reading would be stored as event timestamps that no aware time
+    can be compared with: the audit and balances at an instant would fail for
+    good once a correct clock recorded after it."""
+    clock = _FixedClock(datetime(2026, 1, 1, 12))
+    with Ledger(ledger_url, clock=clock) as ledger:
+        user = uuid4()
+        with pytest.raises(InvalidArgument, match="timezone-aware"):
+            ledger.grant(user, 100, "purchase", key=f"{user}:grant")
+        assert _head(ledger) == 0
+
+
+def test_a_clock_in_another_zone_records_utc(ledger_url: str) -> None:
+    berlin = timezone(timedelta(hours=1))
+    clock = _FixedClock(datetime(2026, 1, 1, 12, tzinfo=berlin))
+    with Ledger(ledger_url, clock=clock) as ledger:
+        user = uuid4()
+        receipt = ledger.grant(user, 100, "purchase", key=f"{user}:grant", expires_in=timedelta(hours=1))
+        assert receipt.recorded_at.tzinfo is UTC and receipt.recorded_at == datetime(2026, 1, 1, 11, tzinfo=UTC)
+        assert {e.recorded_at.tzinfo for e in ledger.history(user)} == {UTC}
+        (block,) = ledger.balance(user).blocks
+        assert block.expires_at is not None and block.expires_at.tzinfo is UTC
 
 
 # ------------------------------------------------------------ tick --now

@@ -173,6 +173,19 @@ def test_prorated_rounds_down_and_never_goes_negative() -> None:
     assert policy.prorated(100, T0 + 10 * DAY, T0, T0 + 30 * DAY) == 66
     assert policy.prorated(100, T0 + 31 * DAY, T0, T0 + 30 * DAY) == 0
     assert policy.prorated(100, T0, T0, T0) == 0
+    assert policy.prorated(100, T0 - DAY, T0, T0 + 30 * DAY) == 100  # before the period starts: all of it
+
+
+def test_prorated_is_exact_to_the_microsecond() -> None:
+    """Whole microseconds, not float seconds: a share that comes out whole is
+    granted whole, and a year of MAX_CREDITS is not rounded by a float."""
+    month = 31 * DAY
+    left = timedelta(seconds=1_114_214, microseconds=400_000)  # 0.416 of the month: 10400 of 25000
+    assert policy.prorated(25_000, T0 + month - left, T0, T0 + month) == 10_400
+    year = 365 * DAY
+    now = T0 + timedelta(seconds=1)
+    seconds = int(year.total_seconds())
+    assert policy.prorated(2_000_000_000, now, T0, T0 + year) == 2_000_000_000 * (seconds - 1) // seconds
 
 
 def test_core_and_provider_share_one_policy() -> None:

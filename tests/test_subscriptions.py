@@ -479,6 +479,19 @@ def test_upgrade_prorated_rounds_down(open_ledger: Callable[..., Ledger], clock:
     assert subscription_credits(ledger, user) == 5000 + 6774 + 9536
 
 
+def test_upgrade_prorated_after_an_early_renewal_is_at_most_the_difference(
+    open_ledger: Callable[..., Ledger], clock: ManualClock
+) -> None:
+    """Renewed within the window, the period in the subscription starts later
+    than now: the share of it left is the whole of it, not more."""
+    ledger = open_ledger(upgrade="prorated")
+    user = uuid4()
+    sid = start(ledger, user, "starter")
+    clock.set(FEB_1 - 2 * DAY)
+    ledger.renew_subscription(sid, key="renew-early")
+    assert ledger.change_plan(sid, "pro", key="up").amount_credits == 10000
+
+
 def test_upgrade_none(open_ledger: Callable[..., Ledger]) -> None:
     ledger = open_ledger(upgrade="none")
     user = uuid4()

@@ -332,7 +332,7 @@ class Checks:
         if isinstance(account, CreditAccount):
             account.apply_due(now)  # in memory only: a check records nothing
             available = account.available
-            changes_at = _next_change(account)
+            changes_at = _next_change(account, now)
         slot = found.get(slot_id)
         s: Subscription | None = None
         terms: PlanTerms | None = None
@@ -584,11 +584,14 @@ def _shown_subscription(slot: SubscriberSlot | None) -> UUID | None:
     return slot.live if slot.live is not None else getattr(slot, "last", None)
 
 
-def _next_change(account: CreditAccount) -> datetime | None:
-    """When the account next changes by itself: the first hold's or block's expiry."""
+def _next_change(account: CreditAccount, now: datetime) -> datetime | None:
+    """When the account next changes by itself: the first hold's or block's
+    expiry after ``now``. A block that has lapsed but is earmarked by an open
+    hold stays until the hold closes, which the hold's own expiry bounds; its
+    past expiry would end the cached state before it was ever used."""
     moments = [h.expires_at for h in account.holds.values()]
     moments.extend(b.expires_at for b in account.blocks.values() if b.expires_at is not None)
-    return min(moments, default=None)
+    return min((t for t in moments if t > now), default=None)
 
 
 def _bounded_int(value: object, name: str, limit: int) -> int:

@@ -57,7 +57,7 @@ from ledger.application.results import (
 )
 from ledger.application.thresholds import BalanceThresholds, SetBalanceThresholds, parse_thresholds, thresholds_of
 from ledger.application.unit import MAX_BATCH_COMMANDS, Engine
-from ledger.clock import Clock, SystemClock, moment_for
+from ledger.clock import FUTURE_TOLERANCE, Clock, SystemClock, moment_for
 from ledger.domain.checks import check_key, check_user_id, check_uuid
 from ledger.domain.credits import CreditAccount, CreditKind, account_id_for
 from ledger.domain.holds import HoldRecord
@@ -677,7 +677,7 @@ class Ledger:
                 break
             try:
                 # As of the tick's moment, which may differ from the clock's.
-                receipts = self.engine.execute(due, single=True, now=now)
+                receipts = self.engine.execute(due, single=True, now=self._recorded_no_earlier(s, now))
             except InvalidTransition:
                 break  # changed meanwhile (another tick, a webhook)
             changes += sum(1 for r in receipts if not r.replayed)
@@ -686,6 +686,19 @@ class Ledger:
                 break
             s = fresh
         return changes
+
+    def _recorded_no_earlier(self, s: Subscription, now: datetime) -> datetime:
+        """When a tick as of ``now`` records a change that was due by then: at
+        ``now``, or at the latest event of the subscription or of its user's
+        account if that is later. A tick as of an earlier moment than the
+        clock's may come after commands recorded since, and an aggregate's
+        events follow the clock (the audit's ``time`` check allows its 60
+        seconds of slack, so a moment within them needs no read)."""
+        if now >= self.clock.now() - FUTURE_TOLERANCE:
+            return now
+        account = self.read_aggregate(account_id_for(s.user_id))
+        latest = [s.modified_on, *([account.modified_on] if isinstance(account, CreditAccount) else [])]
+        return max(now, *latest)
 
     def scan(self, topics: list[str]) -> Iterator[Any]:
         """Every recorded event with one of these topics, decoded, in log

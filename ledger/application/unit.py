@@ -29,7 +29,7 @@ from ledger.application.commands import (
 )
 from ledger.application.gcpause import GC_PAUSE_MIN_COMMANDS, collector_paused
 from ledger.application.results import Receipt, assembled, receipt_class
-from ledger.clock import Clock
+from ledger.clock import Clock, require_utc
 from ledger.domain.credits import (
     CommandRecord,
     CreditAccount,
@@ -109,7 +109,11 @@ class Unit:
     ) -> None:
         self.app = app
         self.reader = reader
-        self.now = now
+        # The attempt's time becomes every event's timestamp. A clock's naive
+        # reading would be stored as it is, and every later comparison with an
+        # aware time (the audit, balances at an instant) would fail; another
+        # zone's offset would reach the history. Both are refused or converted.
+        self.now = require_utc(now, "now")
         self.policy = policy or CreditPolicy()
         #: Other aggregates the unit loaded or created (subscriptions, plans, slots).
         self.others: dict[UUID, Any] = {}

@@ -345,7 +345,10 @@ def statement(ledger: Ledger, user_id: UUID, start: datetime, end: datetime) -> 
         hold = account.holds.get(str(getattr(event, "reservation_id", ""))) if account is not None else None
         account = event.mutate(account)
         assert account is not None
-        if event.timestamp > start:
+        # Every event after the one that opened the period is in it, even one
+        # stamped a little earlier (two writers' clocks): the balance at
+        # ``start`` left it out, so the period's entries must list it.
+        if opening is not None:
             entry = _entry(event, account, hold)
             if entry is not None:
                 entries.append(entry)

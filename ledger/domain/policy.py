@@ -10,11 +10,13 @@ upgrade grants. A payment provider reaches them through ``ledger.extension``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from ledger.domain.credits import CreditAccount, CreditKind
 from ledger.errors import InvalidArgument
+
+_MICROSECOND = timedelta(microseconds=1)
 
 #: The kinds of credit a subscription grants: what the rollover cap counts.
 SUBSCRIPTION_KINDS = frozenset({CreditKind.SUBSCRIPTION_GRANT.value, CreditKind.SUBSCRIPTION_RENEW.value})
@@ -76,9 +78,14 @@ def rollover_allowance(cap: int | None, unspent: int, amount: int) -> int:
 
 def prorated(credits: int, now: datetime, period_start: datetime, period_end: datetime) -> int:
     """``credits`` scaled by the share of the period left, rounded down: never more than promised."""
-    total = (period_end - period_start).total_seconds()
-    left = max(0.0, (period_end - now).total_seconds())
-    return int(credits * left // total) if total > 0 else 0
+    # Whole microseconds, not float seconds: a float share rounds an exact
+    # result such as 10400 down to 10399, and a year's seconds times
+    # MAX_CREDITS is past a float's 53 bits.
+    total = (period_end - period_start) // _MICROSECOND
+    # At most the whole period: a renewal recorded ahead of the period's end
+    # starts the next period later than now.
+    left = min(total, max(0, (period_end - now) // _MICROSECOND))
+    return credits * left // total if total > 0 else 0
 
 
 def upgrade_grant(
