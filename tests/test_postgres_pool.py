@@ -12,6 +12,7 @@ import pytest
 
 from ledger import ConfigurationError, GrantCredits, Ledger, SpendCredits
 from ledger.storage.config import PRE_PING_WINDOW_S, parse_url
+from ledger.storage.postgres.backend import DDL_LOCK_KEY
 from ledger.storage.postgres.recorder import PingWindow
 from tests.conftest import pg_base_url
 
@@ -101,3 +102,31 @@ def test_commands_survive_connections_the_server_dropped(
             receipt = ledger.execute(SpendCredits(key=f"s{round_}", user_id=user, amount_credits=10))
             assert receipt.balance_credits == 90 - 10 * round_
         assert ledger.balance(user).balance_credits == 80
+
+
+@pytest.mark.postgres
+def test_a_ledger_opens_when_the_server_ends_the_connection_holding_the_table_lock(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server ends the connection that holds the table-creation lock
+    (a failover, an administrator) while the store opens on the pool's own
+    connections: the lock went with that connection, so the ledger opens."""
+    from ledger.application import facade
+
+    opened = facade.LedgerApplication
+
+    def open_then_lose_the_lock_connection(*args: Any, **kwargs: Any) -> Any:
+        app = opened(*args, **kwargs)
+        with psycopg.connect(pg_base_url(), autocommit=True) as admin:
+            [(ended,)] = admin.execute(
+                "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND pid <> pg_backend_pid() AND granted AND (classid::int8 << 32 | objid::int8) = %s",
+                [DDL_LOCK_KEY],
+            ).fetchall()
+        assert ended == 1
+        return app
+
+    monkeypatch.setattr(facade, "LedgerApplication", open_then_lose_the_lock_connection)
+    user = uuid.uuid4()
+    with Ledger(pg_url) as ledger:
+        assert ledger.grant(user, 10, "bonus", key="g").balance_credits == 10

@@ -109,7 +109,11 @@ class PostgresBackend(Backend):
                     raise ConfigurationError(f"cannot create schema {c.pg_schema!r}: {exc}") from exc
                 yield
             finally:
-                conn.execute("SELECT pg_advisory_unlock(%s)", (DDL_LOCK_KEY,))
+                # A session lock ends with its connection: if the server ended
+                # this one meanwhile (a failover, an administrator), the lock is
+                # gone already, and the store's opening decides the outcome.
+                with contextlib.suppress(psycopg.OperationalError):
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (DDL_LOCK_KEY,))
 
     def why_opening_failed(self, exc: BaseException) -> str:
         # The pool retries failed connections in the background and, at its
