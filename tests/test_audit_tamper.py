@@ -4,6 +4,7 @@ the change broke. SQLite and PostgreSQL (the ``ledger_events`` table)."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -244,6 +245,38 @@ def test_digest_refuses_to_anchor_a_changed_history(durable_url: str) -> None:
     assert [(p.position, p.kind) for p in result.problems] == [(spend, "altered")]
     # Incremental trusts the stored anchors: it extends them and sees nothing.
     assert incremental.ok and incremental.head.position == head.position
+
+
+def test_an_event_relabelled_with_another_topic_is_named_not_a_crash(durable_url: str) -> None:
+    """The mapper builds whatever class the topic names from the stored state:
+    a Debited relabelled Granted decoded, and the audit died on the grant's
+    missing expires_at instead of reporting."""
+    story(durable_url)
+    head = head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        spend = raw.position_of("CreditAccount.Debited", 0)
+        raw.sql("UPDATE {t} SET topic = %s WHERE {id} = %s", "pingvas.ledger:CreditAccount.Granted", spend)
+    assert named(verify(durable_url, head)) == [(spend, "altered")]
+    [finding] = [f for f in audit(durable_url).findings if f.check == "decode"]
+    assert finding.position == spend
+    assert "does not fit CreditAccount.Granted: no expires_at; draws not fields of it" in finding.message
+
+
+def test_an_event_with_a_value_of_the_wrong_type_is_named_not_a_crash(durable_url: str) -> None:
+    """A grant whose key was nulled decodes and fits its class; the account
+    check died deriving the entry id from the key."""
+    story(durable_url)
+    head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        grant = raw.position_of("CreditAccount.Granted", 1)
+        state = json.loads(raw.state(grant))
+        state["key"] = None
+        raw.sql("UPDATE {t} SET state = %s WHERE {id} = %s", json.dumps(state).encode(), grant)
+    report = audit(durable_url)
+    assert not report.ok
+    assert [(f.position, f.message.split(":")[0]) for f in report.findings if f.check == "decode"] == [
+        (grant, "cannot be checked (pingvas.ledger")
+    ]
 
 
 @pytest.mark.postgres
