@@ -177,7 +177,17 @@ def rebuild(url: str | None, verify: bool, sync_user_credits: bool, sync_user_ti
                 click.echo("live tables equal the rebuild" if total == 0 else f"{total} differing rows")
                 if stuck is not None:
                     click.echo(f"the live views cannot move past position {until}: {stuck}")
-                if total or stuck is not None:
+                # Live views past the log's head claim events the store no longer
+                # has (a tail deleted, or the tracking row moved on): their rows
+                # may equal the rebuild's, but the projector skips every event
+                # recorded up to that position.
+                past = until is not None and aside.position() < until
+                if past:
+                    click.echo(
+                        f"the live views are at position {until}, past the log's head {aside.position()}: "
+                        "the projector skips the events recorded up to it"
+                    )
+                if total or stuck is not None or past:
                     sys.exit(1)
             else:
                 views.swap_in(aside)
