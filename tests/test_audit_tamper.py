@@ -232,6 +232,22 @@ def test_an_edited_anchor_is_reported(durable_url: str) -> None:
     assert [p.kind for p in result.problems] == ["anchor"]
 
 
+def test_an_anchor_row_that_cannot_be_read_is_reported_not_a_crash(durable_url: str) -> None:
+    """Leaves cut short by hand made verify and digest die in struct.unpack."""
+    story(durable_url)
+    head = head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        raw.sql(f"UPDATE {raw.digests} SET leaves = %s WHERE segment = 0", b"\x01\x02")
+    result = verify(durable_url, head)
+    assert result.history_intact and not result.ok
+    assert result.problems[0].kind == "anchor"
+    assert "segment 0 cannot be read: its leaves are 2 bytes, not a multiple of 16" in result.problems[0].message
+    assert "the events are intact, but ledger_digests rows were edited" in "\n".join(result.describe())
+    with Auditor(durable_url) as auditor:
+        refused = auditor.digest(every=10)
+    assert not refused.ok and refused.segments_written == 0
+
+
 def test_digest_refuses_to_anchor_a_changed_history(durable_url: str) -> None:
     story(durable_url)
     head = head_and_audit(durable_url)

@@ -271,6 +271,15 @@ class _Anchors:
 
     def _load(self) -> None:
         self._segment = next(self._segments, None)
+        while self._segment is not None and (why := self._segment.malformed()) is not None:
+            # An edited row that cannot be read is a finding, not a crash; the
+            # events it anchored then show as never anchored.
+            self._problem(
+                self._segment.first_position if type(self._segment.first_position) is int else 0,
+                "anchor",
+                f"ledger_digests segment {self._segment.index} cannot be read: {why}",
+            )
+            self._segment = next(self._segments, None)
         self._entries = list(self._segment.entries()) if self._segment is not None else []
         self._at = 0
         self._by_leaf = None
