@@ -144,6 +144,7 @@ def project(url: str | None, poll_s: float, sync_user_credits: bool, sync_user_t
 )
 @click.option("--sync-user-credits", is_flag=True, help="As the projector runs: keep users.credits in step.")
 @click.option("--sync-user-tier", is_flag=True, help="As the projector runs: keep users.tier and storage_quota.")
+@audit_commands.failure_is_an_error
 def rebuild(url: str | None, verify: bool, sync_user_credits: bool, sync_user_tier: bool) -> None:
     """Replay the event store into fresh view tables, then swap them in."""
     from ledger.application.facade import Ledger
