@@ -209,6 +209,31 @@ def test_a_command_applied_twice_is_named_by_the_audit(durable_url: str) -> None
     assert any("no CommandRecord" in f.message for f in report.findings)
 
 
+def test_an_event_written_below_the_first_id_is_named(durable_url: str) -> None:
+    """The tools read the log from id 1, the ledger loads an account by
+    version whatever the ids: a grant written at id -5 was spendable while
+    verify, digest and the audit all passed."""
+    story(durable_url)
+    head = head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        grant = raw.position_of("CreditAccount.Granted", 1)  # bob's grant
+        [(originator, topic, state)] = raw.sql("SELECT originator_id, topic, state FROM {t} WHERE {id} = %s", grant)
+        [(last,)] = raw.sql("SELECT MAX(originator_version) FROM {t} WHERE originator_id = %s", originator)
+        raw.sql(
+            "INSERT INTO {t} ({id}, originator_id, originator_version, topic, state) VALUES (-5, %s, %s, %s, %s)",
+            originator,
+            last + 1,
+            topic,
+            bytes(state).replace(b'"amount":80', b'"amount":800'),
+        )
+    result = verify(durable_url, head)
+    assert not result.history_intact and named(result) == [(-5, "inserted")]
+    with Auditor(durable_url) as auditor:
+        assert not auditor.digest(every=10).ok
+    report = audit(durable_url)
+    assert not report.ok and -5 in positions(report, "sequence")
+
+
 def test_rewritten_anchors_cannot_hide_a_change(durable_url: str) -> None:
     story(durable_url)
     head = head_and_audit(durable_url)

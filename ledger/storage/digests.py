@@ -14,7 +14,9 @@ from typing import Any
 
 DIGESTS_TABLE = "ledger_digests"
 #: One anchored event in a segment's ``leaves``: notification id, content hash.
-ENTRY = struct.Struct(">Q8s")
+# The id is signed, as in the chain (``ledger.audit.digest``): the same bytes
+# for the ledger's ids, and an id written by hand below 1 still packs.
+ENTRY = struct.Struct(">q8s")
 
 
 @dataclass(frozen=True)
