@@ -16,6 +16,7 @@ from ledger import Auditor, AuditReport, Ledger, ManualClock, audit
 from ledger.audit.base import AuditContext, Check
 from ledger.audit.runner import checkpoint_position
 from ledger.domain.credits import CreditAccount
+from tests.conftest import START
 
 HOUR = timedelta(hours=1)
 
@@ -306,3 +307,19 @@ def test_a_check_is_one_more_class(ledger: Ledger, clock: ManualClock) -> None:
     report = Auditor(ledger).audit(checks=[NoBigGrants])
     assert report.summary == {"grants": 4}
     assert [f.message for f in report.findings] == ["grant of 500"]
+
+
+def test_text_in_an_integer_column_is_named_not_a_crash(tmp_path: Path) -> None:
+    """SQLite keeps text written into an INTEGER column; the chain check then
+    died adding it to the running balance."""
+    clock = ManualClock(START)
+    with Ledger(f"sqlite:///{tmp_path / 'text.sqlite3'}", clock=clock) as ledger:
+        story(ledger, clock)
+        with ledger.views.store.transaction() as tx:
+            tx.execute("UPDATE credit_transactions SET amount = 'abc' WHERE amount = -20")
+            [(row_id, position)] = tx.fetchall("SELECT id, log_position FROM credit_transactions WHERE amount = 'abc'")
+        report = audit(ledger)
+    assert not report.ok
+    assert_names(report, "view", str(row_id), "amount 'abc'", "not both whole numbers", str(position))
+    assert_names(report, "view", "amount is 'abc', the events say -20", str(position))
+    assert "decode" not in checks_named(report) and "chain" not in checks_named(report)

@@ -4,6 +4,7 @@ the change broke. SQLite and PostgreSQL (the ``ledger_events`` table)."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -208,6 +209,31 @@ def test_a_command_applied_twice_is_named_by_the_audit(durable_url: str) -> None
     assert any("no CommandRecord" in f.message for f in report.findings)
 
 
+def test_an_event_written_below_the_first_id_is_named(durable_url: str) -> None:
+    """The tools read the log from id 1, the ledger loads an account by
+    version whatever the ids: a grant written at id -5 was spendable while
+    verify, digest and the audit all passed."""
+    story(durable_url)
+    head = head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        grant = raw.position_of("CreditAccount.Granted", 1)  # bob's grant
+        [(originator, topic, state)] = raw.sql("SELECT originator_id, topic, state FROM {t} WHERE {id} = %s", grant)
+        [(last,)] = raw.sql("SELECT MAX(originator_version) FROM {t} WHERE originator_id = %s", originator)
+        raw.sql(
+            "INSERT INTO {t} ({id}, originator_id, originator_version, topic, state) VALUES (-5, %s, %s, %s, %s)",
+            originator,
+            last + 1,
+            topic,
+            bytes(state).replace(b'"amount":80', b'"amount":800'),
+        )
+    result = verify(durable_url, head)
+    assert not result.history_intact and named(result) == [(-5, "inserted")]
+    with Auditor(durable_url) as auditor:
+        assert not auditor.digest(every=10).ok
+    report = audit(durable_url)
+    assert not report.ok and -5 in positions(report, "sequence")
+
+
 def test_rewritten_anchors_cannot_hide_a_change(durable_url: str) -> None:
     story(durable_url)
     head = head_and_audit(durable_url)
@@ -231,6 +257,22 @@ def test_an_edited_anchor_is_reported(durable_url: str) -> None:
     assert [p.kind for p in result.problems] == ["anchor"]
 
 
+def test_an_anchor_row_that_cannot_be_read_is_reported_not_a_crash(durable_url: str) -> None:
+    """Leaves cut short by hand made verify and digest die in struct.unpack."""
+    story(durable_url)
+    head = head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        raw.sql(f"UPDATE {raw.digests} SET leaves = %s WHERE segment = 0", b"\x01\x02")
+    result = verify(durable_url, head)
+    assert result.history_intact and not result.ok
+    assert result.problems[0].kind == "anchor"
+    assert "segment 0 cannot be read: its leaves are 2 bytes, not a multiple of 16" in result.problems[0].message
+    assert "the events are intact, but ledger_digests rows were edited" in "\n".join(result.describe())
+    with Auditor(durable_url) as auditor:
+        refused = auditor.digest(every=10)
+    assert not refused.ok and refused.segments_written == 0
+
+
 def test_digest_refuses_to_anchor_a_changed_history(durable_url: str) -> None:
     story(durable_url)
     head = head_and_audit(durable_url)
@@ -244,6 +286,38 @@ def test_digest_refuses_to_anchor_a_changed_history(durable_url: str) -> None:
     assert [(p.position, p.kind) for p in result.problems] == [(spend, "altered")]
     # Incremental trusts the stored anchors: it extends them and sees nothing.
     assert incremental.ok and incremental.head.position == head.position
+
+
+def test_an_event_relabelled_with_another_topic_is_named_not_a_crash(durable_url: str) -> None:
+    """The mapper builds whatever class the topic names from the stored state:
+    a Debited relabelled Granted decoded, and the audit died on the grant's
+    missing expires_at instead of reporting."""
+    story(durable_url)
+    head = head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        spend = raw.position_of("CreditAccount.Debited", 0)
+        raw.sql("UPDATE {t} SET topic = %s WHERE {id} = %s", "pingvas.ledger:CreditAccount.Granted", spend)
+    assert named(verify(durable_url, head)) == [(spend, "altered")]
+    [finding] = [f for f in audit(durable_url).findings if f.check == "decode"]
+    assert finding.position == spend
+    assert "does not fit CreditAccount.Granted: no expires_at; draws not fields of it" in finding.message
+
+
+def test_an_event_with_a_value_of_the_wrong_type_is_named_not_a_crash(durable_url: str) -> None:
+    """A grant whose key was nulled decodes and fits its class; the account
+    check died deriving the entry id from the key."""
+    story(durable_url)
+    head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        grant = raw.position_of("CreditAccount.Granted", 1)
+        state = json.loads(raw.state(grant))
+        state["key"] = None
+        raw.sql("UPDATE {t} SET state = %s WHERE {id} = %s", json.dumps(state).encode(), grant)
+    report = audit(durable_url)
+    assert not report.ok
+    assert [(f.position, f.message.split(":")[0]) for f in report.findings if f.check == "decode"] == [
+        (grant, "cannot be checked (pingvas.ledger")
+    ]
 
 
 @pytest.mark.postgres

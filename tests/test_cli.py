@@ -101,3 +101,21 @@ def test_verify_lists_the_rows_of_views_whose_position_was_set_back(durable_url:
     assert f"cannot move past position {first_grant_at}: " in stuck
     assert "IntegrityError" in stuck or "UniqueViolation" in stuck
     assert "differing rows" in result.stdout
+
+
+def test_verify_fails_on_views_whose_position_is_past_the_head(durable_url: str) -> None:
+    """Rows equal to the rebuild's passed, though the projector then skipped
+    every event recorded up to the views' position."""
+    user = uuid4()
+    with Ledger(durable_url, sync_views=True) as ledger:
+        ledger.grant(user, 100, "bonus", key=f"{user}:g")
+        head = ledger.views.position()
+        with ledger.views.store.transaction() as tx:
+            tracking = "ledger_views_tracking" if ledger.config.backend == "postgresql" else "tracking"
+            tx.execute(f"UPDATE {tracking} SET notification_id = %s", [head + 50])
+    result = ledger_cli("rebuild", "--verify", "--url", durable_url, check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "live tables equal the rebuild" in result.stdout
+    assert f"the live views are at position {head + 50}, past the log's head {head}" in result.stdout
+    ledger_cli("rebuild", "--url", durable_url)  # the swap sets the position back to the head
+    assert ledger_cli("rebuild", "--verify", "--url", durable_url).returncode == 0

@@ -54,7 +54,9 @@ PAGE_EVENTS = 2_000
 #: At most this many tampered events are named; the head check covers the rest.
 MAX_PROBLEMS = 100
 
-_ID = struct.Struct(">Q")
+#: Signed: the ledger's ids start at 1, where it is the same bytes as unsigned,
+#: but an event written by hand at id 0 or below must hash, not crash.
+_ID = struct.Struct(">q")
 
 
 def content_hash(content: bytes) -> bytes:
@@ -224,7 +226,8 @@ def digest_store(ledger: Ledger) -> DigestStore:
 
 
 def stored_events(app: LedgerApplication, after: int, stop: int, page: int = PAGE_EVENTS) -> Iterator[Sequence[Any]]:
-    """Pages of stored events (notifications) with ``after < id <= stop``.
+    """Pages of stored events (notifications) with ``after < id <= stop``
+    (from ``after`` 0: every id up to ``stop``, those below 1 too).
 
     The next page is read in a thread while the caller works on this one: the
     driver waits for the database without the GIL, so reading and decoding
@@ -233,11 +236,16 @@ def stored_events(app: LedgerApplication, after: int, stop: int, page: int = PAG
     if after >= stop:
         return
 
-    def read(position: int) -> Sequence[Any]:
-        return app.recorder.select_notifications(start=position + 1, limit=page, stop=stop)
+    def read(position: int | None) -> Sequence[Any]:
+        start = None if position is None else position + 1
+        return app.recorder.select_notifications(start=start, limit=page, stop=stop)
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-read-ahead") as pool:
-        pending: Future[Sequence[Any]] | None = pool.submit(read, after)
+        # From the start, read with no lower bound. The ledger's ids start at 1,
+        # but an account loads its events by version, whatever their id: an
+        # event written by hand at id 0 or below is replayed by the ledger, so
+        # the chain and the audit must read it too.
+        pending: Future[Sequence[Any]] | None = pool.submit(read, None if after <= 0 else after)
         while pending is not None:
             notifications = pending.result()
             if not notifications:
@@ -271,6 +279,15 @@ class _Anchors:
 
     def _load(self) -> None:
         self._segment = next(self._segments, None)
+        while self._segment is not None and (why := self._segment.malformed()) is not None:
+            # An edited row that cannot be read is a finding, not a crash; the
+            # events it anchored then show as never anchored.
+            self._problem(
+                self._segment.first_position if type(self._segment.first_position) is int else 0,
+                "anchor",
+                f"ledger_digests segment {self._segment.index} cannot be read: {why}",
+            )
+            self._segment = next(self._segments, None)
         self._entries = list(self._segment.entries()) if self._segment is not None else []
         self._at = 0
         self._by_leaf = None

@@ -21,6 +21,7 @@ outside (``verify``) proves that assumption.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -44,6 +45,46 @@ if TYPE_CHECKING:
 PAGE_EVENTS = 1_000
 DEFAULT_CHECKPOINT_EVERY = 100_000
 CHECKPOINT_FORMAT = "pingvas-ledger-audit-checkpoint/1"
+
+#: Per event class, the names its state must have and the names it may have.
+_SHAPES: dict[type, tuple[frozenset[str], frozenset[str]] | None] = {}
+
+
+def _shape(cls: type) -> tuple[frozenset[str], frozenset[str]] | None:
+    if not dataclasses.is_dataclass(cls):
+        return None
+    fields = dataclasses.fields(cls)
+    required = frozenset(
+        f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    )
+    return required, frozenset(f.name for f in fields)
+
+
+def misfit(event: Any) -> str | None:
+    """Why a decoded event's state does not fit its class, or None.
+
+    The mapper builds an event from whatever state is stored under its
+    topic, so an edited topic (a ``Debited`` relabelled ``Granted``) or a
+    state with a field removed decodes without complaint and fails only when
+    a check reads the missing field."""
+    cls = type(event)
+    if cls not in _SHAPES:
+        _SHAPES[cls] = _shape(cls)
+    shape = _SHAPES[cls]
+    if shape is None:
+        return None
+    required, allowed = shape
+    names = vars(event).keys()
+    if names == allowed:
+        return None
+    missing, extra = sorted(required - names), sorted(names - allowed)
+    if not missing and not extra:
+        return None
+    why = [f"no {', '.join(missing)}"] if missing else []
+    if extra:
+        why.append(f"{', '.join(extra)} not fields of it")
+    return f"its state does not fit {cls.__qualname__}: {'; '.join(why)}"
+
 
 #: Checks added by other parts of the ledger (one more aggregate, one more check).
 _REGISTERED: list[CheckFactory] = []
@@ -192,8 +233,11 @@ class _Replay:
             for notification in page:
                 try:
                     event: Any = decode(notification)
+                    why = misfit(event)
                 except Exception as exc:  # an edited state or topic: report it, replay the rest
-                    self._undecodable(notification, exc)
+                    why = f"{type(exc).__name__}: {exc}"
+                if why is not None:
+                    self._undecodable(notification, "cannot be read", why)
                     event = None
                 if event is not None and event.timestamp != window_at:
                     for boundary in boundaries:
@@ -203,8 +247,11 @@ class _Replay:
                         self.write_checkpoint(last)
                 chain.add(notification)
                 if event is not None:
-                    for handler in table.get(type(event), ()):
-                        handler(notification.id, event)
+                    try:
+                        for handler in table.get(type(event), ()):
+                            handler(notification.id, event)
+                    except Exception as exc:  # a value of the wrong type: a null key, text for an amount
+                        self._undecodable(notification, "cannot be checked", f"{type(exc).__name__}: {exc}")
                 last = notification.id
                 self.since_checkpoint += 1
             self.events += len(page)
@@ -213,12 +260,12 @@ class _Replay:
                 self.progress(last, self.ctx.head)
         self.window_at = window_at
 
-    def _undecodable(self, notification: Any, exc: Exception) -> None:
+    def _undecodable(self, notification: Any, what: str, why: str) -> None:
         self.ctx.findings.add(
             "decode",
             notification.id,
             f"event {notification.originator_id} v{notification.originator_version}",
-            f"cannot be read ({notification.topic}): {type(exc).__name__}: {exc}",
+            f"{what} ({notification.topic}): {why}",
         )
 
     def write_checkpoint(self, position: int) -> None:

@@ -7,20 +7,22 @@ the history changed, 2 on errors (bad arguments, unreachable store).
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
 import click
 
 from ledger.audit.pointintime import Statement, StatementEntry, StatementHoldEvent
 from ledger.cli.common import URL_HELP, _url
-from ledger.errors import InvalidArgument
+from ledger.errors import InvalidArgument, LedgerError
 
 
 def parse_moment(text: str) -> datetime:
@@ -85,6 +87,29 @@ def _progress(label: str, show: bool) -> Iterator[Callable[[int, int], None] | N
         yield update
 
 
+Body = TypeVar("Body", bound=Callable[..., None])
+
+
+def failure_is_an_error(body: Body) -> Body:
+    """A command that fails on the way exits 2, as an error. Left to Python
+    it exits 1, which these commands use for "findings" or "the history
+    changed": a lost connection, or a store edited into a shape the command
+    cannot read, must not read as a verdict."""
+
+    @functools.wraps(body)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            body(*args, **kwargs)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort, LedgerError):
+            raise  # already reported with their own status
+        except Exception:
+            traceback.print_exc()
+            click.echo(f"error: {body.__name__} failed before reaching a result", err=True)
+            sys.exit(2)
+
+    return run  # type: ignore[return-value]
+
+
 @click.command()
 @click.option("--url", default=None, help=URL_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -99,6 +124,7 @@ def _progress(label: str, show: bool) -> Iterator[Callable[[int, int], None] | N
 @click.option("--no-views", is_flag=True, help="Check the events only; leave the read models alone.")
 @click.option("--max-findings", type=int, default=1_000, show_default=True, help="Findings listed (all are counted).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@failure_is_an_error
 def audit(
     url: str | None,
     as_json: bool,
@@ -223,6 +249,7 @@ def _statement_text(s: Statement) -> str:
 @click.option("--incremental", is_flag=True, help="Trust the stored anchors; hash only the events after them.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@failure_is_an_error
 def digest(url: str | None, every: int, incremental: bool, as_json: bool, quiet: bool) -> None:
     """Print the head of the hash chain over the event log (POSITION:HASH); keep it outside the database."""
     from ledger.application.facade import Ledger
@@ -247,6 +274,7 @@ def digest(url: str | None, every: int, incremental: bool, as_json: bool, quiet:
 @click.option("--digest", "head", required=True, help="The head kept outside the database: POSITION:HASH.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@failure_is_an_error
 def verify(url: str | None, head: str, as_json: bool, quiet: bool) -> None:
     """Prove the history up to a digest is unchanged, or name what changed."""
     from ledger.application.facade import Ledger

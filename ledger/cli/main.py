@@ -144,6 +144,7 @@ def project(url: str | None, poll_s: float, sync_user_credits: bool, sync_user_t
 )
 @click.option("--sync-user-credits", is_flag=True, help="As the projector runs: keep users.credits in step.")
 @click.option("--sync-user-tier", is_flag=True, help="As the projector runs: keep users.tier and storage_quota.")
+@audit_commands.failure_is_an_error
 def rebuild(url: str | None, verify: bool, sync_user_credits: bool, sync_user_tier: bool) -> None:
     """Replay the event store into fresh view tables, then swap them in."""
     from ledger.application.facade import Ledger
@@ -177,7 +178,17 @@ def rebuild(url: str | None, verify: bool, sync_user_credits: bool, sync_user_ti
                 click.echo("live tables equal the rebuild" if total == 0 else f"{total} differing rows")
                 if stuck is not None:
                     click.echo(f"the live views cannot move past position {until}: {stuck}")
-                if total or stuck is not None:
+                # Live views past the log's head claim events the store no longer
+                # has (a tail deleted, or the tracking row moved on): their rows
+                # may equal the rebuild's, but the projector skips every event
+                # recorded up to that position.
+                past = until is not None and aside.position() < until
+                if past:
+                    click.echo(
+                        f"the live views are at position {until}, past the log's head {aside.position()}: "
+                        "the projector skips the events recorded up to it"
+                    )
+                if total or stuck is not None or past:
                     sys.exit(1)
             else:
                 views.swap_in(aside)

@@ -14,7 +14,9 @@ from typing import Any
 
 DIGESTS_TABLE = "ledger_digests"
 #: One anchored event in a segment's ``leaves``: notification id, content hash.
-ENTRY = struct.Struct(">Q8s")
+# The id is signed, as in the chain (``ledger.audit.digest``): the same bytes
+# for the ledger's ids, and an id written by hand below 1 still packs.
+ENTRY = struct.Struct(">q8s")
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,17 @@ class Segment:
     @property
     def count(self) -> int:
         return len(self.leaves) // ENTRY.size
+
+    def malformed(self) -> str | None:
+        """Why the row cannot be read as anchors (an edit by hand), or None."""
+        if not isinstance(self.leaves, bytes):
+            return f"its leaves are a {type(self.leaves).__name__}, not bytes"
+        if len(self.leaves) % ENTRY.size:
+            return f"its leaves are {len(self.leaves)} bytes, not a multiple of {ENTRY.size}"
+        for name in ("first_position", "position", "events_before"):
+            if type(getattr(self, name)) is not int:
+                return f"its {name} is {getattr(self, name)!r}"
+        return None
 
     def entries(self) -> Iterator[tuple[int, bytes]]:
         for offset in range(0, len(self.leaves), ENTRY.size):

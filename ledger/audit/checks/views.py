@@ -142,9 +142,19 @@ class ViewsCheck(Check):
         assert row is not None and self._rows is not None
         self._row = next(self._rows, None)
         amount, balance_after = row[3], row[9]
-        link = self.chain.get(self._user_key(row[2]))
-        if link is None:
-            link = self.chain[self._user_key(row[2])] = [0, 0]
+        self.compared["credit_transactions"] += 1
+        if type(amount) is not int or type(balance_after) is not int:
+            # SQLite keeps whatever is written into an INTEGER column: no chain to follow.
+            self.report(
+                row[0],
+                f"user {row[2]}",
+                f"credit_transactions row {row[1]}: amount {amount!r} and balance_after {balance_after!r} "
+                "are not both whole numbers",
+            )
+            if type(balance_after) is int:  # the next row follows from it
+                self._link(row[2])[0] = balance_after
+            return row
+        link = self._link(row[2])
         if balance_after != link[0] + amount:
             self.report(
                 row[0],
@@ -156,8 +166,14 @@ class ViewsCheck(Check):
         # Go on from the value the chain implies: one edited balance_after is one finding.
         link[0] += amount
         link[1] += amount
-        self.compared["credit_transactions"] += 1
         return row
+
+    def _link(self, user_id: Any) -> list[int]:
+        """The user's running ``[balance_after, sum of amounts]``."""
+        link = self.chain.get(self._user_key(user_id))
+        if link is None:
+            link = self.chain[self._user_key(user_id)] = [0, 0]
+        return link
 
     def posting(
         self,
@@ -222,7 +238,7 @@ class ViewsCheck(Check):
         self.report(
             row[0],
             f"user {row[2]}",
-            f"credit_transactions row {row[1]} ({row[4]}, {row[3]:+d} credits, balance_after {row[9]}) "
+            f"credit_transactions row {row[1]} ({row[4]}, {_signed(row[3])} credits, balance_after {row[9]}) "
             f"is not produced by any event{settles}",
         )
 
@@ -506,3 +522,8 @@ class ViewsCheck(Check):
 
     def summary(self) -> dict[str, Any]:
         return {"views_rows_compared": dict(self.compared)}
+
+
+def _signed(credits: Any) -> str:
+    """A row's amount as ``+5``/``-5``, or as stored when it is not a number."""
+    return f"{credits:+d}" if type(credits) is int else repr(credits)
