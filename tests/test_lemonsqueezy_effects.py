@@ -3,7 +3,7 @@ user, holds, refunds, late payments and the upgrade policy."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
@@ -450,6 +450,22 @@ def test_one_plan_change_is_credited_once_whatever_invoices_prorate_it(
     assert (credited.from_variant, credited.to_variant) == ("1001", "2001")
 
 
+def proration_invoices(b: Builder, rows: Iterable[tuple[str, datetime, int]]) -> list[bytes]:
+    """A plan change's paid invoice (billing reason ``updated``) per (invoice id, change time, total)."""
+    return [
+        b.invoice_event(
+            "subscription_payment_success",
+            invoice,
+            reason="updated",
+            status="paid",
+            created=at + SEC,
+            updated=at + 2 * SEC,
+            total=total,
+        )
+        for invoice, at, total in rows
+    ]
+
+
 @pytest.mark.parametrize(
     "order",
     [
@@ -476,18 +492,7 @@ def test_an_upgrade_again_after_a_downgrade_in_one_period_is_credited_once(
         b.subscription_event("subscription_updated", updated=at, variant=variant, renews_at=R1)
         for at, variant in ((up, "2001"), (down, "1001"), (again, "2001"))
     ]
-    invoices = [
-        b.invoice_event(
-            "subscription_payment_success",
-            invoice,
-            reason="updated",
-            status="paid",
-            created=at + SEC,
-            updated=at + 2 * SEC,
-            total=total,
-        )
-        for invoice, at, total in (("550002", up, 4000), ("550003", down, 0), ("550004", again, 3000))
-    ]
+    invoices = proration_invoices(b, (("550002", up, 4000), ("550003", down, 0), ("550004", again, 3000)))
     clock.set(again + 5 * SEC)
     deliveries = {
         "in order": [snapshots[0], invoices[0], snapshots[1], invoices[1], snapshots[2], invoices[2]],
@@ -519,18 +524,7 @@ def test_two_upgrades_in_one_period_grant_one_upgrade_in_all(
         b.subscription_event("subscription_updated", updated=at, variant=variant, renews_at=R1)
         for at, variant in ((to_pro, "2001"), (to_studio, "3001"))
     )
-    invoices = [
-        b.invoice_event(
-            "subscription_payment_success",
-            invoice,
-            reason="updated",
-            status="paid",
-            created=at + SEC,
-            updated=at + 2 * SEC,
-            total=total,
-        )
-        for invoice, at, total in (("550002", to_pro, 4000), ("550003", to_studio, 5000))
-    ]
+    invoices = proration_invoices(b, (("550002", to_pro, 4000), ("550003", to_studio, 5000)))
     clock.set(to_pro + 5 * SEC)  # every invoice young: one waits for its snapshot, none is applied blind
     deliveries = [pro, invoices[0], studio, invoices[1]] if order == "in order" else [studio, *invoices, pro]
     for body in deliveries:
