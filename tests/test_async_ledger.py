@@ -435,3 +435,63 @@ def test_open_is_awaitable_and_an_async_context_manager(tmp_path: Any) -> None:
             return (await again.balance(UUID(int=2))).balance_credits, again.closed
 
     assert anyio.run(main) == (7, False)
+
+
+def test_asyncios_own_cancellation_waits_for_a_started_call(durable_url: str) -> None:
+    """``asyncio.wait_for`` and ``task.cancel()`` cancel past anyio's shield:
+    the caller sees the timeout only once the command in its thread has
+    returned, the call keeps its turn until then (max_concurrency=1: the next
+    call waits), a close waits for it, and a retry with the same key finds
+    the command recorded."""
+    import asyncio
+
+    user = uuid4()
+
+    async def main() -> None:
+        ledger = await AsyncLedger.open(durable_url, max_concurrency=1)
+        gate = Gate()
+        real_spend, real_close = ledger.ledger.spend, ledger.ledger.close
+        closes: list[int] = []
+
+        def spend(*args: Any, **kwargs: Any) -> Any:
+            gate(0)
+            return real_spend(*args, **kwargs)
+
+        def close() -> None:
+            closes.append(gate.ran)
+            real_close()
+
+        ledger.ledger.spend = spend  # type: ignore[method-assign]
+        ledger.ledger.close = close  # type: ignore[method-assign]
+        await ledger.grant(user, 100, "bonus", key=f"{user}:fund")
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.3, gate.opened.set)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(ledger.spend(user, 10, key=f"{user}:timed-out"), 0.05)
+        assert gate.ran == 1 and ledger.calls_in_flight == 0
+        assert (await ledger.spend(user, 10, key=f"{user}:timed-out")).replayed
+
+        gate.opened.clear()
+        gate.entered = threading.Semaphore(0)
+        task = asyncio.ensure_future(ledger.spend(user, 20, key=f"{user}:cancelled"))
+        await asyncio.to_thread(gate.entered.acquire)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        assert not task.done() and ledger.calls_in_flight == 1  # still running in its thread
+        waiting = asyncio.ensure_future(ledger.balance(user))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # the bound of one still holds
+        closing = asyncio.ensure_future(ledger.aclose())
+        await asyncio.sleep(0.05)
+        assert closes == []
+        gate.opened.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        with pytest.raises(LedgerClosed):
+            await waiting
+        await closing
+        assert closes == [3]  # the replay passed the gate too
+
+    asyncio.run(main())
+    with Ledger(durable_url) as reopened:
+        assert reopened.balance(user).balance_credits == 70

@@ -17,9 +17,11 @@ method, so adding a method to ``AsyncLedger`` is one line. See
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import itertools
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
@@ -123,6 +125,10 @@ class AsyncLedger:
         #: ledger from worker threads (``WebhookApp(adapter, limiter=...)``)
         #: so that they share one bound, the size of the pool.
         self.limiter = anyio.CapacityLimiter(max_concurrency)
+        # The worker threads' own limiter: never the one that waits (a call
+        # holds a turn of ``limiter`` first), so it only keeps anyio's
+        # default limiter of 40 threads out of the way.
+        self._threads = anyio.CapacityLimiter(MAX_CONCURRENCY)
         self._close_ledger = close_ledger
         self._admitted = 0
         self._closing = False
@@ -189,16 +195,16 @@ class AsyncLedger:
         and for a call still waiting its turn then: it did not run."""
         if self._closing:
             raise LedgerClosed(f"{self!r} is closed: the call did not run")
-        import anyio.to_thread
-
-        def guarded() -> R:
-            if self._closing:  # close began while this call waited for its turn
-                raise LedgerClosed(f"{self!r} began closing before the call's turn came: it did not run")
-            return fn(*args, **kwargs)
-
         self._admitted += 1
         try:
-            return await anyio.to_thread.run_sync(guarded, limiter=self.limiter)
+            # The turn is taken here, in the event loop, and given back only
+            # once the call's thread has returned (see _Call), so the bound
+            # holds even for a call whose awaiter was cancelled.
+            async with self.limiter:
+                if self._closing:  # close began while this call waited for its turn
+                    raise LedgerClosed(f"{self!r} began closing before the call's turn came: it did not run")
+                result: R = await _Call(functools.partial(fn, *args, **kwargs)).run(self._threads)
+                return result
         finally:
             self._admitted -= 1
             if self._admitted == 0 and self._drained is not None:
@@ -299,6 +305,62 @@ class AsyncLedger:
                 yield event
             if len(page) < SWEEP_PAGE:
                 return
+
+
+class _Call:
+    """One blocking call in a worker thread that, once started, is awaited to
+    its end. anyio's worker shields the call from anyio's cancellation, but
+    not from asyncio's own (``asyncio.wait_for``, ``task.cancel()``): that
+    cancellation would return to the caller, and give back the turn, while
+    the command still runs in its thread, and a close would then close the
+    store under it. So a cancellation that arrives once the call has started
+    waits for it to return, then goes on; one that arrives before it started
+    keeps it from ever running."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._fn = fn
+        self._lock = threading.Lock()
+        self._started = self._ended = self._abandoned = False
+        self._waiter: anyio.Event | None = None
+
+    def _work(self) -> Any:
+        with self._lock:
+            if self._abandoned:  # the awaiter was cancelled before the thread took the call
+                return None
+            self._started = True
+        try:
+            return self._fn()
+        finally:
+            with self._lock:
+                self._ended = True
+                waiter = self._waiter
+            if waiter is not None:
+                import anyio.from_thread
+
+                with contextlib.suppress(RuntimeError):  # the event loop has gone
+                    anyio.from_thread.run_sync(waiter.set)
+
+    async def run(self, threads: anyio.CapacityLimiter) -> Any:
+        import anyio
+        import anyio.to_thread
+
+        try:
+            return await anyio.to_thread.run_sync(self._work, limiter=threads)
+        except BaseException:
+            with self._lock:
+                if not self._started:
+                    self._abandoned = True
+                    raise
+                if self._ended:
+                    raise
+                self._waiter = waiter = anyio.Event()
+            with anyio.CancelScope(shield=True):
+                while not waiter.is_set():
+                    try:
+                        await waiter.wait()
+                    except anyio.get_cancelled_exc_class():  # asyncio's own, again: the shield does not stop it
+                        continue
+            raise
 
 
 def _page(events: Iterator[Any], size: int) -> list[Any]:
