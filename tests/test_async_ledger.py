@@ -495,3 +495,43 @@ def test_asyncios_own_cancellation_waits_for_a_started_call(durable_url: str) ->
     asyncio.run(main())
     with Ledger(durable_url) as reopened:
         assert reopened.balance(user).balance_credits == 70
+
+
+def test_a_second_event_loop_is_refused_while_the_first_has_calls_in_flight(tmp_path: Any) -> None:
+    """The limiter's waiters belong to the loop that made them: calls from a
+    second loop (another thread's ``asyncio.run``) while the first loop has
+    calls in flight fail at once rather than hang; once the first loop's
+    calls are done, another loop may use the ledger."""
+    import asyncio
+
+    ledger = AsyncLedger(Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite3'}"), max_concurrency=1)
+    gate = Gate()
+    errors: list[BaseException] = []
+
+    async def first() -> None:
+        await asyncio.gather(ledger.run_sync(gate, 1), ledger.run_sync(gate, 2))  # one runs, one waits
+
+    def second() -> None:
+        async def calls() -> None:
+            for coro in (ledger.balance(uuid4()), ledger.aclose()):
+                try:
+                    await asyncio.wait_for(coro, 5)
+                except BaseException as exc:  # what the second loop saw
+                    errors.append(exc)
+
+        assert gate.entered.acquire(timeout=10)
+        asyncio.run(calls())
+        gate.opened.set()
+
+    other = threading.Thread(target=second)
+    other.start()
+    asyncio.run(first())
+    other.join()
+    assert [type(exc) for exc in errors] == [RuntimeError, RuntimeError]
+    assert "another event loop" in str(errors[0]) and not ledger.closed and gate.ran == 2
+
+    async def later() -> int:
+        async with ledger:
+            return (await ledger.grant(UUID(int=3), 5, "bonus", key="later")).balance_credits
+
+    assert asyncio.run(later()) == 5 and ledger.closed

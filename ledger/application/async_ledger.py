@@ -131,6 +131,8 @@ class AsyncLedger:
         self._threads = anyio.CapacityLimiter(MAX_CONCURRENCY)
         self._close_ledger = close_ledger
         self._admitted = 0
+        self._admitting = threading.Lock()
+        self._loop: object = None
         self._closing = False
         self._drained: anyio.Event | None = None
         self._closed: anyio.Event | None = None
@@ -195,7 +197,7 @@ class AsyncLedger:
         and for a call still waiting its turn then: it did not run."""
         if self._closing:
             raise LedgerClosed(f"{self!r} is closed: the call did not run")
-        self._admitted += 1
+        self._admit()
         try:
             # The turn is taken here, in the event loop, and given back only
             # once the call's thread has returned (see _Call), so the bound
@@ -206,9 +208,27 @@ class AsyncLedger:
                 result: R = await _Call(functools.partial(fn, *args, **kwargs)).run(self._threads)
                 return result
         finally:
-            self._admitted -= 1
+            with self._admitting:
+                self._admitted -= 1
             if self._admitted == 0 and self._drained is not None:
                 self._drained.set()
+
+    def _admit(self) -> None:
+        """Counts a call in, from the event loop of the calls in flight. The
+        limiter's waiters and the close's event belong to the loop that made
+        them, and a wake-up from another loop's thread may never reach them:
+        a call from a second loop while the first has calls in flight would
+        hang where it should fail."""
+        import anyio.lowlevel
+
+        loop = anyio.lowlevel.current_token().native_token
+        with self._admitting:
+            if self._admitted and loop is not self._loop:
+                raise RuntimeError(
+                    f"{self!r} is serving the calls of another event loop: open one AsyncLedger per event loop"
+                )
+            self._loop = loop
+            self._admitted += 1
 
     # -- closing --------------------------------------------------------------------
 
@@ -224,6 +244,11 @@ class AsyncLedger:
         if self._closed is not None:
             await self._closed.wait()
             return
+        import anyio.lowlevel
+
+        with self._admitting:  # as for a call: the drain's wake-up comes from the calls' loop
+            if self._admitted and anyio.lowlevel.current_token().native_token is not self._loop:
+                raise RuntimeError(f"{self!r} is serving the calls of another event loop: close it from that loop")
         self._closing = True
         self._closed = anyio.Event()
         try:
