@@ -18,6 +18,7 @@ import hmac
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 from uuid import UUID, uuid4
@@ -37,8 +38,18 @@ from adapters.webhooks import (
     Provider,
     WebhookApp,
     header,
+    sealed_bytes,
 )
-from ledger import MAX_CREDITS, CreditKind, InvalidArgument, Ledger, Receipt, UnknownAccount
+from ledger import (
+    MAX_CREDITS,
+    ConfigurationError,
+    CreditKind,
+    InvalidArgument,
+    Ledger,
+    ManualClock,
+    Receipt,
+    UnknownAccount,
+)
 from ledger.extension import Command, UnitOfWork, check_key, check_user_id, entry_id_for
 
 SECRET = b"acme-webhook-secret"
@@ -181,6 +192,9 @@ class Acme:
     def order(self, row: InboxRow) -> str:
         created = row.payload.get("created")
         return created if isinstance(created, str) else ""
+
+    def seal(self, data: bytes) -> str | None:
+        return hmac.new(self.secret, data, hashlib.sha256).hexdigest()
 
 
 # --------------------------------------------------------------------- helpers
@@ -327,3 +341,140 @@ def test_the_provider_needs_no_change_under_ledger() -> None:
         if p.is_file() and p.suffix in (".py", ".sql", ".toml") and b"acme" in p.read_bytes().lower()
     ]
     assert naming == []
+
+
+# ------------------------------------------------------- rows written by hand
+
+
+def write_row(acme: Pipeline, raw: bytes, *, status: str, seal: str | None) -> UUID:
+    """A row as whoever can write webhook_events can put there, bypassing the
+    signature check."""
+    event = acme.provider.parse(raw)
+    now = acme.ledger.clock.now()
+    stored = acme.inbox.put(
+        event_type=event.name,
+        event_id=event.event_id,
+        payload=event.payload,
+        payload_sha256=hashlib.sha256(raw).hexdigest(),
+        test_mode=event.test_mode,
+        now=now,
+        payload_text=raw.decode(),
+        seal=seal,
+    )
+    if status == "failed":
+        acme.inbox.finish(stored.row_id, status="failed", message="boom", now=now)
+    return stored.row_id
+
+
+def test_a_row_written_by_hand_is_refused_and_never_applied(ledger: Ledger, clock: ManualClock) -> None:
+    acme, user = pipeline(ledger), uuid4()
+    genuine = body("order.paid", user, order="1", credits=5)
+    seal = acme.ingest(genuine, signed(genuine)).event_row_id
+    genuine_seal = acme.inbox.get(seal).seal if seal else None
+    assert genuine_seal is not None
+
+    unsealed = write_row(acme, body("order.paid", user, order="2", credits=1000), status="failed", seal=None)
+    wrong = write_row(acme, body("order.paid", user, order="3", credits=1000), status="received", seal="0" * 64)
+    # A genuine row's seal on another payload.
+    copied = write_row(acme, body("order.paid", user, order="4", credits=1000), status="failed", seal=genuine_seal)
+    clock.advance(timedelta(hours=1))  # the received row is stale: retry takes it
+
+    report = acme.retry()
+    assert (report.attempted, report.processed, report.failed) == (3, 0, 3)
+    assert available(ledger, user) == 5
+    for row_id, why in [(unsealed, "no seal"), (wrong, "does not match"), (copied, "does not match")]:
+        row = acme.inbox.get(row_id)
+        assert row is not None and row.status == "failed"
+        assert row.error_message is not None and row.error_message.startswith("refused: ") and why in row.error_message
+
+    # Rows stored before seals are applied only when asked, with a warning;
+    # a wrong seal never is.
+    assert acme.retry(unsealed=True).processed == 1
+    assert available(ledger, user) == 1005
+    assert acme.inbox.counts() == {"failed": 2, "processed": 2}
+
+
+def test_a_held_row_written_by_hand_is_not_released(ledger: Ledger) -> None:
+    acme, user = pipeline(ledger), uuid4()
+    forged = write_row(acme, body("order.paid", user, order="8", credits=900), status="failed", seal=None)
+    with acme.inbox._transaction() as t:  # held for a payment that will arrive
+        t.tx.execute(f"UPDATE {t.table} SET error_message = %s WHERE id = %s", ["held: order 5: forged", forged])
+    acme.group.execute(AcmeGrant(key="seed", user_id=user, credits=1, order="0"))
+    paid = body("order.paid", user, order="5", credits=40)
+    assert acme.ingest(paid, signed(paid)).processing == "processed"
+    row = acme.inbox.get(forged)
+    assert row is not None and row.status == "failed" and (row.error_message or "").startswith("refused: ")
+    assert available(ledger, user) == 41
+
+
+def test_a_genuine_failed_delivery_is_retried_and_applied(ledger: Ledger) -> None:
+    acme, user = pipeline(ledger), uuid4()
+    # Spacing, key order and numbers as a sender may spell them: jsonb keeps
+    # none of them (1e2 comes back as 100), and the seal still checks.
+    raw = (
+        '{"type": "order.refunded",  "id": "evt_r", "live": true, "created": "2026-01-01T00:00:00Z", '
+        f'"extra": {{"n": 1e2, "f": 1.10, "z": -0.0, "big": 12345678901234567890, "s": "\u00e9\u2603"}}, '
+        f'"data": {{"user": "{user}", "credits": 40, "order": "6"}}}}'
+    ).encode()
+    assert acme.ingest(raw, signed(raw)).processing == "held"
+    acme.group.execute(AcmeGrant(key=paid_key("6"), user_id=user, credits=40, order="6"))
+    assert available(ledger, user) == 40
+
+    report = acme.retry()
+    assert (report.attempted, report.processed) == (1, 1)
+    assert available(ledger, user) == 0
+
+
+def test_sealed_bytes_do_not_depend_on_how_a_number_or_key_order_is_spelled() -> None:
+    one = sealed_bytes("acme", json.loads('{"b": 1e2, "a": [1.10, -0.0, "x"]}'))
+    assert one == sealed_bytes("acme", {"a": [1.1, 0, "x"], "b": 100})
+    assert one != sealed_bytes("other", {"a": [1.1, 0, "x"], "b": 100})
+    assert one != sealed_bytes("acme", {"a": [1.1, 0, "x"], "b": 101})
+
+
+def test_retry_needs_the_secret_and_a_provider_needs_a_seal(ledger: Ledger) -> None:
+    class Keyless(Acme):
+        def seal(self, data: bytes) -> str | None:
+            return None
+
+    with pytest.raises(ConfigurationError, match="signing secret"):
+        Pipeline(ledger, Keyless(SECRET)).retry()
+
+    class Unsealing(Acme):
+        seal = None  # type: ignore[assignment]
+
+    with pytest.raises(ConfigurationError, match="no seal"):
+        Pipeline(ledger, Unsealing(SECRET))
+
+
+def test_a_store_of_schema_version_3_gains_seals_and_its_unsealed_rows_wait_for_unsealed(durable_url: str) -> None:
+    user, raw = uuid4(), body("order.paid", uuid4(), order="11", credits=30)
+    payload = json.loads(raw)
+    payload["data"]["user"] = str(user)
+    with Ledger(durable_url) as ledger:
+        store = ledger.views.store
+        with store.transaction() as tx:  # back to version 3: no seal column
+            tx.execute("ALTER TABLE webhook_events DROP COLUMN seal")
+            tx.execute("DELETE FROM ledger_schema_version")
+            tx.execute("INSERT INTO ledger_schema_version (version) VALUES (3)")
+            tx.execute(
+                "INSERT INTO webhook_events (id, source, event_type, event_id, payload, status, error_message, "
+                "payload_sha256, test_mode, attempts, created_at) "
+                "VALUES (%s, 'acme', 'order.paid', 'evt_old', %s, 'failed', 'boom', %s, FALSE, 1, %s)",
+                [uuid4(), json.dumps(payload), "a" * 64, ledger.clock.now()],
+            )
+        assert "seal" not in store.columns("webhook_events")
+    with Ledger(durable_url) as ledger:
+        acme = pipeline(ledger)  # opens the views: the store is migrated
+        assert "seal" in ledger.views.store.columns("webhook_events")
+        with ledger.views.store.transaction() as tx:
+            assert max(v for (v,) in tx.fetchall("SELECT version FROM ledger_schema_version")) >= 4
+        assert acme.retry().processed == 0
+        (row,) = acme.inbox.listing(status="failed", limit=5)
+        assert row.seal is None and (row.error_message or "").startswith("refused: no seal")
+        assert acme.retry(unsealed=True).processed == 1
+        assert available(ledger, user) == 30
+        # New deliveries are sealed and retried as before.
+        fresh = body("order.paid", user, order="12", credits=5)
+        stored = acme.ingest(fresh, signed(fresh))
+        assert stored.event_row_id is not None and (acme.inbox.get(stored.event_row_id) or row).seal is not None

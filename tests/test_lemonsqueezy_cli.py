@@ -138,7 +138,7 @@ def test_retry_reprocesses_failed_deliveries_and_list_shows_them(sqlite_url: str
     listed = ledger_cli("webhooks", "list", "--url", sqlite_url, "--status", "failed").stdout
     assert "UnknownVariant: variant 4242" in listed and "held: subscription 880001" in listed
     assert listed.strip().endswith("failed 2")
-    out = ledger_cli("webhooks", "retry", "--url", sqlite_url, "--credit-pack", "9001=1000").stdout
+    out = ledger_cli("webhooks", "retry", "--url", sqlite_url, "--secret", SECRET, "--credit-pack", "9001=1000").stdout
     assert "retried 2: processed 2, failed 0, held 0, ignored 0" in out
     with open_ledger(sqlite_url, StoryClock(START)) as ledger:
         assert ledger.subscription_of(USER).plan == "enterprise"  # type: ignore[union-attr]
@@ -164,6 +164,13 @@ def test_commands_need_their_secrets(no_env: None) -> None:
     assert reconcile.returncode == 2 and "--api-key" in reconcile.stderr
 
 
+def test_retry_needs_the_signing_secret(sqlite_url: str, no_env: None) -> None:
+    """Retries apply a stored delivery only once its seal checks."""
+    Ledger(sqlite_url).close()
+    retry = ledger_cli("webhooks", "retry", "--url", sqlite_url, check=False)
+    assert retry.returncode == 2 and "signing secret" in retry.stderr and "--secret" in retry.stderr
+
+
 HOST_MODULE = """
 from adapters.lemonsqueezy import LemonSqueezy, RefundPolicy
 from ledger import CreditPolicy, Ledger
@@ -173,7 +180,7 @@ def adapter(url):
     ledger = Ledger(url, credit_policy=CreditPolicy(auto_renew=False))
     return LemonSqueezy(
         ledger,
-        signing_secret="whsec_host_secret_91",
+        signing_secret="whsec_pingvas_test_4f2a9c",  # the endpoint's: retries check seals with it
         credit_packs={"9001": 1000},
         refund_policy=RefundPolicy(claw_back=False),
     )
@@ -227,8 +234,8 @@ def failed_refund(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     ("options", "balance"),
     [
         (["--adapter", "pingvas_host_config:adapter"], 1000),
-        (["--credit-pack", "9001=1000", "--no-claw-back"], 1000),
-        (["--credit-pack", "9001=1000"], 0),  # the options' defaults: not this host's configuration
+        (["--secret", SECRET, "--credit-pack", "9001=1000", "--no-claw-back"], 1000),
+        (["--secret", SECRET, "--credit-pack", "9001=1000"], 0),  # the options' defaults: not this host's configuration
     ],
     ids=["factory", "options", "defaults"],
 )

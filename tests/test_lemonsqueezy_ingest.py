@@ -560,7 +560,7 @@ def test_on_postgresql_the_insert_commits_asynchronously(pg_url: str) -> None:
             )
             assert t.tx.fetchall(local, ["off"]) == [("off",)]
             assert t.tx.fetchall("SHOW synchronous_commit") == [("on",)]
-            row = [UUID(int=7), SOURCE, "order_created", "w-1", '{"a": 1}', "0" * 64, False, STORY_START]
+            row = [UUID(int=7), SOURCE, "order_created", "w-1", '{"a": 1}', "0" * 64, False, STORY_START, None]
             key = [SOURCE, "0" * 64, "w-1"]
             found = t.tx.fetchall(_PG_PUT.format(t=t.table), [*row, *key, *key])
             assert found[0][2] is True  # inserted, and committed: no transaction is left open

@@ -28,6 +28,7 @@ from tests.lemonsqueezy_support import (
     PACKS,
     R1,
     R2,
+    SECRET,
     START,
     USER,
     Builder,
@@ -328,16 +329,18 @@ def test_the_link_command(durable_url: str, clock: StoryClock) -> None:
     packs = ",".join(f"{k}={v}" for k, v in PACKS.items())
     result = CliRunner().invoke(
         cli,
-        ["webhooks", "link", "770201", str(ANA), "--url", durable_url],
+        ["webhooks", "link", "770201", str(ANA), "--url", durable_url, "--secret", SECRET],
         env={"LEMONSQUEEZY_CREDIT_PACKS": packs},
     )
     assert result.exit_code == 0, result.output
     assert f"customer 770201 linked to user {ANA}; held deliveries run: 3 (processed 3" in result.output
     with open_ledger(durable_url, clock) as ledger:
         assert ledger.balance(ANA).balance_credits == 15000
-    refused = CliRunner().invoke(cli, ["webhooks", "link", "770201", str(BEN), "--url", durable_url])
+    refused = CliRunner().invoke(
+        cli, ["webhooks", "link", "770201", str(BEN), "--url", durable_url, "--secret", SECRET]
+    )
     assert refused.exit_code == 1 and "CustomerLinked" in refused.output
-    bad = CliRunner().invoke(cli, ["webhooks", "link", "770201", "nobody", "--url", durable_url])
+    bad = CliRunner().invoke(cli, ["webhooks", "link", "770201", "nobody", "--url", durable_url, "--secret", SECRET])
     assert bad.exit_code == 2 and "is not a UUID" in bad.output
 
 

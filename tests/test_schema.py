@@ -202,7 +202,7 @@ def insert_sql(table: str, row: Row, placeholder: str, qualifier: str = "") -> s
 
 
 def test_constants() -> None:
-    assert SCHEMA_VERSION == 3
+    assert SCHEMA_VERSION == 4
     assert len(set(TABLES)) == len(TABLES)
     assert set(VIEW_TABLES) == {
         "credit_accounts",

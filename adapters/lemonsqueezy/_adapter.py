@@ -3,13 +3,16 @@
 ``Processor`` is a ``adapters.webhooks.Pipeline`` that is its own
 ``Provider``: it checks Lemon Squeezy's signature, parses its payloads and
 turns them into ledger commands; the kit stores, applies once, releases held
-deliveries and retries. It needs no signing secret but to ingest, so
-``webhooks retry`` and the reconciler use it directly. ``LemonSqueezy`` is
-the endpoint's receiver: a ``Processor`` with a signing secret.
+deliveries and retries. It needs the signing secret to ingest, and to apply
+a stored delivery again (retries and links check each row's seal), not to
+reconcile. ``LemonSqueezy`` is the endpoint's receiver: a ``Processor`` with
+a signing secret.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import threading
 import time
@@ -197,7 +200,7 @@ def _packs(credit_packs: Mapping[Any, int]) -> dict[str, int]:
 class Processor(Pipeline):
     """Applies stored deliveries to the ledger and records the outcome: the
     kit's pipeline, with Lemon Squeezy as its provider. ``signing_secret``
-    (only needed to ``ingest``), ``max_body_bytes`` and ``max_depth``: see
+    (needed to ``ingest``, ``retry`` and ``link_customer``), ``max_body_bytes`` and ``max_depth``: see
     ``LemonSqueezy``."""
 
     #: The provider's name in the kit's messages.
@@ -296,6 +299,11 @@ class Processor(Pipeline):
 
     def order(self, row: InboxRow) -> tuple[str, int]:
         return _source_time(row)
+
+    def seal(self, data: bytes) -> str | None:
+        """The HMAC-SHA256 of ``data`` under the signing secret, as
+        X-Signature is of a body; None without a secret."""
+        return None if self._key is None else hmac.new(self._key, data, hashlib.sha256).hexdigest()
 
     def _apply(self, envelope: Envelope) -> Outcome:
         kind = envelope.data.type
@@ -504,6 +512,7 @@ class Processor(Pipeline):
         if not text.isdigit() or int(text) == 0:
             raise InvalidArgument(f"a Lemon Squeezy customer id is a positive integer, got {str(customer_id)[:40]!r}")
         customer = canonical_id(text)
+        self._require_seals()  # before the link: its held deliveries must then run
         receipt = self._link(customer, check_user_id(user_id))
         report = LinkReport(customer, user_id, linked=not receipt.replayed)
         self.run_held([f"customer {customer}"], report.released, limit=MAX_RELEASED_BY_LINK)
@@ -580,8 +589,10 @@ class LemonSqueezy:
         Never raises for anything a sender can put in a request."""
         return self.processor.ingest(raw_body, headers)
 
-    def retry_failed(self, *, limit: int = 500) -> RetryReport:
-        return self.processor.retry(limit=limit)
+    def retry_failed(self, *, limit: int = 500, unsealed: bool = False) -> RetryReport:
+        """``Pipeline.retry``: rows whose seal is missing or wrong are refused
+        (``unsealed=True`` applies those stored before seals)."""
+        return self.processor.retry(limit=limit, unsealed=unsealed)
 
     def link_customer(self, customer_id: str | int, user_id: UUID) -> LinkReport:
         """See Processor.link_customer."""

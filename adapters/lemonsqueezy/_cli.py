@@ -64,6 +64,7 @@ _SETTINGS = (
     "claw_back",
     "from_other_credits",
     "hold_window_s",
+    "secret",
 )
 
 
@@ -81,6 +82,13 @@ def _adapter_options(fn: Any) -> Any:
             metavar="MODULE:FACTORY",
             help="The host's configuration: FACTORY(url) returns its LemonSqueezy (or Processor) on the ledger "
             "at url, opened as the endpoint opens it. Excludes the options below.",
+        ),
+        click.option(
+            "--secret",
+            default=None,
+            envvar="LEMONSQUEEZY_SIGNING_SECRET",
+            show_envvar=True,
+            help="The webhook's signing secret: a stored delivery is applied again only once its seal checks.",
         ),
         click.option(
             "--test-mode",
@@ -212,19 +220,24 @@ def _processor(settings: dict[str, Any], *, create: bool = True) -> Iterator[Pro
     refunds = RefundPolicy(claw_back=settings["claw_back"], from_other_credits=settings["from_other_credits"])
     packs = _parse_packs(settings["packs"])
     with Ledger(url, credit_policy=policy, create=create) as ledger:
-        yield Processor(
-            ledger,
-            test_mode=settings["test_mode"],
-            credit_packs=packs,
-            refund_policy=refunds,
-            hold_window_s=settings["hold_window_s"],
-        )
+        try:
+            processor = Processor(
+                ledger,
+                test_mode=settings["test_mode"],
+                credit_packs=packs,
+                refund_policy=refunds,
+                hold_window_s=settings["hold_window_s"],
+                signing_secret=settings["secret"],
+            )
+        except LedgerError as exc:
+            raise click.UsageError(str(exc)) from exc
+        yield processor
 
 
 #: Every environment variable the Lemon Squeezy commands read, for their ``--help``.
 ENVIRONMENT = (
     ("LEDGER_URL", "the ledger URL (default sqlite:///pingvas-ledger.sqlite3)"),
-    ("LEMONSQUEEZY_SIGNING_SECRET", "webhooks send, trigger: --secret"),
+    ("LEMONSQUEEZY_SIGNING_SECRET", "webhooks send, trigger, retry, link: --secret"),
     ("LEMONSQUEEZY_API_KEY", "reconcile --api-key"),
     ("LEMONSQUEEZY_ADAPTER", "webhooks retry, reconcile: --adapter MODULE:FACTORY"),
     ("LEMONSQUEEZY_TEST_MODE", "webhooks retry, reconcile: --test-mode"),
@@ -472,8 +485,16 @@ def _event_name(body: bytes) -> str | None:
 @webhooks.command()
 @_adapter_options
 @click.option("--limit", default=500, show_default=True, help="At most this many deliveries per pass.")
-def retry(limit: int, **settings: Any) -> None:
-    """Reprocess failed deliveries (and ones a stopped process left received)."""
+@click.option(
+    "--unsealed",
+    is_flag=True,
+    help="Also apply deliveries stored without a seal (before schema version 4), each with a warning.",
+)
+def retry(limit: int, unsealed: bool, **settings: Any) -> None:
+    """Reprocess failed deliveries (and ones a stopped process left received). Deliveries whose seal is
+    missing or wrong are refused, not applied."""
+    from ledger import ConfigurationError
+
     with _processor(settings, create=False) as processor:  # nothing to retry in a store that does not exist
 
         def progress(row: Any, outcome: Any) -> None:
@@ -483,7 +504,10 @@ def retry(limit: int, **settings: Any) -> None:
                 what = outcome.message or outcome.status
             click.echo(f"{row.row_id} {row.event_type}: {what}")
 
-        report = processor.retry(limit=limit, progress=progress)
+        try:
+            report = processor.retry(limit=limit, progress=progress, unsealed=unsealed)
+        except ConfigurationError as exc:
+            raise click.UsageError(f"{exc} (--secret or $LEMONSQUEEZY_SIGNING_SECRET)") from exc
     click.echo(
         f"retried {report.attempted}: processed {report.processed}, failed {report.failed}, "
         f"held {report.held}, ignored {report.ignored}"

@@ -20,7 +20,7 @@ See ``docs/webhooks.md``.
 """
 
 from .asgi import Receiver, Runner, WebhookApp
-from .inbox import HELD_PREFIX, IGNORED_PREFIX, NOTE_PREFIX, Inbox, InboxRow, Stored
+from .inbox import HELD_PREFIX, IGNORED_PREFIX, NOTE_PREFIX, REFUSED_PREFIX, Inbox, InboxRow, Stored
 from .pipeline import (
     DEFAULT_STALE_AFTER_S,
     Event,
@@ -33,6 +33,7 @@ from .pipeline import (
     RetryReport,
     attempt,
     header,
+    sealed_bytes,
 )
 from .refunds import RefundPolicy
 from .results import IngestResult
@@ -42,6 +43,7 @@ __all__ = [
     "HELD_PREFIX",
     "IGNORED_PREFIX",
     "NOTE_PREFIX",
+    "REFUSED_PREFIX",
     "Event",
     "Execute",
     "Held",
@@ -60,4 +62,5 @@ __all__ = [
     "WebhookApp",
     "attempt",
     "header",
+    "sealed_bytes",
 ]

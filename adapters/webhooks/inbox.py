@@ -42,10 +42,12 @@ HELD_PREFIX = "held: "
 IGNORED_PREFIX = "ignored: "
 #: Prefix of the error_message of a processed delivery with something to say.
 NOTE_PREFIX = "note: "
+#: Prefix of the error_message of a stored row refused for its seal.
+REFUSED_PREFIX = "refused: "
 
 _INSERT = (
     "INSERT INTO {t} (id, source, event_type, event_id, payload, status, payload_sha256, test_mode, "
-    "attempts, created_at) VALUES (%s, %s, %s, %s, %s, 'received', %s, %s, 0, %s) ON CONFLICT DO NOTHING"
+    "attempts, created_at, seal) VALUES (%s, %s, %s, %s, %s, 'received', %s, %s, 0, %s, %s) ON CONFLICT DO NOTHING"
 )
 _FIND = (
     "SELECT id, status, FALSE FROM {t} WHERE source = %s AND (payload_sha256 = %s OR event_id = %s) "
@@ -60,7 +62,7 @@ _FIND = (
 # transaction during the insert is not in it (then _FIND runs).
 _PG_INSERT = (
     "INSERT INTO {t} (id, source, event_type, event_id, payload, status, payload_sha256, test_mode, "
-    "attempts, created_at) SELECT %s, %s, %s, %s, %s::jsonb, 'received', %s, %s, 0, %s "
+    "attempts, created_at, seal) SELECT %s, %s, %s, %s, %s::jsonb, 'received', %s, %s, 0, %s, %s "
     "WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE source = %s AND (payload_sha256 = %s OR event_id = %s)) "
     "ON CONFLICT DO NOTHING"
 )
@@ -84,7 +86,9 @@ _PG_FINISH = (
     "SELECT {columns} FROM {t} WHERE source = %s AND status = 'failed' AND ({clauses}) "
     "AND id NOT IN (SELECT id FROM updated) ORDER BY created_at, id LIMIT %s"
 )
-_COLUMNS = "id, event_type, event_id, payload, status, error_message, attempts, test_mode, created_at, processed_at"
+_COLUMNS = (
+    "id, event_type, event_id, payload, status, error_message, attempts, test_mode, created_at, processed_at, seal"
+)
 
 
 @dataclass(frozen=True)
@@ -106,10 +110,13 @@ class InboxRow:
     test_mode: bool
     created_at: Any
     processed_at: Any
+    #: The provider's seal of the payload, stored at ingest (None in a row
+    #: stored before schema version 4, or not by the pipeline).
+    seal: str | None = None
 
 
 def _row(values: Sequence[Any]) -> InboxRow:
-    row_id, event_type, event_id, payload, status, error, attempts, test_mode, created, processed = values
+    row_id, event_type, event_id, payload, status, error, attempts, test_mode, created, processed, seal = values
     return InboxRow(
         row_id=row_id if isinstance(row_id, UUID) else UUID(str(row_id)),
         event_type=event_type,
@@ -121,6 +128,7 @@ def _row(values: Sequence[Any]) -> InboxRow:
         test_mode=bool(test_mode),
         created_at=created,
         processed_at=processed,
+        seal=seal,
     )
 
 
@@ -162,20 +170,26 @@ class Inbox:
         test_mode: bool,
         now: datetime,
         payload_text: str | None = None,
+        seal: str | None = None,
     ) -> Stored:
         """Stores a delivery once, before it is processed. A duplicate (same
         webhook id or same body) returns the row already there, on disk.
         ``payload_text``, the body as received, is stored as it is on
-        PostgreSQL (jsonb parses it there) instead of ``payload`` encoded again."""
+        PostgreSQL (jsonb parses it there) instead of ``payload`` encoded again.
+        ``seal``: the provider's seal of the payload (see ``Pipeline``)."""
         row_id = uuid4()
-        values = [row_id, self.source, event_type, event_id, payload, payload_sha256, test_mode, now]
+        values = [row_id, self.source, event_type, event_id, payload, payload_sha256, test_mode, now, seal]
         with self._transaction() as t:
             if t.postgres:
                 # One round trip for the common cases: inserted, or a
                 # duplicate committed before this statement began.
                 text = payload_text if payload_text is not None else json.dumps(payload)
                 key = [self.source, payload_sha256, event_id]
-                params = [row_id, self.source, event_type, event_id, text, payload_sha256, test_mode, now, *key, *key]
+                params = [
+                    *(row_id, self.source, event_type, event_id, text, payload_sha256, test_mode, now, seal),
+                    *key,
+                    *key,
+                ]
                 found = t.tx.fetchall(_PG_PUT.format(t=t.table), params)
             else:
                 found = t.tx.fetchall(_INSERT.format(t=t.table) + " RETURNING id, status, TRUE", values)

@@ -9,6 +9,13 @@ yet raises :class:`Held` naming what it waits for (``subscription 123``); an
 outcome's ``releases`` names what it brought, and the deliveries held for
 that run at once. ``Pipeline.retry`` runs the failed and stalled ones again.
 
+A stored row is applied again only if it is a delivery the provider signed:
+at ingest, once the signature verified, the row gets the provider's keyed
+``seal`` of its payload; a row read back (a retry, a held delivery released)
+whose seal is missing or wrong is refused (``failed``, ``refused: ...``) and
+never applied. Whoever can write ``webhook_events`` cannot forge a seal
+without the provider's secret.
+
 A provider implements :class:`Provider`; ``Pipeline(ledger, provider)`` is
 then its webhook receiver (``WebhookApp(pipeline)``), retry loop and inbox.
 """
@@ -16,16 +23,20 @@ then its webhook receiver (``WebhookApp(pipeline)``), retry loop and inbox.
 from __future__ import annotations
 
 import hashlib
+import hmac
+import json
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any, Literal, Protocol
 from uuid import UUID
 
 from ledger import Command, ConfigurationError, GroupCommit, InvalidArgument, Ledger, LedgerError, Receipt
 
-from .inbox import HELD_PREFIX, IGNORED_PREFIX, NOTE_PREFIX, Inbox, InboxRow
+from .inbox import HELD_PREFIX, IGNORED_PREFIX, NOTE_PREFIX, REFUSED_PREFIX, Inbox, InboxRow
 from .results import IngestResult
 
 log = logging.getLogger("adapters.webhooks")
@@ -140,6 +151,45 @@ class Provider(Protocol):
         provider's own time of the change, say)."""
         ...
 
+    def seal(self, data: bytes) -> str | None:
+        """A keyed digest of ``data`` (``sealed_bytes`` of a stored payload)
+        that only the holder of the provider's secret can compute: the
+        HMAC-SHA256 under the signing secret, say, in hex. None when the
+        provider has no secret (then it can neither ingest nor retry)."""
+        ...
+
+
+def _number(value: int | float) -> str:
+    # 100, 100.0 and 1e2 are one number: jsonb keeps a number's value, not
+    # its spelling, and gives 1e2 back as 100 (an int once decoded).
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)
+    number = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+    return "0" if number == 0 else str(number.normalize())
+
+
+def _canonical(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, int | float):
+        return _number(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ",".join(_canonical(v) for v in value) + "]"
+    if isinstance(value, dict):
+        items = sorted((str(k), v) for k, v in value.items())
+        return "{" + ",".join(f"{json.dumps(k, ensure_ascii=False)}:{_canonical(v)}" for k, v in items) + "}"
+    raise TypeError(f"not a JSON value: {type(value).__name__}")
+
+
+def sealed_bytes(source: str, payload: dict[str, Any]) -> bytes:
+    """What a row's seal covers: its ``source`` and its payload, in one
+    encoding whatever the backend made of the body (jsonb drops spacing and
+    key order and respells numbers), so that the payload read back from
+    either backend gives the bytes sealed at ingest."""
+    return _canonical([source, payload]).encode("utf-8", "surrogatepass")
+
 
 def attempt(run: Callable[[], Outcome]) -> Outcome:
     """``run()``, with Held and LedgerError as the outcomes they mean."""
@@ -213,6 +263,11 @@ class Pipeline:
     ) -> None:
         if type(stale_after_s) is not int or not 10 <= stale_after_s <= 86_400:
             raise ConfigurationError("stale_after_s must be an int of 10..86400")
+        if not callable(getattr(provider, "seal", None)):
+            raise ConfigurationError(
+                f"the provider {type(provider).__name__} has no seal(data): stored deliveries could not be "
+                "told from rows written by hand (docs/webhooks.md)"
+            )
         self.ledger = ledger
         self.provider = provider
         self.inbox = Inbox(ledger, provider.source)
@@ -261,6 +316,7 @@ class Pipeline:
                 test_mode=event.test_mode,
                 now=self.ledger.clock.now(),
                 payload_text=text,
+                seal=self.provider.seal(sealed_bytes(self.provider.source, event.payload)),
             )
         except Exception as exc:
             log.exception("could not store a %s delivery", self.provider.title)
@@ -332,14 +388,22 @@ class Pipeline:
     # -- processing --------------------------------------------------------------
 
     def process(
-        self, row: InboxRow, *, release: bool = True, event: Event | None = None, fresh: bool = False
+        self,
+        row: InboxRow,
+        *,
+        release: bool = True,
+        event: Event | None = None,
+        fresh: bool = False,
+        unsealed: bool = False,
     ) -> Outcome:
         """Applies one stored delivery and records the outcome; never raises
         for a bad delivery (the row says what went wrong). Then runs the
         deliveries that were held for what this one brought. ``event``: the
-        row's payload already parsed (by ingest). ``fresh``: the row was just
+        row's payload already parsed (by ingest); without it the row is read
+        back, and applied only if its seal checks (``unsealed``: also a row
+        without a seal, stored before seals). ``fresh``: the row was just
         stored, and must be on disk when this returns (see inbox)."""
-        outcome = self._outcome(row, event)
+        outcome = self._outcome(row, event, unsealed)
         now = self.ledger.clock.now()
         flush = fresh and not outcome.committed
         if outcome.status == "ignored":
@@ -363,8 +427,35 @@ class Pipeline:
             self.inbox.finish(row.row_id, status="failed", message=outcome.message, now=now, flush=flush)
         return outcome
 
-    def _outcome(self, row: InboxRow, event: Event | None) -> Outcome:
+    def _refusal(self, row: InboxRow, unsealed: bool) -> Outcome | None:
+        """Why a row read back must not be applied (an outcome ``failed``), or
+        None when its seal shows that the provider signed it."""
+        title = self.provider.title
+        if row.seal is None:
+            if unsealed:
+                log.warning("applying %s delivery %s, which has no seal (unsealed=True)", title, row.row_id)
+                return None
+            log.warning("refused %s delivery %s: it has no seal", title, row.row_id)
+            return Outcome(
+                "failed",
+                f"{REFUSED_PREFIX}no seal: stored before schema version 4, or not by the pipeline; "
+                "not applied (retry with unsealed=True applies such rows)",
+            )
+        expected = self.provider.seal(sealed_bytes(self.provider.source, row.payload))
+        if expected is None:
+            raise ConfigurationError(f"{title}: stored deliveries' seals are checked with the signing secret; give it")
+        if not hmac.compare_digest(expected.encode("utf-8"), row.seal.encode("utf-8", "surrogatepass")):
+            log.warning("refused %s delivery %s: its seal does not match its payload", title, row.row_id)
+            return Outcome(
+                "failed", f"{REFUSED_PREFIX}the seal does not match the payload: not a delivery {title} signed"
+            )
+        return None
+
+    def _outcome(self, row: InboxRow, event: Event | None, unsealed: bool = False) -> Outcome:
         if event is None:
+            refused = self._refusal(row, unsealed)
+            if refused is not None:
+                return refused
             try:
                 event = self.provider.load(row.payload)
             except Malformed as exc:
@@ -381,6 +472,15 @@ class Pipeline:
             return Outcome("failed", f"{type(exc).__name__}: {exc}")
 
     # -- held deliveries and retries --------------------------------------------
+
+    def _require_seals(self) -> None:
+        # Before any row is touched: without the secret no seal can be
+        # checked, and every row would be refused.
+        if self.provider.seal(b"") is None:
+            raise ConfigurationError(
+                f"{self.provider.title}: stored deliveries are applied again only once their seals are "
+                "checked, which takes the signing secret; give it"
+            )
 
     def _release(self, rows: list[InboxRow]) -> None:
         """Runs the deliveries that were held for what was just processed
@@ -401,7 +501,9 @@ class Pipeline:
     def run_held(self, waits_for: list[str], report: RetryReport, *, limit: int = MAX_RELEASED_AT_ONCE) -> None:
         """Runs the deliveries held for ``waits_for`` (``customer 45``, when
         the host has just said who that is), and those held for what they
-        bring, until none is left (at most ``limit``)."""
+        bring, until none is left (at most ``limit``). Rows without a valid
+        seal are refused, as by ``retry``."""
+        self._require_seals()
         done: set[UUID] = set()
         while waits_for and len(done) < limit:
             rows = [r for r in self.inbox.held(waits_for, limit=limit) if r.row_id not in done]
@@ -415,16 +517,26 @@ class Pipeline:
                 if outcome.status == "processed":
                     waits_for.extend(outcome.releases)
 
-    def retry(self, *, limit: int = 500, progress: Callable[[InboxRow, Outcome], None] | None = None) -> RetryReport:
+    def retry(
+        self,
+        *,
+        limit: int = 500,
+        progress: Callable[[InboxRow, Outcome], None] | None = None,
+        unsealed: bool = False,
+    ) -> RetryReport:
         """Reprocesses failed deliveries (and ones left ``received`` by a
         stopped process for ``stale_after_s``): each pass takes the ``limit``
         due deliveries tried the fewest times (see ``Inbox.due``, so that
         deliveries failing for good never starve newer ones) and applies them
         in the provider's order; up to RETRY_PASSES passes while one
         processes something, so that a delivery held for another one in the
-        batch goes through."""
+        batch goes through. A row whose seal is missing or wrong is refused
+        (``failed``, ``refused: ...``), never applied; ``unsealed=True``
+        applies the rows without a seal (stored before schema version 4),
+        each with a logged warning."""
         if type(limit) is not int or not 1 <= limit <= MAX_RETRY_BATCH:
             raise InvalidArgument(f"limit must be an int of 1..{MAX_RETRY_BATCH}")
+        self._require_seals()
         report = RetryReport()
         for _ in range(RETRY_PASSES):
             stale_before = self.ledger.clock.now() - timedelta(seconds=self.stale_after_s)
@@ -432,7 +544,7 @@ class Pipeline:
             rows.sort(key=self.provider.order)
             progressed = False
             for row in rows:
-                outcome = self.process(row, release=False)
+                outcome = self.process(row, release=False, unsealed=unsealed)
                 progressed |= outcome.status == "processed"
                 report.add(row, outcome)
                 if progress is not None:

@@ -28,7 +28,7 @@ ledger.ConfigurationError: schema 'Pingvas' must be a lowercase SQL identifier (
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ledger.errors import ConfigurationError
@@ -41,6 +41,7 @@ __all__ = [
     "check_schema",
     "render_postgres",
     "render_sqlite",
+    "sqlite_added_columns",
 ]
 
 #: The version of the library's DDL. Raise it whenever the DDL of a table
@@ -48,7 +49,7 @@ __all__ = [
 #: records it in ``ledger_schema_version``. A new table alone (a new view's)
 #: need not raise it: a store that lacks a registered table is migrated
 #: whatever version it recorded (``ViewStore.ensure_schema``).
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,10 @@ class Table:
     ``update_updated_at`` trigger; ``user_foreign_key`` is ``(constraint, ON
     DELETE action)`` of its ``user_id`` column's reference to the host's
     ``users(id)``, added only with ``user_foreign_keys=True``.
+    ``sqlite_added`` lists ``(column, definition)`` of the columns added to the
+    table since its first version: SQLite has no ``ADD COLUMN IF NOT EXISTS``,
+    so its migrate adds each one where missing (on PostgreSQL
+    ``postgres_after`` does it).
     """
 
     name: str
@@ -75,6 +80,7 @@ class Table:
     guard: tuple[str, ...] = ()
     updated_at: bool = False
     user_foreign_key: tuple[str, str] | None = None
+    sqlite_added: tuple[tuple[str, str], ...] = ()
 
 
 #: The versions of the DDL applied to a store: the schema-version table.
@@ -271,6 +277,30 @@ def render_sqlite(tables: Sequence[Table]) -> str:
         parts.append(table.sqlite)
         parts.append(_guard(table, table.name))
         parts.append(table.sqlite_after)
+        for column, definition in table.sqlite_added:
+            # A comment: SQLite cannot add a column only where missing, so
+            # the migrate step does it (sqlite_added_columns).
+            parts.append(
+                f"-- on a store of an earlier version, where missing: ALTER TABLE {table.name} "
+                f"ADD COLUMN {column} {definition}\n"
+            )
         if table.updated_at:
             parts.append(_sqlite_updated_at_trigger(table.name, table.sqlite))
     return "".join(parts).replace("{UUID}", _SQLITE_UUID).replace("{NOW}", _SQLITE_NOW)
+
+
+def sqlite_added_columns(tables: Sequence[Table], columns: Callable[[str], Sequence[str]]) -> list[str]:
+    """The ``ALTER TABLE ... ADD COLUMN`` statements that bring ``tables``, as
+    SQLite holds them (``columns(table)`` lists a table's columns), to this
+    version: one for each column of ``sqlite_added`` that is missing."""
+    statements: list[str] = []
+    for table in tables:
+        if not table.sqlite_added:
+            continue
+        present = set(columns(table.name))
+        statements.extend(
+            f"ALTER TABLE {table.name} ADD COLUMN {column} {definition}"
+            for column, definition in table.sqlite_added
+            if column not in present
+        )
+    return statements

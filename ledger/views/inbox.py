@@ -32,12 +32,17 @@ CREATE TABLE IF NOT EXISTS {S}.webhook_events (
     payload_sha256 CHAR(64) NOT NULL,  -- hex SHA-256 of the raw request body
     test_mode BOOLEAN NOT NULL DEFAULT FALSE,
     attempts INT NOT NULL DEFAULT 0,
+    -- ledger deviation 14 (schema version 4): the provider's keyed seal of
+    -- the stored payload, checked before a stored delivery is applied again
+    seal TEXT,
 
     -- ledger deviation 6: a CHECK on status
     CONSTRAINT chk_webhook_events_status CHECK (status IN ('received', 'processed', 'failed'))
 );
 """,
     postgres_after="""
+-- ledger deviation 14: a table of schema version 3 gains seal (idempotent).
+ALTER TABLE {S}.webhook_events ADD COLUMN IF NOT EXISTS seal TEXT;
 CREATE INDEX IF NOT EXISTS idx_webhook_events_source ON {S}.webhook_events(source);
 CREATE INDEX IF NOT EXISTS idx_webhook_events_status ON {S}.webhook_events(status);
 CREATE INDEX IF NOT EXISTS idx_webhook_events_created ON {S}.webhook_events(created_at);
@@ -64,6 +69,8 @@ CREATE TABLE IF NOT EXISTS webhook_events (
     payload_sha256 TEXT NOT NULL,  -- CHAR(64)
     test_mode INTEGER NOT NULL DEFAULT 0 CHECK (test_mode IN (0, 1)),
     attempts INTEGER NOT NULL DEFAULT 0,
+    -- ledger deviation 14 (schema version 4)
+    seal TEXT,
 
     -- ledger deviation 6
     CONSTRAINT chk_webhook_events_status CHECK (status IN ('received', 'processed', 'failed'))
@@ -81,4 +88,6 @@ CREATE UNIQUE INDEX IF NOT EXISTS uq_webhook_events_payload
 ON webhook_events(source, payload_sha256);
 """,
     guard=("payload_sha256", "test_mode", "attempts"),
+    # ledger deviation 14: added where missing by the migrate step.
+    sqlite_added=(("seal", "TEXT"),),
 )

@@ -14,7 +14,7 @@ from uuid import UUID
 from eventsourcing.persistence import OperationalError
 from eventsourcing.sqlite import SQLiteCursor, SQLiteDatastore, SQLiteTrackingRecorder, SQLiteTransaction
 
-from ledger.storage.ddl import SCHEMA_VERSION, Table, render_sqlite
+from ledger.storage.ddl import SCHEMA_VERSION, Table, render_sqlite, sqlite_added_columns
 from ledger.storage.viewstore import ViewStore, ViewTx, naive_utc, normalise, tracking_for
 
 
@@ -72,6 +72,13 @@ class SQLiteViewStore(ViewStore):
         self.refuse_seed_shaped(tables)
         with self.datastore.transaction(commit=True) as cursor:
             for statement in _statements(render_sqlite(tables)):
+                cursor.execute(statement)
+
+            def columns(table: str) -> list[str]:
+                cursor.execute(f"PRAGMA table_info({table})")
+                return [row[1] for row in cursor.fetchall()]
+
+            for statement in sqlite_added_columns(tables, columns):
                 cursor.execute(statement)
             cursor.execute(
                 "INSERT OR IGNORE INTO ledger_schema_version (version, applied_at) VALUES (?, datetime('now'))",
