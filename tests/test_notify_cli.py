@@ -231,3 +231,57 @@ def test_the_long_running_notifier_stops_cleanly(durable_url: str, receiver: Rec
     assert len(receiver.received) == want + 1  # the spend's balance.low (debits are not notified)
     assert receiver.received[-1]["type"] == "balance.low"
     assert "stopped at position" in err
+
+
+class EndlessBody(BaseHTTPRequestHandler):
+    """Answers every POST with ``status`` and a chunked body that never ends,
+    one small chunk at a time, each well within the notifier's timeout."""
+
+    protocol_version = "HTTP/1.1"
+    status = 200
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(self.status)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            while True:
+                self.wfile.write(b"1\r\nx\r\n")
+                self.wfile.flush()
+                time.sleep(0.02)
+        except OSError:
+            return  # the notifier hung up
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("status", [200, 500])
+def test_an_endless_answer_body_does_not_hold_the_notifier(status: int) -> None:
+    handler = type("Handler", (EndlessBody,), {"status": status})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with Ledger("memory://") as ledger:
+            ledger.grant(USERS[0], 100, "purchase", key="g")
+            policy = RetryPolicy(max_attempts=1, timeout_s=0.5)
+            url = f"http://127.0.0.1:{server.server_address[1]}/hooks"
+            with Notifier(ledger.outbox("hooks"), url, SECRET, policy=policy) as notifier:
+                reports: list[Any] = []
+                worker = threading.Thread(target=lambda: reports.append(notifier.run_once()), daemon=True)
+                worker.start()
+                worker.join(timeout=15)
+                assert not worker.is_alive(), "the notifier is still reading the answer's body"
+                notifier.stop.set()
+            [report] = reports
+            if status == 200:
+                assert (report.delivered, report.dead) == (1, 0)  # the status is the answer
+            else:
+                assert (report.delivered, report.dead) == (0, 1)
+                [letter] = ledger.outbox("hooks").dead_letters()
+                assert letter.last_error.startswith("HTTP 500: x")
+    finally:
+        server.shutdown()
+        server.server_close()
