@@ -285,3 +285,25 @@ def test_an_endless_answer_body_does_not_hold_the_notifier(status: int) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_redrive_all_and_list_dead_reach_past_a_thousand_dead_letters(durable_url: str) -> None:
+    receiver = Receiver(fail_first=10**6)
+    try:
+        with Ledger(durable_url) as ledger:
+            for i in range(1_001):
+                ledger.grant(UUID(int=100 + i), 1, "purchase", key=f"g:{i}")
+            outbox = ledger.outbox("hooks")
+            policy = RetryPolicy(max_attempts=1)
+            with Notifier(outbox, receiver.url, SECRET, policy=policy) as notifier:
+                assert notifier.run_once(limit=1_000).dead == 1_000
+                assert notifier.run_once(limit=1_000).dead == 1
+                listed = _notify(durable_url, "--consumer", "hooks", "--list-dead")
+                assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 1_001
+                receiver.fail_first = 0
+                assert notifier.redrive().delivered == 1_001
+            assert outbox.dead_letters() == []
+            paged = [d.position for d in outbox.all_dead_letters(status="redelivered", page=7)]
+            assert len(paged) == 1_001 and paged == sorted(set(paged))
+    finally:
+        receiver.close()

@@ -233,7 +233,7 @@ class Notifier:
         order; one delivered is marked ``redelivered``, one that fails again stays dead."""
         wanted = None if ids is None else set(ids)
         report = DeliveryReport()
-        for letter in self.outbox.dead_letters(status="dead"):
+        for letter in self.outbox.all_dead_letters():
             if wanted is not None and letter.notification_id not in wanted:
                 continue
             notification = self.outbox.at(letter.position)
