@@ -362,6 +362,11 @@ def test_verify_signature_accepts_what_was_signed_and_refuses_the_rest() -> None
         ("missing_timestamp", dict(timestamp=None)),
         ("missing_timestamp", dict(timestamp="12.5")),
         ("missing_signature", dict(signature="")),
+        # Hostile header values are refused as such, never a ValueError or TypeError.
+        ("missing_timestamp", dict(timestamp="\u00b2")),
+        ("missing_timestamp", dict(timestamp="1" * 5_000)),
+        ("missing_timestamp", dict(timestamp="\u0661\u0660\u0660\u0660\u0660\u0660\u0660")),
+        ("mismatch", dict(signature="v1=\u00e9")),
     ]
     for reason, change in cases:
         args: dict[str, object] = {

@@ -231,3 +231,79 @@ def test_the_long_running_notifier_stops_cleanly(durable_url: str, receiver: Rec
     assert len(receiver.received) == want + 1  # the spend's balance.low (debits are not notified)
     assert receiver.received[-1]["type"] == "balance.low"
     assert "stopped at position" in err
+
+
+class EndlessBody(BaseHTTPRequestHandler):
+    """Answers every POST with ``status`` and a chunked body that never ends,
+    one small chunk at a time, each well within the notifier's timeout."""
+
+    protocol_version = "HTTP/1.1"
+    status = 200
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(self.status)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            while True:
+                self.wfile.write(b"1\r\nx\r\n")
+                self.wfile.flush()
+                time.sleep(0.02)
+        except OSError:
+            return  # the notifier hung up
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("status", [200, 500])
+def test_an_endless_answer_body_does_not_hold_the_notifier(status: int) -> None:
+    handler = type("Handler", (EndlessBody,), {"status": status})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with Ledger("memory://") as ledger:
+            ledger.grant(USERS[0], 100, "purchase", key="g")
+            policy = RetryPolicy(max_attempts=1, timeout_s=0.5)
+            url = f"http://127.0.0.1:{server.server_address[1]}/hooks"
+            with Notifier(ledger.outbox("hooks"), url, SECRET, policy=policy) as notifier:
+                reports: list[Any] = []
+                worker = threading.Thread(target=lambda: reports.append(notifier.run_once()), daemon=True)
+                worker.start()
+                worker.join(timeout=15)
+                assert not worker.is_alive(), "the notifier is still reading the answer's body"
+                notifier.stop.set()
+            [report] = reports
+            if status == 200:
+                assert (report.delivered, report.dead) == (1, 0)  # the status is the answer
+            else:
+                assert (report.delivered, report.dead) == (0, 1)
+                [letter] = ledger.outbox("hooks").dead_letters()
+                assert letter.last_error.startswith("HTTP 500: x")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_redrive_all_and_list_dead_reach_past_a_thousand_dead_letters(durable_url: str) -> None:
+    receiver = Receiver(fail_first=10**6)
+    try:
+        with Ledger(durable_url) as ledger:
+            for i in range(1_001):
+                ledger.grant(UUID(int=100 + i), 1, "purchase", key=f"g:{i}")
+            outbox = ledger.outbox("hooks")
+            policy = RetryPolicy(max_attempts=1)
+            with Notifier(outbox, receiver.url, SECRET, policy=policy) as notifier:
+                assert notifier.run_once(limit=1_000).dead == 1_000
+                assert notifier.run_once(limit=1_000).dead == 1
+                listed = _notify(durable_url, "--consumer", "hooks", "--list-dead")
+                assert listed.returncode == 0 and len(listed.stdout.splitlines()) == 1_001
+                receiver.fail_first = 0
+                assert notifier.redrive().delivered == 1_001
+            assert outbox.dead_letters() == []
+            paged = [d.position for d in outbox.all_dead_letters(status="redelivered", page=7)]
+            assert len(paged) == 1_001 and paged == sorted(set(paged))
+    finally:
+        receiver.close()

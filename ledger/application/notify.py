@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,8 @@ log = logging.getLogger("ledger.notify")
 #: The longest a receiver may take to answer one POST, by default.
 DEFAULT_TIMEOUT_S = 10.0
 MAX_ATTEMPTS = 100
+#: How much of a failed answer's body is kept in the log and the dead letter.
+ERROR_BODY_BYTES = 200
 
 
 @dataclass(frozen=True)
@@ -122,12 +125,24 @@ class Notifier:
             **signed_headers(self.secret, body),
         }
         try:
-            response = self.client.post(self.url, content=body, headers=headers)
+            # Streamed: the status decides, and the body is only read for the
+            # error's first bytes. Reading it all would let a receiver that
+            # answers with an endless (or huge) body hold the notifier forever,
+            # past the timeout (which bounds each read, not the whole body) and
+            # past SIGTERM, or fill its memory.
+            with self.client.stream("POST", self.url, content=body, headers=headers) as response:
+                if response.is_success:
+                    return None
+                head = b""
+                deadline = time.monotonic() + self.policy.timeout_s
+                for chunk in response.iter_bytes():
+                    head += chunk
+                    if len(head) >= ERROR_BODY_BYTES or time.monotonic() > deadline:
+                        break
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}"
-        if response.is_success:
-            return None
-        return f"HTTP {response.status_code}: {response.text[:200]}"
+        text = head[:ERROR_BODY_BYTES].decode("utf-8", "replace")
+        return f"HTTP {response.status_code}: {text}"
 
     def deliver(self, notification: Notification) -> tuple[bool, int, str]:
         """Tries until delivered or out of tries: (delivered, tries, last error).
@@ -218,7 +233,7 @@ class Notifier:
         order; one delivered is marked ``redelivered``, one that fails again stays dead."""
         wanted = None if ids is None else set(ids)
         report = DeliveryReport()
-        for letter in self.outbox.dead_letters(status="dead"):
+        for letter in self.outbox.all_dead_letters():
             if wanted is not None and letter.notification_id not in wanted:
                 continue
             notification = self.outbox.at(letter.position)

@@ -26,6 +26,8 @@ TYPE_HEADER = "Pingvas-Notification-Type"
 DEFAULT_TOLERANCE_S = 300
 #: The shortest secret the sender and ``verify_signature`` take.
 MIN_SECRET_BYTES = 16
+#: A Unix time in whole seconds has 10 digits until the year 2286.
+MAX_TIMESTAMP_DIGITS = 12
 _SCHEME = "v1="
 
 
@@ -61,9 +63,13 @@ def verify_signature(
     and that its ``timestamp`` header is within ``tolerance_s`` of now.
     Raises InvalidSignature (``reason`` says which check failed); returns None when it holds."""
     key = _key(secret)
-    if not timestamp or not timestamp.strip().isdigit():
+    # ASCII digits, and few of them: str.isdigit alone takes "²", which int()
+    # refuses, and a few thousand digits exceed int()'s limit. Either raised
+    # ValueError, which a receiver catching InvalidSignature answers with a 500.
+    digits = timestamp.strip() if isinstance(timestamp, str) else ""
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= MAX_TIMESTAMP_DIGITS):
         raise InvalidSignature("missing_timestamp", "the timestamp header is missing or not whole seconds")
-    stamp = int(timestamp.strip())
+    stamp = int(digits)
     now = time.time() if now_s is None else now_s
     if abs(now - stamp) > tolerance_s:
         raise InvalidSignature(
@@ -73,6 +79,11 @@ def verify_signature(
         raise InvalidSignature("missing_signature", "the signature header is missing")
     expected = hmac.new(key, f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
     # The header may carry several signatures (a secret being rotated), comma separated.
-    given = [part.strip()[len(_SCHEME) :] for part in signature.split(",") if part.strip().startswith(_SCHEME)]
+    # compare_digest raises TypeError on a non-ASCII str: such a part cannot match anyway.
+    given = [
+        part.strip()[len(_SCHEME) :]
+        for part in signature.split(",")
+        if part.strip().startswith(_SCHEME) and part.isascii()
+    ]
     if not any(hmac.compare_digest(expected, g) for g in given):
         raise InvalidSignature("mismatch", "the signature does not match the body and timestamp")

@@ -100,7 +100,7 @@ def notify(
     with Ledger(_url(ledger_url), create=False) as ledger:
         outbox = ledger.outbox(consumer, types=types or None)
         if list_dead:
-            for letter in outbox.dead_letters(status="dead"):
+            for letter in outbox.all_dead_letters():
                 row = {k: str(v) if isinstance(v, UUID) else v for k, v in letter.__dict__.items()}
                 click.echo(json.dumps(row, default=str, sort_keys=True))
             return

@@ -456,14 +456,20 @@ class Outbox:
             ],
         )
 
-    def dead_letters(self, *, status: str = "dead", limit: int = 1_000) -> list[DeadLetter]:
-        """This consumer's dead letters in log order (``status`` ``dead``, ``redelivered`` or ``all``)."""
+    def dead_letters(self, *, status: str = "dead", limit: int = 1_000, after: int | None = None) -> list[DeadLetter]:
+        """This consumer's dead letters in log order (``status`` ``dead``, ``redelivered`` or ``all``),
+        at most ``limit`` of them, from the first after log position ``after`` (to page on)."""
         if status not in ("dead", "redelivered", "all"):
             raise InvalidArgument(f"status must be dead, redelivered or all, got {status!r}", param="status")
         if type(limit) is not int or not 1 <= limit <= 10_000:
             raise InvalidArgument(f"limit must be within 1..10000, got {limit!r}", param="limit")
+        if after is not None and type(after) is not int:
+            raise InvalidArgument(f"after must be a log position, got {after!r}", param="after")
         where = "" if status == "all" else " AND status = %s"
         params: list[Any] = [self.name] if status == "all" else [self.name, status]
+        if after is not None:
+            where += " AND position > %s"
+            params.append(after)
         table = self.store.qualified("notification_dead_letters")
         rows = self.store.read(
             "SELECT consumer, notification_id, position, type, user_id, attempts, last_error, status, dead_at, "
@@ -485,6 +491,14 @@ class Outbox:
             )
             for r in rows
         ]
+
+    def all_dead_letters(self, *, status: str = "dead", page: int = 1_000) -> Iterator[DeadLetter]:
+        """Every one of this consumer's dead letters in log order, read ``page`` at a time
+        (``dead_letters`` alone stops at its ``limit``)."""
+        after: int | None = None
+        while letters := self.dead_letters(status=status, limit=page, after=after):
+            yield from letters
+            after = letters[-1].position
 
     def mark_redelivered(self, notification_id: UUID) -> None:
         with self.store.transaction() as tx:
