@@ -52,6 +52,7 @@ from ledger.errors import (
 )
 from ledger.storage.eventstore import LedgerApplication, get_or_none
 from ledger.storage.streams import CHUNK_IDS, StreamReader
+from ledger.storage.writelocks import MAX_LOCKED_FIRST
 
 T = TypeVar("T")
 
@@ -544,13 +545,19 @@ class Engine:
         # A single command's attempt runs in a write session: an account
         # other processes write is locked before it is read, until the
         # save commits (ledger.storage.writelocks). A batch stays optimistic.
+        # An attempt whose save clashed locks the aggregates it clashed on
+        # before the next attempt reads them (a batch's too): other writers
+        # keep changing those, and a batch that only retried lost to them
+        # every time. Single commands' saves take their account's lock, so
+        # they wait for such a batch instead of beating it.
         locks = self.app.write_locks
+        clashed_on: list[UUID] = []
         backoff = 0
         while True:
             if backoff:
                 clash_backoff(backoff)  # outside the session: nothing is held while waiting
                 backoff = 0
-            with locks.attempt(len(commands)):
+            with locks.attempt(len(commands), clashed=clashed_on):
                 unit = Unit(self.app, self.reader, now or self.clock.now(), self.policy)
                 if len(commands) > 1:
                     self._prefetch(unit, [c for c in commands if c.key not in known])
@@ -576,7 +583,11 @@ class Engine:
                 counters.add("attempts")
                 try:
                     position = self.app.save_all(unit.pending())
-                except IntegrityError:
+                except IntegrityError as exc:
+                    aggregate_id = locks.clashed_on(exc)
+                    if aggregate_id is not None and aggregate_id not in clashed_on:
+                        clashed_on.append(aggregate_id)
+                        del clashed_on[MAX_LOCKED_FIRST:]  # the first ones stay locked
                     counted = self.clashed(unit, first_by_key, known, conflicts)
                     backoff, conflicts = (counted if counted > conflicts else 0), counted
                     continue

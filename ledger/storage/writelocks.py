@@ -13,12 +13,15 @@ So a backend that can lock offers a *write session*: inside it, the first
 shared account a command reads (one that clashed before:
 ``ledger.storage.freshness``) is locked before it is read, in the transaction
 the command's save then commits, which releases the lock. Writers of that
-account then take turns instead of clashing. One account at most is locked
-per session: the lock is always taken before the events table's, and no
-session waits for a lock while holding another account's, so sessions cannot
-deadlock each other. The unique (aggregate, version) constraint still decides
-every save; the lock only keeps writers from losing to it
-(docs/decisions.md, "Hot accounts are locked, not retried").
+account then take turns instead of clashing. A lone command whose session
+locked nothing takes its account's lock in its save message, and an attempt
+whose save clashed locks the aggregates it clashed on before its next
+attempt reads (a batch's too: see ``attempt``). Account locks are always
+taken before the events table's, in the order of their keys, and whoever
+holds the events table's lock is committing, so sessions cannot deadlock
+each other. The unique (aggregate, version) constraint still decides every
+save; the locks only keep writers from losing to it (docs/decisions.md,
+"Hot accounts are locked, not retried").
 
 This module's ``WriteLocks`` is the backend without locks (memory: one
 process; SQLite: one writer at a time already): sessions do nothing and reads
@@ -28,11 +31,15 @@ go straight to the store.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 from uuid import UUID
 
 from eventsourcing.persistence import StoredEvent
+
+#: At most this many aggregates a session locks before anything is read
+#: (a batch's attempt after its saves clashed on them).
+MAX_LOCKED_FIRST = 64
 
 
 class WriteLocks:
@@ -41,17 +48,27 @@ class WriteLocks:
     def __init__(self, recorder: Any) -> None:
         self.recorder = recorder
 
-    def attempt(self, commands: int) -> contextlib.AbstractContextManager[None]:
+    def attempt(self, commands: int, *, clashed: Sequence[UUID] = ()) -> contextlib.AbstractContextManager[None]:
         """What an attempt at ``commands`` commands in one transaction runs
-        in: a write session for a lone command; nothing for a batch, which
-        stays optimistic (it reads its accounts in bulk, and locking them
-        would hold many locks across its work)."""
-        return self.session() if commands == 1 else contextlib.nullcontext()
+        in: a write session for a lone command; for a batch, nothing (it
+        stays optimistic: it reads its accounts in bulk, and locking them
+        all would hold many locks across its work) until its saves clashed
+        on aggregates other writers keep changing (``clashed``, from
+        ``clashed_on``): then a session that locks those first."""
+        if commands == 1 or clashed:
+            return self.session(first=clashed)
+        return contextlib.nullcontext()
 
     @contextlib.contextmanager
-    def session(self) -> Iterator[None]:
-        """One attempt at a command: what it locks is released when this ends."""
+    def session(self, *, first: Sequence[UUID] = ()) -> Iterator[None]:
+        """One attempt at a command or a batch: ``first`` are locked before
+        anything is read; what it locks is released when this ends."""
         yield
+
+    def clashed_on(self, error: BaseException) -> UUID | None:
+        """The aggregate a refused save clashed on, where the store names it
+        (None: it does not)."""
+        return None
 
     def events_after(self, aggregate_id: UUID, version: int, *, lock: bool) -> list[StoredEvent]:
         """The aggregate's stored events after ``version``, in order. With

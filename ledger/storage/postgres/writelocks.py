@@ -3,9 +3,10 @@ transaction-scoped advisory lock per account, taken in the transaction that
 then saves the command's events.
 
 A session pins one pooled connection to its thread from its first locked read
-to its end, so the thread's other reads and its save run on that connection,
-inside the transaction that holds the lock (and one thread never holds two of
-the pool's connections, which could exhaust it). The lock is released by the
+(or the locks an attempt takes first) to its end, so the thread's other reads
+and its save run on that connection, inside the transaction that holds the
+lock (and one thread never holds two of the pool's connections, which could
+exhaust it). The lock is released by the
 save's COMMIT, or by the ROLLBACK that ends a session whose command failed.
 
 The lock's key is the account id hashed with the events table's schema and
@@ -18,19 +19,26 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from uuid import UUID
 
 import psycopg
 from eventsourcing.persistence import InterfaceError, InternalError, OperationalError, StoredEvent
+from psycopg.errors import UniqueViolation
 from psycopg.pq import TransactionStatus
 
+from ledger.domain.credits import CreditAccount
 from ledger.storage.postgres.recorder import translated_errors
-from ledger.storage.writelocks import WriteLocks
+from ledger.storage.writelocks import MAX_LOCKED_FIRST, WriteLocks
 
 log = logging.getLogger("ledger.storage")
+
+_CLASHED_KEY = re.compile(r"\(originator_id, originator_version\)=\(([0-9a-fA-F-]{36}), -?\d+\)")
+#: The topics of an account's events (its Opened, Granted, Reserved, ...).
+_ACCOUNT_TOPICS = CreditAccount.TOPIC + "."
 
 
 def _usable(conn: Any) -> bool:
@@ -85,6 +93,7 @@ class PostgresWriteLocks(WriteLocks):
         self._pool_checkout: Callable[[], contextlib.AbstractContextManager[Any]] = datastore.get_connection
         datastore.get_connection = self._get_connection
         recorder.open_transaction = self.open_transaction
+        recorder.save_locks = self.save_locks
 
     def _session(self) -> _Session | None:
         session: _Session | None = getattr(self._local, "session", None)
@@ -107,17 +116,75 @@ class PostgresWriteLocks(WriteLocks):
             yield conn
 
     @contextlib.contextmanager
-    def session(self) -> Iterator[None]:
+    def session(self, *, first: Sequence[UUID] = ()) -> Iterator[None]:
         if self._session() is not None:  # nested (a command run inside another's attempt): the outer one locks
             yield
             return
         session = _Session()
         try:
             self._local.session = session
+            if first:
+                self._lock_first(session, first)
             yield
         finally:
             self._local.session = None
             session.release()
+
+    def _lock_first(self, session: _Session, aggregate_ids: Sequence[UUID]) -> None:
+        """Opens the session's transaction and locks these aggregates before
+        anything is read, in the order of their keys (see the module's text
+        for why no two sessions then wait for each other). Locks nothing, and
+        the attempt goes on optimistic, if the connection or the wait fails,
+        as a locked read does."""
+        assert 0 < len(aggregate_ids) <= MAX_LOCKED_FIRST, len(aggregate_ids)
+        session.tried = True
+        keys = sorted({self.lock_key(i) for i in aggregate_ids})
+        locks = "; ".join(f"SELECT pg_advisory_xact_lock({key})" for key in keys)
+        try:
+            conn = session.pin(self._pool_checkout())
+            if conn.info.transaction_status != TransactionStatus.IDLE:
+                raise InternalError("a write session's connection is already inside a transaction")
+            with translated_errors(), conn.cursor() as curs:
+                curs.execute(f"BEGIN; {self._lock_timeout}; {locks}".encode())
+                while curs.nextset():
+                    pass
+        except (InterfaceError, OperationalError) as exc:
+            log.warning("%d aggregates not locked before an attempt: %s", len(keys), exc)
+            session.release()
+            return
+        session.locked = aggregate_ids[0]
+
+    def save_locks(self, stored_events: Sequence[StoredEvent]) -> str:
+        """The statements a save sends before the events table's lock: the
+        advisory lock of the one account a lone command's save writes, unless
+        its session holds its locks already. So a lone command waits for a
+        session (a clashed batch's) that locked the account, instead of
+        committing under it whatever its cache made of the account; the
+        unique constraint then refuses its stale save and it runs again. A
+        batch's save locks nothing (thousands of locks would fill the
+        server's lock table)."""
+        session = self._session()
+        if session is None or session.tried:
+            return ""
+        accounts = {e.originator_id for e in stored_events if e.topic.startswith(_ACCOUNT_TOPICS)}
+        if len(accounts) != 1:
+            return ""
+        account = accounts.pop()
+        return f"SELECT pg_advisory_xact_lock({self.lock_key(UUID(str(account)))}); "
+
+    def clashed_on(self, error: BaseException) -> UUID | None:
+        """The aggregate named by the unique violation that refused a save
+        (PostgreSQL's detail: ``Key (originator_id, originator_version)=(…, 5)
+        already exists.``)."""
+        cause: BaseException | None = error
+        for _ in range(8):  # eventsourcing's error, then psycopg's (bounded: causes can loop)
+            if cause is None:
+                return None
+            if isinstance(cause, UniqueViolation):
+                found = _CLASHED_KEY.search(cause.diag.message_detail or "")
+                return UUID(found.group(1)) if found else None
+            cause = cause.__cause__ or cause.__context__
+        return None
 
     def lock_key(self, aggregate_id: UUID) -> int:
         """A signed 64-bit advisory lock key for the aggregate in this events table."""
