@@ -548,8 +548,8 @@ class Engine:
         # An attempt whose save clashed locks the aggregates it clashed on
         # before the next attempt reads them (a batch's too): other writers
         # keep changing those, and a batch that only retried lost to them
-        # every time. Single commands' saves take their account's lock, so
-        # they wait for such a batch instead of beating it.
+        # every time. Their other writers, which share them, lock their
+        # reads, and so wait for it.
         locks = self.app.write_locks
         clashed_on: list[UUID] = []
         backoff = 0

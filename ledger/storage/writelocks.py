@@ -13,15 +13,15 @@ So a backend that can lock offers a *write session*: inside it, the first
 shared account a command reads (one that clashed before:
 ``ledger.storage.freshness``) is locked before it is read, in the transaction
 the command's save then commits, which releases the lock. Writers of that
-account then take turns instead of clashing. A lone command whose session
-locked nothing takes its account's lock in its save message, and an attempt
-whose save clashed locks the aggregates it clashed on before its next
-attempt reads (a batch's too: see ``attempt``). Account locks are always
-taken before the events table's, in the order of their keys, and whoever
-holds the events table's lock is committing, so sessions cannot deadlock
-each other. The unique (aggregate, version) constraint still decides every
-save; the locks only keep writers from losing to it (docs/decisions.md,
-"Hot accounts are locked, not retried").
+account then take turns instead of clashing. An attempt whose save clashed
+locks the aggregates it clashed on before its next attempt reads (a batch's
+too: see ``attempt``). Account locks are always taken before the events
+table's, in the order of their keys, no session waits for an account's lock
+while holding one taken out of that order, and whoever holds the events
+table's lock is committing, so sessions cannot deadlock each other. The
+unique (aggregate, version) constraint still decides every save; the locks
+only keep writers from losing to it (docs/decisions.md, "Hot accounts are
+locked, not retried").
 
 This module's ``WriteLocks`` is the backend without locks (memory: one
 process; SQLite: one writer at a time already): sessions do nothing and reads

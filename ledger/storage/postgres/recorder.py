@@ -143,19 +143,16 @@ class LedgerPostgresRecorder(PostgresApplicationRecorder):
         self.lock_timeout_statement = (
             sql.SQL("SET LOCAL lock_timeout = '{}s'").format(sql.Literal(self.datastore.lock_timeout)).as_string(None)
         )
-        #: The statements before the insert, inside its transaction, after
-        #: the lock timeout and any account lock (``save_locks``).
-        self._table_lock_text = (
-            sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE; NOTIFY {}")
-            .format(table, sql.Identifier(self.channel_name))
-            .as_string(None)
+        #: The statements before the insert, inside its transaction.
+        self._table_lock = sql.SQL("{}; LOCK TABLE {} IN EXCLUSIVE MODE; NOTIFY {}").format(
+            sql.SQL(self.lock_timeout_statement), table, sql.Identifier(self.channel_name)
         )
+        self._prelude = sql.SQL("BEGIN; {}").format(self._table_lock)
+        self._prelude_text = self._prelude.as_string(None)
+        self._table_lock_text = self._table_lock.as_string(None)
         #: Set by the backend: the transaction a write session locked an
         #: account in, for the save to commit (``ledger.storage.writelocks``).
         self.open_transaction: Callable[[], Any] = lambda: None
-        #: Set by the backend: the statements that lock, before the events
-        #: table, the account a lone command's save writes (``ledger.storage.writelocks``).
-        self.save_locks: Callable[[Sequence[StoredEvent]], str] = lambda stored_events: ""
         # ON COMMIT DELETE ROWS: the staging rows vanish with the transaction.
         self._staging_ddl = sql.SQL(
             "CREATE TEMP TABLE IF NOT EXISTS pingvas_ledger_staging (ordinal int4, originator_id uuid, "
@@ -182,7 +179,7 @@ class LedgerPostgresRecorder(PostgresApplicationRecorder):
             f"'\\x{e.state.hex()}'::bytea)"
             for e in stored_events
         )
-        prelude = self._prelude(stored_events, begin=begin)
+        prelude = self._prelude_text if begin else self._table_lock_text
         query = (
             f"{prelude}; INSERT INTO {self._table_text} (originator_id, originator_version, topic, state) "
             f"VALUES {rows} RETURNING notification_id; COMMIT"
@@ -204,16 +201,6 @@ class LedgerPostgresRecorder(PostgresApplicationRecorder):
         if len(ids) != len(stored_events):
             raise InternalError(f"{len(stored_events)} events inserted, {len(ids)} notification ids returned")
         return ids
-
-    def _prelude(self, stored_events: Sequence[StoredEvent], *, begin: bool) -> str:
-        """BEGIN (unless a write session's transaction is open), the lock
-        timeout, the account's lock if the save takes one, the events
-        table's lock and the NOTIFY: always in this order, account before
-        table (``ledger.storage.writelocks``)."""
-        return (
-            f"{'BEGIN; ' if begin else ''}{self.lock_timeout_statement}; "
-            f"{self.save_locks(stored_events)}{self._table_lock_text}"
-        )
 
     def _insert_rows(self, curs: Any, stored_events: Sequence[StoredEvent]) -> None:
         if len(stored_events) <= VALUES_MAX_ROWS:
@@ -306,7 +293,7 @@ class LedgerPostgresRecorder(PostgresApplicationRecorder):
             if len(stored_events) <= VALUES_MAX_ROWS and plain and _literals_safe(conn, stored_events):
                 return self._insert_in_one_round_trip(conn, curs, stored_events, begin=begin)
             try:
-                curs.execute(self._prelude(stored_events, begin=begin).encode())
+                curs.execute(self._prelude if begin else self._table_lock)
                 # The lock must be held until COMMIT, or notification ids could
                 # be committed out of order: insert only inside the transaction.
                 if conn.info.transaction_status != TransactionStatus.INTRANS:

@@ -30,15 +30,12 @@ from eventsourcing.persistence import InterfaceError, InternalError, Operational
 from psycopg.errors import UniqueViolation
 from psycopg.pq import TransactionStatus
 
-from ledger.domain.credits import CreditAccount
 from ledger.storage.postgres.recorder import translated_errors
 from ledger.storage.writelocks import MAX_LOCKED_FIRST, WriteLocks
 
 log = logging.getLogger("ledger.storage")
 
 _CLASHED_KEY = re.compile(r"\(originator_id, originator_version\)=\(([0-9a-fA-F-]{36}), -?\d+\)")
-#: The topics of an account's events (its Opened, Granted, Reserved, ...).
-_ACCOUNT_TOPICS = CreditAccount.TOPIC + "."
 
 
 def _usable(conn: Any) -> bool:
@@ -93,7 +90,6 @@ class PostgresWriteLocks(WriteLocks):
         self._pool_checkout: Callable[[], contextlib.AbstractContextManager[Any]] = datastore.get_connection
         datastore.get_connection = self._get_connection
         recorder.open_transaction = self.open_transaction
-        recorder.save_locks = self.save_locks
 
     def _session(self) -> _Session | None:
         session: _Session | None = getattr(self._local, "session", None)
@@ -153,24 +149,6 @@ class PostgresWriteLocks(WriteLocks):
             session.release()
             return
         session.locked = aggregate_ids[0]
-
-    def save_locks(self, stored_events: Sequence[StoredEvent]) -> str:
-        """The statements a save sends before the events table's lock: the
-        advisory lock of the one account a lone command's save writes, unless
-        its session holds its locks already. So a lone command waits for a
-        session (a clashed batch's) that locked the account, instead of
-        committing under it whatever its cache made of the account; the
-        unique constraint then refuses its stale save and it runs again. A
-        batch's save locks nothing (thousands of locks would fill the
-        server's lock table)."""
-        session = self._session()
-        if session is None or session.tried:
-            return ""
-        accounts = {e.originator_id for e in stored_events if e.topic.startswith(_ACCOUNT_TOPICS)}
-        if len(accounts) != 1:
-            return ""
-        account = accounts.pop()
-        return f"SELECT pg_advisory_xact_lock({self.lock_key(UUID(str(account)))}); "
 
     def clashed_on(self, error: BaseException) -> UUID | None:
         """The aggregate named by the unique violation that refused a save
