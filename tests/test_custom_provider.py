@@ -413,7 +413,8 @@ def test_a_genuine_failed_delivery_is_retried_and_applied(ledger: Ledger) -> Non
     # none of them (1e2 comes back as 100), and the seal still checks.
     raw = (
         '{"type": "order.refunded",  "id": "evt_r", "live": true, "created": "2026-01-01T00:00:00Z", '
-        f'"extra": {{"n": 1e2, "f": 1.10, "z": -0.0, "big": 12345678901234567890, "s": "\u00e9\u2603"}}, '
+        f'"extra": {{"n": 1e2, "f": 1.10, "z": -0.0, "big": 12345678901234567890, "s": "\u00e9\u2603", '
+        '"past_doubles": [1e23, 5.780915466609458e+16, 1.5e300, 12345678901234567890.0]}, '
         f'"data": {{"user": "{user}", "credits": 40, "order": "6"}}}}'
     ).encode()
     assert acme.ingest(raw, signed(raw)).processing == "held"
@@ -430,6 +431,11 @@ def test_sealed_bytes_do_not_depend_on_how_a_number_or_key_order_is_spelled() ->
     assert one == sealed_bytes("acme", {"a": [1.1, 0, "x"], "b": 100})
     assert one != sealed_bytes("other", {"a": [1.1, 0, "x"], "b": 100})
     assert one != sealed_bytes("acme", {"a": [1.1, 0, "x"], "b": 101})
+    # Past 2**53 the body's 1e23 decodes to the nearest double, and jsonb
+    # gives back the digits the body spelled: one number to the seal.
+    assert sealed_bytes("acme", json.loads('{"n": 1e23}')) == sealed_bytes("acme", {"n": 10**23})
+    assert sealed_bytes("acme", {"n": 10**23}) != sealed_bytes("acme", {"n": 10**23 + 1})
+    assert sealed_bytes("acme", {"n": 10**23}) != sealed_bytes("acme", {"n": "1E+23"})
 
 
 def test_retry_needs_the_secret_and_a_provider_needs_a_seal(ledger: Ledger) -> None:

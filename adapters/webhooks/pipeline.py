@@ -29,6 +29,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any, Literal, Protocol
 from uuid import UUID
 
@@ -157,14 +158,30 @@ class Provider(Protocol):
         ...
 
 
+#: Whole numbers from here on may not fit a float exactly.
+_EXACT_FLOAT_INTS = 2**53
+#: A key no stored payload has (ingest refuses a body with a NUL).
+_BIG_NUMBER_KEY = "\x00number"
+
+
 def _numbers_as_read_back(value: Any) -> Any:
-    """``value`` with each whole float as an int: jsonb keeps a number's
-    value, not its spelling, and gives ``1e2`` back as ``100`` (an int once
-    decoded), where the body as received decodes to ``100.0``. Other
-    numbers decode to the same float or int on both sides."""
+    """``value`` with its numbers written as both sides of a round trip
+    through jsonb agree: jsonb keeps a number's value, not its spelling, and
+    gives ``1e2`` back as ``100`` (an int once decoded) where the body as
+    received decodes to ``100.0``; so whole floats are ints. Past 2**53 a
+    whole float is the nearest double (``1e23`` decodes to
+    99999999999999991611392) while jsonb gives back the decimal the body
+    spelled (100000000000000000000000): such a number, float or int, is its
+    shortest decimal (``1E+23``), under a key no payload has."""
     kind = type(value)
     if kind is float:
-        return int(value) if value.is_integer() else value
+        if not value.is_integer():
+            return value
+        if abs(value) < _EXACT_FLOAT_INTS:
+            return int(value)
+        return {_BIG_NUMBER_KEY: str(Decimal(repr(value)).normalize())}
+    if kind is int:
+        return value if abs(value) < _EXACT_FLOAT_INTS else {_BIG_NUMBER_KEY: str(Decimal(value).normalize())}
     if kind is dict:
         return {k: _numbers_as_read_back(v) for k, v in value.items()}
     if kind is list:
