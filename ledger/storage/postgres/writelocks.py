@@ -134,18 +134,10 @@ class PostgresWriteLocks(WriteLocks):
         as a locked read does."""
         assert 0 < len(aggregate_ids) <= MAX_LOCKED_FIRST, len(aggregate_ids)
         session.tried = True
-        keys = sorted({self.lock_key(i) for i in aggregate_ids})
-        locks = "; ".join(f"SELECT pg_advisory_xact_lock({key})" for key in keys)
         try:
-            conn = session.pin(self._pool_checkout())
-            if conn.info.transaction_status != TransactionStatus.IDLE:
-                raise InternalError("a write session's connection is already inside a transaction")
-            with translated_errors(), conn.cursor() as curs:
-                curs.execute(f"BEGIN; {self._lock_timeout}; {locks}".encode())
-                while curs.nextset():
-                    pass
+            self._open_locked(session, aggregate_ids)
         except (InterfaceError, OperationalError) as exc:
-            log.warning("%d aggregates not locked before an attempt: %s", len(keys), exc)
+            log.warning("%d aggregates not locked before an attempt: %s", len(aggregate_ids), exc)
             session.release()
             return
         session.locked = aggregate_ids[0]
@@ -200,21 +192,30 @@ class PostgresWriteLocks(WriteLocks):
     def _locked_read(self, session: _Session, aggregate_id: UUID, version: int) -> list[Any]:
         """Opens the session's transaction, takes the account's lock and reads
         its events after ``version``: one message, on the pinned connection."""
-        conn = session.conn if session.conn is not None else session.pin(self._pool_checkout())
-        if conn.info.transaction_status != TransactionStatus.IDLE:
-            raise InternalError("a write session's connection is already inside a transaction")
         # UUID text and an int need no quoting.
-        query = (
-            f"BEGIN; {self._lock_timeout}; SELECT pg_advisory_xact_lock({self.lock_key(aggregate_id)}); "
+        read = (
             f"SELECT originator_id, originator_version, topic, state FROM {self._events_table} "
             f"WHERE originator_id = '{aggregate_id}'::uuid AND originator_version > {version} "
             "ORDER BY originator_version"
         )
+        return self._open_locked(session, [aggregate_id], then=read)
+
+    def _open_locked(self, session: _Session, aggregate_ids: Sequence[UUID], *, then: str = "") -> list[Any]:
+        """Opens the session's transaction on its pinned connection, takes the
+        aggregates' locks in the order of their keys, then runs ``then`` (a
+        read): one message. Returns the rows of ``then``."""
+        conn = session.conn if session.conn is not None else session.pin(self._pool_checkout())
+        if conn.info.transaction_status != TransactionStatus.IDLE:
+            raise InternalError("a write session's connection is already inside a transaction")
+        keys = sorted({self.lock_key(i) for i in aggregate_ids})
+        statements = [self._lock_timeout, *(f"SELECT pg_advisory_xact_lock({key})" for key in keys)]
+        if then:
+            statements.append(then)
         with translated_errors(), conn.cursor() as curs:
-            curs.execute(query.encode())
+            curs.execute(f"BEGIN; {'; '.join(statements)}".encode())
             while curs.nextset():
                 pass
-            return list(curs.fetchall())
+            return list(curs.fetchall()) if then else []
 
     def open_transaction(self) -> Any:
         """The connection of this thread's session, if it holds a lock: the
