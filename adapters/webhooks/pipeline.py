@@ -452,9 +452,7 @@ class Pipeline:
                 f"{REFUSED_PREFIX}no seal: stored before schema version 4, or not by the pipeline; "
                 "not applied (retry with unsealed=True applies such rows)",
             )
-        expected = self.provider.seal(sealed_bytes(self.provider.source, row.payload))
-        if expected is None:
-            raise ConfigurationError(f"{title}: stored deliveries' seals are checked with the signing secret; give it")
+        expected = self._seal(row.payload)
         if not hmac.compare_digest(expected.encode("utf-8"), row.seal.encode("utf-8", "surrogatepass")):
             log.warning("refused %s delivery %s: its seal does not match its payload", title, row.row_id)
             return Outcome(
@@ -484,14 +482,21 @@ class Pipeline:
 
     # -- held deliveries and retries --------------------------------------------
 
-    def _require_seals(self) -> None:
-        # Before any row is touched: without the secret no seal can be
-        # checked, and every row would be refused.
-        if self.provider.seal(b"") is None:
+    def _seal(self, payload: dict[str, Any]) -> str:
+        """The seal a stored row of ``payload`` must carry; without the
+        provider's secret there is none to check against."""
+        seal = self.provider.seal(sealed_bytes(self.provider.source, payload))
+        if seal is None:
             raise ConfigurationError(
                 f"{self.provider.title}: stored deliveries are applied again only once their seals are "
                 "checked, which takes the signing secret; give it"
             )
+        return seal
+
+    def _require_seals(self) -> None:
+        # Before any row is touched: without the secret no seal can be
+        # checked, and every row would be refused.
+        self._seal({})
 
     def _release(self, rows: list[InboxRow]) -> None:
         """Runs the deliveries that were held for what was just processed
