@@ -23,6 +23,17 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 START = datetime(2026, 1, 1, tzinfo=UTC)
 
 
+class SetClock:
+    """A clock of the caller's own: it returns whatever moment the test set,
+    backwards, naive or in another zone too (as a host's clock may)."""
+
+    def __init__(self, moment: datetime) -> None:
+        self.moment = moment
+
+    def now(self) -> datetime:
+        return self.moment
+
+
 def pg_base_url() -> str:
     return os.environ.get("LEDGER_TEST_DATABASE_URL", DEFAULT_TEST_DATABASE_URL)
 

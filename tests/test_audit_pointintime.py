@@ -30,7 +30,7 @@ from ledger import (
     ManualClock,
     UnknownAccount,
 )
-from tests.conftest import START
+from tests.conftest import START, SetClock
 
 MINUTE = timedelta(minutes=1)
 
@@ -218,22 +218,12 @@ def test_statements_export_as_csv_and_json(ledger: Ledger, clock: ManualClock) -
     assert type(s).model_validate(data) == s
 
 
-class _SetClock:
-    """A clock the test sets to any moment, backwards too (as two hosts' clocks may be)."""
-
-    def __init__(self, moment: datetime) -> None:
-        self.moment = moment
-
-    def now(self) -> datetime:
-        return self.moment
-
-
 def test_an_event_stamped_before_the_one_it_follows_is_in_the_next_statement(ledger_url: str) -> None:
     """Within the audit's slack a later version may carry an earlier time. The
     fold stops at the first event recorded later than an instant, so such an
     event belongs to the period after it: listed there, and the statements
     still reconcile and chain."""
-    clock = _SetClock(START)
+    clock = SetClock(START)
     user = uuid4()
     with Ledger(ledger_url, clock=clock) as ledger:
         ledger.grant(user, 100, "purchase", key=f"{user}:grant")

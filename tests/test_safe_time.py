@@ -17,6 +17,7 @@ import pytest
 
 from ledger import Auditor, InvalidArgument, Ledger, LedgerError, ManualClock, TimeInFuture
 from ledger.clock import FUTURE_TOLERANCE
+from tests.conftest import SetClock
 
 DAY = timedelta(days=1)
 
@@ -105,21 +106,11 @@ def test_a_naive_now_is_refused(ledger: Ledger, clock: ManualClock) -> None:
         ledger.tick(datetime(2026, 1, 1))
 
 
-class _FixedClock:
-    """A clock of the caller's own, returning whatever it was given."""
-
-    def __init__(self, moment: datetime) -> None:
-        self.moment = moment
-
-    def now(self) -> datetime:
-        return self.moment
-
-
 def test_a_clock_that_reads_naive_is_refused_and_records_nothing(ledger_url: str) -> None:
     """A naive reading would be stored as event timestamps that no aware time
     can be compared with: the audit and balances at an instant would fail for
     good once a correct clock recorded after it."""
-    clock = _FixedClock(datetime(2026, 1, 1, 12))
+    clock = SetClock(datetime(2026, 1, 1, 12))
     with Ledger(ledger_url, clock=clock) as ledger:
         user = uuid4()
         with pytest.raises(InvalidArgument, match="timezone-aware"):
@@ -129,7 +120,7 @@ def test_a_clock_that_reads_naive_is_refused_and_records_nothing(ledger_url: str
 
 def test_a_clock_in_another_zone_records_utc(ledger_url: str) -> None:
     berlin = timezone(timedelta(hours=1))
-    clock = _FixedClock(datetime(2026, 1, 1, 12, tzinfo=berlin))
+    clock = SetClock(datetime(2026, 1, 1, 12, tzinfo=berlin))
     with Ledger(ledger_url, clock=clock) as ledger:
         user = uuid4()
         receipt = ledger.grant(user, 100, "purchase", key=f"{user}:grant", expires_in=timedelta(hours=1))
