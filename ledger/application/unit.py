@@ -58,11 +58,10 @@ T = TypeVar("T")
 
 #: Receipt's fields in order, with the default of each optional one (all
 #: immutable: None or False).
-_RECEIPT_FIELDS: tuple[tuple[str, Any], ...] = tuple(
-    (name, None if info.is_required() else info.get_default(call_default_factory=True))
+_RECEIPT_DEFAULTS: dict[str, Any] = {
+    name: None if info.is_required() else info.get_default(call_default_factory=True)
     for name, info in Receipt.model_fields.items()
-)
-_RECEIPT_DEFAULTS: dict[str, Any] = dict(_RECEIPT_FIELDS)
+}
 _RECEIPT_REQUIRED = frozenset(name for name, info in Receipt.model_fields.items() if info.is_required())
 
 
@@ -544,12 +543,11 @@ class Engine:
         # batch's keys) or re-checks a refusal on fresh state (once).
         # A single command's attempt runs in a write session: an account
         # other processes write is locked before it is read, until the
-        # save commits (ledger.storage.writelocks). A batch stays optimistic.
-        # An attempt whose save clashed locks the aggregates it clashed on
-        # before the next attempt reads them (a batch's too): other writers
-        # keep changing those, and a batch that only retried lost to them
-        # every time. Their other writers, which share them, lock their
-        # reads, and so wait for it.
+        # save commits (ledger.storage.writelocks). A batch stays optimistic
+        # until it clashes: then its next attempt (a single command's too)
+        # first locks the aggregates the clashes named. Other writers keep
+        # changing those, and a batch that only retried lost to them every
+        # time; those writers share them, so they lock their reads and wait.
         locks = self.app.write_locks
         clashed_on: list[UUID] = []
         backoff = 0
