@@ -381,3 +381,43 @@ def test_processes_on_one_account_fast_forward_and_keep_every_event(durable_url:
         assert exhausted == 0
         assert full_loads <= 2 * (1 + len(others)), results
         assert batches >= 4 * ROUNDS
+
+
+def test_a_copy_taken_before_the_lock_starts_from_what_sibling_threads_cached(durable_url: str) -> None:
+    """A command copies a shared account from the cache, then waits for its
+    write lock while other threads of the same ledger take their turns (each
+    caching what it committed). Once its read returns, it starts from the
+    cache's newer copy and decodes only the events other ledgers wrote."""
+    user = uuid4()
+    with Ledger(durable_url) as a, Ledger(durable_url) as b:
+        a.grant(user, 1_000, "bonus", key="fund")
+        b.spend(user, 1, key="b:0")
+        a.spend(user, 1, key="a:0")  # clashes on B's spend: the account is shared in A
+        locks = a.app.write_locks
+        real = locks.events_after
+        waits: list[str] = []
+
+        def wait_behind_siblings(aggregate_id: UUID, version: int, *, lock: bool) -> Any:
+            if waits:
+                key = waits.pop()
+                sibling = threading.Thread(target=a.spend, args=(user, 1), kwargs={"key": key})
+                sibling.start()  # runs its whole command through A while this one "waits"
+                sibling.join()
+                if key == "sibling:2":
+                    b.spend(user, 1, key="b:1")  # and another ledger writes once more
+            return real(aggregate_id, version, lock=lock)
+
+        locks.events_after = wait_behind_siblings  # type: ignore[method-assign]
+        waits.append("sibling:1")
+        before = a.command_stats()
+        assert a.spend(user, 1, key="a:1").balance_credits == 1_000 - 4
+        stats = a.command_stats().since(before)
+        # Both commands read the store; neither decoded the sibling's event again.
+        assert (stats.fastforwards, stats.fastforward_events, stats.full_loads, stats.clashes) == (2, 0, 0, 0)
+
+        waits.append("sibling:2")
+        before = a.command_stats()
+        assert a.spend(user, 1, key="a:2").balance_credits == 1_000 - 7
+        stats = a.command_stats().since(before)
+        assert (stats.fastforwards, stats.fastforward_events, stats.full_loads, stats.clashes) == (2, 1, 0, 0)  # B's
+        assert state_of(cached(a, account_id_for(user))) == state_of(fresh_account(durable_url, user))
