@@ -354,3 +354,19 @@ class InvalidSignature(LedgerError):
     def __init__(self, reason: str, message: str) -> None:
         self.reason = reason
         super().__init__(message)
+
+
+class ConsumerBusy(LedgerError):
+    """Another notifier delivers this outbox consumer's notifications (in this
+    process or another, on this machine or another): one consumer is
+    delivered by one notifier at a time, or every notification would arrive
+    twice. Nothing was sent. ``consumer`` names it."""
+
+    code = "consumer_busy"
+
+    def __init__(self, consumer: str) -> None:
+        self.consumer = consumer
+        super().__init__(
+            f"another notifier is delivering consumer {consumer!r}; "
+            "run one per consumer (a standby waits for it: --standby, Notifier.claim(wait=True))"
+        )

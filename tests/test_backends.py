@@ -7,6 +7,10 @@ cases). A new backend passes when its subclass here passes.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -158,6 +162,60 @@ class BackendContract:
         wake(10.0)
         writer.join()
         assert time.monotonic() - started < 5.0
+
+    def test_one_holder_at_a_time_of_a_consumer_lease(self, ledger: Ledger, url: str) -> None:
+        backend = ledger.backend
+        first = backend.take_consumer_lease(ledger.app, "hooks")
+        assert first is not None and first.held()
+        assert backend.take_consumer_lease(ledger.app, "hooks") is None  # in this process too
+        other = backend.take_consumer_lease(ledger.app, "hooks-2")  # another consumer is free
+        assert other is not None
+        if self.name != "memory":  # another ledger on the same store: another process's view
+            with Ledger(url) as second:
+                assert second.backend.take_consumer_lease(second.app, "hooks") is None
+        first.release()
+        assert not first.held()
+        again = backend.take_consumer_lease(ledger.app, "hooks")
+        assert again is not None
+        again.release()
+        other.release()
+
+    def test_a_killed_holder_lets_its_consumer_lease_go(self, url: str) -> None:
+        if self.name == "memory":
+            return  # a memory store ends with its process: nobody else could take the lease
+        holder = subprocess.Popen(
+            [sys.executable, "-c", LEASE_HOLDER, url],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent)),
+        )
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+            with Ledger(url) as ledger:
+                assert ledger.backend.take_consumer_lease(ledger.app, "hooks") is None
+                holder.send_signal(signal.SIGKILL)
+                holder.wait(timeout=30)
+                deadline = time.monotonic() + 10
+                lease = None
+                while lease is None and time.monotonic() < deadline:
+                    lease = ledger.backend.take_consumer_lease(ledger.app, "hooks")
+                    time.sleep(0.05)
+                assert lease is not None, "the killed holder's lease was never let go"
+                lease.release()
+        finally:
+            holder.kill()
+            holder.wait(timeout=30)
+
+
+#: Takes consumer "hooks"'s lease, says so, then sleeps until killed.
+LEASE_HOLDER = """
+import sys, time
+from ledger import Ledger
+with Ledger(sys.argv[1]) as ledger:
+    lease = ledger.backend.take_consumer_lease(ledger.app, "hooks")
+    print("held" if lease is not None else "busy", flush=True)
+    time.sleep(600)
+"""
 
 
 class TestMemoryBackend(BackendContract):

@@ -853,7 +853,13 @@ class Ledger:
     def outbox(self, name: str = "default", *, types: Iterable[str] | None = None) -> Outbox:
         """The notification outbox as consumer ``name`` sees it (its own
         position), for the notification ``types`` given (default: all)."""
-        return Outbox(self.app, self.views.store, name, types=types)
+        return Outbox(
+            self.app,
+            self.views.store,
+            name,
+            types=types,
+            leases=lambda consumer: self.backend.take_consumer_lease(self.app, consumer),
+        )
 
 
 def revision_key(prefix: str, data: Any, current: tuple[int, Any] | None) -> str:

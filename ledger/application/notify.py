@@ -4,10 +4,14 @@ order (so in order per account). Run by ``python -m ledger notify``.
 
 One notifier delivers one notification at a time: a later notification of
 the same account is never sent before an earlier one has been delivered or
-given up on. Its position moves once per pass past what the pass delivered,
-and past a notification given up on in the same transaction that records
-its dead letter; a crash before a commit sends again what it had not
-committed (at least once: receivers dedupe by ``id``).
+given up on. One notifier delivers a consumer at a time: it holds the
+consumer's lease (``Outbox.take_lease``) while it delivers, and a second one
+gets ``ConsumerBusy`` or, as a standby, waits for the lease.
+
+Its position moves once per pass past what the pass delivered, and past a
+notification given up on in the same transaction that records its dead
+letter; a crash before a commit sends again what it had not committed (at
+least once: receivers dedupe by ``id``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from ledger.application.signing import ID_HEADER, TYPE_HEADER, signed_headers
-from ledger.errors import InvalidArgument
+from ledger.errors import ConsumerBusy, InvalidArgument
+from ledger.storage.base import Lease
 from ledger.views.outbox import Notification, Outbox, OutboxMoved
 
 if TYPE_CHECKING:
@@ -35,6 +40,8 @@ DEFAULT_TIMEOUT_S = 10.0
 MAX_ATTEMPTS = 100
 #: How much of a failed answer's body is kept in the log and the dead letter.
 ERROR_BODY_BYTES = 200
+#: How often a standby notifier tries for the lease, by default.
+STANDBY_POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -99,10 +106,50 @@ class Notifier:
         self._sleep = sleep or self.stop.wait
         self._own_client = client is None
         self.client = client or httpx.Client(timeout=self.policy.timeout_s, follow_redirects=False)
+        self._lease: Lease | None = None
+        self._claimed = False
 
     def close(self) -> None:
+        self._let_go()
         if self._own_client:
             self.client.close()
+
+    # -- the consumer's lease ----------------------------------------------------------
+
+    def claim(self, *, wait: bool = False, poll_s: float = STANDBY_POLL_S) -> bool:
+        """Takes the consumer's delivery lease, which this notifier then holds
+        until ``close()`` (or its process ends). While another notifier holds
+        it: ``ConsumerBusy``, or with ``wait`` a standby's wait, trying every
+        ``poll_s``, until it is free (True) or ``stop`` is set (False).
+        Delivering claims it first when this was not called."""
+        if self._holds_lease():
+            return True
+        while True:
+            try:
+                self._lease = self.outbox.take_lease()
+            except ConsumerBusy:
+                if not wait:
+                    raise
+                if self.stop.wait(poll_s):
+                    return False
+                continue
+            self._claimed = True
+            log.info("holding the lease of consumer %r", self.outbox.name)
+            return True
+
+    def _holds_lease(self) -> bool:
+        if not self._claimed:
+            return False
+        if self._lease is None or self._lease.held():
+            return True  # (None: an outbox without leases)
+        log.warning("lost the lease of consumer %r (its connection ended); taking it again", self.outbox.name)
+        self._let_go()
+        return False
+
+    def _let_go(self) -> None:
+        lease, self._lease, self._claimed = self._lease, None, False
+        if lease is not None:
+            lease.release()
 
     def __enter__(self) -> Notifier:
         return self
@@ -173,6 +220,7 @@ class Notifier:
         ``limit``, in order; returns what it did. The position moves once per
         pass (and at each dead letter, which is written in that same
         transaction): a crash re-sends at most the pass's delivered ones."""
+        self.claim()
         report = DeliveryReport()
         position = self.outbox.position()
         reached = position
@@ -231,6 +279,7 @@ class Notifier:
     def redrive(self, ids: Iterable[UUID] | None = None) -> DeliveryReport:
         """Delivers dead letters again (all of them, or those ``ids``), in log
         order; one delivered is marked ``redelivered``, one that fails again stays dead."""
+        self.claim()
         wanted = None if ids is None else set(ids)
         report = DeliveryReport()
         for letter in self.outbox.all_dead_letters():

@@ -68,6 +68,11 @@ SECRET_ENV = "LEDGER_NOTIFY_SECRET"
     help="How often to look for new notifications when none arrive (PostgreSQL is woken by commits).",
 )
 @click.option("--once", is_flag=True, help="Deliver what is pending, then exit (a cron job).")
+@click.option(
+    "--standby",
+    is_flag=True,
+    help="While another notifier delivers this consumer, wait to take over (a hot standby) instead of exiting.",
+)
 @click.option("--list-dead", is_flag=True, help="List the consumer's dead letters as JSON lines, then exit.")
 @click.option(
     "--redrive",
@@ -88,12 +93,14 @@ def notify(
     timeout_s: float,
     poll_s: float,
     once: bool,
+    standby: bool,
     list_dead: bool,
     redrive_ids: tuple[str, ...],
 ) -> None:
     """Deliver balance notifications and business events to a host as signed POSTs, until SIGTERM or SIGINT."""
     from ledger.application.facade import Ledger
     from ledger.application.notify import Notifier, RetryPolicy
+    from ledger.errors import ConsumerBusy
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     log = logging.getLogger("ledger.notify")
@@ -115,6 +122,10 @@ def notify(
             max_attempts=max_attempts, backoff_base_s=backoff_s, backoff_max_s=backoff_max_s, timeout_s=timeout_s
         )
         with Notifier(outbox, target, secret, policy=policy, stop=stop) as notifier:
+            if standby:
+                log.info("standing by for the lease of consumer %r", consumer)
+            if not notifier.claim(wait=standby):
+                return  # stopped while standing by
             if redrive_ids:
                 ids = None if "all" in redrive_ids else [_id(i) for i in redrive_ids]
                 report = notifier.redrive(ids)
@@ -131,9 +142,20 @@ def notify(
                         break
                 click.echo(f"delivered {total}; dead-lettered {dead}; position {outbox.position()}")
                 return
-            log.info("delivering from position %d of consumer %r to %s", outbox.position(), consumer, target)
             wake = ledger.backend.commit_waiter(ledger.app, stop)
-            report = notifier.run(poll_s=poll_s, limit=500, wake=wake)
+            while True:
+                log.info("delivering from position %d of consumer %r to %s", outbox.position(), consumer, target)
+                try:
+                    report = notifier.run(poll_s=poll_s, limit=500, wake=wake)
+                    break
+                except ConsumerBusy:
+                    # The lease was lost (its connection ended) and another
+                    # notifier took it meanwhile.
+                    if not standby:
+                        raise
+                    log.warning("another notifier took consumer %r; standing by", consumer)
+                    if not notifier.claim(wait=True):
+                        return
             log.info(
                 "stopped at position %d: delivered %d, dead-lettered %d",
                 outbox.position(),

@@ -12,7 +12,8 @@ asks which backend it is. Each backend owns:
 - the view store the read models live in, a fresh one to rebuild into, and
   the swap of a rebuild into the live tables;
 - the DDL dialect of the library's tables;
-- how a projector is woken when events are committed.
+- how a projector is woken when events are committed;
+- the lease that lets one notifier at a time deliver an outbox consumer.
 
 ``tests/test_backends.py`` holds the properties every backend must prove, one
 subclass per backend.
@@ -24,7 +25,7 @@ import contextlib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 from uuid import uuid4
 
 from ledger.storage.config import StoreConfig
@@ -52,6 +53,17 @@ REBUILD_TOKEN = re.compile(r"[0-9a-f]{12}")
 
 def rebuild_token() -> str:
     return uuid4().hex[:12]
+
+
+class Lease(Protocol):
+    """An exclusive claim held until ``release()``, or until its process ends
+    however it ends (the server or the operating system lets it go)."""
+
+    def held(self) -> bool:
+        """Whether the claim still holds (a lease on a server is lost with its connection)."""
+        ...
+
+    def release(self) -> None: ...
 
 
 class Backend(ABC):
@@ -105,6 +117,11 @@ class Backend(ABC):
     def commit_waiter(self, app: LedgerApplication, stop: threading.Event) -> Wake | None:
         """A way to sleep until the next commit, for a projector; None: poll."""
         return None
+
+    @abstractmethod
+    def take_consumer_lease(self, app: LedgerApplication, consumer: str) -> Lease | None:
+        """The outbox consumer's delivery lease, or None while another holder
+        (another process, or another notifier in this one) has it. Never waits."""
 
     # -- the read models -----------------------------------------------------------
 

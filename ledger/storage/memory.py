@@ -4,6 +4,7 @@ outlives the process; for tests, examples and trying things out."""
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,26 @@ if TYPE_CHECKING:
 
 #: The anchors of each in-memory ledger, for as long as its application lives.
 _MEMORY_DIGESTS: weakref.WeakKeyDictionary[Any, MemoryDigestStore] = weakref.WeakKeyDictionary()
+#: The outbox consumers whose leases are held, per in-memory ledger.
+_MEMORY_LEASES: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+_MEMORY_LEASES_LOCK = threading.Lock()
+
+
+class MemoryLease:
+    """An in-memory ledger's consumer lease: the store ends with its process, and so does this."""
+
+    def __init__(self, held: set[str], consumer: str) -> None:
+        self._held = held
+        self._consumer: str | None = consumer
+
+    def held(self) -> bool:
+        return self._consumer is not None
+
+    def release(self) -> None:
+        with _MEMORY_LEASES_LOCK:
+            if self._consumer is not None:
+                self._held.discard(self._consumer)
+                self._consumer = None
 
 
 class MemoryBackend(Backend):
@@ -34,6 +55,14 @@ class MemoryBackend(Backend):
     def stream_reader(self, app: LedgerApplication) -> StreamReader:
         # One query per id costs nothing in memory.
         return PerIdReader(app)
+
+    def take_consumer_lease(self, app: LedgerApplication, consumer: str) -> MemoryLease | None:
+        with _MEMORY_LEASES_LOCK:
+            held = _MEMORY_LEASES.setdefault(app, set())
+            if consumer in held:
+                return None
+            held.add(consumer)
+            return MemoryLease(held, consumer)
 
     def view_store(self, app: LedgerApplication) -> ViewStore:
         return SQLiteViewStore(self._uri(app, "live"))

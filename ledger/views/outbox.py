@@ -35,7 +35,8 @@ from uuid import UUID, uuid5
 from ledger.domain.checks import check_text
 from ledger.domain.credits import CreditAccount
 from ledger.domain.subscriptions import Subscription
-from ledger.errors import InvalidArgument
+from ledger.errors import ConsumerBusy, InvalidArgument
+from ledger.storage.base import Lease
 from ledger.storage.ddl import Table
 from ledger.storage.eventstore import LedgerApplication
 from ledger.storage.viewstore import ViewStore, ViewTx
@@ -276,10 +277,17 @@ class Outbox:
     position, and the transaction that moves the position past them."""
 
     def __init__(
-        self, app: LedgerApplication, store: ViewStore, name: str = "default", *, types: Iterable[str] | None = None
+        self,
+        app: LedgerApplication,
+        store: ViewStore,
+        name: str = "default",
+        *,
+        types: Iterable[str] | None = None,
+        leases: Callable[[str], Lease | None] | None = None,
     ) -> None:
         self.app = app
         self.store = store
+        self._leases = leases
         self.name = check_text(name, "name", MAX_CONSUMER_NAME, required=True)
         chosen = list(NOTIFICATION_TYPES) if types is None else _type_names(types)
         unknown = sorted(set(chosen) - set(NOTIFICATION_TYPES))
@@ -386,6 +394,20 @@ class Outbox:
             if user is not None:
                 self._remember(aggregate_id, user)
         return user
+
+    # -- one deliverer at a time ---------------------------------------------------
+
+    def take_lease(self) -> Lease | None:
+        """This consumer's delivery lease, held until released or the process
+        ends; ``ConsumerBusy`` while another deliverer holds it. None when the
+        outbox was made without leases (nothing to hold: the caller is the
+        only deliverer it knows of)."""
+        if self._leases is None:
+            return None
+        lease = self._leases(self.name)
+        if lease is None:
+            raise ConsumerBusy(self.name)
+        return lease
 
     # -- advancing ------------------------------------------------------------------
 

@@ -156,6 +156,12 @@ class PostgresBackend(Backend):
 
         return wake
 
+    def take_consumer_lease(self, app: LedgerApplication, consumer: str) -> AdvisoryLease | None:
+        try:
+            return AdvisoryLease.try_take(self, _consumer_key(self.config.pg_schema, consumer))
+        except psycopg.Error as exc:
+            raise ConfigurationError(f"cannot take the lease of consumer {consumer!r}: {exc}") from exc
+
     @staticmethod
     def _datastore(app: LedgerApplication) -> PostgresDatastore:
         datastore: Any = app.recorder.datastore  # type: ignore[attr-defined]
@@ -270,6 +276,12 @@ def _rebuild_key(name: str) -> int:
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
+def _consumer_key(schema: str, consumer: str) -> int:
+    """A 64-bit advisory lock key for one outbox consumer of the ledger in ``schema``."""
+    digest = hashlib.sha256(f"pingvas-ledger consumer {schema}\x00{consumer}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
 class AdvisoryLease:
     """A session advisory lock on its own connection: the server releases it
     when the connection ends, also when the process is killed."""
@@ -286,6 +298,31 @@ class AdvisoryLease:
             conn.close()
             raise
         return cls(conn)
+
+    @classmethod
+    def try_take(cls, backend: PostgresBackend, key: int) -> AdvisoryLease | None:
+        """The lock if it is free now, else None."""
+        conn = psycopg.connect(backend.conninfo(), autocommit=True, **backend.config.connect_kwargs())
+        try:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", [key]).fetchone()
+        except BaseException:
+            conn.close()
+            raise
+        if row is None or row[0] is not True:
+            conn.close()
+            return None
+        return cls(conn)
+
+    def held(self) -> bool:
+        # A session lock lasts as long as its session: while the connection
+        # answers, it is held; a connection the server ended took it along.
+        if self.conn.closed:
+            return False
+        try:
+            self.conn.execute("SELECT 1")
+        except psycopg.Error:
+            return False
+        return True
 
     def release(self) -> None:
         self.conn.close()

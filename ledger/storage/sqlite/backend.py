@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import sqlite3
 import time
@@ -77,6 +78,18 @@ class SQLiteBackend(Backend):
 
     def stream_reader(self, app: LedgerApplication) -> StreamReader:
         return SQLiteReader(app)
+
+    def take_consumer_lease(self, app: LedgerApplication, consumer: str) -> ConsumerFileLease | None:
+        digest = hashlib.sha256(consumer.encode()).hexdigest()[:16]
+        path = f"{self.path}.consumer-{digest}.lease"
+        try:
+            lease = ConsumerFileLease.take(path, wait_s=0)
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc):
+                return None  # another notifier holds it
+            raise ConfigurationError(f"cannot take the lease of consumer {consumer!r} at {path}: {exc}") from exc
+        assert isinstance(lease, ConsumerFileLease)
+        return lease
 
     def views_path(self) -> str:
         """The file holding the read models: beside the event store's file."""
@@ -153,10 +166,13 @@ class FileLease:
     def __init__(self, conn: sqlite3.Connection, path: str) -> None:
         self._conn = conn
         self.path = path
+        self._released = False
 
     @classmethod
     def take(cls, path: str, *, wait_s: float = 30.0) -> FileLease:
-        conn = sqlite3.connect(path, timeout=wait_s, isolation_level=None)
+        # Released by whichever thread ends the holder's work (a notifier's
+        # standby takes it in one thread, closes it in another).
+        conn = sqlite3.connect(path, timeout=wait_s, isolation_level=None, check_same_thread=False)
         try:
             conn.execute("PRAGMA journal_mode = OFF")  # nothing is written: no -journal file beside it
             conn.execute("BEGIN EXCLUSIVE")
@@ -172,9 +188,24 @@ class FileLease:
         except sqlite3.OperationalError:  # locked (its rebuild is running), or not ours to open
             return None
 
+    def held(self) -> bool:
+        return not self._released  # the lock is this process's open transaction: it lasts until release()
+
     def release(self) -> None:
+        self._released = True
         self._conn.close()
         _remove(self.path)
+
+
+class ConsumerFileLease(FileLease):
+    """An outbox consumer's lease: a ``FileLease`` whose file stays when it
+    is released. Removing it would let a notifier that had opened the file
+    just before lock the removed file while a third locks a new one: two
+    holders."""
+
+    def release(self) -> None:
+        self._released = True
+        self._conn.close()
 
 
 def _drop_orphan_lease(entry: Path) -> None:
