@@ -111,6 +111,17 @@ ALTERNATING_ROUNDS = 200
 QUICK_ALTERNATING_ROUNDS = 50
 ALTERNATING_HISTORY = 150
 
+#: Figures kept to four places (the rest to one).
+ROUNDED_FINE = frozenset(
+    {
+        "clash_rate",
+        "full_loads_per_command",
+        "fastforwards_per_command",
+        "fastforward_events_per_command",
+        "machine_busy",
+    }
+)
+
 TARGET_MANY_VS_RAW = 0.4
 TARGET_HOT_VS_RAW = 0.2
 TARGET_P99_MS_HOT = 50.0
@@ -350,10 +361,12 @@ def run_task(task: Task, executor: Any, ledger: Ledger, conninfo: str, start: Ca
     # The counts from the moment every client is warm: the warm-up's loads
     # and fast-forwards are not the cell's.
     before = CommandStats()
+    cpu_before = 0.0
 
     def warmed() -> float:
-        nonlocal before
+        nonlocal before, cpu_before
         before = stats_of(executor, ledger)
+        cpu_before = time.process_time()
         return start()
 
     if task.clients == 1:
@@ -380,8 +393,10 @@ def run_task(task: Task, executor: Any, ledger: Ledger, conninfo: str, start: Ca
         go.set()
         for t in threads:
             t.join()
+    cpu_s = time.process_time() - cpu_before  # every thread of this process: the client's whole CPU
     spent = stats_of(executor, ledger).since(before)
     return {
+        "cpu_s": cpu_s,
         "ops": sum(r.ops for r in results),
         "commands": sum(r.commands for r in results),
         "latencies_ms": [x for r in results for x in (r.latencies_ms or [])],
@@ -486,8 +501,10 @@ class Workers:
         assert got == kind, got
         return payload
 
-    def run(self, tasks: list[Task], timeout_s: float) -> list[dict[str, Any]]:
-        """Hands out the tasks; once every worker is warm, starts them all at once."""
+    def run(self, tasks: list[Task], timeout_s: float) -> tuple[list[dict[str, Any]], tuple[float, float] | None]:
+        """Hands out the tasks; once every worker is warm, starts them all at
+        once. Returns each worker's results, and the machine's (busy, all) CPU
+        seconds from the start until the last worker was done (when known)."""
         inboxes = self.inboxes[: len(tasks)]
         for inbox, task in zip(inboxes, tasks, strict=True):
             inbox.put(task)
@@ -496,7 +513,13 @@ class Workers:
         start_at = time.time() + START_DELAY_S
         for inbox in inboxes:
             inbox.put(start_at)
-        return [self._receive("done", timeout_s) for _ in tasks]
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu_before = machine_cpu_s()
+        results = [self._receive("done", timeout_s) for _ in tasks]
+        cpu_after = machine_cpu_s()
+        if cpu_before is None or cpu_after is None:
+            return results, None
+        return results, (cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1])
 
     def stop(self) -> None:
         for inbox in self.inboxes:
@@ -510,6 +533,19 @@ class Workers:
 # ------------------------------------------------------------------ a run
 
 
+def machine_cpu_s() -> tuple[float, float] | None:
+    """(busy, all) CPU seconds of the whole machine so far, from /proc/stat
+    (Linux); None elsewhere."""
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(x) for x in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle and iowait
+    return (sum(ticks) - idle) / hz, sum(ticks) / hz
+
+
 def percentile(values: list[float], fraction: float) -> float:
     if not values:
         return 0.0
@@ -517,7 +553,11 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def cell_figures(parts: list[dict[str, Any]], duration_s: float) -> dict[str, float]:
+def cell_figures(
+    parts: list[dict[str, Any]], duration_s: float, machine: tuple[float, float] | None = None
+) -> dict[str, float]:
+    """One cell's figures; ``machine`` is the machine's (busy, all) CPU
+    seconds over the cell, when known."""
     latencies = [x for p in parts for x in p["latencies_ms"]]
     ops = sum(p["ops"] for p in parts)
     stats = [CommandStats(**p["stats"]) for p in parts if p["stats"]]
@@ -533,7 +573,22 @@ def cell_figures(parts: list[dict[str, Any]], duration_s: float) -> dict[str, fl
         "fastforward_events_per_command": total.fastforward_events / commands,
         "exhausted": float(sum(p["exhausted"] for p in parts)),
         "errors": float(sum(p["errors"] for p in parts)),
+        **cpu_figures(parts, commands, machine),
     }
+
+
+def cpu_figures(parts: list[dict[str, Any]], commands: int, machine: tuple[float, float] | None) -> dict[str, float]:
+    """Where a cell's CPU went, per command: the clients' (their processes'
+    CPU from warm to done), and the rest of the machine's busy CPU (the
+    PostgreSQL backends, chiefly; anything else running shows here too), and
+    how busy the machine was. Without /proc/stat only the clients' is known."""
+    client_s = sum(p.get("cpu_s", 0.0) for p in parts)
+    found = {"client_cpu_us_per_command": client_s / commands * 1e6}
+    if machine is not None and machine[1] > 0:
+        busy_s, all_s = machine
+        found["other_cpu_us_per_command"] = max(0.0, busy_s - client_s) / commands * 1e6
+        found["machine_busy"] = busy_s / all_s
+    return found
 
 
 def names(mode: str, clients: int, workload: str) -> dict[str, str]:
@@ -553,6 +608,9 @@ def names(mode: str, clients: int, workload: str) -> dict[str, str]:
         "fastforward_events_per_command": f"fastforward_events_per_command_{cell}_{workload}",
         "exhausted": f"concurrency_exhausted_{cell}_{workload}",
         "errors": f"errors_{cell}_{workload}",
+        "client_cpu_us_per_command": f"client_cpu_us_per_command_{cell}_{workload}",
+        "other_cpu_us_per_command": f"other_cpu_us_per_command_{cell}_{workload}",
+        "machine_busy": f"machine_busy_{cell}_{workload}",
     }
 
 
@@ -653,7 +711,8 @@ def run(
     workers = Workers(max(counts), url, threads_url, conninfo, executor, warm)
     try:
         echo(f"{'cell':>6} {'workload':>8} {'per s':>9} {'p50 ms':>8} {'p99 ms':>8} {'clash':>6} "
-             f"{'loads/c':>8} {'ffwd/c':>7} {'ffev/c':>7} {'exhaust':>7}")  # fmt: skip
+             f"{'loads/c':>8} {'ffwd/c':>7} {'ffev/c':>7} {'exhaust':>7} {'cli µs/c':>8} {'oth µs/c':>8} "
+             f"{'busy':>5}")  # fmt: skip
         for mode in MODES:
             for n in counts:
                 for workload in WORKLOADS:
@@ -667,16 +726,18 @@ def run(
                         ]
                     else:
                         tasks = [Task(workload, n, duration, tag, users, table, events_table)]
-                    parts = workers.run(tasks, timeout_s=60 + 4 * duration)
-                    cell = cell_figures(parts, duration)
+                    parts, machine = workers.run(tasks, timeout_s=60 + 4 * duration)
+                    cell = cell_figures(parts, duration, machine)
                     for key, name in names(mode, n, workload).items():
-                        figures[name] = round(cell[key], 4 if "per_command" in key or key == "clash_rate" else 1)
+                        if key in cell:
+                            figures[name] = round(cell[key], 4 if key in ROUNDED_FINE else 1)
                     first_error = next((p["first_error"] for p in parts if p["first_error"]), "")
                     echo(
                         f"{n:>5}{mode} {workload:>8} {cell['per_s']:>9,.0f} {cell['p50_ms']:>8.2f} "
                         f"{cell['p99_ms']:>8.2f} {cell['clash_rate']:>6.1%} {cell['full_loads_per_command']:>8.3f} "
                         f"{cell['fastforwards_per_command']:>7.3f} {cell['fastforward_events_per_command']:>7.2f} "
-                        f"{cell['exhausted']:>7.0f}"
+                        f"{cell['exhausted']:>7.0f} {cell['client_cpu_us_per_command']:>8,.0f} "
+                        f"{cell.get('other_cpu_us_per_command', 0.0):>8,.0f} {cell.get('machine_busy', 0.0):>5.0%}"
                         + (f"  errors {cell['errors']:.0f}, first: {first_error}" if first_error else "")
                     )
     finally:
