@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -305,5 +306,99 @@ def test_redrive_all_and_list_dead_reach_past_a_thousand_dead_letters(durable_ur
             assert outbox.dead_letters() == []
             paged = [d.position for d in outbox.all_dead_letters(status="redelivered", page=7)]
             assert len(paged) == 1_001 and paged == sorted(set(paged))
+    finally:
+        receiver.close()
+
+
+class DrippingReceiver:
+    """A receiver on a plain socket server (a thread) that reads each POST
+    and then drips its answer one byte at a time, every ``every_s`` (well
+    within the read timeout, so no single read ever times out): ``head``
+    drips a status line and a header that never end; ``body`` sends a 500's
+    head at once, then a long body a byte at a time."""
+
+    def __init__(self, part: str, every_s: float) -> None:
+        self.part = part
+        self.every_s = every_s
+        self.stopped = threading.Event()
+        self.handlers: list[threading.Thread] = []
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.05)
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.getsockname()[1]}/hooks"
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            handler = threading.Thread(target=self._drip, args=(conn,), daemon=True)
+            self.handlers.append(handler)
+            handler.start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        with conn:
+            received = b""
+            while b"\r\n\r\n" not in received:
+                received += conn.recv(65536)
+            if self.part == "head":
+                answer = b"HTTP/1.1 200 OK\r\nX-Drip: " + b"x" * 100_000
+            else:
+                conn.sendall(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 100000\r\n\r\n")
+                answer = b"y" * 100_000
+            try:
+                for i in range(len(answer)):
+                    if self.stopped.wait(self.every_s):
+                        return
+                    conn.sendall(answer[i : i + 1])
+            except OSError:
+                return  # the notifier hung up
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+        for handler in self.handlers:
+            handler.join()
+        self.server.close()
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="counts open descriptors in /proc")
+@pytest.mark.parametrize("part", ["head", "body"])
+def test_a_dripping_receiver_cannot_hold_a_post_past_its_deadline(part: str) -> None:
+    timeout_s = 1.0
+    threads, fds = threading.active_count(), _open_fds()
+    receiver = DrippingReceiver(part, every_s=0.3 if part == "head" else 0.8)
+    try:
+        with Ledger("memory://") as ledger:
+            ledger.grant(USERS[0], 100, "purchase", key="g")
+            policy = RetryPolicy(max_attempts=2, backoff_base_s=0.0, backoff_max_s=0.0, timeout_s=timeout_s)
+            with Notifier(ledger.outbox("hooks"), receiver.url, SECRET, policy=policy) as notifier:
+                reports: list[Any] = []
+                started = time.monotonic()
+                worker = threading.Thread(target=lambda: reports.append(notifier.run_once()), daemon=True)
+                worker.start()
+                worker.join(timeout=30)
+                elapsed = time.monotonic() - started
+                assert not worker.is_alive(), "a dripping answer holds the notifier"
+            [report] = reports
+            assert (report.delivered, report.dead, report.attempts) == (0, 1, 2)  # each try failed, then dead
+            assert elapsed < 2 * (timeout_s + 0.3), f"two tries took {elapsed:.2f} s"
+            [letter] = ledger.outbox("hooks").dead_letters()
+            if part == "head":
+                assert "deadline" in letter.last_error, letter.last_error
+            else:
+                assert letter.last_error.startswith("HTTP 500: y"), letter.last_error
+        receiver.close()
+        assert threading.active_count() == threads  # no watchdog left behind
+        assert _open_fds() == fds  # nor a socket
     finally:
         receiver.close()

@@ -16,8 +16,10 @@ least once: receivers dedupe by ``id``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ledger.notify")
 
-#: The longest a receiver may take to answer one POST, by default.
+#: The longest one POST may take, all told, by default.
 DEFAULT_TIMEOUT_S = 10.0
 MAX_ATTEMPTS = 100
 #: How much of a failed answer's body is kept in the log and the dead letter.
@@ -66,6 +68,63 @@ class RetryPolicy:
     def backoff_s(self, failures: int) -> float:
         wait = float(min(self.backoff_max_s, self.backoff_base_s * 2 ** (failures - 1)))
         return wait * (1 + random.uniform(0, 0.1))
+
+
+class _Deadline:
+    """The overall deadline of one POST. httpx's timeouts bound each read and
+    write, so a receiver that drips its answer a byte at a time would hold a
+    POST for ever; this ends it. When the POST connects (the ``trace``
+    extension's connect event) it keeps a duplicate of the connection's socket,
+    and a timer shuts that socket down at the deadline: whatever httpx is then
+    waiting on (the TLS handshake, the request, the status line, a header, the
+    body) fails at once, and the try is a failed one. Connecting itself is
+    bounded by the connect timeout (the same ``timeout_s``). Leaving closes the
+    duplicate and ends the timer."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+        self.expired = False
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        if not event.endswith((".connect_tcp.complete", ".connect_unix_socket.complete")):
+            return
+        stream = info.get("return_value")
+        sock = None if stream is None else stream.get_extra_info("socket")
+        if not isinstance(sock, socket.socket):
+            return
+        duplicate = sock.dup()  # the same connection: shutting it down ends every wait on it
+        with self._lock:
+            self._sockets.append(duplicate)
+            if self.expired:
+                self._shut(duplicate)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # already gone
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+        self._timer.join()
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
 
 
 @dataclass
@@ -105,7 +164,13 @@ class Notifier:
         self.stop = stop or threading.Event()
         self._sleep = sleep or self.stop.wait
         self._own_client = client is None
-        self.client = client or httpx.Client(timeout=self.policy.timeout_s, follow_redirects=False)
+        # No kept-alive connections: each POST opens its own, so its deadline
+        # (_Deadline) can always reach the socket it waits on.
+        self.client = client or httpx.Client(
+            timeout=self.policy.timeout_s,
+            follow_redirects=False,
+            limits=httpx.Limits(max_keepalive_connections=0),
+        )
         self._lease: Lease | None = None
         self._claimed = False
 
@@ -171,23 +236,29 @@ class Notifier:
             TYPE_HEADER: notification.type,
             **signed_headers(self.secret, body),
         }
-        try:
-            # Streamed: the status decides, and the body is only read for the
-            # error's first bytes. Reading it all would let a receiver that
-            # answers with an endless (or huge) body hold the notifier forever,
-            # past the timeout (which bounds each read, not the whole body) and
-            # past SIGTERM, or fill its memory.
-            with self.client.stream("POST", self.url, content=body, headers=headers) as response:
-                if response.is_success:
-                    return None
-                head = b""
-                deadline = time.monotonic() + self.policy.timeout_s
-                for chunk in response.iter_bytes():
-                    head += chunk
-                    if len(head) >= ERROR_BODY_BYTES or time.monotonic() > deadline:
-                        break
-        except httpx.HTTPError as exc:
-            return f"{type(exc).__name__}: {exc}"
+        # Streamed: the status decides, and the body is only read for the
+        # error's first bytes. Reading it all would let a receiver that answers
+        # with an endless (or huge) body fill the notifier's memory; the
+        # deadline ends a POST whose answer (head or body) is too slow in coming.
+        with _Deadline(self.policy.timeout_s) as deadline:
+            try:
+                with self.client.stream(
+                    "POST", self.url, content=body, headers=headers, extensions={"trace": deadline.trace}
+                ) as response:
+                    if response.is_success:
+                        return None
+                    head = b""
+                    try:
+                        for chunk in response.iter_bytes():
+                            head += chunk
+                            if len(head) >= ERROR_BODY_BYTES or time.monotonic() > deadline.at:
+                                break
+                    except httpx.HTTPError:
+                        pass  # the body was cut short (by the deadline or the receiver): the status is the answer
+            except httpx.HTTPError as exc:
+                if deadline.expired:
+                    return f"no answer within the {deadline.seconds:g} s deadline ({type(exc).__name__}: {exc})"
+                return f"{type(exc).__name__}: {exc}"
         text = head[:ERROR_BODY_BYTES].decode("utf-8", "replace")
         return f"HTTP {response.status_code}: {text}"
 

@@ -58,7 +58,11 @@ SECRET_ENV = "LEDGER_NOTIFY_SECRET"
     help="The longest wait between tries.",
 )
 @click.option(
-    "--timeout-s", default=10.0, show_default=True, type=click.FloatRange(0.1, 3600), help="How long one POST may take."
+    "--timeout-s",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(0.1, 3600),
+    help="How long one POST may take in all (one deadline, not a bound on each read).",
 )
 @click.option(
     "--poll-s",
