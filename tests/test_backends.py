@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,13 +20,15 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from eventsourcing.persistence import IntegrityError
 
-from ledger import GrantCredits, Ledger, SpendCredits
+from ledger import ConfigurationError, GrantCredits, Ledger, SpendCredits
 from ledger.domain.credits import CreditAccount, CreditKind, account_id_for
 from ledger.storage.base import Backend
+from ledger.storage.config import parse_url
 from ledger.storage.digests import ENTRY, Segment
 from ledger.storage.factory import backend_class, open_backend
 from ledger.storage.viewstore import ViewStore
@@ -268,3 +271,68 @@ class TestPostgresBackend(BackendContract):
 
     def test_a_projector_is_woken_by_listen(self, ledger: Ledger) -> None:
         assert ledger.backend.commit_waiter(ledger.app, threading.Event()) is not None
+
+
+class SilentServer:
+    """A TCP server (a thread) that accepts every connection and never says a word."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self.accepted: list[socket.socket] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                self.accepted.append(self.sock.accept()[0])
+            except TimeoutError:
+                continue
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()
+        for conn in self.accepted:
+            conn.close()
+        self.sock.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("option", ["pool_timeout_s=2", "connect_timeout=2"])
+def test_a_listen_connection_to_a_server_that_never_answers_times_out(pg_url: str, option: str) -> None:
+    """The projector's LISTEN connection has the connect timeout of the
+    ledger's other connections (the URL's connect_timeout, else the pool's
+    timeout): a server that accepts and never answers is a ConfigurationError
+    (the projector's exit 2), not a projector hung at its start."""
+    url = pg_url
+    with Ledger(url) as ledger:
+        server = SilentServer()
+        try:
+            parts = urlsplit(url)
+            silent_url = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{server.port}"))
+            silent = open_backend(parse_url(f"{silent_url}&{option}"))
+            outcome: list[BaseException | object] = []
+
+            def listen() -> None:
+                try:
+                    outcome.append(silent.commit_waiter(ledger.app, threading.Event()))
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            started = time.monotonic()
+            worker = threading.Thread(target=listen, daemon=True)
+            worker.start()
+            worker.join(timeout=20)
+            assert not worker.is_alive(), "LISTEN's connection waits for ever on a silent server"
+            assert time.monotonic() - started < 10
+            [error] = outcome
+            assert isinstance(error, ConfigurationError), error
+            assert f"127.0.0.1:{server.port}" in str(error) and "LISTEN" in str(error)
+        finally:
+            server.close()

@@ -143,10 +143,22 @@ class PostgresBackend(Backend):
         return PostgresWriteLocks(app.recorder)
 
     def commit_waiter(self, app: LedgerApplication, stop: threading.Event) -> Wake | None:
-        """LISTEN on the event table's channel (eventsourcing NOTIFYs on it at each commit)."""
+        """LISTEN on the event table's channel (eventsourcing NOTIFYs on it at each commit),
+        on a connection with the connect timeout of the ledger's others: a
+        server that cannot be reached, or never answers, is a ConfigurationError."""
+        c = self.config
         channel = app.recorder.channel_name  # type: ignore[attr-defined]
-        conn = psycopg.connect(self.conninfo(), autocommit=True)
-        conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        try:
+            conn = psycopg.connect(self.conninfo(), autocommit=True, **c.connect_kwargs())
+        except psycopg.Error as exc:
+            raise ConfigurationError(
+                f"cannot reach PostgreSQL at {c.pg_host}:{c.pg_port} to LISTEN for commits: {exc}".rstrip()
+            ) from exc
+        try:
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+        except BaseException:
+            conn.close()
+            raise
 
         def wake(timeout_s: float) -> None:
             if stop.is_set():
