@@ -89,6 +89,7 @@ from ledger.errors import (
     UnknownReservation,
     UseLimitReached,
     ViewsBehind,
+    ViewsCorrupt,
     ViewsStalled,
 )
 from ledger.storage.freshness import CommandStats
@@ -126,6 +127,7 @@ __all__ = [
     "UnknownSubscription",
     "UnpauseSubscription",
     "ViewsBehind",
+    "ViewsCorrupt",
     "ViewsStalled",
     "DEFAULT_URL",
     "MAX_CREDITS",

@@ -253,6 +253,25 @@ class ViewsStalled(LedgerError):
         )
 
 
+class ViewsCorrupt(LedgerError):
+    """The read models' tracking table holds a position that is not a whole
+    number (text, a fraction, bytes: SQLite keeps what is written into an
+    INTEGER column). The ledger never writes one: the table was changed
+    outside it, by hand or by a fault. Nothing is projected, compared or
+    waited for against it until a rebuild replaces it."""
+
+    code = "views_corrupt"
+
+    def __init__(self, table: str, value: object) -> None:
+        self.table = table
+        self.value = value
+        super().__init__(
+            f"the read models' tracking table {table} holds {value!r} as their position, not a whole number: "
+            "it was written outside the ledger (tampering or corruption); the event store is not affected, "
+            "and python -m ledger rebuild replaces the views and their position"
+        )
+
+
 class UnknownFeature(LedgerError, LookupError):
     """No plan in the catalog names this feature (a typo, or a feature the
     host has not defined in any plan's ``features``)."""

@@ -138,14 +138,16 @@ def test_a_file_that_cannot_be_written_is_refused_before_the_replay(tmp_path: Pa
 
 def test_a_command_that_fails_on_the_way_exits_2_not_1(tmp_path: Path) -> None:
     """Exit 1 is a verdict (findings, a changed history, differing rows): an
-    audit that died on a store it could not read exited 1 with a traceback."""
+    audit that died on a store it could not read exited 1 with a traceback. A
+    tracking position written outside the ledger is named, not a traceback."""
     url = f"sqlite:///{tmp_path / 'cli.sqlite3'}"
     with Ledger(url, clock=ManualClock(START)) as ledger:
         story(ledger, ledger.clock)  # type: ignore[arg-type]
         with ledger.views.store.transaction() as tx:
             tx.execute("UPDATE tracking SET notification_id = 'x' WHERE application_name = 'ledger'")
-    for command in (("audit", "--quiet"), ("rebuild", "--verify")):
+    for command in (("audit", "--quiet"), ("rebuild", "--verify"), ("project",)):
         result = ledger_cli(*command, "--url", url)
         assert result.returncode == 2, result.stdout + result.stderr
-        assert f"error: {command[0]} failed before reaching a result" in result.stderr
-        assert "TypeError" in result.stderr  # the traceback says what failed
+        # A position written outside the ledger is named as such, with its table and value.
+        assert "error: ViewsCorrupt: the read models' tracking table tracking holds 'x'" in result.stderr
+        assert "Traceback" not in result.stderr, result.stderr

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
 
-from ledger import Ledger, ManualClock
+from ledger import Ledger, ManualClock, ViewsCorrupt
 from ledger.views.projector import StalePosition
 
 HOUR = timedelta(hours=1)
@@ -126,6 +127,31 @@ def test_rebuild_equals_live_and_verify_finds_edits(ledger: Ledger, clock: Manua
     finally:
         ledger.views.drop_aside(aside)
     assert views.catch_up() == 0  # the swapped-in position is where the rebuild stopped
+
+
+@pytest.mark.parametrize("value", ["x", 2.5, b"\x05"])
+def test_a_tracking_position_that_is_not_a_whole_number_is_reported_as_corrupt(tmp_path: Path, value: object) -> None:
+    """SQLite keeps what is written into the tracking table's INTEGER column
+    as it is (text, a fraction, bytes): only a write outside the ledger puts it
+    there. The position is refused with the table and the value, not taken
+    for a number (a TypeError); a rebuild
+    replaces it."""
+    url = f"sqlite:///{tmp_path / 'ledger.sqlite3'}"
+    with Ledger(url) as ledger:
+        ledger.grant(uuid4(), 10, "bonus", key="g")
+        views = ledger.views
+        views.catch_up()
+        head = views.position()
+        with views.store.transaction() as tx:
+            tx.execute("UPDATE tracking SET notification_id = %s WHERE application_name = 'ledger'", [value])
+        for read in (views.position, views.catch_up, views.lag, lambda: views.wait(head + 1, timeout_s=0.1)):
+            with pytest.raises(ViewsCorrupt) as raised:
+                read()
+            assert (raised.value.table, raised.value.value, raised.value.code) == ("tracking", value, "views_corrupt")
+            assert f"tracking holds {value!r}" in str(raised.value) and "rebuild" in str(raised.value)
+        views.swap_in(aside := views.build_aside())
+        views.drop_aside(aside)
+        assert views.position() == head and views.catch_up() == 0
 
 
 def test_users_credits_follow_when_the_host_opts_in(ledger_url: str, clock: ManualClock) -> None:

@@ -21,7 +21,7 @@ from uuid import UUID
 
 from eventsourcing.persistence import DataError, IntegrityError, PersistenceError, Tracking, TrackingRecorder
 
-from ledger.errors import ConfigurationError
+from ledger.errors import ConfigurationError, ViewsCorrupt
 from ledger.storage.ddl import SCHEMA_VERSION, SCHEMA_VERSION_TABLE, Table
 
 #: The name the projector tracks its position under.
@@ -231,10 +231,19 @@ class ViewStore(ABC):
         return None
 
     def position(self) -> int:
-        return self.tracking.max_tracking_id(TRACKED_APPLICATION) or 0
+        """The tracking position; ViewsCorrupt when what is stored there is not
+        a whole number (SQLite keeps text or a fraction an outside write put in)."""
+        recorded: object = self.tracking.max_tracking_id(TRACKED_APPLICATION)
+        if recorded is None:
+            return 0
+        if type(recorded) is not int:
+            table = getattr(self.tracking, "tracking_table_name", "tracking")
+            raise ViewsCorrupt(str(table), recorded)
+        return recorded
 
     def wait(self, position: int, timeout_s: float) -> None:
         """Blocks until the views include ``position``; TimeoutError after ``timeout_s``."""
+        self.position()  # a corrupt position is named (ViewsCorrupt), not a TypeError
         self.tracking.wait(TRACKED_APPLICATION, position, timeout=timeout_s)
 
 
