@@ -11,7 +11,7 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from ledger import Ledger, ManualClock, ViewsCorrupt
+from ledger import Ledger, ManualClock, ViewsBehind, ViewsCorrupt
 from ledger.views.projector import StalePosition
 
 HOUR = timedelta(hours=1)
@@ -149,9 +149,14 @@ def test_a_tracking_position_that_is_not_a_whole_number_is_reported_as_corrupt(t
                 read()
             assert (raised.value.table, raised.value.value, raised.value.code) == ("tracking", value, "views_corrupt")
             assert f"tracking holds {value!r}" in str(raised.value) and "rebuild" in str(raised.value)
+    with Ledger(url, sync_views=True) as ledger:  # a command is recorded, and says the views cannot follow
+        with pytest.raises(ViewsBehind) as behind:
+            ledger.grant(uuid4(), 10, "bonus", key="g2")
+        assert isinstance(behind.value.cause, ViewsCorrupt) and behind.value.receipt.amount_credits == 10  # type: ignore[attr-defined]
+        views = ledger.views
         views.swap_in(aside := views.build_aside())
         views.drop_aside(aside)
-        assert views.position() == head and views.catch_up() == 0
+        assert head < views.position() == views.projector.head() and views.catch_up() == 0
 
 
 def test_users_credits_follow_when_the_host_opts_in(ledger_url: str, clock: ManualClock) -> None:

@@ -74,7 +74,14 @@ from ledger.domain.subscriptions import (
     slot_id_for,
 )
 from ledger.domain.thresholds import Threshold
-from ledger.errors import ConfigurationError, InvalidArgument, UnknownAccount, UnknownReservation, ViewsBehind
+from ledger.errors import (
+    ConfigurationError,
+    InvalidArgument,
+    UnknownAccount,
+    UnknownReservation,
+    ViewsBehind,
+    ViewsCorrupt,
+)
 from ledger.storage.base import Backend
 from ledger.storage.config import StoreConfig, parse_url, redact
 from ledger.storage.eventstore import LedgerApplication
@@ -200,7 +207,11 @@ class Ledger:
         try:
             self.views.catch_up(until=target)
         except Exception as exc:
-            if self.views.position() >= target:
+            try:
+                reached = self.views.position() >= target
+            except ViewsCorrupt:
+                reached = False  # no position to tell: the views are behind, the command is recorded
+            if reached:
                 log.warning("views reached position %d though this catch-up failed: %s", target, exc)
                 return
             raise ViewsBehind(result, exc) from exc
