@@ -118,3 +118,38 @@ def test_a_failed_replay_drops_its_aside(durable_url: str) -> None:
         with pytest.raises(RuntimeError, match="replay interrupted"):
             ledger.views.build_aside(fail)
         assert asides(config) == set()
+
+
+@pytest.mark.postgres
+def test_schemas_sharing_a_long_prefix_keep_their_own_dead_asides(pg_url: str) -> None:
+    """Two schemas whose names agree but for their last characters (at most
+    63 in all) each clean only their own killed rebuilds' asides, and still
+    clean what the names of earlier versions left (the schema's first 40
+    characters, the mark, the token)."""
+    stem = f"og_{uuid4().hex}".ljust(61, "x")
+    urls = [pg_url.replace(parse_url(pg_url).pg_schema, f"{stem}_{side}") for side in "ab"]
+    try:
+        with Ledger(urls[0]) as a, Ledger(urls[1]) as b:
+            dead = a.backend.view_store_aside(a.app)  # then killed: its lease ends, its schema stays
+            dead_name = dead.schema  # type: ignore[attr-defined]
+            dead.close()
+            assert dead.lease is not None
+            dead.lease.release()
+            assert len(dead_name) <= 63 and dead_name.startswith(stem[:32])
+            old_name = f"{stem[:40]}{REBUILD_MARK}{uuid4().hex[:12]}"  # an aside named as before
+            with psycopg.connect(pg_base_url(), autocommit=True) as conn:
+                conn.execute(f'CREATE SCHEMA "{old_name}"')
+            assert b.views.drop_leftover_asides() == [old_name]  # whose it was, that name cannot tell
+            assert existing([dead_name]) == {dead_name}  # the other schema's aside is left alone
+            assert a.views.drop_leftover_asides() == [dead_name]
+            assert existing([dead_name, old_name]) == set()
+    finally:
+        with psycopg.connect(pg_base_url(), autocommit=True) as conn:
+            for url in urls:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{parse_url(url).pg_schema}" CASCADE')
+
+
+def existing(names: list[str]) -> set[str]:
+    with psycopg.connect(pg_base_url(), autocommit=True) as conn:
+        rows = conn.execute("SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s)", [names])
+        return {name for (name,) in rows}

@@ -188,7 +188,7 @@ class PostgresBackend(Backend):
     def view_store_aside(self, app: LedgerApplication) -> ViewStore:
         c = self.config
         # A fresh name per rebuild: two rebuilds at once do not clobber each other.
-        schema = f"{c.pg_schema[:40]}{REBUILD_MARK}{rebuild_token()}"
+        schema = f"{_aside_prefix(c.pg_schema)}{rebuild_token()}"
         lease = AdvisoryLease.take(self, schema)  # before the schema exists: see drop_leftover_asides
         try:
             lease.conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
@@ -224,17 +224,17 @@ class PostgresBackend(Backend):
                 aside.lease = None
 
     def drop_leftover_asides(self) -> list[str]:
-        prefix = f"{self.config.pg_schema[:40]}{REBUILD_MARK}"
+        schema = self.config.pg_schema
         dropped = []
         with psycopg.connect(self.conninfo(), autocommit=True, **self.config.connect_kwargs()) as conn:
-            names = [
+            names = sorted(
                 name
+                for prefix in (_aside_prefix(schema), _old_aside_prefix(schema))
                 for (name,) in conn.execute(
-                    "SELECT nspname FROM pg_namespace WHERE left(nspname, %s) = %s ORDER BY nspname",
-                    [len(prefix), prefix],
+                    "SELECT nspname FROM pg_namespace WHERE left(nspname, %s) = %s", [len(prefix), prefix]
                 )
                 if REBUILD_TOKEN.fullmatch(name[len(prefix) :])
-            ]
+            )
             for name in names:
                 key = _rebuild_key(name)
                 [(taken,)] = conn.execute("SELECT pg_try_advisory_lock(%s)", [key]).fetchall()
@@ -279,6 +279,23 @@ class PostgresBackend(Backend):
     @classmethod
     def ddl(cls, tables: Sequence[Table], schema: str = "public", *, user_foreign_keys: bool = False) -> str:
         return render_postgres(tables, schema, user_foreign_keys=user_foreign_keys)
+
+
+def _aside_prefix(schema: str) -> str:
+    """How the names of ``schema``'s rebuild asides begin: its first 32
+    characters, the mark, and 8 hex digits of its whole name's SHA-256, so that
+    schemas whose names share a longer beginning never take each other's
+    asides for their own; with the token, at most 62 characters (PostgreSQL
+    keeps 63)."""
+    tag = hashlib.sha256(schema.encode()).hexdigest()[:8]
+    return f"{schema[:32]}{REBUILD_MARK}{tag}_"
+
+
+def _old_aside_prefix(schema: str) -> str:
+    """How asides were named before the tag: the schema's first 40 characters
+    and the mark (then the token). Still dropped when left behind; for schemas
+    longer than 40 characters such a name cannot tell which one it was."""
+    return f"{schema[:40]}{REBUILD_MARK}"
 
 
 def _rebuild_key(name: str) -> int:
