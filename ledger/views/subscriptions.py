@@ -98,7 +98,21 @@ WHERE status IN ('active', 'trialing');
 CREATE UNIQUE INDEX IF NOT EXISTS uq_subscriptions_lemon_squeezy
 ON {S}.subscriptions(lemon_squeezy_subscription_id)
 WHERE lemon_squeezy_subscription_id IS NOT NULL;
-""",
+
+-- ledger deviation 4: a table created from the seed keeps the seed's chk_status,
+-- which has no 'paused' (CREATE TABLE IF NOT EXISTS passed over it); replace it
+-- by this one, only where it lacks 'paused'.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'chk_status'
+                   AND conrelid = '{S}.subscriptions'::regclass
+                   AND strpos(pg_get_constraintdef(oid), '''paused''') > 0) THEN
+        ALTER TABLE {S}.subscriptions DROP CONSTRAINT IF EXISTS chk_status;
+        ALTER TABLE {S}.subscriptions ADD CONSTRAINT chk_status CHECK (status IN ({SUBSCRIPTION_STATUSES}));
+    END IF;
+END
+$$;
+""".replace("{SUBSCRIPTION_STATUSES}", _SUBSCRIPTION_STATUSES),
     sqlite="""
 -- 5. subscriptions
 CREATE TABLE IF NOT EXISTS subscriptions (

@@ -1,0 +1,148 @@
+"""A host that created the billing tables from the seed's own DDL before
+adopting the library (tests/fixtures/seed_billing.sql, ``users`` included):
+migrate after the columns docs/schema.md names are added, then the projector
+writes those tables, within the seed's constraints, and the seed's queries
+read the right answers. PostgreSQL only: the seed is PostgreSQL's.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+from uuid import UUID, uuid4
+
+import psycopg
+import pytest
+
+from ledger import Ledger, ManualClock, ViewsBehind
+
+ROOT = Path(__file__).resolve().parent.parent
+SEED_DDL = (ROOT / "tests" / "fixtures" / "seed_billing.sql").read_text()
+START = datetime(2026, 1, 1, tzinfo=UTC)
+
+pytestmark = pytest.mark.postgres
+
+
+def _hand_migration() -> str:
+    """The ALTER TABLE statements of docs/schema.md, "A table the host created from the seed"."""
+    section = (ROOT / "docs" / "schema.md").read_text().split("### A table the host created from the seed", 1)[1]
+    found = re.search(r"```sql\n(.*?)```", section, re.S)
+    assert found is not None
+    return found.group(1)
+
+
+PgConn = psycopg.Connection[tuple[Any, ...]]
+
+
+@pytest.fixture
+def seed_host(pg_url: str) -> Iterator[tuple[str, PgConn]]:
+    """(the ledger's URL, a connection to its schema) on the seed's tables, widened by hand."""
+    parts = urlsplit(pg_url)
+    query = parse_qsl(parts.query)
+    schema = dict(query)["schema"]
+    base = parts._replace(query=urlencode([(k, v) for k, v in query if k != "schema"])).geturl()
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+        conn.execute(f'SET search_path TO "{schema}"')
+        conn.execute("SET TIME ZONE 'UTC'")
+        conn.execute(SEED_DDL.encode())
+        conn.execute(_hand_migration().encode())
+        yield pg_url, conn
+
+
+def _user(conn: PgConn) -> UUID:
+    user = uuid4()
+    conn.execute("INSERT INTO users (id, email, name) VALUES (%s, %s, 'A')", (user, f"{user}@example.com"))
+    return user
+
+
+def test_the_projector_writes_the_seed_tables_after_the_documented_migration(
+    seed_host: tuple[str, PgConn],
+) -> None:
+    url, conn = seed_host
+    user = _user(conn)
+    clock = ManualClock(START)
+    with Ledger(url) as ledger:
+        ledger.views.migrate()
+    with Ledger(url, clock=clock, sync_views=True) as ledger:
+        ledger.install_default_catalog()
+        ledger.start_subscription(user, "pro", key="sub")
+        subscription = ledger.subscription_of(user)
+        assert subscription is not None
+        # The seed's chk_status has no 'paused': the projector would stall here.
+        ledger.pause_subscription(subscription.subscription_id, key="pause")
+        ledger.unpause_subscription(subscription.subscription_id, key="unpause")
+        ledger.grant(user, 500, "bonus", key="bonus", expires_in=timedelta(days=1))
+        ledger.grant(user, 1000, "purchase", key="buy", reference_id="invoice:3420871", reference_type="order")
+        hold = ledger.reserve(user, uuid4(), 300, expires_in=timedelta(hours=1), key="r1")
+        ledger.settle(hold.reservation_id, 240, key="s1")
+        hold = ledger.reserve(user, uuid4(), 100, expires_in=timedelta(hours=1), key="r2")
+        ledger.release(hold.reservation_id, "job failed", key="x2")
+        ledger.spend(user, 10, key="api")
+        ledger.adjust(user, -20, "correction", "admin@example.com", key="adj")
+        clock.advance(timedelta(days=2))
+        ledger.tick()
+        open_hold = ledger.reserve(user, uuid4(), 70, expires_in=timedelta(hours=1), key="r3")
+        balance = ledger.balance(user)
+        assert ledger.views.lag() == 0
+
+    # The seed's plans rows kept their own ids; subscriptions point at them.
+    plan_ids: dict[str, UUID] = dict(conn.execute("SELECT name, id FROM plans").fetchall())
+    assert conn.execute("SELECT plan_id, status FROM subscriptions").fetchall() == [(plan_ids["pro"], "active")]
+    changes = [r[0] for r in conn.execute("SELECT change_type FROM subscription_history ORDER BY changed_at, id")]
+    assert sorted(changes) == ["created", "paused", "unpaused"]
+    # The seed's queries: the latest balance_after is the sum of the amounts
+    # and the balance; the open reservations hold what the ledger holds.
+    rows = conn.execute(
+        "SELECT amount, type, balance_after FROM credit_transactions WHERE user_id = %s ORDER BY log_position",
+        (user,),
+    ).fetchall()
+    running = 0
+    for amount, kind, balance_after in rows:
+        running += amount
+        assert balance_after == running
+        assert (amount > 0) == (kind in {"subscription_grant", "bonus", "purchase"}), (amount, kind)
+    latest = conn.execute(
+        "SELECT balance_after FROM credit_transactions WHERE user_id = %s ORDER BY created_at DESC, log_position DESC "
+        "LIMIT 1",
+        (user,),
+    ).fetchone()
+    assert latest == (running,) == (balance.balance_credits,)
+    assert [r[1] for r in rows].count("expiration") == 1
+    held = conn.execute(
+        "SELECT id, reserved_amount FROM credit_reservations WHERE user_id = %s AND status = 'reserved'", (user,)
+    ).fetchall()
+    assert held == [(open_hold.reservation_id, 70)] and balance.held_credits == 70
+    assert sorted(r[0] for r in conn.execute("SELECT status FROM credit_reservations")) == [
+        "refunded",
+        "reserved",
+        "settled",
+    ]
+
+
+def test_a_user_without_a_users_row_stalls_the_projector_until_the_row_exists(
+    seed_host: tuple[str, PgConn],
+) -> None:
+    url, conn = seed_host
+    known = _user(conn)
+    stranger = uuid4()
+    with Ledger(url) as ledger:
+        ledger.views.migrate()
+    with Ledger(url, sync_views=True) as ledger:
+        ledger.grant(known, 100, "bonus", key="known")
+        with pytest.raises(ViewsBehind, match="credit_transactions_user_id_fkey"):
+            ledger.grant(stranger, 50, "bonus", key="stranger")
+        assert ledger.balance(stranger).balance_credits == 50  # recorded all the same
+        with pytest.raises(ViewsBehind):
+            ledger.grant(known, 1, "bonus", key="known-2")  # everyone's views wait
+        conn.execute("INSERT INTO users (id, email, name) VALUES (%s, 'b@example.com', 'B')", (stranger,))
+        ledger.views.catch_up()
+        assert ledger.views.lag() == 0
+    rows = conn.execute(
+        "SELECT user_id, amount, balance_after FROM credit_transactions ORDER BY log_position"
+    ).fetchall()
+    assert rows == [(known, 100, 100), (stranger, 50, 50), (known, 1, 101)]
