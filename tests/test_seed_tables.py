@@ -82,6 +82,7 @@ def test_the_projector_writes_the_seed_tables_after_the_documented_migration(
         ledger.settle(hold.reservation_id, 240, key="s1")
         hold = ledger.reserve(user, uuid4(), 100, expires_in=timedelta(hours=1), key="r2")
         ledger.release(hold.reservation_id, "job failed", key="x2")
+        ledger.reserve(user, uuid4(), 30, expires_in=timedelta(minutes=5), key="r-lapses")
         ledger.spend(user, 10, key="api")
         ledger.adjust(user, -20, "correction", "admin@example.com", key="adj")
         clock.advance(timedelta(days=2))
@@ -117,10 +118,12 @@ def test_the_projector_writes_the_seed_tables_after_the_documented_migration(
         "SELECT id, reserved_amount FROM credit_reservations WHERE user_id = %s AND status = 'reserved'", (user,)
     ).fetchall()
     assert held == [(open_hold.reservation_id, 70)] and balance.held_credits == 70
-    assert sorted(r[0] for r in conn.execute("SELECT status FROM credit_reservations")) == [
-        "refunded",
-        "reserved",
-        "settled",
+    closed = conn.execute("SELECT reserved_amount, status, settled_amount, release_reason FROM credit_reservations")
+    assert sorted(closed.fetchall()) == [
+        (30, "refunded", None, "expired"),
+        (70, "reserved", None, None),
+        (100, "refunded", None, "job failed"),
+        (300, "settled", 240, None),
     ]
 
 
