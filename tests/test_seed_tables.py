@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -18,7 +19,7 @@ from uuid import UUID, uuid4
 import psycopg
 import pytest
 
-from ledger import Ledger, ManualClock, ViewsBehind
+from ledger import Ledger, ManualClock, PlanTerms, ViewsBehind
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_DDL = (ROOT / "tests" / "fixtures" / "seed_billing.sql").read_text()
@@ -149,3 +150,25 @@ def test_a_user_without_a_users_row_stalls_the_projector_until_the_row_exists(
         "SELECT user_id, amount, balance_after FROM credit_transactions ORDER BY log_position"
     ).fetchall()
     assert rows == [(known, 100, 100), (stranger, 50, 50), (known, 1, 101)]
+
+
+def test_a_plan_the_seed_tier_check_refuses_stalls_the_tier_sync_until_it_is_widened(
+    seed_host: tuple[str, PgConn],
+) -> None:
+    url, conn = seed_host
+    user = _user(conn)
+    with Ledger(url) as ledger:
+        ledger.views.migrate()
+    with Ledger(url, sync_views=True, sync_user_tier=True) as ledger:
+        ledger.install_default_catalog()
+        ledger.define_plan(PlanTerms("team", "Team", Decimal("50.00"), Decimal("500.00"), 10_000, 10**11, 2, 2))
+        with pytest.raises(ViewsBehind, match="chk_tier"):
+            ledger.start_subscription(user, "team", key="team")
+        conn.execute("ALTER TABLE users DROP CONSTRAINT chk_tier")
+        conn.execute(
+            "ALTER TABLE users ADD CONSTRAINT chk_tier "
+            "CHECK (tier IN ('free', 'starter', 'pro', 'studio', 'enterprise', 'team'))"
+        )
+        ledger.views.catch_up()
+        assert ledger.views.lag() == 0
+    assert conn.execute("SELECT tier, storage_quota FROM users").fetchall() == [("team", 10**11)]
