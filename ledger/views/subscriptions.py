@@ -561,10 +561,13 @@ class SubscriptionView(View):
     @staticmethod
     def _history(tx: ViewTx, event: Any, row: dict[str, Any], change: str) -> list[Any]:
         from_plan = row.pop("_from_plan", None) if change in ("upgraded", "downgraded") else None
+        # The row's period is the event's or, when an earlier page wrote the
+        # row, the table's (naive, or text on SQLite): one form either way, so
+        # that a rebuild writes the details the live views wrote.
         details = {
             **_details(event),
-            "period_start": row["current_period_start"],
-            "period_end": row["current_period_end"],
+            "period_start": _utc(row["current_period_start"]),
+            "period_end": _utc(row["current_period_end"]),
         }
         if from_plan:
             details.update({"from": from_plan, "to": row["_plan"]})
