@@ -172,3 +172,29 @@ def test_a_plan_the_seed_tier_check_refuses_stalls_the_tier_sync_until_it_is_wid
         ledger.views.catch_up()
         assert ledger.views.lag() == 0
     assert conn.execute("SELECT tier, storage_quota FROM users").fetchall() == [("team", 10**11)]
+
+
+def test_a_rebuild_keeps_the_plan_ids_of_the_seed_catalog(seed_host: tuple[str, PgConn]) -> None:
+    # The seed's INSERT gave its plans random ids; the live rows point at them,
+    # and so must the rebuilt ones, or the swap breaks subscriptions_plan_id_fkey.
+    url, conn = seed_host
+    user = _user(conn)
+    with Ledger(url) as ledger:
+        ledger.views.migrate()
+    with Ledger(url, sync_views=True) as ledger:
+        ledger.install_default_catalog()
+        ledger.start_subscription(user, "pro", key="sub")
+        subscription = ledger.subscription_of(user)
+        assert subscription is not None
+        ledger.change_plan(subscription.subscription_id, "studio", key="up", actor="admin@example.com")
+        views = ledger.views
+        before = views.checksums()
+        aside = views.build_aside()
+        try:
+            assert {t: d for t, d in views.verify(aside).items() if d} == {}
+            views.swap_in(aside)
+        finally:
+            views.drop_aside(aside)
+        assert views.checksums() == before
+    plan_ids: dict[str, UUID] = dict(conn.execute("SELECT name, id FROM plans").fetchall())
+    assert conn.execute("SELECT plan_id FROM subscriptions").fetchall() == [(plan_ids["studio"],)]
