@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -19,13 +20,14 @@ from uuid import UUID, uuid4
 import psycopg
 import pytest
 
-from ledger import Ledger, ManualClock, PlanTerms, ViewsBehind
+from ledger import DEFAULT_CATALOG, Ledger, ManualClock, PlanTerms, ViewsBehind
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_DDL = (ROOT / "tests" / "fixtures" / "seed_billing.sql").read_text()
 START = datetime(2026, 1, 1, tzinfo=UTC)
 
 pytestmark = pytest.mark.postgres
+DEFAULT_PRO = next(t for t in DEFAULT_CATALOG if t.name == "pro")
 
 
 def _hand_migration() -> str:
@@ -187,6 +189,7 @@ def test_a_rebuild_keeps_the_plan_ids_of_the_seed_catalog(seed_host: tuple[str, 
         subscription = ledger.subscription_of(user)
         assert subscription is not None
         ledger.change_plan(subscription.subscription_id, "studio", key="up", actor="admin@example.com")
+        ledger.define_plan(replace(DEFAULT_PRO, credits=16_000), actor="admin@example.com")
         views = ledger.views
         before = views.checksums()
         aside = views.build_aside()
@@ -198,3 +201,6 @@ def test_a_rebuild_keeps_the_plan_ids_of_the_seed_catalog(seed_host: tuple[str, 
         assert views.checksums() == before
     plan_ids: dict[str, UUID] = dict(conn.execute("SELECT name, id FROM plans").fetchall())
     assert conn.execute("SELECT plan_id FROM subscriptions").fetchall() == [(plan_ids["studio"],)]
+    # An auditor finds the plan an audit row names in plans.
+    audited = conn.execute("SELECT entity_id FROM audit_logs WHERE entity_type = 'plan'").fetchall()
+    assert audited == [(plan_ids["pro"],)]

@@ -349,7 +349,7 @@ class SubscriptionView(View):
                             None,
                             "plan.defined",
                             "plan",
-                            plan_id_for(terms.name),
+                            _plan_id(tx, terms.name),  # the plans row's id, which the host's catalog may have chosen
                             {"terms": _jsonable(event.terms), "actor": event.actor},
                         )
                     )
