@@ -21,6 +21,8 @@ import psycopg
 import pytest
 
 from ledger import DEFAULT_CATALOG, Ledger, ManualClock, PlanTerms, ViewsBehind
+from tests.lemonsqueezy_support import USER
+from tests.test_lemonsqueezy_story import baseline
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_DDL = (ROOT / "tests" / "fixtures" / "seed_billing.sql").read_text()
@@ -204,3 +206,16 @@ def test_a_rebuild_keeps_the_plan_ids_of_the_seed_catalog(seed_host: tuple[str, 
     # An auditor finds the plan an audit row names in plans.
     audited = conn.execute("SELECT entity_id FROM audit_logs WHERE entity_type = 'plan'").fetchall()
     assert audited == [(plan_ids["pro"],)]
+
+
+def test_the_lemon_squeezy_story_on_the_seed_tables(seed_host: tuple[str, PgConn]) -> None:
+    # Checkout to expiry through the webhook inbox (the seed's webhook_events),
+    # pause included; the story's own checks end with a rebuild equal to the views.
+    url, conn = seed_host
+    conn.execute("INSERT INTO users (id, email, name) VALUES (%s, 'story@example.com', 'S')", (USER,))
+    with Ledger(url) as ledger:
+        ledger.views.migrate()
+    state = baseline(url)
+    assert state["balance"] == (5000, 0, 5000)
+    assert "paused" in [change for _, change, *_ in state["history_changes"]]
+    assert conn.execute("SELECT DISTINCT status FROM webhook_events").fetchall() == [("processed",)]
