@@ -20,12 +20,13 @@ from uuid import UUID, uuid4
 import psycopg
 import pytest
 
-from ledger import DEFAULT_CATALOG, Ledger, ManualClock, PlanTerms, ViewsBehind
+from ledger import DEFAULT_CATALOG, ConfigurationError, Ledger, ManualClock, PlanTerms, ViewsBehind
 from tests.lemonsqueezy_support import USER
 from tests.test_lemonsqueezy_story import baseline
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_DDL = (ROOT / "tests" / "fixtures" / "seed_billing.sql").read_text()
+SEED_JOBS_DDL = (ROOT / "tests" / "fixtures" / "seed_jobs.sql").read_text()
 START = datetime(2026, 1, 1, tzinfo=UTC)
 
 pytestmark = pytest.mark.postgres
@@ -219,3 +220,37 @@ def test_the_lemon_squeezy_story_on_the_seed_tables(seed_host: tuple[str, PgConn
     assert state["balance"] == (5000, 0, 5000)
     assert "paused" in [change for _, change, *_ in state["history_changes"]]
     assert conn.execute("SELECT DISTINCT status FROM webhook_events").fetchall() == [("processed",)]
+
+
+def test_the_seeds_generation_jobs_key_into_credit_reservations_must_be_deferred_for_a_rebuild(
+    seed_host: tuple[str, PgConn],
+) -> None:
+    url, conn = seed_host
+    conn.execute(SEED_JOBS_DDL.encode())
+    user = _user(conn)
+    job = uuid4()
+    with Ledger(url) as ledger:
+        ledger.views.migrate()
+    with Ledger(url, sync_views=True) as ledger:
+        ledger.grant(user, 1000, "bonus", key="fund")
+        hold = ledger.reserve(user, job, 100, expires_in=timedelta(hours=1), key="hold")
+        assert hold.position is not None
+        ledger.views.wait(hold.position)  # the hold's row is there: the job may name it
+        conn.execute(
+            "INSERT INTO generation_jobs (id, user_id, queue_name, job_type, params, estimated_credits, "
+            "reservation_id) VALUES (%s, %s, 'queue:pro', 'text_to_image', '{}', 100, %s)",
+            (job, user, hold.reservation_id),
+        )
+        views = ledger.views
+        aside = views.build_aside()
+        try:
+            with pytest.raises(ConfigurationError, match="generation_jobs_reservation_id_fkey"):
+                views.swap_in(aside)
+            conn.execute(
+                "ALTER TABLE generation_jobs ALTER CONSTRAINT generation_jobs_reservation_id_fkey "
+                "DEFERRABLE INITIALLY DEFERRED"
+            )
+            views.swap_in(aside)
+        finally:
+            views.drop_aside(aside)
+    assert conn.execute("SELECT reservation_id FROM generation_jobs").fetchall() == [(hold.reservation_id,)]
