@@ -1,5 +1,6 @@
-"""The long-running projector on PostgreSQL: exactly once through SIGKILL and
-restart while commands keep arriving, and a clean stop on SIGTERM."""
+"""The long-running projector: exactly once through SIGKILL and restart while
+commands keep arriving (PostgreSQL) and part way through a backlog (SQLite and
+PostgreSQL), and a clean stop on SIGTERM."""
 
 from __future__ import annotations
 
@@ -39,9 +40,9 @@ def _write_commands(url: str, stop: threading.Event, counter: list[int]) -> None
             try:
                 hold = ledger.reserve(user, uuid4(), 10, FAR, key=f"{user}:r{i}")
                 if i % 3:
-                    ledger.settle(hold.reservation_id, 7, key=f"{user}:s{i}", user_id=user)  # type: ignore[arg-type]
+                    ledger.settle(hold.reservation_id, 7, key=f"{user}:s{i}", user_id=user)
                 else:
-                    ledger.release(hold.reservation_id, "job failed", key=f"{user}:x{i}", user_id=user)  # type: ignore[arg-type]
+                    ledger.release(hold.reservation_id, "job failed", key=f"{user}:x{i}", user_id=user)
                 ledger.spend(user, 1, key=f"{user}:a{i}")
             except InsufficientCredits:
                 pass
@@ -88,3 +89,49 @@ def test_sigkilled_projector_resumes_exactly_once(pg_url: str) -> None:
             assert views.checksums(aside) == views.checksums()
         finally:
             ledger.views.drop_aside(aside)
+
+
+def test_a_projector_killed_in_the_middle_of_a_backlog_resumes_exactly_once(durable_url: str) -> None:
+    # A backlog of pages to catch up, the projector killed while it is part
+    # way through (a page's transaction in flight or between two), restarted.
+    users = [uuid4() for _ in range(10)]
+    with Ledger(durable_url) as ledger:
+        ledger.views.migrate()
+        for u in users:
+            ledger.grant(u, 1_000_000, "bonus", key=f"{u}:fund")
+        for i in range(1_500):
+            user = users[i % len(users)]
+            hold = ledger.reserve(user, uuid4(), 10, FAR, key=f"r{i}")
+            if i % 2:
+                ledger.settle(hold.reservation_id, 7, key=f"s{i}", user_id=user)
+            else:
+                ledger.release(hold.reservation_id, "job failed", key=f"x{i}", user_id=user)
+            ledger.spend(user, 1, key=f"a{i}")
+        views = ledger.views
+        head = views.projector.head()
+        kills = 0
+        for _ in range(3):
+            before = views.position()
+            projector = _start_projector(durable_url)
+            deadline = time.monotonic() + 60
+            while views.position() == before and time.monotonic() < deadline:
+                time.sleep(0.005)  # until its first page is committed: the next is under way
+            os.kill(projector.pid, signal.SIGKILL)
+            projector.wait(timeout=30)
+            kills += views.position() < head
+        assert kills > 0, "the projector was killed before it caught up"
+        projector = _start_projector(durable_url)
+        deadline = time.monotonic() + 120
+        while views.position() < head and time.monotonic() < deadline:
+            time.sleep(0.05)
+        projector.send_signal(signal.SIGTERM)
+        projector.communicate(timeout=60)
+        assert views.position() >= head
+        with views.store.transaction() as tx:
+            counted = tx.fetchall("SELECT COUNT(*), COUNT(DISTINCT log_position) FROM credit_transactions", [])
+        assert counted == [(10 + 750 + 1_500, 10 + 750 + 1_500)]  # grants, settles, spends: each once
+        aside = views.build_aside(until=views.position())
+        try:
+            assert {t: d for t, d in views.verify(aside).items() if d} == {}
+        finally:
+            views.drop_aside(aside)

@@ -19,6 +19,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import psycopg
 import pytest
 
+from ledger import Ledger
 from ledger.domain.plans import plan_id_for
 from ledger.errors import ConfigurationError
 from ledger.views.schema import (
@@ -386,6 +387,31 @@ def test_postgres_updated_at_trigger(pg_applied: tuple[PgConn, str]) -> None:
         (schema,),
     )
     assert {r[0] for r in triggers} == set(UPDATED_AT_TABLES)
+
+
+@pytest.mark.postgres
+def test_postgres_views_write_utc_whatever_the_sessions_time_zone(pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A role or server in another zone: libpq's PGTZ sets the session's TimeZone.
+    # The trigger's NOW() must still give UTC, as every other time in the tables.
+    monkeypatch.setenv("PGTZ", "Asia/Seoul")
+    user = uuid.uuid4()
+    with Ledger(pg_url, sync_views=True) as ledger:
+        ledger.install_default_catalog()
+        ledger.grant(user, 10, "bonus", key="first")
+        ledger.grant(user, 10, "bonus", key="second")  # an UPDATE: the trigger sets updated_at
+        ledger.start_subscription(user, "pro", key="start")
+        subscription = ledger.subscription_of(user)
+        assert subscription is not None
+        ledger.change_plan(subscription.subscription_id, "studio", key="up")
+    base, schema = split_pg_url(pg_url)
+    now = naive_utc_now()
+    with psycopg.connect(base) as conn:
+        for table in ("credit_balances", "subscriptions"):
+            (updated_at,) = run(conn, f'SELECT updated_at FROM "{schema}".{table}')[0]
+            assert abs(updated_at - now) < timedelta(minutes=1), (table, updated_at, now)
+        # The catalog rows the migration inserted, by DEFAULT NOW().
+        (created_at,) = run(conn, f"SELECT created_at FROM \"{schema}\".plans WHERE name = 'enterprise'")[0]
+        assert abs(created_at - now) < timedelta(minutes=1), created_at
 
 
 UPSERT_BALANCE = (

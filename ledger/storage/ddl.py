@@ -141,7 +141,7 @@ CREATE SCHEMA IF NOT EXISTS {S};
 
 -- The seed's trigger function, verbatim (shared with the host's tables when
 -- the host uses the same schema). NOW() is converted with the session's
--- TimeZone: run the ledger's role with TimeZone 'UTC'.
+-- TimeZone (the library's transactions set UTC; run other roles in UTC too).
 -- ledger deviation 8: the seed applies it to "all tables"; here it is applied
 -- only to the tables that have updated_at ({UPDATED_AT}).
 CREATE OR REPLACE FUNCTION {S}.update_updated_at()

@@ -140,7 +140,8 @@ class ViewStore(ABC):
         if lacking:
             raise ConfigurationError(
                 f"tables already exist without the ledger's columns ({'; '.join(lacking)}), "
-                "created from the seed: add the columns by hand (docs/schema.md), "
+                "created from the seed: add the columns by hand (docs/schema.md, "
+                '"A table the host created from the seed"), '
                 "or give the ledger a schema of its own; the script was not run"
             )
 

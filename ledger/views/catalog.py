@@ -12,8 +12,9 @@ from uuid import UUID, uuid5
 
 from ledger.domain.plans import PLAN_NS
 from ledger.storage.ddl import Table
+from ledger.storage.viewstore import ViewStore
 
-__all__ = ["PLANS", "PLAN_FEATURES"]
+__all__ = ["PLANS", "PLAN_FEATURES", "copy_plans"]
 
 # The seed's default catalog (plans) and feature flags (plan_features).
 _PLAN_ROWS = (
@@ -206,3 +207,25 @@ CREATE TABLE IF NOT EXISTS plan_features (
     + _sqlite_feature_rows()
     + "\n",
 )
+
+
+def copy_plans(live: ViewStore, aside: ViewStore) -> None:
+    """Gives a rebuild's fresh ``aside`` the live ``plans`` rows in place of
+    the DDL's seed rows, ids included.
+
+    The catalog is not rebuilt: the projector finds a plan by name and writes
+    the id the live row has, which need not be the DDL's (the seed's own
+    ``INSERT`` gives its plans random ids). Rebuilt rows must name the same
+    ids as the live ones, or the swap would break ``subscriptions.plan_id``'s
+    reference. ``plan_features`` is left empty: no view reads it, and the
+    plan events write the features again."""
+    shared = set(live.columns("plans"))
+    columns = [c for c in aside.columns("plans") if c in shared]
+    rows = live.read(f"SELECT {', '.join(columns)} FROM {live.qualified('plans')}", [])
+    with aside.transaction() as tx:
+        tx.execute("DELETE FROM plan_features")
+        tx.execute("DELETE FROM plans")
+        tx.executemany(
+            f"INSERT INTO plans ({', '.join(columns)}) VALUES ({', '.join(['%s'] * len(columns))})",
+            [list(row) for row in rows],
+        )

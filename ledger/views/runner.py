@@ -10,6 +10,7 @@ from typing import Any
 from ledger.storage.base import Backend
 from ledger.storage.eventstore import LedgerApplication
 from ledger.storage.viewstore import ViewStore
+from ledger.views.catalog import copy_plans
 from ledger.views.pipeline import pipelined_catch_up
 from ledger.views.projector import Progress, Projector, checksum, differences
 from ledger.views.registry import default_views, schema_tables
@@ -90,6 +91,7 @@ class Views:
         aside = self.backend.view_store_aside(self.app)
         try:
             aside.migrate(schema_tables())
+            copy_plans(self.store, aside)
             self.backend.before_rebuild(self.app)
             projector = Projector(self.app, aside, default_views(sync_user_credits=False))
             with aside.indexes_built_after(APPEND_ONLY_TABLES):

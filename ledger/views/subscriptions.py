@@ -98,7 +98,21 @@ WHERE status IN ('active', 'trialing');
 CREATE UNIQUE INDEX IF NOT EXISTS uq_subscriptions_lemon_squeezy
 ON {S}.subscriptions(lemon_squeezy_subscription_id)
 WHERE lemon_squeezy_subscription_id IS NOT NULL;
-""",
+
+-- ledger deviation 4: a table created from the seed keeps the seed's chk_status,
+-- which has no 'paused' (CREATE TABLE IF NOT EXISTS passed over it); replace it
+-- by this one, only where it lacks 'paused'.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'chk_status'
+                   AND conrelid = '{S}.subscriptions'::regclass
+                   AND strpos(pg_get_constraintdef(oid), '''paused''') > 0) THEN
+        ALTER TABLE {S}.subscriptions DROP CONSTRAINT IF EXISTS chk_status;
+        ALTER TABLE {S}.subscriptions ADD CONSTRAINT chk_status CHECK (status IN ({SUBSCRIPTION_STATUSES}));
+    END IF;
+END
+$$;
+""".replace("{SUBSCRIPTION_STATUSES}", _SUBSCRIPTION_STATUSES),
     sqlite="""
 -- 5. subscriptions
 CREATE TABLE IF NOT EXISTS subscriptions (
@@ -335,7 +349,7 @@ class SubscriptionView(View):
                             None,
                             "plan.defined",
                             "plan",
-                            plan_id_for(terms.name),
+                            _plan_id(tx, terms.name),  # the plans row's id, which the host's catalog may have chosen
                             {"terms": _jsonable(event.terms), "actor": event.actor},
                         )
                     )
@@ -547,10 +561,13 @@ class SubscriptionView(View):
     @staticmethod
     def _history(tx: ViewTx, event: Any, row: dict[str, Any], change: str) -> list[Any]:
         from_plan = row.pop("_from_plan", None) if change in ("upgraded", "downgraded") else None
+        # The row's period is the event's or, when an earlier page wrote the
+        # row, the table's (naive, or text on SQLite): one form either way, so
+        # that a rebuild writes the details the live views wrote.
         details = {
             **_details(event),
-            "period_start": row["current_period_start"],
-            "period_end": row["current_period_end"],
+            "period_start": _utc(row["current_period_start"]),
+            "period_end": _utc(row["current_period_end"]),
         }
         if from_plan:
             details.update({"from": from_plan, "to": row["_plan"]})

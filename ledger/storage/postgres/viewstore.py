@@ -32,6 +32,14 @@ def _qualified(schema: str, table: str) -> str:
     return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table)).as_string(None)
 
 
+@functools.lru_cache(maxsize=64)
+def _set_local(schema: str) -> str:
+    """What a view transaction sets first: its schema, and UTC for NOW()."""
+    return (
+        sql.SQL("SET LOCAL search_path TO {}; SET LOCAL TIME ZONE 'UTC'").format(sql.Identifier(schema)).as_string(None)
+    )
+
+
 def _adapt(value: Any) -> Any:
     if isinstance(value, datetime) and value.tzinfo:
         return naive_utc(value)
@@ -165,7 +173,10 @@ class PostgresViewStore(ViewStore):
     @contextmanager
     def transaction(self) -> Iterator[ViewTx]:
         with self.datastore.transaction(commit=True) as curs:
-            curs.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(self.schema)))
+            # TimeZone too: the update_updated_at trigger's NOW() is converted
+            # with it, and the tables hold UTC whatever the role's zone. One
+            # round trip (no parameters: both statements in one execute).
+            curs.execute(_set_local(self.schema))
             yield PostgresViewTx(curs, self.tracking)
 
     @contextmanager
@@ -185,6 +196,7 @@ class PostgresViewStore(ViewStore):
         with self.datastore.transaction(commit=True) as curs:
             # Concurrent CREATE … IF NOT EXISTS in two sessions can collide: one at a time.
             curs.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATE_LOCK_KEY])
+            curs.execute("SET LOCAL TIME ZONE 'UTC'")  # the catalog rows' DEFAULT NOW()
             curs.execute(render_postgres(tables, self.schema, user_foreign_keys=user_foreign_keys))
             curs.execute(
                 sql.SQL(
