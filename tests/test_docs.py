@@ -93,11 +93,15 @@ def test_the_schema_doc_gives_the_current_version_and_no_document_outside_the_re
 
 
 def test_every_public_name_is_documented() -> None:
+    import adapters.lemonsqueezy
     import ledger
 
-    reference = (DOCS / "api.md").read_text() + (DOCS / "auditing.md").read_text()
-    missing = [n for n in ledger.__all__ if not re.search(rf"\b{re.escape(n)}\b", reference)]
-    assert missing == []
+    # The API reference names every public name itself (the topic pages say
+    # more), the Lemon Squeezy adapter's included.
+    reference = (DOCS / "api.md").read_text()
+    for module in (ledger, adapters.lemonsqueezy):
+        missing = [n for n in module.__all__ if not re.search(rf"\b{re.escape(n)}\b", reference)]
+        assert missing == [], module.__name__
     for name in ("api.md", "errors.md"):
         assert "not described here yet" not in (DOCS / name).read_text(), name
     errors = (DOCS / "errors.md").read_text()
