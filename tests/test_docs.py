@@ -107,3 +107,17 @@ def test_every_public_name_is_documented() -> None:
     errors = (DOCS / "errors.md").read_text()
     for error in ("UnknownPlan", "UnknownSubscription", "SubscriptionExists", "InvalidTransition"):
         assert f"| `{error}` |" in errors, error
+
+
+def test_every_public_error_has_a_row_in_the_error_table() -> None:
+    import adapters.lemonsqueezy
+    import ledger
+
+    table = (DOCS / "errors.md").read_text().split("## The error table", 1)[1].split("\n## ", 1)[0]
+    exported = [
+        name
+        for module in (ledger, adapters.lemonsqueezy)
+        for name in module.__all__
+        if isinstance(getattr(module, name), type) and issubclass(getattr(module, name), Exception)
+    ]
+    assert [n for n in exported if not re.search(rf"^\| `{n}`( \(Lemon Squeezy adapter\))? \|", table, re.M)] == []
