@@ -233,7 +233,7 @@ class ViewStore(ABC):
     def position(self) -> int:
         return self.tracking.max_tracking_id(TRACKED_APPLICATION) or 0
 
-    def wait(self, position: int, timeout_s: float) -> None:
+    def wait(self, position: int | None, timeout_s: float) -> None:
         """Blocks until the views include ``position``; TimeoutError after ``timeout_s``."""
         self.tracking.wait(TRACKED_APPLICATION, position, timeout=timeout_s)
 
