@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import re
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import psycopg
@@ -121,3 +122,18 @@ def test_every_public_error_has_a_row_in_the_error_table() -> None:
         if isinstance(getattr(module, name), type) and issubclass(getattr(module, name), Exception)
     ]
     assert [n for n in exported if not re.search(rf"^\| `{n}`( \(Lemon Squeezy adapter\))? \|", table, re.M)] == []
+
+
+def test_the_concepts_page_lists_every_credit_account_event_with_its_topic() -> None:
+    from eventsourcing.domain import DomainEvent
+
+    from ledger.extension import CreditAccount
+
+    table = (DOCS / "concepts.md").read_text().split("Events of `CreditAccount`", 1)[1].split("\n\n", 2)[1]
+    events: list[Any] = [  # event classes, each with its TOPIC
+        cls
+        for name, cls in vars(CreditAccount).items()
+        if isinstance(cls, type) and issubclass(cls, DomainEvent) and name not in ("Created", "Event", "Snapshot")
+    ]
+    rows = [f"| `{cls.__name__}` | `{cls.TOPIC}` |" for cls in events]
+    assert [row for row in rows if row not in table] == []
