@@ -60,6 +60,37 @@ def test_migrate_is_idempotent_and_records_the_version(durable_url: str) -> None
         assert tx.fetchall("SELECT version FROM ledger_schema_version") == [(SCHEMA_VERSION,)]
 
 
+def test_migrate_with_user_foreign_keys_names_a_missing_users_table(durable_url: str) -> None:
+    # The flag needs the host's users table beside the read models (and is
+    # PostgreSQL only, as for `schema`): a clear error, exit 2, not a traceback
+    # or a flag silently ignored.
+    result = ledger_cli("migrate", "--url", durable_url, "--user-foreign-keys", check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ConfigurationError: user_foreign_keys"), result.stderr
+    expected = "PostgreSQL only" if durable_url.startswith("sqlite") else ".users does not exist"
+    assert expected in result.stderr, result.stderr
+
+
+@pytest.mark.postgres
+def test_migrate_with_user_foreign_keys_adds_them_once_the_users_table_exists(pg_url: str) -> None:
+    schema = _schema_of(pg_url)
+    with psycopg.connect(pg_base_url(), autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        conn.execute(f'CREATE TABLE "{schema}".users (id UUID PRIMARY KEY)')
+    assert f"schema version {SCHEMA_VERSION}" in ledger_cli("migrate", "--url", pg_url, "--user-foreign-keys").stdout
+    with psycopg.connect(pg_base_url()) as conn:
+        names = {
+            r[0]
+            for r in conn.execute(
+                "SELECT conname FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace "
+                "WHERE n.nspname = %s AND c.contype = 'f'",
+                [schema],
+            )
+        }
+    assert "fk_credit_transactions_user" in names
+
+
 def test_rebuild_prints_checksums_and_verify_finds_an_edited_row(durable_url: str) -> None:
     user = uuid4()
     with Ledger(durable_url, sync_views=True) as ledger:

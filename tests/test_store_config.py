@@ -202,6 +202,30 @@ def test_a_connection_limit_reached_at_open_is_named(pg_url: str) -> None:
             admin.execute(f"DROP ROLE {role}")
 
 
+@pytest.mark.postgres
+def test_a_role_without_create_on_the_database_gets_a_configuration_error(pg_url: str) -> None:
+    """CREATE SCHEMA IF NOT EXISTS checks the privilege before it looks for
+    the schema, so such a role cannot open even a schema it owns: the error
+    is the ledger's, naming the schema, with psycopg's as its cause."""
+    role = f"ledger_test_nocreate_{uuid4().hex[:8]}"
+    schema = parse_qs(urlsplit(pg_url).query)["schema"][0]
+    parts = urlsplit(pg_url)
+    url = parts._replace(netloc=f"{role}:nocreate-test@{parts.hostname}:{parts.port or 5432}").geturl()
+    with psycopg.connect(pg_base_url(), autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'nocreate-test'")
+        try:
+            with pytest.raises(ConfigurationError, match=f"cannot create schema '{schema}': permission denied") as new:
+                Ledger(url)
+            assert isinstance(new.value.__cause__, psycopg.errors.InsufficientPrivilege)
+            assert not _schema_exists(schema)
+            admin.execute(f'CREATE SCHEMA "{schema}" AUTHORIZATION {role}')
+            with pytest.raises(ConfigurationError, match="cannot create schema"):
+                Ledger(url)  # its own schema: the privilege is checked on every open
+        finally:
+            admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            admin.execute(f"DROP ROLE {role}")
+
+
 # ------------------------------------------------------------ lock timeout
 
 

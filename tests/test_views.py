@@ -30,9 +30,9 @@ def story(ledger: Ledger, clock: ManualClock) -> tuple[UUID, UUID]:
     ledger.grant(alice, 100, "bonus", key=f"{alice}:b")
     ledger.grant(bob, 50, "purchase", key=f"{bob}:p", reference_id=str(uuid4()), reference_type="order")
     hold = ledger.reserve(alice, uuid4(), 200, clock.now() + 2 * HOUR, key=f"{alice}:r1")
-    ledger.settle(hold.reservation_id, 150, key=f"{alice}:s1")  # type: ignore[arg-type]
+    ledger.settle(hold.reservation_id, 150, key=f"{alice}:s1")
     hold2 = ledger.reserve(alice, uuid4(), 100, clock.now() + 2 * HOUR, key=f"{alice}:r2")
-    ledger.release(hold2.reservation_id, "cancelled", key=f"{alice}:rel")  # type: ignore[arg-type]
+    ledger.release(hold2.reservation_id, "cancelled", key=f"{alice}:rel")
     ledger.reserve(alice, uuid4(), 30, clock.now() + HOUR, key=f"{alice}:r3")
     ledger.spend(bob, 20, key=f"{bob}:api")
     ledger.adjust(bob, -5, "correction", "admin:kim", key=f"{bob}:adj")
@@ -107,6 +107,32 @@ def test_read_your_writes(ledger_url: str, clock: ManualClock) -> None:
         ledger.views.wait(receipt.position, timeout_s=1)
         (row,) = [r for r in rows(ledger, "credit_balances", "user_id") if str(r["user_id"]) == str(user)]
         assert row["balance"] == 10
+
+
+def test_a_replayed_receipts_position_is_waited_for_at_once(ledger_url: str, clock: ManualClock) -> None:
+    # A replayed receipt has no position; read-your-writes code passes the
+    # receipt's position as it is, and wait() returns at once for None.
+    with Ledger(ledger_url, clock=clock) as ledger:
+        user = uuid4()
+        ledger.grant(user, 10, "bonus", key=f"{user}:g")
+        again = ledger.grant(user, 10, "bonus", key=f"{user}:g")
+        assert again.replayed and again.position is None
+        ledger.views.wait(again.position, timeout_s=0.01)
+
+
+def test_waiting_for_a_receipts_position_type_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The annotation says what the previous test shows, so that the call
+    # type-checks under --strict without a None check of the caller's own.
+    mypy_api = pytest.importorskip("mypy.api")
+    example = tmp_path / "read_your_writes.py"
+    example.write_text(
+        "from ledger import Ledger, Receipt\n\n\n"
+        "def answer(ledger: Ledger, receipt: Receipt) -> None:\n"
+        "    ledger.views.wait(receipt.position, timeout_s=5)\n"
+    )
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    out, err, status = mypy_api.run(["--strict", "--cache-dir", str(tmp_path / "cache"), str(example)])
+    assert status == 0, out + err
 
 
 def test_rebuild_equals_live_and_verify_finds_edits(ledger: Ledger, clock: ManualClock) -> None:

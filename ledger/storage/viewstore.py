@@ -242,7 +242,7 @@ class ViewStore(ABC):
             raise ViewsCorrupt(str(table), recorded)
         return recorded
 
-    def wait(self, position: int, timeout_s: float) -> None:
+    def wait(self, position: int | None, timeout_s: float) -> None:
         """Blocks until the views include ``position``; TimeoutError after ``timeout_s``."""
         self.position()  # a corrupt position is named (ViewsCorrupt), not a TypeError
         self.tracking.wait(TRACKED_APPLICATION, position, timeout=timeout_s)

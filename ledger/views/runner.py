@@ -58,8 +58,9 @@ class Views:
     def lag(self) -> int:
         return self.projector.lag()
 
-    def wait(self, position: int, timeout_s: float = 10.0) -> None:
-        """Waits until a projector (this process's or another's) has projected ``position``."""
+    def wait(self, position: int | None, timeout_s: float = 10.0) -> None:
+        """Waits until a projector (this process's or another's) has projected
+        ``position``; at once for None (a replayed receipt's position)."""
         self.store.wait(position, timeout_s)
 
     def tables(self) -> Iterator[tuple[str, str, tuple[str, ...]]]:

@@ -17,6 +17,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
 
+from ledger.errors import ConfigurationError
 from ledger.storage.ddl import SCHEMA_VERSION, Table, render_postgres
 from ledger.storage.viewstore import ViewStore, ViewTx, naive_utc, normalise, tracking_for
 
@@ -197,6 +198,14 @@ class PostgresViewStore(ViewStore):
             # Concurrent CREATE … IF NOT EXISTS in two sessions can collide: one at a time.
             curs.execute("SELECT pg_advisory_xact_lock(%s)", [MIGRATE_LOCK_KEY])
             curs.execute("SET LOCAL TIME ZONE 'UTC'")  # the catalog rows' DEFAULT NOW()
+            if user_foreign_keys:
+                curs.execute("SELECT to_regclass(%s) IS NOT NULL AS present", [_qualified(self.schema, "users")])
+                row = curs.fetchone()
+                if not (row and row["present"]):
+                    raise ConfigurationError(
+                        f"user_foreign_keys: the host's table {self.schema}.users does not exist; "
+                        "create it first, or migrate without the foreign keys"
+                    )
             curs.execute(render_postgres(tables, self.schema, user_foreign_keys=user_foreign_keys))
             curs.execute(
                 sql.SQL(

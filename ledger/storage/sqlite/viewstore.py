@@ -14,6 +14,7 @@ from uuid import UUID
 from eventsourcing.persistence import OperationalError
 from eventsourcing.sqlite import SQLiteCursor, SQLiteDatastore, SQLiteTrackingRecorder, SQLiteTransaction
 
+from ledger.errors import ConfigurationError
 from ledger.storage.ddl import SCHEMA_VERSION, Table, render_sqlite, sqlite_added_columns
 from ledger.storage.viewstore import ViewStore, ViewTx, naive_utc, normalise, tracking_for
 
@@ -69,6 +70,12 @@ class SQLiteViewStore(ViewStore):
             yield SQLiteViewTx(cursor, self.tracking)
 
     def migrate(self, tables: Sequence[Table], *, user_foreign_keys: bool = False) -> int:
+        if user_foreign_keys:
+            # Refused, not ignored (as `schema --dialect sqlite` refuses it).
+            raise ConfigurationError(
+                "user_foreign_keys: PostgreSQL only; the SQLite read models are in a file of their own, "
+                "apart from the host's users table"
+            )
         self.refuse_seed_shaped(tables)
         with self.datastore.transaction(commit=True) as cursor:
             for statement in _statements(render_sqlite(tables)):
