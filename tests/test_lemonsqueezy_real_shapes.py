@@ -176,6 +176,26 @@ def test_a_created_and_an_updated_of_one_second_end_the_same_in_every_order(
     assert state["asked"] == (["770201"] if who == "resolver" else [])
 
 
+@pytest.mark.parametrize(
+    "refunds", [["tie_order_refunded"], ["tie_order_refunded", "tie_subscription_payment_refunded"]]
+)
+def test_a_refunded_first_payment_is_clawed_back_once_in_any_order(
+    stores: Callable[[], str],  # noqa: F811
+    refunds: list[str],
+) -> None:
+    """The checkout's first payment refunded as its order (order_refunded),
+    alone or with the initial invoice's own refund: Pro's 15,000 credits
+    are granted once and clawed back once, in any order of arrival."""
+    url = stores()
+    names = TIE + refunds
+    picked = orders(len(names), every=False, count=8 if url == "memory://" else 3, seed=23)
+    results = [replay(url if n == 0 else stores(), names, order) for n, order in enumerate(picked)]
+    for result in results[1:]:
+        assert result == results[0]
+    assert sorted(c[1] for c in results[0]["credits"]) == [-15000, 15000]
+    assert results[0]["balances"] == {ANA: 0}
+
+
 @pytest.mark.parametrize("who", ["resolver", "custom_data"])
 def test_a_product_switch_through_a_new_subscription_in_any_order(
     stores: Callable[[], str],  # noqa: F811

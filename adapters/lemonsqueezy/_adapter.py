@@ -390,6 +390,7 @@ class Processor(Pipeline):
                 pause_mode=pause,
                 replaces=None if replaces is None else str(replaces),
                 created_at=None if replaces is None else a.created_at,
+                order_id=None if a.order_id is None else str(a.order_id),
                 catalog=catalog,
             )
         )

@@ -61,11 +61,13 @@ from ledger.extension import (
 )
 
 from ._state import (
+    Checkout,
     Credited,
     CustomerLink,
     Payment,
     Seen,
     SubscriptionLink,
+    checkout_id,
     customer_link_id,
     ledger_subscription_id,
     payment_id,
@@ -309,6 +311,26 @@ def claw_back(
         report.notes.append(f"refund recorded; the refund policy claws back nothing ({wanted} credits kept)")
 
 
+def refund(
+    unit: UnitOfWork,
+    payment: Payment,
+    refunded: int,
+    policy: RefundPolicy,
+    report: Report,
+    description: str,
+) -> None:
+    """Claws back for a refunded amount of a granted payment if it grew
+    since the last refund seen; a refund seen before (a late copy, or the
+    same refund seen as the order and as the invoice) says so and takes
+    nothing."""
+    if payment.granted is None or refunded <= 0:
+        return
+    if refunded > payment.refunded_seen:
+        claw_back(unit, payment, refunded, policy, report, description)
+    else:
+        report.notes.append(f"a refund of {refunded} of {payment.total} was seen before; nothing clawed back again")
+
+
 def _share(granted: int, refunded: int, total: int) -> int:
     if total <= 0:
         return granted if refunded > 0 else 0
@@ -352,6 +374,14 @@ def open_payment(unit: UnitOfWork, kind: str, object_id: str, user_id: UUID, tot
         )
         unit.add(payment)
     return payment
+
+
+def open_checkout(unit: UnitOfWork, order_id: str) -> Checkout:
+    checkout = unit.aggregate(checkout_id(order_id), Checkout)
+    if checkout is None:
+        checkout = Checkout._create(Checkout.Opened, id=checkout_id(order_id), order_id=order_id, timestamp=unit.now)
+        unit.add(checkout)
+    return checkout
 
 
 def record_grant(
@@ -415,7 +445,7 @@ class ApplySubscription(Command):
     timeline, then SyncSubscription, which applies it if newer than the last."""
 
     name: ClassVar[str] = "lemonsqueezy_subscription"
-    hints: ClassVar[frozenset[str]] = frozenset({"catalog", "report"})
+    hints: ClassVar[frozenset[str]] = frozenset({"catalog", "report", "order_id"})
     ls_subscription_id: str = field(kw_only=True)
     customer_id: str = field(kw_only=True)
     variant_id: str = field(kw_only=True)
@@ -433,6 +463,10 @@ class ApplySubscription(Command):
     #: in every snapshot of it, so it does not depend on which arrives first).
     replaces: str | None = field(default=None, kw_only=True, metadata=ADDED)
     created_at: datetime | None = field(default=None, kw_only=True, metadata=ADDED)
+    #: ``order_id``: the order that started the subscription (the same in
+    #: every snapshot of it), recorded on its link so that a refund of that
+    #: order finds the subscription's initial invoice. Out of the fingerprint.
+    order_id: str | None = field(default=None, kw_only=True, compare=False)
     catalog: Catalog = field(default=Catalog(), kw_only=True, compare=False)
     report: Report = field(default_factory=Report, kw_only=True, compare=False)
 
@@ -469,6 +503,8 @@ class ApplySubscription(Command):
             )
             unit.add(link)
         learn_customer(unit, self.customer_id, user)
+        if self.order_id is not None:
+            link.see_order(self.order_id, unit.now)
         if self.replaces is not None:
             self._replace(unit, user)
         before = unit.aggregate(sid, Subscription)
@@ -615,17 +651,31 @@ class ApplyInvoice(Command):
             self._grant(unit, link, payment)
         if self.payment_failed:
             self._past_due(unit, user)
-        if payment is not None and payment.granted is not None and self.refunded_amount > payment.refunded_seen:
-            claw_back(
+        # The initial invoice is the payment of the subscription's checkout
+        # order: a refund of that order (seen first, or only) counts as its own.
+        refunded = max(self.refunded_amount, self._order_refund(unit, link))
+        if payment is not None:
+            refund(
                 unit,
                 payment,
-                self.refunded_amount,
+                refunded,
                 self.refund_policy,
                 self.report,
                 f"refund of Lemon Squeezy invoice {self.invoice_id}",
             )
         net = self.report.granted - self.report.clawed
         return unit.finish(self, user, amount=net, subscription_id=ledger_subscription_id(self.ls_subscription_id))
+
+    def _order_refund(self, unit: UnitOfWork, link: SubscriptionLink) -> int:
+        """For the initial invoice of a subscription whose order is known:
+        records on the order's Checkout that this invoice is its payment, and
+        returns the order's largest refund seen, as a refunded amount of this
+        invoice (0 for any other invoice)."""
+        if self.billing_reason != "initial" or link.order_id is None:
+            return 0
+        checkout = open_checkout(unit, link.order_id)
+        checkout.see_invoice(self.invoice_id, unit.now)
+        return checkout.refund_of(self.total) if checkout.invoice_id == self.invoice_id else 0
 
     # -- the grant ---------------------------------------------------------------
 
@@ -821,8 +871,10 @@ class ApplyInvoice(Command):
 class ApplyOrder(Command):
     """An order: a credit pack (a one-time variant configured as one) grants
     its credits once when paid and is clawed back when refunded; the order
-    of a plan variant (the checkout that starts a subscription) moves no
-    credits; a paid order of any other variant raises UnconfiguredPack."""
+    of a plan variant (the checkout that starts a subscription) grants
+    nothing (its initial invoice does), and its refund claws back what that
+    invoice granted; a paid order of any other variant raises
+    UnconfiguredPack."""
 
     name: ClassVar[str] = "lemonsqueezy_order"
     hints: ClassVar[frozenset[str]] = frozenset({"pack_credits", "plan_variant", "refund_policy", "report"})
@@ -842,7 +894,10 @@ class ApplyOrder(Command):
 
     def reads(self) -> tuple[list[UUID], list[UUID]]:
         if self.pack_credits is None:
-            return [customer_link_id(self.customer_id)], []
+            ids = [customer_link_id(self.customer_id)]
+            if self.plan_variant and self.refunded_amount > 0:
+                ids.append(checkout_id(self.order_id))
+            return ids, []
         ids = [
             customer_link_id(self.customer_id),
             payment_id("order", self.order_id),
@@ -871,15 +926,9 @@ class ApplyOrder(Command):
                 description=f"credit pack {self.variant_id} x {self.quantity} (Lemon Squeezy order {self.order_id})",
                 report=self.report,
             )
-        if payment is not None and payment.granted is not None and self.refunded_amount > payment.refunded_seen:
-            claw_back(
-                unit,
-                payment,
-                self.refunded_amount,
-                self.refund_policy,
-                self.report,
-                f"refund of Lemon Squeezy order {self.order_id}",
-            )
+        if payment is not None:
+            description = f"refund of Lemon Squeezy order {self.order_id}"
+            refund(unit, payment, self.refunded_amount, self.refund_policy, self.report, description)
         return unit.finish(self, user, amount=self.report.granted - self.report.clawed)
 
     def _not_a_pack(self, unit: UnitOfWork) -> Receipt:
@@ -887,8 +936,33 @@ class ApplyOrder(Command):
             raise UnconfiguredPack(self.order_id, self.variant_id)
         if self.custom_user is not None:
             learn_customer(unit, self.customer_id, self.custom_user)
+        if self.plan_variant and self.refunded_amount > 0:
+            return self._checkout_refund(unit)
         if self.plan_variant:
             self.report.notes.append("a subscription's checkout order: its invoices grant the credits")
         else:
             self.report.notes.append(f"variant {self.variant_id} is not a configured credit pack; nothing granted")
         return unit.finish(self, self.custom_user, amount=0)
+
+    def _checkout_refund(self, unit: UnitOfWork) -> Receipt:
+        """A refund of a subscription's checkout order: its payment is the
+        subscription's initial invoice, whose credits come back (refund
+        policy) by the growth of the refund since the last one seen of
+        either, so a refund of the invoice as well takes nothing twice. Before
+        that invoice is applied the refund is recorded on the order's
+        Checkout, and the invoice claws it back when it is."""
+        unit.prefetch(*self.reads())
+        checkout = open_checkout(unit, self.order_id)
+        checkout.see_refund(self.refunded_amount, self.total, unit.now)
+        payment = (
+            None if checkout.invoice_id is None else unit.aggregate(payment_id("invoice", checkout.invoice_id), Payment)
+        )
+        if payment is None or payment.granted is None:
+            self.report.notes.append(
+                "a refund of a subscription's checkout order: recorded; its credits come back when the "
+                "subscription's initial invoice is applied"
+            )
+            return unit.finish(self, self.custom_user, amount=0)
+        description = f"refund of Lemon Squeezy invoice {payment.object_id}"  # as the invoice's own refund says
+        refund(unit, payment, checkout.refund_of(payment.total), self.refund_policy, self.report, description)
+        return unit.finish(self, payment.user_id, amount=-self.report.clawed)

@@ -12,6 +12,10 @@ credits and subscriptions it explains.
   invoices prorate it), and the subscription that replaced it, if any.
 * :class:`Payment`: one invoice or order that moved credits: what it granted,
   the refunded amount last seen, what was clawed back and what could not be.
+* :class:`Checkout`: the order that started a subscription and the
+  subscription's initial invoice, one payment under two ids: the invoice it
+  is, and the largest refund of the order seen, so that a refund of either
+  claws the credits back once.
 
 Topics are explicit and frozen (stored events live forever). They spell this
 module's path, so a reader that never imported the adapter still decodes them:
@@ -51,6 +55,10 @@ def ledger_subscription_id(ls_subscription_id: str) -> UUID:
 
 def payment_id(kind: str, object_id: str) -> UUID:
     return uuid5(LEMON_NS, f"payment:{kind}:{object_id}")
+
+
+def checkout_id(order_id: str) -> UUID:
+    return uuid5(LEMON_NS, f"checkout:{order_id}")
 
 
 class CustomerLink(Aggregate, created_event_name="Linked"):
@@ -101,6 +109,9 @@ class SubscriptionLink(Aggregate, created_event_name="Linked"):
     #: (a product switch: its ``migration_from_subscription_id`` names this
     #: one), or None. A class default, set by Replaced.
     replaced: tuple[Any, ...] | None = None
+    #: The order that started the subscription (its snapshots' ``order_id``),
+    #: or None. A class default, set by OrderSeen.
+    order_id: str | None = None
 
     class Event(Aggregate.Event):
         TOPIC = f"{_T}:SubscriptionLink.Event"
@@ -162,6 +173,20 @@ class SubscriptionLink(Aggregate, created_event_name="Linked"):
         """Records the subscription that replaced this one, once."""
         if self.replaced is None:
             self.trigger_event(self.Replaced, by_ls_subscription_id=ls_subscription_id, at=at, timestamp=now)
+
+    class OrderSeen(Event):
+        """The order that started the subscription: its checkout's order."""
+
+        TOPIC = f"{_T}:SubscriptionLink.OrderSeen"
+        order_id: str
+
+        def apply(self, link: SubscriptionLink) -> None:
+            link.order_id = self.order_id
+
+    def see_order(self, order_id: str, now: datetime) -> None:
+        """Records the subscription's order, once (it never changes)."""
+        if self.order_id is None:
+            self.trigger_event(self.OrderSeen, order_id=order_id, timestamp=now)
 
     @property
     def replaced_at(self) -> datetime | None:
@@ -248,3 +273,62 @@ class Payment(Aggregate, created_event_name="Opened"):
             payment.refunded_seen = self.refunded_amount
             payment.clawed += self.clawed
             payment.shortfall += self.shortfall
+
+
+class Checkout(Aggregate, created_event_name="Opened"):
+    """The order that started a subscription, whose payment is the
+    subscription's initial invoice: Lemon Squeezy refunds it as the order
+    (``order_refunded``) or as the invoice (``subscription_payment_refunded``).
+    Records which invoice it is and the largest refund of the order seen,
+    whichever arrives first; the invoice's Payment records what was clawed."""
+
+    TOPIC = f"{_T}:Checkout"
+
+    class Event(Aggregate.Event):
+        TOPIC = f"{_T}:Checkout.Event"
+
+    class Opened(Aggregate.Created):
+        TOPIC = f"{_T}:Checkout.Opened"
+        order_id: str
+
+    def __init__(self, order_id: str) -> None:
+        self.order_id = order_id
+        #: The subscription's initial invoice, once seen.
+        self.invoice_id: str | None = None
+        #: The order's refunded amount (refunded_level) and total, at the largest refund seen.
+        self.refunded = 0
+        self.total = 0
+
+    class InvoiceSeen(Event):
+        TOPIC = f"{_T}:Checkout.InvoiceSeen"
+        invoice_id: str
+
+        def apply(self, checkout: Checkout) -> None:
+            checkout.invoice_id = self.invoice_id
+
+    def see_invoice(self, invoice_id: str, now: datetime) -> None:
+        if self.invoice_id is None:
+            self.trigger_event(self.InvoiceSeen, invoice_id=invoice_id, timestamp=now)
+
+    class OrderRefunded(Event):
+        TOPIC = f"{_T}:Checkout.OrderRefunded"
+        refunded_amount: int
+        total: int
+
+        def apply(self, checkout: Checkout) -> None:
+            checkout.refunded = self.refunded_amount
+            checkout.total = self.total
+
+    def see_refund(self, refunded_amount: int, total: int, now: datetime) -> None:
+        """Records a larger refund of the order; a smaller or equal one (a late copy) changes nothing."""
+        if refunded_amount > self.refunded:
+            self.trigger_event(self.OrderRefunded, refunded_amount=refunded_amount, total=total, timestamp=now)
+
+    def refund_of(self, invoice_total: int) -> int:
+        """The order's refund as a refunded amount of the invoice (of
+        ``invoice_total``): the same share of it; a full refund is the whole."""
+        if self.refunded <= 0:
+            return 0
+        if self.refunded >= self.total:
+            return max(invoice_total, 1)
+        return self.refunded * invoice_total // self.total
