@@ -730,6 +730,36 @@ def test_a_checkout_refund_before_the_initial_invoice_is_clawed_back_when_it_is_
     assert [(e.type, e.data["amount"]) for e in ledger.history(USER)[1:]] == [("granted", 5000), ("debited", 5000)]
 
 
+@pytest.mark.parametrize("first", ["order", "invoice"])
+def test_a_refunded_checkout_order_of_another_total_is_not_the_initial_invoices_charge(
+    adapter: LemonSqueezy, ledger: Ledger, first: str
+) -> None:
+    """A checkout that started a free trial charged a setup fee (500 cents)
+    and the first period later (2,500): refunding the fee is not refunding
+    the period, whichever arrives first."""
+    b = Builder()
+    fee = b.order_event(
+        "order_refunded",
+        "660001",
+        variant="1001",
+        total=500,
+        at=START,
+        status="refunded",
+        refunded_amount=500,
+        refunded=True,
+        updated=START + DAY,
+    )
+    if first == "order":
+        send(adapter, fee)
+    started(adapter, b)
+    result = paid(adapter, b)
+    if first == "invoice":
+        result = send(adapter, fee)
+    assert ledger.balance(USER).balance_credits == 5000
+    assert result.reason is not None
+    assert "checkout order 660001 (total 500) is not the charge of initial invoice 550001 (total 2500)" in result.reason
+
+
 def test_a_refund_of_a_renewal_is_not_the_checkout_orders(adapter: LemonSqueezy, ledger: Ledger) -> None:
     """Only the initial invoice is the checkout order's payment: a renewal's
     credits stay when the first payment is refunded."""

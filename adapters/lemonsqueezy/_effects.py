@@ -376,6 +376,13 @@ def open_payment(unit: UnitOfWork, kind: str, object_id: str, user_id: UUID, tot
     return payment
 
 
+def not_the_same_charge(checkout: Checkout, invoice_id: str, invoice_total: int) -> str:
+    return (
+        f"the refunded checkout order {checkout.order_id} (total {checkout.total}) is not the charge of initial "
+        f"invoice {invoice_id} (total {invoice_total}); nothing clawed back for it"
+    )
+
+
 def open_checkout(unit: UnitOfWork, order_id: str) -> Checkout:
     checkout = unit.aggregate(checkout_id(order_id), Checkout)
     if checkout is None:
@@ -675,7 +682,11 @@ class ApplyInvoice(Command):
             return 0
         checkout = open_checkout(unit, link.order_id)
         checkout.see_invoice(self.invoice_id, unit.now)
-        return checkout.refund_of(self.total) if checkout.invoice_id == self.invoice_id else 0
+        if checkout.invoice_id != self.invoice_id:
+            return 0
+        if checkout.refunded > 0 and not checkout.pays(self.total):
+            self.report.notes.append(not_the_same_charge(checkout, self.invoice_id, self.total))
+        return checkout.refund_of(self.total)
 
     # -- the grant ---------------------------------------------------------------
 
@@ -963,6 +974,9 @@ class ApplyOrder(Command):
                 "subscription's initial invoice is applied"
             )
             return unit.finish(self, self.custom_user, amount=0)
+        if not checkout.pays(payment.total):
+            self.report.notes.append(not_the_same_charge(checkout, payment.object_id, payment.total))
+            return unit.finish(self, payment.user_id, amount=0)
         description = f"refund of Lemon Squeezy invoice {payment.object_id}"  # as the invoice's own refund says
         refund(unit, payment, checkout.refund_of(payment.total), self.refund_policy, self.report, description)
         return unit.finish(self, payment.user_id, amount=-self.report.clawed)

@@ -324,10 +324,18 @@ class Checkout(Aggregate, created_event_name="Opened"):
         if refunded_amount > self.refunded:
             self.trigger_event(self.OrderRefunded, refunded_amount=refunded_amount, total=total, timestamp=now)
 
+    def pays(self, invoice_total: int) -> bool:
+        """Whether the order is the same charge as an invoice of
+        ``invoice_total``: their totals agree. A checkout that started a free
+        trial (a zero order, or a setup fee alone) did not pay the invoice
+        that ended the trial."""
+        return self.total == invoice_total
+
     def refund_of(self, invoice_total: int) -> int:
         """The order's refund as a refunded amount of the invoice (of
-        ``invoice_total``): the same share of it; a full refund is the whole."""
-        if self.refunded <= 0:
+        ``invoice_total``): the whole of it for a full refund; 0 unless the
+        order is the same charge (``pays``)."""
+        if self.refunded <= 0 or not self.pays(invoice_total):
             return 0
         if self.refunded >= self.total:
             return max(invoice_total, 1)
