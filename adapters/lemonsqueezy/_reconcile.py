@@ -93,7 +93,7 @@ class Reconciler:
         """Subscriptions first (invoices find their plan in the snapshots),
         then the invoices created in the last ``since_days`` days, then the
         refunded and partly refunded invoices of any age (``filter[status]``),
-        then, for each live subscription whose current period began before
+        then the orders (``_orders``), then, for each live subscription whose current period began before
         the window, its invoices back to that period's start
         (``filter[subscription_id]``); those already checked left out."""
         report = ReconcileReport()
