@@ -15,6 +15,7 @@ from adapters.lemonsqueezy._adapter import refunded_level
 from adapters.lemonsqueezy._state import (
     Payment,
     SubscriptionLink,
+    checkout_id,
     ledger_subscription_id,
     payment_id,
     subscription_link_id,
@@ -758,6 +759,30 @@ def test_a_refunded_checkout_order_of_another_total_is_not_the_initial_invoices_
     assert ledger.balance(USER).balance_credits == 5000
     assert result.reason is not None
     assert "checkout order 660001 (total 500) is not the charge of initial invoice 550001 (total 2500)" in result.reason
+
+
+def test_an_initial_invoice_does_not_read_its_orders_checkout(
+    adapter: LemonSqueezy, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkout order's refund is kept on the subscription's link, which
+    the invoice reads anyway: an initial invoice does not read the order's
+    Checkout (one more statement per new subscription)."""
+    import ledger.application.unit as unit_module
+
+    b = Builder()
+    started(adapter, b)
+    on_demand: list[UUID] = []
+    original = unit_module.get_or_none
+
+    def counting(app: Any, aggregate_id: UUID, cls: Any) -> Any:
+        on_demand.append(aggregate_id)
+        return original(app, aggregate_id, cls)
+
+    monkeypatch.setattr(unit_module, "get_or_none", counting)
+    paid(adapter, b)
+    monkeypatch.undo()
+    assert ledger.balance(USER).balance_credits == 5000
+    assert checkout_id("660001") not in on_demand
 
 
 def test_a_refund_of_a_renewal_is_not_the_checkout_orders(adapter: LemonSqueezy, ledger: Ledger) -> None:

@@ -376,9 +376,9 @@ def open_payment(unit: UnitOfWork, kind: str, object_id: str, user_id: UUID, tot
     return payment
 
 
-def not_the_same_charge(checkout: Checkout, invoice_id: str, invoice_total: int) -> str:
+def not_the_same_charge(link: SubscriptionLink, invoice_id: str, invoice_total: int) -> str:
     return (
-        f"the refunded checkout order {checkout.order_id} (total {checkout.total}) is not the charge of initial "
+        f"the refunded checkout order {link.order_id} (total {link.order_total}) is not the charge of initial "
         f"invoice {invoice_id} (total {invoice_total}); nothing clawed back for it"
     )
 
@@ -487,6 +487,8 @@ class ApplySubscription(Command):
         ]
         if self.replaces is not None:
             ids += [subscription_link_id(self.replaces), ledger_subscription_id(self.replaces)]
+        if self.order_id is not None:
+            ids.append(checkout_id(self.order_id))
         if self.custom_user is not None:
             ids.append(slot_id_for(self.custom_user))
         return ids, [self.custom_user] if self.custom_user is not None else []
@@ -511,7 +513,7 @@ class ApplySubscription(Command):
             unit.add(link)
         learn_customer(unit, self.customer_id, user)
         if self.order_id is not None:
-            link.see_order(self.order_id, unit.now)
+            self._checkout(unit, link, self.order_id)
         if self.replaces is not None:
             self._replace(unit, user)
         before = unit.aggregate(sid, Subscription)
@@ -572,6 +574,16 @@ class ApplySubscription(Command):
         kept = next((x for x in s.provider_snapshots if x.at == mine.at), None)
         if kept is None or kept.position == mine.position:
             link.see(self.source_updated_at, self.variant_id, end, unit.now)
+
+    def _checkout(self, unit: UnitOfWork, link: SubscriptionLink, order_id: str) -> None:
+        """Records the order that started the subscription, both ways: on
+        the link, and the subscription on the order's Checkout; a refund of
+        the order seen before the subscription is copied onto the link."""
+        link.see_order(order_id, unit.now)
+        checkout = open_checkout(unit, order_id)
+        checkout.see_subscription(self.ls_subscription_id, unit.now)
+        if checkout.ls_subscription_id == self.ls_subscription_id and link.order_id == order_id:
+            link.see_order_refund(checkout.refunded, checkout.total, unit.now)
 
     def _replace(self, unit: UnitOfWork, user: UUID) -> None:
         """Records on the replaced subscription's link that this one replaced
@@ -675,18 +687,17 @@ class ApplyInvoice(Command):
 
     def _order_refund(self, unit: UnitOfWork, link: SubscriptionLink) -> int:
         """For the initial invoice of a subscription whose order is known:
-        records on the order's Checkout that this invoice is its payment, and
-        returns the order's largest refund seen, as a refunded amount of this
-        invoice (0 for any other invoice)."""
+        records on the link that this invoice is the order's charge, and
+        returns the order's largest refund seen (kept on the link), as a
+        refunded amount of this invoice; 0 for any other invoice."""
         if self.billing_reason != "initial" or link.order_id is None:
             return 0
-        checkout = open_checkout(unit, link.order_id)
-        checkout.see_invoice(self.invoice_id, unit.now)
-        if checkout.invoice_id != self.invoice_id:
+        link.see_initial_invoice(self.invoice_id, unit.now)
+        if link.initial_invoice_id != self.invoice_id:
             return 0
-        if checkout.refunded > 0 and not checkout.pays(self.total):
-            self.report.notes.append(not_the_same_charge(checkout, self.invoice_id, self.total))
-        return checkout.refund_of(self.total)
+        if link.order_refunded > 0 and not link.order_pays(self.total):
+            self.report.notes.append(not_the_same_charge(link, self.invoice_id, self.total))
+        return link.order_refund_of(self.total)
 
     # -- the grant ---------------------------------------------------------------
 
@@ -956,27 +967,30 @@ class ApplyOrder(Command):
         return unit.finish(self, self.custom_user, amount=0)
 
     def _checkout_refund(self, unit: UnitOfWork) -> Receipt:
-        """A refund of a subscription's checkout order: its payment is the
+        """A refund of a subscription's checkout order: its charge is the
         subscription's initial invoice, whose credits come back (refund
         policy) by the growth of the refund since the last one seen of
-        either, so a refund of the invoice as well takes nothing twice. Before
-        that invoice is applied the refund is recorded on the order's
-        Checkout, and the invoice claws it back when it is."""
+        either, so a refund of the invoice as well takes nothing twice. The
+        refund is recorded on the order's Checkout and the subscription's
+        link; an initial invoice applied later claws it back then."""
         unit.prefetch(*self.reads())
         checkout = open_checkout(unit, self.order_id)
         checkout.see_refund(self.refunded_amount, self.total, unit.now)
-        payment = (
-            None if checkout.invoice_id is None else unit.aggregate(payment_id("invoice", checkout.invoice_id), Payment)
-        )
-        if payment is None or payment.granted is None:
+        sid = checkout.ls_subscription_id
+        link = None if sid is None else unit.aggregate(subscription_link_id(sid), SubscriptionLink)
+        if link is not None:
+            link.see_order_refund(checkout.refunded, checkout.total, unit.now)
+        invoice = None if link is None else link.initial_invoice_id
+        payment = None if invoice is None else unit.aggregate(payment_id("invoice", invoice), Payment)
+        if link is None or invoice is None or payment is None or payment.granted is None:
             self.report.notes.append(
                 "a refund of a subscription's checkout order: recorded; its credits come back when the "
-                "subscription's initial invoice is applied"
+                "subscription's initial invoice is applied (or refunded, if it was applied before)"
             )
             return unit.finish(self, self.custom_user, amount=0)
-        if not checkout.pays(payment.total):
-            self.report.notes.append(not_the_same_charge(checkout, payment.object_id, payment.total))
+        if not link.order_pays(payment.total):
+            self.report.notes.append(not_the_same_charge(link, invoice, payment.total))
             return unit.finish(self, payment.user_id, amount=0)
-        description = f"refund of Lemon Squeezy invoice {payment.object_id}"  # as the invoice's own refund says
-        refund(unit, payment, checkout.refund_of(payment.total), self.refund_policy, self.report, description)
+        description = f"refund of Lemon Squeezy invoice {invoice}"  # as the invoice's own refund says
+        refund(unit, payment, link.order_refund_of(payment.total), self.refund_policy, self.report, description)
         return unit.finish(self, payment.user_id, amount=-self.report.clawed)
