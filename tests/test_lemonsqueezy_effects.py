@@ -767,18 +767,17 @@ def test_an_initial_invoice_does_not_read_its_orders_checkout(
     """The checkout order's refund is kept on the subscription's link, which
     the invoice reads anyway: an initial invoice does not read the order's
     Checkout (one more statement per new subscription)."""
-    import ledger.application.unit as unit_module
+    from ledger.storage.eventstore import get_or_none
 
     b = Builder()
     started(adapter, b)
     on_demand: list[UUID] = []
-    original = unit_module.get_or_none
 
     def counting(app: Any, aggregate_id: UUID, cls: Any) -> Any:
         on_demand.append(aggregate_id)
-        return original(app, aggregate_id, cls)
+        return get_or_none(app, aggregate_id, cls)
 
-    monkeypatch.setattr(unit_module, "get_or_none", counting)
+    monkeypatch.setattr("ledger.application.unit.get_or_none", counting)
     paid(adapter, b)
     monkeypatch.undo()
     assert ledger.balance(USER).balance_credits == 5000

@@ -419,7 +419,7 @@ def test_a_test_mode_flag_that_is_not_a_boolean_is_stored_as_a_test_event(ledger
     payload["meta"]["test_mode"] = flag
     result = send(adapter, php_json(payload))
     assert (result.status, result.processing) == ("stored", "ignored")
-    row = adapter.inbox.get(result.event_row_id)  # type: ignore[arg-type]
+    row = adapter.inbox.get(result.event_row_id)
     assert row is not None and row.test_mode
     with pytest.raises(LookupError):
         ledger.balance(UUID(payload["meta"]["custom_data"]["user_id"]))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -456,13 +456,24 @@ def test_reconcile_finds_lost_order_refunds_however_old_and_lost_pack_orders(led
     assert ledger.balance(USER).balance_credits == 11000
     later = START + timedelta(days=20)  # the window below is 10 days: the refunded orders are older
     clock.set(later)
-    refunded = {"status": "refunded", "refunded": True, "updated": later - timedelta(days=1)}
+
+    def refunded(order_id: str, variant: str, total: int, at: datetime) -> bytes:
+        return b.order_event(
+            "order_refunded",
+            order_id,
+            variant=variant,
+            total=total,
+            at=at,
+            status="refunded",
+            refunded=True,
+            refunded_amount=total,
+            updated=later - timedelta(days=1),
+        )
+
     orders = [
         b.order_event("order_created", "660009", variant="9001", total=1000, at=later - timedelta(days=2)),  # lost
         b.order_event("order_created", "660008", variant="777", total=500, at=later - timedelta(days=3)),
-        b.order_event(
-            "order_refunded", "660003", variant="9002", total=4000, at=START + SEC, **refunded, refunded_amount=4000
-        ),
+        refunded("660003", "9002", 4000, START + SEC),
         b.order_event(
             "order_refunded",
             "660002",
@@ -473,9 +484,7 @@ def test_reconcile_finds_lost_order_refunds_however_old_and_lost_pack_orders(led
             refunded_amount=400,
             updated=later - timedelta(days=1),
         ),
-        b.order_event(
-            "order_refunded", "660001", variant="1001", total=2500, at=START, **refunded, refunded_amount=2500
-        ),
+        refunded("660001", "1001", 2500, START),
     ]
     handler = api([], [], [resource(o) for o in orders])
     with client_for(handler, FakeTime()) as client:
