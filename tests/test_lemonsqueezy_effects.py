@@ -15,6 +15,7 @@ from adapters.lemonsqueezy._adapter import refunded_level
 from adapters.lemonsqueezy._state import (
     Payment,
     SubscriptionLink,
+    checkout_id,
     ledger_subscription_id,
     payment_id,
     subscription_link_id,
@@ -648,6 +649,152 @@ def test_a_partial_refund_flagged_refunded_claws_back_only_its_share(adapter: Le
     assert ledger.balance(USER).balance_credits == 0
     refunds = [e.data["amount"] for e in ledger.history(USER) if e.type == "debited"]
     assert refunds == [2000, 3000]
+
+
+def checkout_refund(b: Builder, amount: int, updated: datetime, *, full: bool = False) -> bytes:
+    """``order_refunded`` of the order that started subscription 880001 (its
+    snapshots' ``order_id`` 660001): the payment of its initial invoice."""
+    return b.order_event(
+        "order_refunded",
+        "660001",
+        variant="1001",
+        total=2500,
+        at=START,
+        status="refunded" if full else "partial_refund",
+        refunded_amount=amount,
+        refunded=full,
+        updated=updated,
+    )
+
+
+def invoice_refund(b: Builder, amount: int, updated: datetime, *, full: bool = False) -> bytes:
+    return b.invoice_event(
+        "subscription_payment_refunded",
+        "550001",
+        reason="initial",
+        status="refunded" if full else "partial_refund",
+        created=START + SEC,
+        updated=updated,
+        total=2500,
+        refunded_amount=amount,
+        refunded=full,
+    )
+
+
+def test_a_refund_of_the_checkout_order_claws_back_the_initial_invoice(adapter: LemonSqueezy, ledger: Ledger) -> None:
+    """Lemon Squeezy refunds a subscription's first payment as its order
+    (order_refunded): the initial invoice's credits come back, and its own
+    refund (subscription_payment_refunded) takes nothing a second time."""
+    b = Builder()
+    started(adapter, b)
+    paid(adapter, b)  # 5,000 credits
+    result = send(adapter, checkout_refund(b, 2500, START + DAY, full=True))
+    assert (result.processing, ledger.balance(USER).balance_credits) == ("processed", 0)
+    again = send(adapter, invoice_refund(b, 2500, START + DAY + SEC, full=True))
+    assert again.reason == "a refund of 2500 of 2500 was seen before; nothing clawed back again"
+    assert ledger.balance(USER).balance_credits == 0
+    assert [e.data["amount"] for e in ledger.history(USER) if e.type == "debited"] == [5000]
+    payment = ledger.app.repository.get(payment_id("invoice", "550001"))
+    assert isinstance(payment, Payment) and (payment.refunded_seen, payment.clawed) == (2500, 5000)
+
+
+@pytest.mark.parametrize("first", ["order", "invoice"])
+def test_partial_refunds_of_the_order_and_the_invoice_claw_back_the_largest_once(
+    adapter: LemonSqueezy, ledger: Ledger, first: str
+) -> None:
+    """40 % refunded, seen as the order and as the invoice, in either order,
+    then the rest: 2,000 credits, then 3,000; never the 40 % twice."""
+    b = Builder()
+    started(adapter, b)
+    paid(adapter, b)
+    steps = [checkout_refund(b, 1000, START + DAY), invoice_refund(b, 1000, START + DAY + SEC)]
+    for body in steps if first == "order" else steps[::-1]:
+        send(adapter, body)
+    assert ledger.balance(USER).balance_credits == 3000
+    send(adapter, checkout_refund(b, 2500, START + 2 * DAY, full=True))
+    send(adapter, invoice_refund(b, 2500, START + 2 * DAY + SEC, full=True))
+    assert ledger.balance(USER).balance_credits == 0
+    assert [e.data["amount"] for e in ledger.history(USER) if e.type == "debited"] == [2000, 3000]
+
+
+def test_a_checkout_refund_before_the_initial_invoice_is_clawed_back_when_it_is_applied(
+    adapter: LemonSqueezy, ledger: Ledger
+) -> None:
+    """The refund arrives first (the invoice's delivery late, or retried):
+    it is recorded, and the invoice grants and claws back at once."""
+    b = Builder()
+    early = send(adapter, checkout_refund(b, 2500, START + DAY, full=True))
+    assert "recorded; its credits come back when the subscription's initial invoice is applied" in (early.reason or "")
+    started(adapter, b)
+    paid(adapter, b)
+    assert ledger.balance(USER).balance_credits == 0
+    assert [(e.type, e.data["amount"]) for e in ledger.history(USER)[1:]] == [("granted", 5000), ("debited", 5000)]
+
+
+@pytest.mark.parametrize("first", ["order", "invoice"])
+def test_a_refunded_checkout_order_of_another_total_is_not_the_initial_invoices_charge(
+    adapter: LemonSqueezy, ledger: Ledger, first: str
+) -> None:
+    """A checkout that started a free trial charged a setup fee (500 cents)
+    and the first period later (2,500): refunding the fee is not refunding
+    the period, whichever arrives first."""
+    b = Builder()
+    fee = b.order_event(
+        "order_refunded",
+        "660001",
+        variant="1001",
+        total=500,
+        at=START,
+        status="refunded",
+        refunded_amount=500,
+        refunded=True,
+        updated=START + DAY,
+    )
+    if first == "order":
+        send(adapter, fee)
+    started(adapter, b)
+    result = paid(adapter, b)
+    if first == "invoice":
+        result = send(adapter, fee)
+    assert ledger.balance(USER).balance_credits == 5000
+    assert result.reason is not None
+    assert "checkout order 660001 (total 500) is not the charge of initial invoice 550001 (total 2500)" in result.reason
+
+
+def test_an_initial_invoice_does_not_read_its_orders_checkout(
+    adapter: LemonSqueezy, ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkout order's refund is kept on the subscription's link, which
+    the invoice reads anyway: an initial invoice does not read the order's
+    Checkout (one more statement per new subscription)."""
+    from ledger.storage.eventstore import get_or_none
+
+    b = Builder()
+    started(adapter, b)
+    on_demand: list[UUID] = []
+
+    def counting(app: Any, aggregate_id: UUID, cls: Any) -> Any:
+        on_demand.append(aggregate_id)
+        return get_or_none(app, aggregate_id, cls)
+
+    monkeypatch.setattr("ledger.application.unit.get_or_none", counting)
+    paid(adapter, b)
+    monkeypatch.undo()
+    assert ledger.balance(USER).balance_credits == 5000
+    assert checkout_id("660001") not in on_demand
+
+
+def test_a_refund_of_a_renewal_is_not_the_checkout_orders(adapter: LemonSqueezy, ledger: Ledger) -> None:
+    """Only the initial invoice is the checkout order's payment: a renewal's
+    credits stay when the first payment is refunded."""
+    b = Builder()
+    started(adapter, b)
+    paid(adapter, b)
+    send(adapter, b.subscription_event("subscription_updated", updated=R1 + 2 * SEC, renews_at=R1 + 28 * DAY))
+    paid(adapter, b, invoice="550002", reason="renewal", created=R1, updated=R1 + SEC)
+    assert ledger.balance(USER).balance_credits == 10000
+    send(adapter, checkout_refund(b, 2500, R1 + DAY, full=True))
+    assert ledger.balance(USER).balance_credits == 5000
 
 
 @pytest.mark.parametrize(

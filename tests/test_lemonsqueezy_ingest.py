@@ -178,10 +178,6 @@ def test_a_host_that_passes_other_than_bytes_and_text_headers_gets_invalid_argum
         (b'{"meta": {"event_name": "order_created"}, "data": {"type": "orders", "id": "x1", "attributes": {}}}', "id"),
         (b'{"meta": {"event_name": "order_created"}, "data": {"type": "orders", "id": "1"}}', "attributes"),
         (
-            b'{"meta": {"event_name": "x", "test_mode": "yes"}, "data": {"type": "o", "id": "1", "attributes": {}}}',
-            "test_mode",
-        ),
-        (
             b'{"meta": {"event_name": "x", "webhook_id": ""}, "data": {"type": "o", "id": "1", "attributes": {}}}',
             "webhook_id",
         ),

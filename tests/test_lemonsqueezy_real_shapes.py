@@ -176,6 +176,26 @@ def test_a_created_and_an_updated_of_one_second_end_the_same_in_every_order(
     assert state["asked"] == (["770201"] if who == "resolver" else [])
 
 
+@pytest.mark.parametrize(
+    "refunds", [["tie_order_refunded"], ["tie_order_refunded", "tie_subscription_payment_refunded"]]
+)
+def test_a_refunded_first_payment_is_clawed_back_once_in_any_order(
+    stores: Callable[[], str],  # noqa: F811
+    refunds: list[str],
+) -> None:
+    """The checkout's first payment refunded as its order (order_refunded),
+    alone or with the initial invoice's own refund: Pro's 15,000 credits
+    are granted once and clawed back once, in any order of arrival."""
+    url = stores()
+    names = TIE + refunds
+    picked = orders(len(names), every=False, count=8 if url == "memory://" else 3, seed=23)
+    results = [replay(url if n == 0 else stores(), names, order) for n, order in enumerate(picked)]
+    for result in results[1:]:
+        assert result == results[0]
+    assert sorted(c[1] for c in results[0]["credits"]) == [-15000, 15000]
+    assert results[0]["balances"] == {ANA: 0}
+
+
 @pytest.mark.parametrize("who", ["resolver", "custom_data"])
 def test_a_product_switch_through_a_new_subscription_in_any_order(
     stores: Callable[[], str],  # noqa: F811
@@ -385,6 +405,47 @@ def test_any_test_mode_true_makes_the_event_a_test_one(ledger: Ledger) -> None:
         ledger.balance(UUID(payload["meta"]["custom_data"]["user_id"]))  # nothing granted
     tester = adapter_for(ledger, test_mode=True)
     assert tester.retry_failed().attempted == 0  # ignored rows are never retried
+
+
+@pytest.mark.parametrize("flag", ["true", 1, "false", 0, [], {}])
+def test_a_test_mode_flag_that_is_not_a_boolean_is_stored_as_a_test_event(ledger: Ledger, flag: Any) -> None:
+    """Lemon Squeezy sends JSON booleans; any other ``meta.test_mode`` but
+    null is read as the object's flag is (any value but absent, null or
+    false: a test), so a live adapter stores it and never applies it,
+    instead of refusing a signed delivery (which Lemon Squeezy would give up
+    on after its retries)."""
+    adapter = adapter_for(ledger)  # live
+    payload = template("order_created")
+    payload["meta"]["test_mode"] = flag
+    result = send(adapter, php_json(payload))
+    assert (result.status, result.processing) == ("stored", "ignored")
+    row = adapter.inbox.get(result.event_row_id)
+    assert row is not None and row.test_mode
+    with pytest.raises(LookupError):
+        ledger.balance(UUID(payload["meta"]["custom_data"]["user_id"]))
+
+
+def test_a_null_test_mode_is_live(ledger: Ledger) -> None:
+    adapter = adapter_for(ledger)
+    payload = template("order_created")
+    payload["meta"]["test_mode"] = None
+    assert send(adapter, php_json(payload)).processing == "processed"
+    assert ledger.balance(UUID(payload["meta"]["custom_data"]["user_id"])).balance_credits == 1000
+
+
+@pytest.mark.parametrize("custom", ["6f1c2b9e-4d3a-4b8e-9c71-2a5e8f0d1c33", ["x"], 5, True])
+def test_custom_data_that_is_not_an_object_is_stored_and_carries_no_user(ledger: Ledger, custom: Any) -> None:
+    """A checkout's custom data that is not a key-value object (PHP writes a
+    list as a JSON array) names no user: the delivery is stored and finds
+    its user as one without custom data does, here held for the customer."""
+    adapter = adapter_for(ledger)
+    payload = template("order_created")
+    payload["meta"]["custom_data"] = custom
+    result = send(adapter, php_json(payload))
+    assert (result.status, result.processing) == ("stored", "held")
+    assert result.reason is not None and result.reason.startswith("held: customer 770001")
+    adapter.link_customer(770001, USER)
+    assert ledger.balance(USER).balance_credits == 1000
 
 
 def test_an_order_id_with_leading_zeros_is_the_same_order(ledger: Ledger) -> None:

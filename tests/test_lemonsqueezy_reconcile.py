@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -272,11 +272,11 @@ def ledger(ledger_url: str, clock: StoryClock) -> Iterator[Ledger]:
 
 
 def api(
-    subscriptions: list[dict[str, Any]], invoices: list[dict[str, Any]]
+    subscriptions: list[dict[str, Any]], invoices: list[dict[str, Any]], orders: list[dict[str, Any]] | None = None
 ) -> Callable[[httpx.Request], httpx.Response]:
     def handler(request: httpx.Request) -> httpx.Response:
         kind = urlsplit(str(request.url)).path.rsplit("/", 1)[-1]
-        items = {"subscriptions": subscriptions, "subscription-invoices": invoices}[kind]
+        items = {"subscriptions": subscriptions, "subscription-invoices": invoices, "orders": orders or []}[kind]
         status = parse_qs(urlsplit(str(request.url)).query).get("filter[status]")
         if status:  # as the API filters
             items = [item for item in items if item["attributes"]["status"] == status[0]]
@@ -408,6 +408,8 @@ def test_reconcile_claws_back_refunds_of_invoices_older_than_the_window(
         kind = urlsplit(str(request.url)).path.rsplit("/", 1)[-1]
         if kind == "subscriptions":
             items = [resource(created)]
+        elif kind == "orders":
+            items = []
         else:
             status = query.get("filter[status]", [None])[0]
             items = [] if status == "refunded" else [resource(refund)]  # in the unfiltered list too
@@ -419,11 +421,85 @@ def test_reconcile_claws_back_refunds_of_invoices_older_than_the_window(
     assert report.changes == [f"invoice 550001: clawed back 2000 credits from user {USER}"]
     assert ledger.balance(USER).balance_credits == 3000  # 40 % of 5000 back
     statuses = [q.get("filter[status]") for q in queries]
-    # With a one-day window, the current period began before it: its invoices are asked for too.
-    assert statuses == [None, None, ["refunded"], ["partial_refund"], *([None] if since_days == 1 else [])]
+    # Then the orders (no status filter), and with a one-day window, the
+    # current period began before it: its invoices are asked for too.
+    assert statuses == [None, None, ["refunded"], ["partial_refund"], None, *([None] if since_days == 1 else [])]
     assert all(q["filter[store_id]"] == ["41205"] for q in queries)
     with client_for(handler, FakeTime()) as client:  # again: nothing left to change
         assert Reconciler(adapter.processor, client, store_id="41205", since_days=since_days).run().changes == []
+
+
+def test_reconcile_finds_lost_order_refunds_however_old_and_lost_pack_orders(ledger: Ledger, clock: StoryClock) -> None:
+    """Orders have no status filter: every order is read, newest first. A
+    pack bought and refunded long ago, and a subscription's checkout order
+    refunded (its initial invoice's credits), whose order_refunded webhooks
+    were lost, are clawed back; a pack bought in the window whose
+    order_created was lost is granted; another product's order and a pack's
+    old unrefunded order are left alone."""
+    adapter = adapter_for(ledger)
+    b = Builder()
+    for body in (
+        b.order_event("order_created", "660002", variant="9001", total=1000, at=START),  # 1,000 credits
+        b.subscription_event("subscription_created", updated=START, renews_at=R1),
+        b.invoice_event(
+            "subscription_payment_success",
+            "550001",
+            reason="initial",
+            status="paid",
+            created=START + SEC,
+            updated=START + 2 * SEC,
+            total=2500,
+        ),  # 5,000 credits
+        b.order_event("order_created", "660003", variant="9002", total=4000, at=START + SEC),  # 5,000 credits
+    ):
+        assert adapter.ingest(body, headers_for(body)).processing == "processed"
+    assert ledger.balance(USER).balance_credits == 11000
+    later = START + timedelta(days=20)  # the window below is 10 days: the refunded orders are older
+    clock.set(later)
+
+    def refunded(order_id: str, variant: str, total: int, at: datetime) -> bytes:
+        return b.order_event(
+            "order_refunded",
+            order_id,
+            variant=variant,
+            total=total,
+            at=at,
+            status="refunded",
+            refunded=True,
+            refunded_amount=total,
+            updated=later - timedelta(days=1),
+        )
+
+    orders = [
+        b.order_event("order_created", "660009", variant="9001", total=1000, at=later - timedelta(days=2)),  # lost
+        b.order_event("order_created", "660008", variant="777", total=500, at=later - timedelta(days=3)),
+        refunded("660003", "9002", 4000, START + SEC),
+        b.order_event(
+            "order_refunded",
+            "660002",
+            variant="9001",
+            total=1000,
+            at=START,
+            status="partial_refund",
+            refunded_amount=400,
+            updated=later - timedelta(days=1),
+        ),
+        refunded("660001", "1001", 2500, START),
+    ]
+    handler = api([], [], [resource(o) for o in orders])
+    with client_for(handler, FakeTime()) as client:
+        report = Reconciler(adapter.processor, client, since_days=10).run()
+    assert (report.orders_seen, report.orders_checked) == (5, 4)
+    assert report.changes == [
+        f"order 660009: granted 1000 credits to user {USER}",
+        f"order 660003: clawed back 5000 credits from user {USER}",
+        f"order 660002: clawed back 400 credits from user {USER}",
+        f"order 660001: clawed back 5000 credits from user {USER}",
+    ]
+    assert report.problems == []
+    assert ledger.balance(USER).balance_credits == 11000 + 1000 - 5000 - 400 - 5000
+    with client_for(handler, FakeTime()) as client:  # again: nothing left to change
+        assert Reconciler(adapter.processor, client, since_days=10).run().changes == []
 
 
 def test_the_reconcile_command(durable_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
@@ -447,6 +523,6 @@ def test_the_reconcile_command(durable_url: str, monkeypatch: pytest.MonkeyPatch
     assert result.exit_code == 0, result.output
     assert "subscription 880001: applied the current snapshot" in result.output
     assert (
-        "1 subscriptions and 0 invoices checked (0 of them older refunds): 1 changed, 0 noted, 0 not applied"
-        in result.output
+        "1 subscriptions and 0 invoices checked (0 of them older refunds), 0 of 0 orders: "
+        "1 changed, 0 noted, 0 not applied" in result.output
     )

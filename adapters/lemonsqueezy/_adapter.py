@@ -75,6 +75,7 @@ from ._payloads import (
     describe_error,
     envelope_of,
     invoice_of,
+    is_test_flag,
     order_of,
     parse_json,
     subscription_of,
@@ -352,7 +353,7 @@ class Processor(Pipeline):
         except ValidationError as exc:
             return Outcome("failed", f"not a Lemon Squeezy resource: {describe_error(exc)}")
         flag = envelope.data.attributes.get("test_mode")  # a REST object has no meta: its own flag decides
-        if (flag is not None and flag is not False) != self.test_mode:
+        if is_test_flag(flag) != self.test_mode:
             return Outcome("ignored", f"{IGNORED_PREFIX}the resource's test_mode differs from this adapter's")
         event = Event(event_name, None, self.test_mode, resource, envelope)
         return attempt(lambda: self.apply(event, self.group.execute))
@@ -390,6 +391,7 @@ class Processor(Pipeline):
                 pause_mode=pause,
                 replaces=None if replaces is None else str(replaces),
                 created_at=None if replaces is None else a.created_at,
+                order_id=None if a.order_id is None else str(a.order_id),
                 catalog=catalog,
             )
         )

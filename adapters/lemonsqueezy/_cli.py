@@ -573,7 +573,7 @@ def list_(url: str | None, status: str | None, limit: int) -> None:
 @click.option("--since-days", default=45, show_default=True, type=click.IntRange(1, 3660), help="Invoices this recent.")
 @click.option("--api-url", default=None, help="The API's base URL (default https://api.lemonsqueezy.com/v1).")
 def reconcile(api_key: str, store_id: str | None, since_days: int, api_url: str | None, **settings: Any) -> None:
-    """Fetch subscriptions, recent invoices and refunded ones from Lemon Squeezy and bring the ledger in line."""
+    """Fetch subscriptions, invoices (recent and refunded) and orders from Lemon Squeezy; bring the ledger in line."""
     from ._client import API_URL, LemonSqueezyApiError, LemonSqueezyClient
     from ._reconcile import Reconciler
 
@@ -588,6 +588,6 @@ def reconcile(api_key: str, store_id: str | None, since_days: int, api_url: str 
             sys.exit(1)
     click.echo(
         f"{report.subscriptions_seen} subscriptions and {report.invoices_seen} invoices checked "
-        f"({report.old_refunds_seen} of them older refunds): "
+        f"({report.old_refunds_seen} of them older refunds), {report.orders_checked} of {report.orders_seen} orders: "
         f"{report.changed} changed, {len(report.notes)} noted, {len(report.problems)} not applied"
     )

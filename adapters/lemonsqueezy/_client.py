@@ -173,6 +173,11 @@ class LemonSqueezyClient(ApiClient):
         filters = _filters(store_id=store_id, subscription_id=subscription_id, status=status)
         return self.paginate("subscription-invoices", filters, max_pages=max_pages)
 
+    def orders(self, *, store_id: str | None = None, max_pages: int = DEFAULT_MAX_PAGES) -> Iterator[dict[str, Any]]:
+        """Newest first (the API's order). The list takes no status filter:
+        a refunded order is found by reading them all."""
+        return self.paginate("orders", _filters(store_id=store_id), max_pages=max_pages)
+
 
 def _filters(**values: str | None) -> dict[str, str]:
     return {k: v for k, v in values.items() if v is not None}

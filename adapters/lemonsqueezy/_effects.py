@@ -61,11 +61,13 @@ from ledger.extension import (
 )
 
 from ._state import (
+    Checkout,
     Credited,
     CustomerLink,
     Payment,
     Seen,
     SubscriptionLink,
+    checkout_id,
     customer_link_id,
     ledger_subscription_id,
     payment_id,
@@ -309,6 +311,26 @@ def claw_back(
         report.notes.append(f"refund recorded; the refund policy claws back nothing ({wanted} credits kept)")
 
 
+def refund(
+    unit: UnitOfWork,
+    payment: Payment,
+    refunded: int,
+    policy: RefundPolicy,
+    report: Report,
+    description: str,
+) -> None:
+    """Claws back for a refunded amount of a granted payment if it grew
+    since the last refund seen; a refund seen before (a late copy, or the
+    same refund seen as the order and as the invoice) says so and takes
+    nothing."""
+    if payment.granted is None or refunded <= 0:
+        return
+    if refunded > payment.refunded_seen:
+        claw_back(unit, payment, refunded, policy, report, description)
+    else:
+        report.notes.append(f"a refund of {refunded} of {payment.total} was seen before; nothing clawed back again")
+
+
 def _share(granted: int, refunded: int, total: int) -> int:
     if total <= 0:
         return granted if refunded > 0 else 0
@@ -352,6 +374,21 @@ def open_payment(unit: UnitOfWork, kind: str, object_id: str, user_id: UUID, tot
         )
         unit.add(payment)
     return payment
+
+
+def not_the_same_charge(link: SubscriptionLink, invoice_id: str, invoice_total: int) -> str:
+    return (
+        f"the refunded checkout order {link.order_id} (total {link.order_total}) is not the charge of initial "
+        f"invoice {invoice_id} (total {invoice_total}); nothing clawed back for it"
+    )
+
+
+def open_checkout(unit: UnitOfWork, order_id: str) -> Checkout:
+    checkout = unit.aggregate(checkout_id(order_id), Checkout)
+    if checkout is None:
+        checkout = Checkout._create(Checkout.Opened, id=checkout_id(order_id), order_id=order_id, timestamp=unit.now)
+        unit.add(checkout)
+    return checkout
 
 
 def record_grant(
@@ -415,7 +452,7 @@ class ApplySubscription(Command):
     timeline, then SyncSubscription, which applies it if newer than the last."""
 
     name: ClassVar[str] = "lemonsqueezy_subscription"
-    hints: ClassVar[frozenset[str]] = frozenset({"catalog", "report"})
+    hints: ClassVar[frozenset[str]] = frozenset({"catalog", "report", "order_id"})
     ls_subscription_id: str = field(kw_only=True)
     customer_id: str = field(kw_only=True)
     variant_id: str = field(kw_only=True)
@@ -433,6 +470,10 @@ class ApplySubscription(Command):
     #: in every snapshot of it, so it does not depend on which arrives first).
     replaces: str | None = field(default=None, kw_only=True, metadata=ADDED)
     created_at: datetime | None = field(default=None, kw_only=True, metadata=ADDED)
+    #: ``order_id``: the order that started the subscription (the same in
+    #: every snapshot of it), recorded on its link so that a refund of that
+    #: order finds the subscription's initial invoice. Out of the fingerprint.
+    order_id: str | None = field(default=None, kw_only=True, compare=False)
     catalog: Catalog = field(default=Catalog(), kw_only=True, compare=False)
     report: Report = field(default_factory=Report, kw_only=True, compare=False)
 
@@ -446,6 +487,8 @@ class ApplySubscription(Command):
         ]
         if self.replaces is not None:
             ids += [subscription_link_id(self.replaces), ledger_subscription_id(self.replaces)]
+        if self.order_id is not None:
+            ids.append(checkout_id(self.order_id))
         if self.custom_user is not None:
             ids.append(slot_id_for(self.custom_user))
         return ids, [self.custom_user] if self.custom_user is not None else []
@@ -469,6 +512,8 @@ class ApplySubscription(Command):
             )
             unit.add(link)
         learn_customer(unit, self.customer_id, user)
+        if self.order_id is not None:
+            self._checkout(unit, link, self.order_id)
         if self.replaces is not None:
             self._replace(unit, user)
         before = unit.aggregate(sid, Subscription)
@@ -529,6 +574,16 @@ class ApplySubscription(Command):
         kept = next((x for x in s.provider_snapshots if x.at == mine.at), None)
         if kept is None or kept.position == mine.position:
             link.see(self.source_updated_at, self.variant_id, end, unit.now)
+
+    def _checkout(self, unit: UnitOfWork, link: SubscriptionLink, order_id: str) -> None:
+        """Records the order that started the subscription, both ways: on
+        the link, and the subscription on the order's Checkout; a refund of
+        the order seen before the subscription is copied onto the link."""
+        link.see_order(order_id, unit.now)
+        checkout = open_checkout(unit, order_id)
+        checkout.see_subscription(self.ls_subscription_id, unit.now)
+        if checkout.ls_subscription_id == self.ls_subscription_id and link.order_id == order_id:
+            link.see_order_refund(checkout.refunded, checkout.total, unit.now)
 
     def _replace(self, unit: UnitOfWork, user: UUID) -> None:
         """Records on the replaced subscription's link that this one replaced
@@ -615,17 +670,34 @@ class ApplyInvoice(Command):
             self._grant(unit, link, payment)
         if self.payment_failed:
             self._past_due(unit, user)
-        if payment is not None and payment.granted is not None and self.refunded_amount > payment.refunded_seen:
-            claw_back(
+        # The initial invoice is the payment of the subscription's checkout
+        # order: a refund of that order (seen first, or only) counts as its own.
+        refunded = max(self.refunded_amount, self._order_refund(unit, link))
+        if payment is not None:
+            refund(
                 unit,
                 payment,
-                self.refunded_amount,
+                refunded,
                 self.refund_policy,
                 self.report,
                 f"refund of Lemon Squeezy invoice {self.invoice_id}",
             )
         net = self.report.granted - self.report.clawed
         return unit.finish(self, user, amount=net, subscription_id=ledger_subscription_id(self.ls_subscription_id))
+
+    def _order_refund(self, unit: UnitOfWork, link: SubscriptionLink) -> int:
+        """For the initial invoice of a subscription whose order is known:
+        records on the link that this invoice is the order's charge, and
+        returns the order's largest refund seen (kept on the link), as a
+        refunded amount of this invoice; 0 for any other invoice."""
+        if self.billing_reason != "initial" or link.order_id is None:
+            return 0
+        link.see_initial_invoice(self.invoice_id, unit.now)
+        if link.initial_invoice_id != self.invoice_id:
+            return 0
+        if link.order_refunded > 0 and not link.order_pays(self.total):
+            self.report.notes.append(not_the_same_charge(link, self.invoice_id, self.total))
+        return link.order_refund_of(self.total)
 
     # -- the grant ---------------------------------------------------------------
 
@@ -821,8 +893,10 @@ class ApplyInvoice(Command):
 class ApplyOrder(Command):
     """An order: a credit pack (a one-time variant configured as one) grants
     its credits once when paid and is clawed back when refunded; the order
-    of a plan variant (the checkout that starts a subscription) moves no
-    credits; a paid order of any other variant raises UnconfiguredPack."""
+    of a plan variant (the checkout that starts a subscription) grants
+    nothing (its initial invoice does), and its refund claws back what that
+    invoice granted; a paid order of any other variant raises
+    UnconfiguredPack."""
 
     name: ClassVar[str] = "lemonsqueezy_order"
     hints: ClassVar[frozenset[str]] = frozenset({"pack_credits", "plan_variant", "refund_policy", "report"})
@@ -842,7 +916,10 @@ class ApplyOrder(Command):
 
     def reads(self) -> tuple[list[UUID], list[UUID]]:
         if self.pack_credits is None:
-            return [customer_link_id(self.customer_id)], []
+            ids = [customer_link_id(self.customer_id)]
+            if self.plan_variant and self.refunded_amount > 0:
+                ids.append(checkout_id(self.order_id))
+            return ids, []
         ids = [
             customer_link_id(self.customer_id),
             payment_id("order", self.order_id),
@@ -871,15 +948,9 @@ class ApplyOrder(Command):
                 description=f"credit pack {self.variant_id} x {self.quantity} (Lemon Squeezy order {self.order_id})",
                 report=self.report,
             )
-        if payment is not None and payment.granted is not None and self.refunded_amount > payment.refunded_seen:
-            claw_back(
-                unit,
-                payment,
-                self.refunded_amount,
-                self.refund_policy,
-                self.report,
-                f"refund of Lemon Squeezy order {self.order_id}",
-            )
+        if payment is not None:
+            description = f"refund of Lemon Squeezy order {self.order_id}"
+            refund(unit, payment, self.refunded_amount, self.refund_policy, self.report, description)
         return unit.finish(self, user, amount=self.report.granted - self.report.clawed)
 
     def _not_a_pack(self, unit: UnitOfWork) -> Receipt:
@@ -887,8 +958,39 @@ class ApplyOrder(Command):
             raise UnconfiguredPack(self.order_id, self.variant_id)
         if self.custom_user is not None:
             learn_customer(unit, self.customer_id, self.custom_user)
+        if self.plan_variant and self.refunded_amount > 0:
+            return self._checkout_refund(unit)
         if self.plan_variant:
             self.report.notes.append("a subscription's checkout order: its invoices grant the credits")
         else:
             self.report.notes.append(f"variant {self.variant_id} is not a configured credit pack; nothing granted")
         return unit.finish(self, self.custom_user, amount=0)
+
+    def _checkout_refund(self, unit: UnitOfWork) -> Receipt:
+        """A refund of a subscription's checkout order: its charge is the
+        subscription's initial invoice, whose credits come back (refund
+        policy) by the growth of the refund since the last one seen of
+        either, so a refund of the invoice as well takes nothing twice. The
+        refund is recorded on the order's Checkout and the subscription's
+        link; an initial invoice applied later claws it back then."""
+        unit.prefetch(*self.reads())
+        checkout = open_checkout(unit, self.order_id)
+        checkout.see_refund(self.refunded_amount, self.total, unit.now)
+        sid = checkout.ls_subscription_id
+        link = None if sid is None else unit.aggregate(subscription_link_id(sid), SubscriptionLink)
+        if link is not None:
+            link.see_order_refund(checkout.refunded, checkout.total, unit.now)
+        invoice = None if link is None else link.initial_invoice_id
+        payment = None if invoice is None else unit.aggregate(payment_id("invoice", invoice), Payment)
+        if link is None or invoice is None or payment is None or payment.granted is None:
+            self.report.notes.append(
+                "a refund of a subscription's checkout order: recorded; its credits come back when the "
+                "subscription's initial invoice is applied (or refunded, if it was applied before)"
+            )
+            return unit.finish(self, self.custom_user, amount=0)
+        if not link.order_pays(payment.total):
+            self.report.notes.append(not_the_same_charge(link, invoice, payment.total))
+            return unit.finish(self, payment.user_id, amount=0)
+        description = f"refund of Lemon Squeezy invoice {invoice}"  # as the invoice's own refund says
+        refund(unit, payment, link.order_refund_of(payment.total), self.refund_policy, self.report, description)
+        return unit.finish(self, payment.user_id, amount=-self.report.clawed)

@@ -169,14 +169,24 @@ class _Model(BaseModel):
 
 
 def _custom_data(value: Any) -> Any:
-    # PHP encodes an empty associative array as []; treat it as "none".
-    return None if value == [] else value
+    # PHP encodes an empty associative array as [], and a list as a JSON
+    # array: custom data that is not a key-value object names no user, and
+    # reads as none (a signed delivery is stored, not refused for it).
+    return value if isinstance(value, dict) else None
+
+
+def is_test_flag(value: Any) -> bool:
+    """Whether a ``test_mode`` value calls the event a test: any value but
+    absent (None here), null or false. Lemon Squeezy sends booleans; another
+    value is read as a test, so that a live adapter never applies it."""
+    return value is not None and value is not False
 
 
 class Meta(_Model):
     event_name: Annotated[str, Field(min_length=1, max_length=MAX_EVENT_NAME, pattern=r"^[a-z][a-z0-9_]*$")]
     webhook_id: Annotated[str, Field(min_length=1, max_length=MAX_WEBHOOK_ID)] | None = None
-    test_mode: StrictBool = False
+    #: Any JSON value: see ``is_test_flag`` (a boolean in practice).
+    test_mode: Any = False
     custom_data: Annotated[dict[str, Any] | None, BeforeValidator(_custom_data)] = None
 
 
@@ -221,8 +231,7 @@ class Envelope(_Model):
         """Whether the event is a test-mode one: ``meta.test_mode`` or the
         object's own ``attributes.test_mode`` (any value but absent, null or
         false). A live adapter never applies what either calls a test."""
-        flag = self.data.attributes.get("test_mode")
-        return self.meta.test_mode or (flag is not None and flag is not False)
+        return is_test_flag(self.meta.test_mode) or is_test_flag(self.data.attributes.get("test_mode"))
 
     @property
     def custom_user_id(self) -> str | None:

@@ -3,13 +3,17 @@
 
 The reconciler fetches every subscription, the recent subscription
 invoices, the invoices of each live subscription's current period when it
-began before that window (a yearly one), and every refunded or partly
-refunded invoice however old (a refund's webhook may be lost long after the
-payment) over the REST API, and
-applies each exactly as the webhook that carries it would: a snapshot newer
-than the one applied is applied; a paid invoice never granted is granted (if
-its period has not ended); a refunded amount never seen claws back. Every
-list is bounded by ``max_pages``. Everything is keyed like the webhooks, so
+began before that window (a yearly one), every refunded or partly refunded
+invoice however old (a refund's webhook may be lost long after the
+payment), and the orders (the list has no status filter: all of them, newest
+first) over the REST API. It applies each exactly as the webhook that
+carries it would: a snapshot newer than the one applied is applied; a paid
+invoice never granted is granted (if its period has not ended); a refunded
+amount never seen claws back. Of the orders it applies the credit packs'
+created in the window (a lost ``order_created``) and every refund of a
+pack's or a subscription checkout's order however old (a lost
+``order_refunded``); other orders are not the ledger's. Every list is
+bounded by ``max_pages``. Everything is keyed like the webhooks, so
 running it twice, or alongside the webhooks, changes nothing twice. Nothing
 is written to ``webhook_events``: these are not deliveries.
 
@@ -32,9 +36,9 @@ from pydantic import ValidationError
 
 from adapters.webhooks import Outcome
 
-from ._adapter import Processor, snapshot_period
+from ._adapter import Processor, refunded_level, snapshot_period
 from ._client import DEFAULT_MAX_PAGES, LemonSqueezyClient
-from ._payloads import Resource, parse_time, subscription_of
+from ._payloads import Resource, order_of, parse_time, subscription_of
 
 DEFAULT_SINCE_DAYS = 45
 #: The invoice statuses whose invoices are fetched whatever their age.
@@ -50,6 +54,9 @@ class ReconcileReport:
     invoices_seen: int = 0
     #: Of those, refunded or partly refunded invoices older than the window.
     old_refunds_seen: int = 0
+    #: Orders read, and of them those applied: credit packs' in the window, and refunds.
+    orders_seen: int = 0
+    orders_checked: int = 0
     #: What it changed in the ledger.
     changes: list[str] = field(default_factory=list)
     #: Objects it looked at and left as they were, with a reason worth reading.
@@ -86,7 +93,7 @@ class Reconciler:
         """Subscriptions first (invoices find their plan in the snapshots),
         then the invoices created in the last ``since_days`` days, then the
         refunded and partly refunded invoices of any age (``filter[status]``),
-        then, for each live subscription whose current period began before
+        then the orders (``_orders``), then, for each live subscription whose current period began before
         the window, its invoices back to that period's start
         (``filter[subscription_id]``); those already checked left out."""
         report = ReconcileReport()
@@ -120,6 +127,7 @@ class Reconciler:
                 report.invoices_seen += 1
                 report.old_refunds_seen += 1
                 self._one("invoice", resource, report, say)
+        self._orders(since, report, say)
         for subscription_id, start in before_window:
             pages = self.client.subscription_invoices(
                 store_id=self.store_id, subscription_id=subscription_id, max_pages=self.max_pages
@@ -134,6 +142,28 @@ class Reconciler:
                     report.invoices_seen += 1
                     self._one("invoice", resource, report, say)
         return report
+
+    def _orders(self, since: datetime, report: ReconcileReport, say: Callable[[str], None]) -> None:
+        """Every order, newest first: a credit pack's created in the window
+        (its order_created may be lost), and any order of a pack or of a
+        subscription's checkout with a refund, however old (its
+        order_refunded may be lost). Applied as their webhooks would be."""
+        for resource in self.client.orders(store_id=self.store_id, max_pages=self.max_pages):
+            if resource.get("type") != "orders":
+                continue
+            report.orders_seen += 1
+            try:
+                a = order_of(Resource.model_validate(resource))
+            except (ValidationError, ValueError):
+                continue  # not one the adapter could apply either: its webhook fails with the reason
+            variant = str(a.first_order_item.variant_id)
+            pack = variant in self.processor.credit_packs
+            if not pack and self.processor.catalog.find(variant) is None:
+                continue  # another product's order
+            refunded = refunded_level(a.status, a.refunded, a.refunded_amount, a.total) > 0
+            if refunded or (pack and a.created_at >= since):
+                report.orders_checked += 1
+                self._one("order", resource, report, say)
 
     def _period_start(self, resource: dict[str, Any]) -> datetime | None:
         """The start of a live subscription's current period, as the adapter

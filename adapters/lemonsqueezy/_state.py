@@ -12,6 +12,11 @@ credits and subscriptions it explains.
   invoices prorate it), and the subscription that replaced it, if any.
 * :class:`Payment`: one invoice or order that moved credits: what it granted,
   the refunded amount last seen, what was clawed back and what could not be.
+* :class:`Checkout`: the order that started a subscription: which
+  subscription it started, and the largest refund of it seen. The
+  subscription's link keeps the same refund and its initial invoice (the
+  order's charge), so that a refund of the order or of the invoice claws the
+  credits back once.
 
 Topics are explicit and frozen (stored events live forever). They spell this
 module's path, so a reader that never imported the adapter still decodes them:
@@ -51,6 +56,10 @@ def ledger_subscription_id(ls_subscription_id: str) -> UUID:
 
 def payment_id(kind: str, object_id: str) -> UUID:
     return uuid5(LEMON_NS, f"payment:{kind}:{object_id}")
+
+
+def checkout_id(order_id: str) -> UUID:
+    return uuid5(LEMON_NS, f"checkout:{order_id}")
 
 
 class CustomerLink(Aggregate, created_event_name="Linked"):
@@ -101,6 +110,15 @@ class SubscriptionLink(Aggregate, created_event_name="Linked"):
     #: (a product switch: its ``migration_from_subscription_id`` names this
     #: one), or None. A class default, set by Replaced.
     replaced: tuple[Any, ...] | None = None
+    #: The order that started the subscription (its snapshots' ``order_id``),
+    #: or None; its initial invoice, or None; and that order's largest refund
+    #: seen, with the order's total (a refund of the order is one of the
+    #: initial invoice when the totals agree). Class defaults, set by
+    #: OrderSeen, InitialInvoiceSeen and OrderRefunded.
+    order_id: str | None = None
+    initial_invoice_id: str | None = None
+    order_refunded: int = 0
+    order_total: int = 0
 
     class Event(Aggregate.Event):
         TOPIC = f"{_T}:SubscriptionLink.Event"
@@ -162,6 +180,66 @@ class SubscriptionLink(Aggregate, created_event_name="Linked"):
         """Records the subscription that replaced this one, once."""
         if self.replaced is None:
             self.trigger_event(self.Replaced, by_ls_subscription_id=ls_subscription_id, at=at, timestamp=now)
+
+    class OrderSeen(Event):
+        """The order that started the subscription: its checkout's order."""
+
+        TOPIC = f"{_T}:SubscriptionLink.OrderSeen"
+        order_id: str
+
+        def apply(self, link: SubscriptionLink) -> None:
+            link.order_id = self.order_id
+
+    def see_order(self, order_id: str, now: datetime) -> None:
+        """Records the subscription's order, once (it never changes)."""
+        if self.order_id is None:
+            self.trigger_event(self.OrderSeen, order_id=order_id, timestamp=now)
+
+    class InitialInvoiceSeen(Event):
+        """The subscription's initial invoice: the charge of its checkout order."""
+
+        TOPIC = f"{_T}:SubscriptionLink.InitialInvoiceSeen"
+        invoice_id: str
+
+        def apply(self, link: SubscriptionLink) -> None:
+            link.initial_invoice_id = self.invoice_id
+
+    def see_initial_invoice(self, invoice_id: str, now: datetime) -> None:
+        if self.initial_invoice_id is None:
+            self.trigger_event(self.InitialInvoiceSeen, invoice_id=invoice_id, timestamp=now)
+
+    class OrderRefunded(Event):
+        """The checkout order's refunded amount grew (refunded_level), with its total."""
+
+        TOPIC = f"{_T}:SubscriptionLink.OrderRefunded"
+        refunded_amount: int
+        total: int
+
+        def apply(self, link: SubscriptionLink) -> None:
+            link.order_refunded = self.refunded_amount
+            link.order_total = self.total
+
+    def see_order_refund(self, refunded_amount: int, total: int, now: datetime) -> None:
+        """Records a larger refund of the checkout order; a smaller or equal one changes nothing."""
+        if refunded_amount > self.order_refunded:
+            self.trigger_event(self.OrderRefunded, refunded_amount=refunded_amount, total=total, timestamp=now)
+
+    def order_pays(self, invoice_total: int) -> bool:
+        """Whether the checkout order is the same charge as an invoice of
+        ``invoice_total``: their totals agree. A checkout that started a free
+        trial (a zero order, or a setup fee alone) did not pay the invoice
+        that ended the trial."""
+        return self.order_total == invoice_total
+
+    def order_refund_of(self, invoice_total: int) -> int:
+        """The checkout order's refund as a refunded amount of the initial
+        invoice (of ``invoice_total``): the whole of it for a full refund, the
+        same share for a partial one; 0 unless the order is the same charge."""
+        if self.order_refunded <= 0 or not self.order_pays(invoice_total):
+            return 0
+        if self.order_refunded >= self.order_total:
+            return max(invoice_total, 1)
+        return self.order_refunded * invoice_total // self.order_total
 
     @property
     def replaced_at(self) -> datetime | None:
@@ -248,3 +326,56 @@ class Payment(Aggregate, created_event_name="Opened"):
             payment.refunded_seen = self.refunded_amount
             payment.clawed += self.clawed
             payment.shortfall += self.shortfall
+
+
+class Checkout(Aggregate, created_event_name="Opened"):
+    """The order that started a subscription, whose charge is the
+    subscription's initial invoice: Lemon Squeezy refunds it as the order
+    (``order_refunded``) or as the invoice (``subscription_payment_refunded``).
+    Found by the order's id: which subscription it started (recorded by the
+    subscription's first snapshot), and the largest refund of it seen
+    (recorded by the order's refund, whichever arrives first). The
+    subscription's link keeps a copy of the refund, so that its invoices
+    need not read this."""
+
+    TOPIC = f"{_T}:Checkout"
+
+    class Event(Aggregate.Event):
+        TOPIC = f"{_T}:Checkout.Event"
+
+    class Opened(Aggregate.Created):
+        TOPIC = f"{_T}:Checkout.Opened"
+        order_id: str
+
+    def __init__(self, order_id: str) -> None:
+        self.order_id = order_id
+        #: The subscription the order started, once a snapshot of it is seen.
+        self.ls_subscription_id: str | None = None
+        #: The order's refunded amount (refunded_level) and total, at the largest refund seen.
+        self.refunded = 0
+        self.total = 0
+
+    class SubscriptionSeen(Event):
+        TOPIC = f"{_T}:Checkout.SubscriptionSeen"
+        ls_subscription_id: str
+
+        def apply(self, checkout: Checkout) -> None:
+            checkout.ls_subscription_id = self.ls_subscription_id
+
+    def see_subscription(self, ls_subscription_id: str, now: datetime) -> None:
+        if self.ls_subscription_id is None:
+            self.trigger_event(self.SubscriptionSeen, ls_subscription_id=ls_subscription_id, timestamp=now)
+
+    class OrderRefunded(Event):
+        TOPIC = f"{_T}:Checkout.OrderRefunded"
+        refunded_amount: int
+        total: int
+
+        def apply(self, checkout: Checkout) -> None:
+            checkout.refunded = self.refunded_amount
+            checkout.total = self.total
+
+    def see_refund(self, refunded_amount: int, total: int, now: datetime) -> None:
+        """Records a larger refund of the order; a smaller or equal one (a late copy) changes nothing."""
+        if refunded_amount > self.refunded:
+            self.trigger_event(self.OrderRefunded, refunded_amount=refunded_amount, total=total, timestamp=now)
