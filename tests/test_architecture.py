@@ -43,7 +43,7 @@ def test_cli_help_imports_no_provider() -> None:
 
 def test_cli_lists_provider_commands_from_entry_points() -> None:
     out = subprocess.run([sys.executable, "-m", "ledger", "--help"], capture_output=True, text=True, check=True)
-    assert "webhooks" in out.stdout and "(provided by adapters.lemonsqueezy" in out.stdout
+    assert "webhooks" in out.stdout and "(provided by adapters.lemonsqueezy: see its --help)" in out.stdout
     listed = subprocess.run(
         [sys.executable, "-m", "ledger", "webhooks", "--help"], capture_output=True, text=True, check=True
     )

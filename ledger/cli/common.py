@@ -10,6 +10,7 @@ import a provider, its HTTP client or its optional dependencies.
 
 from __future__ import annotations
 
+import itertools
 from functools import cached_property
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -82,7 +83,17 @@ class LedgerGroup(click.Group):
                 if not command.hidden:
                     rows.append((name, command.get_short_help_str(formatter.width)))
             else:
-                rows.append((name, f"(provided by {self._registered[name].value.partition(':')[0]})"))
+                rows.append((name, f"(provided by {_public_package(self._registered[name].value)}: see its --help)"))
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
+
+
+def _public_package(entry_point_value: str) -> str:
+    """The package an entry point's command comes from, as its users import
+    it: ``adapters.lemonsqueezy._cli:webhooks`` is ``adapters.lemonsqueezy``
+    (its private modules are no one's business in a help screen)."""
+    module = entry_point_value.partition(":")[0].strip()
+    parts = module.split(".")
+    public = list(itertools.takewhile(lambda part: not part.startswith("_"), parts))
+    return ".".join(public) or module
