@@ -37,9 +37,9 @@ START = datetime(2026, 1, 1, tzinfo=UTC)
 RENAMED = {"close": "aclose"}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
 
 
 def public_methods(cls: type) -> dict[str, Any]:
@@ -183,7 +183,7 @@ class Probe:
 
 
 @pytest.mark.anyio
-async def test_many_tasks_share_one_ledger_within_the_pool(ledger_url: str) -> None:
+async def test_many_tasks_share_one_ledger_within_the_pool(ledger_url: str, anyio_backend: str) -> None:
     """300 tasks reserve 10 credits each from ten accounts of 100, then
     settle what they got: exactly 100 holds, no overdraft, and never more
     calls at once (nor worker threads) than max_concurrency."""
@@ -214,7 +214,9 @@ async def test_many_tasks_share_one_ledger_within_the_pool(ledger_url: str) -> N
         assert outcomes == Counter(reserved=100, insufficient=200)
         assert probe.calls == 300
         assert 2 <= probe.peak <= 4
-        assert len(probe.threads) <= 4
+        # asyncio reuses its worker threads; trio's thread cache may start one
+        # while another, its call done, is on its way back (docs/async.md).
+        assert len(probe.threads) <= (4 if anyio_backend == "asyncio" else 8)
         assert ledger.calls_in_flight == 0
         for user in users:
             balance = await ledger.balance(user)
