@@ -362,3 +362,24 @@ def test_verify_reads_only_and_needs_no_anchors(durable_url: str) -> None:
     result = verify(durable_url, DigestHead.parse(head))
     assert not result.history_intact and result.problems == []
     assert "cannot be named" in result.describe()[-1]
+
+
+def test_a_resumed_audit_finds_events_changed_before_its_checkpoint(durable_url: str, tmp_path: Path) -> None:
+    """A resumed run starts from the checkpoint's state and link: events at
+    or before its position edited since were never read, the run passed, and
+    its digest was the outside head of the history as it had been."""
+    story(durable_url)
+    head = head_and_audit(durable_url)
+    checkpoint = tmp_path / "audit.ckpt"
+    with Auditor(durable_url) as auditor:
+        assert auditor.audit(checkpoint=checkpoint).ok
+    with raw_events(durable_url) as raw:
+        raw.alter(raw.position_of("CreditAccount.Granted", 0), b'"amount":300', b'"amount":3000')
+    with Auditor(durable_url) as auditor:
+        resumed = auditor.audit(from_position=head.position, checkpoint=checkpoint)
+    assert not resumed.ok
+    [finding] = resumed.findings
+    assert finding.check == "checkpoint" and finding.position == head.position
+    assert "changed since the checkpoint was written" in finding.message
+    assert resumed.digest != str(head)  # the head of the history as it is now
+    assert resumed.digest == str(verify(durable_url, head).computed)

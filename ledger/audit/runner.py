@@ -13,10 +13,13 @@ views left alone.
 Resuming: a run given a checkpoint file writes its state there every
 ``checkpoint_every`` events, at a transaction boundary, and at the end. A later
 run with ``from_position=N`` and the same file starts after position ``N``
-from that state, which must have been written at ``N``. Resuming assumes the
-events up to ``N`` are unchanged since the checkpoint: the report's history
-digest covers the whole history anyway, so comparing it with a digest kept
-outside (``verify``) proves that assumption.
+from that state, which must have been written at ``N``. The state holds only
+while the events up to ``N`` are unchanged since the checkpoint: the resumed
+run hashes them afresh and compares the link with the checkpoint's (a
+``checkpoint`` finding if they differ), so the report's history digest is
+always the head of the history as stored. The checks' state in the file is
+trusted as it stands: keep the file out of the reach of those who can write
+the database.
 """
 
 from __future__ import annotations
@@ -305,7 +308,31 @@ class _Replay:
             check.restore(saved[check.name])
         self.ctx.findings.restore(state["findings"])
         chain = state["chain"]
-        self.chain = Chain(int(chain["position"]), bytes.fromhex(chain["digest"]), int(chain["events"]))
+        saved = Chain(int(chain["position"]), bytes.fromhex(chain["digest"]), int(chain["events"]))
+        self.chain = self._prove(path, saved)
+
+    def _prove(self, path: Path, saved: Chain) -> Chain:
+        """The chain over the events up to the resume position as they are
+        now, hashed afresh: the checkpoint's state is the replay of the events
+        its link covers, so a link that differs (events edited, deleted or
+        inserted since it was written, or the file edited) is a finding, and
+        the report's digest is always the head of the stored history."""
+        position = self.ctx.from_position
+        chain = Chain()
+        for page in stored_events(self.ctx.ledger.app, 0, position, self.page_events):
+            for notification in page:
+                chain.add(notification)
+        if (chain.position, chain.digest, chain.events) != (saved.position, saved.digest, saved.events):
+            self.ctx.findings.add(
+                "checkpoint",
+                position,
+                f"checkpoint {path}",
+                f"the events up to position {position} hash to {chain.head()} ({chain.events} events), the "
+                f"checkpoint was written over {saved.head()} ({saved.events} events): the history changed since "
+                "the checkpoint was written, or the file was edited; the state it holds is not the replay of "
+                "these events, so audit from the start",
+            )
+        return chain
 
 
 def audit(
