@@ -528,8 +528,8 @@ class AccountCheck(Check):
         if amount <= 0:
             self.report(position, account.subject, f"settles hold {reservation_id} for {amount} credits", check="hold")
         short = self._draw(position, account, event.draws, amount, event.timestamp, lapsed=True, short=True)
-        if short > 0:
-            account.debt += short
+        # The hold's earmarks first, then free credits: only then on credit.
+        self._on_credit(position, account, short, self._free(account, event.timestamp))
         account.balance -= amount
         self.totals["settled"] += amount
         self.postings += 1
