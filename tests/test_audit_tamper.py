@@ -383,3 +383,37 @@ def test_a_resumed_audit_finds_events_changed_before_its_checkpoint(durable_url:
     assert "changed since the checkpoint was written" in finding.message
     assert resumed.digest != str(head)  # the head of the history as it is now
     assert resumed.digest == str(verify(durable_url, head).computed)
+
+
+def test_a_digest_expecting_the_last_head_refuses_a_re_anchored_forgery(durable_url: str) -> None:
+    """Events and anchors rewritten together: a plain digest anchors the
+    forged history afresh and prints a new head, which then verifies. Given
+    the last head kept outside, digest refuses to anchor a history that does
+    not pass through it."""
+    story(durable_url)
+    head = head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        raw.alter(raw.position_of("CreditAccount.Granted", 0), b'"amount":300', b'"amount":900')
+        raw.sql(f"DELETE FROM {raw.digests}")
+    with Auditor(durable_url) as auditor:
+        refused = auditor.digest(every=10, expect=head)
+        assert not refused.ok and refused.segments_written == 0
+        assert [(p.position, p.kind) for p in refused.problems] == [(head.position, "head")]
+        assert "not the head kept outside" in refused.problems[0].message
+        with raw_events(durable_url) as raw:
+            assert raw.sql(f"SELECT COUNT(*) FROM {raw.digests}") == [(0,)]
+        with pytest.raises(ValueError, match="incremental"):
+            auditor.digest(every=10, expect=head, incremental=True)
+
+
+def test_a_digest_expecting_the_last_head_anchors_a_history_that_grew_from_it(durable_url: str) -> None:
+    story(durable_url)
+    head = head_and_audit(durable_url)
+    story(durable_url)  # more events after the head
+    with Auditor(durable_url) as auditor:
+        result = auditor.digest(every=10, expect=str(head))
+        assert result.ok and result.head.position > head.position and result.segments_written > 0
+        assert auditor.verify(result.head).ok and auditor.verify(head).ok
+        # A head past the end of the log is not one the history passes through.
+        beyond = DigestHead(result.head.position + 5, result.head.digest)
+        assert [p.kind for p in auditor.digest(every=10, expect=beyond).problems] == ["head"]
