@@ -303,6 +303,26 @@ def test_an_event_relabelled_with_another_topic_is_named_not_a_crash(durable_url
     assert "does not fit CreditAccount.Granted: no expires_at; draws not fields of it" in finding.message
 
 
+@pytest.mark.parametrize("originator_topic", ["pingvas.ledger:CommandRecord", "no.such:Aggregate"])
+def test_an_account_opened_as_another_aggregate_is_named(durable_url: str, originator_topic: str) -> None:
+    """A created event's originator_topic names the class the ledger builds
+    the aggregate as: an account's Opened relabelled so could not be loaded
+    (balance() and every command on it raised), and the audit passed."""
+    story(durable_url)
+    head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        opened = raw.position_of("CreditAccount.Opened", 0)
+        state = json.loads(raw.state(opened))
+        state["originator_topic"] = originator_topic
+        raw.sql("UPDATE {t} SET state = %s WHERE {id} = %s", json.dumps(state).encode(), opened)
+    report = audit(durable_url)
+    [finding] = [f for f in report.findings if f.check == "decode"]
+    assert finding.position == opened
+    assert f"its originator_topic {originator_topic!r} is not the aggregate a CreditAccount.Opened creates" in (
+        finding.message
+    )
+
+
 def test_an_event_with_a_value_of_the_wrong_type_is_named_not_a_crash(durable_url: str) -> None:
     """A grant whose key was nulled decodes and fits its class; the account
     check died deriving the entry id from the key."""

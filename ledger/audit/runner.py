@@ -34,6 +34,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from eventsourcing.domain import CanInitAggregate
+from eventsourcing.utils import resolve_topic
+
 from ledger.audit.base import AuditContext, Check, CheckFactory, Finding, Findings, Handler
 from ledger.audit.checks.credits import AccountCheck, CommandCheck, SnapshotAuditCheck
 from ledger.audit.checks.subscriptions import SubscriptionCheck
@@ -78,15 +81,38 @@ def misfit(event: Any) -> str | None:
         return None
     required, allowed = shape
     names = vars(event).keys()
-    if names == allowed:
-        return None
-    missing, extra = sorted(required - names), sorted(names - allowed)
-    if not missing and not extra:
-        return None
-    why = [f"no {', '.join(missing)}"] if missing else []
-    if extra:
-        why.append(f"{', '.join(extra)} not fields of it")
-    return f"its state does not fit {cls.__qualname__}: {'; '.join(why)}"
+    if names != allowed:
+        missing, extra = sorted(required - names), sorted(names - allowed)
+        if missing or extra:
+            why = [f"no {', '.join(missing)}"] if missing else []
+            if extra:
+                why.append(f"{', '.join(extra)} not fields of it")
+            return f"its state does not fit {cls.__qualname__}: {'; '.join(why)}"
+    if isinstance(event, CanInitAggregate) and not _creates(cls, event.originator_topic):
+        return (
+            f"its originator_topic {event.originator_topic!r} is not the aggregate a {cls.__qualname__} creates: "
+            "the ledger cannot load it"
+        )
+    return None
+
+
+#: Per (created event class, originator topic): whether the topic names the aggregate the class creates.
+_CREATES: dict[tuple[type, Any], bool] = {}
+
+
+def _creates(cls: type, topic: Any) -> bool:
+    """Whether ``topic``, a created event's ``originator_topic``, names the
+    aggregate whose created event ``cls`` is: the ledger builds the
+    aggregate that topic names from the event (an account's ``Opened``
+    relabelled a ``CommandRecord`` cannot be loaded)."""
+    found = _CREATES.get((cls, topic)) if isinstance(topic, str) else False
+    if found is None:
+        try:
+            aggregate = resolve_topic(topic)
+        except Exception:  # a topic that names nothing importable
+            aggregate = None
+        found = _CREATES[(cls, topic)] = isinstance(aggregate, type) and getattr(aggregate, cls.__name__, None) is cls
+    return found
 
 
 #: Checks added by other parts of the ledger (one more aggregate, one more check).
