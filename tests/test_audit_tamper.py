@@ -437,3 +437,83 @@ def test_a_digest_expecting_the_last_head_anchors_a_history_that_grew_from_it(du
         # A head past the end of the log is not one the history passes through.
         beyond = DigestHead(result.head.position + 5, result.head.digest)
         assert [p.kind for p in auditor.digest(every=10, expect=beyond).problems] == ["head"]
+
+
+def rewrite_record(raw: RawEvents, key_suffix: str, edit: Any) -> int:
+    """Edits the CommandRecord whose key ends with ``key_suffix`` in place; its position."""
+    for position, topic, state in raw.sql("SELECT {id}, topic, state FROM {t} ORDER BY {id}"):
+        record = json.loads(bytes(state))
+        if topic.endswith("CommandRecord.Recorded") and record["key"].endswith(key_suffix):
+            edit(record)
+            raw.sql("UPDATE {t} SET state = %s WHERE {id} = %s", json.dumps(record).encode(), position)
+            return int(position)
+    raise AssertionError(f"no record of a key ending {key_suffix!r}")
+
+
+def test_a_grant_rewritten_with_its_receipts_but_not_its_arguments_is_named(durable_url: str) -> None:
+    """A grant of 300 edited to 3000, with its receipt and the balance every
+    later receipt of the account reported: the audit passed, while the
+    record still said the command granted 300 (and a retry of that command
+    was answered with the forged receipt)."""
+    story(durable_url)
+    head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        grant = raw.position_of("CreditAccount.Granted", 0)
+        raw.alter(grant, b'"amount":300', b'"amount":3000')
+
+        def more(record: dict[str, Any]) -> None:
+            record["receipt"]["balance_credits"] += 2700
+            record["receipt"]["available_credits"] += 2700
+
+        def granted(record: dict[str, Any]) -> None:
+            record["receipt"]["amount_credits"] = 3000
+            more(record)
+
+        record = rewrite_record(raw, ":g", granted)  # alice's grant is the first ":g"
+        for suffix in (":r", ":s", ":spend"):
+            state = json.loads(raw.state(raw.position_of("CreditAccount.Reserved")))
+            alice = state["key"].split(":")[0]
+            rewrite_record(raw, f"{alice}{suffix}", more)
+    with Auditor(durable_url) as auditor:
+        report = auditor.audit(compare_views=False)
+    assert [(f.check, f.position) for f in report.findings] == [("key", record)], report.render()
+    assert "its arguments say amount 300; the event at position" in report.findings[0].message
+
+
+def test_a_record_whose_fingerprint_is_not_its_arguments_is_named(durable_url: str) -> None:
+    story(durable_url)
+    head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+
+        def edit(record: dict[str, Any]) -> None:
+            record["arguments"]["description"] = "edited"
+
+        record = rewrite_record(raw, ":spend", edit)
+    report = audit(durable_url)
+    assert [(f.check, f.position) for f in report.findings] == [("key", record)], report.render()
+    assert "its fingerprint is not the digest of its arguments" in report.findings[0].message
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("available_credits", 999, "receipt says balance 50, held 0, available 999"),
+        ("key", "another", "receipt is of key 'another', command 'spend'"),
+        ("command", "grant", "receipt is of key"),
+    ],
+)
+def test_a_receipt_edited_where_it_answers_the_caller_is_named(
+    durable_url: str, field: str, value: object, message: str
+) -> None:
+    story(durable_url)
+    head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        state = json.loads(raw.state(raw.position_of("CreditAccount.Debited", 0)))  # bob's spend
+
+        def edit(record: dict[str, Any]) -> None:
+            record["receipt"][field] = value
+
+        record = rewrite_record(raw, state["key"], edit)
+    report = audit(durable_url)
+    assert [(f.check, f.position) for f in report.findings] == [("key", record)], report.render()
+    assert message in report.findings[0].message

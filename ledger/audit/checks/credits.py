@@ -20,6 +20,7 @@ event whose transaction saved no record for its key.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -701,8 +702,39 @@ _ID_FIELDS = frozenset({"user", "job"})
 
 #: An applied keyed event: position, event code, account id, signed amount, entry id, reservation id.
 Applied = tuple[int, int, int, int, int | None, int | None]
-#: A record's receipt: position, command, user, amount, entry, reservation, balance, held.
-Said = tuple[int, str, Any, Any, Any, Any, Any, Any]
+#: A record's receipt: position, command, user, amount, entry, reservation, balance, held, available;
+#: then what its arguments say of the user, the signed amount and the hold (``_ABSENT`` where they do not).
+Said = tuple[int, str, Any, Any, Any, Any, Any, Any, Any, Any, Any, Any]
+
+#: What a record's arguments do not name.
+_ABSENT: Any = object()
+#: Per command, the argument that is its signed amount as the account event applies it.
+_ARGUED_AMOUNT: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    "grant": lambda a: a.get("amount_credits", _ABSENT),
+    "spend": lambda a: (
+        -a["amount_credits"] if type(a.get("amount_credits")) is int else a.get("amount_credits", _ABSENT)
+    ),
+    "settle": lambda a: (
+        -a["actual_credits"] if type(a.get("actual_credits")) is int else a.get("actual_credits", _ABSENT)
+    ),
+    "adjust": lambda a: a.get("delta_credits", _ABSENT),
+}
+
+
+def _fingerprint(arguments: Mapping[str, Any]) -> str:
+    """The fingerprint of a command whose recorded arguments these are: the
+    digest of their canonical JSON (``Command.fingerprint``)."""
+    return hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest()
+
+
+def _argued(command: str, arguments: Any) -> tuple[Any, Any, Any]:
+    """What a record's arguments say of the user, the signed amount and the hold."""
+    if not isinstance(arguments, dict):
+        return _ABSENT, _ABSENT, _ABSENT
+    user = _int(arguments["user_id"]) if "user_id" in arguments else _ABSENT
+    amount = _ARGUED_AMOUNT[command](arguments) if command in _ARGUED_AMOUNT else _ABSENT
+    hold = _int(arguments["reservation_id"]) if "reservation_id" in arguments else _ABSENT
+    return user, amount, hold
 
 
 def _int(value: Any) -> Any:
@@ -742,7 +774,7 @@ class CommandCheck(Check):
         self.unpaired_records: dict[str, Said] = {}
         self.holds: dict[tuple[str, int], tuple[int, tuple[Any, ...], str]] = {}
         self.last_keyed: dict[int, str] = {}  # account id's int -> the last key applied to it
-        self.receipts: dict[str, tuple[int, Any, Any]] = {}  # key -> record position, balance, held
+        self.receipts: dict[str, tuple[int, Any, Any, Any]] = {}  # key -> record position, balance, held, available
 
     def handlers(self) -> Mapping[type, Handler]:
         return {
@@ -818,9 +850,24 @@ class CommandCheck(Check):
                 f"key {key!r}",
                 f"CommandRecord {event.originator_id} v{event.originator_version} is not the key's one record",
             )
+        r = event.receipt
+        if r.get("key", key) != key or r.get("command", event.command) != event.command:
+            self.report(
+                position,
+                f"key {key!r}",
+                f"receipt is of key {r.get('key')!r}, command {r.get('command')!r}: the record is of key {key!r}, "
+                f"command {event.command!r}",
+            )
+        arguments = event.arguments
+        if arguments is not None and (not isinstance(arguments, dict) or _fingerprint(arguments) != event.fingerprint):
+            # Records written before arguments were kept have none to check.
+            self.report(
+                position,
+                f"key {key!r}",
+                "its fingerprint is not the digest of its arguments: one of them was edited",
+            )
         if event.command not in _COMMAND_CODES:
             return  # a command this check does not know: nothing to pair
-        r = event.receipt
         said: Said = (
             position,
             event.command,
@@ -830,6 +877,8 @@ class CommandCheck(Check):
             _int(r.get("reservation_id")),
             r.get("balance_credits"),
             r.get("held_credits"),
+            r.get("available_credits", _ABSENT),
+            *_argued(event.command, arguments),
         )
         applied = self.keyed.pop(key, None)
         if applied is not None:
@@ -858,7 +907,31 @@ class CommandCheck(Check):
                 f"hold {_show_id(said_hold)}; the event at position {position} says user {_show_id(user)}, "
                 f"amount {amount}, entry {_show_id(entry)}, hold {_show_id(reservation)}",
             )
-        self.receipts[key] = (record_position, said[6], said[7])
+        argued = [
+            f"{name} {show(argued_value)}"
+            for name, argued_value, actual, show in (
+                ("user", said[9], user, _show_id),
+                ("amount", said[10], amount, str),
+                ("hold", said[11], reservation, _show_id),
+            )
+            if argued_value is not _ABSENT and argued_value != actual
+        ]
+        if argued:
+            actual = [
+                f"{name} {show(value)}"
+                for name, value, show in (
+                    ("user", user, _show_id),
+                    ("amount", amount, str),
+                    ("hold", reservation, _show_id),
+                )
+                if any(part.startswith(name + " ") for part in argued)
+            ]
+            self.report(
+                record_position,
+                f"key {key!r}",
+                f"its arguments say {', '.join(argued)}; the event at position {position} says {', '.join(actual)}",
+            )
+        self.receipts[key] = (record_position, said[6], said[7], said[8])
 
     # -- reservation records ----------------------------------------------------------
 
@@ -943,13 +1016,15 @@ class CommandCheck(Check):
             account = self.accounts.get(account_int)
             if matched is None or account is None:
                 continue
-            position, balance, held = matched
-            if (balance, held) != (account.balance, account.held):
+            position, balance, held, available = matched
+            if available is _ABSENT:
+                available = account.available  # receipts written by 0.1 may not say
+            if (balance, held, available) != (account.balance, account.held, account.available):
                 self.report(
                     position,
                     f"key {key!r}",
-                    f"receipt says balance {balance}, held {held}; the replay says balance {account.balance}, "
-                    f"held {account.held}",
+                    f"receipt says balance {balance}, held {held}, available {available}; the replay says balance "
+                    f"{account.balance}, held {account.held}, available {account.available}",
                 )
 
     def finish(self) -> None:
