@@ -517,3 +517,36 @@ def test_a_receipt_edited_where_it_answers_the_caller_is_named(
     report = audit(durable_url)
     assert [(f.check, f.position) for f in report.findings] == [("key", record)], report.render()
     assert message in report.findings[0].message
+
+
+def test_a_settle_moved_onto_lapsed_credits_its_hold_never_earmarked_is_named(durable_url: str) -> None:
+    """A hold earmarks a purchase; a bonus granted after it lapses before the
+    settle, which expires the bonus's 100 credits. Rewritten so that the
+    settle draws the lapsed bonus and the expiry takes only the other 50
+    (receipt and views to match), the account kept 50 credits it never had
+    and the audit passed: a settle may draw lapsed credits, but only those
+    its own hold earmarked."""
+    clock = ManualClock(START)
+    user = uuid4()
+    with Ledger(durable_url, clock=clock) as ledger:
+        purchase = ledger.grant(user, 100, "purchase", key="purchase").entry_id
+        hold = ledger.reserve(user, uuid4(), 50, clock.now() + 2 * HOUR, key="reserve")
+        bonus = ledger.grant(user, 100, "bonus", key="bonus", expires_in=HOUR).entry_id
+        clock.advance(90 * timedelta(minutes=1))
+        assert ledger.settle(hold.reservation_id, 50, key="settle").balance_credits == 50  # type: ignore[arg-type]
+    with raw_events(durable_url) as raw:
+        settled = raw.position_of("CreditAccount.Settled")
+        raw.alter(settled, str(purchase).encode(), str(bonus).encode())
+        raw.alter(raw.position_of("CreditAccount.Expired"), b'"amount":100', b'"amount":50')
+
+        def receipt(record: dict[str, Any]) -> None:
+            record["receipt"]["balance_credits"] = record["receipt"]["available_credits"] = 100
+
+        rewrite_record(raw, "settle", receipt)
+    with Ledger(durable_url, clock=clock) as ledger:
+        ledger.views.swap_in(ledger.views.build_aside())
+        assert ledger.balance(user).balance_credits == 100
+    report = audit(durable_url)
+    assert [(f.check, f.position) for f in report.findings] == [("block", settled)], report.render()
+    assert f"draws 50 credits from block {bonus}, lapsed at" in report.findings[0].message
+    assert "which its hold earmarks 0 of" in report.findings[0].message

@@ -80,6 +80,7 @@ class Account:
         "credit_holds",
         "credit_limit",
         "debt",
+        "earmarks",
         "held",
         "holds",
         "lapses",
@@ -103,6 +104,9 @@ class Account:
         self.debt = 0  # credits spent beyond the blocks
         self.credit_holds: dict[UUID, int] = {}  # open holds that hold credits on credit -> how many
         self.holds: dict[UUID, OpenHold] = {}
+        #: Open hold -> the credits it earmarks per block (its allocations). A
+        #: hold restored from a checkpoint written before they were kept has none.
+        self.earmarks: dict[UUID, dict[str, int]] = {}
         self.blocks: dict[str, int] = {}  # block id as the events' draws name it -> unspent credits
         self.lapses: dict[str, datetime] = {}  # block id -> expires_at, for blocks that lapse
 
@@ -130,6 +134,7 @@ class Account:
             "holds": {
                 str(r): [str(j), a, e.isoformat(), at.isoformat(), k] for r, (j, a, e, at, k) in self.holds.items()
             },
+            "earmarks": {str(r): e for r, e in self.earmarks.items()},
             "blocks": self.blocks,
             "lapses": {b: t.isoformat() for b, t in self.lapses.items()},
         }
@@ -153,6 +158,7 @@ class Account:
             UUID(r): (UUID(j), int(a), datetime.fromisoformat(e), datetime.fromisoformat(at), k)
             for r, (j, a, e, at, k) in data["holds"].items()
         }
+        account.earmarks = {UUID(r): {b: int(c) for b, c in e.items()} for r, e in data.get("earmarks", {}).items()}
         account.blocks = {b: int(c) for b, c in data["blocks"].items()}
         account.lapses = {b: datetime.fromisoformat(t) for b, t in data["lapses"].items()}
         return account
@@ -327,10 +333,12 @@ class AccountCheck(Check):
         *,
         lapsed: bool,
         short: bool = False,
+        earmarks: Mapping[str, int] | None = None,
     ) -> int:
         """Takes credits from blocks; ``lapsed`` allows lapsed blocks (a hold's
-        earmarks), ``short`` draws that fall short of ``amount`` (the rest on
-        credit). Returns by how much they fell short."""
+        earmarks: with ``earmarks``, the hold's, only those), ``short`` draws
+        that fall short of ``amount`` (the rest on credit). Returns by how much
+        they fell short."""
         total = 0
         blocks = account.blocks
         for block_id, credits in draws:
@@ -345,13 +353,22 @@ class AccountCheck(Check):
                 )
                 if remaining is None:
                     continue
-            if not lapsed:
-                lapses_at = account.lapses.get(block_id)
-                if lapses_at is not None and lapses_at <= at:
+            lapses_at = account.lapses.get(block_id)
+            if lapses_at is not None and lapses_at <= at:
+                if not lapsed:
                     self.report(
                         position,
                         account.subject,
                         f"draws from block {block_id}, lapsed at {lapses_at.isoformat()}",
+                        check="block",
+                    )
+                elif earmarks is not None and credits > earmarks.get(block_id, 0):
+                    # Lapsed credits are the expiry's, but for those a hold earmarked while they were live.
+                    self.report(
+                        position,
+                        account.subject,
+                        f"draws {credits} credits from block {block_id}, lapsed at {lapses_at.isoformat()}, "
+                        f"which its hold earmarks {earmarks.get(block_id, 0)} of",
                         check="block",
                     )
             remaining -= credits
@@ -481,6 +498,10 @@ class AccountCheck(Check):
             )
         if allocated < amount:
             account.credit_holds[reservation_id] = amount - allocated
+        earmarks: dict[str, int] = {}
+        for block_id, credits in event.allocations:
+            earmarks[block_id] = earmarks.get(block_id, 0) + credits
+        account.earmarks[reservation_id] = earmarks
         hold: OpenHold = (event.job_id, amount, event.expires_at, event.timestamp, event.key)
         account.holds[reservation_id] = hold
         account.held += amount
@@ -501,12 +522,14 @@ class AccountCheck(Check):
             return None
         account.held -= hold[1]
         account.credit_holds.pop(reservation_id, None)
+        account.earmarks.pop(reservation_id, None)
         return hold
 
     def settled(self, position: int, event: Any) -> None:
         account = self._step(position, event)
         reservation_id = event.reservation_id
         amount = event.amount
+        earmarks = account.earmarks.get(reservation_id)
         hold = self._close(position, account, reservation_id, "settles")
         if hold is not None:
             if event.timestamp >= hold[2]:
@@ -528,7 +551,9 @@ class AccountCheck(Check):
                 )
         if amount <= 0:
             self.report(position, account.subject, f"settles hold {reservation_id} for {amount} credits", check="hold")
-        short = self._draw(position, account, event.draws, amount, event.timestamp, lapsed=True, short=True)
+        short = self._draw(
+            position, account, event.draws, amount, event.timestamp, lapsed=True, short=True, earmarks=earmarks
+        )
         # The hold's earmarks first, then free credits: only then on credit.
         self._on_credit(position, account, short, self._free(account, event.timestamp))
         account.balance -= amount
