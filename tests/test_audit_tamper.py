@@ -4,6 +4,7 @@ the change broke. SQLite and PostgreSQL (the ``ledger_events`` table)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import psycopg
 import pytest
@@ -533,7 +534,7 @@ def test_a_settle_moved_onto_lapsed_credits_its_hold_never_earmarked_is_named(du
         hold = ledger.reserve(user, uuid4(), 50, clock.now() + 2 * HOUR, key="reserve")
         bonus = ledger.grant(user, 100, "bonus", key="bonus", expires_in=HOUR).entry_id
         clock.advance(90 * timedelta(minutes=1))
-        assert ledger.settle(hold.reservation_id, 50, key="settle").balance_credits == 50  # type: ignore[arg-type]
+        assert ledger.settle(hold.reservation_id, 50, key="settle").balance_credits == 50
     with raw_events(durable_url) as raw:
         settled = raw.position_of("CreditAccount.Settled")
         raw.alter(settled, str(purchase).encode(), str(bonus).encode())
@@ -550,3 +551,72 @@ def test_a_settle_moved_onto_lapsed_credits_its_hold_never_earmarked_is_named(du
     assert [(f.check, f.position) for f in report.findings] == [("block", settled)], report.render()
     assert f"draws 50 credits from block {bonus}, lapsed at" in report.findings[0].message
     assert "which its hold earmarks 0 of" in report.findings[0].message
+
+
+def test_a_coherent_rewrite_passes_the_audit_and_fails_verify(durable_url: str) -> None:
+    """The trust model (docs/auditing.md): a grant's amount rewritten with
+    everything that follows from it (receipts, arguments, fingerprint, the
+    views) is a history the ledger could have recorded. The audit passes it;
+    only the head kept outside catches it."""
+    story(durable_url)
+    head = head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        grant = raw.position_of("CreditAccount.Granted", 0)
+        alice = json.loads(raw.state(grant))["key"].split(":")[0]
+        raw.alter(grant, b'"amount":300', b'"amount":3000')
+
+        def granted(record: dict[str, Any]) -> None:
+            record["receipt"]["amount_credits"] = record["arguments"]["amount_credits"] = 3000
+            record["fingerprint"] = hashlib.sha256(json.dumps(record["arguments"], sort_keys=True).encode()).hexdigest()
+            later(record)
+
+        def later(record: dict[str, Any]) -> None:
+            record["receipt"]["balance_credits"] += 2700
+            record["receipt"]["available_credits"] += 2700
+
+        rewrite_record(raw, f"{alice}:g", granted)
+        for suffix in (":r", ":s", ":spend"):
+            rewrite_record(raw, f"{alice}{suffix}", later)
+    with Ledger(durable_url) as ledger:
+        ledger.views.swap_in(ledger.views.build_aside())
+    assert audit(durable_url).ok
+    result = verify(durable_url, head)
+    assert not result.history_intact and grant in {p.position for p in result.problems}
+
+
+def test_a_whole_command_inserted_into_the_log_passes_the_audit_and_fails_verify(
+    durable_url: str, tmp_path: Path
+) -> None:
+    """A grant to a new user, made by the ledger itself in a scratch store
+    (so every id, version and receipt is what the command would have
+    written), copied into the middle of the log with the later events
+    renumbered after it, and the views rebuilt."""
+    story(durable_url)
+    head = head_and_audit(durable_url)
+    scratch = f"sqlite:///{tmp_path / 'scratch.sqlite3'}"
+    with Ledger(scratch, clock=ManualClock(START)) as ledger:
+        ledger.grant(uuid4(), 5000, "purchase", key="forged-order")
+    with raw_events(scratch) as raw:
+        forged = raw.sql("SELECT originator_id, originator_version, topic, state FROM {t} ORDER BY {id}")
+    with raw_events(durable_url) as raw:
+        after = raw.position_of("CommandRecord.Recorded", 1)  # bob's grant, the first transaction's end
+        raw.sql("UPDATE {t} SET {id} = -({id} + %s) WHERE {id} > %s", len(forged), after)
+        raw.sql("UPDATE {t} SET {id} = -{id} WHERE {id} < 0")
+        for offset, (originator, version, topic, state) in enumerate(forged, start=1):
+            raw.sql(
+                "INSERT INTO {t} ({id}, originator_id, originator_version, topic, state) VALUES (%s, %s, %s, %s, %s)",
+                after + offset,
+                UUID(originator) if raw.postgres else originator,  # SQLite keeps it as text
+                version,
+                topic,
+                bytes(state),
+            )
+    with Ledger(durable_url) as ledger:
+        ledger.views.swap_in(ledger.views.build_aside())
+    report = audit(durable_url)
+    assert report.ok, report.render()
+    assert report.summary["credits"]["granted"] == 300 + 80 + 5000
+    result = verify(durable_url, head)
+    assert not result.history_intact
+    # The renumbered events sit where anchored ones did: each is named.
+    assert {p.position for p in result.problems} >= set(range(after + 1, head.position + 1))
