@@ -17,7 +17,7 @@ from uuid import UUID, uuid4
 import psycopg
 import pytest
 
-from ledger import Auditor, AuditReport, DigestHead, Ledger, ManualClock, VerifyResult
+from ledger import Auditor, AuditReport, DigestHead, GrantCredits, Ledger, ManualClock, SpendCredits, VerifyResult
 from ledger.storage.config import parse_url
 from tests.conftest import START, pg_base_url
 
@@ -620,3 +620,30 @@ def test_a_whole_command_inserted_into_the_log_passes_the_audit_and_fails_verify
     assert not result.history_intact
     # The renumbered events sit where anchored ones did: each is named.
     assert {p.position for p in result.problems} >= set(range(after + 1, head.position + 1))
+
+
+def test_a_receipt_of_a_command_before_the_last_in_a_batch_is_checked(durable_url: str) -> None:
+    """A batch saves its account events first, then its records: only the
+    receipt of the last command on an account was compared with the replay,
+    so the grant's receipt in a batch of grant, spend and spend could say
+    any balance."""
+    user = uuid4()
+    with Ledger(durable_url, clock=ManualClock(START)) as ledger:
+        receipts = ledger.execute_batch(
+            [
+                GrantCredits(key="g", user_id=user, amount_credits=100, kind="purchase"),
+                SpendCredits(key="s", user_id=user, amount_credits=30, kind="api_use"),
+                SpendCredits(key="s2", user_id=user, amount_credits=5, kind="api_use"),
+            ]
+        )
+        assert [r.balance_credits for r in receipts] == [100, 70, 65]
+    assert audit(durable_url).ok
+    with raw_events(durable_url) as raw:
+
+        def edit(record: dict[str, Any]) -> None:
+            record["receipt"]["balance_credits"] = record["receipt"]["available_credits"] = 999
+
+        grant = rewrite_record(raw, "g", edit)
+    report = audit(durable_url)
+    assert [(f.check, f.position) for f in report.findings] == [("key", grant)], report.render()
+    assert "receipt says balance 999, held 0, available 999; the replay says balance 100" in report.findings[0].message

@@ -76,6 +76,7 @@ class Account:
     __slots__ = (
         "account_id",
         "balance",
+        "before",
         "blocks",
         "credit_holds",
         "credit_limit",
@@ -109,6 +110,8 @@ class Account:
         self.earmarks: dict[UUID, dict[str, int]] = {}
         self.blocks: dict[str, int] = {}  # block id as the events' draws name it -> unspent credits
         self.lapses: dict[str, datetime] = {}  # block id -> expires_at, for blocks that lapse
+        #: (balance, held, available) before the event being replayed (not saved: it lives for one event).
+        self.before = (0, 0, 0)
 
     @property
     def available(self) -> int:
@@ -278,6 +281,7 @@ class AccountCheck(Check):
                 check="sequence",
             )
         account.version = version
+        account.before = (account.balance, account.held, account.available)
         if event.timestamp < account.last_at - TIME_SLACK:
             self.report(
                 position,
@@ -799,6 +803,8 @@ class CommandCheck(Check):
         self.unpaired_records: dict[str, Said] = {}
         self.holds: dict[tuple[str, int], tuple[int, tuple[Any, ...], str]] = {}
         self.last_keyed: dict[int, str] = {}  # account id's int -> the last key applied to it
+        #: Key -> (balance, held, available) its command left: the state before the next keyed event on its account.
+        self.left: dict[str, tuple[int, int, int]] = {}
         self.receipts: dict[str, tuple[int, Any, Any, Any]] = {}  # key -> record position, balance, held, available
 
     def handlers(self) -> Mapping[type, Handler]:
@@ -858,6 +864,12 @@ class CommandCheck(Check):
                 position, f"key {key!r}", f"applied twice in one transaction (positions {earlier[0]} and {position})"
             )
         account = event.originator_id.int
+        previous = self.last_keyed.get(account)
+        replayed = self.accounts.get(account)
+        if previous is not None and previous != key and replayed is not None:
+            # A batch saves its account events first: the command before this
+            # one on the account left what the account held before this event.
+            self.left[previous] = replayed.before
         self.last_keyed[account] = key
         applied: Applied = (position, code, account, amount, entry, reservation)
         said = self.unpaired_records.pop(key, None)
@@ -1034,22 +1046,25 @@ class CommandCheck(Check):
         self._clear()
 
     def _check_receipts(self) -> None:
-        # The receipt of the last command on an account in a transaction was
-        # computed from the state the transaction left: it must be the replay's.
+        # A receipt was computed from the state its command left: for the last
+        # command on an account in a transaction, the state the transaction
+        # left; for one before it, the state before the next keyed event.
         for account_int, key in self.last_keyed.items():
-            matched = self.receipts.get(key)
             account = self.accounts.get(account_int)
-            if matched is None or account is None:
+            if account is not None:
+                self.left[key] = (account.balance, account.held, account.available)
+        for key, (position, balance, held, available) in self.receipts.items():
+            left = self.left.get(key)
+            if left is None:
                 continue
-            position, balance, held, available = matched
             if available is _ABSENT:
-                available = account.available  # receipts written by 0.1 may not say
-            if (balance, held, available) != (account.balance, account.held, account.available):
+                available = left[2]  # receipts written by 0.1 may not say
+            if (balance, held, available) != left:
                 self.report(
                     position,
                     f"key {key!r}",
                     f"receipt says balance {balance}, held {held}, available {available}; the replay says balance "
-                    f"{account.balance}, held {account.held}, available {account.available}",
+                    f"{left[0]}, held {left[1]}, available {left[2]}",
                 )
 
     def finish(self) -> None:
