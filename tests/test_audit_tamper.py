@@ -487,7 +487,7 @@ def test_a_record_whose_fingerprint_is_not_its_arguments_is_named(durable_url: s
     with raw_events(durable_url) as raw:
 
         def edit(record: dict[str, Any]) -> None:
-            record["arguments"]["description"] = "edited"
+            record["fingerprint"] = hashlib.sha256(b"another command").hexdigest()
 
         record = rewrite_record(raw, ":spend", edit)
     report = audit(durable_url)
@@ -647,3 +647,25 @@ def test_a_receipt_of_a_command_before_the_last_in_a_batch_is_checked(durable_ur
     report = audit(durable_url)
     assert [(f.check, f.position) for f in report.findings] == [("key", grant)], report.render()
     assert "receipt says balance 999, held 0, available 999; the replay says balance 100" in report.findings[0].message
+
+
+@pytest.mark.parametrize("given", ["expires_at", "expires_in"])
+def test_a_grant_whose_expiry_was_moved_is_named_by_its_arguments(durable_url: str, given: str) -> None:
+    """A bonus's expiry moved a year on in the event and the views keeps its
+    credits from lapsing; nothing the receipt says changes, and the audit
+    passed. The command's recorded arguments still say when it lapses."""
+    clock = ManualClock(START)
+    user = uuid4()
+    expiry: dict[str, Any] = {"expires_at": START + HOUR} if given == "expires_at" else {"expires_in": HOUR}
+    with Ledger(durable_url, clock=clock) as ledger:
+        ledger.grant(user, 100, "bonus", key="bonus", **expiry)
+        ledger.views.catch_up()
+    with raw_events(durable_url) as raw:
+        grant = raw.position_of("CreditAccount.Granted")
+        raw.alter(grant, b'"2026-01-01T01:00:00+00:00"', b'"2027-01-01T01:00:00+00:00"')
+    with Ledger(durable_url) as ledger:
+        ledger.views.swap_in(ledger.views.build_aside())
+    report = audit(durable_url)
+    assert [f.check for f in report.findings] == ["key"], report.render()
+    assert "its arguments say expires_at 2026-01-01T01:00:00+00:00; the event at position" in report.findings[0].message
+    assert "says expires_at 2027-01-01T01:00:00+00:00" in report.findings[0].message

@@ -750,6 +750,47 @@ _ARGUED_AMOUNT: dict[str, Callable[[Mapping[str, Any]], Any]] = {
 }
 
 
+GRANT, SPEND = "grant", "spend"
+#: Per command, the terms of its posting that its arguments name (besides the user and amount).
+_TERMS: dict[str, tuple[str, ...]] = {
+    SPEND: ("kind", "description", "reference_type", "reference_id"),
+    GRANT: ("kind", "description", "reference_type", "reference_id", "expires_at", "actor"),
+}
+
+
+def _text(value: Any) -> Any:
+    """A str enum (a kind) as its text; anything else as it is."""
+    return str.__str__(value) if isinstance(value, str) else value
+
+
+def _moment(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def _posting_terms(event: Any) -> tuple[Any, ...]:
+    return (_text(event.kind), event.description, event.reference_type, event.reference_id)
+
+
+def _seconds(duration: Any) -> timedelta | None:
+    """``PT3600S`` or ``PT1.5S`` (a command's canonical duration) as a timedelta."""
+    if not isinstance(duration, str) or not duration.startswith("PT") or not duration.endswith("S"):
+        return None
+    whole, _, fraction = duration[2:-1].partition(".")
+    if not whole.isdigit() or not (fraction == "" or fraction.isdigit()) or len(fraction) > 6:
+        return None
+    return timedelta(seconds=int(whole), microseconds=int(fraction.ljust(6, "0")) if fraction else 0)
+
+
+def _argued_terms(command: str, arguments: Mapping[str, Any], at: datetime) -> tuple[Any, ...]:
+    """What a record's arguments say of its posting's ``_TERMS`` (``_ABSENT`` where they do not): a
+    grant's expiry given as a lifetime (``expires_in``) ends that long after the command was recorded."""
+    argued = [_text(arguments[name]) if name in arguments else _ABSENT for name in _TERMS[command]]
+    if command == GRANT and arguments.get("expires_in") is not None:
+        lifetime = _seconds(arguments["expires_in"])
+        argued[4] = (at + lifetime).isoformat() if lifetime is not None else arguments["expires_in"]
+    return tuple(argued)
+
+
 def _fingerprint(arguments: Mapping[str, Any]) -> str:
     """The fingerprint of a command whose recorded arguments these are: the
     digest of their canonical JSON (``Command.fingerprint``)."""
@@ -806,6 +847,9 @@ class CommandCheck(Check):
         #: Key -> (balance, held, available) its command left: the state before the next keyed event on its account.
         self.left: dict[str, tuple[int, int, int]] = {}
         self.receipts: dict[str, tuple[int, Any, Any, Any]] = {}  # key -> record position, balance, held, available
+        #: Key -> a grant's or a spend's terms (``_TERMS``), as its event says, and as its record's arguments do.
+        self.terms: dict[str, tuple[Any, ...]] = {}
+        self.argued_terms: dict[str, tuple[Any, ...]] = {}
 
     def handlers(self) -> Mapping[type, Handler]:
         return {
@@ -823,9 +867,13 @@ class CommandCheck(Check):
     # -- account events ------------------------------------------------------------------
 
     def granted(self, position: int, event: Any) -> None:
+        if event.key is not None:
+            self.terms[event.key] = (*_posting_terms(event), _moment(event.expires_at), event.actor)
         self._applied(position, event, GRANTED, event.amount, event.entry_id.int, None)
 
     def debited(self, position: int, event: Any) -> None:
+        if event.key is not None:
+            self.terms[event.key] = _posting_terms(event)
         self._applied(position, event, DEBITED, -event.amount, event.entry_id.int, None)
 
     def reserved(self, position: int, event: Any) -> None:
@@ -905,6 +953,8 @@ class CommandCheck(Check):
             )
         if event.command not in _COMMAND_CODES:
             return  # a command this check does not know: nothing to pair
+        if event.command in _TERMS and isinstance(arguments, dict):
+            self.argued_terms[key] = _argued_terms(event.command, arguments, event.timestamp)
         said: Said = (
             position,
             event.command,
@@ -968,7 +1018,24 @@ class CommandCheck(Check):
                 f"key {key!r}",
                 f"its arguments say {', '.join(argued)}; the event at position {position} says {', '.join(actual)}",
             )
+        self._match_terms(key, command, record_position, position)
         self.receipts[key] = (record_position, said[6], said[7], said[8])
+
+    def _match_terms(self, key: str, command: str, record_position: int, position: int) -> None:
+        """A grant's or a spend's terms (its kind, texts, expiry) as its arguments say them."""
+        argued, terms = self.argued_terms.pop(key, None), self.terms.pop(key, None)
+        if argued is None or terms is None or len(terms) != len(_TERMS[command]):
+            return  # not a grant or a spend, or recorded as the one and applied as the other (named above)
+        differ = [
+            (n, a, t) for n, a, t in zip(_TERMS[command], argued, terms, strict=True) if a is not _ABSENT and a != t
+        ]
+        if differ:
+            self.report(
+                record_position,
+                f"key {key!r}",
+                f"its arguments say {', '.join(f'{n} {a}' for n, a, _ in differ)}; the event at position {position} "
+                f"says {', '.join(f'{n} {t}' for n, _, t in differ)}",
+            )
 
     # -- reservation records ----------------------------------------------------------
 
