@@ -481,20 +481,6 @@ def test_a_grant_rewritten_with_its_receipts_but_not_its_arguments_is_named(dura
     assert "its arguments say amount 300; the event at position" in report.findings[0].message
 
 
-def test_a_record_whose_fingerprint_is_not_its_arguments_is_named(durable_url: str) -> None:
-    story(durable_url)
-    head_and_audit(durable_url)
-    with raw_events(durable_url) as raw:
-
-        def edit(record: dict[str, Any]) -> None:
-            record["fingerprint"] = hashlib.sha256(b"another command").hexdigest()
-
-        record = rewrite_record(raw, ":spend", edit)
-    report = audit(durable_url)
-    assert [(f.check, f.position) for f in report.findings] == [("key", record)], report.render()
-    assert "its fingerprint is not the digest of its arguments" in report.findings[0].message
-
-
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [

@@ -20,7 +20,6 @@ event whose transaction saved no record for its key.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -784,27 +783,20 @@ def _seconds(duration: Any) -> timedelta | None:
 def _argued_terms(command: str, arguments: Mapping[str, Any], at: datetime) -> tuple[Any, ...]:
     """What a record's arguments say of its posting's ``_TERMS`` (``_ABSENT`` where they do not): a
     grant's expiry given as a lifetime (``expires_in``) ends that long after the command was recorded."""
-    argued = [_text(arguments[name]) if name in arguments else _ABSENT for name in _TERMS[command]]
+    argued = [arguments.get(name, _ABSENT) for name in _TERMS[command]]
     if command == GRANT and arguments.get("expires_in") is not None:
         lifetime = _seconds(arguments["expires_in"])
         argued[4] = (at + lifetime).isoformat() if lifetime is not None else arguments["expires_in"]
     return tuple(argued)
 
 
-def _fingerprint(arguments: Mapping[str, Any]) -> str:
-    """The fingerprint of a command whose recorded arguments these are: the
-    digest of their canonical JSON (``Command.fingerprint``)."""
-    return hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest()
-
-
 def _argued(command: str, arguments: Any) -> tuple[Any, Any, Any]:
-    """What a record's arguments say of the user, the signed amount and the hold."""
+    """What a record's arguments say of the user and the hold (their ids as
+    text, as arguments keep them) and the signed amount."""
     if not isinstance(arguments, dict):
         return _ABSENT, _ABSENT, _ABSENT
-    user = _int(arguments["user_id"]) if "user_id" in arguments else _ABSENT
     amount = _ARGUED_AMOUNT[command](arguments) if command in _ARGUED_AMOUNT else _ABSENT
-    hold = _int(arguments["reservation_id"]) if "reservation_id" in arguments else _ABSENT
-    return user, amount, hold
+    return arguments.get("user_id", _ABSENT), amount, arguments.get("reservation_id", _ABSENT)
 
 
 def _int(value: Any) -> Any:
@@ -836,6 +828,7 @@ class CommandCheck(Check):
         super().__init__(ctx)
         self.accounts = shared_accounts(ctx)
         self.records = 0
+        self.user_texts: dict[int, str] = {}  # account id's int -> its user id as text
         self._clear()
 
     def _clear(self) -> None:
@@ -944,13 +937,6 @@ class CommandCheck(Check):
                 f"command {event.command!r}",
             )
         arguments = event.arguments
-        if arguments is not None and (not isinstance(arguments, dict) or _fingerprint(arguments) != event.fingerprint):
-            # Records written before arguments were kept have none to check.
-            self.report(
-                position,
-                f"key {key!r}",
-                "its fingerprint is not the digest of its arguments: one of them was edited",
-            )
         if event.command not in _COMMAND_CODES:
             return  # a command this check does not know: nothing to pair
         if event.command in _TERMS and isinstance(arguments, dict):
@@ -994,32 +980,30 @@ class CommandCheck(Check):
                 f"hold {_show_id(said_hold)}; the event at position {position} says user {_show_id(user)}, "
                 f"amount {amount}, entry {_show_id(entry)}, hold {_show_id(reservation)}",
             )
-        argued = [
-            f"{name} {show(argued_value)}"
-            for name, argued_value, actual, show in (
-                ("user", said[9], user, _show_id),
-                ("amount", said[10], amount, str),
-                ("hold", said[11], reservation, _show_id),
-            )
-            if argued_value is not _ABSENT and argued_value != actual
-        ]
-        if argued:
-            actual = [
-                f"{name} {show(value)}"
-                for name, value, show in (
-                    ("user", user, _show_id),
-                    ("amount", amount, str),
-                    ("hold", reservation, _show_id),
-                )
-                if any(part.startswith(name + " ") for part in argued)
-            ]
+        argued_user, argued_amount, argued_hold = said[9:12]
+        differ: list[tuple[str, Any, Any]] = []
+        if argued_user is not _ABSENT and argued_user != self._user_text(account_int, account):
+            differ.append(("user", argued_user, _show_id(user)))
+        if argued_amount is not _ABSENT and argued_amount != amount:
+            differ.append(("amount", argued_amount, amount))
+        if argued_hold is not _ABSENT and argued_hold != (None if reservation is None else str(UUID(int=reservation))):
+            differ.append(("hold", argued_hold, _show_id(reservation)))
+        if differ:
             self.report(
                 record_position,
                 f"key {key!r}",
-                f"its arguments say {', '.join(argued)}; the event at position {position} says {', '.join(actual)}",
+                f"its arguments say {', '.join(f'{n} {a}' for n, a, _ in differ)}; the event at position {position} "
+                f"says {', '.join(f'{n} {e}' for n, _, e in differ)}",
             )
         self._match_terms(key, command, record_position, position)
         self.receipts[key] = (record_position, said[6], said[7], said[8])
+
+    def _user_text(self, account_int: int, account: Account | None) -> str | None:
+        """The account's user id as a command's arguments write it."""
+        text = self.user_texts.get(account_int)
+        if text is None and account is not None and account.user_id is not None:
+            text = self.user_texts[account_int] = str(account.user_id)
+        return text
 
     def _match_terms(self, key: str, command: str, record_position: int, position: int) -> None:
         """A grant's or a spend's terms (its kind, texts, expiry) as its arguments say them."""
