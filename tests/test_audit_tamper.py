@@ -655,3 +655,39 @@ def test_a_grant_whose_expiry_was_moved_is_named_by_its_arguments(durable_url: s
     assert [f.check for f in report.findings] == ["key"], report.render()
     assert "its arguments say expires_at 2026-01-01T01:00:00+00:00; the event at position" in report.findings[0].message
     assert "says expires_at 2027-01-01T01:00:00+00:00" in report.findings[0].message
+
+
+@pytest.mark.parametrize("timestamp", [None, "2026-01-01", 5, "naive"])
+def test_an_event_whose_timestamp_is_not_a_time_is_named_not_a_crash(durable_url: str, timestamp: object) -> None:
+    """An account's Opened with its timestamp edited into text or a number
+    decoded, fitted its class, and made the audit die comparing the views
+    (AttributeError, no report)."""
+    story(durable_url)
+    head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+        opened = raw.position_of("CreditAccount.Opened", 0)
+        state = json.loads(raw.state(opened))
+        if timestamp == "naive":
+            state["timestamp"]["_data_"] = "2026-01-01T00:00:00"
+        else:
+            state["timestamp"] = timestamp
+        raw.sql("UPDATE {t} SET state = %s WHERE {id} = %s", json.dumps(state).encode(), opened)
+    report = audit(durable_url)
+    [finding] = [f for f in report.findings if f.check == "decode"]
+    assert (
+        finding.position == opened and "its timestamp" in finding.message and "is not a time in UTC" in finding.message
+    )
+
+
+def test_a_record_whose_arguments_are_not_a_mapping_is_named(durable_url: str) -> None:
+    story(durable_url)
+    head_and_audit(durable_url)
+    with raw_events(durable_url) as raw:
+
+        def edit(record: dict[str, Any]) -> None:
+            record["arguments"] = "edited"
+
+        record = rewrite_record(raw, ":spend", edit)
+    report = audit(durable_url)
+    assert [(f.check, f.position) for f in report.findings] == [("key", record)], report.render()
+    assert "its arguments are not the command's arguments: 'edited'" in report.findings[0].message

@@ -30,7 +30,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +88,11 @@ def misfit(event: Any) -> str | None:
             if extra:
                 why.append(f"{', '.join(extra)} not fields of it")
             return f"its state does not fit {cls.__qualname__}: {'; '.join(why)}"
+    stamp = event.timestamp
+    if type(stamp) is not datetime or stamp.utcoffset() != _UTC_OFFSET:
+        # The handlers compare and convert times: text or a naive time would
+        # crash them, or the views' comparison after them.
+        return f"its timestamp {stamp!r} is not a time in UTC"
     if isinstance(event, CanInitAggregate) and not _creates(cls, event.originator_topic):
         return (
             f"its originator_topic {event.originator_topic!r} is not the aggregate a {cls.__qualname__} creates: "
@@ -95,6 +100,8 @@ def misfit(event: Any) -> str | None:
         )
     return None
 
+
+_UTC_OFFSET = timedelta(0)
 
 #: Per (created event class, originator topic): whether the topic names the aggregate the class creates.
 _CREATES: dict[tuple[type, Any], bool] = {}

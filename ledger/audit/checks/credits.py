@@ -937,6 +937,8 @@ class CommandCheck(Check):
                 f"command {event.command!r}",
             )
         arguments = event.arguments
+        if arguments is not None and not isinstance(arguments, dict):  # None: written before they were kept
+            self.report(position, f"key {key!r}", f"its arguments are not the command's arguments: {arguments!r}")
         if event.command not in _COMMAND_CODES:
             return  # a command this check does not know: nothing to pair
         if event.command in _TERMS and isinstance(arguments, dict):
