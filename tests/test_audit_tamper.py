@@ -691,3 +691,37 @@ def test_a_record_whose_arguments_are_not_a_mapping_is_named(durable_url: str) -
     report = audit(durable_url)
     assert [(f.check, f.position) for f in report.findings] == [("key", record)], report.render()
     assert "its arguments are not the command's arguments: 'edited'" in report.findings[0].message
+
+
+@pytest.mark.parametrize("what", ["limit", "hold"])
+def test_a_limit_or_a_hold_rewritten_with_its_views_is_named_by_its_arguments(durable_url: str, what: str) -> None:
+    """A credit limit raised from 50 to 5000, or a hold cut from 30 to 3 (its
+    HoldRecord too), with the receipts and the views to match: the audit
+    passed, while the commands' recorded arguments still said 50 and 30."""
+    clock = ManualClock(START)
+    user = uuid4()
+    with Ledger(durable_url, clock=clock) as ledger:
+        ledger.set_credit_limit(user, 50, "postpaid", "ops", key="limit")
+        ledger.reserve(user, uuid4(), 30, expires_in=HOUR, key="hold")
+    with raw_events(durable_url) as raw:
+        if what == "limit":
+            raw.alter(raw.position_of("CreditAccount.LimitSet"), b'"limit_credits":50', b'"limit_credits":5000')
+            more, held = 4950, 30
+        else:
+            raw.alter(raw.position_of("CreditAccount.Reserved"), b'"amount":30', b'"amount":3')
+            raw.alter(raw.position_of("Reservation.Reserved"), b'"amount":30', b'"amount":3')
+            more, held = 27, 3
+
+        def receipt(record: dict[str, Any]) -> None:
+            record["receipt"]["available_credits"] += more
+            if record["key"] == "hold":
+                record["receipt"]["held_credits"] = held
+
+        record = rewrite_record(raw, "limit", receipt) if what == "limit" else None
+        hold = rewrite_record(raw, "hold", receipt)
+    with Ledger(durable_url) as ledger:
+        ledger.views.swap_in(ledger.views.build_aside())
+    report = audit(durable_url)
+    assert [(f.check, f.position) for f in report.findings] == [("key", record or hold)], report.render()
+    said = "limit_credits 50" if what == "limit" else "amount_credits 30"
+    assert f"its arguments say {said};" in report.findings[0].message

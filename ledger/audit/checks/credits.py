@@ -749,11 +749,12 @@ _ARGUED_AMOUNT: dict[str, Callable[[Mapping[str, Any]], Any]] = {
 }
 
 
-GRANT, SPEND = "grant", "spend"
-#: Per command, the terms of its posting that its arguments name (besides the user and amount).
+#: Per command, the terms of its event that its arguments name (besides the user, amount and hold).
 _TERMS: dict[str, tuple[str, ...]] = {
-    SPEND: ("kind", "description", "reference_type", "reference_id"),
-    GRANT: ("kind", "description", "reference_type", "reference_id", "expires_at", "actor"),
+    "spend": ("kind", "description", "reference_type", "reference_id"),
+    "grant": ("kind", "description", "reference_type", "reference_id", "expires_at", "actor"),
+    "reserve": ("amount_credits", "job_id", "expires_at"),
+    "set_credit_limit": ("limit_credits", "reason", "actor"),
 }
 
 
@@ -781,12 +782,14 @@ def _seconds(duration: Any) -> timedelta | None:
 
 
 def _argued_terms(command: str, arguments: Mapping[str, Any], at: datetime) -> tuple[Any, ...]:
-    """What a record's arguments say of its posting's ``_TERMS`` (``_ABSENT`` where they do not): a
-    grant's expiry given as a lifetime (``expires_in``) ends that long after the command was recorded."""
-    argued = [arguments.get(name, _ABSENT) for name in _TERMS[command]]
-    if command == GRANT and arguments.get("expires_in") is not None:
+    """What a record's arguments say of its event's ``_TERMS`` (``_ABSENT`` where they do not): an
+    expiry given as a lifetime (``expires_in``) ends that long after the command was recorded."""
+    names = _TERMS[command]
+    argued = [arguments.get(name, _ABSENT) for name in names]
+    if "expires_at" in names and arguments.get("expires_in") is not None:
         lifetime = _seconds(arguments["expires_in"])
-        argued[4] = (at + lifetime).isoformat() if lifetime is not None else arguments["expires_in"]
+        at_end = (at + lifetime).isoformat() if lifetime is not None else arguments["expires_in"]
+        argued[names.index("expires_at")] = at_end
     return tuple(argued)
 
 
@@ -840,7 +843,7 @@ class CommandCheck(Check):
         #: Key -> (balance, held, available) its command left: the state before the next keyed event on its account.
         self.left: dict[str, tuple[int, int, int]] = {}
         self.receipts: dict[str, tuple[int, Any, Any, Any]] = {}  # key -> record position, balance, held, available
-        #: Key -> a grant's or a spend's terms (``_TERMS``), as its event says, and as its record's arguments do.
+        #: Key -> its event's terms (``_TERMS``), as the event says, and as its record's arguments do.
         self.terms: dict[str, tuple[Any, ...]] = {}
         self.argued_terms: dict[str, tuple[Any, ...]] = {}
 
@@ -871,6 +874,8 @@ class CommandCheck(Check):
 
     def reserved(self, position: int, event: Any) -> None:
         reservation = event.reservation_id.int
+        if event.key is not None:
+            self.terms[event.key] = (event.amount, str(event.job_id), _moment(event.expires_at))
         self._applied(position, event, RESERVED, 0, None, reservation)
         account = self.accounts.get(event.originator_id.int)
         user = account.user_id.int if account is not None and account.user_id is not None else None
@@ -889,6 +894,8 @@ class CommandCheck(Check):
         self._pair("closed", reservation, position, (HoldStatus.RELEASED, None, event.reason), "account")
 
     def limit_set(self, position: int, event: Any) -> None:
+        if event.key is not None:
+            self.terms[event.key] = (event.limit_credits, event.reason, event.actor)
         self._applied(position, event, LIMIT_SET, 0, None, None)
 
     # -- keys ---------------------------------------------------------------------
@@ -1008,10 +1015,11 @@ class CommandCheck(Check):
         return text
 
     def _match_terms(self, key: str, command: str, record_position: int, position: int) -> None:
-        """A grant's or a spend's terms (its kind, texts, expiry) as its arguments say them."""
+        """An event's terms (a posting's kind, texts and expiry, a hold's size, job and expiry, a
+        limit) as its command's arguments say them."""
         argued, terms = self.argued_terms.pop(key, None), self.terms.pop(key, None)
         if argued is None or terms is None or len(terms) != len(_TERMS[command]):
-            return  # not a grant or a spend, or recorded as the one and applied as the other (named above)
+            return  # a command with no terms here, or recorded as one and applied as another (named above)
         differ = [
             (n, a, t) for n, a, t in zip(_TERMS[command], argued, terms, strict=True) if a is not _ABSENT and a != t
         ]
