@@ -506,19 +506,28 @@ def test_a_receipt_edited_where_it_answers_the_caller_is_named(
     assert message in report.findings[0].message
 
 
-def test_a_settle_moved_onto_lapsed_credits_its_hold_never_earmarked_is_named(durable_url: str) -> None:
+@pytest.mark.parametrize("resumed", [False, True])
+def test_a_settle_moved_onto_lapsed_credits_its_hold_never_earmarked_is_named(
+    durable_url: str, tmp_path: Path, resumed: bool
+) -> None:
     """A hold earmarks a purchase; a bonus granted after it lapses before the
     settle, which expires the bonus's 100 credits. Rewritten so that the
     settle draws the lapsed bonus and the expiry takes only the other 50
     (receipt and views to match), the account kept 50 credits it never had
     and the audit passed: a settle may draw lapsed credits, but only those
-    its own hold earmarked."""
+    its own hold earmarked. A run resumed from a checkpoint taken while the
+    hold was open knows what it earmarks."""
     clock = ManualClock(START)
     user = uuid4()
     with Ledger(durable_url, clock=clock) as ledger:
         purchase = ledger.grant(user, 100, "purchase", key="purchase").entry_id
         hold = ledger.reserve(user, uuid4(), 50, clock.now() + 2 * HOUR, key="reserve")
         bonus = ledger.grant(user, 100, "bonus", key="bonus", expires_in=HOUR).entry_id
+    checkpoint, start = tmp_path / "audit.ckpt", 0
+    if resumed:
+        with Auditor(durable_url) as auditor:
+            start = auditor.audit(checkpoint=checkpoint).head
+    with Ledger(durable_url, clock=clock) as ledger:
         clock.advance(90 * timedelta(minutes=1))
         assert ledger.settle(hold.reservation_id, 50, key="settle").balance_credits == 50
     with raw_events(durable_url) as raw:
@@ -533,7 +542,8 @@ def test_a_settle_moved_onto_lapsed_credits_its_hold_never_earmarked_is_named(du
     with Ledger(durable_url, clock=clock) as ledger:
         ledger.views.swap_in(ledger.views.build_aside())
         assert ledger.balance(user).balance_credits == 100
-    report = audit(durable_url)
+    with Auditor(durable_url) as auditor:
+        report = auditor.audit(from_position=start, checkpoint=checkpoint if resumed else None)
     assert [(f.check, f.position) for f in report.findings] == [("block", settled)], report.render()
     assert f"draws 50 credits from block {bonus}, lapsed at" in report.findings[0].message
     assert "which its hold earmarks 0 of" in report.findings[0].message
