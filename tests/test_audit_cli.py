@@ -111,6 +111,21 @@ def test_digest_then_verify_names_a_tampered_event(durable_url: str) -> None:
     assert garbage.returncode == 2 and "POSITION:HASH" in garbage.stderr
 
 
+def test_digest_expecting_the_last_head_refuses_a_re_anchored_history(durable_url: str) -> None:
+    head = ledger_cli("digest", "--url", durable_url, "--quiet").stdout.strip()
+    again = ledger_cli("digest", "--url", durable_url, "--quiet", "--expect", head)
+    assert again.returncode == 0 and again.stdout.strip() == head, again.stderr
+    with raw_events(durable_url) as raw:
+        raw.alter(raw.position_of("CreditAccount.Debited", 0), b'"amount":20', b'"amount":2')
+        raw.sql(f"DELETE FROM {raw.digests}")  # the anchors rewritten to match
+    refused = ledger_cli("digest", "--url", durable_url, "--quiet", "--expect", head)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert f"NOT anchored: the history changed since the head {head}" in refused.stdout
+    assert f"position {head.split(':')[0]}: head:" in refused.stdout
+    both = ledger_cli("digest", "--url", durable_url, "--quiet", "--expect", head, "--incremental")
+    assert both.returncode == 2 and "incremental" in both.stderr
+
+
 def test_a_file_that_cannot_be_written_is_refused_before_the_replay(tmp_path: Path) -> None:
     """An unwritable --checkpoint failed with a traceback after a page of
     events was replayed, an unwritable --output after the statement was made."""

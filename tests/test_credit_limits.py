@@ -383,6 +383,31 @@ def test_the_audit_names_debt_beside_free_credits(ledger: Ledger) -> None:
     assert any(f.check == "negative" and "on credit with 50 free" in f.message for f in report.findings)
 
 
+def test_the_audit_names_a_settle_on_credit_beside_the_credits_it_held(ledger: Ledger, clock: ManualClock) -> None:
+    """A settle that draws nothing from the blocks its hold earmarked puts
+    its amount on credit: on an account with no limit, with the credits
+    still in the block. The domain draws the hold's earmarks first."""
+    user = uuid4()
+    ledger.grant(user, 300, "purchase", key="g")
+    hold = ledger.reserve(user, uuid4(), 100, expires_in=HOUR, key="r")
+    account = ledger.read_aggregate(account_id_for(user))
+    assert isinstance(account, CreditAccount)
+    account.trigger_event(
+        CreditAccount.Settled,
+        reservation_id=hold.reservation_id,
+        entry_id=uuid4(),
+        amount=60,
+        draws=[],
+        key="forged",
+        timestamp=clock.now(),
+    )
+    ledger.app.save(account)
+    report = audit(ledger, compare_views=False)
+    assert any(
+        f.check == "negative" and "takes 60 credits on credit with 300 free" in f.message for f in report.findings
+    ), report.render()
+
+
 def test_point_in_time_answers_honour_the_limit(ledger: Ledger, clock: ManualClock) -> None:
     user = uuid4()
     ledger.grant(user, 10, "purchase", key="g")

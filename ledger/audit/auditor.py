@@ -84,10 +84,17 @@ class Auditor:
         return statement(self.ledger, user_id, start, end)
 
     def digest(
-        self, *, every: int = SEGMENT_EVENTS, incremental: bool = False, progress: ProgressCallback | None = None
+        self,
+        *,
+        every: int = SEGMENT_EVENTS,
+        incremental: bool = False,
+        expect: DigestHead | str | None = None,
+        progress: ProgressCallback | None = None,
     ) -> DigestResult:
-        """The head of the hash chain over the event log; anchors it in ``ledger_digests``."""
-        return digest(self.ledger, every=every, incremental=incremental, progress=progress)
+        """The head of the hash chain over the event log; anchors it in
+        ``ledger_digests``. ``expect``: the last head kept outside, which the
+        chain must pass through (nothing is anchored otherwise)."""
+        return digest(self.ledger, every=every, incremental=incremental, expect=expect, progress=progress)
 
     def verify(self, head: DigestHead | str, *, progress: ProgressCallback | None = None) -> VerifyResult:
         """Proves the history up to ``head`` (``POSITION:HASH``) unchanged, or names what changed."""

@@ -117,7 +117,9 @@ class Tampering:
     ``kind``: ``altered`` (same position, different content), ``deleted``
     (anchored, now gone), ``inserted`` (present, never anchored), ``moved``
     (the content anchored at ``moved_from`` now sits at ``position``), or
-    ``anchor`` (a ``ledger_digests`` row disagrees with intact events)."""
+    ``anchor`` (a ``ledger_digests`` row disagrees with intact events), or
+    ``head`` (``digest(expect=...)``: the chain does not pass through the
+    head kept outside)."""
 
     position: int
     kind: str
@@ -412,11 +414,42 @@ class _SegmentBuilder:
         self.entries = []
 
 
+class _Through:
+    """Whether the recomputed chain passes through a head kept outside: its
+    link just before the first event past the head's position."""
+
+    def __init__(self, head: DigestHead) -> None:
+        self.head = head
+        self.problem: Tampering | None = None
+        self.checked = False
+
+    def before(self, position: int, chain: Chain) -> None:
+        if not self.checked and position > self.head.position:
+            self._check(chain)
+
+    def finish(self, chain: Chain) -> Tampering | None:
+        if not self.checked:
+            self._check(chain)
+        return self.problem
+
+    def _check(self, chain: Chain) -> None:
+        self.checked = True
+        if chain.position == self.head.position and chain.digest.hex() == self.head.digest:
+            return
+        self.problem = Tampering(
+            self.head.position,
+            "head",
+            f"the history up to position {self.head.position} hashes to {chain.head()}, not the head kept "
+            f"outside ({self.head}): it changed since that digest",
+        )
+
+
 def digest(
     ledger: Ledger,
     *,
     every: int = SEGMENT_EVENTS,
     incremental: bool = False,
+    expect: DigestHead | str | None = None,
     progress: ProgressCallback | None = None,
 ) -> DigestResult:
     """Computes the head of the chain over every stored event and anchors it.
@@ -425,16 +458,29 @@ def digest(
     against the anchors stored by earlier runs; if any disagree (the history
     changed since), nothing is written and the problems are returned.
     ``incremental`` trusts the last complete stored segment and only reads the
-    events after it."""
+    events after it. ``expect``, the last head kept outside, must be on the
+    recomputed chain (the history only grew since it): if not, nothing is
+    written. The stored anchors prove nothing (whoever rewrites events can
+    rewrite them), so only ``expect`` ties the new head to the last one."""
     if type(every) is not int or not 10 <= every <= 100_000:
         raise InvalidArgument(f"every must be an int within 10..100000, got {every!r}")
+    expected = DigestHead.parse(expect) if isinstance(expect, str) else expect
+    if expected is not None and incremental:
+        raise InvalidArgument(
+            "expect recomputes the chain from the first event to check it; incremental trusts the stored anchors "
+            "instead: give one of them",
+            param="expect",
+        )
     store = digest_store(ledger)
     last = store.last()
     size = _first_size(store) or every
     stop = ledger.app.recorder.max_notification_id() or 0
     chain, builder, anchors = _starting_point(store, last, size, incremental)
+    through = _Through(expected) if expected is not None else None
     for page in stored_events(ledger.app, chain.position, stop):
         for notification in page:
+            if through is not None:
+                through.before(notification.id, chain)
             content = chain.add(notification)
             leaf = content_hash(content)
             if anchors is not None:
@@ -442,10 +488,14 @@ def digest(
             builder.add(notification.id, leaf, chain)
         if progress is not None:
             progress(page[-1].id, stop)
+    problems = []
+    if through is not None and (off := through.finish(chain)) is not None:
+        problems.append(off)
     if anchors is not None:
         anchors.finish(stop)
-        if anchors.problems:
-            return DigestResult(head=chain.head(), segments_written=0, problems=anchors.problems)
+        problems.extend(anchors.problems)
+    if problems:
+        return DigestResult(head=chain.head(), segments_written=0, problems=problems)
     builder.close(chain)
     # Unchanged segments are not rewritten: only the new ones and a grown partial one.
     rewrite_from = last.index if last is not None and last.count < last.size else (last.index + 1 if last else 0)

@@ -13,10 +13,13 @@ views left alone.
 Resuming: a run given a checkpoint file writes its state there every
 ``checkpoint_every`` events, at a transaction boundary, and at the end. A later
 run with ``from_position=N`` and the same file starts after position ``N``
-from that state, which must have been written at ``N``. Resuming assumes the
-events up to ``N`` are unchanged since the checkpoint: the report's history
-digest covers the whole history anyway, so comparing it with a digest kept
-outside (``verify``) proves that assumption.
+from that state, which must have been written at ``N``. The state holds only
+while the events up to ``N`` are unchanged since the checkpoint: the resumed
+run hashes them afresh and compares the link with the checkpoint's (a
+``checkpoint`` finding if they differ), so the report's history digest is
+always the head of the history as stored. The checks' state in the file is
+trusted as it stands: keep the file out of the reach of those who can write
+the database.
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from eventsourcing.domain import CanInitAggregate
+from eventsourcing.utils import resolve_topic
 
 from ledger.audit.base import AuditContext, Check, CheckFactory, Finding, Findings, Handler
 from ledger.audit.checks.credits import AccountCheck, CommandCheck, SnapshotAuditCheck
@@ -75,15 +81,45 @@ def misfit(event: Any) -> str | None:
         return None
     required, allowed = shape
     names = vars(event).keys()
-    if names == allowed:
-        return None
-    missing, extra = sorted(required - names), sorted(names - allowed)
-    if not missing and not extra:
-        return None
-    why = [f"no {', '.join(missing)}"] if missing else []
-    if extra:
-        why.append(f"{', '.join(extra)} not fields of it")
-    return f"its state does not fit {cls.__qualname__}: {'; '.join(why)}"
+    if names != allowed:
+        missing, extra = sorted(required - names), sorted(names - allowed)
+        if missing or extra:
+            why = [f"no {', '.join(missing)}"] if missing else []
+            if extra:
+                why.append(f"{', '.join(extra)} not fields of it")
+            return f"its state does not fit {cls.__qualname__}: {'; '.join(why)}"
+    stamp = event.timestamp
+    if type(stamp) is not datetime or stamp.utcoffset() != _UTC_OFFSET:
+        # The handlers compare and convert times: text or a naive time would
+        # crash them, or the views' comparison after them.
+        return f"its timestamp {stamp!r} is not a time in UTC"
+    if isinstance(event, CanInitAggregate) and not _creates(cls, event.originator_topic):
+        return (
+            f"its originator_topic {event.originator_topic!r} is not the aggregate a {cls.__qualname__} creates: "
+            "the ledger cannot load it"
+        )
+    return None
+
+
+_UTC_OFFSET = timedelta(0)
+
+#: Per (created event class, originator topic): whether the topic names the aggregate the class creates.
+_CREATES: dict[tuple[type, Any], bool] = {}
+
+
+def _creates(cls: type, topic: Any) -> bool:
+    """Whether ``topic``, a created event's ``originator_topic``, names the
+    aggregate whose created event ``cls`` is: the ledger builds the
+    aggregate that topic names from the event (an account's ``Opened``
+    relabelled a ``CommandRecord`` cannot be loaded)."""
+    found = _CREATES.get((cls, topic)) if isinstance(topic, str) else False
+    if found is None:
+        try:
+            aggregate = resolve_topic(topic)
+        except Exception:  # a topic that names nothing importable
+            aggregate = None
+        found = _CREATES[(cls, topic)] = isinstance(aggregate, type) and getattr(aggregate, cls.__name__, None) is cls
+    return found
 
 
 #: Checks added by other parts of the ledger (one more aggregate, one more check).
@@ -305,7 +341,31 @@ class _Replay:
             check.restore(saved[check.name])
         self.ctx.findings.restore(state["findings"])
         chain = state["chain"]
-        self.chain = Chain(int(chain["position"]), bytes.fromhex(chain["digest"]), int(chain["events"]))
+        saved = Chain(int(chain["position"]), bytes.fromhex(chain["digest"]), int(chain["events"]))
+        self.chain = self._prove(path, saved)
+
+    def _prove(self, path: Path, saved: Chain) -> Chain:
+        """The chain over the events up to the resume position as they are
+        now, hashed afresh: the checkpoint's state is the replay of the events
+        its link covers, so a link that differs (events edited, deleted or
+        inserted since it was written, or the file edited) is a finding, and
+        the report's digest is always the head of the stored history."""
+        position = self.ctx.from_position
+        chain = Chain()
+        for page in stored_events(self.ctx.ledger.app, 0, position, self.page_events):
+            for notification in page:
+                chain.add(notification)
+        if (chain.position, chain.digest, chain.events) != (saved.position, saved.digest, saved.events):
+            self.ctx.findings.add(
+                "checkpoint",
+                position,
+                f"checkpoint {path}",
+                f"the events up to position {position} hash to {chain.head()} ({chain.events} events), the "
+                f"checkpoint was written over {saved.head()} ({saved.events} events): the history changed since "
+                "the checkpoint was written, or the file was edited; the state it holds is not the replay of "
+                "these events, so audit from the start",
+            )
+        return chain
 
 
 def audit(

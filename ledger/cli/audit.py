@@ -247,23 +247,32 @@ def _statement_text(s: Statement) -> str:
 @click.option("--url", default=None, help=URL_HELP)
 @click.option("--every", type=int, default=1_000, show_default=True, help="Events per anchor segment.")
 @click.option("--incremental", is_flag=True, help="Trust the stored anchors; hash only the events after them.")
+@click.option(
+    "--expect",
+    default=None,
+    metavar="POSITION:HASH",
+    help="The last head kept outside: anchor only a history that passes through it.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @failure_is_an_error
-def digest(url: str | None, every: int, incremental: bool, as_json: bool, quiet: bool) -> None:
+def digest(url: str | None, every: int, incremental: bool, expect: str | None, as_json: bool, quiet: bool) -> None:
     """Print the head of the hash chain over the event log (POSITION:HASH); keep it outside the database."""
     from ledger.application.facade import Ledger
+    from ledger.audit.digest import DigestHead
     from ledger.audit.digest import digest as run_digest
 
+    expected = DigestHead.parse(expect) if expect is not None else None
     with Ledger(_url(url), create=False) as ledger, _progress("hashing events", not quiet) as progress:
-        result = run_digest(ledger, every=every, incremental=incremental, progress=progress)
+        result = run_digest(ledger, every=every, incremental=incremental, expect=expected, progress=progress)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     elif result.ok:
         click.echo(str(result.head))
         click.echo(f"{result.head.events} events; {result.segments_written} anchor segments written", err=True)
     else:
-        click.echo(f"NOT anchored: the history changed since the last digest (head now {result.head})")
+        since = f"the head {expected}" if expected is not None else "the last digest"
+        click.echo(f"NOT anchored: the history changed since {since} (head now {result.head})")
         for problem in result.problems:
             click.echo(f"  {problem}")
     sys.exit(0 if result.ok else 1)

@@ -75,10 +75,12 @@ class Account:
     __slots__ = (
         "account_id",
         "balance",
+        "before",
         "blocks",
         "credit_holds",
         "credit_limit",
         "debt",
+        "earmarks",
         "held",
         "holds",
         "lapses",
@@ -102,8 +104,13 @@ class Account:
         self.debt = 0  # credits spent beyond the blocks
         self.credit_holds: dict[UUID, int] = {}  # open holds that hold credits on credit -> how many
         self.holds: dict[UUID, OpenHold] = {}
+        #: Open hold -> the credits it earmarks per block (its allocations). A
+        #: hold restored from a checkpoint written before they were kept has none.
+        self.earmarks: dict[UUID, dict[str, int]] = {}
         self.blocks: dict[str, int] = {}  # block id as the events' draws name it -> unspent credits
         self.lapses: dict[str, datetime] = {}  # block id -> expires_at, for blocks that lapse
+        #: (balance, held, available) before the event being replayed (not saved: it lives for one event).
+        self.before = (0, 0, 0)
 
     @property
     def available(self) -> int:
@@ -129,6 +136,7 @@ class Account:
             "holds": {
                 str(r): [str(j), a, e.isoformat(), at.isoformat(), k] for r, (j, a, e, at, k) in self.holds.items()
             },
+            "earmarks": {str(r): e for r, e in self.earmarks.items()},
             "blocks": self.blocks,
             "lapses": {b: t.isoformat() for b, t in self.lapses.items()},
         }
@@ -152,6 +160,7 @@ class Account:
             UUID(r): (UUID(j), int(a), datetime.fromisoformat(e), datetime.fromisoformat(at), k)
             for r, (j, a, e, at, k) in data["holds"].items()
         }
+        account.earmarks = {UUID(r): {b: int(c) for b, c in e.items()} for r, e in data.get("earmarks", {}).items()}
         account.blocks = {b: int(c) for b, c in data["blocks"].items()}
         account.lapses = {b: datetime.fromisoformat(t) for b, t in data["lapses"].items()}
         return account
@@ -271,6 +280,7 @@ class AccountCheck(Check):
                 check="sequence",
             )
         account.version = version
+        account.before = (account.balance, account.held, account.available)
         if event.timestamp < account.last_at - TIME_SLACK:
             self.report(
                 position,
@@ -326,10 +336,12 @@ class AccountCheck(Check):
         *,
         lapsed: bool,
         short: bool = False,
+        earmarks: Mapping[str, int] | None = None,
     ) -> int:
         """Takes credits from blocks; ``lapsed`` allows lapsed blocks (a hold's
-        earmarks), ``short`` draws that fall short of ``amount`` (the rest on
-        credit). Returns by how much they fell short."""
+        earmarks: with ``earmarks``, the hold's, only those), ``short`` draws
+        that fall short of ``amount`` (the rest on credit). Returns by how much
+        they fell short."""
         total = 0
         blocks = account.blocks
         for block_id, credits in draws:
@@ -344,13 +356,22 @@ class AccountCheck(Check):
                 )
                 if remaining is None:
                     continue
-            if not lapsed:
-                lapses_at = account.lapses.get(block_id)
-                if lapses_at is not None and lapses_at <= at:
+            lapses_at = account.lapses.get(block_id)
+            if lapses_at is not None and lapses_at <= at:
+                if not lapsed:
                     self.report(
                         position,
                         account.subject,
                         f"draws from block {block_id}, lapsed at {lapses_at.isoformat()}",
+                        check="block",
+                    )
+                elif earmarks is not None and credits > earmarks.get(block_id, 0):
+                    # Lapsed credits are the expiry's, but for those a hold earmarked while they were live.
+                    self.report(
+                        position,
+                        account.subject,
+                        f"draws {credits} credits from block {block_id}, lapsed at {lapses_at.isoformat()}, "
+                        f"which its hold earmarks {earmarks.get(block_id, 0)} of",
                         check="block",
                     )
             remaining -= credits
@@ -480,6 +501,10 @@ class AccountCheck(Check):
             )
         if allocated < amount:
             account.credit_holds[reservation_id] = amount - allocated
+        earmarks: dict[str, int] = {}
+        for block_id, credits in event.allocations:
+            earmarks[block_id] = earmarks.get(block_id, 0) + credits
+        account.earmarks[reservation_id] = earmarks
         hold: OpenHold = (event.job_id, amount, event.expires_at, event.timestamp, event.key)
         account.holds[reservation_id] = hold
         account.held += amount
@@ -500,12 +525,14 @@ class AccountCheck(Check):
             return None
         account.held -= hold[1]
         account.credit_holds.pop(reservation_id, None)
+        account.earmarks.pop(reservation_id, None)
         return hold
 
     def settled(self, position: int, event: Any) -> None:
         account = self._step(position, event)
         reservation_id = event.reservation_id
         amount = event.amount
+        earmarks = account.earmarks.get(reservation_id)
         hold = self._close(position, account, reservation_id, "settles")
         if hold is not None:
             if event.timestamp >= hold[2]:
@@ -527,9 +554,11 @@ class AccountCheck(Check):
                 )
         if amount <= 0:
             self.report(position, account.subject, f"settles hold {reservation_id} for {amount} credits", check="hold")
-        short = self._draw(position, account, event.draws, amount, event.timestamp, lapsed=True, short=True)
-        if short > 0:
-            account.debt += short
+        short = self._draw(
+            position, account, event.draws, amount, event.timestamp, lapsed=True, short=True, earmarks=earmarks
+        )
+        # The hold's earmarks first, then free credits: only then on credit.
+        self._on_credit(position, account, short, self._free(account, event.timestamp))
         account.balance -= amount
         self.totals["settled"] += amount
         self.postings += 1
@@ -701,8 +730,76 @@ _ID_FIELDS = frozenset({"user", "job"})
 
 #: An applied keyed event: position, event code, account id, signed amount, entry id, reservation id.
 Applied = tuple[int, int, int, int, int | None, int | None]
-#: A record's receipt: position, command, user, amount, entry, reservation, balance, held.
-Said = tuple[int, str, Any, Any, Any, Any, Any, Any]
+#: A record's receipt: position, command, user, amount, entry, reservation, balance, held, available;
+#: then what its arguments say of the user, the signed amount and the hold (``_ABSENT`` where they do not).
+Said = tuple[int, str, Any, Any, Any, Any, Any, Any, Any, Any, Any, Any]
+
+#: What a record's arguments do not name.
+_ABSENT: Any = object()
+#: Per command, the argument that is its signed amount as the account event applies it.
+_ARGUED_AMOUNT: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    "grant": lambda a: a.get("amount_credits", _ABSENT),
+    "spend": lambda a: (
+        -a["amount_credits"] if type(a.get("amount_credits")) is int else a.get("amount_credits", _ABSENT)
+    ),
+    "settle": lambda a: (
+        -a["actual_credits"] if type(a.get("actual_credits")) is int else a.get("actual_credits", _ABSENT)
+    ),
+    "adjust": lambda a: a.get("delta_credits", _ABSENT),
+}
+
+
+#: Per command, the terms of its event that its arguments name (besides the user, amount and hold).
+_TERMS: dict[str, tuple[str, ...]] = {
+    "spend": ("kind", "description", "reference_type", "reference_id"),
+    "grant": ("kind", "description", "reference_type", "reference_id", "expires_at", "actor"),
+    "reserve": ("amount_credits", "job_id", "expires_at"),
+    "set_credit_limit": ("limit_credits", "reason", "actor"),
+}
+
+
+def _text(value: Any) -> Any:
+    """A str enum (a kind) as its text; anything else as it is."""
+    return str.__str__(value) if isinstance(value, str) else value
+
+
+def _moment(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def _posting_terms(event: Any) -> tuple[Any, ...]:
+    return (_text(event.kind), event.description, event.reference_type, event.reference_id)
+
+
+def _seconds(duration: Any) -> timedelta | None:
+    """``PT3600S`` or ``PT1.5S`` (a command's canonical duration) as a timedelta."""
+    if not isinstance(duration, str) or not duration.startswith("PT") or not duration.endswith("S"):
+        return None
+    whole, _, fraction = duration[2:-1].partition(".")
+    if not whole.isdigit() or not (fraction == "" or fraction.isdigit()) or len(fraction) > 6:
+        return None
+    return timedelta(seconds=int(whole), microseconds=int(fraction.ljust(6, "0")) if fraction else 0)
+
+
+def _argued_terms(command: str, arguments: Mapping[str, Any], at: datetime) -> tuple[Any, ...]:
+    """What a record's arguments say of its event's ``_TERMS`` (``_ABSENT`` where they do not): an
+    expiry given as a lifetime (``expires_in``) ends that long after the command was recorded."""
+    names = _TERMS[command]
+    argued = [arguments.get(name, _ABSENT) for name in names]
+    if "expires_at" in names and arguments.get("expires_in") is not None:
+        lifetime = _seconds(arguments["expires_in"])
+        at_end = (at + lifetime).isoformat() if lifetime is not None else arguments["expires_in"]
+        argued[names.index("expires_at")] = at_end
+    return tuple(argued)
+
+
+def _argued(command: str, arguments: Any) -> tuple[Any, Any, Any]:
+    """What a record's arguments say of the user and the hold (their ids as
+    text, as arguments keep them) and the signed amount."""
+    if not isinstance(arguments, dict):
+        return _ABSENT, _ABSENT, _ABSENT
+    amount = _ARGUED_AMOUNT[command](arguments) if command in _ARGUED_AMOUNT else _ABSENT
+    return arguments.get("user_id", _ABSENT), amount, arguments.get("reservation_id", _ABSENT)
 
 
 def _int(value: Any) -> Any:
@@ -734,6 +831,7 @@ class CommandCheck(Check):
         super().__init__(ctx)
         self.accounts = shared_accounts(ctx)
         self.records = 0
+        self.user_texts: dict[int, str] = {}  # account id's int -> its user id as text
         self._clear()
 
     def _clear(self) -> None:
@@ -742,7 +840,12 @@ class CommandCheck(Check):
         self.unpaired_records: dict[str, Said] = {}
         self.holds: dict[tuple[str, int], tuple[int, tuple[Any, ...], str]] = {}
         self.last_keyed: dict[int, str] = {}  # account id's int -> the last key applied to it
-        self.receipts: dict[str, tuple[int, Any, Any]] = {}  # key -> record position, balance, held
+        #: Key -> (balance, held, available) its command left: the state before the next keyed event on its account.
+        self.left: dict[str, tuple[int, int, int]] = {}
+        self.receipts: dict[str, tuple[int, Any, Any, Any]] = {}  # key -> record position, balance, held, available
+        #: Key -> its event's terms (``_TERMS``), as the event says, and as its record's arguments do.
+        self.terms: dict[str, tuple[Any, ...]] = {}
+        self.argued_terms: dict[str, tuple[Any, ...]] = {}
 
     def handlers(self) -> Mapping[type, Handler]:
         return {
@@ -760,13 +863,19 @@ class CommandCheck(Check):
     # -- account events ------------------------------------------------------------------
 
     def granted(self, position: int, event: Any) -> None:
+        if event.key is not None:
+            self.terms[event.key] = (*_posting_terms(event), _moment(event.expires_at), event.actor)
         self._applied(position, event, GRANTED, event.amount, event.entry_id.int, None)
 
     def debited(self, position: int, event: Any) -> None:
+        if event.key is not None:
+            self.terms[event.key] = _posting_terms(event)
         self._applied(position, event, DEBITED, -event.amount, event.entry_id.int, None)
 
     def reserved(self, position: int, event: Any) -> None:
         reservation = event.reservation_id.int
+        if event.key is not None:
+            self.terms[event.key] = (event.amount, str(event.job_id), _moment(event.expires_at))
         self._applied(position, event, RESERVED, 0, None, reservation)
         account = self.accounts.get(event.originator_id.int)
         user = account.user_id.int if account is not None and account.user_id is not None else None
@@ -785,6 +894,8 @@ class CommandCheck(Check):
         self._pair("closed", reservation, position, (HoldStatus.RELEASED, None, event.reason), "account")
 
     def limit_set(self, position: int, event: Any) -> None:
+        if event.key is not None:
+            self.terms[event.key] = (event.limit_credits, event.reason, event.actor)
         self._applied(position, event, LIMIT_SET, 0, None, None)
 
     # -- keys ---------------------------------------------------------------------
@@ -801,6 +912,12 @@ class CommandCheck(Check):
                 position, f"key {key!r}", f"applied twice in one transaction (positions {earlier[0]} and {position})"
             )
         account = event.originator_id.int
+        previous = self.last_keyed.get(account)
+        replayed = self.accounts.get(account)
+        if previous is not None and previous != key and replayed is not None:
+            # A batch saves its account events first: the command before this
+            # one on the account left what the account held before this event.
+            self.left[previous] = replayed.before
         self.last_keyed[account] = key
         applied: Applied = (position, code, account, amount, entry, reservation)
         said = self.unpaired_records.pop(key, None)
@@ -818,9 +935,21 @@ class CommandCheck(Check):
                 f"key {key!r}",
                 f"CommandRecord {event.originator_id} v{event.originator_version} is not the key's one record",
             )
+        r = event.receipt
+        if r.get("key", key) != key or r.get("command", event.command) != event.command:
+            self.report(
+                position,
+                f"key {key!r}",
+                f"receipt is of key {r.get('key')!r}, command {r.get('command')!r}: the record is of key {key!r}, "
+                f"command {event.command!r}",
+            )
+        arguments = event.arguments
+        if arguments is not None and not isinstance(arguments, dict):  # None: written before they were kept
+            self.report(position, f"key {key!r}", f"its arguments are not the command's arguments: {arguments!r}")
         if event.command not in _COMMAND_CODES:
             return  # a command this check does not know: nothing to pair
-        r = event.receipt
+        if event.command in _TERMS and isinstance(arguments, dict):
+            self.argued_terms[key] = _argued_terms(event.command, arguments, event.timestamp)
         said: Said = (
             position,
             event.command,
@@ -830,6 +959,8 @@ class CommandCheck(Check):
             _int(r.get("reservation_id")),
             r.get("balance_credits"),
             r.get("held_credits"),
+            r.get("available_credits", _ABSENT),
+            *_argued(event.command, arguments),
         )
         applied = self.keyed.pop(key, None)
         if applied is not None:
@@ -858,7 +989,47 @@ class CommandCheck(Check):
                 f"hold {_show_id(said_hold)}; the event at position {position} says user {_show_id(user)}, "
                 f"amount {amount}, entry {_show_id(entry)}, hold {_show_id(reservation)}",
             )
-        self.receipts[key] = (record_position, said[6], said[7])
+        argued_user, argued_amount, argued_hold = said[9:12]
+        differ: list[tuple[str, Any, Any]] = []
+        if argued_user is not _ABSENT and argued_user != self._user_text(account_int, account):
+            differ.append(("user", argued_user, _show_id(user)))
+        if argued_amount is not _ABSENT and argued_amount != amount:
+            differ.append(("amount", argued_amount, amount))
+        if argued_hold is not _ABSENT and argued_hold != (None if reservation is None else str(UUID(int=reservation))):
+            differ.append(("hold", argued_hold, _show_id(reservation)))
+        if differ:
+            self.report(
+                record_position,
+                f"key {key!r}",
+                f"its arguments say {', '.join(f'{n} {a}' for n, a, _ in differ)}; the event at position {position} "
+                f"says {', '.join(f'{n} {e}' for n, _, e in differ)}",
+            )
+        self._match_terms(key, command, record_position, position)
+        self.receipts[key] = (record_position, said[6], said[7], said[8])
+
+    def _user_text(self, account_int: int, account: Account | None) -> str | None:
+        """The account's user id as a command's arguments write it."""
+        text = self.user_texts.get(account_int)
+        if text is None and account is not None and account.user_id is not None:
+            text = self.user_texts[account_int] = str(account.user_id)
+        return text
+
+    def _match_terms(self, key: str, command: str, record_position: int, position: int) -> None:
+        """An event's terms (a posting's kind, texts and expiry, a hold's size, job and expiry, a
+        limit) as its command's arguments say them."""
+        argued, terms = self.argued_terms.pop(key, None), self.terms.pop(key, None)
+        if argued is None or terms is None or len(terms) != len(_TERMS[command]):
+            return  # a command with no terms here, or recorded as one and applied as another (named above)
+        differ = [
+            (n, a, t) for n, a, t in zip(_TERMS[command], argued, terms, strict=True) if a is not _ABSENT and a != t
+        ]
+        if differ:
+            self.report(
+                record_position,
+                f"key {key!r}",
+                f"its arguments say {', '.join(f'{n} {a}' for n, a, _ in differ)}; the event at position {position} "
+                f"says {', '.join(f'{n} {t}' for n, _, t in differ)}",
+            )
 
     # -- reservation records ----------------------------------------------------------
 
@@ -936,20 +1107,25 @@ class CommandCheck(Check):
         self._clear()
 
     def _check_receipts(self) -> None:
-        # The receipt of the last command on an account in a transaction was
-        # computed from the state the transaction left: it must be the replay's.
+        # A receipt was computed from the state its command left: for the last
+        # command on an account in a transaction, the state the transaction
+        # left; for one before it, the state before the next keyed event.
         for account_int, key in self.last_keyed.items():
-            matched = self.receipts.get(key)
             account = self.accounts.get(account_int)
-            if matched is None or account is None:
+            if account is not None:
+                self.left[key] = (account.balance, account.held, account.available)
+        for key, (position, balance, held, available) in self.receipts.items():
+            left = self.left.get(key)
+            if left is None:
                 continue
-            position, balance, held = matched
-            if (balance, held) != (account.balance, account.held):
+            if available is _ABSENT:
+                available = left[2]  # receipts written by 0.1 may not say
+            if (balance, held, available) != left:
                 self.report(
                     position,
                     f"key {key!r}",
-                    f"receipt says balance {balance}, held {held}; the replay says balance {account.balance}, "
-                    f"held {account.held}",
+                    f"receipt says balance {balance}, held {held}, available {available}; the replay says balance "
+                    f"{left[0]}, held {left[1]}, available {left[2]}",
                 )
 
     def finish(self) -> None:
