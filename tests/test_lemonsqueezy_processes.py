@@ -474,3 +474,45 @@ def test_a_delivery_held_while_what_it_waits_for_is_processed_is_released(
         assert [a.http_status for a in answers] == [200, 200]
         assert adapter.inbox.counts() == {"processed": 2}
         assert ledger.balance(USER).balance_credits == 5000
+
+
+def _refunds_summed(found: dict[str, Any]) -> dict[str, Any]:
+    """A refund seen in steps is one clawback per step seen (a larger one
+    first makes the smaller add nothing): only the total per payment is
+    order-independent (docs/lemonsqueezy.md, *Order, duplicates, failures*)."""
+    found = dict(found)
+    refunds: dict[tuple[Any, ...], int] = {}
+    movements = []
+    for row in found.pop("credit_transactions"):
+        if row[2] == "refund":  # user, amount, kind, description, ..., reference type, reference id, key
+            refunds[row[5:7]] = refunds.get(row[5:7], 0) + row[1]
+        else:
+            movements.append(row)
+    found["credit_transactions"] = sorted(movements)
+    found["refunds"] = refunds
+    return found
+
+
+@pytest.mark.parametrize("seed", [8])
+def test_a_life_with_refunds_in_steps_in_three_processes(stores: Stores, tmp_path: Path, seed: int) -> None:
+    """The simulator's whole life (a refunded renewal, a pack refunded 40 %
+    then in full), copies and resends in three processes, one killed."""
+    from tests.test_lemonsqueezy_orders import life
+
+    originals = [Delivery(d.at, d.event_name, d.body) for d in life()]
+    expected = baseline(stores(), originals)
+    deliveries = with_copies(originals, seed)
+    url = stores()
+    open_ledger(url, StoryClock(BEFORE)).close()
+    fleet = Fleet(url, tmp_path)
+    fleet.run(jobs_of(deliveries, distribute(len(deliveries), 3, seed)), threads=2, kill={2: (3, True)})
+    ledger, _ = settle(url, fleet, deliveries)
+    try:
+        found = checked(ledger)
+    finally:
+        ledger.close()
+    refunds = _refunds_summed(found)["refunds"]
+    assert refunds == _refunds_summed(expected)["refunds"] and len(refunds) == 2
+    for name in ("subscriptions", "snapshots", "credit_balances", "balances", "history"):
+        assert found[name] == expected[name], name
+    assert _refunds_summed(found)["credit_transactions"] == _refunds_summed(expected)["credit_transactions"]
