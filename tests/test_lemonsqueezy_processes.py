@@ -180,6 +180,9 @@ class Fleet:
         for proc in self.procs[-len(assignments) :]:
             proc.join(timeout=240)
             assert proc.exitcode is not None, "a worker hung"
+            # A worker ends when its deliveries are done, or killed: none fails
+            # (starting up on a new store together with the others included).
+            assert proc.exitcode in (0, -signal.SIGKILL), proc.exitcode
 
     def answers(self) -> list[tuple[int, int, str, str]]:
         found = []
@@ -336,7 +339,7 @@ def jobs_of(deliveries: list[Delivery], dealt: list[list[tuple[int, int]]]) -> l
 # ---------------------------------------------------------------- the tests
 
 
-@pytest.mark.parametrize("seed", [11, 2026])
+@pytest.mark.parametrize("seed", [2026])
 def test_one_customers_life_in_three_processes(stores: Stores, tmp_path: Path, seed: int) -> None:
     expected = baseline(stores(), story())
     deliveries = with_copies(story(), seed)
@@ -365,7 +368,7 @@ def _same_but_resends(found: dict[str, Any], expected: dict[str, Any]) -> bool:
 
 @pytest.mark.parametrize("seed", [5])
 def test_many_customers_at_once_in_four_processes(stores: Stores, tmp_path: Path, seed: int) -> None:
-    builders = customers(6)
+    builders = customers(4)
     expected = baseline(stores(), in_lemon_squeezys_order(builders))
     deliveries = with_copies(in_lemon_squeezys_order(customers_again(builders)), seed)
     url = stores()
@@ -385,7 +388,7 @@ def customers_again(builders: list[Builder]) -> list[Builder]:
     return [Builder(user=b.user, subscription=b.subscription, customer=b.customer, offset=b.offset) for b in builders]
 
 
-@pytest.mark.parametrize("copies", [2, 4])
+@pytest.mark.parametrize("copies", [3])
 def test_every_delivery_in_several_processes_at_the_same_instant(stores: Stores, tmp_path: Path, copies: int) -> None:
     """Each process gets the whole story in the same shuffled order and waits
     at a barrier before each delivery: every copy races its twins."""
