@@ -40,6 +40,8 @@ from tests.conftest import pg_base_url, require_postgres
 from tests.lemonsqueezy_support import (
     BEFORE,
     END,
+    R1,
+    START,
     USER,
     Builder,
     Delivery,
@@ -519,3 +521,47 @@ def test_a_life_with_refunds_in_steps_in_three_processes(stores: Stores, tmp_pat
     for name in ("subscriptions", "snapshots", "credit_balances", "balances", "history"):
         assert found[name] == expected[name], name
     assert _refunds_summed(found)["credit_transactions"] == _refunds_summed(expected)["credit_transactions"]
+
+
+def test_a_plan_changed_up_down_and_up_again_in_three_processes(stores: Stores, tmp_path: Path) -> None:
+    """One period's upgrade, downgrade and upgrade again with their proration
+    invoices, copies and resends in three processes: the upgrade is credited
+    once (which invoice carries it depends on the order, by design: see
+    *Which plan an invoice paid for*)."""
+    from tests.test_lemonsqueezy_orders import DAY, PRO, SEC, STARTER, simulator
+
+    sim = simulator()
+    bodies = [
+        sim.subscription("subscription_created", STARTER, updated=START, created=START, renews_at=R1).body,
+        sim.invoice(
+            "subscription_payment_success", invoice_id=550001, created=START + SEC, updated=START + 2 * SEC,
+            total_cents=2500,
+        ).body,
+    ]  # fmt: skip
+    for n, (days, variant, total) in enumerate(((10, PRO, 4000), (12, STARTER, 0), (14, PRO, 3000))):
+        at = START + days * DAY
+        bodies.append(sim.subscription("subscription_updated", variant, updated=at, created=START, renews_at=R1).body)
+        bodies.append(
+            sim.invoice(
+                "subscription_payment_success",
+                invoice_id=550002 + n,
+                reason="updated",
+                created=at + SEC,
+                updated=at + 2 * SEC,
+                total_cents=total,
+            ).body
+        )
+    deliveries = with_copies([Delivery(START, "", body) for body in bodies], 1)
+    url = stores()
+    open_ledger(url, StoryClock(BEFORE)).close()
+    fleet = Fleet(url, tmp_path)
+    fleet.run(jobs_of(deliveries, distribute(len(deliveries), 3, 1)), threads=2)
+    ledger, _ = settle(url, fleet, deliveries)
+    try:
+        granted = sorted(e.data["amount"] for e in ledger.history(USER) if e.type == "granted")
+        assert granted == [5000, 10000]  # Starter's; Pro's minus Starter's, once
+        found = checked(ledger)
+        assert found["balances"][str(USER)][0] == 0  # all lapsed at END
+        assert len(found["webhook_events"]) == 2 * len(bodies)
+    finally:
+        ledger.close()
