@@ -90,3 +90,29 @@ def test_views_that_cannot_reach_the_command_still_raise(ledger_url: str, clock:
         assert "IntegrityError" in {c.__name__ for c in type(stalled.cause).__mro__}
         assert isinstance(info.value.receipt, Receipt) and info.value.receipt.balance_credits == 15
         assert ledger.balance(user).balance_credits == 15  # recorded all the same
+
+
+def _open_views(url: str, start: Any, queue: Any) -> None:
+    try:
+        with Ledger(url) as ledger:
+            start.wait(timeout=60)
+            ledger.views.catch_up()
+        queue.put("ok")
+    except Exception as exc:
+        queue.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_opening_the_views_of_a_new_store_at_once(durable_url: str) -> None:
+    """Several workers of an application started together on a new store:
+    each creates the views' tables if missing, and none fails for another
+    creating them at the same moment."""
+    Ledger(durable_url).close()  # the event store's tables; the views' not yet
+    ctx = multiprocessing.get_context("spawn")
+    start, queue = ctx.Barrier(6), ctx.Queue()
+    processes = [ctx.Process(target=_open_views, args=(durable_url, start, queue)) for _ in range(6)]
+    for process in processes:
+        process.start()
+    outcomes = [queue.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+    assert outcomes == ["ok"] * 6

@@ -415,8 +415,23 @@ class Pipeline:
         without a seal, stored before seals). ``fresh``: the row was just
         stored, and must be on disk when this returns (see inbox)."""
         outcome = self._outcome(row, event, unsealed)
+        self._record(row, outcome, release=release, flush=fresh and not outcome.committed)
+        if outcome.status == "held" and fresh:
+            # What it waits for may have been processed, by another thread or
+            # process, after this delivery was applied and before it was
+            # recorded as held: that one looked for the deliveries held for
+            # it and did not find this one. Applied once more, now that it is
+            # recorded, it goes through (or that one finds it, whichever
+            # comes later), instead of waiting for ``retry``.
+            again = self._outcome(row, event, unsealed)
+            if again.status != "held":
+                self._record(row, again, release=release, flush=False)
+                return again
+        return outcome
+
+    def _record(self, row: InboxRow, outcome: Outcome, *, release: bool, flush: bool) -> None:
+        """Records the outcome on the row, and runs what was held for what it brought."""
         now = self.ledger.clock.now()
-        flush = fresh and not outcome.committed
         if outcome.status == "ignored":
             self.inbox.finish(
                 row.row_id, status="received", message=outcome.message, now=now, attempted=False, flush=flush
@@ -436,7 +451,6 @@ class Pipeline:
                 self._release(waiting)
         else:
             self.inbox.finish(row.row_id, status="failed", message=outcome.message, now=now, flush=flush)
-        return outcome
 
     def _refusal(self, row: InboxRow, unsealed: bool) -> Outcome | None:
         """Why a row read back must not be applied (an outcome ``failed``), or

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
@@ -246,6 +247,27 @@ class ViewStore(ABC):
         """Blocks until the views include ``position``; TimeoutError after ``timeout_s``."""
         self.position()  # a corrupt position is named (ViewsCorrupt), not a TypeError
         self.tracking.wait(TRACKED_APPLICATION, position, timeout=timeout_s)
+
+
+#: Attempts at creating the views' tracking table (see create_tracking_table).
+TRACKING_TABLE_ATTEMPTS = 6
+
+
+def create_tracking_table(tracking: TrackingRecorder) -> None:
+    """eventsourcing's tracking table, created where missing. Several
+    processes opening the views of a new store at once race in it (a
+    duplicate key in PostgreSQL's catalog for the concurrent ``CREATE TABLE
+    IF NOT EXISTS``, its migration row inserted twice, SQLite's write lock
+    taken by another): the loser's next attempt finds the table the winner
+    made, with its migration row, and creates nothing."""
+    for attempt in range(TRACKING_TABLE_ATTEMPTS):
+        try:
+            tracking.create_table()  # type: ignore[attr-defined]
+            return
+        except PersistenceError:
+            if attempt == TRACKING_TABLE_ATTEMPTS - 1:
+                raise
+            time.sleep(0.02 * 2**attempt)
 
 
 def tracking_for(position: int) -> Tracking:

@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 
 from ledger.errors import ConfigurationError
 from ledger.storage.ddl import SCHEMA_VERSION, Table, render_postgres
-from ledger.storage.viewstore import ViewStore, ViewTx, naive_utc, normalise, tracking_for
+from ledger.storage.viewstore import ViewStore, ViewTx, create_tracking_table, naive_utc, normalise, tracking_for
 
 TRACKING_TABLE = "ledger_views_tracking"
 ROWS_PAGE = 5_000
@@ -169,7 +169,7 @@ class PostgresViewStore(ViewStore):
         self.tracking: PostgresTrackingRecorder = PostgresTrackingRecorder(
             datastore=datastore, tracking_table_name=TRACKING_TABLE
         )
-        self.tracking.create_table()
+        create_tracking_table(self.tracking)
 
     @contextmanager
     def transaction(self) -> Iterator[ViewTx]:

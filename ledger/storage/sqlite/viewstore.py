@@ -16,7 +16,7 @@ from eventsourcing.sqlite import SQLiteCursor, SQLiteDatastore, SQLiteTrackingRe
 
 from ledger.errors import ConfigurationError
 from ledger.storage.ddl import SCHEMA_VERSION, Table, render_sqlite, sqlite_added_columns
-from ledger.storage.viewstore import ViewStore, ViewTx, naive_utc, normalise, tracking_for
+from ledger.storage.viewstore import ViewStore, ViewTx, create_tracking_table, naive_utc, normalise, tracking_for
 
 
 def _adapt(value: Any) -> Any:
@@ -58,7 +58,7 @@ class SQLiteViewStore(ViewStore):
         self.path = path
         self.datastore = SQLiteDatastore(db_name=path, lock_timeout=30, single_row_tracking=True)
         self.tracking: SQLiteTrackingRecorder = SQLiteTrackingRecorder(datastore=self.datastore)
-        self.tracking.create_table()
+        create_tracking_table(self.tracking)
 
     @contextmanager
     def transaction(self) -> Iterator[ViewTx]:
