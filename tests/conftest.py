@@ -75,7 +75,13 @@ def fresh_pg_schema() -> Iterator[str]:
     sep = "&" if "?" in base else "?"
     yield f"{base}{sep}schema={schema}"
     with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        # And the rebuild asides a test left (killed or failed rebuilds, on
+        # purpose or not): named after the schema, which is unique here.
+        asides = conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE starts_with(nspname, %s)", [f"{schema}_rebuild_"]
+        ).fetchall()
+        for (name,) in [*asides, (schema,)]:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
 @pytest.fixture
