@@ -204,10 +204,10 @@ def test_a_whole_life_shuffled_duplicated_resent_and_crashed(
     assert state == expected
 
 
-def test_upgrade_downgrade_and_upgrade_again_in_one_period_in_any_order() -> None:
-    """The changes and their invoices in order, then in a sample of other
-    orders: the upgrade's credits once, every time."""
-    sim = simulator()
+def up_down_up(sim: Simulator) -> tuple[list[bytes], list[bytes]]:
+    """A Starter checkout (its snapshot and first invoice), then one period's
+    change up to Pro, down to Starter and up to Pro again, each a snapshot
+    and its proration invoice: (the checkout's bodies, the changes')."""
     checkout = [
         sim.subscription("subscription_created", STARTER, updated=START, created=START, renews_at=R1).body,
         sim.invoice(
@@ -229,6 +229,13 @@ def test_upgrade_downgrade_and_upgrade_again_in_one_period_in_any_order() -> Non
                 total_cents=total,
             ).body
         )
+    return checkout, changes
+
+
+def test_upgrade_downgrade_and_upgrade_again_in_one_period_in_any_order() -> None:
+    """The changes and their invoices in order, then in a sample of other
+    orders: the upgrade's credits once, every time."""
+    checkout, changes = up_down_up(simulator())
     orders = random.Random(5).sample(list(itertools.permutations(range(len(changes)))), 24)
     for order in [tuple(range(len(changes))), *orders]:
         with open_ledger("memory://", StoryClock(BEFORE)) as ledger:

@@ -40,7 +40,6 @@ from tests.conftest import pg_base_url, require_postgres
 from tests.lemonsqueezy_support import (
     BEFORE,
     END,
-    R1,
     START,
     USER,
     Builder,
@@ -528,29 +527,10 @@ def test_a_plan_changed_up_down_and_up_again_in_three_processes(stores: Stores, 
     invoices, copies and resends in three processes: the upgrade is credited
     once (which invoice carries it depends on the order, by design: see
     *Which plan an invoice paid for*)."""
-    from tests.test_lemonsqueezy_orders import DAY, PRO, SEC, STARTER, simulator
+    from tests.test_lemonsqueezy_orders import simulator, up_down_up
 
-    sim = simulator()
-    bodies = [
-        sim.subscription("subscription_created", STARTER, updated=START, created=START, renews_at=R1).body,
-        sim.invoice(
-            "subscription_payment_success", invoice_id=550001, created=START + SEC, updated=START + 2 * SEC,
-            total_cents=2500,
-        ).body,
-    ]  # fmt: skip
-    for n, (days, variant, total) in enumerate(((10, PRO, 4000), (12, STARTER, 0), (14, PRO, 3000))):
-        at = START + days * DAY
-        bodies.append(sim.subscription("subscription_updated", variant, updated=at, created=START, renews_at=R1).body)
-        bodies.append(
-            sim.invoice(
-                "subscription_payment_success",
-                invoice_id=550002 + n,
-                reason="updated",
-                created=at + SEC,
-                updated=at + 2 * SEC,
-                total_cents=total,
-            ).body
-        )
+    checkout, changes = up_down_up(simulator())
+    bodies = checkout + changes
     deliveries = with_copies([Delivery(START, "", body) for body in bodies], 1)
     url = stores()
     open_ledger(url, StoryClock(BEFORE)).close()
