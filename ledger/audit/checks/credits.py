@@ -997,13 +997,7 @@ class CommandCheck(Check):
             differ.append(("amount", argued_amount, amount))
         if argued_hold is not _ABSENT and argued_hold != (None if reservation is None else str(UUID(int=reservation))):
             differ.append(("hold", argued_hold, _show_id(reservation)))
-        if differ:
-            self.report(
-                record_position,
-                f"key {key!r}",
-                f"its arguments say {', '.join(f'{n} {a}' for n, a, _ in differ)}; the event at position {position} "
-                f"says {', '.join(f'{n} {e}' for n, _, e in differ)}",
-            )
+        self._report_arguments(key, record_position, position, differ)
         self._match_terms(key, command, record_position, position)
         self.receipts[key] = (record_position, said[6], said[7], said[8])
 
@@ -1023,12 +1017,18 @@ class CommandCheck(Check):
         differ = [
             (n, a, t) for n, a, t in zip(_TERMS[command], argued, terms, strict=True) if a is not _ABSENT and a != t
         ]
+        self._report_arguments(key, record_position, position, differ)
+
+    def _report_arguments(
+        self, key: str, record_position: int, position: int, differ: list[tuple[str, Any, Any]]
+    ) -> None:
+        """Names what a record's arguments say (name, argued, event's) that its event at ``position`` does not."""
         if differ:
             self.report(
                 record_position,
                 f"key {key!r}",
                 f"its arguments say {', '.join(f'{n} {a}' for n, a, _ in differ)}; the event at position {position} "
-                f"says {', '.join(f'{n} {t}' for n, _, t in differ)}",
+                f"says {', '.join(f'{n} {e}' for n, _, e in differ)}",
             )
 
     # -- reservation records ----------------------------------------------------------
