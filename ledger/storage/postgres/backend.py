@@ -320,20 +320,23 @@ class AdvisoryLease:
 
     @classmethod
     def take(cls, backend: PostgresBackend, schema: str) -> AdvisoryLease:
-        conn = psycopg.connect(backend.conninfo(), autocommit=True, **backend.config.connect_kwargs())
-        try:
-            conn.execute("SELECT pg_advisory_lock(%s)", [_rebuild_key(schema)])
-        except BaseException:
-            conn.close()
-            raise
-        return cls(conn)
+        """The rebuild aside ``schema``'s lock, waiting for it."""
+        lease = cls._locking(backend, "SELECT true FROM pg_advisory_lock(%s)", _rebuild_key(schema))
+        assert lease is not None  # a lock waited for is taken (or the wait raised)
+        return lease
 
     @classmethod
     def try_take(cls, backend: PostgresBackend, key: int) -> AdvisoryLease | None:
         """The lock if it is free now, else None."""
+        return cls._locking(backend, "SELECT pg_try_advisory_lock(%s)", key)
+
+    @classmethod
+    def _locking(cls, backend: PostgresBackend, query: str, key: int) -> AdvisoryLease | None:
+        """A connection of its own that runs ``query`` (a lock on ``key``,
+        answering whether it was taken): the lease, or None (closed)."""
         conn = psycopg.connect(backend.conninfo(), autocommit=True, **backend.config.connect_kwargs())
         try:
-            row = conn.execute("SELECT pg_try_advisory_lock(%s)", [key]).fetchone()
+            row = conn.execute(query, [key]).fetchone()
         except BaseException:
             conn.close()
             raise

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar, Self
 
 from ledger.errors import ConfigurationError
 from ledger.storage.base import REBUILD_MARK, REBUILD_TOKEN, Backend, rebuild_token
@@ -83,13 +83,11 @@ class SQLiteBackend(Backend):
         digest = hashlib.sha256(consumer.encode()).hexdigest()[:16]
         path = f"{self.path}.consumer-{digest}.lease"
         try:
-            lease = ConsumerFileLease.take(path, wait_s=0)
+            return ConsumerFileLease.take(path, wait_s=0)
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc):
                 return None  # another notifier holds it
             raise ConfigurationError(f"cannot take the lease of consumer {consumer!r} at {path}: {exc}") from exc
-        assert isinstance(lease, ConsumerFileLease)
-        return lease
 
     def views_path(self) -> str:
         """The file holding the read models: beside the event store's file."""
@@ -163,13 +161,16 @@ class FileLease:
     """An exclusive SQLite transaction on a small file of its own, held open:
     the operating system releases the file lock when the process ends."""
 
+    #: Whether release removes the file (an outbox consumer's stays: ConsumerFileLease).
+    removes_file: ClassVar[bool] = True
+
     def __init__(self, conn: sqlite3.Connection, path: str) -> None:
         self._conn = conn
         self.path = path
         self._released = False
 
     @classmethod
-    def take(cls, path: str, *, wait_s: float = 30.0) -> FileLease:
+    def take(cls, path: str, *, wait_s: float = 30.0) -> Self:
         # Released by whichever thread ends the holder's work (a notifier's
         # standby takes it in one thread, closes it in another).
         conn = sqlite3.connect(path, timeout=wait_s, isolation_level=None, check_same_thread=False)
@@ -182,7 +183,7 @@ class FileLease:
         return cls(conn, path)
 
     @classmethod
-    def try_take(cls, path: str) -> FileLease | None:
+    def try_take(cls, path: str) -> Self | None:
         try:
             return cls.take(path, wait_s=0)
         except sqlite3.OperationalError:  # locked (its rebuild is running), or not ours to open
@@ -194,7 +195,8 @@ class FileLease:
     def release(self) -> None:
         self._released = True
         self._conn.close()
-        _remove(self.path)
+        if self.removes_file:
+            _remove(self.path)
 
 
 class ConsumerFileLease(FileLease):
@@ -203,9 +205,7 @@ class ConsumerFileLease(FileLease):
     just before lock the removed file while a third locks a new one: two
     holders."""
 
-    def release(self) -> None:
-        self._released = True
-        self._conn.close()
+    removes_file = False
 
 
 def _drop_orphan_lease(entry: Path) -> None:
