@@ -46,7 +46,7 @@ if REPO_ROOT not in sys.path:
 
 import scaling  # noqa: E402  (benchmarks/scaling.py, beside this file)
 
-from ledger import CreditKind, GrantCredits, Ledger  # noqa: E402
+from ledger import Ledger  # noqa: E402
 from ledger.storage import eventstore  # noqa: E402  (the phases are timed where they run)
 from ledger.storage.postgres import recorder, writelocks  # noqa: E402
 
@@ -134,13 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     try:
         users = [uuid.uuid4() for _ in range(ACCOUNTS)]
-        with Ledger(url) as ledger:
-            for user in users:
-                ledger.execute(
-                    GrantCredits(
-                        key=f"fund:{user}", user_id=user, amount_credits=scaling.FUNDING, kind=CreditKind.PURCHASE
-                    )
-                )
+        scaling.fund(url, users)
         names = [str(u) for u in users]
         cells: list[tuple[str, Callable[[], dict[str, float]]]] = [
             ("1p", lambda: cell(url, names, 1, args.seconds, routed=True)),
