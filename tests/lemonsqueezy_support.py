@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid5
 
+import psycopg
+import pytest
+
 from adapters.lemonsqueezy import LemonSqueezy, sign
 from ledger import DEFAULT_CATALOG, CreditPolicy, Ledger
 from ledger.domain.subscriptions import Subscription
+from tests.conftest import pg_base_url, require_postgres
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "lemonsqueezy"
 SECRET = "whsec_pingvas_test_4f2a9c"
@@ -38,6 +43,34 @@ R4 = datetime(2030, 5, 5, 10, 0, 0, tzinfo=UTC)
 END = datetime(2030, 5, 6, 0, 0, 0, tzinfo=UTC)
 #: A time before the story: nothing has lapsed yet, every invoice is young.
 BEFORE = START - timedelta(hours=1)
+
+
+#: Makes a fresh, empty store of one backend each time it is called.
+Stores = Callable[[], str]
+
+
+def store_factory(backend: str, tmp_path_factory: pytest.TempPathFactory, prefix: str) -> Iterator[Stores]:
+    """Yields a factory of fresh, empty stores of ``backend`` (memory,
+    sqlite or postgres), named with ``prefix``; drops the PostgreSQL schemas
+    it made afterwards. For the fixtures whose runs and baselines each get
+    a store."""
+    schemas: list[str] = []
+
+    def new() -> str:
+        if backend == "memory":
+            return "memory://"
+        if backend == "sqlite":
+            return f"sqlite:///{tmp_path_factory.mktemp(prefix) / 'ledger.sqlite3'}"
+        require_postgres()
+        schemas.append(f"test_{prefix}_{uuid.uuid4().hex[:12]}")
+        base = pg_base_url()
+        return f"{base}{'&' if '?' in base else '?'}schema={schemas[-1]}"
+
+    yield new
+    if schemas:
+        with psycopg.connect(pg_base_url(), autocommit=True) as conn:
+            for schema in schemas:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 def php_json(value: Any) -> bytes:

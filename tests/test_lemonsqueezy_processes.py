@@ -22,13 +22,12 @@ import random
 import signal
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import psycopg
 import pytest
 
 from adapters.lemonsqueezy import LemonSqueezy
@@ -36,7 +35,6 @@ from adapters.webhooks.inbox import Inbox
 from adapters.webhooks.pipeline import DEFAULT_STALE_AFTER_S
 from ledger import Ledger, audit
 from ledger.storage.eventstore import LedgerApplication
-from tests.conftest import pg_base_url, require_postgres
 from tests.lemonsqueezy_support import (
     BEFORE,
     END,
@@ -44,38 +42,25 @@ from tests.lemonsqueezy_support import (
     USER,
     Builder,
     Delivery,
+    Stores,
     StoryClock,
     _subscriptions,
     adapter_for,
     headers_for,
     history_in_order,
     open_ledger,
+    store_factory,
     story,
     table,
 )
 
-Stores = Callable[[], str]
 CTX = multiprocessing.get_context("spawn")
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def stores(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stores]:
     """Fresh, empty stores that several processes share (a run and its baseline each get one)."""
-    schemas: list[str] = []
-
-    def new() -> str:
-        if request.param == "sqlite":
-            return f"sqlite:///{tmp_path_factory.mktemp('lsp') / 'ledger.sqlite3'}"
-        require_postgres()
-        schemas.append(f"test_lsp_{uuid.uuid4().hex[:12]}")
-        base = pg_base_url()
-        return f"{base}{'&' if '?' in base else '?'}schema={schemas[-1]}"
-
-    yield new
-    if schemas:
-        with psycopg.connect(pg_base_url(), autocommit=True) as conn:
-            for schema in schemas:
-                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    yield from store_factory(request.param, tmp_path_factory, "lsp")
 
 
 # ------------------------------------------------------------------ a worker

@@ -28,55 +28,35 @@ legitimately grants nothing: tested on its own in test_lemonsqueezy_effects).
 from __future__ import annotations
 
 import random
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-import psycopg
 import pytest
 
 from adapters.lemonsqueezy import LemonSqueezy
 from ledger import Ledger, audit
 from ledger.storage.eventstore import LedgerApplication
-from tests.conftest import pg_base_url, require_postgres
 from tests.lemonsqueezy_support import (
     BEFORE,
     Delivery,
+    Stores,
     StoryClock,
     adapter_for,
     final_state,
     headers_for,
     open_ledger,
+    store_factory,
     story,
 )
 
 SEEDS = [7, 1234, 20300505]
 
 
-Stores = Callable[[], str]
-
-
 @pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def stores(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stores]:
     """A factory of fresh, empty stores of one backend (a replay and its baseline each get one)."""
-    schemas: list[str] = []
-
-    def new() -> str:
-        if request.param == "memory":
-            return "memory://"
-        if request.param == "sqlite":
-            return f"sqlite:///{tmp_path_factory.mktemp('ls') / 'ledger.sqlite3'}"
-        require_postgres()
-        schemas.append(f"test_ls_{uuid.uuid4().hex[:12]}")
-        base = pg_base_url()
-        return f"{base}{'&' if '?' in base else '?'}schema={schemas[-1]}"
-
-    yield new
-    if schemas:
-        with psycopg.connect(pg_base_url(), autocommit=True) as conn:
-            for schema in schemas:
-                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    yield from store_factory(request.param, tmp_path_factory, "ls")
 
 
 class Run:
