@@ -322,6 +322,22 @@ def jobs_of(deliveries: list[Delivery], dealt: list[list[tuple[int, int]]]) -> l
     return [[(i, deliveries[i].body) for i, _ in mine] for mine in dealt]
 
 
+def fleet_on(stores: Stores, tmp_path: Path) -> Fleet:
+    """Workers for a fresh store, created before they start (as a deployed store is)."""
+    url = stores()
+    open_ledger(url, StoryClock(BEFORE)).close()
+    return Fleet(url, tmp_path)
+
+
+def settled_state(fleet: Fleet, deliveries: list[Delivery]) -> dict[str, Any]:
+    """The store's state once the fleet's deliveries are settled (``settle``) and ``checked``."""
+    ledger, _ = settle(fleet.url, fleet, deliveries)
+    try:
+        return checked(ledger)
+    finally:
+        ledger.close()
+
+
 # ---------------------------------------------------------------- the tests
 
 
@@ -329,15 +345,9 @@ def jobs_of(deliveries: list[Delivery], dealt: list[list[tuple[int, int]]]) -> l
 def test_one_customers_life_in_three_processes(stores: Stores, tmp_path: Path, seed: int) -> None:
     expected = baseline(stores(), story())
     deliveries = with_copies(story(), seed)
-    url = stores()
-    open_ledger(url, StoryClock(BEFORE)).close()
-    fleet = Fleet(url, tmp_path)
+    fleet = fleet_on(stores, tmp_path)
     fleet.run(jobs_of(deliveries, distribute(len(deliveries), 3, seed)), threads=3)
-    ledger, _ = settle(url, fleet, deliveries)
-    try:
-        found = checked(ledger)
-    finally:
-        ledger.close()
+    found = settled_state(fleet, deliveries)
     assert _same_but_resends(found, expected)
 
 
@@ -357,15 +367,9 @@ def test_many_customers_at_once_in_four_processes(stores: Stores, tmp_path: Path
     builders = customers(4)
     expected = baseline(stores(), in_lemon_squeezys_order(builders))
     deliveries = with_copies(in_lemon_squeezys_order(customers_again(builders)), seed)
-    url = stores()
-    open_ledger(url, StoryClock(BEFORE)).close()
-    fleet = Fleet(url, tmp_path)
+    fleet = fleet_on(stores, tmp_path)
     fleet.run(jobs_of(deliveries, distribute(len(deliveries), 4, seed)), threads=3)
-    ledger, _ = settle(url, fleet, deliveries)
-    try:
-        found = checked(ledger)
-    finally:
-        ledger.close()
+    found = settled_state(fleet, deliveries)
     assert _same_but_resends(found, expected)
 
 
@@ -382,19 +386,13 @@ def test_every_delivery_in_several_processes_at_the_same_instant(stores: Stores,
     deliveries = story()
     order = list(range(len(deliveries)))
     random.Random(copies).shuffle(order)
-    url = stores()
-    open_ledger(url, StoryClock(BEFORE)).close()
-    fleet = Fleet(url, tmp_path)
+    fleet = fleet_on(stores, tmp_path)
     fleet.run([[(i, deliveries[i].body) for i in order]] * copies, threads=1, lockstep=True)
     answers = fleet.answers()
     assert len(answers) == copies * len(deliveries)
     per_delivery = {i: sorted(a[2] for a in answers if a[0] == i) for i in order}
     assert all(s == ["duplicate"] * (copies - 1) + ["stored"] for s in per_delivery.values()), per_delivery
-    ledger, _ = settle(url, fleet, deliveries)
-    try:
-        found = checked(ledger)
-    finally:
-        ledger.close()
+    found = settled_state(fleet, deliveries)
     for name in ("subscriptions", "snapshots", "credit_transactions", "credit_balances", "balances", "history"):
         assert found[name] == expected[name], name
     assert found["webhook_events"] == expected["webhook_events"]
@@ -408,9 +406,7 @@ def test_workers_killed_mid_delivery_then_resent(stores: Stores, tmp_path: Path,
     ``received``."""
     expected = baseline(stores(), story())
     deliveries = with_copies(story(), seed)
-    url = stores()
-    open_ledger(url, StoryClock(BEFORE)).close()
-    fleet = Fleet(url, tmp_path)
+    fleet = fleet_on(stores, tmp_path)
     rng = random.Random(seed)
     fleet.run(
         jobs_of(deliveries, distribute(len(deliveries), 3, seed)),
@@ -418,11 +414,7 @@ def test_workers_killed_mid_delivery_then_resent(stores: Stores, tmp_path: Path,
         kill={0: (rng.randint(1, 2), after), 1: (rng.randint(1, 2), after)},
     )
     assert fleet.killed() == 2, [(p.exitcode, o.read_text()) for p, o in zip(fleet.procs, fleet.outs, strict=True)]
-    ledger, _ = settle(url, fleet, deliveries)
-    try:
-        found = checked(ledger)
-    finally:
-        ledger.close()
+    found = settled_state(fleet, deliveries)
     assert _same_but_resends(found, expected)
 
 
@@ -491,15 +483,9 @@ def test_a_life_with_refunds_in_steps_in_three_processes(stores: Stores, tmp_pat
     originals = [Delivery(d.at, d.event_name, d.body) for d in life()]
     expected = baseline(stores(), originals)
     deliveries = with_copies(originals, seed)
-    url = stores()
-    open_ledger(url, StoryClock(BEFORE)).close()
-    fleet = Fleet(url, tmp_path)
+    fleet = fleet_on(stores, tmp_path)
     fleet.run(jobs_of(deliveries, distribute(len(deliveries), 3, seed)), threads=2, kill={2: (3, True)})
-    ledger, _ = settle(url, fleet, deliveries)
-    try:
-        found = checked(ledger)
-    finally:
-        ledger.close()
+    found = settled_state(fleet, deliveries)
     refunds = _refunds_summed(found)["refunds"]
     assert refunds == _refunds_summed(expected)["refunds"] and len(refunds) == 2
     for name in ("subscriptions", "snapshots", "credit_balances", "balances", "history"):
@@ -517,11 +503,9 @@ def test_a_plan_changed_up_down_and_up_again_in_three_processes(stores: Stores, 
     checkout, changes = up_down_up(simulator())
     bodies = checkout + changes
     deliveries = with_copies([Delivery(START, "", body) for body in bodies], 1)
-    url = stores()
-    open_ledger(url, StoryClock(BEFORE)).close()
-    fleet = Fleet(url, tmp_path)
+    fleet = fleet_on(stores, tmp_path)
     fleet.run(jobs_of(deliveries, distribute(len(deliveries), 3, 1)), threads=2)
-    ledger, _ = settle(url, fleet, deliveries)
+    ledger, _ = settle(fleet.url, fleet, deliveries)
     try:
         granted = sorted(e.data["amount"] for e in ledger.history(USER) if e.type == "granted")
         assert granted == [5000, 10000]  # Starter's; Pro's minus Starter's, once
