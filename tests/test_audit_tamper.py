@@ -57,6 +57,10 @@ class RawEvents:
     def state(self, position: int) -> bytes:
         return bytes(self.sql("SELECT state FROM {t} WHERE {id} = %s", position)[0][0])
 
+    def write_json(self, position: int, state: Any) -> None:
+        """Replaces the event's state with ``state`` encoded as JSON."""
+        self.sql("UPDATE {t} SET state = %s WHERE {id} = %s", json.dumps(state).encode(), position)
+
     def position_of(self, topic_suffix: str, nth: int = 0) -> int:
         rows = self.sql("SELECT {id}, topic FROM {t} ORDER BY {id}")
         return [p for p, topic in rows if topic.endswith(topic_suffix)][nth]
@@ -315,7 +319,7 @@ def test_an_account_opened_as_another_aggregate_is_named(durable_url: str, origi
         opened = raw.position_of("CreditAccount.Opened", 0)
         state = json.loads(raw.state(opened))
         state["originator_topic"] = originator_topic
-        raw.sql("UPDATE {t} SET state = %s WHERE {id} = %s", json.dumps(state).encode(), opened)
+        raw.write_json(opened, state)
     report = audit(durable_url)
     [finding] = [f for f in report.findings if f.check == "decode"]
     assert finding.position == opened
@@ -333,7 +337,7 @@ def test_an_event_with_a_value_of_the_wrong_type_is_named_not_a_crash(durable_ur
         grant = raw.position_of("CreditAccount.Granted", 1)
         state = json.loads(raw.state(grant))
         state["key"] = None
-        raw.sql("UPDATE {t} SET state = %s WHERE {id} = %s", json.dumps(state).encode(), grant)
+        raw.write_json(grant, state)
     report = audit(durable_url)
     assert not report.ok
     assert [(f.position, f.message.split(":")[0]) for f in report.findings if f.check == "decode"] == [
@@ -446,7 +450,7 @@ def rewrite_record(raw: RawEvents, key_suffix: str, edit: Any) -> int:
         record = json.loads(bytes(state))
         if topic.endswith("CommandRecord.Recorded") and record["key"].endswith(key_suffix):
             edit(record)
-            raw.sql("UPDATE {t} SET state = %s WHERE {id} = %s", json.dumps(record).encode(), position)
+            raw.write_json(position, record)
             return int(position)
     raise AssertionError(f"no record of a key ending {key_suffix!r}")
 
@@ -681,7 +685,7 @@ def test_an_event_whose_timestamp_is_not_a_time_is_named_not_a_crash(durable_url
             state["timestamp"]["_data_"] = "2026-01-01T00:00:00"
         else:
             state["timestamp"] = timestamp
-        raw.sql("UPDATE {t} SET state = %s WHERE {id} = %s", json.dumps(state).encode(), opened)
+        raw.write_json(opened, state)
     report = audit(durable_url)
     [finding] = [f for f in report.findings if f.check == "decode"]
     assert (
