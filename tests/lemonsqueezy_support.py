@@ -241,6 +241,19 @@ class Builder:
         )
         return php_json(payload)
 
+    def initial_invoice_event(self) -> bytes:
+        """The subscription's first invoice, paid a second after START (Starter's 25.00)."""
+        second = timedelta(seconds=1)
+        return self.invoice_event(
+            "subscription_payment_success",
+            "550001",
+            reason="initial",
+            status="paid",
+            created=START + second,
+            updated=START + 2 * second,
+            total=2500,
+        )
+
     def order_event(
         self,
         event: str,

@@ -929,15 +929,7 @@ def test_a_resent_event_changes_nothing_twice(adapter: LemonSqueezy, ledger: Led
 
     b = Builder()
     started(adapter, b)
-    body = b.invoice_event(
-        "subscription_payment_success",
-        "550001",
-        reason="initial",
-        status="paid",
-        created=START + SEC,
-        updated=START + 2 * SEC,
-        total=2500,
-    )
+    body = b.initial_invoice_event()
     send(adapter, body)
     resent = Delivery(START, "subscription_payment_success", body).resent("dashboard")
     result = send(adapter, resent.body)

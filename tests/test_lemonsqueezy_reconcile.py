@@ -293,15 +293,7 @@ def test_reconcile_applies_newer_snapshots_and_grants_paid_invoices_never_grante
     first = b.subscription_event("subscription_created", updated=START, renews_at=R1)
     assert adapter.ingest(first, headers_for(first)).processing == "processed"
     # Lost deliveries: the initial invoice, the renewal, and a cancellation.
-    initial = b.invoice_event(
-        "subscription_payment_success",
-        "550001",
-        reason="initial",
-        status="paid",
-        created=START + SEC,
-        updated=START + 2 * SEC,
-        total=2500,
-    )
+    initial = b.initial_invoice_event()
     renewal = b.invoice_event(
         "subscription_payment_success",
         "550002",
@@ -377,15 +369,7 @@ def test_reconcile_claws_back_refunds_of_invoices_older_than_the_window(
     adapter = adapter_for(ledger)
     b = Builder()
     created = b.subscription_event("subscription_created", updated=START, renews_at=R1)
-    paid = b.invoice_event(
-        "subscription_payment_success",
-        "550001",
-        reason="initial",
-        status="paid",
-        created=START + SEC,
-        updated=START + 2 * SEC,
-        total=2500,
-    )
+    paid = b.initial_invoice_event()
     for body in (created, paid):
         assert adapter.ingest(body, headers_for(body)).processing == "processed"
     assert ledger.balance(USER).balance_credits == 5000
@@ -441,15 +425,7 @@ def test_reconcile_finds_lost_order_refunds_however_old_and_lost_pack_orders(led
     for body in (
         b.order_event("order_created", "660002", variant="9001", total=1000, at=START),  # 1,000 credits
         b.subscription_event("subscription_created", updated=START, renews_at=R1),
-        b.invoice_event(
-            "subscription_payment_success",
-            "550001",
-            reason="initial",
-            status="paid",
-            created=START + SEC,
-            updated=START + 2 * SEC,
-            total=2500,
-        ),  # 5,000 credits
+        b.initial_invoice_event(),  # 5,000 credits
         b.order_event("order_created", "660003", variant="9002", total=4000, at=START + SEC),  # 5,000 credits
     ):
         assert adapter.ingest(body, headers_for(body)).processing == "processed"
