@@ -53,6 +53,7 @@ import os
 import queue as queue_module
 import random
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -97,6 +98,9 @@ RAW_LOCKED_STATE_BYTES = 250
 #: Workloads that run in process cells only (what they measure is the server's).
 PROCESS_ONLY = ("raw_locked",)
 MODES = ("p", "t")  # processes, threads
+#: Processes sharing one group commit (``share_group_commit``): the commands' workloads only.
+SHARED_MODE = "s"
+COMMANDS = ("many", "hot")
 #: A settle that ran out of attempts is tried again (same key) so that no hold is left open.
 SETTLE_TRIES = 5
 #: From the moment every client is warm to the cell's start: time to tell them all.
@@ -428,14 +432,22 @@ def warm_up(executor: Any, users: Sequence[str]) -> None:
 
 
 def worker_main(
-    url: str, threads_url: str, conninfo: str, executor_path: str, warm: Sequence[str], inbox: Any, outbox: Any
+    url: str,
+    threads_url: str,
+    conninfo: str,
+    executor_path: str,
+    warm: Sequence[str],
+    inbox: Any,
+    outbox: Any,
+    share_path: str | None = None,
 ) -> None:
     """A client process: opens its Ledger (and, on request, a threads' Ledger)
     once, runs one reserve/settle on every account, as a worker that has been
     up for a while would have (``warm_up``), then runs tasks until told to stop."""
     try:
         factory = load_executor(executor_path)
-        ledger = Ledger(url)
+        # With share_path, the processes share one group commit (docs/group-commit.md).
+        ledger = Ledger(url) if share_path is None else Ledger(url, share_group_commit=share_path)
         executor = factory(ledger)
         warm_up(executor, warm)
         shared: tuple[Ledger, Any] | None = None
@@ -473,7 +485,15 @@ class Workers:
     """Client processes, started once and reused by every cell."""
 
     def __init__(
-        self, count: int, url: str, threads_url: str, conninfo: str, executor_path: str, warm: Sequence[str]
+        self,
+        count: int,
+        url: str,
+        threads_url: str,
+        conninfo: str,
+        executor_path: str,
+        warm: Sequence[str],
+        *,
+        share_path: str | None = None,
     ) -> None:
         ctx = multiprocessing.get_context("spawn")
         self.inboxes = [ctx.Queue() for _ in range(count)]
@@ -481,7 +501,7 @@ class Workers:
         self.procs = [
             ctx.Process(
                 target=worker_main,
-                args=(url, threads_url, conninfo, executor_path, list(warm), inbox, self.outbox),
+                args=(url, threads_url, conninfo, executor_path, list(warm), inbox, self.outbox, share_path),
                 daemon=True,
             )
             for inbox in self.inboxes
@@ -654,6 +674,56 @@ def fund(url: str, users: Sequence[uuid.UUID]) -> None:
         )
 
 
+HEADER = (
+    f"{'cell':>6} {'workload':>8} {'per s':>9} {'p50 ms':>8} {'p99 ms':>8} {'clash':>6} "
+    f"{'loads/c':>8} {'ffwd/c':>7} {'ffev/c':>7} {'exhaust':>7} {'cli µs/c':>8} {'oth µs/c':>8} {'busy':>5}"
+)
+
+
+@dataclass
+class Cells:
+    """Runs one mode's cells and records their figures."""
+
+    figures: dict[str, float]
+    counts: Sequence[int]
+    duration: float
+    warm: list[str]
+    hot: str
+    table: str
+    events_table: str
+    echo: Callable[[str], None]
+
+    def run(self, workers: Workers, mode: str) -> None:
+        for n in self.counts:
+            for workload in WORKLOADS:
+                if (mode != "p" and workload in PROCESS_ONLY) or (mode == SHARED_MODE and workload not in COMMANDS):
+                    continue
+                self.cell(workers, mode, n, workload)
+
+    def cell(self, workers: Workers, mode: str, n: int, workload: str) -> None:
+        users = tuple(self.warm[:MANY_ACCOUNTS]) if workload == "many" else (self.hot,)
+        tag = f"sc:{uuid.uuid4().hex[:10]}"
+        duration = self.duration
+        if mode == "t":
+            tasks = [Task(workload, n, duration, tag, users, self.table, self.events_table)]
+        else:  # one process per client
+            tasks = [Task(workload, 1, duration, f"{tag}:{k}", users, self.table, self.events_table) for k in range(n)]
+        parts, machine = workers.run(tasks, timeout_s=60 + 4 * duration)
+        cell = cell_figures(parts, duration, machine)
+        for key, name in names(mode, n, workload).items():
+            if key in cell:
+                self.figures[name] = round(cell[key], 4 if key in ROUNDED_FINE else 1)
+        first_error = next((p["first_error"] for p in parts if p["first_error"]), "")
+        self.echo(
+            f"{n:>5}{mode} {workload:>8} {cell['per_s']:>9,.0f} {cell['p50_ms']:>8.2f} "
+            f"{cell['p99_ms']:>8.2f} {cell['clash_rate']:>6.1%} {cell['full_loads_per_command']:>8.3f} "
+            f"{cell['fastforwards_per_command']:>7.3f} {cell['fastforward_events_per_command']:>7.2f} "
+            f"{cell['exhausted']:>7.0f} {cell['client_cpu_us_per_command']:>8,.0f} "
+            f"{cell.get('other_cpu_us_per_command', 0.0):>8,.0f} {cell.get('machine_busy', 0.0):>5.0%}"
+            + (f"  errors {cell['errors']:.0f}, first: {first_error}" if first_error else "")
+        )
+
+
 def run(
     base: str,
     schema: str,
@@ -663,6 +733,7 @@ def run(
     clients: Sequence[int] | None = None,
     cell_s: float | None = None,
     executor: str = DEFAULT_EXECUTOR,
+    share: bool = True,
 ) -> dict[str, float]:
     """Every cell on a fresh ``schema`` (the caller drops it). Returns the figures by JSON name."""
     counts = tuple(clients or (QUICK_CLIENTS if quick else CLIENTS))
@@ -708,42 +779,28 @@ def run(
     )
     warm = [str(u) for u in [*many, hot]]
     echo(f"scaling: {max(counts)} client processes ({executor}), cells of {duration:.1f} s, clients {counts}")
+    echo(HEADER)
+    cells = Cells(figures, counts, duration, warm, str(hot), table, events_table, echo)
     workers = Workers(max(counts), url, threads_url, conninfo, executor, warm)
     try:
-        echo(f"{'cell':>6} {'workload':>8} {'per s':>9} {'p50 ms':>8} {'p99 ms':>8} {'clash':>6} "
-             f"{'loads/c':>8} {'ffwd/c':>7} {'ffev/c':>7} {'exhaust':>7} {'cli µs/c':>8} {'oth µs/c':>8} "
-             f"{'busy':>5}")  # fmt: skip
         for mode in MODES:
-            for n in counts:
-                for workload in WORKLOADS:
-                    if mode != "p" and workload in PROCESS_ONLY:
-                        continue
-                    users = tuple(warm[:MANY_ACCOUNTS]) if workload == "many" else (str(hot),)
-                    tag = f"sc:{uuid.uuid4().hex[:10]}"
-                    if mode == "p":
-                        tasks = [
-                            Task(workload, 1, duration, f"{tag}:{k}", users, table, events_table) for k in range(n)
-                        ]
-                    else:
-                        tasks = [Task(workload, n, duration, tag, users, table, events_table)]
-                    parts, machine = workers.run(tasks, timeout_s=60 + 4 * duration)
-                    cell = cell_figures(parts, duration, machine)
-                    for key, name in names(mode, n, workload).items():
-                        if key in cell:
-                            figures[name] = round(cell[key], 4 if key in ROUNDED_FINE else 1)
-                    first_error = next((p["first_error"] for p in parts if p["first_error"]), "")
-                    echo(
-                        f"{n:>5}{mode} {workload:>8} {cell['per_s']:>9,.0f} {cell['p50_ms']:>8.2f} "
-                        f"{cell['p99_ms']:>8.2f} {cell['clash_rate']:>6.1%} {cell['full_loads_per_command']:>8.3f} "
-                        f"{cell['fastforwards_per_command']:>7.3f} {cell['fastforward_events_per_command']:>7.2f} "
-                        f"{cell['exhausted']:>7.0f} {cell['client_cpu_us_per_command']:>8,.0f} "
-                        f"{cell.get('other_cpu_us_per_command', 0.0):>8,.0f} {cell.get('machine_busy', 0.0):>5.0%}"
-                        + (f"  errors {cell['errors']:.0f}, first: {first_error}" if first_error else "")
-                    )
+            cells.run(workers, mode)
     finally:
         workers.stop()
+    if share:
+        # Processes sharing one group commit (docs/group-commit.md): fresh
+        # workers, each opening its Ledger with share_group_commit.
+        with tempfile.TemporaryDirectory(prefix="ledger-share-") as directory:
+            share_path = os.path.join(directory, "ledger.sock")
+            workers = Workers(max(counts), url, threads_url, conninfo, executor, warm, share_path=share_path)
+            try:
+                cells.run(workers, SHARED_MODE)
+            finally:
+                workers.stop()
     top = max(counts)
-    for mode in MODES:
+    for mode in (*MODES, SHARED_MODE):
+        if f"concurrency_exhausted_{top}{mode}_many" not in figures:
+            continue
         figures[f"concurrency_exhausted_{top}{mode}"] = (
             figures[f"concurrency_exhausted_{top}{mode}_many"] + figures[f"concurrency_exhausted_{top}{mode}_hot"]
         )
@@ -755,46 +812,46 @@ def run(
 
 
 def report_targets(figures: dict[str, float], counts: Sequence[int], echo: Callable[[str], None]) -> None:
+    """The issue's targets, for processes each with its own group commit
+    (``p``) and, when measured, for processes sharing one (``s``)."""
     top = max(counts)
     raw = figures[f"raw_insert_commit_per_s_{top}p"]
-    many = [figures[f"commands_per_s_{n}p_many"] for n in counts]
-    hot = figures[f"commands_per_s_{top}p_hot"]
-    checks = [
-        (
-            f"commands_per_s_{top}p_many >= {TARGET_MANY_VS_RAW} x raw_insert_commit_per_s_{top}p",
-            many[-1] >= TARGET_MANY_VS_RAW * raw,
-            f"{many[-1]:,.0f} vs {raw:,.0f}: {many[-1] / raw:.2f}",
-        ),
-        (
-            "commands_per_s_Np_many never lower than with fewer processes",
-            all(b >= a for a, b in itertools.pairwise(many)),
-            " -> ".join(f"{x:,.0f}" for x in many),
-        ),
-        (
-            f"commands_per_s_{top}p_hot >= {TARGET_HOT_VS_RAW} x raw_insert_commit_per_s_{top}p",
-            hot >= TARGET_HOT_VS_RAW * raw,
-            f"{hot:,.0f} vs {raw:,.0f}: {hot / raw:.2f}",
-        ),
-        (
-            f"concurrency_exhausted_{top}p == 0",
-            figures[f"concurrency_exhausted_{top}p"] == 0,
-            f"{figures[f'concurrency_exhausted_{top}p']:.0f}",
-        ),
-        (
-            f"p99_ms_{top}p_hot <= {TARGET_P99_MS_HOT:.0f}",
-            figures[f"p99_ms_{top}p_hot"] <= TARGET_P99_MS_HOT,
-            f"{figures[f'p99_ms_{top}p_hot']:.1f} ms",
-        ),
-    ]
-    echo("scaling targets:")
-    for label, met, value in checks:
-        echo(f"  {'met   ' if met else 'MISSED'}  {label}  ({value})")
-    locked = figures.get(f"raw_locked_save_per_s_{top}p")
-    if locked:
-        echo(
-            f"  context: a reserve's save written by hand, under the events table's lock, commits "
-            f"{locked:,.0f}/s at {top} processes; many reaches {many[-1] / locked:.2f} of that, hot {hot / locked:.2f}"
-        )
+    for mode, what in (("p", "each process its own Ledger"), (SHARED_MODE, "the processes sharing one group commit")):
+        if f"commands_per_s_{top}{mode}_many" not in figures:
+            continue
+        many = [figures[f"commands_per_s_{n}{mode}_many"] for n in counts]
+        hot = figures[f"commands_per_s_{top}{mode}_hot"]
+        exhausted = figures[f"concurrency_exhausted_{top}{mode}"]
+        p99 = figures[f"p99_ms_{top}{mode}_hot"]
+        checks = [
+            (
+                f"commands_per_s_{top}{mode}_many >= {TARGET_MANY_VS_RAW} x raw_insert_commit_per_s_{top}p",
+                many[-1] >= TARGET_MANY_VS_RAW * raw,
+                f"{many[-1]:,.0f} vs {raw:,.0f}: {many[-1] / raw:.2f}",
+            ),
+            (
+                f"commands_per_s_N{mode}_many never lower than with fewer processes",
+                all(b >= a for a, b in itertools.pairwise(many)),
+                " -> ".join(f"{x:,.0f}" for x in many),
+            ),
+            (
+                f"commands_per_s_{top}{mode}_hot >= {TARGET_HOT_VS_RAW} x raw_insert_commit_per_s_{top}p",
+                hot >= TARGET_HOT_VS_RAW * raw,
+                f"{hot:,.0f} vs {raw:,.0f}: {hot / raw:.2f}",
+            ),
+            (f"concurrency_exhausted_{top}{mode} == 0", exhausted == 0, f"{exhausted:.0f}"),
+            (f"p99_ms_{top}{mode}_hot <= {TARGET_P99_MS_HOT:.0f}", p99 <= TARGET_P99_MS_HOT, f"{p99:.1f} ms"),
+        ]
+        echo(f"scaling targets, {what}:")
+        for label, met, value in checks:
+            echo(f"  {'met   ' if met else 'MISSED'}  {label}  ({value})")
+        locked = figures.get(f"raw_locked_save_per_s_{top}p")
+        if locked:
+            echo(
+                f"  context: a reserve's save written by hand, under the events table's lock, commits "
+                f"{locked:,.0f}/s at {top} processes; many reaches {many[-1] / locked:.2f} of that, "
+                f"hot {hot / locked:.2f}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -802,6 +859,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="1 and 16 clients, short cells: a smoke test")
     parser.add_argument("--clients", default=None, help="comma-separated client counts (default 1,2,4,8,16)")
     parser.add_argument("--cell-s", type=float, default=None, help=f"seconds per cell (default {CELL_S})")
+    parser.add_argument(
+        "--no-share",
+        action="store_true",
+        help="leave out the cells of processes sharing one group commit (share_group_commit)",
+    )
     parser.add_argument(
         "--executor",
         default=DEFAULT_EXECUTOR,
@@ -815,7 +877,8 @@ def main(argv: list[str] | None = None) -> int:
     schema = f"bench_scaling_{uuid.uuid4().hex[:12]}"
     say(f"PostgreSQL {conninfo_of(base)}, schema {schema}; load average {os.getloadavg()[0]:.2f}")
     try:
-        figures = run(base, schema, quick=args.quick, clients=clients, cell_s=args.cell_s, executor=args.executor)
+        figures = run(base, schema, quick=args.quick, clients=clients, cell_s=args.cell_s, executor=args.executor,
+                      share=not args.no_share)  # fmt: skip
     finally:
         with psycopg.connect(conninfo_of(base), autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))

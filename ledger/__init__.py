@@ -25,6 +25,7 @@ from ledger.application.billing import (
 from ledger.application.commands import AdjustCredits, Command, GrantCredits, SpendCredits
 from ledger.application.facade import DEFAULT_URL, Ledger, resolve_url
 from ledger.application.group import GroupCommit, GroupCommitPolicy, GroupCommitStats
+from ledger.application.sharing import SharingStats
 from ledger.application.holds import ReleaseReservation, ReserveCredits, SettleReservation
 from ledger.application.limits import SetCreditLimit
 from ledger.application.notify import DeliveryReport, Notifier, RetryPolicy
@@ -148,6 +149,7 @@ __all__ = [
     "GrantCredits",
     "GroupCommit",
     "GroupCommitPolicy",
+    "SharingStats",
     "GroupCommitStats",
     "HoldReceipt",
     "IdempotencyConflict",

@@ -21,12 +21,14 @@ import contextlib
 import functools
 import inspect
 import itertools
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Generator, Iterator
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from ledger.application.facade import DEFAULT_URL, SWEEP_PAGE, Ledger
 from ledger.application.group import GroupCommitPolicy
+from ledger.application.sharing import DEFAULT_REPLY_TIMEOUT_S
 from ledger.clock import Clock
 from ledger.domain.subscriptions import CreditPolicy
 from ledger.errors import InvalidArgument, LedgerClosed
@@ -153,6 +155,8 @@ class AsyncLedger:
         credit_policy: CreditPolicy | None = None,
         create: bool = True,
         group_commit: GroupCommitPolicy | bool = False,
+        share_group_commit: str | os.PathLike[str] | None = None,
+        share_reply_timeout_s: float = DEFAULT_REPLY_TIMEOUT_S,
         max_concurrency: int | None = None,
     ) -> Opening:
         """Opens ``Ledger(url, ...)`` in a worker thread (opening connects
@@ -170,6 +174,8 @@ class AsyncLedger:
             credit_policy=credit_policy,
             create=create,
             group_commit=group_commit,
+            share_group_commit=share_group_commit,
+            share_reply_timeout_s=share_reply_timeout_s,
         )
         return Opening(factory, max_concurrency)
 

@@ -55,6 +55,14 @@ from ledger.application.results import (
     plan_view,
     subscription_view,
 )
+from ledger.application.sharing import (
+    DEFAULT_REPLY_TIMEOUT_S,
+    SharedGroupCommit,
+    SharingStats,
+    check_reply_timeout,
+    check_share_path,
+    identity_of,
+)
 from ledger.application.thresholds import BalanceThresholds, SetBalanceThresholds, parse_thresholds, thresholds_of
 from ledger.application.unit import MAX_BATCH_COMMANDS, Engine
 from ledger.clock import FUTURE_TOLERANCE, Clock, SystemClock, moment_for
@@ -127,6 +135,8 @@ class Ledger:
         credit_policy: CreditPolicy | None = None,
         create: bool = True,
         group_commit: GroupCommitPolicy | bool = False,
+        share_group_commit: str | os.PathLike[str] | None = None,
+        share_reply_timeout_s: float = DEFAULT_REPLY_TIMEOUT_S,
     ) -> None:
         """``sync_views``: every command brings the read models up to date in
         this process before it returns (read-your-writes for the embedded
@@ -140,7 +150,13 @@ class Ledger:
         raises ConfigurationError instead of creating an empty store).
         ``group_commit``: ``True`` or a ``GroupCommitPolicy`` runs ``execute``
         and the command methods through ``group_commit``, so that concurrent
-        callers' commands share transactions (docs/group-commit.md)."""
+        callers' commands share transactions (docs/group-commit.md).
+        ``share_group_commit``: a socket path (in a directory only this user
+        writes); the processes of one host that open the same store with the
+        same path share one group commit: one of them runs every process's
+        commands (``ledger.application.sharing``, docs/group-commit.md). A
+        sent command whose reply takes longer than ``share_reply_timeout_s``
+        runs in its own process instead."""
         if type(max_attempts) is not int or not 1 <= max_attempts <= 100:
             raise InvalidArgument(
                 f"max_attempts must be an int within 1..100, got {max_attempts!r}", param="max_attempts"
@@ -149,6 +165,13 @@ class Ledger:
             raise InvalidArgument(
                 f"group_commit must be a bool or a GroupCommitPolicy, not {type(group_commit).__name__}",
                 param="group_commit",
+            )
+        share_path = None if share_group_commit is None else check_share_path(share_group_commit)
+        reply_timeout_s = check_reply_timeout(share_reply_timeout_s)
+        if share_path is not None and not (clock is None or type(clock) is SystemClock):
+            raise InvalidArgument(
+                "share_group_commit runs commands in another process, on its clock: it takes the system clock only",
+                param="clock",
             )
         _check_options(clock, credit_policy, sync_views=sync_views, sync_user_credits=sync_user_credits,
                        sync_user_tier=sync_user_tier, create=create)  # fmt: skip
@@ -188,6 +211,16 @@ class Ledger:
             group_commit if isinstance(group_commit, GroupCommitPolicy) else None,
             after_batch=self._sync_views,
         )
+        self._shared: SharedGroupCommit | None = None
+        if share_path is not None:
+            if self.config.backend == "memory":
+                raise ConfigurationError(
+                    "share_group_commit needs a store that processes share: memory:// is one process's"
+                )
+            self.grouped = True
+            self._shared = SharedGroupCommit(
+                share_path, self._group, self._sharing_identity(max_attempts), reply_timeout_s=reply_timeout_s
+            )
 
     def __repr__(self) -> str:
         return f"Ledger({self.url!r})"
@@ -233,7 +266,22 @@ class Ledger:
         ``group_commit``; a host may use it either way."""
         return self._group
 
+    def _sharing_identity(self, max_attempts: int) -> bytes:
+        """What the processes sharing group commit must agree on: the store, and what a command runs under."""
+        c = self.config
+        store = (c.backend, str(c.sqlite_path.resolve()) if c.sqlite_path else None, c.pg_host, c.pg_port,
+                 c.pg_dbname, c.pg_schema)  # fmt: skip
+        options = (self.sync_views, self.sync_user_credits, self.sync_user_tier, self.credit_policy, max_attempts)
+        return identity_of(store, options)
+
+    def sharing_stats(self) -> SharingStats | None:
+        """With ``share_group_commit``, what this process sent, served and ran
+        itself so far, and whether it serves now; otherwise None."""
+        return None if self._shared is None else self._shared.stats
+
     def close(self) -> None:
+        if self._shared is not None:
+            self._shared.close()
         self._group.close()
         if self._views is not None:
             self._views.close()
@@ -250,6 +298,8 @@ class Ledger:
     def execute(self, command: Command) -> Receipt:
         """Runs one command; a retry with the same key returns the first receipt.
         With ``group_commit``, in a transaction shared with other threads' commands."""
+        if self._shared is not None:
+            return self._shared.execute(command)
         if self.grouped:
             return self.group_commit.execute(command)
         receipt = self.engine.execute([command], single=True)[0]
