@@ -19,7 +19,8 @@ processes that name the same path share one group commit instead:
   so a command sent again after it was recorded returns its first receipt.
 - A process that cannot reach a server within ``CONNECT_TIMEOUT_S``, or
   whose command's reply takes longer than ``reply_timeout_s``, runs its
-  commands itself for ``DIRECT_AFTER_TIMEOUT_S`` (correct either way: two
+  commands itself for ``DIRECT_AFTER_TIMEOUT_S``, twice that after each
+  timeout in a row up to ``MAX_DIRECT_S`` (correct either way: two
   processes that run one key race on its command record, and the second
   replays the first's receipt).
 - Peers prove to each other that they hold the secret in ``path + ".key"``
@@ -67,8 +68,10 @@ MAX_SENDING_CONNECTIONS = 128
 CONNECT_TIMEOUT_S = 5.0
 #: How long either side of a new connection waits for the other's proof.
 HANDSHAKE_TIMEOUT_S = 5.0
-#: How long a process runs its own commands after a reply timed out.
+#: How long a process runs its own commands after a reply timed out (doubled
+#: after each timeout in a row, up to ``MAX_DIRECT_S``).
 DIRECT_AFTER_TIMEOUT_S = 5.0
+MAX_DIRECT_S = 60.0
 #: Default and bounds of the time a command's reply may take.
 DEFAULT_REPLY_TIMEOUT_S = 30.0
 MAX_REPLY_TIMEOUT_S = 600.0
@@ -318,6 +321,8 @@ class SharedGroupCommit:
         self._idle: list[socket.socket] = []
         self._open = 0
         self._direct_until = 0.0
+        #: Timeouts in a row (reply or connect): each doubles the time this process runs its commands itself.
+        self._timeouts = 0
         self._sent = self._served = self._ran_here = self._elections = self._resent = 0
 
     # -- callers ---------------------------------------------------------------
@@ -359,17 +364,14 @@ class SharedGroupCommit:
                 status, value = pickle.loads(_recv_frame(sock))
             except TimeoutError:
                 self._discard(sock)
-                self._direct_until = time.monotonic() + DIRECT_AFTER_TIMEOUT_S
-                log.warning(
-                    "no reply from the process serving %s within %.1f s: running commands here for %.0f s",
-                    self.path, self.reply_timeout_s, DIRECT_AFTER_TIMEOUT_S,
-                )  # fmt: skip
+                self._go_direct(f"no reply from the process serving {self.path} within {self.reply_timeout_s:g} s")
                 break
             except (OSError, EOFError):  # the server went away with the command in flight: send it again
                 self._discard(sock)
                 self._resent += 1
                 continue
             self._give_back(sock)
+            self._timeouts = 0
             if status == _NOT_HERE:  # the server cannot load this command's class
                 break
             self._sent += 1
@@ -434,11 +436,19 @@ class SharedGroupCommit:
                 sock.settimeout(self.reply_timeout_s)
                 return sock
             if time.monotonic() >= deadline:
-                log.warning("no process serves %s and its lock is taken: running commands here", self.path)
-                self._direct_until = time.monotonic() + DIRECT_AFTER_TIMEOUT_S
+                self._go_direct(f"no process answers on {self.path}, and its lock is taken")
                 return None
             time.sleep(0.005)
         return None
+
+    def _go_direct(self, why: str) -> None:
+        """Runs this process's commands itself for a while: twice as long
+        after each timeout in a row (up to ``MAX_DIRECT_S``), so that a hung
+        server costs a timeout now and then, not on every command."""
+        self._timeouts += 1
+        direct_s = min(DIRECT_AFTER_TIMEOUT_S * 2 ** (self._timeouts - 1), MAX_DIRECT_S)
+        self._direct_until = time.monotonic() + direct_s
+        log.warning("%s: running commands in this process for %.0f s", why, direct_s)
 
     def _give_back(self, sock: socket.socket) -> None:
         with self._state:
@@ -449,10 +459,13 @@ class SharedGroupCommit:
         sock.close()
 
     def _discard(self, sock: socket.socket) -> None:
+        """Closes a connection that failed, and the idle ones with it: they
+        are to the same server, which is gone or stalled."""
         with self._state:
-            self._open -= 1
-            # The others may be to the same dead server: each finds out on its next use.
-        sock.close()
+            idle, self._idle = self._idle, []
+            self._open -= 1 + len(idle)
+        for dead in (sock, *idle):
+            dead.close()
 
     # -- serving -------------------------------------------------------------------
 

@@ -1,0 +1,310 @@
+"""Group commit shared by processes (``Ledger(url, share_group_commit=path)``).
+
+Two ``Ledger``s of one process take the path's lock like two processes (an
+``fcntl`` lock belongs to its open file), so most tests run both in one
+process; the crash, stall and many-writer tests run real processes: the
+serving one killed with SIGKILL, or stopped with SIGSTOP, while the others'
+commands are in flight. Each checks what was recorded: every key exactly
+once, the balances to the credit, and an audit that finds nothing."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import socket
+import struct
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from ledger import (
+    ConfigurationError,
+    CreditPolicy,
+    InsufficientCredits,
+    InvalidArgument,
+    Ledger,
+    ManualClock,
+    audit,
+)
+from ledger.application.commands import SpendCredits
+
+CTX = multiprocessing.get_context("spawn")
+USER = uuid.UUID(int=0x5A)
+
+
+@pytest.fixture
+def share(tmp_path: Path) -> Path:
+    directory = tmp_path / "share"
+    directory.mkdir(mode=0o700)
+    return directory / "ledger.sock"
+
+
+@pytest.fixture
+def pair(durable_url: str, share: Path) -> Iterator[tuple[Ledger, Ledger]]:
+    """A serving ledger (its first command took the lock) and a sending one."""
+    first = Ledger(durable_url, share_group_commit=share)
+    first.grant(USER, 1_000, "bonus", key="fund")
+    second = Ledger(durable_url, share_group_commit=share)
+    yield first, second
+    second.close()
+    first.close()
+
+
+def test_commands_sent_to_the_serving_process_are_recorded_once(pair: tuple[Ledger, Ledger]) -> None:
+    first, second = pair
+    receipt = second.spend(USER, 30, key="spend-1")
+    assert receipt.balance_credits == 970 and not receipt.replayed
+    again = second.spend(USER, 30, key="spend-1")
+    assert again.replayed and again.entry_id == receipt.entry_id
+    assert first.balance(USER).balance_credits == 970
+    served, sent = first.sharing_stats(), second.sharing_stats()
+    assert served is not None and sent is not None
+    assert served.serving and served.served == 2 and served.elections == 1
+    assert not sent.serving and sent.sent == 2 and sent.ran_here == 0
+
+
+def test_a_sent_commands_error_comes_back_typed(pair: tuple[Ledger, Ledger]) -> None:
+    first, second = pair
+    with pytest.raises(InsufficientCredits) as caught:
+        second.spend(USER, 5_000, key="too-much")
+    assert caught.value.requested_credits == 5_000 and caught.value.available_credits == 1_000
+    with pytest.raises(InvalidArgument):
+        second.execute("not a command")  # type: ignore[arg-type]
+    assert first.balance(USER).balance_credits == 1_000
+    stats = second.sharing_stats()
+    assert stats is not None and stats.sent == 1  # the bad argument never left the process
+
+
+def test_the_next_process_serves_when_the_server_closes(durable_url: str, share: Path) -> None:
+    first = Ledger(durable_url, share_group_commit=share)
+    first.grant(USER, 100, "bonus", key="fund")
+    second = Ledger(durable_url, share_group_commit=share)
+    third = Ledger(durable_url, share_group_commit=share)
+    try:
+        second.spend(USER, 1, key="a")
+        first.close()
+        second.spend(USER, 1, key="b")  # finds no server, takes the lock
+        third.spend(USER, 1, key="c")
+        stats_2, stats_3 = second.sharing_stats(), third.sharing_stats()
+        assert stats_2 is not None and stats_2.serving and stats_2.elections == 1
+        assert stats_3 is not None and not stats_3.serving and stats_3.sent == 1
+        assert third.balance(USER).balance_credits == 97
+    finally:
+        third.close()
+        second.close()
+
+
+def test_peers_that_opened_the_ledger_differently_are_refused(durable_url: str, share: Path) -> None:
+    first = Ledger(durable_url, share_group_commit=share)
+    first.grant(USER, 100, "bonus", key="fund")
+    try:
+        for options in ({"credit_policy": CreditPolicy(upgrade="none")}, {"max_attempts": 3}):
+            other = Ledger(durable_url, share_group_commit=share, **options)
+            try:
+                with pytest.raises(ConfigurationError, match="other options"):
+                    other.spend(USER, 1, key=f"refused-{len(options)}")
+            finally:
+                other.close()
+        assert first.balance(USER).balance_credits == 100
+    finally:
+        first.close()
+
+
+def test_a_peer_of_another_store_is_refused(tmp_path: Path, share: Path) -> None:
+    first = Ledger(f"sqlite:///{tmp_path}/one.sqlite3", share_group_commit=share)
+    first.grant(USER, 100, "bonus", key="fund")
+    other = Ledger(f"sqlite:///{tmp_path}/two.sqlite3", share_group_commit=share)
+    try:
+        with pytest.raises(ConfigurationError, match="another store"):
+            other.grant(USER, 5, "bonus", key="fund-2")
+    finally:
+        other.close()
+        first.close()
+
+
+def test_a_stranger_on_the_socket_is_dropped_and_the_peers_go_on(pair: tuple[Ledger, Ledger], share: Path) -> None:
+    first, second = pair
+    stranger = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stranger.settimeout(5)
+    stranger.connect(str(share))
+    hello = stranger.recv(1024)
+    assert hello  # the server's challenge
+    stranger.sendall(struct.pack(">I", 96) + os.urandom(96))  # a wrong proof
+    assert stranger.recv(1024) == b""  # dropped, nothing answered
+    stranger.close()
+    flood = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    flood.connect(str(share))
+    flood.sendall(struct.pack(">I", 2**31))  # a frame too large to read
+    flood.close()
+    assert second.spend(USER, 10, key="after-strangers").balance_credits == 990
+    assert first.balance(USER).balance_credits == 990
+
+
+def test_the_shared_files_must_be_this_users_alone(durable_url: str, share: Path) -> None:
+    key = share.with_name(share.name + ".key")
+    key.write_bytes(os.urandom(32))
+    key.chmod(0o644)
+    with pytest.raises(ConfigurationError, match="readable by it alone"):
+        Ledger(durable_url, share_group_commit=share)
+    key.chmod(0o600)
+    key.write_bytes(b"short")
+    with pytest.raises(ConfigurationError, match="not a ledger's shared secret"):
+        Ledger(durable_url, share_group_commit=share)
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        ("relative/ledger.sock", InvalidArgument, "absolute"),
+        ("/" + "x" * 120, InvalidArgument, "at most"),
+        ("/no/such/directory/ledger.sock", ConfigurationError, "does not exist"),
+        (42, InvalidArgument, "must be a path"),
+    ],
+)
+def test_bad_share_paths_are_refused(tmp_path: Path, value: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        Ledger(f"sqlite:///{tmp_path}/l.sqlite3", share_group_commit=value)  # type: ignore[arg-type]
+
+
+def test_bad_sharing_options_are_refused(tmp_path: Path, share: Path) -> None:
+    url = f"sqlite:///{tmp_path}/l.sqlite3"
+    with pytest.raises(ConfigurationError, match="memory"):
+        Ledger("memory://", share_group_commit=share)
+    with pytest.raises(InvalidArgument, match="system clock"):
+        Ledger(url, share_group_commit=share, clock=ManualClock(datetime(2026, 1, 1, tzinfo=UTC)))
+    for timeout in (0, -1, 601, "5", True):
+        with pytest.raises(InvalidArgument, match="share_reply_timeout_s"):
+            Ledger(url, share_group_commit=share, share_reply_timeout_s=timeout)  # type: ignore[arg-type]
+
+
+def test_a_command_the_server_cannot_load_runs_in_its_own_process(pair: tuple[Ledger, Ledger]) -> None:
+    first, second = pair
+
+    @dataclass(frozen=True)
+    class Unpicklable(SpendCredits):  # defined where pickle cannot find it: it runs where it was made
+        name: ClassVar[str] = "spend"
+
+    receipt = second.execute(Unpicklable(key="local-1", user_id=USER, amount_credits=4))
+    assert receipt.balance_credits == 996
+    stats = second.sharing_stats()
+    assert stats is not None and stats.ran_here == 1 and stats.sent == 0
+    assert first.balance(USER).balance_credits == 996
+
+
+# ------------------------------------------------------------------ real processes
+
+
+def _serve_then_wait(url: str, share: str, ready: Any, stop: Any) -> None:
+    ledger = Ledger(url, share_group_commit=share)
+    ledger.spend(USER, 1, key=f"server-{os.getpid()}")  # takes the lock
+    stats = ledger.sharing_stats()
+    assert stats is not None and stats.serving
+    ready.set()
+    stop.wait(60)
+    ledger.close()
+
+
+def _spend_many(url: str, share: str, tag: str, count: int, reply_timeout_s: float, done: Any) -> None:
+    ledger = Ledger(url, share_group_commit=share, share_reply_timeout_s=reply_timeout_s)
+    for i in range(count):
+        ledger.spend(USER, 1, key=f"{tag}:{i}")
+    stats = ledger.sharing_stats()
+    done.put((tag, stats))
+    ledger.close()
+
+
+def _start_server(url: str, share: Path) -> tuple[Any, Any]:
+    ready, stop = CTX.Event(), CTX.Event()
+    server = CTX.Process(target=_serve_then_wait, args=(url, str(share), ready, stop), daemon=True)
+    server.start()
+    assert ready.wait(60), "the serving process did not start"
+    return server, stop
+
+
+def _recorded_keys(ledger: Ledger) -> list[str]:
+    return [e.data["key"] for e in ledger.history(USER, limit=1_000) if "key" in e.data]
+
+
+def _check_recorded(url: str, expected_keys: set[str], funded: int) -> None:
+    with Ledger(url) as ledger:
+        keys = [k for k in _recorded_keys(ledger) if k != "fund"]
+        assert sorted(keys) == sorted(expected_keys)  # each key exactly once
+        assert ledger.balance(USER).balance_credits == funded - len(expected_keys)
+        ledger.views.catch_up()
+        assert audit(ledger).ok
+
+
+@pytest.mark.slow
+def test_killing_the_serving_process_loses_and_doubles_nothing(durable_url: str, share: Path) -> None:
+    with Ledger(durable_url) as ledger:
+        ledger.grant(USER, 10_000, "bonus", key="fund")
+    server, _ = _start_server(durable_url, share)
+    done = CTX.Queue()
+    senders = [
+        CTX.Process(target=_spend_many, args=(durable_url, str(share), f"s{n}", 150, 30.0, done), daemon=True)
+        for n in range(3)
+    ]
+    for p in senders:
+        p.start()
+    time.sleep(1.0)  # commands in flight through the server
+    os.kill(server.pid, signal.SIGKILL)
+    server.join(10)
+    results = dict(done.get(timeout=120) for _ in senders)
+    for p in senders:
+        p.join(30)
+    expected = {f"s{n}:{i}" for n in range(3) for i in range(150)} | {f"server-{server.pid}"}
+    _check_recorded(durable_url, expected, 10_000)
+    assert sum(s.elections for s in results.values()) >= 1  # one of the senders took over
+    assert sum(s.sent for s in results.values()) > 0
+
+
+@pytest.mark.slow
+def test_a_stalled_server_times_out_and_its_commands_run_once(durable_url: str, share: Path) -> None:
+    with Ledger(durable_url) as ledger:
+        ledger.grant(USER, 10_000, "bonus", key="fund")
+    server, stop = _start_server(durable_url, share)
+    sender = Ledger(durable_url, share_group_commit=share, share_reply_timeout_s=0.5)
+    try:
+        for i in range(5):
+            sender.spend(USER, 1, key=f"t:{i}")
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            for i in range(5, 10):  # the first waits out the timeout, then runs here
+                sender.spend(USER, 1, key=f"t:{i}")
+            assert time.monotonic() - started < 5
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        stats = sender.sharing_stats()
+        assert stats is not None and stats.sent == 5 and stats.ran_here == 5
+    finally:
+        sender.close()
+    stop.set()
+    server.join(60)  # it ran the command that timed out, as a replay
+    _check_recorded(durable_url, {f"t:{i}" for i in range(10)} | {f"server-{server.pid}"}, 10_000)
+
+
+@pytest.mark.slow
+def test_many_processes_share_one_group_commit(durable_url: str, share: Path) -> None:
+    with Ledger(durable_url) as ledger:
+        ledger.grant(USER, 10_000, "bonus", key="fund")
+    done = CTX.Queue()
+    procs = [
+        CTX.Process(target=_spend_many, args=(durable_url, str(share), f"m{n}", 100, 30.0, done), daemon=True)
+        for n in range(4)
+    ]
+    for p in procs:
+        p.start()
+    results = dict(done.get(timeout=180) for _ in procs)
+    for p in procs:
+        p.join(30)
+    _check_recorded(durable_url, {f"m{n}:{i}" for n in range(4) for i in range(100)}, 10_000)
+    assert sum(s.sent for s in results.values()) > 0  # commands crossed processes
+    assert not share.exists()  # the last server removed its socket
