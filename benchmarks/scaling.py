@@ -101,6 +101,7 @@ MODES = ("p", "t")  # processes, threads
 #: Processes sharing one group commit (``share_group_commit``): the commands' workloads only.
 SHARED_MODE = "s"
 COMMANDS = ("many", "hot")
+ALL_MODES = (*MODES, SHARED_MODE)
 #: A settle that ran out of attempts is tried again (same key) so that no hold is left open.
 SETTLE_TRIES = 5
 #: From the moment every client is warm to the cell's start: time to tell them all.
@@ -693,10 +694,12 @@ class Cells:
     events_table: str
     echo: Callable[[str], None]
 
-    def run(self, workers: Workers, mode: str) -> None:
+    def run(self, workers: Workers, mode: str, only: Sequence[str] = WORKLOADS) -> None:
         for n in self.counts:
             for workload in WORKLOADS:
                 if (mode != "p" and workload in PROCESS_ONLY) or (mode == SHARED_MODE and workload not in COMMANDS):
+                    continue
+                if workload not in only:
                     continue
                 self.cell(workers, mode, n, workload)
 
@@ -733,7 +736,7 @@ def run(
     clients: Sequence[int] | None = None,
     cell_s: float | None = None,
     executor: str = DEFAULT_EXECUTOR,
-    share: bool = True,
+    modes: Sequence[str] = ALL_MODES,
 ) -> dict[str, float]:
     """Every cell on a fresh ``schema`` (the caller drops it). Returns the figures by JSON name."""
     counts = tuple(clients or (QUICK_CLIENTS if quick else CLIENTS))
@@ -784,10 +787,13 @@ def run(
     workers = Workers(max(counts), url, threads_url, conninfo, executor, warm)
     try:
         for mode in MODES:
-            cells.run(workers, mode)
+            if mode in modes:
+                cells.run(workers, mode)
+            elif mode == "p":  # the baseline every target is measured against
+                cells.run(workers, mode, only=("raw",))
     finally:
         workers.stop()
-    if share:
+    if SHARED_MODE in modes:
         # Processes sharing one group commit (docs/group-commit.md): fresh
         # workers, each opening its Ledger with share_group_commit.
         with tempfile.TemporaryDirectory(prefix="ledger-share-") as directory:
@@ -798,7 +804,7 @@ def run(
             finally:
                 workers.stop()
     top = max(counts)
-    for mode in (*MODES, SHARED_MODE):
+    for mode in ALL_MODES:
         if f"concurrency_exhausted_{top}{mode}_many" not in figures:
             continue
         figures[f"concurrency_exhausted_{top}{mode}"] = (
@@ -812,11 +818,14 @@ def run(
 
 
 def report_targets(figures: dict[str, float], counts: Sequence[int], echo: Callable[[str], None]) -> None:
-    """The issue's targets, for processes each with its own group commit
-    (``p``) and, when measured, for processes sharing one (``s``)."""
+    """The issue's targets, for processes that each run their own commands
+    (``p``) and, when measured, for processes sharing one group commit (``s``)."""
     top = max(counts)
     raw = figures[f"raw_insert_commit_per_s_{top}p"]
-    for mode, what in (("p", "each process its own Ledger"), (SHARED_MODE, "the processes sharing one group commit")):
+    for mode, what in (
+        ("p", "each process running its own commands"),
+        (SHARED_MODE, "the processes sharing one group commit"),
+    ):
         if f"commands_per_s_{top}{mode}_many" not in figures:
             continue
         many = [figures[f"commands_per_s_{n}{mode}_many"] for n in counts]
@@ -860,9 +869,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", default=None, help="comma-separated client counts (default 1,2,4,8,16)")
     parser.add_argument("--cell-s", type=float, default=None, help=f"seconds per cell (default {CELL_S})")
     parser.add_argument(
-        "--no-share",
-        action="store_true",
-        help="leave out the cells of processes sharing one group commit (share_group_commit)",
+        "--modes",
+        default=",".join(ALL_MODES),
+        help="comma-separated cells to run: p (processes), t (threads), s (processes sharing one group commit); "
+        "the raw process cells run whatever is chosen (default p,t,s)",
     )
     parser.add_argument(
         "--executor",
@@ -873,12 +883,15 @@ def main(argv: list[str] | None = None) -> int:
     clients = tuple(int(c) for c in args.clients.split(",")) if args.clients else None
     if clients is not None and (not clients or any(not 1 <= c <= 64 for c in clients)):
         parser.error("--clients takes counts within 1..64")
+    modes = tuple(args.modes.split(","))
+    if not modes or not set(modes) <= set(ALL_MODES):
+        parser.error(f"--modes takes some of {','.join(ALL_MODES)}")
     base = os.environ.get("LEDGER_TEST_DATABASE_URL", DEFAULT_DATABASE_URL)
     schema = f"bench_scaling_{uuid.uuid4().hex[:12]}"
     say(f"PostgreSQL {conninfo_of(base)}, schema {schema}; load average {os.getloadavg()[0]:.2f}")
     try:
         figures = run(base, schema, quick=args.quick, clients=clients, cell_s=args.cell_s, executor=args.executor,
-                      share=not args.no_share)  # fmt: skip
+                      modes=modes)  # fmt: skip
     finally:
         with psycopg.connect(conninfo_of(base), autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))

@@ -9,6 +9,7 @@ once, the balances to the credit, and an audit that finds nothing."""
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import signal
@@ -33,6 +34,7 @@ from ledger import (
     ManualClock,
     audit,
 )
+from ledger.application import sharing
 from ledger.application.commands import SpendCredits
 
 CTX = multiprocessing.get_context("spawn")
@@ -101,29 +103,65 @@ def test_the_next_process_serves_when_the_server_closes(durable_url: str, share:
         second.close()
 
 
-def test_peers_that_opened_the_ledger_differently_are_refused(durable_url: str, share: Path) -> None:
+def _refused_then_ran_here(other: Ledger, key: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="ledger.application.sharing"):
+        assert other.spend(USER, 1, key=key).amount_credits == -1  # recorded all the same, here
+    stats = other.sharing_stats()
+    assert stats is not None and stats.sent == 0 and stats.ran_here >= 1 and not stats.serving
+    assert "every process sharing a path must open the ledger alike" in caplog.text
+
+
+def test_peers_that_opened_the_ledger_differently_run_their_own_commands(
+    durable_url: str, share: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     first = Ledger(durable_url, share_group_commit=share)
     first.grant(USER, 100, "bonus", key="fund")
     try:
-        for options in ({"credit_policy": CreditPolicy(upgrade="none")}, {"max_attempts": 3}):
-            other = Ledger(durable_url, share_group_commit=share, **options)
+        for n, options in enumerate(({"credit_policy": CreditPolicy(upgrade="none")}, {"max_attempts": 3})):
+            other = Ledger(durable_url, share_group_commit=share, **options)  # type: ignore[arg-type]
             try:
-                with pytest.raises(ConfigurationError, match="other options"):
-                    other.spend(USER, 1, key=f"refused-{len(options)}")
+                caplog.clear()
+                _refused_then_ran_here(other, f"refused-{n}", caplog)
+                assert "other options" in caplog.text
             finally:
                 other.close()
-        assert first.balance(USER).balance_credits == 100
+        served = first.sharing_stats()
+        assert served is not None and served.served == 0
+        assert first.balance(USER).balance_credits == 98
     finally:
         first.close()
 
 
-def test_a_peer_of_another_store_is_refused(tmp_path: Path, share: Path) -> None:
+def test_a_peer_of_another_release_runs_its_own_commands(
+    durable_url: str, share: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rolling deploy: processes whose commands have other fields must not
+    exchange pickles of them, and the new ones' commands still run."""
+    first = Ledger(durable_url, share_group_commit=share)
+    first.grant(USER, 100, "bonus", key="fund")
+    real = sharing._wire_shapes()
+    monkeypatch.setattr(sharing, "_wire_shapes", lambda: (*real, ("ledger.application.commands.New", ("key",))))
+    newer = Ledger(durable_url, share_group_commit=share)
+    try:
+        _refused_then_ran_here(newer, "from-the-new-release", caplog)
+        assert "another release" in caplog.text
+    finally:
+        newer.close()
+        first.close()
+
+
+def test_a_peer_of_another_store_runs_its_own_commands(
+    tmp_path: Path, share: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     first = Ledger(f"sqlite:///{tmp_path}/one.sqlite3", share_group_commit=share)
     first.grant(USER, 100, "bonus", key="fund")
     other = Ledger(f"sqlite:///{tmp_path}/two.sqlite3", share_group_commit=share)
     try:
-        with pytest.raises(ConfigurationError, match="another store"):
-            other.grant(USER, 5, "bonus", key="fund-2")
+        other.grant(USER, 100, "bonus", key="fund")
+        _refused_then_ran_here(other, "spend-two", caplog)
+        stats = other.sharing_stats()
+        assert stats is not None and stats.ran_here == 2
+        assert first.balance(USER).balance_credits == 100 and other.balance(USER).balance_credits == 99
     finally:
         other.close()
         first.close()

@@ -213,14 +213,18 @@ class Ledger:
         )
         self._shared: SharedGroupCommit | None = None
         if share_path is not None:
-            if self.config.backend == "memory":
-                raise ConfigurationError(
-                    "share_group_commit needs a store that processes share: memory:// is one process's"
-                )
             self.grouped = True
-            self._shared = SharedGroupCommit(
-                share_path, self._group, self._sharing_identity(max_attempts), reply_timeout_s=reply_timeout_s
-            )
+            try:
+                if self.config.backend == "memory":
+                    raise ConfigurationError(
+                        "share_group_commit needs a store that processes share: memory:// is one process's"
+                    )
+                self._shared = SharedGroupCommit(
+                    share_path, self._group, self._sharing_identity(max_attempts), reply_timeout_s=reply_timeout_s
+                )
+            except BaseException:
+                self.app.close()  # the store is open: a refused path must not leave its connections behind
+                raise
 
     def __repr__(self) -> str:
         return f"Ledger({self.url!r})"

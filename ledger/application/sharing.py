@@ -26,9 +26,10 @@ processes that name the same path share one group commit instead:
 - Peers prove to each other that they hold the secret in ``path + ".key"``
   (32 random bytes, readable by their user only) before anything else
   crosses the socket, and that they opened the same store with the same
-  options: a process whose store or options differ is refused, and raises
-  ``ConfigurationError``. Commands and results cross as pickles, which only
-  such peers read.
+  options and release: a process whose store, options or release differ is
+  refused, logs why, and runs its commands itself (a rolling deploy keeps
+  working). Commands and results cross as pickles, which only such peers
+  read.
 
 POSIX only (Unix sockets and ``fcntl`` locks).
 """
@@ -220,6 +221,10 @@ class _ServerLock:
 # ------------------------------------------------------------------ frames and proofs
 
 
+class _Refused(Exception):
+    """The serving process and this one cannot share: this one runs its commands itself."""
+
+
 def _send_frame(sock: socket.socket, payload: bytes) -> None:
     sock.sendall(_FRAME.pack(len(payload)) + payload)
 
@@ -263,16 +268,16 @@ def _server_handshake(sock: socket.socket, secret: bytes, identity: bytes) -> bo
 def _client_handshake(sock: socket.socket, secret: bytes, identity: bytes, path: Path) -> None:
     hello = _recv_frame(sock)
     if not hello.startswith(PROTOCOL) or len(hello) != len(PROTOCOL) + _NONCE_BYTES:
-        raise ConfigurationError(f"{path} is not served by this version of the ledger")
+        raise _Refused(f"{path} is served by another version of the ledger's protocol")
     nonce = os.urandom(_NONCE_BYTES)
     _send_frame(sock, _proof(secret, b"client", hello[len(PROTOCOL) :]) + nonce + identity)
     reply = _recv_frame(sock)
     if not hmac.compare_digest(reply[:32], _proof(secret, b"server", nonce)):
-        raise ConfigurationError(f"the process serving {path} does not hold its secret ({path}.key)")
+        raise _Refused(f"the process serving {path} does not hold its secret ({path}.key)")
     if reply[32:] != b"\x01":
-        raise ConfigurationError(
-            f"the process serving {path} opened another store, or the same one with other options: "
-            "every process sharing group commit must open the ledger alike"
+        raise _Refused(
+            f"the process serving {path} opened another store, or the same one with other options or another "
+            "release of the ledger"
         )
 
 
@@ -427,9 +432,10 @@ class SharedGroupCommit:
                 sock.close()
                 if self._elect():
                     return None
-            except ConfigurationError:
+            except _Refused as refused:
                 sock.close()
-                raise
+                self._go_direct(f"{refused}: every process sharing a path must open the ledger alike")
+                return None
             except (OSError, EOFError):  # the server went away mid-handshake, or timed out
                 sock.close()
             else:
@@ -587,5 +593,29 @@ class SharedGroupCommit:
 
 
 def identity_of(*parts: object) -> bytes:
-    """What peers must agree on, as bytes: the store and the options a command runs under."""
-    return repr(parts).encode()
+    """What peers must agree on, as bytes: the store and the options a
+    command runs under, and the shape of what crosses the socket."""
+    return repr((parts, _wire_shapes())).encode()
+
+
+def _wire_shapes() -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The fields of the core's commands and results: processes of two
+    releases (a rolling deploy) whose commands or receipts differ must not
+    exchange pickles of them. An extension's commands, loaded or not, are
+    left out, so that every process computes the same shapes."""
+    import dataclasses
+
+    from ledger.application import results
+
+    shapes: list[tuple[str, tuple[str, ...]]] = []
+    pending: list[type] = [Command]
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls.__module__.startswith("ledger.") and dataclasses.is_dataclass(cls):
+            shapes.append((f"{cls.__module__}.{cls.__qualname__}", tuple(f.name for f in dataclasses.fields(cls))))
+    for name, value in vars(results).items():
+        fields = getattr(value, "model_fields", None)
+        if isinstance(value, type) and isinstance(fields, dict):
+            shapes.append((f"results.{name}", tuple(fields)))
+    return tuple(sorted(set(shapes)))
