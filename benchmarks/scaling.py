@@ -222,6 +222,10 @@ class Task:
     users: tuple[str, ...]  # the accounts to draw from
     table: str  # the raw workload's scratch table
     events_table: str = ""  # raw_locked's copy of the events table
+    #: Whether the first client catches up on every account first (not when
+    #: the processes share a group commit: the serving process's cache is
+    #: the one used, and every command keeps it current).
+    catch_up: bool = True
 
 
 @dataclass
@@ -315,7 +319,8 @@ def run_client(task: Task, n: int, executor: Any, conninfo: str, warm: Callable[
     else:
         # The first client of each worker catches up on every account of the
         # cell (``catch_up_order``); the others warm up on a few.
-        order = catch_up_order(users, rng) if n == 0 else [rng.choice(users) for _ in range(WARMUP_PAIRS)]
+        caught_up = n == 0 and task.catch_up
+        order = catch_up_order(users, rng) if caught_up else [rng.choice(users) for _ in range(WARMUP_PAIRS)]
         for i, user in enumerate(order):
             result.commands += reserve_settle(executor.execute, user, f"{task.tag}:{n}:warm{i}", expires_at)[1]
     start_at = warm()
@@ -710,7 +715,10 @@ class Cells:
         if mode == "t":
             tasks = [Task(workload, n, duration, tag, users, self.table, self.events_table)]
         else:  # one process per client
-            tasks = [Task(workload, 1, duration, f"{tag}:{k}", users, self.table, self.events_table) for k in range(n)]
+            tasks = [
+                Task(workload, 1, duration, f"{tag}:{k}", users, self.table, self.events_table, mode != SHARED_MODE)
+                for k in range(n)
+            ]
         parts, machine = workers.run(tasks, timeout_s=60 + 4 * duration)
         cell = cell_figures(parts, duration, machine)
         for key, name in names(mode, n, workload).items():

@@ -314,6 +314,7 @@ class AsyncLedger:
     check = _in_thread(Ledger.check)
     record_use = _in_thread(Ledger.record_use)
     command_stats = _in_thread(Ledger.command_stats)
+    sharing_stats = _in_thread(Ledger.sharing_stats)
     set_credit_limit = _in_thread(Ledger.set_credit_limit)
     define_price_book = _in_thread(Ledger.define_price_book)
     install_default_price_book = _in_thread(Ledger.install_default_price_book)
