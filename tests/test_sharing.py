@@ -19,6 +19,7 @@ import struct
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -448,3 +449,26 @@ def test_a_reply_this_process_cannot_read_runs_the_command_here(
     assert receipt.balance_credits == 998
     shared = second._shared
     assert shared is not None and shared._open == len(shared._idle) == 1  # the connection is kept, not leaked
+
+
+def test_a_forked_child_closing_the_ledger_leaves_its_parents_socket(pair: tuple[Ledger, Ledger], share: Path) -> None:
+    first, second = pair
+    second.spend(USER, 1, key="before-fork")  # an idle connection the child inherits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a process with threads
+        child = os.fork()
+    if child == 0:  # a worker forked after the ledgers were made (a preloading web server), then closing them
+        code = 1
+        try:
+            for ledger in (first, second):
+                assert ledger._shared is not None
+                ledger._shared.close()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert share.exists()
+    second.spend(USER, 1, key="after-fork")  # on the connection the child had a copy of
+    stats = second.sharing_stats()
+    assert stats is not None and stats.sent == 2 and stats.ran_here == 0 and stats.resent == 0

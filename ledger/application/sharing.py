@@ -339,6 +339,7 @@ class SharedGroupCommit:
         #: Timeouts in a row (reply or connect): each doubles the time this process runs its commands itself.
         self._timeouts = 0
         self._sent = self._served = self._ran_here = self._elections = self._resent = 0
+        self._pid = os.getpid()
 
     # -- callers ---------------------------------------------------------------
 
@@ -364,6 +365,7 @@ class SharedGroupCommit:
             raise InvalidArgument(f"not a ledger command: {type(command).__name__}", param="command")
         if self._closed:
             raise ConfigurationError("the ledger is closed: its group commit takes no more commands")
+        self._leave_parent()
         for _ in range(MAX_RESENDS + 1):
             if self._serving or time.monotonic() < self._direct_until:
                 break
@@ -405,6 +407,7 @@ class SharedGroupCommit:
     def close(self) -> None:
         """Stops serving (the commands being run finish and are answered; the
         senders find the next server) and closes the connections."""
+        self._leave_parent()
         with self._electing, self._state:  # an election under way ends first: its serving is stopped here
             self._closed = True
             idle, self._idle = self._idle, []
@@ -414,6 +417,23 @@ class SharedGroupCommit:
             sock.close()
         if listener is not None:
             self._stop_serving(listener, served)
+
+    def _leave_parent(self) -> None:
+        """In a child forked from the process that made this object, forgets
+        what it inherited: the lock, the listening socket and the connections
+        are its parent's (closing them here must not unlink the parent's
+        socket or shut its connections down, nor may two processes read
+        replies on one connection)."""
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._state, self._electing = threading.Lock(), threading.Lock()  # another thread may have held them
+        inherited = [*self._idle, *self._served_sockets, *([self._listener] if self._listener else [])]
+        for sock in inherited:
+            sock.close()  # this process's descriptor only: close() does not shut the connection down
+        self._idle, self._served_sockets, self._serving_threads = [], set(), set()
+        self._listener, self._accepting, self._serving, self._open = None, None, False, 0
+        self._lock.release()  # likewise: an flock stays while the parent's descriptor is open
 
     # -- sending -----------------------------------------------------------------
 
