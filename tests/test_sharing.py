@@ -472,3 +472,14 @@ def test_a_forked_child_closing_the_ledger_leaves_its_parents_socket(pair: tuple
     second.spend(USER, 1, key="after-fork")  # on the connection the child had a copy of
     stats = second.sharing_stats()
     assert stats is not None and stats.sent == 2 and stats.ran_here == 0 and stats.resent == 0
+
+
+def test_a_draft_of_the_secret_left_by_a_killed_process_is_no_obstacle(durable_url: str, share: Path) -> None:
+    # A process killed while it wrote the secret's draft leaves it; a later one of the same pid (a container's) goes on.
+    key = share.with_name(share.name + ".key")
+    draft = key.with_name(f"{key.name}.{os.getpid()}.{threading.get_ident()}")
+    draft.write_bytes(b"half")
+    draft.chmod(0o600)
+    with Ledger(durable_url, share_group_commit=share) as ledger:
+        assert ledger.grant(USER, 1, "bonus", key="after-draft").balance_credits == 1
+    assert len(key.read_bytes()) == 32

@@ -161,7 +161,8 @@ def read_secret(path: Path) -> bytes:
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except FileNotFoundError:
-            draft = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
+            # A random name: a draft left by a process killed here must not stop a later one of its pid.
+            draft = path.with_name(f"{path.name}.{os.urandom(8).hex()}")
             fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 os.write(fd, os.urandom(_NONCE_BYTES))
