@@ -9,14 +9,17 @@ once, the balances to the credit, and an audit that finds nothing."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
 import os
 import signal
 import socket
 import struct
+import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -346,3 +349,137 @@ def test_many_processes_share_one_group_commit(durable_url: str, share: Path) ->
     _check_recorded(durable_url, {f"m{n}:{i}" for n in range(4) for i in range(100)}, 10_000)
     assert sum(s.sent for s in results.values()) > 0  # commands crossed processes
     assert not share.exists()  # the last server removed its socket
+
+
+# ------------------------------------------------------------------ review: races and failures
+
+
+def test_close_during_the_election_stops_the_serving_it_began(
+    durable_url: str, share: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = Ledger(durable_url, share_group_commit=share)
+    shared = ledger._shared
+    assert shared is not None
+    entered, go = threading.Event(), threading.Event()
+    listen = sharing.SharedGroupCommit._listen
+
+    def slow_listen(self: sharing.SharedGroupCommit) -> socket.socket:
+        entered.set()
+        go.wait(10)
+        return listen(self)
+
+    monkeypatch.setattr(sharing.SharedGroupCommit, "_listen", slow_listen)
+    spender = threading.Thread(target=lambda: ledger.grant(USER, 5, "bonus", key="racing"))
+    spender.start()
+    assert entered.wait(10)  # the lock is taken, the socket not yet bound
+    closer = threading.Thread(target=shared.close)
+    closer.start()
+    time.sleep(0.2)
+    go.set()
+    closer.join(10)
+    spender.join(10)
+    try:
+        assert not shared.serving and not share.exists()
+        assert sharing._ServerLock(share.with_name(share.name + ".lock")).try_take()  # released
+    finally:
+        ledger.close()
+
+
+def test_a_failed_accept_does_not_end_serving(pair: tuple[Ledger, Ledger], monkeypatch: pytest.MonkeyPatch) -> None:
+    _, second = pair
+    accept = socket.socket.accept
+    failed: list[int] = []
+
+    def flaky_accept(self: socket.socket) -> Any:
+        if not failed:
+            failed.append(1)
+            raise OSError(errno.EMFILE, "Too many open files")  # a moment out of descriptors
+        return accept(self)
+
+    monkeypatch.setattr(socket.socket, "accept", flaky_accept)
+    monkeypatch.setattr(sharing, "HANDSHAKE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(sharing, "CONNECT_TIMEOUT_S", 0.5)
+    time.sleep(0.5)  # the accepting thread meets the failure
+    assert failed
+    second.spend(USER, 1, key="after-emfile")
+    stats = second.sharing_stats()
+    assert stats is not None and stats.sent == 1 and stats.ran_here == 0
+
+
+def test_a_full_server_lets_the_sender_run_its_command_at_once(
+    pair: tuple[Ledger, Ledger], durable_url: str, share: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, second = pair
+    monkeypatch.setattr(sharing, "MAX_SERVED_CONNECTIONS", 1)
+    second.spend(USER, 1, key="holds-the-one-connection")
+    third = Ledger(durable_url, share_group_commit=share)
+    try:
+        started = time.monotonic()
+        third.spend(USER, 1, key="server-full")
+        assert time.monotonic() - started < 1.0  # not CONNECT_TIMEOUT_S of retries
+        stats = third.sharing_stats()
+        assert stats is not None and stats.ran_here == 1
+        monkeypatch.setattr(sharing, "MAX_SERVED_CONNECTIONS", 512)
+        third.spend(USER, 1, key="server-has-room")  # no window of running commands here
+        stats = third.sharing_stats()
+        assert stats is not None and stats.sent == 1
+    finally:
+        third.close()
+
+
+class _Stubborn(Exception):
+    """An error pickle writes but cannot read back (its __init__ takes other arguments than its message)."""
+
+    def __init__(self, user: object, why: str) -> None:
+        super().__init__(f"{user}: {why}")
+
+
+def test_a_reply_this_process_cannot_read_runs_the_command_here(
+    pair: tuple[Ledger, Ledger], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = pair
+    served = first._shared
+    assert served is not None
+
+    def stubborn(command: object) -> Any:
+        raise _Stubborn(USER, "an extension's error")
+
+    monkeypatch.setattr(served.group, "execute", stubborn)
+    receipt = second.spend(USER, 2, key="unreadable")  # here, as if never sent: the error it would have met here
+    assert receipt.balance_credits == 998
+    shared = second._shared
+    assert shared is not None and shared._open == len(shared._idle) == 1  # the connection is kept, not leaked
+
+
+def test_a_forked_child_closing_the_ledger_leaves_its_parents_socket(pair: tuple[Ledger, Ledger], share: Path) -> None:
+    first, second = pair
+    second.spend(USER, 1, key="before-fork")  # an idle connection the child inherits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a process with threads
+        child = os.fork()
+    if child == 0:  # a worker forked after the ledgers were made (a preloading web server), then closing them
+        code = 1
+        try:
+            for ledger in (first, second):
+                assert ledger._shared is not None
+                ledger._shared.close()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert share.exists()
+    second.spend(USER, 1, key="after-fork")  # on the connection the child had a copy of
+    stats = second.sharing_stats()
+    assert stats is not None and stats.sent == 2 and stats.ran_here == 0 and stats.resent == 0
+
+
+def test_a_draft_of_the_secret_left_by_a_killed_process_is_no_obstacle(durable_url: str, share: Path) -> None:
+    # A process killed while it wrote the secret's draft leaves it; a later one of the same pid (a container's) goes on.
+    key = share.with_name(share.name + ".key")
+    draft = key.with_name(f"{key.name}.{os.getpid()}.{threading.get_ident()}")
+    draft.write_bytes(b"half")
+    draft.chmod(0o600)
+    with Ledger(durable_url, share_group_commit=share) as ledger:
+        assert ledger.grant(USER, 1, "bonus", key="after-draft").balance_credits == 1
+    assert len(key.read_bytes()) == 32

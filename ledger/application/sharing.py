@@ -161,7 +161,8 @@ def read_secret(path: Path) -> bytes:
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except FileNotFoundError:
-            draft = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}")
+            # A random name: a draft left by a process killed here must not stop a later one of its pid.
+            draft = path.with_name(f"{path.name}.{os.urandom(8).hex()}")
             fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 os.write(fd, os.urandom(_NONCE_BYTES))
@@ -225,6 +226,14 @@ class _Refused(Exception):
     """The serving process and this one cannot share: this one runs its commands itself."""
 
 
+class _Busy(Exception):
+    """The serving process holds ``MAX_SERVED_CONNECTIONS``: this command runs in its own process."""
+
+
+#: The greeting of a server that takes no more connections (no proof: it only makes the sender run its command).
+_BUSY = PROTOCOL + b"-busy"
+
+
 def _send_frame(sock: socket.socket, payload: bytes) -> None:
     sock.sendall(_FRAME.pack(len(payload)) + payload)
 
@@ -267,6 +276,8 @@ def _server_handshake(sock: socket.socket, secret: bytes, identity: bytes) -> bo
 
 def _client_handshake(sock: socket.socket, secret: bytes, identity: bytes, path: Path) -> None:
     hello = _recv_frame(sock)
+    if hello == _BUSY:
+        raise _Busy
     if not hello.startswith(PROTOCOL) or len(hello) != len(PROTOCOL) + _NONCE_BYTES:
         raise _Refused(f"{path} is served by another version of the ledger's protocol")
     nonce = os.urandom(_NONCE_BYTES)
@@ -329,6 +340,7 @@ class SharedGroupCommit:
         #: Timeouts in a row (reply or connect): each doubles the time this process runs its commands itself.
         self._timeouts = 0
         self._sent = self._served = self._ran_here = self._elections = self._resent = 0
+        self._pid = os.getpid()
 
     # -- callers ---------------------------------------------------------------
 
@@ -354,6 +366,7 @@ class SharedGroupCommit:
             raise InvalidArgument(f"not a ledger command: {type(command).__name__}", param="command")
         if self._closed:
             raise ConfigurationError("the ledger is closed: its group commit takes no more commands")
+        self._leave_parent()
         for _ in range(MAX_RESENDS + 1):
             if self._serving or time.monotonic() < self._direct_until:
                 break
@@ -366,7 +379,7 @@ class SharedGroupCommit:
                 break
             try:
                 _send_frame(sock, payload)
-                status, value = pickle.loads(_recv_frame(sock))
+                reply = _recv_frame(sock)
             except TimeoutError:
                 self._discard(sock)
                 self._go_direct(f"no reply from the process serving {self.path} within {self.reply_timeout_s:g} s")
@@ -375,8 +388,13 @@ class SharedGroupCommit:
                 self._discard(sock)
                 self._resent += 1
                 continue
-            self._give_back(sock)
+            self._give_back(sock)  # the whole reply was read: the connection is ready for the next command
             self._timeouts = 0
+            try:
+                status, value = pickle.loads(reply)
+            except Exception as exc:  # e.g. an error whose class cannot be rebuilt from its pickle
+                log.warning("cannot read the reply of %s (%s: %s): running it here", self.path, type(exc).__name__, exc)
+                break  # by its key, here it replays what the server recorded, or meets the error typed
             if status == _NOT_HERE:  # the server cannot load this command's class
                 break
             self._sent += 1
@@ -390,7 +408,8 @@ class SharedGroupCommit:
     def close(self) -> None:
         """Stops serving (the commands being run finish and are answered; the
         senders find the next server) and closes the connections."""
-        with self._state:
+        self._leave_parent()
+        with self._electing, self._state:  # an election under way ends first: its serving is stopped here
             self._closed = True
             idle, self._idle = self._idle, []
             served = list(self._served_sockets)
@@ -399,6 +418,23 @@ class SharedGroupCommit:
             sock.close()
         if listener is not None:
             self._stop_serving(listener, served)
+
+    def _leave_parent(self) -> None:
+        """In a child forked from the process that made this object, forgets
+        what it inherited: the lock, the listening socket and the connections
+        are its parent's (closing them here must not unlink the parent's
+        socket or shut its connections down, nor may two processes read
+        replies on one connection)."""
+        if self._pid == os.getpid():
+            return
+        self._pid = os.getpid()
+        self._state, self._electing = threading.Lock(), threading.Lock()  # another thread may have held them
+        inherited = [*self._idle, *self._served_sockets, *([self._listener] if self._listener else [])]
+        for sock in inherited:
+            sock.close()  # this process's descriptor only: close() does not shut the connection down
+        self._idle, self._served_sockets, self._serving_threads = [], set(), set()
+        self._listener, self._accepting, self._serving, self._open = None, None, False, 0
+        self._lock.release()  # likewise: an flock stays while the parent's descriptor is open
 
     # -- sending -----------------------------------------------------------------
 
@@ -432,6 +468,9 @@ class SharedGroupCommit:
                 sock.close()
                 if self._elect():
                     return None
+            except _Busy:  # the server holds all the connections it takes: this command runs here
+                sock.close()
+                return None
             except _Refused as refused:
                 sock.close()
                 self._go_direct(f"{refused}: every process sharing a path must open the ledger alike")
@@ -522,19 +561,33 @@ class SharedGroupCommit:
                 sock, _ = listener.accept()
             except TimeoutError:
                 continue
-            except OSError:
-                break
+            except OSError:  # closed by close(), or a moment out of descriptors or memory
+                if self._listener is not listener:
+                    break
+                log.warning("accepting on %s failed", self.path, exc_info=True)
+                time.sleep(0.05)
+                continue
             with self._state:
                 full = len(self._served_sockets) >= MAX_SERVED_CONNECTIONS or self._listener is not listener
                 if not full:
                     self._served_sockets.add(sock)
             if full:
-                sock.close()  # the sender runs its command itself
+                with contextlib.suppress(OSError):
+                    sock.settimeout(0.1)
+                    _send_frame(sock, _BUSY)  # the sender runs its command itself
+                sock.close()
                 continue
             thread = threading.Thread(target=self._serve, args=(sock,), name="ledger-share-serve", daemon=True)
             with self._state:
                 self._serving_threads.add(thread)
-            thread.start()
+            try:
+                thread.start()
+            except RuntimeError:  # no thread to be had: the sender finds the connection closed and sends again
+                log.warning("cannot start a thread to serve a connection on %s", self.path, exc_info=True)
+                with self._state:
+                    self._serving_threads.discard(thread)
+                    self._served_sockets.discard(sock)
+                sock.close()
 
     def _serve(self, sock: socket.socket) -> None:
         try:
