@@ -206,6 +206,7 @@ def test_the_shared_files_must_be_this_users_alone(durable_url: str, share: Path
         ("relative/ledger.sock", InvalidArgument, "absolute"),
         ("/" + "x" * 120, InvalidArgument, "at most"),
         ("/no/such/directory/ledger.sock", ConfigurationError, "does not exist"),
+        ("/tmp/ledger.sock", ConfigurationError, "writable by it alone"),
         (42, InvalidArgument, "must be a path"),
     ],
 )
@@ -306,25 +307,44 @@ def test_killing_the_serving_process_loses_and_doubles_nothing(durable_url: str,
     assert sum(s.sent for s in results.values()) > 0
 
 
+def _stop_while_idle(pid: int) -> None:
+    """SIGSTOP once the server is idle, and wait until it is stopped: a
+    process stopped inside a transaction would hold the store's write lock,
+    which stalls every writer, shared or not (SQLite's lock, PostgreSQL's on
+    the events table), and is not what this test is about."""
+    time.sleep(0.2)  # its last reply is sent: let it finish the turn and wait for the next command
+    os.kill(pid, signal.SIGSTOP)
+    if not Path("/proc").is_dir():  # not Linux: no process state to read
+        time.sleep(0.5)
+        return
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] not in ("T", "t"):
+        assert time.monotonic() < deadline, "the server did not stop"
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
 def test_a_stalled_server_times_out_and_its_commands_run_once(durable_url: str, share: Path) -> None:
     with Ledger(durable_url) as ledger:
         ledger.grant(USER, 10_000, "bonus", key="fund")
     server, stop = _start_server(durable_url, share)
-    sender = Ledger(durable_url, share_group_commit=share, share_reply_timeout_s=0.5)
+    sender = Ledger(durable_url, share_group_commit=share, share_reply_timeout_s=2.0)
     try:
         for i in range(5):
             sender.spend(USER, 1, key=f"t:{i}")
-        os.kill(server.pid, signal.SIGSTOP)
+        sent_before = sender.sharing_stats()
+        assert sent_before is not None and sent_before.sent >= 1  # (a loaded machine may time one out)
+        _stop_while_idle(server.pid)
         try:
             started = time.monotonic()
             for i in range(5, 10):  # the first waits out the timeout, then runs here
                 sender.spend(USER, 1, key=f"t:{i}")
-            assert time.monotonic() - started < 5
+            # One timeout, not five: the others ran here at once.
+            assert time.monotonic() - started < 2.0 + 6
         finally:
             os.kill(server.pid, signal.SIGCONT)
         stats = sender.sharing_stats()
-        assert stats is not None and stats.sent == 5 and stats.ran_here == 5
+        assert stats is not None and stats.sent == sent_before.sent and stats.sent + stats.ran_here == 10
     finally:
         sender.close()
     stop.set()

@@ -124,8 +124,19 @@ def check_share_path(value: object) -> Path:
             f"got {str(path)!r}",
             param="share_group_commit",
         )
-    if not path.parent.is_dir():
-        raise ConfigurationError(f"share_group_commit {str(path)!r}: its directory does not exist")
+    try:
+        directory = os.stat(path.parent)
+    except FileNotFoundError:
+        raise ConfigurationError(f"share_group_commit {str(path)!r}: its directory does not exist") from None
+    if not stat.S_ISDIR(directory.st_mode):
+        raise ConfigurationError(f"share_group_commit {str(path)!r}: {path.parent} is not a directory")
+    if directory.st_uid != os.geteuid() or directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        # In a directory others can write (/tmp), another user could take the
+        # lock first, or stand up a socket of their own in its place.
+        raise ConfigurationError(
+            f"share_group_commit {str(path)!r}: {path.parent} must belong to this user and be writable by it "
+            f"alone (owner uid {directory.st_uid}, mode {stat.filemode(directory.st_mode)})"
+        )
     if not hasattr(socket, "AF_UNIX"):
         raise ConfigurationError("share_group_commit needs Unix sockets, which this platform lacks")
     return path
@@ -543,11 +554,11 @@ class SharedGroupCommit:
             self.path.unlink()
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            old_mask = os.umask(0o177)  # the socket itself: this user only
-            try:
-                listener.bind(os.fspath(self.path))
-            finally:
-                os.umask(old_mask)
+            listener.bind(os.fspath(self.path))
+            # The socket itself: this user only. (Not by umask, which is the
+            # whole process's: a host thread's file made meanwhile would get it.
+            # Until the chmod, the private directory keeps others out.)
+            os.chmod(self.path, 0o600)
             listener.listen(MAX_SERVED_CONNECTIONS)
             listener.settimeout(0.2)  # to see close() without a wake-up connection
         except BaseException:
