@@ -96,11 +96,6 @@ def clash_backoff(conflicts: int) -> None:
 
 
 MAX_BATCH_COMMANDS = 10_000
-#: A batch's prefetch of at most this many cached accounts (group commit's
-#: batches: its default ``max_batch``) reads only the shared ones' new events,
-#: trusting the others as a single command does; a larger batch reads every
-#: one's, since a clash would cost it the whole batch.
-TRUSTING_PREFETCH_ACCOUNTS = 64
 MAX_ATTEMPTS = 16
 #: The topic a command record's ``Recorded`` event names its aggregate by.
 _RECORD_TOPIC = get_topic(CommandRecord)
@@ -146,8 +141,7 @@ class Unit:
         takes them from there, as a single command does); accounts in it are
         copied and brought up to date together, with one read of only their
         new events (``_cached_accounts``), so that a large batch never saves a
-        stale copy and clashes whole (a small one reads only the accounts
-        seen written elsewhere: ``TRUSTING_PREFETCH_ACCOUNTS``)."""
+        stale copy and clashes whole."""
         in_cache = _in_cache(self.app)
         wanted = [i for i in dict.fromkeys(ids) if not self.knows(i) and not in_cache(i)]
         accounts: dict[UUID, UUID] = {}
@@ -196,21 +190,10 @@ class Unit:
                 cached[account_id] = aggregate
         if not cached:
             return {}
-        freshness = self.app.repository.freshness
-        if len(cached) <= TRUSTING_PREFETCH_ACCOUNTS:
-            # A small batch (group commit's) trusts an account no other
-            # writer was seen to write, as a single command does: a clash
-            # costs it little, and the read would cost every batch a round
-            # trip though most accounts have one writer.
-            to_read = {i: a.version for i, a in cached.items() if freshness.is_shared(i)}
-        else:
-            to_read = {i: a.version for i, a in cached.items()}
-        versions = list(to_read.items())
+        versions = [(i, a.version) for i, a in cached.items()]
         newer: dict[UUID, list[Any]] = {}
         for start in range(0, len(versions), CHUNK_IDS):  # statements and results bounded, as ``load``'s
             newer.update(self.reader.events_after(dict(versions[start : start + CHUNK_IDS])))
-        for account_id in to_read:
-            freshness.forwarded(account_id, len(newer.get(account_id, ())))
         decode = self.app.mapper.to_domain_event
         found: dict[UUID, CreditAccount] = {}
         for account_id, aggregate in cached.items():
