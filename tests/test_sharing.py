@@ -262,6 +262,17 @@ def _spend_many(url: str, share: str, tag: str, count: int, reply_timeout_s: flo
     ledger.close()
 
 
+def _start_spenders(url: str, share: Path, tag: str, processes: int, count: int, done: Any) -> list[Any]:
+    """Processes that each spend 1 credit ``count`` times, keys ``<tag><n>:<i>``, and report their stats to ``done``."""
+    spenders = [
+        CTX.Process(target=_spend_many, args=(url, str(share), f"{tag}{n}", count, 30.0, done), daemon=True)
+        for n in range(processes)
+    ]
+    for p in spenders:
+        p.start()
+    return spenders
+
+
 def _start_server(url: str, share: Path) -> tuple[Any, Any]:
     ready, stop = CTX.Event(), CTX.Event()
     server = CTX.Process(target=_serve_then_wait, args=(url, str(share), ready, stop), daemon=True)
@@ -289,12 +300,7 @@ def test_killing_the_serving_process_loses_and_doubles_nothing(durable_url: str,
         ledger.grant(USER, 10_000, "bonus", key="fund")
     server, _ = _start_server(durable_url, share)
     done = CTX.Queue()
-    senders = [
-        CTX.Process(target=_spend_many, args=(durable_url, str(share), f"s{n}", 150, 30.0, done), daemon=True)
-        for n in range(3)
-    ]
-    for p in senders:
-        p.start()
+    senders = _start_spenders(durable_url, share, "s", 3, 150, done)
     time.sleep(1.0)  # commands in flight through the server
     os.kill(server.pid, signal.SIGKILL)
     server.join(10)
@@ -357,12 +363,7 @@ def test_many_processes_share_one_group_commit(durable_url: str, share: Path) ->
     with Ledger(durable_url) as ledger:
         ledger.grant(USER, 10_000, "bonus", key="fund")
     done = CTX.Queue()
-    procs = [
-        CTX.Process(target=_spend_many, args=(durable_url, str(share), f"m{n}", 100, 30.0, done), daemon=True)
-        for n in range(4)
-    ]
-    for p in procs:
-        p.start()
+    procs = _start_spenders(durable_url, share, "m", 4, 100, done)
     results = dict(done.get(timeout=180) for _ in procs)
     for p in procs:
         p.join(30)
