@@ -25,7 +25,6 @@ from ledger.application.billing import (
 from ledger.application.commands import AdjustCredits, Command, GrantCredits, SpendCredits
 from ledger.application.facade import DEFAULT_URL, Ledger, resolve_url
 from ledger.application.group import GroupCommit, GroupCommitPolicy, GroupCommitStats
-from ledger.application.sharing import SharingStats
 from ledger.application.holds import ReleaseReservation, ReserveCredits, SettleReservation
 from ledger.application.limits import SetCreditLimit
 from ledger.application.notify import DeliveryReport, Notifier, RetryPolicy
@@ -44,6 +43,7 @@ from ledger.application.results import (
     Reservation,
     SubscriptionView,
 )
+from ledger.application.sharing import SharingStats
 from ledger.application.signing import verify_signature
 from ledger.application.thresholds import BalanceThresholds, SetBalanceThresholds, ThresholdState
 from ledger.audit.auditor import Auditor
