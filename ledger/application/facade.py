@@ -178,6 +178,11 @@ class Ledger:
         self.config: StoreConfig = parse_url(url)
         self.url = redact(url)
         self.backend: Backend = open_backend(self.config)
+        store_identity = self.backend.identity()
+        if share_path is not None and store_identity is None:
+            raise ConfigurationError(
+                f"share_group_commit needs a store that processes share: {self.config.backend} is one process's"
+            )
         self.clock: Clock = clock or SystemClock()
         if not create:
             self.backend.require_store()
@@ -215,12 +220,11 @@ class Ledger:
         if share_path is not None:
             self.grouped = True
             try:
-                if self.config.backend == "memory":
-                    raise ConfigurationError(
-                        "share_group_commit needs a store that processes share: memory:// is one process's"
-                    )
                 self._shared = SharedGroupCommit(
-                    share_path, self._group, self._sharing_identity(max_attempts), reply_timeout_s=reply_timeout_s
+                    share_path,
+                    self._group,
+                    self._sharing_identity(store_identity, max_attempts),
+                    reply_timeout_s=reply_timeout_s,
                 )
             except BaseException:
                 self.app.close()  # the store is open: a refused path must not leave its connections behind
@@ -270,11 +274,8 @@ class Ledger:
         ``group_commit``; a host may use it either way."""
         return self._group
 
-    def _sharing_identity(self, max_attempts: int) -> bytes:
+    def _sharing_identity(self, store: object, max_attempts: int) -> bytes:
         """What the processes sharing group commit must agree on: the store, and what a command runs under."""
-        c = self.config
-        store = (c.backend, str(c.sqlite_path.resolve()) if c.sqlite_path else None, c.pg_host, c.pg_port,
-                 c.pg_dbname, c.pg_schema)  # fmt: skip
         options = (self.sync_views, self.sync_user_credits, self.sync_user_tier, self.credit_policy, max_attempts)
         return identity_of(store, options)
 

@@ -89,6 +89,12 @@ class Backend(ABC):
     #: The event store's table, as eventsourcing names it on this backend.
     events_table: ClassVar[str] = ""
 
+    def identity(self) -> tuple[object, ...] | None:
+        """What tells this store from another on this host, equal in two
+        processes that opened the same one (``share_group_commit`` compares
+        them); None for a store no other process can open."""
+        return None
+
     def require_store(self) -> None:  # noqa: B027  (a hook: memory has nothing to check)
         """Raises ConfigurationError unless the store holds the ledger's event
         table; creates nothing (no file, no schema). For ``Ledger(create=False)``."""

@@ -42,6 +42,10 @@ class PostgresBackend(Backend):
     name = "postgresql"
     tracking_table = TRACKING_TABLE
 
+    def identity(self) -> tuple[object, ...]:
+        c = self.config
+        return (self.name, c.pg_host, c.pg_port, c.pg_dbname, c.pg_schema)
+
     def eventsourcing_env(self) -> dict[str, str]:
         c = self.config
         return {

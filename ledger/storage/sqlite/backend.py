@@ -42,6 +42,9 @@ class SQLiteBackend(Backend):
 
     events_table = "stored_events"
 
+    def identity(self) -> tuple[object, ...]:
+        return (self.name, str(self.path.resolve()))
+
     def require_store(self) -> None:
         path = self.path
         if not path.is_file():
