@@ -393,6 +393,14 @@ def _settle_failure(
 # ------------------------------------------------------------- the queue
 
 
+def require_command(command: object) -> Command:
+    """``command``, if it is a ledger command; else InvalidArgument, before it is queued or sent."""
+    if not isinstance(command, Command):
+        hint = " (execute_batch runs many)" if isinstance(command, list | tuple) else ""
+        raise InvalidArgument(f"not a ledger command: {type(command).__name__}{hint}", param="command")
+    return command
+
+
 class _Pending:
     __slots__ = ("abandoned", "command", "future", "lead", "wake")
 
@@ -449,9 +457,7 @@ class GroupCommit:
         if self._leader == threading.get_ident():
             # Called from inside a batch (a hook the batch runs, a future's
             # callback): waiting for the queue would wait for ever. Alone, then.
-            if not isinstance(command, Command):
-                raise InvalidArgument(f"not a ledger command: {type(command).__name__}", param="command")
-            return self.engine.execute([command], single=True)[0]
+            return self.engine.execute([require_command(command)], single=True)[0]
         pending = self._enqueue(command, waiting=True)
         if not pending.lead:
             assert pending.wake is not None
@@ -500,10 +506,7 @@ class GroupCommit:
     # -- the queue -----------------------------------------------------------
 
     def _enqueue(self, command: Command, *, waiting: bool) -> _Pending:
-        if not isinstance(command, Command):
-            hint = " (execute_batch runs many)" if isinstance(command, list | tuple) else ""
-            raise InvalidArgument(f"not a ledger command: {type(command).__name__}{hint}", param="command")
-        pending = _Pending(command, waiting=waiting)
+        pending = _Pending(require_command(command), waiting=waiting)
         with self._cond:
             while len(self._queue) >= self.policy.max_queued and not self._closed:
                 self._room_waiters += 1

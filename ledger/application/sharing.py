@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ledger.application.commands import Command
-from ledger.application.group import CLOSE_TIMEOUT_S, GroupCommit
+from ledger.application.group import CLOSE_TIMEOUT_S, GroupCommit, require_command
 from ledger.application.results import Receipt
 from ledger.errors import ConfigurationError, InvalidArgument, ViewsBehind
 
@@ -373,8 +373,7 @@ class SharedGroupCommit:
     def execute(self, command: Command) -> Receipt:
         """Runs ``command`` in the serving process (or here, when this process
         serves or no server answers); returns its receipt or raises its error."""
-        if not isinstance(command, Command):
-            raise InvalidArgument(f"not a ledger command: {type(command).__name__}", param="command")
+        require_command(command)
         if self._closed:
             raise ConfigurationError("the ledger is closed: its group commit takes no more commands")
         self._leave_parent()
