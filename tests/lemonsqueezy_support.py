@@ -517,6 +517,35 @@ def table(ledger: Ledger, name: str, order_by: str, skip: tuple[str, ...]) -> li
     return sorted(tuple(row[i] for i in keep) for row in store.rows(name, order_by))
 
 
+def view_tables(ledger: Ledger) -> dict[str, list[tuple[Any, ...]]]:
+    """The billing read models' rows, without what depends on when the ledger ran (ids, times, positions)."""
+    return {
+        "subscriptions": table(ledger, "subscriptions", "id", ("created_at", "updated_at")),
+        "snapshots": table(ledger, "subscription_snapshots", "subscription_id", ()),
+        "credit_transactions": table(
+            ledger, "credit_transactions", "log_position", ("id", "balance_after", "created_at", "log_position")
+        ),
+        "credit_balances": table(ledger, "credit_balances", "user_id", ("updated_at",)),
+    }
+
+
+def refunds_summed(found: dict[str, Any]) -> dict[str, Any]:
+    """A refund seen in steps is one clawback per step seen (a larger one
+    first makes the smaller add nothing): only the total per payment is
+    order-independent (docs/lemonsqueezy.md, *Order, duplicates, failures*)."""
+    found = dict(found)
+    refunds: dict[tuple[Any, ...], int] = {}
+    movements = []
+    for row in found.pop("credit_transactions"):
+        if row[2] == "refund":  # user, amount, kind, description, ..., reference type, reference id, key
+            refunds[row[5:7]] = refunds.get(row[5:7], 0) + row[1]
+        else:
+            movements.append(row)
+    found["credit_transactions"] = sorted(movements)
+    found["refunds"] = refunds
+    return found
+
+
 def final_state(ledger: Ledger, user: UUID = USER) -> dict[str, Any]:
     """What must be identical however the deliveries arrived: the subscription
     as Lemon Squeezy's snapshots describe it (its cancel, pause and end times
@@ -528,12 +557,7 @@ def final_state(ledger: Ledger, user: UUID = USER) -> dict[str, Any]:
     sid = next(iter(_subscriptions(ledger)))
     balance = ledger.balance(user)
     return {
-        "subscriptions": table(ledger, "subscriptions", "id", ("created_at", "updated_at")),
-        "snapshots": table(ledger, "subscription_snapshots", "subscription_id", ()),
-        "credit_transactions": table(
-            ledger, "credit_transactions", "log_position", ("id", "balance_after", "created_at", "log_position")
-        ),
-        "credit_balances": table(ledger, "credit_balances", "user_id", ("updated_at",)),
+        **view_tables(ledger),
         "balance": (balance.balance_credits, balance.held_credits, balance.available_credits),
         "blocks": sorted((b.kind, b.granted_credits, b.remaining_credits, b.expires_at) for b in balance.blocks),
         "history_changes": history_in_order(ledger, sid),

@@ -37,6 +37,7 @@ from tests.lemonsqueezy_support import (
     headers_for,
     open_ledger,
     php_json,
+    refunds_summed,
 )
 from tests.test_lemonsqueezy_story import stores  # noqa: F401  (the fixture: fresh stores of each backend)
 
@@ -105,16 +106,7 @@ def webhook_id(body: bytes) -> str:
 
 
 def outcome(ledger: Ledger, adapter: LemonSqueezy) -> dict[str, Any]:
-    state = final_state(ledger)
-    refunds: dict[tuple[Any, ...], int] = {}
-    movements = []
-    for row in state.pop("credit_transactions"):
-        if row[2] == "refund":  # user, amount, kind, description, ..., reference type, reference id, key
-            refunds[row[5:7]] = refunds.get(row[5:7], 0) + row[1]
-        else:
-            movements.append(row)
-    state["credit_transactions"] = sorted(movements)
-    state["refunds"] = refunds
+    state = refunds_summed(final_state(ledger))
     rows = adapter.inbox.listing(status=None, limit=1000)
     state["webhook_events"] = (len(rows), len({r.event_id for r in rows}), adapter.inbox.counts())
     assert audit(ledger).findings == []

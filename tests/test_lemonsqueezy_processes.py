@@ -49,9 +49,10 @@ from tests.lemonsqueezy_support import (
     headers_for,
     history_in_order,
     open_ledger,
+    refunds_summed,
     store_factory,
     story,
-    table,
+    view_tables,
 )
 
 CTX = multiprocessing.get_context("spawn")
@@ -211,12 +212,7 @@ def state(ledger: Ledger) -> dict[str, Any]:
             sorted((k.kind, k.granted_credits, k.remaining_credits, k.expires_at) for k in b.blocks),
         )
     return {
-        "subscriptions": table(ledger, "subscriptions", "id", ("created_at", "updated_at")),
-        "snapshots": table(ledger, "subscription_snapshots", "subscription_id", ()),
-        "credit_transactions": table(
-            ledger, "credit_transactions", "log_position", ("id", "balance_after", "created_at", "log_position")
-        ),
-        "credit_balances": table(ledger, "credit_balances", "user_id", ("updated_at",)),
+        **view_tables(ledger),
         "balances": balances,
         "history": sorted(row for sid in set(_subscriptions(ledger)) for row in history_in_order(ledger, sid)),
         "webhook_events": sorted(
@@ -457,23 +453,6 @@ def test_a_delivery_held_while_what_it_waits_for_is_processed_is_released(
         assert ledger.balance(USER).balance_credits == 5000
 
 
-def _refunds_summed(found: dict[str, Any]) -> dict[str, Any]:
-    """A refund seen in steps is one clawback per step seen (a larger one
-    first makes the smaller add nothing): only the total per payment is
-    order-independent (docs/lemonsqueezy.md, *Order, duplicates, failures*)."""
-    found = dict(found)
-    refunds: dict[tuple[Any, ...], int] = {}
-    movements = []
-    for row in found.pop("credit_transactions"):
-        if row[2] == "refund":  # user, amount, kind, description, ..., reference type, reference id, key
-            refunds[row[5:7]] = refunds.get(row[5:7], 0) + row[1]
-        else:
-            movements.append(row)
-    found["credit_transactions"] = sorted(movements)
-    found["refunds"] = refunds
-    return found
-
-
 @pytest.mark.parametrize("seed", [8])
 def test_a_life_with_refunds_in_steps_in_three_processes(stores: Stores, tmp_path: Path, seed: int) -> None:
     """The simulator's whole life (a refunded renewal, a pack refunded 40 %
@@ -486,11 +465,11 @@ def test_a_life_with_refunds_in_steps_in_three_processes(stores: Stores, tmp_pat
     fleet = fleet_on(stores, tmp_path)
     fleet.run(jobs_of(deliveries, distribute(len(deliveries), 3, seed)), threads=2, kill={2: (3, True)})
     found = settled_state(fleet, deliveries)
-    refunds = _refunds_summed(found)["refunds"]
-    assert refunds == _refunds_summed(expected)["refunds"] and len(refunds) == 2
+    refunds = refunds_summed(found)["refunds"]
+    assert refunds == refunds_summed(expected)["refunds"] and len(refunds) == 2
     for name in ("subscriptions", "snapshots", "credit_balances", "balances", "history"):
         assert found[name] == expected[name], name
-    assert _refunds_summed(found)["credit_transactions"] == _refunds_summed(expected)["credit_transactions"]
+    assert refunds_summed(found)["credit_transactions"] == refunds_summed(expected)["credit_transactions"]
 
 
 def test_a_plan_changed_up_down_and_up_again_in_three_processes(stores: Stores, tmp_path: Path) -> None:
